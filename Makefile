@@ -1,0 +1,23 @@
+# `make test` and `make demo` work on a fresh machine with only Python 3.10+.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test demo experiments clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+# pytest exits 5 when it collects nothing: make treats that as failure, as it should.
+test: $(STAMP)
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

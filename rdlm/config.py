@@ -1,0 +1,255 @@
+"""Frozen, validated configuration: dataclasses, presets, YAML files and dotted overrides.
+
+Every section is a frozen dataclass, so a config is hashable and can be a static argument of
+`jax.jit`. Values are checked where they enter (`__post_init__`): a bad value raises `ConfigError`
+naming the field, the value and what would be valid; an unknown key names the closest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message says which and how to fix it."""
+
+
+def _require(ok: bool, field: str, value: Any, valid: str) -> None:
+    if not ok:
+        raise ConfigError(f"{field}={value!r} is invalid: {valid}.")
+
+
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a recurrent-depth LM: prelude blocks, a core iterated r times, coda blocks."""
+
+    vocab_size: int = 256
+    d_model: int = 128
+    n_heads: int = 4
+    mlp_dim: int = 352
+    n_prelude: int = 1  # blocks before the recurrence
+    n_core: int = 2  # blocks inside one recurrence step
+    n_coda: int = 1  # blocks after the recurrence
+    max_seq_len: int = 256  # longest sequence (positions) the model is used with
+    rope_base: float = 50_000.0
+    norm_eps: float = 1e-6
+    qk_bias: bool = True  # learned (2, 1, heads, head_dim) bias added to q and k before RoPE
+    mean_recurrence: int = 8  # training mean of r; also sets the "takase" out-projection scale
+    backprop_depth: int = 4  # k: at most this many steps get gradient (truncated backprop)
+    dtype: str = "float32"  # compute dtype; parameters are always float32
+    remat: bool = True  # jax.checkpoint around each gradient-carrying recurrence step
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_heads", "mlp_dim", "n_core", "max_seq_len",
+                     "mean_recurrence", "backprop_depth"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value >= 1, f"model.{name}", value,
+                     "must be a positive integer")
+        for name in ("n_prelude", "n_coda"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value >= 0, f"model.{name}", value,
+                     "must be an integer >= 0")
+        _require(self.d_model % self.n_heads == 0, "model.d_model", self.d_model,
+                 f"must be divisible by model.n_heads={self.n_heads}")
+        _require(self.head_dim % 2 == 0, "model.d_model", self.d_model,
+                 f"d_model / n_heads = {self.head_dim} must be even for interleaved RoPE")
+        _require(self.rope_base > 1, "model.rope_base", self.rope_base, "must be > 1")
+        _require(0 < self.norm_eps < 1, "model.norm_eps", self.norm_eps, "must be in (0, 1)")
+        _require(self.dtype in DTYPES, "model.dtype", self.dtype, f"must be one of {DTYPES}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def effective_depth(self) -> float:
+        """L_eff of the "takase" init: prelude + core * mean recurrence + coda."""
+        return self.n_prelude + self.n_core * self.mean_recurrence + self.n_coda
+
+    @property
+    def init_std(self) -> float:
+        return math.sqrt(2.0 / (5.0 * self.d_model))
+
+
+MODEL_PRESETS: dict[str, ModelConfig] = {
+    # Small enough that a test compiles and runs in a second on one CPU core.
+    "tiny": ModelConfig(vocab_size=64, d_model=32, n_heads=4, mlp_dim=64, n_prelude=1, n_core=2,
+                        n_coda=1, max_seq_len=64, mean_recurrence=4, backprop_depth=2),
+    # Huginn-0125 (SPEC §1): 3,564,976,800 parameters.
+    "huginn-3.5b": ModelConfig(vocab_size=65_536, d_model=5_280, n_heads=55, mlp_dim=17_920,
+                               n_prelude=2, n_core=4, n_coda=2, max_seq_len=4_096,
+                               rope_base=50_000.0, norm_eps=1e-6, mean_recurrence=32,
+                               backprop_depth=8, dtype="bfloat16"),
+    # The benchmark shape (~28 M parameters).
+    "bench-28m": ModelConfig(vocab_size=4_096, d_model=512, n_heads=8, mlp_dim=1_408, n_prelude=2,
+                             n_core=4, n_coda=2, max_seq_len=256, mean_recurrence=8,
+                             backprop_depth=4),
+}
+
+
+def model_preset(name: str, **changes: Any) -> ModelConfig:
+    """A named `ModelConfig` ("tiny", "huginn-3.5b", "bench-28m"), optionally with fields changed."""
+    if name not in MODEL_PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}{_did_you_mean(name, MODEL_PRESETS)}; "
+                          f"presets: {sorted(MODEL_PRESETS)}.")
+    return dataclasses.replace(MODEL_PRESETS[name], **changes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generic dict <-> dataclass conversion with helpful errors.
+
+
+def _did_you_mean(key: str, valid: Sequence[str] | Mapping[str, Any]) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Convert a YAML/CLI value to the field's declared type, or raise ConfigError."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if origin in (tuple, Sequence) or annotation is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}={value!r} is invalid: expected a list.")
+        args = typing.get_args(annotation)
+        item = args[0] if args else Any
+        return tuple(_coerce(v, item, where) for v in value)
+    if origin is dict or annotation is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}={value!r} is invalid: expected a mapping.")
+        return dict(value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}={value!r} is invalid: expected true or false.")
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where}={value!r} is invalid: expected an integer.")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}={value!r} is invalid: expected a number.")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}={value!r} is invalid: expected a string.")
+        return value
+    if dataclasses.is_dataclass(annotation):
+        return from_dict(annotation, value, where)
+    return value
+
+
+def from_dict(cls: type, data: Mapping[str, Any] | None, where: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys with a suggestion."""
+    data = dict(data or {})
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__} must be a mapping, got {data!r}.")
+    base = None
+    if cls is ModelConfig and "preset" in data:
+        base = model_preset(data.pop("preset"))
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in data.items():
+        full = f"{where}.{key}" if where else key
+        if key not in fields:
+            raise ConfigError(f"unknown config key {full!r}{_did_you_mean(key, fields)}; "
+                              f"valid keys of {where or cls.__name__}: {sorted(fields)}.")
+        values[key] = _coerce(value, hints[key], full)
+    if base is not None:
+        return dataclasses.replace(base, **values)
+    return cls(**values)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists), suitable for YAML/JSON."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return {k: plain(v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole-run configuration.
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh: sizes of the named axes; -1 takes all remaining devices."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def __post_init__(self) -> None:
+        sizes = (self.data, self.fsdp, self.tensor)
+        for name, value in zip(("data", "fsdp", "tensor"), sizes):
+            _require(isinstance(value, int) and (value >= 1 or value == -1), f"mesh.{name}",
+                     value, "must be a positive integer or -1 (all remaining devices)")
+        _require(sizes.count(-1) <= 1, "mesh", sizes, "at most one axis may be -1")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A whole run: the model and the sections other subsystems read."""
+
+    model: ModelConfig = ModelConfig()
+    mesh: MeshConfig = MeshConfig()
+    seed: int = 0
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
+                cls: type = Config) -> Any:
+    """Read a YAML config and apply dotted overrides such as ``"model.d_model=128"``.
+
+    Override values are parsed as YAML scalars (``true``, ``3e-4``, ``[1, 2]``). An unknown key,
+    in the file or in an override, raises `ConfigError` naming the key and the closest valid one.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist.")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level.")
+        data = loaded or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value "
+                              "(e.g. model.d_model=128).")
+        dotted, raw = item.split("=", 1)
+        keys = dotted.strip().split(".")
+        node = data
+        for key in keys[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {key!r} is a value, not a section.")
+            node = child
+        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return from_dict(cls, data)

@@ -1,0 +1,478 @@
+"""The recurrent-depth language model (Huginn-0125 architecture, SPEC §1), top to bottom.
+
+    tokens ─ prelude ─▶ e ──┐
+                            ▼
+    s_0 (noise) ─▶ [ adapter(concat[s, e]) ─▶ core blocks ] × r ─▶ s_r
+                                                                    │
+    logits ◀─ wte^T ◀─ ln_f ◀─ coda ◀─ ln_f ◀───────────────────────┘
+
+The layers are Flax NNX modules; everything else in the library uses the pure functions at the
+bottom of this file (`init_params`, `forward`, `core_step`, `lm_loss`) on one nested-dict params
+pytree. Modules are rebuilt from that dict with `nnx.merge` inside the traced function, so no
+module state ever crosses a `jax.jit` boundary.
+
+Weights are stored as ``[in, out]`` (the Huginn/PyTorch layout is ``[out, in]``; `rdlm.interop`
+transposes). Fused projections keep their fused leading structure as explicit axes
+(``wqkv: [d, 3, heads, head_dim]``, ``fc: [d, 2, mlp]``) so tensor parallelism can shard heads and
+MLP units without cutting through the q/k/v or gate/up boundaries.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax import lax
+
+from rdlm import recurrence
+from rdlm.config import ModelConfig
+
+Params = dict[str, Any]
+
+
+def _truncated_normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float) -> jax.Array:
+    """Truncated normal at ±3σ, float32 (parameters are always stored in float32)."""
+    return std * jax.random.truncated_normal(rngs.params(), -3.0, 3.0, shape, jnp.float32)
+
+
+def _param(value: jax.Array, *axes: str | None) -> nnx.Param:
+    """A parameter tagged with logical axis names; `rdlm.sharding` maps them to mesh axes."""
+    assert len(axes) == value.ndim, (axes, value.shape)
+    return nnx.Param(value, axes=tuple(axes))
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention context: positions → RoPE angles, segment ids → mask. Built once per forward pass.
+
+
+class AttentionContext(NamedTuple):
+    """What every attention layer of one forward pass shares."""
+
+    rope_cos_bt1f: jax.Array  # f = head_dim / 2 rotation frequencies
+    rope_sin_bt1f: jax.Array
+    mask_b1ts: jax.Array  # True where query t may attend to key s
+
+
+def segment_positions(segment_ids_bt: jax.Array) -> jax.Array:
+    """Position of each token inside its segment: restarts at 0 wherever the segment id changes."""
+    t = segment_ids_bt.shape[1]
+    index_bt = jnp.broadcast_to(jnp.arange(t), segment_ids_bt.shape)
+    is_start_bt = jnp.concatenate(
+        [jnp.ones_like(segment_ids_bt[:, :1], bool), segment_ids_bt[:, 1:] != segment_ids_bt[:, :-1]],
+        axis=1)
+    start_bt = lax.cummax(jnp.where(is_start_bt, index_bt, 0), axis=1)
+    return index_bt - start_bt
+
+
+def rope_angles(positions_bt: jax.Array, head_dim: int, base: float
+                ) -> tuple[jax.Array, jax.Array]:
+    """cos/sin of the rotation angles, float32, shaped to broadcast over heads."""
+    inv_freq_f = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angle_btf = positions_bt.astype(jnp.float32)[..., None] * inv_freq_f
+    return jnp.cos(angle_btf)[:, :, None, :], jnp.sin(angle_btf)[:, :, None, :]
+
+
+def attention_context(cfg: ModelConfig, batch: int, length: int, *,
+                      segment_ids: jax.Array | None = None,
+                      positions: jax.Array | None = None) -> AttentionContext:
+    """Causal mask (within a segment when packed) and RoPE angles for a [batch, length] input.
+
+    Segment ids mark packed documents (and id 0 conventionally marks padding): a token attends only
+    to earlier tokens of its own segment, and positions restart with each segment, so a packed row
+    computes exactly what its documents would alone.
+    """
+    causal_tt = jnp.tril(jnp.ones((length, length), bool))
+    if segment_ids is None:
+        mask_b1ts = jnp.broadcast_to(causal_tt, (batch, 1, length, length))
+        default_positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+    else:
+        same_bts = segment_ids[:, :, None] == segment_ids[:, None, :]
+        mask_b1ts = (same_bts & causal_tt)[:, None]
+        default_positions = segment_positions(segment_ids)
+    positions = default_positions if positions is None else positions
+    cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_base)
+    return AttentionContext(cos, sin, mask_b1ts)
+
+
+def apply_rope(x_bthe: jax.Array, cos_bt1f: jax.Array, sin_bt1f: jax.Array) -> jax.Array:
+    """Rotate interleaved pairs (0,1), (2,3), … of the head dimension, in float32."""
+    x_bthf2 = x_bthe.astype(jnp.float32).reshape(*x_bthe.shape[:-1], -1, 2)
+    real, imag = x_bthf2[..., 0], x_bthf2[..., 1]
+    rotated = jnp.stack([real * cos_bt1f - imag * sin_bt1f, real * sin_bt1f + imag * cos_bt1f], -1)
+    return rotated.reshape(x_bthe.shape).astype(x_bthe.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers.
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm computed in float32, cast back, *then* scaled by the weight (Huginn's order)."""
+    x32 = x.astype(jnp.float32)
+    normed = (x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+    return normed * weight.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, cfg: ModelConfig):
+        self.weight = _param(jnp.ones((cfg.d_model,), jnp.float32), "norm")
+        self.eps = cfg.norm_eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return rms_norm(x, self.weight[...], self.eps)
+
+
+KV = tuple[jax.Array, jax.Array]  # (keys, values), each [batch, length, heads, head_dim]
+
+
+class Attention(nnx.Module):
+    """Causal multi-head attention: fused Wqkv, q/k bias before interleaved RoPE, no other biases."""
+
+    def __init__(self, cfg: ModelConfig, out_std: float, *, rngs: nnx.Rngs):
+        d, h, e = cfg.d_model, cfg.n_heads, cfg.head_dim
+        self.wqkv = _param(_truncated_normal(rngs, (d, 3, h, e), cfg.init_std),
+                           "embed", None, "heads", "head_dim")
+        self.qk_bias = (_param(jnp.zeros((2, 1, h, e), jnp.float32), None, None, "heads", "head_dim")
+                        if cfg.qk_bias else None)
+        self.proj = _param(_truncated_normal(rngs, (d, d), out_std), "heads", "embed")
+
+    def __call__(self, x_btd: jax.Array, ctx: AttentionContext,
+                 kv_prefix: KV | None = None) -> tuple[jax.Array, KV]:
+        """Attend over ``kv_prefix`` (e.g. a cache; ``ctx.mask`` covers prefix + new keys) and x.
+
+        Returns the output and this call's own (post-RoPE) keys and values, for a cache to store.
+        """
+        dtype = x_btd.dtype
+        b, t, d = x_btd.shape
+        qkv_kbthe = jnp.einsum("btd,dkhe->kbthe", x_btd, self.wqkv[...].astype(dtype))
+        q_bthe, k_bthe, v_bthe = qkv_kbthe[0], qkv_kbthe[1], qkv_kbthe[2]
+        if self.qk_bias is not None:
+            bias = self.qk_bias[...].astype(dtype)
+            q_bthe, k_bthe = q_bthe + bias[0], k_bthe + bias[1]
+        q_bthe = apply_rope(q_bthe, ctx.rope_cos_bt1f, ctx.rope_sin_bt1f)
+        k_bthe = apply_rope(k_bthe, ctx.rope_cos_bt1f, ctx.rope_sin_bt1f)
+        keys_bshe, values_bshe = k_bthe, v_bthe
+        if kv_prefix is not None:
+            keys_bshe = jnp.concatenate([kv_prefix[0].astype(dtype), k_bthe], axis=1)
+            values_bshe = jnp.concatenate([kv_prefix[1].astype(dtype), v_bthe], axis=1)
+        out_bthe = jax.nn.dot_product_attention(q_bthe, keys_bshe, values_bshe, mask=ctx.mask_b1ts)
+        out_btd = out_bthe.reshape(b, t, d) @ self.proj[...].astype(dtype)
+        return out_btd, (k_bthe, v_bthe)
+
+
+class GatedMLP(nnx.Module):
+    """proj(silu(gate) * up) with one fused fc whose output splits into [gate, up]."""
+
+    def __init__(self, cfg: ModelConfig, out_std: float, *, rngs: nnx.Rngs):
+        d, m = cfg.d_model, cfg.mlp_dim
+        self.fc = _param(_truncated_normal(rngs, (d, 2, m), cfg.init_std), "embed", None, "mlp")
+        self.proj = _param(_truncated_normal(rngs, (m, d), out_std), "mlp", "embed")
+
+    def __call__(self, x_btd: jax.Array) -> jax.Array:
+        dtype = x_btd.dtype
+        h_kbtm = jnp.einsum("btd,dkm->kbtm", x_btd, self.fc[...].astype(dtype))
+        return (jax.nn.silu(h_kbtm[0]) * h_kbtm[1]) @ self.proj[...].astype(dtype)
+
+
+class SandwichBlock(nnx.Module):
+    """x = norm2(x + attn(norm1(x))); x = norm4(x + mlp(norm3(x)))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        # "takase" init: out-projections shrink with the effective (unrolled) depth.
+        out_std = cfg.init_std / math.sqrt(2 * cfg.effective_depth)
+        self.norm_1, self.norm_2 = RMSNorm(cfg), RMSNorm(cfg)
+        self.norm_3, self.norm_4 = RMSNorm(cfg), RMSNorm(cfg)
+        self.attn = Attention(cfg, out_std, rngs=rngs)
+        self.mlp = GatedMLP(cfg, out_std, rngs=rngs)
+
+    def __call__(self, x_btd: jax.Array, ctx: AttentionContext,
+                 kv_prefix: KV | None = None) -> tuple[jax.Array, KV]:
+        attn_btd, kv = self.attn(self.norm_1(x_btd), ctx, kv_prefix)
+        x_btd = self.norm_2(x_btd + attn_btd)
+        x_btd = self.norm_4(x_btd + self.mlp(self.norm_3(x_btd)))
+        return x_btd, kv
+
+
+def run_blocks(blocks: nnx.List, x_btd: jax.Array, ctx: AttentionContext,
+               kv_prefixes: list[KV] | None = None) -> tuple[jax.Array, list[KV]]:
+    """A stack of blocks (a handful: unrolled); returns each block's new keys/values."""
+    kvs = []
+    for i, block in enumerate(blocks):
+        x_btd, kv = block(x_btd, ctx, None if kv_prefixes is None else kv_prefixes[i])
+        kvs.append(kv)
+    return x_btd, kvs
+
+
+class RecurrentCore(nnx.Module):
+    """One recurrence step: s ← core_blocks(adapter(concat[s, e]))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d = cfg.d_model
+        self.adapter = _param(_truncated_normal(rngs, (2 * d, d), cfg.init_std), "adapter_in", "embed")
+        self.blocks = nnx.List([SandwichBlock(cfg, rngs=rngs) for _ in range(cfg.n_core)])
+
+    def __call__(self, state_btd: jax.Array, embedded_btd: jax.Array, ctx: AttentionContext,
+                 kv_prefixes: list[KV] | None = None) -> tuple[jax.Array, list[KV]]:
+        # State first, then e: the order the published adapter weights expect.
+        x_btd = jnp.concatenate([state_btd, embedded_btd.astype(state_btd.dtype)], axis=-1)
+        x_btd = x_btd @ self.adapter[...].astype(x_btd.dtype)
+        return run_blocks(self.blocks, x_btd, ctx, kv_prefixes)
+
+
+class RecurrentDepthLM(nnx.Module):
+    """Prelude, recurrent core and coda; the embedding doubles as the (tied) output head."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.wte = _param(_truncated_normal(rngs, (cfg.vocab_size, cfg.d_model), cfg.init_std),
+                          "vocab", "embed")
+        self.prelude = nnx.List([SandwichBlock(cfg, rngs=rngs) for _ in range(cfg.n_prelude)])
+        self.core = RecurrentCore(cfg, rngs=rngs)
+        self.coda = nnx.List([SandwichBlock(cfg, rngs=rngs) for _ in range(cfg.n_coda)])
+        self.ln_f = RMSNorm(cfg)
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.cfg.dtype)
+
+    def embed(self, tokens_bt: jax.Array, ctx: AttentionContext,
+              kv_prefixes: list[KV] | None = None) -> tuple[jax.Array, list[KV]]:
+        """Prelude: e = prelude_blocks(wte[tokens] * sqrt(d))."""
+        x_btd = jnp.take(self.wte[...], tokens_bt, axis=0).astype(self.dtype)
+        x_btd = x_btd * jnp.asarray(math.sqrt(self.cfg.d_model), self.dtype)
+        return run_blocks(self.prelude, x_btd, ctx, kv_prefixes)
+
+    def decode(self, state_btd: jax.Array, ctx: AttentionContext,
+               kv_prefixes: list[KV] | None = None) -> tuple[jax.Array, list[KV]]:
+        """Coda: logits = wte^T ln_f(coda_blocks(ln_f(s_r))), in float32, no logit scaling."""
+        x_btd, kvs = run_blocks(self.coda, self.ln_f(state_btd), ctx, kv_prefixes)
+        x_btd = self.ln_f(x_btd)
+        logits_btv = jnp.einsum("btd,vd->btv", x_btd, self.wte[...].astype(self.dtype),
+                                preferred_element_type=jnp.float32)
+        return logits_btv, kvs
+
+
+# ---------------------------------------------------------------------------------------------
+# The pure-functional API: one params pytree in, arrays out.
+
+
+@functools.lru_cache(maxsize=64)
+def _abstract_model(cfg: ModelConfig) -> RecurrentDepthLM:
+    return nnx.eval_shape(lambda: RecurrentDepthLM(cfg, rngs=nnx.Rngs(0)))
+
+
+@functools.lru_cache(maxsize=64)
+def _graphdefs(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.GraphDef]:
+    model = _abstract_model(cfg)
+    return nnx.graphdef(model), nnx.graphdef(model.core)
+
+
+def bind(params: Params, cfg: ModelConfig) -> RecurrentDepthLM:
+    """The NNX model over ``params`` (cheap; call it inside the traced function)."""
+    return nnx.merge(_graphdefs(cfg)[0], params)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
+    """Fresh parameters with the "takase" init, as a nested dict of float32 arrays.
+
+    Jitted: wrap it in ``jax.jit(..., out_shardings=...)`` to create parameters already sharded.
+    """
+    model = RecurrentDepthLM(cfg, rngs=nnx.Rngs(params=key))
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def abstract_params(cfg: ModelConfig) -> Params:
+    """Shapes and dtypes of the params pytree (`jax.ShapeDtypeStruct` leaves); allocates nothing."""
+    return nnx.to_pure_dict(nnx.state(_abstract_model(cfg), nnx.Param))
+
+
+def param_axes(cfg: ModelConfig) -> Params:
+    """The params pytree's logical axis names: a tuple per leaf, e.g. ``("vocab", "embed")``."""
+    state = nnx.state(_abstract_model(cfg), nnx.Param)
+    return nnx.to_pure_dict(jax.tree.map(lambda v: v.get_metadata()["axes"], state,
+                                         is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
+def count_params(cfg: ModelConfig) -> int:
+    """Number of parameters (tied embedding counted once), without allocating any."""
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(abstract_params(cfg)))
+
+
+def initial_state(cfg: ModelConfig, shape: tuple[int, ...], *, key: jax.Array | None,
+                  init_scale: float | jax.Array = 1.0) -> jax.Array:
+    """s_0 ~ TruncNormal(±3σ) · σ · sqrt(d) · init_scale, σ = sqrt(2/(5d)); zeros without a key.
+
+    ``init_scale=0`` (or no key) is the deterministic zero state; a concrete non-zero
+    ``init_scale`` without a key is an error rather than a silent zero state.
+    """
+    dtype = jnp.dtype(cfg.dtype)
+    if key is None:
+        # A traced init_scale cannot be checked here; without a key the state is zero regardless.
+        if isinstance(init_scale, (int, float)) and init_scale != 0:
+            raise ValueError("a random initial state needs key=...; pass init_scale=0.0 for the "
+                             "deterministic zero state.")
+        return jnp.zeros(shape, dtype)
+    noise = jax.random.truncated_normal(key, -3.0, 3.0, shape, jnp.float32)
+    return (noise * (cfg.init_std * math.sqrt(cfg.d_model) * init_scale)).astype(dtype)
+
+
+def core_step(params: Params, state_btd: jax.Array, embedded_btd: jax.Array, cfg: ModelConfig,
+              ctx: AttentionContext) -> jax.Array:
+    """One recurrence step s_i = core(adapter(concat[s_{i-1}, e])), as a pure function.
+
+    ``params`` is the full params pytree or just ``{"core": params["core"]}``.
+    """
+    core = nnx.merge(_graphdefs(cfg)[1], params["core"])
+    state_btd, _ = core(state_btd, embedded_btd, ctx)
+    return state_btd
+
+
+def _step_fn(cfg: ModelConfig) -> recurrence.StepFn:
+    """`core_step` in the (consts, state) form the loops in `rdlm.recurrence` take."""
+    def step(consts: tuple[Params, jax.Array, AttentionContext], state_btd: jax.Array) -> jax.Array:
+        core_params, embedded_btd, ctx = consts
+        return core_step({"core": core_params}, state_btd, embedded_btd, cfg, ctx)
+    return step
+
+
+def _check_key(key: jax.Array | None, init_scale: Any, init_state: jax.Array | None) -> None:
+    """Checked before tracing, while ``init_scale`` is still a concrete number."""
+    if key is None and init_state is None and isinstance(init_scale, (int, float)) and init_scale:
+        raise ValueError("a random initial state needs key=...; pass init_scale=0.0 for the "
+                         "deterministic zero state.")
+
+
+def _check_tokens(tokens_bt: jax.Array, cfg: ModelConfig) -> None:
+    if tokens_bt.ndim != 2:
+        raise ValueError(f"tokens must be [batch, length], got shape {tuple(tokens_bt.shape)}.")
+    if not jnp.issubdtype(tokens_bt.dtype, jnp.integer):
+        raise ValueError(f"tokens must be integer ids, got dtype {tokens_bt.dtype}.")
+    if tokens_bt.shape[1] == 0:
+        raise ValueError("tokens are empty: give at least one token per row.")
+    if tokens_bt.shape[1] > cfg.max_seq_len:
+        raise ValueError(f"sequence length {tokens_bt.shape[1]} exceeds model.max_seq_len="
+                         f"{cfg.max_seq_len}; shorten the input or raise max_seq_len.")
+
+
+def _run(params: Params, tokens_bt: jax.Array, cfg: ModelConfig, recur: Any, *,
+         key: jax.Array | None, init_scale: float | jax.Array, init_state: jax.Array | None,
+         segment_ids: jax.Array | None, positions: jax.Array | None) -> tuple[jax.Array, dict]:
+    """prelude → ``recur(step, consts, s_0)`` → coda; shared by `forward` and `forward_train`."""
+    _check_tokens(tokens_bt, cfg)
+    model = bind(params, cfg)
+    b, t = tokens_bt.shape
+    ctx = attention_context(cfg, b, t, segment_ids=segment_ids, positions=positions)
+    embedded_btd, _ = model.embed(tokens_bt, ctx)
+    if init_state is None:
+        state_btd = initial_state(cfg, embedded_btd.shape, key=key, init_scale=init_scale)
+    else:
+        if init_state.shape != embedded_btd.shape:
+            raise ValueError(f"init_state has shape {tuple(init_state.shape)}, expected "
+                             f"{tuple(embedded_btd.shape)} ([batch, length, d_model]).")
+        state_btd = init_state.astype(embedded_btd.dtype)
+    state_btd, aux = recur(_step_fn(cfg), (params["core"], embedded_btd, ctx), state_btd)
+    logits_btv, _ = model.decode(state_btd, ctx)
+    aux["state"] = state_btd
+    return logits_btv, aux
+
+
+def forward(params: Params, tokens_bt: jax.Array, cfg: ModelConfig, *,
+            num_steps: int | jax.Array, key: jax.Array | None = None,
+            init_scale: float | jax.Array = 1.0, init_state: jax.Array | None = None,
+            segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
+            return_trajectory: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Logits [batch, length, vocab] (float32) after ``num_steps`` recurrence steps.
+
+    - ``num_steps`` may be traced: ``jax.jit(forward, static_argnames=("cfg",))`` compiles once for
+      every r.
+    - ``init_scale=0.0`` (or ``key=None``) starts from the zero state: fully deterministic.
+    - ``init_state`` [batch, length, d] replaces s_0 (continuous chain of thought, analysis).
+    - ``segment_ids`` [batch, length] for packed/padded rows; ``positions`` overrides RoPE positions.
+    - ``aux["state"]`` is the final latent s_r (before the final norm); with
+      ``return_trajectory=True`` (``num_steps`` a Python int) ``aux["trajectory"]`` is
+      ``ln_f(s_i)`` for i = 1..r, shaped [r, batch, length, d].
+    """
+    _check_key(key, init_scale, init_state)
+    if return_trajectory:
+        if not isinstance(num_steps, (int, np.integer)):
+            raise TypeError("return_trajectory=True needs num_steps as a Python int (the "
+                            f"trajectory's length is a shape); got {type(num_steps).__name__}.")
+        return _forward_trajectory(params, tokens_bt, cfg, int(num_steps), key, init_scale,
+                                   init_state, segment_ids, positions)
+    return _forward(params, tokens_bt, cfg, num_steps, key, init_scale, init_state, segment_ids,
+                    positions)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _forward(params, tokens_bt, cfg, num_steps, key, init_scale, init_state, segment_ids, positions):
+    def recur(step, consts, state):
+        return recurrence.iterate(step, consts, state, num_steps), {}
+    return _run(params, tokens_bt, cfg, recur, key=key, init_scale=init_scale,
+                init_state=init_state, segment_ids=segment_ids, positions=positions)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _forward_trajectory(params, tokens_bt, cfg, num_steps, key, init_scale, init_state,
+                        segment_ids, positions):
+    def recur(step, consts, state):
+        state, states_rbtd = recurrence.iterate_collect(step, consts, state, num_steps)
+        return state, {"trajectory": bind(params, cfg).ln_f(states_rbtd)}
+    return _run(params, tokens_bt, cfg, recur, key=key, init_scale=init_scale,
+                init_state=init_state, segment_ids=segment_ids, positions=positions)
+
+
+def forward_train(params: Params, tokens_bt: jax.Array, cfg: ModelConfig, *,
+                  n_no_grad: int | jax.Array, n_grad: int | jax.Array,
+                  key: jax.Array | None = None, init_scale: float | jax.Array = 1.0,
+                  init_state: jax.Array | None = None, segment_ids: jax.Array | None = None
+                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`forward` with truncated backprop: ``n_no_grad`` steps without gradient, then
+    ``n_grad <= cfg.backprop_depth`` steps with gradient (each rematerialised when ``cfg.remat``).
+
+    Both counts may be traced: one compilation serves every sampled depth.
+    """
+    _check_key(key, init_scale, init_state)
+    return _forward_train(params, tokens_bt, cfg, n_no_grad, n_grad, key, init_scale, init_state,
+                          segment_ids)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _forward_train(params, tokens_bt, cfg, n_no_grad, n_grad, key, init_scale, init_state,
+                   segment_ids):
+    def recur(step, consts, state):
+        state = recurrence.iterate_no_grad(step, consts, state, n_no_grad)
+        state = recurrence.iterate_with_grad(step, consts, state, n_grad, cfg.backprop_depth,
+                                             remat=cfg.remat)
+        return state, {}
+    return _run(params, tokens_bt, cfg, recur, key=key, init_scale=init_scale,
+                init_state=init_state, segment_ids=segment_ids, positions=None)
+
+
+def lm_loss(params: Params, batch: dict[str, jax.Array], cfg: ModelConfig, *,
+            n_no_grad: int | jax.Array, n_grad: int | jax.Array, key: jax.Array | None = None,
+            init_scale: float | jax.Array = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean next-token cross-entropy under truncated backprop.
+
+    ``batch``: ``inputs`` and ``targets`` [batch, length] int; optional ``loss_mask`` (1 where a
+    target counts) and ``segment_ids`` (packed documents). Returns (loss, metrics).
+    """
+    logits_btv, _ = forward_train(params, batch["inputs"], cfg, n_no_grad=n_no_grad,
+                                    n_grad=n_grad, key=key, init_scale=init_scale,
+                                    segment_ids=batch.get("segment_ids"))
+    mask_bt = batch.get("loss_mask")
+    mask_bt = jnp.ones(batch["targets"].shape, jnp.float32) if mask_bt is None else mask_bt
+    mask_bt = mask_bt.astype(jnp.float32)
+    nll_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv, batch["targets"])
+    num_tokens = jnp.maximum(mask_bt.sum(), 1.0)
+    loss = (nll_bt * mask_bt).sum() / num_tokens
+    correct_bt = (jnp.argmax(logits_btv, -1) == batch["targets"]).astype(jnp.float32)
+    metrics = {"loss": loss, "accuracy": (correct_bt * mask_bt).sum() / num_tokens,
+               "num_tokens": mask_bt.sum()}
+    return loss, metrics

@@ -1,0 +1,11 @@
+"""Tests run on the CPU backend whatever the machine has, with cheap XLA compilation.
+
+Test programs are tiny, so XLA's backend optimisation buys nothing and costs most of the
+compile time; level 0 keeps `make test` fast on a 2-core CI machine.
+"""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
