@@ -212,10 +212,48 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, schedule, checkpointing and logging of a training run (owned by rdlm.train)."""
+
+    steps: int = 1000
+    batch_size: int = 8  # global sequences per optimizer step
+    seq_len: int = 128
+    micro_batches: int = 1  # gradient accumulation: batch_size is split into this many parts
+    run_dir: str = "runs/default"
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "micro_batches"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value >= 1, f"train.{name}", value,
+                     "must be a positive integer")
+        _require(self.batch_size % self.micro_batches == 0, "train.micro_batches",
+                 self.micro_batches, f"must divide train.batch_size={self.batch_size}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where training tokens come from and how they are batched (owned by rdlm.data)."""
+
+    source: str = "synthetic"
+    task: str = "chains"
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+    """Generation defaults for `python -m rdlm sample` (owned by rdlm.sample)."""
+
+    num_steps: int = 32
+    max_new_tokens: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """A whole run: the model and the sections other subsystems read."""
 
     model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    data: DataConfig = DataConfig()
+    sample: SampleConfig = SampleConfig()
     mesh: MeshConfig = MeshConfig()
     seed: int = 0
 

@@ -1,0 +1,46 @@
+"""Command line: ``python -m rdlm <command> …`` (also installed as ``rdlm``).
+
+Each command lives in the module that owns the feature and exposes ``cli(argv) -> int``; this file
+only dispatches, importing the module on demand so that ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("rdlm.train", "train a model from a YAML config: train CONFIG [key=value ...]"),
+    "eval": ("rdlm.evaluate", "accuracy/loss of a checkpoint for several numbers of steps r"),
+    "sample": ("rdlm.sample", "generate text or tokens from a checkpoint"),
+    "convert": ("rdlm.interop.cli", "huginn-to-rdlm / rdlm-to-huginn checkpoint conversion"),
+    "prepare": ("rdlm.data.prepare", "tokenize text/JSONL into training shards"),
+    "aot": ("rdlm.aot", "compile the train step ahead of time for a TPU topology"),
+    "bench": ("rdlm.bench", "benchmarks: bench train CONFIG | bench sample CONFIG"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: python -m rdlm <command> [args]", "", "commands:"]
+    lines += [f"  {name:<9} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        import difflib
+        close = difflib.get_close_matches(name, COMMANDS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        print(f"unknown command {name!r}{hint}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.cli(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
