@@ -1,0 +1,15 @@
+"""``python -m rdlm bench train CONFIG`` / ``bench sample CONFIG``: dispatch to the owners."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+TARGETS = {"train": "rdlm.train", "sample": "rdlm.sample"}
+
+
+def cli(argv: list[str]) -> int:
+    if not argv or argv[0] not in TARGETS:
+        print("usage: python -m rdlm bench {train,sample} CONFIG [key=value ...]", file=sys.stderr)
+        return 2
+    return int(importlib.import_module(TARGETS[argv[0]]).bench_cli(argv[1:]) or 0)
