@@ -1,0 +1,268 @@
+"""The one checkpoint format of rdlm (orbax), for training, sampling, conversion and notebooks.
+
+A checkpoint is an orbax composite directory::
+
+    <ckpt>/params/      the params pytree (OCDBT/tensorstore; restores straight into any sharding)
+    <ckpt>/config/      the full `rdlm.Config` as JSON
+    # training checkpoints add:
+    <ckpt>/opt_state/   the optax state
+    <ckpt>/train_meta/  step and NaN-guard counters (JSON)
+    <ckpt>/data_iter/   grain iterator state, one JSON file per process
+
+A params-only checkpoint (`save_params`: conversion, ``init_from=``) is just ``params`` + ``config``.
+A training run keeps its checkpoints under ``<run_dir>/checkpoints/<step>/``. Orbax writes every
+checkpoint to a temporary directory and renames it when complete, so a kill at any moment leaves
+either the finished checkpoint or a temporary directory that every reader here ignores.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from rdlm.config import Config, ConfigError, from_dict, to_dict
+
+CHECKPOINTS_DIRNAME = "checkpoints"
+PARAMS, CONFIG, OPT_STATE, TRAIN_META, DATA_ITER = (
+    "params", "config", "opt_state", "train_meta", "data_iter")
+_COMPLETE_MARKER = "_CHECKPOINT_METADATA"  # written by orbax when a checkpoint is finalised
+_TMP_PATTERN = re.compile(r"orbax-checkpoint-tmp")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or does not match; the message names path and fix."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Locating checkpoints.
+
+
+def is_complete(path: Path) -> bool:
+    """True for a finalised checkpoint directory (never for orbax's in-progress temporaries)."""
+    return (path.is_dir() and not _TMP_PATTERN.search(path.name)
+            and (path / _COMPLETE_MARKER).is_file() and (path / PARAMS).is_dir())
+
+
+def complete_steps(checkpoints_dir: str | Path) -> list[int]:
+    """Steps with a complete checkpoint under ``checkpoints_dir``, ascending."""
+    root = Path(checkpoints_dir)
+    if not root.is_dir():
+        return []
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and is_complete(p))
+
+
+def resolve(path: str | Path) -> Path:
+    """The checkpoint directory meant by ``path``: itself, or the latest complete step of a
+    training run directory (``<run>``) or of its ``<run>/checkpoints`` directory."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"checkpoint path {str(path)!r} does not exist; pass a checkpoint "
+                              "directory, a run directory, or its checkpoints/ directory.")
+    if _TMP_PATTERN.search(path.name):
+        raise CheckpointError(f"{str(path)!r} is a half-written checkpoint (an orbax temporary "
+                              "directory); load the run directory instead to get its latest "
+                              "complete step.")
+    if is_complete(path):
+        return path
+    for root in (path / CHECKPOINTS_DIRNAME, path):
+        steps = complete_steps(root)
+        if steps:
+            return root / str(steps[-1])
+    if (path / PARAMS).is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} is incomplete (no {_COMPLETE_MARKER}): "
+                              "it was interrupted while being written; re-create it, or load an "
+                              "earlier complete checkpoint.")
+    raise CheckpointError(f"no complete checkpoint found at {str(path)!r}: expected a directory "
+                          f"with params/ and {_COMPLETE_MARKER}, or a run directory with "
+                          f"{CHECKPOINTS_DIRNAME}/<step>/ inside.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Params-only checkpoints and loading params from any checkpoint.
+
+
+def _config_json(cfg: Config) -> dict[str, Any]:
+    return to_dict(cfg)
+
+
+def config_from_json(data: dict[str, Any]) -> Config:
+    return from_dict(Config, data)
+
+
+def save_params(path: str | Path, cfg: Config, params: Any) -> None:
+    """Write a params-only checkpoint (params + config) atomically; refuses to overwrite."""
+    path = Path(path).expanduser().absolute()
+    if path.exists():
+        raise CheckpointError(f"{str(path)!r} already exists; choose a new path or delete it first.")
+    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    checkpointer.save(path, ocp.args.Composite(**{
+        PARAMS: ocp.args.StandardSave(params),
+        CONFIG: ocp.args.JsonSave(_config_json(cfg))}))
+
+
+def load_config(path: str | Path) -> Config:
+    """The `Config` saved with a checkpoint (any of the paths `resolve` accepts)."""
+    ckpt = resolve(path)
+    config_file = ckpt / CONFIG / "metadata"
+    if not config_file.is_file():
+        raise CheckpointError(f"checkpoint {str(ckpt)!r} has no config ({config_file} missing); "
+                              "it was not written by rdlm.checkpoint.")
+    try:
+        return config_from_json(json.loads(config_file.read_text()))
+    except (ValueError, ConfigError) as err:
+        raise CheckpointError(f"config of checkpoint {str(ckpt)!r} is unreadable: {err}") from err
+
+
+def default_sharding() -> jax.sharding.Sharding:
+    """Where unsharded restores go: one device, or replicated over all devices when multi-process."""
+    if jax.process_count() == 1:
+        return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("all",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def abstract_with_shardings(abstract_tree: Any, shardings: Any | None) -> Any:
+    """ShapeDtypeStructs carrying the target shardings (a pytree, one sharding, or None)."""
+    if shardings is None or isinstance(shardings, jax.sharding.Sharding):
+        sharding = shardings or default_sharding()
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                            abstract_tree)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        abstract_tree, shardings)
+
+
+def _restore_item(ckpt: Path, name: str, abstract_tree: Any) -> Any:
+    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    try:
+        restored = checkpointer.restore(
+            ckpt, ocp.args.Composite(**{name: ocp.args.StandardRestore(abstract_tree)}))
+    except Exception as err:  # orbax raises many types; the user needs the path and the cause
+        raise CheckpointError(f"could not restore {name!r} from {str(ckpt)!r}: "
+                              f"{type(err).__name__}: {err}. The checkpoint may be corrupt or "
+                              "written for a different model config.") from err
+    return restored[name]
+
+
+def load_params(path: str | Path, *, shardings: Any | None = None) -> tuple[Config, Any]:
+    """(config, params) from a params-only checkpoint, a training checkpoint, or a run directory
+    (its latest complete step). ``shardings``: a pytree of `jax.sharding.Sharding` mirroring the
+    params (e.g. `rdlm.sharding.param_shardings`) or one sharding for all; the arrays are read
+    straight into it. The tree structure is exactly `rdlm.abstract_params(config.model)`'s.
+    """
+    from rdlm.model import abstract_params
+    ckpt = resolve(path)
+    cfg = load_config(ckpt)
+    target = abstract_with_shardings(abstract_params(cfg.model), shardings)
+    return cfg, _restore_item(ckpt, PARAMS, target)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training checkpoints.
+
+
+def _data_state_file(item_dir: Path, process_index: int, process_count: int) -> Path:
+    # The file name grain's orbax handler uses (grain.checkpoint.CheckpointHandler).
+    return item_dir / f"process_{process_index}-of-{process_count}.json"
+
+
+def read_data_state(ckpt: Path, process_index: int, process_count: int) -> Any | None:
+    """This process's saved grain iterator state, or None when the checkpoint has none.
+
+    When the checkpoint was written with a different number of processes, a state that every
+    writer saved identically (pipelines that index a global order by step) is still usable;
+    per-process states that differ cannot be re-split and raise a clear error.
+    """
+    item_dir = ckpt / DATA_ITER
+    if not item_dir.is_dir():
+        return None
+    own = _data_state_file(item_dir, process_index, process_count)
+    if own.is_file():
+        return json.loads(own.read_text())
+    saved = sorted(item_dir.glob("process_*-of-*.json"))
+    states = [json.loads(f.read_text()) for f in saved]
+    if states and all(s == states[0] for s in states):
+        return states[0]
+    raise CheckpointError(
+        f"checkpoint {str(ckpt)!r} holds data-iterator states for {len(saved)} processes that "
+        f"differ from each other, so they cannot be re-split over {process_count} processes; "
+        "resume with the original process count, or start a new run with init_from=.")
+
+
+class TrainCheckpointer:
+    """Training checkpoints under ``<run_dir>/checkpoints``: async, atomic, keep last N + every K.
+
+    ``save`` blocks only while device arrays are copied to host; the write finishes in the
+    background (``wait`` joins it). Saves are always explicit (``should_save`` decides), so the
+    policy lives in one readable place.
+    """
+
+    def __init__(self, run_dir: str | Path, *, save_every: int, keep_last: int, keep_every: int,
+                 async_save: bool = True):
+        self.directory = Path(run_dir).expanduser().absolute() / CHECKPOINTS_DIRNAME
+        self.save_every = save_every
+        keep: list[Any] = [ocp.checkpoint_managers.LatestN(n=keep_last)]
+        if keep_every:
+            keep.append(ocp.checkpoint_managers.EveryNSteps(interval_steps=keep_every))
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(keep),
+            enable_async_checkpointing=async_save,
+            create=True,
+            cleanup_tmp_directories=True)  # an interrupted save is removed on the next start
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        steps = complete_steps(self.directory)
+        return steps[-1] if steps else None
+
+    def should_save(self, step: int, last_step: int) -> bool:
+        return step == last_step or (self.save_every > 0 and step % self.save_every == 0)
+
+    def save(self, step: int, *, cfg: Config, params: Any, opt_state: Any,
+             meta: dict[str, int], data_iterator: Any | None) -> None:
+        items: dict[str, Any] = {
+            PARAMS: ocp.args.StandardSave(params),
+            OPT_STATE: ocp.args.StandardSave(opt_state),
+            CONFIG: ocp.args.JsonSave(_config_json(cfg)),
+            TRAIN_META: ocp.args.JsonSave(meta),
+        }
+        if data_iterator is not None and hasattr(data_iterator, "get_state"):
+            import grain
+            items[DATA_ITER] = grain.checkpoint.CheckpointSave(data_iterator)
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def restore(self, step: int, *, abstract_params: Any, abstract_opt_state: Any
+                ) -> tuple[Any, Any, dict[str, int], Any | None]:
+        """(params, opt_state, meta, data-iterator state) of ``step``, into the given shardings."""
+        ckpt = self.directory / str(step)
+        if not is_complete(ckpt):
+            raise CheckpointError(f"checkpoint {str(ckpt)!r} is incomplete or missing.")
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(**{
+                PARAMS: ocp.args.StandardRestore(abstract_params),
+                OPT_STATE: ocp.args.StandardRestore(abstract_opt_state),
+                TRAIN_META: ocp.args.JsonRestore()}))
+        except Exception as err:
+            raise CheckpointError(
+                f"could not restore training state from {str(ckpt)!r}: {type(err).__name__}: "
+                f"{err}. If the model or optimizer config changed since it was written, start a "
+                "new run_dir (optionally with init_from= this checkpoint).") from err
+        data_state = read_data_state(ckpt, jax.process_index(), jax.process_count())
+        return restored[PARAMS], restored[OPT_STATE], dict(restored[TRAIN_META]), data_state
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def list_checkpoints(run_dir: str | Path) -> Iterable[int]:
+    """Complete steps of a run directory (for scripts and tests)."""
+    return complete_steps(Path(run_dir) / CHECKPOINTS_DIRNAME)

@@ -1,0 +1,191 @@
+"""Device mesh, logical-axis rules and the shardings of params, batches and activations.
+
+Parameters carry logical axis names (`rdlm.param_axes`: "vocab", "embed", "heads", "head_dim",
+"mlp", "norm", "adapter_in", None). A rule table maps each logical name to a mesh axis:
+
+    batch → (data, fsdp)     embed → fsdp        heads, mlp, vocab → tensor
+
+so FSDP shards every weight matrix along d_model, tensor parallelism splits heads and MLP units,
+and the batch is split over every data-parallel device. A mesh axis is used at most once per array.
+When a dimension is not divisible by its mesh axis (Huginn's 55 heads over tensor=2, say) that
+dimension is replicated instead; an FSDP axis that found no home on its preferred dimension moves
+to the largest other dimension it divides, so no weight silently stays replicated across the whole
+FSDP group when another dimension could carry it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from rdlm.config import ConfigError, MeshConfig, ModelConfig
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis → mesh axis (or tuple of mesh axes, or None = replicated).
+LogicalRules = Mapping[str, str | tuple[str, ...] | None]
+
+DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
+    # activations
+    "batch": ("data", "fsdp"),
+    "length": None,
+    "act_embed": None,
+    "act_heads": "tensor",
+    "act_mlp": "tensor",
+    "act_vocab": "tensor",
+    # parameters
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "norm": None,
+    # The adapter's input (2d) axis sits beside an "embed" axis that already takes fsdp.
+    "adapter_in": None,
+}
+
+# Mesh axes that hold parameter shards for memory (not compute) and may move to another dimension.
+_MOVABLE_AXES = ("fsdp",)
+
+
+def resolve_mesh_shape(mesh_cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
+    """Sizes of (data, fsdp, tensor) for ``num_devices``; -1 takes what the other axes leave."""
+    sizes = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
+    fixed = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if num_devices % fixed:
+            raise ConfigError(
+                f"mesh={dict(zip(MESH_AXES, sizes))} is invalid for {num_devices} devices: the "
+                f"fixed axes ({fixed} devices) must divide the device count.")
+        sizes[sizes.index(-1)] = num_devices // fixed
+    if math.prod(sizes) != num_devices:
+        raise ConfigError(
+            f"mesh={dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices but "
+            f"{num_devices} are available; make the product equal the device count or set one "
+            "axis to -1.")
+    return tuple(sizes)  # type: ignore[return-value]
+
+
+def make_mesh(mesh_cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ("data", "fsdp", "tensor") mesh over ``devices`` (default: every device of every process).
+
+    With the default devices `jax.make_mesh` orders them for the physical topology (ICI rings on
+    TPU); an explicit list (an AOT topology, a test subset) is used in its given order.
+    """
+    if devices is None:
+        shape = resolve_mesh_shape(mesh_cfg, jax.device_count())
+        return jax.make_mesh(shape, MESH_AXES,
+                             axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    shape = resolve_mesh_shape(mesh_cfg, len(devices))
+    try:
+        from jax.experimental import mesh_utils
+        device_array = mesh_utils.create_device_mesh(shape, devices=list(devices))
+    except Exception:  # non-TPU or irregular device sets: plain row-major order
+        device_array = np.asarray(devices).reshape(shape)
+    return Mesh(device_array, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def _mesh_axes_of(rule: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    if rule is None:
+        return ()
+    return (rule,) if isinstance(rule, str) else tuple(rule)
+
+
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules: LogicalRules | None = None) -> PartitionSpec:
+    """PartitionSpec for one array from its logical axis names, divisibility-checked.
+
+    A mesh axis of size 1 is dropped (it shards nothing), a mesh axis already used by an earlier
+    dimension is skipped, and a dimension that its mesh axes do not divide is replicated.
+    Movable (FSDP) axes left unplaced go to the largest free dimension they divide.
+    """
+    rules = DEFAULT_RULES if rules is None else rules
+    if len(axes) != len(shape):
+        raise ValueError(f"logical axes {tuple(axes)} do not match shape {tuple(shape)}.")
+    used: set[str] = set()
+    spec: list[tuple[str, ...]] = []
+    for name, dim in zip(axes, shape):
+        chosen: list[str] = []
+        for mesh_axis in _mesh_axes_of(rules.get(name) if name is not None else None):
+            size = mesh.shape[mesh_axis]
+            if size == 1 or mesh_axis in used:
+                continue
+            if dim % (math.prod(mesh.shape[a] for a in chosen) * size) == 0:
+                chosen.append(mesh_axis)
+        used.update(chosen)
+        spec.append(tuple(chosen))
+    for mesh_axis in _MOVABLE_AXES:
+        size = mesh.shape.get(mesh_axis, 1)
+        wanted = any(mesh_axis in _mesh_axes_of(rules.get(n)) for n in axes if n is not None)
+        if size == 1 or mesh_axis in used or not wanted:
+            continue
+        free = [i for i, (d, s) in enumerate(zip(shape, spec)) if not s and d % size == 0]
+        if free:
+            best = max(free, key=lambda i: shape[i])
+            spec[best] = (mesh_axis,)
+            used.add(mesh_axis)
+    return PartitionSpec(*[s[0] if len(s) == 1 else (s or None) for s in spec])
+
+
+def param_specs(cfg: ModelConfig, mesh: Mesh, rules: LogicalRules | None = None) -> Any:
+    """PartitionSpec pytree mirroring the params of ``cfg``."""
+    from rdlm.model import abstract_params, param_axes
+    shapes = abstract_params(cfg)
+    axes = param_axes(cfg)
+    return jax.tree.map(lambda ax, leaf: logical_to_spec(ax, leaf.shape, mesh, rules),
+                        axes, shapes, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: LogicalRules | None = None) -> Any:
+    """NamedSharding pytree mirroring the params of ``cfg`` (for `jax.jit` / checkpoint restore)."""
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_specs(cfg, mesh, rules),
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def batch_spec(mesh: Mesh, rules: LogicalRules | None = None) -> PartitionSpec:
+    """[batch, length] arrays: batch over every data-parallel mesh axis, length replicated."""
+    rules = DEFAULT_RULES if rules is None else rules
+    axes = tuple(a for a in _mesh_axes_of(rules["batch"]) if mesh.shape[a] > 1)
+    return PartitionSpec(axes or None, None)
+
+
+def batch_sharding(mesh: Mesh, rules: LogicalRules | None = None) -> NamedSharding:
+    """Sharding of a global [batch, length] input array."""
+    return NamedSharding(mesh, batch_spec(mesh, rules))
+
+
+def data_parallel_size(mesh: Mesh, rules: LogicalRules | None = None) -> int:
+    """How many ways the batch is split; the global batch must be a multiple of it."""
+    rules = DEFAULT_RULES if rules is None else rules
+    return math.prod(mesh.shape[a] for a in _mesh_axes_of(rules["batch"]))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def constrain(x: jax.Array, mesh: Mesh, logical_axes: Sequence[str | None],
+              rules: LogicalRules | None = None) -> jax.Array:
+    """`jax.lax.with_sharding_constraint` by logical axis names (inside a jitted function)."""
+    spec = logical_to_spec(logical_axes, x.shape, mesh, rules)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def describe(cfg: ModelConfig, mesh: Mesh, rules: LogicalRules | None = None) -> list[str]:
+    """One line per parameter: path, shape, spec and bytes per device; for logs and `aot`."""
+    from rdlm.model import abstract_params
+    shapes = abstract_params(cfg)
+    specs = param_specs(cfg, mesh, rules)
+    lines = []
+    for (path, leaf), spec in zip(jax.tree_util.tree_leaves_with_path(shapes),
+                                  jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))):
+        shards = math.prod(mesh.shape[a] for part in spec if part is not None
+                           for a in ((part,) if isinstance(part, str) else part))
+        nbytes = math.prod(leaf.shape) * leaf.dtype.itemsize // shards
+        lines.append(f"{jax.tree_util.keystr(path):<40} {str(leaf.shape):<24} {str(spec):<36} "
+                     f"{nbytes / 2**20:9.2f} MiB/device")
+    return lines
