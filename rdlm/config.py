@@ -202,8 +202,22 @@ class MeshConfig:
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    # Multi-host start-up (`jax.distributed.initialize`): "auto" initialises when a coordinator is
+    # given here or the cluster is auto-detectable (TPU pod, SLURM); "off" never does.
+    distributed: str = "auto"
+    coordinator_address: str = ""  # host:port of process 0, for clusters JAX cannot detect
+    num_processes: int = 0  # with coordinator_address
+    process_id: int = -1  # with coordinator_address
 
     def __post_init__(self) -> None:
+        _require(self.distributed in ("auto", "off"), "mesh.distributed", self.distributed,
+                 "must be 'auto' or 'off'")
+        if self.coordinator_address:
+            _require(self.num_processes >= 1, "mesh.num_processes", self.num_processes,
+                     "must be >= 1 when mesh.coordinator_address is set")
+            _require(0 <= self.process_id < self.num_processes, "mesh.process_id",
+                     self.process_id, f"must be in [0, {self.num_processes}) when "
+                     "mesh.coordinator_address is set")
         sizes = (self.data, self.fsdp, self.tensor)
         for name, value in zip(("data", "fsdp", "tensor"), sizes):
             _require(isinstance(value, int) and (value >= 1 or value == -1), f"mesh.{name}",
@@ -220,14 +234,75 @@ class TrainConfig:
     seq_len: int = 128
     micro_batches: int = 1  # gradient accumulation: batch_size is split into this many parts
     run_dir: str = "runs/default"
+    init_from: str = ""  # params-only checkpoint (or run dir) to start a *new* run from
+
+    # Optimizer. "adamw": optax AdamW. "huginn": the Huginn-0125 recipe, Adam-atan2 (no eps) with
+    # per-tensor update clipping; both use decoupled weight decay that skips norms and biases.
+    optimizer: str = "adamw"
+    lr: float = 3e-4
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8  # adamw only; atan2 needs none
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # global-norm clipping; 0 disables
+    update_clip: float = 1.0  # huginn: per-tensor RMS cap of the update; 0 disables
+
+    # Schedule: linear warm-up, then "constant", "cosine" (to min_lr_ratio * lr at the last step)
+    # or "trapezoid" (constant, then linear decay over the last decay_fraction of the steps).
+    schedule: str = "constant"
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2
+
+    # Checkpoints: every checkpoint_every steps and at the end; keep the last keep_last plus every
+    # keep_every-th step (0: none extra). Saves are asynchronous unless async_checkpoint is false.
+    checkpoint_every: int = 500
+    keep_last: int = 3
+    keep_every: int = 0
+    async_checkpoint: bool = True
+
+    # Observability and guards.
+    log_every: int = 10
+    eval_every: int = 0  # 0: no periodic eval; else eval loss at each r in eval_steps
+    eval_batches: int = 2
+    eval_steps: tuple[int, ...] = (1, 4, 8, 16, 32)
+    telemetry_every: int = 0  # latent-state telemetry (convergence, norm, token correlation)
+    max_bad_steps: int = 5  # non-finite loss/grad: skip the step; stop after this many in a row
+    peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = look up the device table
+    progress: str = "auto"  # "bar" (tqdm), "lines", or "auto" (bar on a terminal)
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "micro_batches"):
+        for name in ("steps", "batch_size", "seq_len", "micro_batches", "keep_last", "log_every",
+                     "eval_batches", "max_bad_steps"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value >= 1, f"train.{name}", value,
                      "must be a positive integer")
+        for name in ("warmup_steps", "checkpoint_every", "keep_every", "eval_every",
+                     "telemetry_every"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value >= 0, f"train.{name}", value,
+                     "must be an integer >= 0")
         _require(self.batch_size % self.micro_batches == 0, "train.micro_batches",
                  self.micro_batches, f"must divide train.batch_size={self.batch_size}")
+        _require(self.optimizer in ("adamw", "huginn"), "train.optimizer", self.optimizer,
+                 "must be 'adamw' or 'huginn'")
+        _require(self.schedule in ("constant", "cosine", "trapezoid"), "train.schedule",
+                 self.schedule, "must be 'constant', 'cosine' or 'trapezoid'")
+        _require(self.progress in ("auto", "bar", "lines"), "train.progress", self.progress,
+                 "must be 'auto', 'bar' or 'lines'")
+        _require(self.lr > 0, "train.lr", self.lr, "must be > 0")
+        for name in ("b1", "b2"):
+            value = getattr(self, name)
+            _require(0 <= value < 1, f"train.{name}", value, "must be in [0, 1)")
+        for name in ("eps", "weight_decay", "grad_clip", "update_clip", "peak_flops"):
+            value = getattr(self, name)
+            _require(value >= 0, f"train.{name}", value, "must be >= 0")
+        _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", self.min_lr_ratio,
+                 "must be in [0, 1]")
+        _require(0 < self.decay_fraction <= 1, "train.decay_fraction", self.decay_fraction,
+                 "must be in (0, 1]")
+        _require(all(isinstance(r, int) and r >= 1 for r in self.eval_steps), "train.eval_steps",
+                 self.eval_steps, "must be a list of positive integers")
 
 
 @dataclasses.dataclass(frozen=True)
