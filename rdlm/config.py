@@ -307,10 +307,52 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Where training tokens come from and how they are batched (owned by rdlm.data)."""
+    """Where training tokens come from and how they are batched (owned by rdlm.data).
 
-    source: str = "synthetic"
-    task: str = "chains"
+    See docs/data.md. Token sources read ``paths`` (globs; ``{split}`` is replaced by the split).
+    """
+
+    source: str = "synthetic"  # synthetic | memmap | arrayrecord | parquet | gsm8k
+    task: str = "chains"  # synthetic task: chains | addition | prosqa | prontoqa
+    difficulty: int = 1  # task level 1 (learnable on a CPU) … 5 (the papers' setting)
+    task_args: tuple[str, ...] = ()  # "knob=value" overrides of the task level, e.g. "max_hops=4"
+    format: str = "nocot"  # how examples render: nocot | cot | coconut
+    num_latent_steps: int = 0  # coconut: reasoning steps replaced by latents (k)
+    latents_per_step: int = 1  # coconut: latents per replaced step (c)
+    loss_on: str = "completion"  # completion (answer/reasoning tokens) | all (every token)
+    paths: tuple[str, ...] = ()  # files or globs of a token/gsm8k source
+    token_column: str = "tokens"  # parquet column holding token ids
+    tokenizer: str = "chars"  # chars | ascii | path to a tokenizer.json
+    packing: str = "first_fit"  # first_fit | concat | none (one example per row, padded)
+    shuffle: bool = True
+    shuffle_seed: int = 0
+    num_examples: int = 1_000_000  # examples in one epoch of a synthetic split
+    read_threads: int = 2  # grain read threads per process (order stays deterministic)
+
+    def __post_init__(self) -> None:
+        sources = ("synthetic", "memmap", "arrayrecord", "parquet", "gsm8k")
+        _require(self.source in sources, "data.source", self.source, f"must be one of {sources}")
+        tasks = ("chains", "addition", "prosqa", "prontoqa")  # = rdlm.data.tasks.TASKS
+        _require(self.task in tasks, "data.task", self.task, f"must be one of {tasks}")
+        _require(isinstance(self.difficulty, int) and 1 <= self.difficulty <= 5,
+                 "data.difficulty", self.difficulty, "must be an integer in [1, 5]")
+        formats = ("nocot", "cot", "coconut")
+        _require(self.format in formats, "data.format", self.format, f"must be one of {formats}")
+        _require(self.loss_on in ("completion", "all"), "data.loss_on", self.loss_on,
+                 "must be 'completion' or 'all'")
+        packings = ("first_fit", "concat", "none")
+        _require(self.packing in packings, "data.packing", self.packing,
+                 f"must be one of {packings}")
+        _require(self.source == "synthetic" or len(self.paths) > 0, "data.paths", self.paths,
+                 f"data.source={self.source!r} needs at least one file or glob")
+        _require(bool(self.tokenizer), "data.tokenizer", self.tokenizer,
+                 "must be 'chars', 'ascii' or a path to a tokenizer.json")
+        for name in ("num_examples", "read_threads", "latents_per_step"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value >= 1, f"data.{name}", value,
+                     "must be a positive integer")
+        _require(isinstance(self.num_latent_steps, int) and self.num_latent_steps >= 0,
+                 "data.num_latent_steps", self.num_latent_steps, "must be an integer >= 0")
 
 
 @dataclasses.dataclass(frozen=True)

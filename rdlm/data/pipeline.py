@@ -1,0 +1,219 @@
+"""Grain pipelines: source → shuffle → repeat → shard by process → render → pack → batch.
+
+The training loop imports `make_train_iterator` and `make_eval_batches`. Every row is a dict of
+int32 arrays ``[rows, seq_len]``:
+
+- ``inputs``: token ids; ``targets``: the next token of the same segment;
+- ``segment_ids``: 1, 2, … per packed document, 0 on padding (the model's attention keeps
+  segments apart and restarts positions per segment);
+- ``loss_mask``: 1 where the target counts — never on padding or across a segment boundary, and
+  only on answer/reasoning tokens of supervised tasks when ``data.loss_on="completion"``.
+
+Determinism: shuffling and sharding act on example indices with grain's seeded index shuffle
+(a new permutation every epoch), and synthetic examples are pure functions of their index. The
+iterator's ``get_state()`` is a small JSON-able dict; ``set_state`` on a fresh iterator resumes
+with exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import grain
+import grain.experimental as grain_exp
+import numpy as np
+
+from rdlm.config import Config, ConfigError, DataConfig
+from rdlm.data import sources as src
+from rdlm.data.render import render
+from rdlm.data.tasks import Example, check_split, load_gsm8k_aug, make_task
+from rdlm.data.tokenizer import Tokenizer, load_tokenizer
+
+Batch = dict[str, np.ndarray]
+FEATURES = ("inputs", "targets", "loss_mask")
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-example transformations (pure functions on numpy arrays).
+
+
+def example_to_features(tokens: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+    """A document's tokens and per-token mask → shifted inputs/targets/loss_mask (length − 1)."""
+    tokens = np.asarray(tokens, np.int32)
+    return {"inputs": tokens[:-1], "targets": tokens[1:],
+            "loss_mask": np.asarray(mask, np.int32)[1:]}
+
+
+def window_to_row(window: np.ndarray, eos_id: int) -> Batch:
+    """A window of seq_len + 1 tokens from a flat stream → one row. A document ends with its EOS;
+    the next token starts a new segment, and the target that would cross into it is masked."""
+    window = np.asarray(window, np.int32)
+    segment = 1 + np.concatenate([[0], np.cumsum(window[:-1] == eos_id)]).astype(np.int32)
+    return {"inputs": window[:-1], "targets": window[1:], "segment_ids": segment[:-1],
+            "loss_mask": (segment[1:] == segment[:-1]).astype(np.int32)}
+
+
+def pad_row(features: dict[str, np.ndarray], seq_len: int) -> Batch:
+    """One example alone in a row, padded with zeros (segment id 0, loss mask 0)."""
+    n = len(features["inputs"])
+    _check_fits(n, seq_len)
+    row = {k: np.zeros(seq_len, np.int32) for k in (*FEATURES, "segment_ids")}
+    for k in FEATURES:
+        row[k][:n] = features[k]
+    row["segment_ids"][:n] = 1
+    return row
+
+
+def _check_fits(length: int, seq_len: int) -> None:
+    if length > seq_len:
+        raise ValueError(f"an example needs {length} positions but train.seq_len={seq_len}: raise "
+                         "train.seq_len (and model.max_seq_len), lower data.difficulty, or use "
+                         "data.packing=concat for long documents.")
+
+
+def _rename_packed(row: dict[str, np.ndarray]) -> Batch:
+    """grain's packers name segment ids per feature; all features share them."""
+    out = {k: np.asarray(row[k], np.int32) for k in FEATURES}
+    out["segment_ids"] = np.asarray(row["inputs_segment_ids"], np.int32)
+    out["loss_mask"] = out["loss_mask"] * (out["segment_ids"] > 0)
+    return out
+
+
+def _stack(rows: list[Batch]) -> Batch:
+    return {k: np.stack([r[k] for r in rows]).astype(np.int32) for k in rows[0]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources by config.
+
+
+def tokenizer_for(data: DataConfig) -> Tokenizer:
+    return load_tokenizer(data.tokenizer)
+
+
+def _render_fn(data: DataConfig, tok: Tokenizer) -> Callable[[Example], dict[str, np.ndarray]]:
+    def fn(example: Example) -> dict[str, np.ndarray]:
+        tokens, mask = render(example, tok, fmt=data.format, loss_on=data.loss_on,
+                              num_latent_steps=data.num_latent_steps,
+                              latents_per_step=data.latents_per_step)
+        return example_to_features(tokens, mask)
+    return fn
+
+
+def _doc_fn(data: DataConfig, tok: Tokenizer) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    """A pre-tokenized document; an EOS is appended unless present so that the model learns to
+    end documents, and every token counts."""
+    def fn(doc: np.ndarray) -> dict[str, np.ndarray]:
+        doc = np.asarray(doc, np.int32)
+        if len(doc) == 0 or doc[-1] != tok.eos_id:
+            doc = np.append(doc, np.int32(tok.eos_id))
+        return example_to_features(doc, np.ones(len(doc), np.int32))
+    return fn
+
+
+def example_source(cfg: Config, split: str) -> src.TaskSource | src.ExampleListSource:
+    """The examples of a supervised source (synthetic task or GSM8k-Aug files)."""
+    data = cfg.data
+    if data.source == "synthetic":
+        task = make_task(data.task, data.difficulty, data.task_args)
+        return src.TaskSource(task, split, data.num_examples)
+    if data.source == "gsm8k":
+        examples = [e for path in src.expand_paths(data.paths, split)
+                    for e in load_gsm8k_aug(path)]
+        return src.ExampleListSource(examples)
+    raise ConfigError(f"data.source={data.source!r} holds tokens, not examples.")
+
+
+def _indexed(cfg: Config, split: str, tok: Tokenizer) -> tuple[Any, Callable[[Any], Any], bool]:
+    """(random-access source, record → features-or-row, records are already whole rows)."""
+    data = cfg.data
+    seq_len = cfg.train.seq_len
+    if data.source in ("synthetic", "gsm8k"):
+        return example_source(cfg, split), _render_fn(data, tok), False
+    files = src.expand_paths(data.paths, split)
+    if data.source == "memmap":
+        return (src.TokenWindowSource(files, seq_len),
+                lambda w: window_to_row(w, tok.eos_id), True)
+    if data.source == "arrayrecord":
+        return src.ArrayRecordDocSource(files), _doc_fn(data, tok), False
+    if data.source == "parquet":
+        return src.ParquetDocSource(files, data.token_column), _doc_fn(data, tok), False
+    raise ConfigError(f"data.source={data.source!r} is not supported.")
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline.
+
+
+def rows_per_process(cfg: Config, process_count: int) -> int:
+    if cfg.train.batch_size % process_count:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is invalid: must be divisible "
+                          f"by the number of processes ({process_count}).")
+    return cfg.train.batch_size // process_count
+
+
+def make_dataset(cfg: Config, *, split: str = "train", process_index: int = 0,
+                 process_count: int = 1, shuffle: bool | None = None,
+                 repeat: bool = True) -> grain.IterDataset:
+    """The batched grain `IterDataset` behind `make_train_iterator` (exposed for inspection)."""
+    check_split(split)
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} must be in [0, {process_count}).")
+    data, seq_len = cfg.data, cfg.train.seq_len
+    if seq_len > cfg.model.max_seq_len:
+        raise ConfigError(f"train.seq_len={seq_len} is invalid: must be <= "
+                          f"model.max_seq_len={cfg.model.max_seq_len}.")
+    tok = tokenizer_for(data)
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is invalid: the "
+                          f"{data.tokenizer!r} tokenizer has {tok.vocab_size} tokens.")
+    rows = rows_per_process(cfg, process_count)
+    source, transform, is_row = _indexed(cfg, split, tok)
+
+    ds = grain.MapDataset.source(source)
+    if data.shuffle if shuffle is None else shuffle:
+        ds = ds.shuffle(seed=data.shuffle_seed)  # a fresh permutation every epoch
+    if repeat:
+        ds = ds.repeat()
+    # Interleaved shards: process p reads elements p, p + P, … of the one global order.
+    ds = ds[process_index::process_count].map(transform)
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=data.read_threads,
+                                              prefetch_buffer_size=4 * rows))
+    it = _pack(it, data.packing, seq_len, rows) if not is_row else it
+    return it.batch(rows, drop_remainder=True, batch_fn=_stack)
+
+
+def _pack(it: grain.IterDataset, packing: str, seq_len: int, rows: int) -> grain.IterDataset:
+    if packing == "none":
+        return it.map(lambda f: pad_row(f, seq_len))
+    lengths = {k: seq_len for k in FEATURES}
+    if packing == "concat":
+        packed = grain_exp.ConcatThenSplitIterDataset(it, length_struct=lengths)
+    else:
+        it = it.map(lambda f: (_check_fits(len(f["inputs"]), seq_len), f)[1])
+        # First-fit into `rows` bins: documents stay whole, padding fills the rest.
+        packed = grain_exp.FirstFitPackIterDataset(it, length_struct=lengths,
+                                                   num_packing_bins=rows, shuffle_bins=False)
+    return packed.map(_rename_packed)
+
+
+def make_train_iterator(cfg: Config, *, process_index: int = 0, process_count: int = 1,
+                        split: str = "train") -> grain.DatasetIterator:
+    """Endless iterator of this process's batches ``[batch_size // process_count, seq_len]``.
+
+    Save ``it.get_state()`` with the checkpoint; ``it.set_state(state)`` on a fresh iterator
+    from the same config resumes the exact data order.
+    """
+    return iter(make_dataset(cfg, split=split, process_index=process_index,
+                             process_count=process_count))
+
+
+def make_eval_batches(cfg: Config, *, num_batches: int, split: str = "test",
+                      process_index: int = 0, process_count: int = 1) -> list[Batch]:
+    """The first ``num_batches`` batches of a held-out split, in a fixed order (no shuffling):
+    the same rows for every run and every call, so eval losses are comparable."""
+    if num_batches < 1:
+        raise ValueError(f"num_batches={num_batches} must be >= 1.")
+    it = iter(make_dataset(cfg, split=split, process_index=process_index,
+                           process_count=process_count, shuffle=False))
+    return [next(it) for _ in range(num_batches)]

@@ -1,0 +1,84 @@
+"""Examples → token sequences with loss masks (No-CoT, CoT, continuous thought).
+
+Layout (``|`` separates the prompt from the completion)::
+
+    nocot:    <bos> question \\n | # answer <eos>
+    cot:      <bos> question \\n | step \\n step \\n … # answer <eos>
+    coconut:  <bos> question \\n <bot> <latent>×(k·c) <eot> | remaining steps … # answer <eos>
+
+The mask marks the tokens whose prediction counts: the completion (``loss_on="completion"``) or
+everything after <bos> (``loss_on="all"``). Latent positions never count: their input is replaced by
+a hidden state, and no token is predicted there (SPEC §2: loss only on remaining steps and answer).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rdlm.config import ConfigError
+from rdlm.data.tasks import Example
+from rdlm.data.tokenizer import Tokenizer
+
+FORMATS = ("nocot", "cot", "coconut")
+LOSS_ON = ("completion", "all")
+ANSWER_MARK = "#"
+
+
+def prompt_tokens(example: Example, tok: Tokenizer, *, fmt: str = "nocot",
+                  num_latent_steps: int = 0, latents_per_step: int = 1) -> list[int]:
+    """What a model is given at test time; it must generate the rest."""
+    ids = [tok.bos_id] + tok.encode(example.question + "\n")
+    if fmt == "coconut":
+        ids += _latent_block(example, tok, num_latent_steps, latents_per_step)
+    return ids
+
+
+def completion_text(example: Example, *, fmt: str = "nocot", num_latent_steps: int = 0) -> str:
+    """The language part a model must produce after the prompt (before <eos>)."""
+    steps = () if fmt == "nocot" else example.steps[num_latent_steps if fmt == "coconut" else 0:]
+    return "".join(s + "\n" for s in steps) + ANSWER_MARK + example.answer
+
+
+def render(example: Example, tok: Tokenizer, *, fmt: str = "nocot", loss_on: str = "completion",
+           num_latent_steps: int = 0, latents_per_step: int = 1
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, mask) int32 of equal length; mask[t] = 1 where predicting tokens[t] counts.
+
+    For ``coconut``, ``num_latent_steps`` (k) of the steps are replaced by k·``latents_per_step``
+    latents; k larger than the number of steps drops all language steps (the final stage), still
+    with k·c latents (the Coconut reference does the same).
+    """
+    if fmt not in FORMATS:
+        raise ConfigError(f"data.format={fmt!r} is invalid: must be one of {FORMATS}.")
+    if loss_on not in LOSS_ON:
+        raise ConfigError(f"data.loss_on={loss_on!r} is invalid: must be one of {LOSS_ON}.")
+    prompt = prompt_tokens(example, tok, fmt=fmt, num_latent_steps=num_latent_steps,
+                           latents_per_step=latents_per_step)
+    completion = tok.encode(completion_text(example, fmt=fmt, num_latent_steps=num_latent_steps))
+    completion.append(tok.eos_id)
+    tokens = np.asarray(prompt + completion, np.int32)
+    mask = np.zeros(len(tokens), np.int32)
+    if loss_on == "all":
+        mask[1:] = 1
+        if fmt == "coconut":  # latent block: <bot> stays (it is a real token), latents and <eot> not
+            mask[(tokens == tok.latent_id) | (tokens == tok.eot_id)] = 0
+    else:
+        mask[len(prompt):] = 1
+    return tokens, mask
+
+
+def _latent_block(example: Example, tok: Tokenizer, k: int, c: int) -> list[int]:
+    if tok.bot_id is None or tok.eot_id is None or tok.latent_id is None:
+        raise ConfigError("data.format='coconut' needs a tokenizer with <bot>, <eot> and <latent> "
+                          "tokens (the built-in 'chars'/'ascii' tokenizers have them).")
+    if k < 0 or c < 1:
+        raise ConfigError(f"latent steps k={k}, latents per step c={c}: need k >= 0 and c >= 1.")
+    n = k * c  # as in the Coconut reference: k·c latents even when fewer steps remain
+    return [tok.bot_id] + [tok.latent_id] * n + [tok.eot_id]
+
+
+def parse_answer(text: str) -> str:
+    """The answer in generated text: after the last answer mark, up to the end of the line."""
+    if ANSWER_MARK not in text:
+        return ""
+    return text.rsplit(ANSWER_MARK, 1)[1].split("\n", 1)[0].strip()
