@@ -612,7 +612,8 @@ def _commit_dir(tmp: Path, final: Path, overwrite: bool) -> None:
 def save_huginn(cfg: ModelConfig, params: Any, path: str | os.PathLike, *,
                 max_shard_size: int | str = "5GB", dtype: str = "float32",
                 code_repo: str | None = CODE_REPO, include_lm_head: bool = False,
-                include_freqs_cis: bool = True, overwrite: bool = False) -> Path:
+                include_freqs_cis: bool = True, overwrite: bool = False,
+                extra_files: Mapping[str, str | os.PathLike] | None = None) -> Path:
     """Write ``params`` as a Huginn-0125-format checkpoint directory that the original PyTorch
     code (``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)``) loads.
 
@@ -621,6 +622,7 @@ def save_huginn(cfg: ModelConfig, params: Any, path: str | os.PathLike, *,
     - ``dtype``: ``"float32"`` (exact), ``"bfloat16"`` (as released) or ``"float16"``.
     - ``code_repo``: see `huginn_config`; ``include_lm_head`` writes the tied head as a second copy;
       ``include_freqs_cis`` writes the RoPE buffer the PyTorch model expects in its state dict.
+    - ``extra_files``: ``{name: source}`` copied into the directory too (e.g. ``tokenizer.json``).
 
     The directory is assembled under a temporary name beside ``path`` and renamed into place, so an
     interrupted save leaves no partial checkpoint. In a multi-process run every process must call
@@ -652,6 +654,10 @@ def save_huginn(cfg: ModelConfig, params: Any, path: str | os.PathLike, *,
         table = freqs_cis(cfg)
         tensors.append(_OutTensor(FREQS_CIS, table.shape, table.dtype, lambda: table))
 
+    extra = {name: Path(source) for name, source in (extra_files or {}).items()}
+    absent = [str(source) for source in extra.values() if not source.is_file()]
+    if absent:
+        raise FileNotFoundError(f"extra files do not exist: {absent}.")
     writer = jax.process_index() == 0
     tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
@@ -674,6 +680,8 @@ def save_huginn(cfg: ModelConfig, params: Any, path: str | os.PathLike, *,
                 (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
             config = huginn_config(cfg, torch_dtype=dtype, code_repo=code_repo)
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+            for name, source in extra.items():
+                shutil.copyfile(source, tmp / name)
             _commit_dir(tmp, final, overwrite)
     finally:
         if writer and tmp.exists():

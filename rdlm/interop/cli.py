@@ -1,0 +1,123 @@
+"""``python -m rdlm convert``: Huginn-0125 (Hugging Face safetensors) <-> rdlm (orbax) checkpoints.
+
+    python -m rdlm convert huginn-to-rdlm  path/to/huginn-0125  ckpt/huginn
+    python -m rdlm convert rdlm-to-huginn  ckpt/huginn  out/huginn-hf --dtype bfloat16 \\
+        --tokenizer path/to/huginn-0125
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m rdlm convert",
+        description="Convert between the Huginn-0125 Hugging Face format and rdlm's orbax "
+                    "checkpoints. Nothing is written unless the whole conversion succeeds.")
+    sub = parser.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
+
+    to_rdlm = sub.add_parser("huginn-to-rdlm", help="Hugging Face directory -> orbax checkpoint",
+                             description="Read config.json + safetensors (single or sharded) and "
+                                         "write an rdlm params checkpoint (rdlm.checkpoint).")
+    to_rdlm.add_argument("input", help="directory with config.json and model*.safetensors")
+    to_rdlm.add_argument("output", help="new checkpoint directory (must not exist)")
+    to_rdlm.add_argument("--compute-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                         help="model.dtype of the checkpoint's config; auto: bfloat16 when "
+                              "config.json's torch_dtype is bfloat16, else float32")
+    to_rdlm.add_argument("--param-dtype", choices=("float32", "bfloat16"), default="float32",
+                         help="dtype of the stored parameters (default float32)")
+
+    to_hf = sub.add_parser("rdlm-to-huginn", help="orbax checkpoint -> Hugging Face directory",
+                           description="Read an rdlm checkpoint (params-only, training step or "
+                                       "run directory) and write config.json + safetensors that "
+                                       "the original PyTorch code loads.")
+    to_hf.add_argument("input", help="rdlm checkpoint or run directory")
+    to_hf.add_argument("output", help="new Hugging Face directory (must not exist)")
+    to_hf.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                       help="dtype of the written tensors (the release uses bfloat16)")
+    to_hf.add_argument("--max-shard-size", default="5GB",
+                       help="split into model-0000k-of-0000n.safetensors above this (default 5GB)")
+    to_hf.add_argument("--tokenizer", metavar="PATH",
+                       help="tokenizer.json, or a directory whose tokenizer files are copied along")
+    to_hf.add_argument("--include-lm-head", action="store_true",
+                       help="also write the tied head as lm_head.weight (a second copy)")
+    to_hf.add_argument("--local-code", action="store_true",
+                       help="auto_map points at raven_*_minimal.py copied next to config.json "
+                            "instead of the tomg-group-umd/huginn-0125 repository")
+    to_hf.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    return parser
+
+
+def _tokenizer_files(path: str | None) -> dict[str, Path]:
+    if path is None:
+        return {}
+    source = Path(path)
+    if source.is_file():
+        return {"tokenizer.json": source}
+    files = {name: source / name for name in TOKENIZER_FILES if (source / name).is_file()}
+    if "tokenizer.json" not in files:
+        raise FileNotFoundError(f"no tokenizer.json in {str(source)!r}.")
+    return files
+
+
+def _auto_compute_dtype(input_dir: str) -> str:
+    try:
+        torch_dtype = json.loads((Path(input_dir) / "config.json").read_text()).get("torch_dtype")
+    except (OSError, ValueError, AttributeError):
+        return "float32"  # load_huginn reports the unreadable config.json
+    return "bfloat16" if torch_dtype == "bfloat16" else "float32"
+
+
+def huginn_to_rdlm(args: argparse.Namespace) -> None:
+    import rdlm
+    from rdlm import checkpoint
+    from rdlm.interop.huginn import load_huginn
+
+    if Path(args.output).exists():
+        raise FileExistsError(f"{args.output!r} already exists; choose a new path.")
+    compute = _auto_compute_dtype(args.input) if args.compute_dtype == "auto" else args.compute_dtype
+    cfg, params = load_huginn(args.input, dtype=args.param_dtype, compute_dtype=compute)
+    checkpoint.save_params(args.output, rdlm.Config(model=cfg), params)
+    print(f"wrote {args.output}: {rdlm.count_params(cfg):,} parameters "
+          f"({cfg.n_prelude}/{cfg.n_core}/{cfg.n_coda} layers, d={cfg.d_model}, "
+          f"vocab={cfg.vocab_size}, model.dtype={cfg.dtype})")
+
+
+def rdlm_to_huginn(args: argparse.Namespace) -> None:
+    from rdlm import checkpoint
+    from rdlm.interop.huginn import CODE_REPO, save_huginn
+
+    extra = _tokenizer_files(args.tokenizer)
+    if Path(args.output).exists() and not args.overwrite:
+        raise FileExistsError(f"{args.output!r} already exists; pass --overwrite to replace it.")
+    config, params = checkpoint.load_params(args.input)
+    out = save_huginn(config.model, params, args.output, max_shard_size=args.max_shard_size,
+                      dtype=args.dtype, code_repo=None if args.local_code else CODE_REPO,
+                      include_lm_head=args.include_lm_head, overwrite=args.overwrite,
+                      extra_files=extra)
+    print(f"wrote {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
+
+
+def cli(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from rdlm.checkpoint import CheckpointError
+    from rdlm.config import ConfigError
+    from rdlm.interop.huginn import HuginnFormatError
+
+    try:
+        (huginn_to_rdlm if args.direction == "huginn-to-rdlm" else rdlm_to_huginn)(args)
+    except (HuginnFormatError, CheckpointError, ConfigError, FileExistsError,
+            FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,61 @@
+"""``python -m rdlm convert``: Hugging Face directory -> orbax checkpoint -> Hugging Face directory."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+import rdlm
+from rdlm import checkpoint
+from rdlm.__main__ import main
+from rdlm.interop import load_huginn
+from tests.test_interop_huginn import huginn_tensors, write_checkpoint
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("cli") / "hf", huginn_tensors(seed=3))
+
+
+def test_round_trip_through_orbax(tmp_path, hf_dir, capsys):
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer.json").write_text("{}")
+    assert main(["convert", "huginn-to-rdlm", str(hf_dir), str(tmp_path / "ckpt")]) == 0
+    config, params = checkpoint.load_params(tmp_path / "ckpt")
+    cfg, reference = load_huginn(hf_dir)
+    assert config.model == cfg
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference)):
+        np.testing.assert_array_equal(a, b)
+    assert main(["convert", "rdlm-to-huginn", str(tmp_path / "ckpt"), str(tmp_path / "back"),
+                 "--max-shard-size", "30KB", "--tokenizer", str(tok), "--local-code"]) == 0
+    assert "tokenizer.json" in os.listdir(tmp_path / "back")
+    assert "model.safetensors.index.json" in os.listdir(tmp_path / "back")
+    auto_map = json.loads((tmp_path / "back" / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoConfig"] == "raven_config_minimal.RavenConfig"
+    # The file written back holds the original tensors, bit for bit.
+    index = json.loads((tmp_path / "back" / "model.safetensors.index.json").read_text())
+    for name, value in huginn_tensors(seed=3).items():
+        with safe_open(tmp_path / "back" / index["weight_map"][name], framework="numpy") as f:
+            np.testing.assert_array_equal(f.get_tensor(name), value)
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_errors_are_one_message_and_write_nothing(tmp_path, hf_dir, capsys):
+    broken = tmp_path / "broken"
+    write_checkpoint(broken, {k: v for k, v in huginn_tensors().items() if "coda" not in k},
+                     config=dict(json.loads((hf_dir / "config.json").read_text()),
+                                 norm_class_name="LayerNorm"))
+    assert main(["convert", "huginn-to-rdlm", str(broken), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "norm_class_name='LayerNorm'" in err and "missing tensors" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    assert main(["convert", "rdlm-to-huginn", str(tmp_path / "nothing"), str(tmp_path / "o")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(SystemExit):
+        main(["convert", "sideways", "a", "b"])
