@@ -17,6 +17,7 @@ either the finished checkpoint or a temporary directory that every reader here i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -167,8 +168,46 @@ def load_params(path: str | Path, *, shardings: Any | None = None) -> tuple[Conf
 
 
 def _data_state_file(item_dir: Path, process_index: int, process_count: int) -> Path:
-    # The file name grain's orbax handler uses (grain.checkpoint.CheckpointHandler).
+    # The file name grain's own orbax handler uses, so tools that read those keep working.
     return item_dir / f"process_{process_index}-of-{process_count}.json"
+
+
+def _encode_state(state: Any) -> Any:
+    """grain `DatasetIterator` states are dicts; `DataLoader` iterators return JSON bytes."""
+    return {"__bytes__": state.decode()} if isinstance(state, bytes) else state
+
+
+def _decode_state(state: Any) -> Any:
+    if isinstance(state, dict) and set(state) == {"__bytes__"}:
+        return state["__bytes__"].encode()
+    return state
+
+
+class DataStateHandler(ocp.CheckpointHandler):
+    """Every process writes its own data-iterator state (JSON) into the checkpoint.
+
+    The state is taken when `TrainCheckpointer.save` is called (on the training thread), so the
+    background write can never record an iterator that has already moved on.
+    """
+
+    def save(self, directory: Any, args: "DataStateSave") -> None:
+        path = _data_state_file(Path(directory), jax.process_index(), jax.process_count())
+        path.write_text(json.dumps(_encode_state(args.state)))
+
+    def restore(self, directory: Any, args: Any = None) -> Any:
+        return read_data_state(Path(directory).parent, jax.process_index(), jax.process_count())
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_save=True)
+@dataclasses.dataclass
+class DataStateSave(ocp.args.CheckpointArgs):
+    state: Any
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class DataStateRestore(ocp.args.CheckpointArgs):
+    pass
 
 
 def read_data_state(ckpt: Path, process_index: int, process_count: int) -> Any | None:
@@ -183,11 +222,11 @@ def read_data_state(ckpt: Path, process_index: int, process_count: int) -> Any |
         return None
     own = _data_state_file(item_dir, process_index, process_count)
     if own.is_file():
-        return json.loads(own.read_text())
+        return _decode_state(json.loads(own.read_text()))
     saved = sorted(item_dir.glob("process_*-of-*.json"))
     states = [json.loads(f.read_text()) for f in saved]
     if states and all(s == states[0] for s in states):
-        return states[0]
+        return _decode_state(states[0])
     raise CheckpointError(
         f"checkpoint {str(ckpt)!r} holds data-iterator states for {len(saved)} processes that "
         f"differ from each other, so they cannot be re-split over {process_count} processes; "
@@ -232,8 +271,7 @@ class TrainCheckpointer:
             TRAIN_META: ocp.args.JsonSave(meta),
         }
         if data_iterator is not None and hasattr(data_iterator, "get_state"):
-            import grain
-            items[DATA_ITER] = grain.checkpoint.CheckpointSave(data_iterator)
+            items[DATA_ITER] = DataStateSave(data_iterator.get_state())
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore(self, step: int, *, abstract_params: Any, abstract_opt_state: Any
