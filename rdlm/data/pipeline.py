@@ -132,6 +132,8 @@ def _indexed(cfg: Config, split: str, tok: Tokenizer) -> tuple[Any, Callable[[An
         return example_source(cfg, split), _render_fn(data, tok), False
     files = src.expand_paths(data.paths, split)
     if data.source == "memmap":
+        # A glob such as train-* also matches the .bin dtype sidecars and prepare's metadata.
+        files = [f for f in files if not f.endswith(".json")]
         return (src.TokenWindowSource(files, seq_len),
                 lambda w: window_to_row(w, tok.eos_id), True)
     if data.source == "arrayrecord":

@@ -1,0 +1,159 @@
+"""``python -m rdlm prepare``: tokenize text / JSONL into training shards.
+
+    python -m rdlm prepare --tokenizer tokenizer.json --output data/ --prefix train \\
+        --format npy corpus/*.jsonl
+
+Each document is encoded with the tokenizer and followed by its EOS token (the separator the
+pipeline uses to start a new segment). Formats: ``npy`` / ``bin`` (flat token stream, read with
+``data.source=memmap``), ``arrayrecord`` and ``parquet`` (one document per record / row, column
+``tokens``). A ``<prefix>.meta.json`` records the tokenizer, vocabulary size, EOS id and counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from rdlm.data.sources import BIN_DTYPE_SUFFIX, encode_doc
+from rdlm.data.tokenizer import Tokenizer, load_tokenizer
+
+FORMATS = ("npy", "bin", "arrayrecord", "parquet")
+
+
+def read_documents(path: str | Path, *, text_key: str = "text",
+                   txt_documents: str = "paragraph") -> Iterator[str]:
+    """Documents of a ``.jsonl``/``.json`` file (field ``text_key``) or a text file (one per
+    paragraph, per line or the whole file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"input file {str(path)!r} does not exist.")
+    if path.suffix in (".jsonl", ".json"):
+        text = path.read_text()
+        records = json.loads(text) if text.lstrip().startswith("[") else (
+            json.loads(line) for line in text.splitlines() if line.strip())
+        for i, record in enumerate(records):
+            if text_key not in record:
+                raise KeyError(f"{path}: record {i} has no {text_key!r} field "
+                               f"(fields: {sorted(record)}); set --text-key.")
+            yield str(record[text_key])
+        return
+    text = path.read_text()
+    if txt_documents == "file":
+        parts = [text]
+    elif txt_documents == "line":
+        parts = text.splitlines()
+    else:
+        parts = text.split("\n\n")
+    yield from (p.strip() for p in parts if p.strip())
+
+
+def tokenize_documents(docs: Iterable[str], tok: Tokenizer) -> Iterator[np.ndarray]:
+    dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
+    for doc in docs:
+        yield np.asarray(tok.encode(doc) + [tok.eos_id], dtype)
+
+
+def write_shards(docs: Iterable[np.ndarray], output: Path, prefix: str, fmt: str,
+                 shard_tokens: int) -> list[str]:
+    """Write documents into shards of about ``shard_tokens`` tokens; returns the file names."""
+    output.mkdir(parents=True, exist_ok=True)
+    files: list[str] = []
+    buffer: list[np.ndarray] = []
+    size = 0
+
+    def flush() -> None:
+        nonlocal buffer, size
+        if not buffer:
+            return
+        name = output / f"{prefix}-{len(files):05d}.{ 'array_record' if fmt == 'arrayrecord' else fmt}"
+        _write_one(buffer, name, fmt)
+        files.append(name.name)
+        buffer, size = [], 0
+
+    for doc in docs:
+        buffer.append(doc)
+        size += len(doc)
+        if size >= shard_tokens:
+            flush()
+    flush()
+    return files
+
+
+def _write_one(docs: list[np.ndarray], path: Path, fmt: str) -> None:
+    # Write to a temporary name and rename, so that a killed run never leaves a half shard.
+    tmp = path.with_name(path.name + ".tmp")
+    if fmt in ("npy", "bin"):
+        stream = np.concatenate(docs)
+        if fmt == "npy":
+            with open(tmp, "wb") as f:
+                np.save(f, stream)
+        else:
+            stream.tofile(tmp)
+            Path(str(path) + BIN_DTYPE_SUFFIX).write_text(json.dumps({"dtype": str(stream.dtype)}))
+    elif fmt == "arrayrecord":
+        from array_record.python.array_record_module import ArrayRecordWriter
+        writer = ArrayRecordWriter(str(tmp), "group_size:1")
+        for doc in docs:
+            writer.write(encode_doc(doc))
+        writer.close()
+    elif fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        table = pa.table({"tokens": pa.array([d.astype(np.int32) for d in docs],
+                                             type=pa.list_(pa.int32()))})
+        pq.write_table(table, tmp)
+    else:
+        raise ValueError(f"format {fmt!r} must be one of {FORMATS}.")
+    tmp.rename(path)
+
+
+def prepare(inputs: Sequence[str], *, tokenizer: str, output: str, prefix: str = "train",
+            fmt: str = "npy", shard_tokens: int = 50_000_000, text_key: str = "text",
+            txt_documents: str = "paragraph") -> dict:
+    """Tokenize ``inputs`` into shards under ``output``; returns (and writes) the metadata."""
+    if fmt not in FORMATS:
+        raise ValueError(f"--format {fmt!r} is invalid: must be one of {FORMATS}.")
+    tok = load_tokenizer(tokenizer)
+    counts = {"documents": 0, "tokens": 0}
+
+    def docs() -> Iterator[np.ndarray]:
+        for path in inputs:
+            for doc in tokenize_documents(read_documents(path, text_key=text_key,
+                                                         txt_documents=txt_documents), tok):
+                counts["documents"] += 1
+                counts["tokens"] += len(doc)
+                yield doc
+
+    out = Path(output)
+    files = write_shards(docs(), out, prefix, fmt, shard_tokens)
+    meta = {"tokenizer": tokenizer, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
+            "format": fmt, "files": files, **counts}
+    (out / f"{prefix}.meta.json").write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def cli(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rdlm prepare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="+", help=".txt, .jsonl or .json files")
+    parser.add_argument("--tokenizer", required=True,
+                        help="path to a tokenizer.json, or 'chars' / 'ascii'")
+    parser.add_argument("--output", required=True, help="output directory")
+    parser.add_argument("--prefix", default="train", help="shard name prefix, e.g. the split")
+    parser.add_argument("--format", default="npy", choices=FORMATS)
+    parser.add_argument("--shard-tokens", type=int, default=50_000_000)
+    parser.add_argument("--text-key", default="text", help="JSON field holding the text")
+    parser.add_argument("--txt-documents", default="paragraph",
+                        choices=("paragraph", "line", "file"),
+                        help="how a .txt file splits into documents")
+    args = parser.parse_args(list(argv))
+    meta = prepare(args.inputs, tokenizer=args.tokenizer, output=args.output, prefix=args.prefix,
+                   fmt=args.format, shard_tokens=args.shard_tokens, text_key=args.text_key,
+                   txt_documents=args.txt_documents)
+    print(f"wrote {meta['documents']} documents, {meta['tokens']} tokens into "
+          f"{len(meta['files'])} {args.format} shard(s) under {args.output}")
+    return 0
