@@ -1,0 +1,226 @@
+"""Exact-match accuracy of a checkpoint on a reasoning task, for several numbers of steps r.
+
+    python -m rdlm eval --checkpoint runs/demo --task chains --num-steps 1,2,4,8,16,32,64
+
+Answers are decoded greedily in batches: prompts are right-padded into one buffer and every new
+token is one full causal forward pass (answers are a few tokens, so a KV cache buys little here),
+with ``num_steps`` traced so that one compilation serves every r. The initial state is zero by
+default (``init_scale=0``), which makes the numbers deterministic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rdlm.config import Config, ConfigError, ModelConfig
+from rdlm.data.render import completion_text, parse_answer, prompt_tokens
+from rdlm.data.tasks import (CHAIN_SHORTCUTS, Example, Task, example_at, make_task,
+                             shortcut_accuracy)
+from rdlm.data.tokenizer import Tokenizer, load_tokenizer
+from rdlm.model import forward
+
+Params = Any
+
+
+# ---------------------------------------------------------------------------------------------
+# Greedy decoding.
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "eos_id", "pad_id"))
+def greedy_decode(params: Params, tokens_bl: jax.Array, lengths_b: jax.Array, num_steps: jax.Array,
+                  *, cfg: ModelConfig, max_new_tokens: int, eos_id: int, pad_id: int,
+                  key: jax.Array | None = None, init_scale: float | jax.Array = 0.0
+                  ) -> tuple[jax.Array, jax.Array]:
+    """Append up to ``max_new_tokens`` greedy tokens after each row's prompt.
+
+    ``tokens_bl``: prompts right-padded to a buffer long enough for the answer; ``lengths_b``:
+    prompt lengths. Causal attention means the padding after a row's end never influences it.
+    Returns (buffer, lengths after generation); a row stops after its EOS.
+    """
+    b = tokens_bl.shape[0]
+    rows_b = jnp.arange(b)
+
+    def body(i, carry):
+        tokens_bl, lengths_b, done_b = carry
+        step_key = None if key is None else jax.random.fold_in(key, i)
+        logits_blv, _ = forward(params, tokens_bl, cfg, num_steps=num_steps, key=step_key,
+                                init_scale=init_scale if key is not None else 0.0)
+        next_b = jnp.argmax(logits_blv[rows_b, lengths_b - 1], axis=-1).astype(tokens_bl.dtype)
+        next_b = jnp.where(done_b, pad_id, next_b)
+        tokens_bl = tokens_bl.at[rows_b, lengths_b].set(
+            jnp.where(done_b, tokens_bl[rows_b, lengths_b], next_b))
+        lengths_b = lengths_b + (~done_b)
+        return tokens_bl, lengths_b, done_b | (next_b == eos_id)
+
+    done_b = jnp.zeros((b,), bool)
+    tokens_bl, lengths_b, _ = jax.lax.fori_loop(0, max_new_tokens, body,
+                                                (tokens_bl, lengths_b, done_b))
+    return tokens_bl, lengths_b
+
+
+def _decode_answers(tokens_bl: np.ndarray, starts_b: np.ndarray, ends_b: np.ndarray,
+                    tok: Tokenizer) -> list[str]:
+    texts = []
+    for row, start, end in zip(tokens_bl, starts_b, ends_b):
+        generated = [int(t) for t in row[start:end]]
+        if tok.eos_id in generated:
+            generated = generated[:generated.index(tok.eos_id)]
+        texts.append(tok.decode(generated))
+    return texts
+
+
+# ---------------------------------------------------------------------------------------------
+# Accuracy.
+
+
+def evaluate_accuracy(params: Params, cfg: Config, task: Task | str | None = None, *,
+                      num_steps_list: Sequence[int], examples: Sequence[Example] | None = None,
+                      num_examples: int = 256, split: str = "test", fmt: str | None = None,
+                      batch_size: int = 64, max_new_tokens: int | None = None,
+                      init_scale: float = 0.0, seed: int = 0,
+                      tokenizer: Tokenizer | None = None) -> dict[str, Any]:
+    """Exact-match accuracy for each r in ``num_steps_list``.
+
+    ``task``: a `Task`, a task name (difficulty and knobs from ``cfg.data``), or None for
+    ``cfg.data.task``; ``examples`` overrides the generated held-out problems. ``fmt``: ``nocot``
+    (default: ``cfg.data.format``) or ``cot`` — the answer is read after the answer mark either
+    way. ``init_scale > 0`` draws random initial states from ``seed``.
+
+    Returns ``{"accuracy": {r: float}, "predictions": {r: [str]}, "answers": [str],
+    "num_examples", "task", "split", "format", "seconds", "shortcuts"}`` (shortcut-heuristic
+    accuracies, for the chains task).
+    """
+    fmt = fmt or cfg.data.format
+    if fmt not in ("nocot", "cot"):
+        raise ConfigError(f"format={fmt!r}: greedy evaluation supports 'nocot' and 'cot'; "
+                          "continuous-thought models are evaluated by rdlm's coconut module.")
+    if isinstance(task, str) or task is None:
+        task = make_task(task or cfg.data.task, cfg.data.difficulty, cfg.data.task_args)
+    if examples is None:
+        examples = [example_at(task, split, i) for i in range(num_examples)]
+    if not examples:
+        raise ValueError("no examples to evaluate.")
+    tok = tokenizer or load_tokenizer(cfg.data.tokenizer)
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"the {cfg.data.tokenizer!r} tokenizer has {tok.vocab_size} tokens but "
+                          f"model.vocab_size={cfg.model.vocab_size}.")
+    prompts = [prompt_tokens(e, tok, fmt=fmt) for e in examples]
+    if max_new_tokens is None:
+        # Exact match needs the reference completion and its EOS; CoT gets slack for longer steps.
+        longest = max(len(tok.encode(completion_text(e, fmt=fmt))) for e in examples) + 1
+        max_new_tokens = longest if fmt == "nocot" else longest + 8
+    width = max(len(p) for p in prompts) + max_new_tokens
+    if width > cfg.model.max_seq_len:
+        raise ConfigError(f"prompts plus {max_new_tokens} new tokens need {width} positions but "
+                          f"model.max_seq_len={cfg.model.max_seq_len}; lower the difficulty.")
+    key = jax.random.key(seed) if init_scale else None
+
+    start = time.perf_counter()
+    predictions: dict[int, list[str]] = {int(r): [] for r in num_steps_list}
+    for lo in range(0, len(examples), batch_size):
+        chunk = prompts[lo:lo + batch_size]
+        rows = len(chunk) if len(prompts) <= batch_size else batch_size  # one shape: one compile
+        tokens = np.full((rows, width), tok.pad_id, np.int32)
+        lengths = np.ones(rows, np.int32)
+        for i, p in enumerate(chunk):
+            tokens[i, :len(p)], lengths[i] = p, len(p)
+        for r in predictions:
+            out, ends = greedy_decode(params, jnp.asarray(tokens), jnp.asarray(lengths),
+                                      jnp.asarray(r, jnp.int32), cfg=cfg.model,
+                                      max_new_tokens=max_new_tokens, eos_id=tok.eos_id,
+                                      pad_id=tok.pad_id, key=key, init_scale=init_scale)
+            texts = _decode_answers(np.asarray(out), lengths, np.asarray(ends), tok)
+            predictions[r] += [parse_answer(t) for t in texts[:len(chunk)]]
+    answers = [e.answer for e in examples]
+    accuracy = {r: float(np.mean([p == a for p, a in zip(preds, answers)]))
+                for r, preds in predictions.items()}
+    result = {"task": getattr(task, "name", str(task)), "params": str(getattr(task, "params", "")),
+              "split": split, "format": fmt, "num_examples": len(examples),
+              "init_scale": init_scale, "accuracy": accuracy, "predictions": predictions,
+              "answers": answers, "seconds": time.perf_counter() - start}
+    if getattr(task, "name", None) == "chains":
+        result["shortcuts"] = shortcut_accuracy(examples, CHAIN_SHORTCUTS)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting and the command line.
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A markdown table of accuracy by r, with the shortcut baselines underneath."""
+    lines = [f"task {result['task']} {result['params']}, split {result['split']}, "
+             f"{result['num_examples']} examples, format {result['format']}", "",
+             "| r | accuracy |", "|---:|---:|"]
+    lines += [f"| {r} | {acc:.3f} |" for r, acc in result["accuracy"].items()]
+    if result.get("shortcuts"):
+        lines += ["", "shortcut heuristics (no chain following): " + ", ".join(
+            f"{k} {v:.3f}" for k, v in result["shortcuts"].items())]
+    return "\n".join(lines)
+
+
+def _parse_steps(text: str) -> list[int]:
+    try:
+        steps = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--num-steps {text!r} must be comma-separated integers, "
+                          "e.g. 1,2,4,8") from None
+    if not steps or min(steps) < 1:
+        raise ConfigError(f"--num-steps {text!r} must list integers >= 1.")
+    return steps
+
+
+def cli(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rdlm eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
+    parser.add_argument("--task", help="chains | addition | prosqa | prontoqa "
+                                       "(default: the checkpoint's data.task)")
+    parser.add_argument("--difficulty", type=int, help="task level 1-5 (default: the config's)")
+    parser.add_argument("--task-args", nargs="*", default=None, help="knob=value overrides")
+    parser.add_argument("--num-steps", default="1,2,4,8,16,32,64", help="comma-separated r")
+    parser.add_argument("--num-examples", type=int, default=256)
+    parser.add_argument("--split", default="test", choices=("train", "validation", "test"))
+    parser.add_argument("--format", choices=("nocot", "cot"), help="default: the config's")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--init-scale", type=float, default=0.0,
+                        help="0 = zero initial state (deterministic); 1 = Huginn's random state")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="write the full result (with predictions) here")
+    parser.add_argument("--markdown", help="write the table here")
+    args = parser.parse_args(list(argv))
+
+    from rdlm.checkpoint import load_params  # the training subsystem owns the format
+    cfg, params = load_params(args.checkpoint)
+    changes = {k: v for k, v in (("task", args.task), ("difficulty", args.difficulty),
+                                 ("format", args.format)) if v is not None}
+    if args.task_args is not None:
+        changes["task_args"] = tuple(args.task_args)
+    elif args.task and args.task != cfg.data.task:
+        changes["task_args"] = ()  # knobs of another task would not apply
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **changes))
+    result = evaluate_accuracy(params, cfg, num_steps_list=_parse_steps(args.num_steps),
+                               num_examples=args.num_examples, split=args.split,
+                               batch_size=args.batch_size, init_scale=args.init_scale,
+                               seed=args.seed)
+    table = format_table(result)
+    print(table)
+    print(f"({result['seconds']:.1f} s)")
+    if args.markdown:
+        Path(args.markdown).write_text(f"checkpoint `{args.checkpoint}`\n\n{table}\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {**result, "checkpoint": str(args.checkpoint),
+             "accuracy": {str(k): v for k, v in result["accuracy"].items()},
+             "predictions": {str(k): v for k, v in result["predictions"].items()}}, indent=2))
+    return 0

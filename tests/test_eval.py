@@ -1,0 +1,105 @@
+"""Evaluation: batched greedy decoding equals a one-row reference; accuracies; the eval command."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import rdlm
+from rdlm.config import ConfigError
+from rdlm.data.tasks import Example
+from rdlm.evaluate import cli, evaluate_accuracy, greedy_decode
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = rdlm.load_config("configs/tiny.yaml")
+    return cfg, rdlm.init_params(cfg.model, jax.random.key(0))
+
+
+def _reference_greedy(params, cfg, prompt, r, n, width=12):
+    """One row, one token at a time, in Python; zero-padded to one width (causal attention makes
+    the padding irrelevant) so that the reference compiles once."""
+    tokens = list(prompt)
+    for _ in range(n):
+        row = np.zeros((1, width), np.int32)
+        row[0, :len(tokens)] = tokens
+        logits, _ = rdlm.forward(params, jnp.asarray(row), cfg.model, num_steps=r, init_scale=0.0)
+        tokens.append(int(jnp.argmax(logits[0, len(tokens) - 1])))
+    return tokens[len(prompt):]
+
+
+def test_batched_greedy_matches_one_row_at_a_time(tiny):
+    cfg, params = tiny
+    prompts = [[1, 10, 11, 12, 13, 14], [1, 20, 21], [1, 30, 31, 32, 33]]
+    width, n = 12, 4
+    tokens = np.zeros((3, width), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = p
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    out, ends = greedy_decode(params, jnp.asarray(tokens), jnp.asarray(lengths), jnp.int32(3),
+                              cfg=cfg.model, max_new_tokens=n, eos_id=-1, pad_id=0)
+    for i, p in enumerate(prompts):
+        assert int(ends[i]) == len(p) + n
+        assert np.asarray(out[i, len(p):len(p) + n]).tolist() == _reference_greedy(
+            params, cfg, p, 3, n)
+
+
+def test_generation_stops_after_eos(tiny):
+    cfg, params = tiny
+    prompt = [1, 10, 11]
+    first = _reference_greedy(params, cfg, prompt, 2, 1)[0]
+    tokens = np.zeros((1, 8), np.int32)
+    tokens[0, :3] = prompt
+    out, ends = greedy_decode(params, jnp.asarray(tokens), jnp.asarray([3], jnp.int32),
+                              jnp.int32(2), cfg=cfg.model, max_new_tokens=4, eos_id=first,
+                              pad_id=0)
+    assert int(ends[0]) == 4 and np.asarray(out[0, 4:]).tolist() == [0] * 4
+
+
+def test_accuracy_for_every_r_on_a_fresh_model(tiny):
+    cfg, params = tiny
+    result = evaluate_accuracy(params, cfg, "chains", num_steps_list=[1, 2, 4], num_examples=10,
+                               batch_size=4)
+    assert set(result["accuracy"]) == {1, 2, 4}
+    assert all(0.0 <= a <= 1.0 for a in result["accuracy"].values())
+    assert all(len(p) == 10 for p in result["predictions"].values())
+    assert set(result["shortcuts"]) >= {"first_digit", "nearest_digit_before_query"}
+
+
+def test_exact_match_scores_the_parsed_answer(tiny):
+    cfg, params = tiny
+    examples = [Example("a=1;?a", ("a=1",), "1"), Example("b=2;?b", ("b=2",), "2")]
+    base = evaluate_accuracy(params, cfg, "chains", num_steps_list=[2], examples=examples,
+                             max_new_tokens=3)
+    # Whatever the untrained model says becomes the reference answer: accuracy must be 1.
+    relabelled = [Example(e.question, e.steps, p) for e, p in zip(examples, base["predictions"][2])]
+    again = evaluate_accuracy(params, cfg, "chains", num_steps_list=[2], examples=relabelled,
+                              max_new_tokens=3)
+    assert again["accuracy"][2] == 1.0
+
+
+def test_eval_errors(tiny):
+    cfg, params = tiny
+    with pytest.raises(ConfigError, match="max_seq_len"):
+        evaluate_accuracy(params, cfg, "prosqa", num_steps_list=[1], num_examples=2)
+    with pytest.raises(ConfigError, match="coconut"):
+        evaluate_accuracy(params, cfg, num_steps_list=[1], num_examples=2, fmt="coconut")
+
+
+def test_eval_command_writes_json_and_markdown(tiny, tmp_path, capsys):
+    from rdlm.checkpoint import save_params
+    cfg, params = tiny
+    save_params(tmp_path / "ckpt", cfg, params)
+    assert cli(["--checkpoint", str(tmp_path / "ckpt"), "--task", "addition", "--num-steps", "1,4",
+                "--num-examples", "6", "--json", str(tmp_path / "r.json"),
+                "--markdown", str(tmp_path / "r.md")]) == 0
+    out = capsys.readouterr().out
+    assert "| 1 |" in out and "| 4 |" in out and "addition" in out
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert set(result["accuracy"]) == {"1", "4"} and result["num_examples"] == 6
+    assert "| r | accuracy |" in (tmp_path / "r.md").read_text()
+    with pytest.raises(ConfigError, match="num-steps"):
+        cli(["--checkpoint", str(tmp_path / "ckpt"), "--num-steps", "1,x"])
