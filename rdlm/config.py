@@ -328,6 +328,7 @@ class DataConfig:
     shuffle_seed: int = 0
     num_examples: int = 1_000_000  # examples in one epoch of a synthetic split
     read_threads: int = 2  # grain read threads per process (order stays deterministic)
+    prefetch_batches: int = 2  # batches built ahead in a background thread (0 = none)
 
     def __post_init__(self) -> None:
         sources = ("synthetic", "memmap", "arrayrecord", "parquet", "gsm8k")
@@ -351,8 +352,10 @@ class DataConfig:
             value = getattr(self, name)
             _require(isinstance(value, int) and value >= 1, f"data.{name}", value,
                      "must be a positive integer")
-        _require(isinstance(self.num_latent_steps, int) and self.num_latent_steps >= 0,
-                 "data.num_latent_steps", self.num_latent_steps, "must be an integer >= 0")
+        for name in ("num_latent_steps", "prefetch_batches"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value >= 0, f"data.{name}", value,
+                     "must be an integer >= 0")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,6 +17,8 @@ with exactly the batches an uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import atexit
+import weakref
 from typing import Any, Callable
 
 import grain
@@ -179,10 +181,14 @@ def make_dataset(cfg: Config, *, split: str = "train", process_index: int = 0,
         ds = ds.repeat()
     # Interleaved shards: process p reads elements p, p + P, … of the one global order.
     ds = ds[process_index::process_count].map(transform)
+    # A small read-ahead: grain scans its whole prefetch buffer on every element.
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=data.read_threads,
-                                              prefetch_buffer_size=4 * rows))
+                                              prefetch_buffer_size=16))
     it = _pack(it, data.packing, seq_len, rows) if not is_row else it
-    return it.batch(rows, drop_remainder=True, batch_fn=_stack)
+    it = it.batch(rows, drop_remainder=True, batch_fn=_stack)
+    # Build the next batches in a background thread while the accelerator (which releases the
+    # GIL) runs the train step; the iterator state still names the next batch to be returned.
+    return grain_exp.ThreadPrefetchIterDataset(it, prefetch_buffer_size=data.prefetch_batches)
 
 
 def _pack(it: grain.IterDataset, packing: str, seq_len: int, rows: int) -> grain.IterDataset:
@@ -206,8 +212,22 @@ def make_train_iterator(cfg: Config, *, process_index: int = 0, process_count: i
     Save ``it.get_state()`` with the checkpoint; ``it.set_state(state)`` on a fresh iterator
     from the same config resumes the exact data order.
     """
-    return iter(make_dataset(cfg, split=split, process_index=process_index,
-                             process_count=process_count))
+    it = iter(make_dataset(cfg, split=split, process_index=process_index,
+                           process_count=process_count))
+    _LIVE_ITERATORS.add(it)
+    return it
+
+
+# Background prefetch threads are stopped before interpreter shutdown tears down the modules
+# they use (otherwise grain prints ignored exceptions at exit).
+_LIVE_ITERATORS: "weakref.WeakSet[grain.DatasetIterator]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_iterators() -> None:
+    for it in list(_LIVE_ITERATORS):
+        it.close()
+        it.close = lambda: None  # its __del__ at teardown would find grain's modules gone
 
 
 def make_eval_batches(cfg: Config, *, num_batches: int, split: str = "test",
@@ -218,4 +238,7 @@ def make_eval_batches(cfg: Config, *, num_batches: int, split: str = "test",
         raise ValueError(f"num_batches={num_batches} must be >= 1.")
     it = iter(make_dataset(cfg, split=split, process_index=process_index,
                            process_count=process_count, shuffle=False))
-    return [next(it) for _ in range(num_batches)]
+    batches = [next(it) for _ in range(num_batches)]
+    it.close()
+    _LIVE_ITERATORS.add(it)  # so that its teardown stays quiet too
+    return batches
