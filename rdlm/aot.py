@@ -1,0 +1,171 @@
+"""Ahead-of-time compilation of the train step for a TPU slice, from a CPU machine.
+
+    pip install "jax[tpu]==0.10.2"        # optional extra: brings libtpu (not in requirements.txt)
+    python -m rdlm aot configs/huginn-3.5b.yaml --topology v5p:4x4x4
+
+XLA compiles the exact sharded program `rdlm.train` would run (same mesh rules, optimizer,
+micro-batching, donation) against a *description* of the slice, so a config that does not fit in
+HBM fails here in minutes instead of on the pod. Nothing is allocated: parameters, optimizer state
+and the batch are `jax.ShapeDtypeStruct`s carrying their shardings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from rdlm import flops as flops_lib
+from rdlm import sharding as shard_lib
+from rdlm.config import Config, ConfigError, load_config
+from rdlm.optim import make_optimizer
+
+# HBM per device (one jax.Device) in bytes.
+HBM_BYTES: dict[str, float] = {
+    "tpu v5p": 95 * 2**30,
+    "tpu v5 lite": 16 * 2**30,
+    "tpu v5e": 16 * 2**30,
+    "tpu v6 lite": 32 * 2**30,
+    "tpu v6e": 32 * 2**30,
+    "tpu v4": 32 * 2**30,
+    "tpu v3": 16 * 2**30,
+    "h100": 80 * 2**30,
+    "h200": 141 * 2**30,
+}
+
+
+@dataclasses.dataclass
+class AotReport:
+    """Per-device numbers of one compiled train step."""
+
+    devices: int
+    device_kind: str
+    mesh: dict[str, int]
+    argument_bytes: float  # params + optimizer state + batch shards
+    output_bytes: float
+    alias_bytes: float  # outputs that reuse donated inputs (not counted twice)
+    temp_bytes: float  # activations, gradients and scratch
+    hbm_bytes: float | None
+    xla_flops: float | None  # XLA's count: loop bodies counted once, so a lower bound
+    model_flops: float  # rdlm.flops at the config's expected depth, per device per step
+    compile_s: float
+
+    @property
+    def peak_bytes(self) -> float:
+        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.hbm_bytes is None else self.peak_bytes <= self.hbm_bytes
+
+    def format(self) -> str:
+        gib = lambda b: f"{b / 2**30:,.2f} GiB"
+        lines = [f"devices: {self.devices} x {self.device_kind}, mesh {self.mesh}",
+                 f"compile time: {self.compile_s:.1f}s",
+                 "per device:",
+                 f"  arguments (params, optimizer state, batch): {gib(self.argument_bytes)}",
+                 f"  outputs: {gib(self.output_bytes)} ({gib(self.alias_bytes)} aliased to "
+                 "donated inputs)",
+                 f"  temporaries (activations, gradients): {gib(self.temp_bytes)}",
+                 f"  peak estimate: {gib(self.peak_bytes)}"]
+        if self.hbm_bytes is not None:
+            verdict = "fits" if self.fits else "DOES NOT FIT"
+            lines.append(f"  HBM: {gib(self.hbm_bytes)} -> {verdict} "
+                         f"({self.peak_bytes / self.hbm_bytes:.0%} used)")
+        lines.append(f"  model FLOPs per step (rdlm.flops, expected depth): "
+                     f"{self.model_flops:.3e}")
+        if self.xla_flops is not None:
+            lines.append(f"  XLA cost-analysis FLOPs (each loop body once): {self.xla_flops:.3e}")
+        return "\n".join(lines)
+
+
+def _hbm_of(device_kind: str) -> float | None:
+    kind = device_kind.lower()
+    return next((v for k, v in HBM_BYTES.items() if k in kind), None)
+
+
+def abstract_batch(cfg: Config, mesh: jax.sharding.Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+    from rdlm.train import BATCH_KEYS
+    shape = (cfg.train.batch_size, cfg.train.seq_len)
+    sharding = shard_lib.batch_sharding(mesh)
+    return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding) for k in BATCH_KEYS}
+
+
+def compile_train_step(cfg: Config, devices: Sequence[jax.Device]) -> tuple[Any, AotReport]:
+    """Lower and compile the train step of ``cfg`` for ``devices`` (TPU topology or real)."""
+    from rdlm import train as train_lib
+    mesh = shard_lib.make_mesh(cfg.mesh, devices=devices)
+    micro_rows = cfg.train.batch_size // cfg.train.micro_batches
+    dp = shard_lib.data_parallel_size(mesh)
+    if micro_rows % dp:
+        raise ConfigError(f"train.batch_size / train.micro_batches = {micro_rows} must be "
+                          f"divisible by the {dp} data-parallel devices (mesh.data × mesh.fsdp).")
+    tx = make_optimizer(cfg.train)
+    state = train_lib.abstract_state(cfg, tx, train_lib.state_shardings(cfg, tx, mesh))
+    batch = abstract_batch(cfg, mesh)
+    step = train_lib.make_train_step(cfg, mesh, batch_keys=tuple(batch))
+    t0 = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    tokens = cfg.train.batch_size * cfg.train.seq_len
+    model_flops = flops_lib.expected_train_flops_per_token(cfg.model, cfg.train.seq_len) * tokens
+    report = AotReport(
+        devices=len(devices), device_kind=devices[0].device_kind,
+        mesh={k: int(v) for k, v in mesh.shape.items()},
+        argument_bytes=float(mem.argument_size_in_bytes),
+        output_bytes=float(mem.output_size_in_bytes),
+        alias_bytes=float(mem.alias_size_in_bytes),
+        temp_bytes=float(mem.temp_size_in_bytes),
+        hbm_bytes=_hbm_of(devices[0].device_kind),
+        xla_flops=float(cost["flops"]) if cost and "flops" in cost else None,
+        model_flops=model_flops / len(devices),
+        compile_s=compile_s)
+    return compiled, report
+
+
+def topology_devices(topology: str) -> list[jax.Device]:
+    """Devices of a TPU slice description such as ``v5p:4x4x4`` (needs libtpu, no TPU)."""
+    from jax.experimental import topologies
+    try:
+        topo = topologies.get_topology_desc(platform="tpu", topology_name=topology)
+    except Exception as err:
+        raise RuntimeError(
+            f"cannot describe TPU topology {topology!r}: {type(err).__name__}: {err}. Install the "
+            'optional extra with pip install "jax[tpu]==0.10.2" (same version as jax) and '
+            "use a name such as v5p:2x2x2, v5p:4x4x4 or v5e:4x4.") from err
+    return list(topo.devices)
+
+
+def cli(argv: list[str]) -> int:
+    """``python -m rdlm aot CONFIG [key=value ...] --topology v5p:4x4x4 [--json FILE]``."""
+    parser = argparse.ArgumentParser(prog="python -m rdlm aot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("config")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.micro_batches=32")
+    parser.add_argument("--topology", help="TPU slice, e.g. v5p:4x4x4; omit to compile for the "
+                                           "local devices")
+    parser.add_argument("--json", help="also write the report as JSON here")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        devices = topology_devices(args.topology) if args.topology else jax.devices()
+        _, report = compile_train_step(cfg, devices)
+    except (ConfigError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"config: {args.config} {' '.join(args.overrides)}".rstrip())
+    print(f"topology: {args.topology or 'local devices'}")
+    print(report.format())
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({**dataclasses.asdict(report), "peak_bytes": report.peak_bytes,
+                       "fits": report.fits, "topology": args.topology}, f, indent=2)
+    return 0 if report.fits is not False else 1
