@@ -80,21 +80,33 @@ def rope_angles(positions_bt: jax.Array, head_dim: int, base: float
 
 def attention_context(cfg: ModelConfig, batch: int, length: int, *,
                       segment_ids: jax.Array | None = None,
-                      positions: jax.Array | None = None) -> AttentionContext:
+                      positions: jax.Array | None = None,
+                      branch_ids: jax.Array | None = None) -> AttentionContext:
     """Causal mask (within a segment when packed) and RoPE angles for a [batch, length] input.
 
     Segment ids mark packed documents (and id 0 conventionally marks padding): a token attends only
     to earlier tokens of its own segment, and positions restart with each segment, so a packed row
     computes exactly what its documents would alone.
+
+    Branch ids share one prefix between several continuations: branch 0 is the trunk, and a token
+    of branch k > 0 sees the trunk and its own branch only. A token's position is the number of
+    tokens it sees before it, so every branch computes exactly what it would alone after the trunk
+    (several questions about one context, each isolated from the others' answers).
     """
     causal_tt = jnp.tril(jnp.ones((length, length), bool))
-    if segment_ids is None:
+    if segment_ids is None and branch_ids is None:
         mask_b1ts = jnp.broadcast_to(causal_tt, (batch, 1, length, length))
         default_positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
     else:
-        same_bts = segment_ids[:, :, None] == segment_ids[:, None, :]
-        mask_b1ts = (same_bts & causal_tt)[:, None]
-        default_positions = segment_positions(segment_ids)
+        mask_bts = jnp.broadcast_to(causal_tt, (batch, length, length))
+        if segment_ids is not None:
+            mask_bts = mask_bts & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        if branch_ids is not None:
+            visible_bts = ((branch_ids[:, None, :] == 0)
+                           | (branch_ids[:, :, None] == branch_ids[:, None, :]))
+            mask_bts = mask_bts & visible_bts
+        mask_b1ts = mask_bts[:, None]
+        default_positions = mask_bts.sum(-1) - 1
     positions = default_positions if positions is None else positions
     cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_base)
     return AttentionContext(cos, sin, mask_b1ts)
@@ -363,12 +375,14 @@ def _check_tokens(tokens_bt: jax.Array, cfg: ModelConfig) -> None:
 
 def _run(params: Params, tokens_bt: jax.Array, cfg: ModelConfig, recur: Any, *,
          key: jax.Array | None, init_scale: float | jax.Array, init_state: jax.Array | None,
-         segment_ids: jax.Array | None, positions: jax.Array | None) -> tuple[jax.Array, dict]:
+         segment_ids: jax.Array | None, positions: jax.Array | None,
+         branch_ids: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """prelude → ``recur(step, consts, s_0)`` → coda; shared by `forward` and `forward_train`."""
     _check_tokens(tokens_bt, cfg)
     model = bind(params, cfg)
     b, t = tokens_bt.shape
-    ctx = attention_context(cfg, b, t, segment_ids=segment_ids, positions=positions)
+    ctx = attention_context(cfg, b, t, segment_ids=segment_ids, positions=positions,
+                            branch_ids=branch_ids)
     embedded_btd, _ = model.embed(tokens_bt, ctx)
     if init_state is None:
         state_btd = initial_state(cfg, embedded_btd.shape, key=key, init_scale=init_scale)
@@ -387,14 +401,17 @@ def forward(params: Params, tokens_bt: jax.Array, cfg: ModelConfig, *,
             num_steps: int | jax.Array, key: jax.Array | None = None,
             init_scale: float | jax.Array = 1.0, init_state: jax.Array | None = None,
             segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
-            return_trajectory: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+            branch_ids: jax.Array | None = None, return_trajectory: bool = False
+            ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Logits [batch, length, vocab] (float32) after ``num_steps`` recurrence steps.
 
     - ``num_steps`` may be traced: ``jax.jit(forward, static_argnames=("cfg",))`` compiles once for
       every r.
     - ``init_scale=0.0`` (or ``key=None``) starts from the zero state: fully deterministic.
     - ``init_state`` [batch, length, d] replaces s_0 (continuous chain of thought, analysis).
-    - ``segment_ids`` [batch, length] for packed/padded rows; ``positions`` overrides RoPE positions.
+    - ``segment_ids`` [batch, length] for packed/padded rows; ``branch_ids`` for several isolated
+      continuations of one shared prefix (see `attention_context`); ``positions`` overrides the
+      RoPE positions derived from them.
     - ``aux["state"]`` is the final latent s_r (before the final norm); with
       ``return_trajectory=True`` (``num_steps`` a Python int) ``aux["trajectory"]`` is
       ``ln_f(s_i)`` for i = 1..r, shaped [r, batch, length, d].
@@ -405,34 +422,37 @@ def forward(params: Params, tokens_bt: jax.Array, cfg: ModelConfig, *,
             raise TypeError("return_trajectory=True needs num_steps as a Python int (the "
                             f"trajectory's length is a shape); got {type(num_steps).__name__}.")
         return _forward_trajectory(params, tokens_bt, cfg, int(num_steps), key, init_scale,
-                                   init_state, segment_ids, positions)
+                                   init_state, segment_ids, positions, branch_ids)
     return _forward(params, tokens_bt, cfg, num_steps, key, init_scale, init_state, segment_ids,
-                    positions)
+                    positions, branch_ids)
 
 
 @functools.partial(jax.jit, static_argnums=2)
-def _forward(params, tokens_bt, cfg, num_steps, key, init_scale, init_state, segment_ids, positions):
+def _forward(params, tokens_bt, cfg, num_steps, key, init_scale, init_state, segment_ids, positions,
+             branch_ids):
     def recur(step, consts, state):
         return recurrence.iterate(step, consts, state, num_steps), {}
     return _run(params, tokens_bt, cfg, recur, key=key, init_scale=init_scale,
-                init_state=init_state, segment_ids=segment_ids, positions=positions)
+                init_state=init_state, segment_ids=segment_ids, positions=positions,
+                branch_ids=branch_ids)
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
 def _forward_trajectory(params, tokens_bt, cfg, num_steps, key, init_scale, init_state,
-                        segment_ids, positions):
+                        segment_ids, positions, branch_ids):
     def recur(step, consts, state):
         state, states_rbtd = recurrence.iterate_collect(step, consts, state, num_steps)
         return state, {"trajectory": bind(params, cfg).ln_f(states_rbtd)}
     return _run(params, tokens_bt, cfg, recur, key=key, init_scale=init_scale,
-                init_state=init_state, segment_ids=segment_ids, positions=positions)
+                init_state=init_state, segment_ids=segment_ids, positions=positions,
+                branch_ids=branch_ids)
 
 
 def forward_train(params: Params, tokens_bt: jax.Array, cfg: ModelConfig, *,
                   n_no_grad: int | jax.Array, n_grad: int | jax.Array,
                   key: jax.Array | None = None, init_scale: float | jax.Array = 1.0,
-                  init_state: jax.Array | None = None, segment_ids: jax.Array | None = None
-                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+                  init_state: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                  branch_ids: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """`forward` with truncated backprop: ``n_no_grad`` steps without gradient, then
     ``n_grad <= cfg.backprop_depth`` steps with gradient (each rematerialised when ``cfg.remat``).
 
@@ -440,19 +460,20 @@ def forward_train(params: Params, tokens_bt: jax.Array, cfg: ModelConfig, *,
     """
     _check_key(key, init_scale, init_state)
     return _forward_train(params, tokens_bt, cfg, n_no_grad, n_grad, key, init_scale, init_state,
-                          segment_ids)
+                          segment_ids, branch_ids)
 
 
 @functools.partial(jax.jit, static_argnums=2)
 def _forward_train(params, tokens_bt, cfg, n_no_grad, n_grad, key, init_scale, init_state,
-                   segment_ids):
+                   segment_ids, branch_ids):
     def recur(step, consts, state):
         state = recurrence.iterate_no_grad(step, consts, state, n_no_grad)
         state = recurrence.iterate_with_grad(step, consts, state, n_grad, cfg.backprop_depth,
                                              remat=cfg.remat)
         return state, {}
     return _run(params, tokens_bt, cfg, recur, key=key, init_scale=init_scale,
-                init_state=init_state, segment_ids=segment_ids, positions=None)
+                init_state=init_state, segment_ids=segment_ids, positions=None,
+                branch_ids=branch_ids)
 
 
 def lm_loss(params: Params, batch: dict[str, jax.Array], cfg: ModelConfig, *,
@@ -461,11 +482,13 @@ def lm_loss(params: Params, batch: dict[str, jax.Array], cfg: ModelConfig, *,
     """Mean next-token cross-entropy under truncated backprop.
 
     ``batch``: ``inputs`` and ``targets`` [batch, length] int; optional ``loss_mask`` (1 where a
-    target counts) and ``segment_ids`` (packed documents). Returns (loss, metrics).
+    target counts), ``segment_ids`` (packed documents) and ``branch_ids`` (isolated continuations
+    of a shared prefix). Returns (loss, metrics).
     """
     logits_btv, _ = forward_train(params, batch["inputs"], cfg, n_no_grad=n_no_grad,
                                     n_grad=n_grad, key=key, init_scale=init_scale,
-                                    segment_ids=batch.get("segment_ids"))
+                                    segment_ids=batch.get("segment_ids"),
+                                    branch_ids=batch.get("branch_ids"))
     mask_bt = batch.get("loss_mask")
     mask_bt = jnp.ones(batch["targets"].shape, jnp.float32) if mask_bt is None else mask_bt
     mask_bt = mask_bt.astype(jnp.float32)

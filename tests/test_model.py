@@ -264,3 +264,16 @@ def test_bad_inputs(params):
         rdlm.forward(params, jnp.zeros((1, 0), jnp.int32), CFG, num_steps=1, init_scale=0.0)
     with pytest.raises(ValueError, match="init_state has shape"):
         rdlm.forward(params, tokens(), CFG, num_steps=1, init_state=jnp.zeros((2, 3, 4)))
+
+
+def test_branches_equal_each_continuation_alone(params):
+    trunk, q1, q2 = tokens(1, 6, seed=6), tokens(1, 3, seed=7), tokens(1, 2, seed=8)
+    row = jnp.concatenate([trunk, q1, q2], axis=1)
+    branch = jnp.array([[0] * 6 + [1] * 3 + [2] * 2])
+    logits, _ = rdlm.forward(params, row, CFG, num_steps=3, init_scale=0.0, branch_ids=branch)
+    for q, start in ((q1, 6), (q2, 9)):
+        alone, _ = rdlm.forward(params, jnp.concatenate([trunk, q], axis=1), CFG, num_steps=3,
+                                init_scale=0.0)
+        np.testing.assert_allclose(logits[0, :6], alone[0, :6], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(logits[0, start:start + q.shape[1]], alone[0, 6:], rtol=1e-5,
+                                   atol=1e-5)
