@@ -44,6 +44,14 @@ def test_round_trip_through_orbax(tmp_path, hf_dir, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+def test_relative_paths(tmp_path, hf_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    os.symlink(hf_dir, "hf")
+    assert main(["convert", "huginn-to-rdlm", "hf", "ckpt"]) == 0
+    assert main(["convert", "rdlm-to-huginn", "ckpt", "back", "--dtype", "bfloat16"]) == 0
+    assert sorted(os.listdir("back")) == ["config.json", "model.safetensors"]
+
+
 def test_errors_are_one_message_and_write_nothing(tmp_path, hf_dir, capsys):
     broken = tmp_path / "broken"
     write_checkpoint(broken, {k: v for k, v in huginn_tensors().items() if "coda" not in k},

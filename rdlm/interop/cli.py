@@ -83,7 +83,7 @@ def huginn_to_rdlm(args: argparse.Namespace) -> None:
         raise FileExistsError(f"{args.output!r} already exists; choose a new path.")
     compute = _auto_compute_dtype(args.input) if args.compute_dtype == "auto" else args.compute_dtype
     cfg, params = load_huginn(args.input, dtype=args.param_dtype, compute_dtype=compute)
-    checkpoint.save_params(args.output, rdlm.Config(model=cfg), params)
+    checkpoint.save_params(Path(args.output).expanduser().absolute(), rdlm.Config(model=cfg), params)
     print(f"wrote {args.output}: {rdlm.count_params(cfg):,} parameters "
           f"({cfg.n_prelude}/{cfg.n_core}/{cfg.n_coda} layers, d={cfg.d_model}, "
           f"vocab={cfg.vocab_size}, model.dtype={cfg.dtype})")
@@ -96,7 +96,8 @@ def rdlm_to_huginn(args: argparse.Namespace) -> None:
     extra = _tokenizer_files(args.tokenizer)
     if Path(args.output).exists() and not args.overwrite:
         raise FileExistsError(f"{args.output!r} already exists; pass --overwrite to replace it.")
-    config, params = checkpoint.load_params(args.input)
+    # Orbax restores need absolute paths.
+    config, params = checkpoint.load_params(Path(args.input).expanduser().absolute())
     out = save_huginn(config.model, params, args.output, max_shard_size=args.max_shard_size,
                       dtype=args.dtype, code_repo=None if args.local_code else CODE_REPO,
                       include_lm_head=args.include_lm_head, overwrite=args.overwrite,
