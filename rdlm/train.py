@@ -410,17 +410,45 @@ def check_layout(cfg: Config, mesh: Mesh) -> None:
 # Logging: metrics.jsonl, TensorBoard, a progress bar or plain lines. Process 0 only.
 
 
+def _truncate_jsonl(path: Path, start_step: int) -> None:
+    """Keep the records of steps <= start_step: a resumed run re-logs the steps after its
+    checkpoint, and a SIGKILL may have left half a line at the end."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= start_step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a torn line from a killed writer
+    path.write_text("".join(line + "\n" for line in kept))
+
+
 class MetricsLogger:
-    def __init__(self, run_dir: Path, cfg: Config, start_step: int, enabled: bool):
+    """metrics.jsonl, TensorBoard event files and a progress bar (or plain lines); process 0.
+
+    Messages before `open` (restore, init) go straight to stdout."""
+
+    def __init__(self, run_dir: Path, cfg: Config, enabled: bool):
         self.enabled = enabled
+        self.run_dir = run_dir
         self.cfg = cfg
         self.bar = None
-        if not enabled:
+        self.opened = False
+
+    def open(self, start_step: int) -> None:
+        if not self.enabled:
             return
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(run_dir / "metrics.jsonl", "a")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        _truncate_jsonl(self.run_dir / "metrics.jsonl", start_step)
+        self.jsonl = open(self.run_dir / "metrics.jsonl", "a")
         from tensorboardX import SummaryWriter
-        self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        # purge_step hides events a killed run wrote past the checkpoint we resume from.
+        self.tb = SummaryWriter(str(self.run_dir / "tensorboard"),
+                                purge_step=start_step + 1 if start_step else None)
+        self.opened = True
+        cfg = self.cfg
         mode = cfg.train.progress
         if mode == "bar" or (mode == "auto" and sys.stderr.isatty()):
             from tqdm import tqdm
@@ -453,7 +481,7 @@ class MetricsLogger:
             print(text, flush=True)
 
     def close(self) -> None:
-        if not self.enabled:
+        if not self.opened:
             return
         if self.bar is not None:
             self.bar.close()
@@ -571,12 +599,11 @@ def train(cfg: Config, *, data_iterator: Iterator[dict[str, np.ndarray]] | None 
     checkpointer = ckpt_lib.TrainCheckpointer(run_dir, save_every=tc.checkpoint_every,
                                               keep_last=tc.keep_last, keep_every=tc.keep_every,
                                               async_save=tc.async_checkpoint)
-    log = MetricsLogger(run_dir, cfg, 0, enabled=jax.process_index() == 0)
+    log = MetricsLogger(run_dir, cfg, enabled=jax.process_index() == 0)
     try:
         state = _restore_or_init(cfg, tx, shardings, checkpointer, data_iterator, log)
         start = int(state.step)
-        if log.bar is not None:
-            log.bar.update(start - log.bar.n)
+        log.open(start)
         if start >= tc.steps:
             log.message(f"nothing to do: step {start} >= train.steps={tc.steps}")
             return TrainResult(state, [], "done")
