@@ -1,0 +1,82 @@
+"""The checkpoint format: params-only round trip, run-directory resolution, and clear errors
+for missing, half-written and incomplete checkpoints."""
+
+from __future__ import annotations
+
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+import rdlm
+from rdlm import checkpoint
+from rdlm.checkpoint import CheckpointError
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    cfg = rdlm.load_config("configs/tiny.yaml", ["model.d_model=16", "model.n_heads=2"])
+    params = rdlm.init_params(cfg.model, jax.random.key(3))
+    path = tmp_path_factory.mktemp("ckpt") / "params"
+    checkpoint.save_params(path, cfg, params)
+    return cfg, params, path
+
+
+def test_params_round_trip_exactly(saved):
+    cfg, params, path = saved
+    cfg2, params2 = checkpoint.load_params(path)
+    assert cfg2 == cfg
+    # Same tree (int keys of the block lists included) and bitwise-equal arrays.
+    assert jax.tree.structure(params2) == jax.tree.structure(params)
+    assert 0 in params2["core"]["blocks"]
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_restore_into_given_shardings(saved):
+    from rdlm import sharding
+    cfg, params, path = saved
+    mesh = sharding.make_mesh(cfg.mesh)
+    shardings = sharding.param_shardings(cfg.model, mesh)
+    _, params2 = checkpoint.load_params(path, shardings=shardings)
+    assert params2["wte"].sharding == shardings["wte"]
+
+
+def test_save_refuses_to_overwrite(saved):
+    cfg, params, path = saved
+    with pytest.raises(CheckpointError, match="already exists"):
+        checkpoint.save_params(path, cfg, params)
+
+
+def test_run_directory_resolves_to_latest_complete_step(saved, tmp_path):
+    cfg, params, path = saved
+    steps = tmp_path / "run" / "checkpoints"
+    for step in (5, 10):
+        shutil.copytree(path, steps / str(step))
+    # A half-written save (orbax temporary) and an incomplete directory are skipped.
+    shutil.copytree(path, steps / "15.orbax-checkpoint-tmp-1234")
+    shutil.copytree(path, steps / "20")
+    (steps / "20" / "_CHECKPOINT_METADATA").unlink()
+    assert checkpoint.list_checkpoints(tmp_path / "run") == [5, 10]
+    assert checkpoint.resolve(tmp_path / "run") == steps / "10"
+    assert checkpoint.resolve(steps) == steps / "10"
+    with pytest.raises(CheckpointError, match="half-written"):
+        checkpoint.load_params(steps / "15.orbax-checkpoint-tmp-1234")
+    with pytest.raises(CheckpointError, match="incomplete"):
+        checkpoint.load_params(steps / "20")
+
+
+def test_missing_and_corrupt_checkpoints_raise_clear_errors(saved, tmp_path):
+    cfg, params, path = saved
+    with pytest.raises(CheckpointError, match="does not exist"):
+        checkpoint.load_params(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="no complete checkpoint found"):
+        checkpoint.load_params(tmp_path)
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(path, corrupt)
+    for f in (corrupt / "params").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="could not restore 'params'"):
+        checkpoint.load_params(corrupt)
