@@ -24,6 +24,8 @@ def test_round_trip_through_orbax(tmp_path, hf_dir, capsys):
     tok = tmp_path / "tok"
     tok.mkdir()
     (tok / "tokenizer.json").write_text("{}")
+    for name in ("raven_config_minimal.py", "raven_modeling_minimal.py"):
+        (tok / name).write_text("# the released modelling code\n")
     assert main(["convert", "huginn-to-rdlm", str(hf_dir), str(tmp_path / "ckpt")]) == 0
     config, params = checkpoint.load_params(tmp_path / "ckpt")
     cfg, reference = load_huginn(hf_dir)
@@ -31,8 +33,8 @@ def test_round_trip_through_orbax(tmp_path, hf_dir, capsys):
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference)):
         np.testing.assert_array_equal(a, b)
     assert main(["convert", "rdlm-to-huginn", str(tmp_path / "ckpt"), str(tmp_path / "back"),
-                 "--max-shard-size", "30KB", "--tokenizer", str(tok), "--local-code"]) == 0
-    assert "tokenizer.json" in os.listdir(tmp_path / "back")
+                 "--max-shard-size", "30KB", "--tokenizer", str(tok), "--code-from", str(tok)]) == 0
+    assert {"tokenizer.json", "raven_modeling_minimal.py"} <= set(os.listdir(tmp_path / "back"))
     assert "model.safetensors.index.json" in os.listdir(tmp_path / "back")
     auto_map = json.loads((tmp_path / "back" / "config.json").read_text())["auto_map"]
     assert auto_map["AutoConfig"] == "raven_config_minimal.RavenConfig"
@@ -50,6 +52,11 @@ def test_relative_paths(tmp_path, hf_dir, monkeypatch):
     assert main(["convert", "huginn-to-rdlm", "hf", "ckpt"]) == 0
     assert main(["convert", "rdlm-to-huginn", "ckpt", "back", "--dtype", "bfloat16"]) == 0
     assert sorted(os.listdir("back")) == ["config.json", "model.safetensors"]
+    assert main(["convert", "rdlm-to-huginn", "ckpt", "hub", "--code-repo",
+                 "tomg-group-umd/huginn-0125"]) == 0
+    auto_map = json.loads(open("hub/config.json").read())["auto_map"]
+    assert auto_map["AutoModelForCausalLM"] == (
+        "tomg-group-umd/huginn-0125--raven_modeling_minimal.RavenForCausalLM")
 
 
 def test_errors_are_one_message_and_write_nothing(tmp_path, hf_dir, capsys):

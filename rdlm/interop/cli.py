@@ -47,9 +47,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="tokenizer.json, or a directory whose tokenizer files are copied along")
     to_hf.add_argument("--include-lm-head", action="store_true",
                        help="also write the tied head as lm_head.weight (a second copy)")
-    to_hf.add_argument("--local-code", action="store_true",
-                       help="auto_map points at raven_*_minimal.py copied next to config.json "
-                            "instead of the tomg-group-umd/huginn-0125 repository")
+    to_hf.add_argument("--code-from", metavar="DIR",
+                       help="copy raven_config_minimal.py and raven_modeling_minimal.py from DIR "
+                            "(e.g. the downloaded huginn-0125) so that the output loads offline")
+    to_hf.add_argument("--code-repo", metavar="REPO",
+                       help="let auto_map point at this Hugging Face repository instead of local "
+                            "files (e.g. tomg-group-umd/huginn-0125)")
     to_hf.add_argument("--overwrite", action="store_true", help="replace an existing output")
     return parser
 
@@ -63,6 +66,18 @@ def _tokenizer_files(path: str | None) -> dict[str, Path]:
     files = {name: source / name for name in TOKENIZER_FILES if (source / name).is_file()}
     if "tokenizer.json" not in files:
         raise FileNotFoundError(f"no tokenizer.json in {str(source)!r}.")
+    return files
+
+
+def _code_files(directory: str | None) -> dict[str, Path]:
+    from rdlm.interop.huginn import CODE_FILES
+
+    if directory is None:
+        return {}
+    files = {name: Path(directory) / name for name in CODE_FILES}
+    absent = [str(f) for f in files.values() if not f.is_file()]
+    if absent:
+        raise FileNotFoundError(f"--code-from: {absent} do not exist.")
     return files
 
 
@@ -91,15 +106,17 @@ def huginn_to_rdlm(args: argparse.Namespace) -> None:
 
 def rdlm_to_huginn(args: argparse.Namespace) -> None:
     from rdlm import checkpoint
-    from rdlm.interop.huginn import CODE_REPO, save_huginn
+    from rdlm.interop.huginn import save_huginn
 
-    extra = _tokenizer_files(args.tokenizer)
+    if args.code_from and args.code_repo:
+        raise ValueError("give --code-from or --code-repo, not both.")
+    extra = {**_tokenizer_files(args.tokenizer), **_code_files(args.code_from)}
     if Path(args.output).exists() and not args.overwrite:
         raise FileExistsError(f"{args.output!r} already exists; pass --overwrite to replace it.")
     # Orbax restores need absolute paths.
     config, params = checkpoint.load_params(Path(args.input).expanduser().absolute())
     out = save_huginn(config.model, params, args.output, max_shard_size=args.max_shard_size,
-                      dtype=args.dtype, code_repo=None if args.local_code else CODE_REPO,
+                      dtype=args.dtype, code_repo=args.code_repo,
                       include_lm_head=args.include_lm_head, overwrite=args.overwrite,
                       extra_files=extra)
     print(f"wrote {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))

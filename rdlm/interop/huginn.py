@@ -31,8 +31,9 @@ from rdlm.config import ConfigError, ModelConfig
 
 ARCHITECTURE = "RavenForCausalLM"
 MODEL_TYPE = "huginn_raven"
-# Where `transformers` finds the original modelling code (trust_remote_code) for a saved checkpoint.
+# The Hugging Face repository that holds the original modelling code (raven_*_minimal.py).
 CODE_REPO = "tomg-group-umd/huginn-0125"
+CODE_FILES = ("raven_config_minimal.py", "raven_modeling_minimal.py")
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -173,12 +174,13 @@ def _parse_config(hf: Mapping[str, Any], dtype: str) -> tuple[ModelConfig | None
 
 
 def huginn_config(cfg: ModelConfig, *, torch_dtype: str = "float32",
-                  code_repo: str | None = CODE_REPO) -> dict[str, Any]:
+                  code_repo: str | None = None) -> dict[str, Any]:
     """The ``config.json`` dict for ``cfg``, loadable by the original PyTorch code.
 
-    ``code_repo`` makes ``auto_map`` point at the Hugging Face repository holding
-    ``raven_config_minimal.py`` / ``raven_modeling_minimal.py`` (``transformers`` fetches them with
-    ``trust_remote_code=True``); ``None`` points at local copies in the checkpoint directory.
+    ``auto_map`` points, as in the released config.json, at ``raven_config_minimal.py`` /
+    ``raven_modeling_minimal.py`` next to config.json; with ``code_repo`` (e.g. `CODE_REPO`) it
+    points at that Hugging Face repository instead (``transformers`` fetches the code with
+    ``trust_remote_code=True``).
     Token ids and ``tie_word_embeddings`` are left out on purpose: the original config class sets
     them itself and fails if config.json repeats them.
     """
@@ -611,7 +613,7 @@ def _commit_dir(tmp: Path, final: Path, overwrite: bool) -> None:
 
 def save_huginn(cfg: ModelConfig, params: Any, path: str | os.PathLike, *,
                 max_shard_size: int | str = "5GB", dtype: str = "float32",
-                code_repo: str | None = CODE_REPO, include_lm_head: bool = False,
+                code_repo: str | None = None, include_lm_head: bool = False,
                 include_freqs_cis: bool = True, overwrite: bool = False,
                 extra_files: Mapping[str, str | os.PathLike] | None = None) -> Path:
     """Write ``params`` as a Huginn-0125-format checkpoint directory that the original PyTorch
@@ -622,7 +624,9 @@ def save_huginn(cfg: ModelConfig, params: Any, path: str | os.PathLike, *,
     - ``dtype``: ``"float32"`` (exact), ``"bfloat16"`` (as released) or ``"float16"``.
     - ``code_repo``: see `huginn_config`; ``include_lm_head`` writes the tied head as a second copy;
       ``include_freqs_cis`` writes the RoPE buffer the PyTorch model expects in its state dict.
-    - ``extra_files``: ``{name: source}`` copied into the directory too (e.g. ``tokenizer.json``).
+    - ``extra_files``: ``{name: source}`` copied into the directory too (``tokenizer.json``, or
+      the two ``raven_*_minimal.py`` files of the release, which make the directory loadable
+      offline with ``trust_remote_code=True``).
 
     The directory is assembled under a temporary name beside ``path`` and renamed into place, so an
     interrupted save leaves no partial checkpoint. In a multi-process run every process must call
