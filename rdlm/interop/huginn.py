@@ -111,14 +111,15 @@ def _parse_config(hf: Mapping[str, Any], dtype: str) -> tuple[ModelConfig | None
     if architectures is None and model_type is None:
         problems.append(f"config.json names no architecture: expected \"architectures\": "
                         f"[\"{ARCHITECTURE}\"] and/or \"model_type\": \"{MODEL_TYPE}\".")
-    if architectures is not None and list(architectures) != [ARCHITECTURE]:
+    if architectures is not None and (not isinstance(architectures, list)
+                                      or architectures != [ARCHITECTURE]):
         problems.append(f"architectures={architectures!r} is unknown: only [\"{ARCHITECTURE}\"] "
                         "(Huginn-0125) can be converted.")
     if model_type is not None and model_type != MODEL_TYPE:
         problems.append(f"model_type={model_type!r} is unknown: expected {MODEL_TYPE!r}.")
     for key, allowed in _FIXED_VALUES.items():
         if key in hf and hf[key] not in allowed:
-            problems.append(f"{key}={hf[key]!r} changes the architecture and is not supported: "
+            problems.append(f"{key}={hf[key]!r} changes the computation and is not supported: "
                             f"rdlm implements only {' or '.join(map(repr, allowed))}.")
     for key in _REQUIRED:
         if key not in hf:
