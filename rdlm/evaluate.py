@@ -144,13 +144,26 @@ def evaluate_accuracy(params: Params, cfg: Config, task: Task | str | None = Non
     answers = [e.answer for e in examples]
     accuracy = {r: float(np.mean([p == a for p, a in zip(preds, answers)]))
                 for r, preds in predictions.items()}
+    by_depth = accuracy_by_reasoning_steps(examples, predictions)
     result = {"task": getattr(task, "name", str(task)), "params": str(getattr(task, "params", "")),
               "split": split, "format": fmt, "num_examples": len(examples),
-              "init_scale": init_scale, "accuracy": accuracy, "predictions": predictions,
+              "init_scale": init_scale, "accuracy": accuracy,
+              "accuracy_by_reasoning_steps": by_depth, "predictions": predictions,
               "answers": answers, "seconds": time.perf_counter() - start}
     if getattr(task, "name", None) == "chains":
         result["shortcuts"] = shortcut_accuracy(examples, CHAIN_SHORTCUTS)
     return result
+
+
+def accuracy_by_reasoning_steps(examples: Sequence[Example], predictions: dict[int, list[str]]
+                                ) -> dict[int, dict[int, float]]:
+    """{r: {number of reasoning steps: accuracy}}: how accuracy falls with problem depth (for
+    chains, steps = hops + 1), and whether more iterations help the deeper problems."""
+    depth = np.array([len(e.steps) for e in examples])
+    correct = {r: np.array([p == e.answer for p, e in zip(preds, examples)])
+               for r, preds in predictions.items()}
+    return {r: {int(d): float(c[depth == d].mean()) for d in np.unique(depth)}
+            for r, c in correct.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,10 +172,16 @@ def evaluate_accuracy(params: Params, cfg: Config, task: Task | str | None = Non
 
 def format_table(result: dict[str, Any]) -> str:
     """A markdown table of accuracy by r, with the shortcut baselines underneath."""
+    by_depth = result.get("accuracy_by_reasoning_steps") or {}
+    depths = sorted({d for v in by_depth.values() for d in v})
+    depths = depths if len(depths) > 1 else []
     lines = [f"task {result['task']} {result['params']}, split {result['split']}, "
              f"{result['num_examples']} examples, format {result['format']}", "",
-             "| r | accuracy |", "|---:|---:|"]
-    lines += [f"| {r} | {acc:.3f} |" for r, acc in result["accuracy"].items()]
+             "| r | accuracy |" + "".join(f" {d} steps |" for d in depths),
+             "|---:|---:|" + "---:|" * len(depths)]
+    lines += [f"| {r} | {acc:.3f} |" + "".join(f" {by_depth[r].get(d, float('nan')):.3f} |"
+                                               for d in depths)
+              for r, acc in result["accuracy"].items()]
     if result.get("shortcuts"):
         lines += ["", "shortcut heuristics (no chain following): " + ", ".join(
             f"{k} {v:.3f}" for k, v in result["shortcuts"].items())]
@@ -222,5 +241,8 @@ def cli(argv: Sequence[str]) -> int:
         Path(args.json).write_text(json.dumps(
             {**result, "checkpoint": str(args.checkpoint),
              "accuracy": {str(k): v for k, v in result["accuracy"].items()},
-             "predictions": {str(k): v for k, v in result["predictions"].items()}}, indent=2))
+             "predictions": {str(k): v for k, v in result["predictions"].items()},
+             "accuracy_by_reasoning_steps": {
+                 str(k): {str(d): a for d, a in v.items()}
+                 for k, v in result["accuracy_by_reasoning_steps"].items()}}, indent=2))
     return 0

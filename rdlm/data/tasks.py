@@ -120,12 +120,16 @@ class ChainsParams:
     drawn from [min_hops, max_hops] (the others too). ``order``: ``chain`` lists each chain's
     statements together and in order (learnable, but a "nearest digit before the query" shortcut
     exists), ``interleaved`` merges the chains at random keeping each chain's order (every
-    statement refers to an earlier one: hop-by-hop resolution), ``shuffled`` is a random order."""
+    statement refers to an earlier one: hop-by-hop resolution), ``shuffled`` is a random order.
+    ``query``: ``end`` asks for the last variable of a chain (its full hop count); ``any`` asks for
+    a uniformly chosen variable of the chain, 0 hops (the root) included — a built-in curriculum
+    whose easy queries teach the lookup that the deep ones compose."""
 
     num_chains: int = 2
     min_hops: int = 1
     max_hops: int = 2
     order: str = "interleaved"
+    query: str = "end"
 
     def __post_init__(self) -> None:
         _positive(self, "num_chains", "min_hops", "max_hops")
@@ -137,6 +141,7 @@ class ChainsParams:
                        f"num_chains * (max_hops + 1) must be <= 26 variables (a-z)")
         _require_param(self.order in CHAIN_ORDERS, "order", self.order,
                        f"must be one of {CHAIN_ORDERS}")
+        _require_param(self.query in ("end", "any"), "query", self.query, "must be 'end' or 'any'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +164,8 @@ class ChainsTask:
         statements = _order_statements([s for _, s in chains], p.order, rng)
         query = rng.randrange(p.num_chains)
         variables, _ = chains[query]
+        if p.query == "any":
+            variables = variables[:rng.randint(1, len(variables))]
         steps = tuple(f"{v}={digits[query]}" for v in variables)
         question = ";".join(statements) + f";?{variables[-1]}"
         return Example(question, steps, digits[query])
@@ -504,8 +511,8 @@ DIFFICULTY: dict[str, dict[int, dict[str, Any]]] = {
     "chains": {
         # order="chain" (a task_args override) is easier still, but a positional shortcut
         # ("nearest digit before the query's definition") solves it: no level uses it.
-        1: dict(num_chains=2, min_hops=1, max_hops=2, order="interleaved"),
-        2: dict(num_chains=2, min_hops=2, max_hops=3, order="interleaved"),
+        1: dict(num_chains=2, min_hops=1, max_hops=2, order="interleaved", query="any"),
+        2: dict(num_chains=2, min_hops=2, max_hops=3, order="interleaved", query="any"),
         3: dict(num_chains=3, min_hops=2, max_hops=4, order="interleaved"),
         4: dict(num_chains=3, min_hops=2, max_hops=4, order="shuffled"),
         5: dict(num_chains=4, min_hops=3, max_hops=5, order="shuffled"),
