@@ -211,8 +211,13 @@ def test_lm_head_present_tied_and_buffer_ignored(tmp_path, loaded, tensors):
                                  "freqs_cis": rope_buffer()})
     assert_trees_equal(loaded[1], load_huginn(write_checkpoint(tmp_path / "head", with_head))[1])
     untied = dict(with_head, **{"lm_head.weight": with_head["lm_head.weight"] + 1e-3})
-    with pytest.raises(HuginnFormatError, match="lm_head.weight differs"):
+    untied["transformer.ln_f.weight"] = np.zeros(3, np.float32)
+    with pytest.raises(HuginnFormatError, match="lm_head.weight differs") as err:
         load_huginn(write_checkpoint(tmp_path / "untied", untied))
+    assert "transformer.ln_f.weight has shape [3]" in str(err.value)
+    # A file that kept only the head's name for the tied matrix loads the same.
+    only_head = {k: v for k, v in with_head.items() if k != "transformer.wte.weight"}
+    assert_trees_equal(loaded[1], load_huginn(write_checkpoint(tmp_path / "only_head", only_head))[1])
     # save_huginn can write the tied head as a second copy (as the released files do).
     out = save_huginn(loaded[0], loaded[1], tmp_path / "saved_head", include_lm_head=True)
     with safe_open(out / "model.safetensors", framework="numpy") as f:

@@ -40,6 +40,7 @@ INDEX_FILE = "model.safetensors.index.json"
 # Derived data (RoPE table) that the PyTorch model keeps as a persistent buffer.
 FREQS_CIS = "freqs_cis"
 LM_HEAD = "lm_head.weight"
+WTE = "transformer.wte.weight"
 
 # Keys of config.json that select a different computation: only these values are implemented.
 # Anything else in config.json (auto_map, torch_dtype, generation defaults, init-only values, …)
@@ -269,7 +270,7 @@ _BLOCK_KEYS = {("norm_1", "weight"): ("norm_1.weight", False),
 
 def _hf_name(path: tuple[Any, ...]) -> tuple[str, bool]:
     if path == ("wte",):
-        return "transformer.wte.weight", False
+        return WTE, False
     if path == ("ln_f", "weight"):
         return "transformer.ln_f.weight", False
     if path == ("core", "adapter"):
@@ -388,7 +389,7 @@ def _limited(items: list[str], limit: int = 12) -> str:
 def _check_tensors(entries: list[Entry], tensors: Mapping[str, _TensorInfo], cfg: ModelConfig,
                    problems: list[str]) -> None:
     expected = {e.name: e.hf_shape for e in entries}
-    missing = [n for n in expected if n not in tensors]
+    missing = [n for n in expected if n not in tensors and _source(n, tensors) not in tensors]
     if missing:
         problems.append(f"missing tensors: {_limited(missing)}.")
     unexpected = [n for n in tensors if n not in expected and n not in (LM_HEAD, FREQS_CIS)]
@@ -404,6 +405,30 @@ def _check_tensors(entries: list[Entry], tensors: Mapping[str, _TensorInfo], cfg
         if name in shape_of and info.dtype not in _ST_DTYPES:
             problems.append(f"{name} has dtype {info.dtype}; only {sorted(_ST_DTYPES)} "
                             "floating-point tensors can be converted.")
+    both = [tensors.get(WTE), tensors.get(LM_HEAD)]
+    comparable = all(t is not None and t.shape == shape_of[LM_HEAD] and t.dtype in _ST_DTYPES
+                     for t in both)
+    if comparable and not _same_values(tensors[WTE], WTE, tensors[LM_HEAD], LM_HEAD):
+        problems.append(f"{LM_HEAD} differs from {WTE}: untied output embeddings are not "
+                        "supported (rdlm ties the head to the embedding, as Huginn-0125 does).")
+
+
+def _source(name: str, tensors: Mapping[str, _TensorInfo]) -> str:
+    """Where a tensor is read from: the embedding may be stored only under the tied head's name."""
+    return LM_HEAD if name == WTE and WTE not in tensors else name
+
+
+def _same_values(a: _TensorInfo, a_name: str, b: _TensorInfo, b_name: str,
+                 rows: int = 4096) -> bool:
+    """Compare two [rows, d] tensors a block of rows at a time (as float32)."""
+    with safe_open(a.file, framework="numpy") as fa, safe_open(b.file, framework="numpy") as fb:
+        sa, sb = fa.get_slice(a_name), fb.get_slice(b_name)
+        for start in range(0, a.shape[0], rows):
+            stop = min(start + rows, a.shape[0])
+            block_a = np.asarray(sa[start:stop], np.float32)
+            if not np.array_equal(block_a, np.asarray(sb[start:stop], np.float32)):
+                return False
+    return True
 
 
 def _read(info: _TensorInfo, name: str) -> np.ndarray:
@@ -490,14 +515,8 @@ def load_huginn(path: str | os.PathLike, *, dtype: Any = "float32", compute_dtyp
     placements = _resolve_shardings(cfg, entries, treedef, shardings, mesh)
     leaves = []
     for entry, sharding in zip(entries, placements):
-        hf_array = _read(tensors[entry.name], entry.name)
-        if entry.name == "transformer.wte.weight" and LM_HEAD in tensors:
-            head = _read(tensors[LM_HEAD], LM_HEAD)
-            if not np.array_equal(head.astype(np.float32), hf_array.astype(np.float32)):
-                raise HuginnFormatError(str(directory), [
-                    f"{LM_HEAD} differs from transformer.wte.weight: untied output embeddings are "
-                    "not supported (rdlm ties the head to the embedding, as Huginn-0125 does)."])
-            del head
+        name = _source(entry.name, tensors)
+        hf_array = _read(tensors[name], name)
         array = np.ascontiguousarray(entry.to_rdlm(hf_array.astype(target, copy=False)))
         del hf_array
         leaves.append(_place(array, sharding))
@@ -653,7 +672,7 @@ def save_huginn(cfg: ModelConfig, params: Any, path: str | os.PathLike, *,
     tensors.sort(key=lambda t: (order[t.name.split(".")[1]],
                                 int(t.name.split(".")[2]) if t.name.split(".")[2].isdigit() else 0))
     if include_lm_head:
-        wte = next(t for t in tensors if t.name == "transformer.wte.weight")
+        wte = next(t for t in tensors if t.name == WTE)
         tensors.append(_OutTensor(LM_HEAD, wte.shape, out_dtype, wte.fetch))
     if include_freqs_cis:
         table = freqs_cis(cfg)
