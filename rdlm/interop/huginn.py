@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from safetensors import safe_open
 
-from rdlm.config import ConfigError, ModelConfig
+from rdlm.config import DTYPES, ConfigError, ModelConfig
 
 ARCHITECTURE = "RavenForCausalLM"
 MODEL_TYPE = "huginn_raven"
@@ -489,9 +489,15 @@ def load_huginn(path: str | os.PathLike, *, dtype: Any = "float32", compute_dtyp
       Each tensor is placed straight into its sharding as it is read.
 
     Every problem with config.json, the file set, tensor names, shapes and dtypes is reported at
-    once in a `HuginnFormatError`, before any tensor data is read. ``lm_head.weight`` may be absent
-    (tied) or present, in which case it must equal the embedding. ``freqs_cis`` is ignored.
+    once in a `HuginnFormatError`, found from the file headers before any parameter is read.
+    ``lm_head.weight`` may be absent (tied) or present, in which case it must equal the embedding.
+    ``freqs_cis`` is ignored.
     """
+    if compute_dtype not in DTYPES:
+        raise ValueError(f"compute_dtype={compute_dtype!r} is invalid: use one of {DTYPES}.")
+    target = np.dtype(jax.numpy.dtype(dtype))
+    if not np.issubdtype(target, np.floating) and target != np.dtype(jax.numpy.bfloat16):
+        raise ValueError(f"dtype={dtype!r} is invalid: parameters need a floating-point dtype.")
     directory = Path(path)
     if not directory.is_dir():
         raise HuginnFormatError(str(directory), ["is not a directory (expected a Hugging Face "
@@ -511,7 +517,6 @@ def load_huginn(path: str | os.PathLike, *, dtype: Any = "float32", compute_dtyp
     if problems:
         raise HuginnFormatError(str(directory), problems)
 
-    target = np.dtype(jax.numpy.dtype(dtype))
     placements = _resolve_shardings(cfg, entries, treedef, shardings, mesh)
     leaves = []
     for entry, sharding in zip(entries, placements):
@@ -714,8 +719,3 @@ def save_huginn(cfg: ModelConfig, params: Any, path: str | os.PathLike, *,
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(f"save_huginn:{final}")
     return final
-
-
-def iter_tensor_names(cfg: ModelConfig) -> Iterable[str]:
-    """Hugging Face tensor names a tied checkpoint of ``cfg`` holds (without ``freqs_cis``)."""
-    return (e.name for e in key_map(cfg)[0])
