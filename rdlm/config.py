@@ -323,7 +323,11 @@ class DataConfig:
     paths: tuple[str, ...] = ()  # files or globs of a token/gsm8k source
     token_column: str = "tokens"  # parquet column holding token ids
     tokenizer: str = "chars"  # chars | ascii | path to a tokenizer.json
-    packing: str = "first_fit"  # first_fit | concat | none (one example per row, padded)
+    # auto: slots for examples, windows for memmap, first_fit for record sources. slots: a fixed
+    # number of examples per row (any process count resumes the same data order); first_fit /
+    # concat: grain's streaming packers; none: one example per row, padded.
+    packing: str = "auto"
+    examples_per_row: int = 0  # slots packing: examples per row (0 = fit the longest of a sample)
     shuffle: bool = True
     shuffle_seed: int = 0
     num_examples: int = 1_000_000  # examples in one epoch of a synthetic split
@@ -341,7 +345,7 @@ class DataConfig:
         _require(self.format in formats, "data.format", self.format, f"must be one of {formats}")
         _require(self.loss_on in ("completion", "all"), "data.loss_on", self.loss_on,
                  "must be 'completion' or 'all'")
-        packings = ("first_fit", "concat", "none")
+        packings = ("auto", "slots", "first_fit", "concat", "none")
         _require(self.packing in packings, "data.packing", self.packing,
                  f"must be one of {packings}")
         _require(self.source == "synthetic" or len(self.paths) > 0, "data.paths", self.paths,
@@ -352,7 +356,7 @@ class DataConfig:
             value = getattr(self, name)
             _require(isinstance(value, int) and value >= 1, f"data.{name}", value,
                      "must be a positive integer")
-        for name in ("num_latent_steps", "prefetch_batches"):
+        for name in ("num_latent_steps", "prefetch_batches", "examples_per_row"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value >= 0, f"data.{name}", value,
                      "must be an integer >= 0")

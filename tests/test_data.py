@@ -54,7 +54,7 @@ def test_batches_have_the_agreed_shape_and_dtype():
         assert v.dtype == np.int32 and v.shape == (3, 48)
 
 
-@pytest.mark.parametrize("packing", ["first_fit", "none", "concat"])
+@pytest.mark.parametrize("packing", ["slots", "first_fit", "none", "concat"])
 def test_packed_rows_keep_examples_apart(packing):
     cfg = _cfg(f"data.packing={packing}", "data.format=cot", "data.num_examples=200")
     task = make_task("chains", 1)
@@ -83,10 +83,19 @@ def test_loss_mask_covers_only_the_answer_by_default():
     assert text.count("#") == text.count("<eos>") > 0
 
 
-def test_first_fit_packs_several_examples_per_row():
-    batch = next(make_train_iterator(_cfg(batch=8, seq_len=64)))
+@pytest.mark.parametrize("packing", ["slots", "first_fit"])
+def test_packing_puts_several_examples_in_a_row(packing):
+    batch = next(make_train_iterator(_cfg(f"data.packing={packing}", batch=8, seq_len=64)))
     assert batch["segment_ids"].max() >= 2
     assert (batch["segment_ids"] > 0).mean() > 0.6
+
+
+def test_slots_fit_the_longest_examples():
+    batches = _take(make_train_iterator(_cfg(seq_len=64)), 4)
+    counts = [len(set(r[r > 0].tolist())) for b in batches for r in b["segment_ids"]]
+    assert min(counts) == max(counts) == 2  # level-1 examples have at most 31 tokens
+    explicit = next(make_train_iterator(_cfg("data.examples_per_row=3", seq_len=64)))
+    assert explicit["segment_ids"].max() <= 3
 
 
 def test_same_config_same_batches_and_seed_changes_order():
@@ -96,7 +105,7 @@ def test_same_config_same_batches_and_seed_changes_order():
     assert not _equal(_take(make_train_iterator(cfg), 3), other)
 
 
-@pytest.mark.parametrize("packing", ["first_fit", "none"])
+@pytest.mark.parametrize("packing", ["slots", "first_fit", "none"])
 def test_state_restore_continues_identically(packing):
     cfg = _cfg(f"data.packing={packing}")
     it = make_train_iterator(cfg)
@@ -108,15 +117,36 @@ def test_state_restore_continues_identically(packing):
     assert _equal(_take(resumed, 4), expected)
 
 
-def test_processes_cover_the_global_order_without_overlap():
-    cfg = _cfg("data.packing=none", batch=4)
-    single = np.concatenate([b["inputs"] for b in _take(make_train_iterator(cfg), 3)])
-    parts = [np.concatenate([b["inputs"] for b in _take(
-        make_train_iterator(cfg, process_index=p, process_count=2), 3)]) for p in range(2)]
-    merged = np.empty_like(single)
-    merged[0::2], merged[1::2] = parts  # process p holds global elements p, p + 2, …
-    assert np.array_equal(merged, single)
-    assert not {r.tobytes() for r in parts[0]} & {r.tobytes() for r in parts[1]}
+@pytest.mark.parametrize("packing", ["slots", "none"])
+def test_processes_split_each_global_batch_by_rows(packing):
+    cfg = _cfg(f"data.packing={packing}", batch=4)
+    single = _take(make_train_iterator(cfg), 3)
+    its = [make_train_iterator(cfg, process_index=p, process_count=2) for p in range(2)]
+    parts = [_take(it, 3) for it in its]
+    for b, whole in enumerate(single):  # process p holds rows 2p, 2p + 1 of every global batch
+        for k in KEYS:
+            assert np.array_equal(np.concatenate([parts[0][b][k], parts[1][b][k]]), whole[k])
+    rows = [{r.tobytes() for b in part for r in b["inputs"]} for part in parts]
+    assert not rows[0] & rows[1]
+    # The state names the global batch: the same on both processes, and valid for one process.
+    assert its[0].get_state() == its[1].get_state()
+    resumed = make_train_iterator(cfg)
+    resumed.set_state(its[0].get_state())
+    assert _equal([next(resumed)], [next(make_iter_at(cfg, 3))])
+
+
+def make_iter_at(cfg, batches):
+    it = make_train_iterator(cfg)
+    _take(it, batches)
+    return it
+
+
+def test_streaming_packers_shard_examples_by_process():
+    cfg = _cfg("data.packing=first_fit", "data.num_examples=64", batch=4)
+    seen = [{r.tobytes() for b in _take(make_train_iterator(cfg, process_index=p,
+                                                            process_count=2), 2)
+             for r in b["inputs"]} for p in range(2)]
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
 
 
 def test_every_epoch_is_a_fresh_permutation():

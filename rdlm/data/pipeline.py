@@ -55,17 +55,6 @@ def window_to_row(window: np.ndarray, eos_id: int) -> Batch:
             "loss_mask": (segment[1:] == segment[:-1]).astype(np.int32)}
 
 
-def pad_row(features: dict[str, np.ndarray], seq_len: int) -> Batch:
-    """One example alone in a row, padded with zeros (segment id 0, loss mask 0)."""
-    n = len(features["inputs"])
-    _check_fits(n, seq_len)
-    row = {k: np.zeros(seq_len, np.int32) for k in (*FEATURES, "segment_ids")}
-    for k in FEATURES:
-        row[k][:n] = features[k]
-    row["segment_ids"][:n] = 1
-    return row
-
-
 def _check_fits(length: int, seq_len: int) -> None:
     if length > seq_len:
         raise ValueError(f"an example needs {length} positions but train.seq_len={seq_len}: raise "
@@ -156,6 +145,16 @@ def rows_per_process(cfg: Config, process_count: int) -> int:
     return cfg.train.batch_size // process_count
 
 
+def resolve_packing(data: DataConfig) -> str:
+    """The packing ``auto`` stands for: fixed slots for supervised examples (host-count invariant),
+    whole windows for flat token streams, first-fit for variable-length documents."""
+    if data.source == "memmap":
+        return "windows"
+    if data.packing != "auto":
+        return data.packing
+    return "first_fit" if data.source in ("arrayrecord", "parquet") else "slots"
+
+
 def make_dataset(cfg: Config, *, split: str = "train", process_index: int = 0,
                  process_count: int = 1, shuffle: bool | None = None,
                  repeat: bool = True) -> grain.IterDataset:
@@ -172,28 +171,88 @@ def make_dataset(cfg: Config, *, split: str = "train", process_index: int = 0,
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is invalid: the "
                           f"{data.tokenizer!r} tokenizer has {tok.vocab_size} tokens.")
     rows = rows_per_process(cfg, process_count)
-    source, transform, is_row = _indexed(cfg, split, tok)
+    source, transform, _ = _indexed(cfg, split, tok)
 
     ds = grain.MapDataset.source(source)
     if data.shuffle if shuffle is None else shuffle:
         ds = ds.shuffle(seed=data.shuffle_seed)  # a fresh permutation every epoch
     if repeat:
         ds = ds.repeat()
-    # Interleaved shards: process p reads elements p, p + P, … of the one global order.
+    packing = resolve_packing(data)
+    if packing in ("slots", "none", "windows"):
+        slots = 1 if packing != "slots" else (
+            data.examples_per_row or auto_examples_per_row(source, transform, seq_len))
+        row_fn = (lambda fs: fs[0]) if packing == "windows" else (lambda fs: pack_slots(fs, seq_len))
+        return _indexed_batches(ds.map(transform), row_fn, slots, cfg.train.batch_size, rows,
+                                process_index, data)
+    return _streaming_batches(ds, transform, packing, seq_len, rows, process_index,
+                              process_count, data)
+
+
+def _indexed_batches(examples: grain.MapDataset, row_fn: Callable[[list], Batch], slots: int,
+                     global_rows: int, rows: int, process_index: int, data: DataConfig
+                     ) -> grain.IterDataset:
+    """Batch b is a pure function of b: global row g holds examples g·slots … g·slots + slots − 1,
+    and process p takes rows p·rows … p·rows + rows − 1 of every global batch. The iterator
+    state is just the next batch number, the same on every process, so a run resumes on any
+    number of processes with the same global batches."""
+    def batch_at(b: int) -> Batch:
+        first_row = b * global_rows + process_index * rows
+        return _stack([row_fn([examples[(first_row + i) * slots + j] for j in range(slots)])
+                       for i in range(rows)])
+
+    num_batches = len(examples) // (global_rows * slots)
+    if num_batches == 0:
+        raise ConfigError(f"the split holds {len(examples)} examples, fewer than one batch of "
+                          f"{global_rows} rows x {slots} examples; raise data.num_examples or "
+                          "lower train.batch_size.")
+    batches = grain.MapDataset.range(num_batches).map(batch_at)
+    return batches.to_iter_dataset(grain.ReadOptions(num_threads=data.read_threads,
+                                                     prefetch_buffer_size=data.prefetch_batches))
+
+
+def _streaming_batches(ds: grain.MapDataset, transform: Callable, packing: str, seq_len: int,
+                       rows: int, process_index: int, process_count: int, data: DataConfig
+                       ) -> grain.IterDataset:
+    """grain's stateful packers over this process's share (elements p, p + P, …) of the global
+    order. Resuming needs the same number of processes."""
     ds = ds[process_index::process_count].map(transform)
     # A small read-ahead: grain scans its whole prefetch buffer on every element.
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=data.read_threads,
                                               prefetch_buffer_size=16))
-    it = _pack(it, data.packing, seq_len, rows) if not is_row else it
-    it = it.batch(rows, drop_remainder=True, batch_fn=_stack)
+    it = _pack(it, packing, seq_len, rows).batch(rows, drop_remainder=True, batch_fn=_stack)
     # Build the next batches in a background thread while the accelerator (which releases the
     # GIL) runs the train step; the iterator state still names the next batch to be returned.
     return grain_exp.ThreadPrefetchIterDataset(it, prefetch_buffer_size=data.prefetch_batches)
 
 
+def pack_slots(features: list[dict[str, np.ndarray]], seq_len: int) -> Batch:
+    """Examples into one row in order, segment ids 1, 2, …; an example that no longer fits is
+    left out (rare: the number of slots is chosen so that the longest examples fit)."""
+    row = {k: np.zeros(seq_len, np.int32) for k in (*FEATURES, "segment_ids")}
+    used = 0
+    for segment, f in enumerate(features, start=1):
+        n = len(f["inputs"])
+        _check_fits(n, seq_len)
+        if used + n > seq_len:
+            continue
+        for k in FEATURES:
+            row[k][used:used + n] = f[k]
+        row["segment_ids"][used:used + n] = segment
+        used += n
+    return row
+
+
+def auto_examples_per_row(source: Any, transform: Callable, seq_len: int,
+                          sample: int = 256) -> int:
+    """As many examples per row as fit when all are as long as the longest of the first
+    ``sample`` examples (synthetic lengths vary little, so the fill stays high)."""
+    longest = max(len(transform(source[i])["inputs"]) for i in range(min(sample, len(source))))
+    _check_fits(longest, seq_len)
+    return max(1, seq_len // longest)
+
+
 def _pack(it: grain.IterDataset, packing: str, seq_len: int, rows: int) -> grain.IterDataset:
-    if packing == "none":
-        return it.map(lambda f: pad_row(f, seq_len))
     lengths = {k: seq_len for k in FEATURES}
     if packing == "concat":
         packed = grain_exp.ConcatThenSplitIterDataset(it, length_struct=lengths)
