@@ -360,6 +360,11 @@ class DataConfig:
             value = getattr(self, name)
             _require(isinstance(value, int) and value >= 0, f"data.{name}", value,
                      "must be an integer >= 0")
+        if self.task_args and self.source == "synthetic":
+            # Knob names, types and ranges are the task's; checked now, not at the first batch.
+            # (Only with knobs set: the default instance is built while this module loads.)
+            from rdlm.data.tasks import make_task
+            make_task(self.task, self.difficulty, self.task_args)
 
 
 @dataclasses.dataclass(frozen=True)

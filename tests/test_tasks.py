@@ -250,3 +250,11 @@ def test_bad_data_config_values_name_the_field():
                           (dict(num_examples=0), "data.num_examples")]:
         with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
             DataConfig(**kwargs)
+
+
+def test_task_knobs_are_checked_when_the_config_loads():
+    import rdlm
+    with pytest.raises(ConfigError, match="max_hopz"):
+        rdlm.load_config("configs/tiny.yaml", ["data.task_args=[max_hopz=3]"])
+    cfg = rdlm.load_config("configs/tiny.yaml", ["data.task_args=[max_hops=3, order=shuffled]"])
+    assert cfg.data.task_args == ("max_hops=3", "order=shuffled")
