@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -93,7 +94,28 @@ def _config_json(cfg: Config) -> dict[str, Any]:
 
 
 def config_from_json(data: dict[str, Any]) -> Config:
-    return from_dict(Config, data)
+    """The saved `Config`. Keys that this version of rdlm no longer knows (a renamed data or
+    train option) are dropped with a warning instead of making old checkpoints unreadable; the
+    model section must still match exactly, since it decides the parameter shapes."""
+    try:
+        return from_dict(Config, data)
+    except ConfigError:
+        pass
+    known = {f.name: f for f in dataclasses.fields(Config)}
+    cleaned: dict[str, Any] = {}
+    for section, value in data.items():
+        if section not in known:
+            warnings.warn(f"checkpoint config: ignoring unknown section {section!r}")
+            continue
+        section_cls = known[section].default.__class__ if isinstance(value, dict) else None
+        if section != "model" and section_cls is not None and dataclasses.is_dataclass(section_cls):
+            names = {f.name for f in dataclasses.fields(section_cls)}
+            dropped = sorted(set(value) - names)
+            if dropped:
+                warnings.warn(f"checkpoint config: ignoring unknown {section} keys {dropped}")
+            value = {k: v for k, v in value.items() if k in names}
+        cleaned[section] = value
+    return from_dict(Config, cleaned)
 
 
 def save_params(path: str | Path, cfg: Config, params: Any) -> None:

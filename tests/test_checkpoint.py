@@ -80,3 +80,14 @@ def test_missing_and_corrupt_checkpoints_raise_clear_errors(saved, tmp_path):
             f.write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="could not restore 'params'"):
         checkpoint.load_params(corrupt)
+
+
+def test_old_configs_with_unknown_data_or_train_keys_still_load():
+    from rdlm.config import Config, ConfigError, to_dict
+    saved = to_dict(Config())
+    saved["data"]["renamed_option"] = 1
+    with pytest.warns(UserWarning, match="renamed_option"):
+        assert checkpoint.config_from_json(saved) == Config()
+    saved["model"]["not_a_model_field"] = 1  # the model decides shapes: never guessed
+    with pytest.raises(ConfigError, match="not_a_model_field"):
+        checkpoint.config_from_json(saved)
