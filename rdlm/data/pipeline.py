@@ -1,4 +1,4 @@
-"""Grain pipelines: source → shuffle → repeat → shard by process → render → pack → batch.
+"""Grain pipelines: source → shuffle → repeat → render → pack → batch → this process's rows.
 
 The training loop imports `make_train_iterator` and `make_eval_batches`. Every row is a dict of
 int32 arrays ``[rows, seq_len]``:
@@ -9,10 +9,14 @@ int32 arrays ``[rows, seq_len]``:
 - ``loss_mask``: 1 where the target counts — never on padding or across a segment boundary, and
   only on answer/reasoning tokens of supervised tasks when ``data.loss_on="completion"``.
 
-Determinism: shuffling and sharding act on example indices with grain's seeded index shuffle
-(a new permutation every epoch), and synthetic examples are pure functions of their index. The
-iterator's ``get_state()`` is a small JSON-able dict; ``set_state`` on a fresh iterator resumes
-with exactly the batches an uninterrupted run would have seen.
+Determinism: shuffling acts on example indices with grain's seeded index shuffle (a new
+permutation every epoch), and synthetic examples are pure functions of their index. With slot
+packing (the default for examples) and memmap windows a batch is a pure function of its number,
+process p takes its block of rows of every global batch, and the iterator state is the next batch
+number — the same on every process, so a run resumes on any number of processes. The streaming
+packers (first_fit / concat) shard examples by process and keep per-process state. Either way
+``set_state(get_state())`` on a fresh iterator resumes with exactly the batches an uninterrupted
+run would have seen.
 """
 
 from __future__ import annotations
@@ -115,22 +119,21 @@ def example_source(cfg: Config, split: str) -> src.TaskSource | src.ExampleListS
     raise ConfigError(f"data.source={data.source!r} holds tokens, not examples.")
 
 
-def _indexed(cfg: Config, split: str, tok: Tokenizer) -> tuple[Any, Callable[[Any], Any], bool]:
-    """(random-access source, record → features-or-row, records are already whole rows)."""
+def _indexed(cfg: Config, split: str, tok: Tokenizer) -> tuple[Any, Callable[[Any], Any]]:
+    """(random-access source, record → features; for memmap windows, record → row)."""
     data = cfg.data
     seq_len = cfg.train.seq_len
     if data.source in ("synthetic", "gsm8k"):
-        return example_source(cfg, split), _render_fn(data, tok), False
+        return example_source(cfg, split), _render_fn(data, tok)
     files = src.expand_paths(data.paths, split)
     if data.source == "memmap":
         # A glob such as train-* also matches the .bin dtype sidecars and prepare's metadata.
         files = [f for f in files if not f.endswith(".json")]
-        return (src.TokenWindowSource(files, seq_len),
-                lambda w: window_to_row(w, tok.eos_id), True)
+        return src.TokenWindowSource(files, seq_len), lambda w: window_to_row(w, tok.eos_id)
     if data.source == "arrayrecord":
-        return src.ArrayRecordDocSource(files), _doc_fn(data, tok), False
+        return src.ArrayRecordDocSource(files), _doc_fn(data, tok)
     if data.source == "parquet":
-        return src.ParquetDocSource(files, data.token_column), _doc_fn(data, tok), False
+        return src.ParquetDocSource(files, data.token_column), _doc_fn(data, tok)
     raise ConfigError(f"data.source={data.source!r} is not supported.")
 
 
@@ -171,7 +174,7 @@ def make_dataset(cfg: Config, *, split: str = "train", process_index: int = 0,
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is invalid: the "
                           f"{data.tokenizer!r} tokenizer has {tok.vocab_size} tokens.")
     rows = rows_per_process(cfg, process_count)
-    source, transform, _ = _indexed(cfg, split, tok)
+    source, transform = _indexed(cfg, split, tok)
 
     ds = grain.MapDataset.source(source)
     if data.shuffle if shuffle is None else shuffle:
