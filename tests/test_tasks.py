@@ -258,3 +258,19 @@ def test_task_knobs_are_checked_when_the_config_loads():
         rdlm.load_config("configs/tiny.yaml", ["data.task_args=[max_hopz=3]"])
     cfg = rdlm.load_config("configs/tiny.yaml", ["data.task_args=[max_hops=3, order=shuffled]"])
     assert cfg.data.task_args == ("max_hops=3", "order=shuffled")
+
+
+@pytest.mark.parametrize("level", [1, 5])
+def test_prosqa_options_cannot_be_told_apart_without_search(level):
+    # The unreachable option comes from a decoy component grown like the entity's, at the same
+    # depth: degree and position heuristics stay at the 2-way guess.
+    acc = shortcut_accuracy(_examples(make_task("prosqa", level), "test", 300),
+                            tasks.PROSQA_SHORTCUTS)
+    assert all(abs(a - 0.5) < 0.12 for a in acc.values()), acc
+
+
+@pytest.mark.parametrize("level", [1, 5])
+def test_prontoqa_needs_the_entity_chain(level):
+    acc = shortcut_accuracy(_examples(make_task("prontoqa", level), "test", 300),
+                            tasks.PRONTOQA_SHORTCUTS)
+    assert all(abs(a - 0.5) < 0.12 for a in acc.values()), acc

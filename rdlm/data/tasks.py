@@ -327,19 +327,32 @@ class ProsQATask:
     def generate(self, rng: random.Random) -> Example:
         p = self.params
         for _ in range(_MAX_ATTEMPTS):
-            edges = _random_dag(rng, p.num_nodes, p.num_edges, p.max_hops)
-            dist, parent = _bfs(edges, p.num_nodes)
-            targets = [n for n in range(1, p.num_nodes) if p.min_hops <= dist.get(n, -1) <= p.max_hops]
-            unreachable = [n for n in range(1, p.num_nodes) if n not in dist]
-            if targets and unreachable:
+            # Two components grown by the same process: the entity's, holding A, and a decoy
+            # rooted at a concept, holding B at the same depth. B is unreachable, yet looks like
+            # A (depth, in/out-degree, mentions), so only a search from the entity tells them apart.
+            # Odd node and edge counts go to either side at random, so that no size difference
+            # systematically marks one component.
+            others = rng.sample(range(1, p.num_nodes), p.num_nodes - 1)
+            cut = (p.num_nodes + rng.randint(0, 1)) // 2
+            real, decoy = [0] + sorted(others[cut:]), sorted(others[:cut])
+            real_edges = int(p.num_edges * len(real) / p.num_nodes + rng.random())
+            edges = (_local_dag(rng, real, real_edges, p.max_hops)
+                     + _local_dag(rng, decoy, p.num_edges - real_edges, p.max_hops))
+            dist, parent = _bfs(edges, 0)
+            decoy_dist, _ = _bfs(edges, decoy[0])
+            depths = sorted({d for d in dist.values() if p.min_hops <= d <= p.max_hops}
+                            & set(decoy_dist.values()))
+            if depths:
                 break
         else:
             raise ValueError(f"prosqa: no valid graph for {p}; lower min_hops or raise num_nodes.")
+        depth = rng.choice(depths)
+        target = rng.choice(sorted(n for n, d in dist.items() if d == depth))
+        other = rng.choice(sorted(n for n, d in decoy_dist.items() if d == depth))
         names = [rng.choice(ENTITIES)] + rng.sample(CONCEPTS, p.num_nodes - 1)
         facts = [_isa(names, i, j) for i, j in edges]
         if p.shuffle_facts:
             rng.shuffle(facts)
-        target, other = rng.choice(targets), rng.choice(unreachable)
         options = [names[target], names[other]]
         rng.shuffle(options)
         path = [target]
@@ -354,24 +367,35 @@ def _isa(names: list[str], i: int, j: int) -> str:
     return f"{names[0]} is a {names[j]}." if i == 0 else f"every {names[i]} is a {names[j]}."
 
 
-def _random_dag(rng: random.Random, n: int, num_edges: int, max_hops: int) -> list[tuple[int, int]]:
-    """Edges i→j, i < j. The entity (node 0) has one or two children and every other edge is
-    local (j − i small), so shortest paths from the entity are long and some nodes stay
-    unreachable — like ProsQA's graphs, where reachability must actually be searched."""
-    edges = {(0, j) for j in rng.sample(range(1, min(n, 4)), rng.randint(1, 2))}
-    window = max(2, (n - 1) // max_hops)
-    while len(edges) < num_edges:
-        i = rng.randrange(1, n - 1)
-        j = min(n - 1, i + rng.randint(1, window))
-        edges.add((i, j))
-    return sorted(edges)
+def _local_dag(rng: random.Random, nodes: list[int], num_edges: int, max_hops: int
+               ) -> list[tuple[int, int]]:
+    """``num_edges`` edges over ``nodes`` (sorted), each from a lower to a higher index. The root
+    (``nodes[0]``) gets one or two children; the other edges join nearby nodes, so that shortest
+    paths from the root are long (up to ~max_hops) and reachability must be searched."""
+    m = len(nodes)
+    if m < 2:
+        return []
+    root_children = rng.sample(range(1, min(m, 4)), min(rng.randint(1, 2), min(m, 4) - 1))
+    edges = {(0, j) for j in root_children}
+    window = max(2, (m - 1) // max_hops)
+    while True:  # widen the window until enough local pairs exist
+        pairs = [(i, j) for i in range(1, m) for j in range(i + 1, min(m, i + window + 1))]
+        if len(pairs) >= num_edges - len(edges) or window >= m:
+            break
+        window += 1
+    rng.shuffle(pairs)
+    edges.update(pairs[:max(0, num_edges - len(edges))])
+    spare = [(0, j) for j in range(1, m) if (0, j) not in edges]  # small graphs: more root edges
+    edges.update(spare[:max(0, num_edges - len(edges))])
+    return sorted((nodes[i], nodes[j]) for i, j in edges)
 
 
-def _bfs(edges: list[tuple[int, int]], n: int) -> tuple[dict[int, int], dict[int, int]]:
+def _bfs(edges: list[tuple[int, int]], start: int) -> tuple[dict[int, int], dict[int, int]]:
+    """Shortest distances and BFS parents from ``start``."""
     children = collections.defaultdict(list)
     for i, j in edges:
         children[i].append(j)
-    dist, parent, frontier = {0: 0}, {}, [0]
+    dist, parent, frontier = {start: 0}, {}, [start]
     while frontier:
         nxt = []
         for i in frontier:
@@ -407,6 +431,31 @@ def solve_prosqa(question: str) -> str:
     return reachable[0]
 
 
+def _prosqa_parts(question: str) -> tuple[list[str], list[tuple[str, str]]]:
+    facts, query = question.rsplit(" is ", 1)
+    options = query.split(" a ", 1)[1].rstrip("?").split(" or ")
+    edges = [tuple(re.fullmatch(r"(?:every )?(\w+) is a (\w+)", f.strip()).groups())
+             for f in facts.split(".") if f.strip()]
+    return options, edges
+
+
+def _prefer(score: Callable[[str, str], float]) -> Callable[[str], str]:
+    """A heuristic answering the option with the higher ``score(question, option)`` (the first
+    on a tie)."""
+    def pick(question: str) -> str:
+        first, second = _prosqa_parts(question)[0]
+        return second if score(question, second) > score(question, first) else first
+    return pick
+
+
+PROSQA_SHORTCUTS: dict[str, Callable[[str], str]] = {
+    "first_option": lambda q: _prosqa_parts(q)[0][0],
+    "more_incoming_edges": _prefer(lambda q, o: sum(b == o for _, b in _prosqa_parts(q)[1])),
+    "fewer_outgoing_edges": _prefer(lambda q, o: -sum(a == o for a, _ in _prosqa_parts(q)[1])),
+    "mentioned_later": _prefer(lambda q, o: q.rsplit(" is ", 1)[0].rfind(f" {o}.")),
+}
+
+
 # ---------------------------------------------------------------------------------------------
 # (d) ProntoQA-style k-hop logic.
 
@@ -414,8 +463,9 @@ def solve_prosqa(question: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class ProntoQAParams:
     """The entity is a c_0, every c_i is a c_{i+1} (``hops`` in [min_hops, max_hops]), and the
-    last concept has a property; ``distractors`` other chains of concepts carry the opposite
-    property, so the answer needs the entity's own chain. Answer: true/false."""
+    last concept has a property; ``distractors`` other chains of concepts carry the property
+    too (the first with the opposite polarity, the others at random), so the answer needs the
+    entity's own chain. Answer: true/false."""
 
     min_hops: int = 5
     max_hops: int = 5
@@ -443,16 +493,19 @@ class ProntoQATask:
         concepts = rng.sample(CONCEPTS, sum(n + 1 for n in lengths))
         entity, prop = rng.choice(ENTITIES), rng.choice(PROPERTIES)
         has_prop = rng.random() < 0.5
-        facts, start = [], 0
-        chain = []
+        blocks, start = [], 0
+        chain: list[str] = []
         for k, n in enumerate(lengths):
             chain_k = concepts[start:start + n + 1]
             start += n + 1
-            facts += [f"every {a} is a {b}." for a, b in zip(chain_k, chain_k[1:])]
-            positive = has_prop if k == 0 else not has_prop
-            facts.append(f"every {chain_k[-1]} is {'' if positive else 'not '}{prop}.")
+            # One distractor contradicts the entity's chain; further ones are random, so that
+            # neither the majority nor the minority polarity gives the answer away.
+            positive = has_prop if k == 0 else (not has_prop if k == 1 else rng.random() < 0.5)
+            blocks.append([f"every {a} is a {b}." for a, b in zip(chain_k, chain_k[1:])]
+                          + [f"every {chain_k[-1]} is {'' if positive else 'not '}{prop}."])
             chain = chain if k else chain_k
-        facts.append(f"{entity} is a {chain[0]}.")
+        rng.shuffle(blocks)  # in order or not, the entity's chain has no fixed place
+        facts = [f for block in blocks for f in block] + [f"{entity} is a {chain[0]}."]
         if p.shuffle_facts:
             rng.shuffle(facts)
         ask_positive = rng.random() < 0.5
@@ -461,6 +514,29 @@ class ProntoQATask:
             f"{entity} is {'' if has_prop else 'not '}{prop}.",)
         question = " ".join(facts) + f" true or false: {claim}?"
         return Example(question, steps, "true" if ask_positive == has_prop else "false")
+
+
+def _pronto_polarities(question: str) -> list[bool]:
+    facts = question.split(" true or false: ")[0]
+    return [" is not " not in f for f in facts.split(".")
+            if f.strip() and " is a " not in f]
+
+
+def _pronto_claim_positive(question: str) -> bool:
+    return " is not " not in question.split(" true or false: ")[1]
+
+
+def _pronto_answer(property_holds: bool, question: str) -> str:
+    return "true" if property_holds == _pronto_claim_positive(question) else "false"
+
+
+PRONTOQA_SHORTCUTS: dict[str, Callable[[str], str]] = {
+    "always_true": lambda q: "true",
+    "first_property_fact": lambda q: _pronto_answer(_pronto_polarities(q)[0], q),
+    "last_property_fact": lambda q: _pronto_answer(_pronto_polarities(q)[-1], q),
+    "majority_polarity": lambda q: _pronto_answer(
+        2 * sum(_pronto_polarities(q)) > len(_pronto_polarities(q)), q),
+}
 
 
 # ---------------------------------------------------------------------------------------------
