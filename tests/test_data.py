@@ -278,3 +278,10 @@ def test_gsm8k_source_through_the_pipeline(tmp_path):
     text = TOK_ASCII.decode(batch["targets"][0][batch["loss_mask"][0] == 1])
     assert text.count("#") >= 1 and "=" in text and "Sam" not in text
 
+
+
+def test_steps_per_epoch_counts_slot_packed_examples():
+    from rdlm.data import examples_per_row, steps_per_epoch
+    cfg = _cfg("data.num_examples=1000", batch=4, seq_len=64)
+    assert examples_per_row(cfg) == 2
+    assert steps_per_epoch(cfg) == 1000 // (4 * 2)

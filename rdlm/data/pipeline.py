@@ -267,6 +267,24 @@ def _pack(it: grain.IterDataset, packing: str, seq_len: int, rows: int) -> grain
     return packed.map(_rename_packed)
 
 
+def examples_per_row(cfg: Config, split: str = "train") -> int:
+    """How many examples a row holds under slot packing (1 for other packings)."""
+    if resolve_packing(cfg.data) != "slots":
+        return 1
+    if cfg.data.examples_per_row:
+        return cfg.data.examples_per_row
+    source, transform = _indexed(cfg, split, tokenizer_for(cfg.data))
+    return auto_examples_per_row(source, transform, cfg.train.seq_len)
+
+
+def steps_per_epoch(cfg: Config, split: str = "train") -> int:
+    """Optimizer steps that see every example of a supervised split once (slot packing), e.g.
+    for "5 epochs per curriculum stage"."""
+    data = cfg.data
+    size = len(_indexed(cfg, split, tokenizer_for(data))[0])
+    return max(1, size // (cfg.train.batch_size * examples_per_row(cfg, split)))
+
+
 def make_train_iterator(cfg: Config, *, process_index: int = 0, process_count: int = 1,
                         split: str = "train") -> grain.DatasetIterator:
     """Endless iterator of this process's batches ``[batch_size // process_count, seq_len]``.
