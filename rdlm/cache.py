@@ -1,0 +1,157 @@
+"""Static-shape KV cache for generation, with recurrence-slot sharing (SPEC "Inference features").
+
+Layout (l = layer, s = recurrence slot, k = keys/values, b = batch row, t = cache position,
+h = head, e = head dim):
+
+- ``prelude_lkbthe`` / ``coda_lkbthe``: one entry per prelude / coda layer and position.
+- ``core_lskbthe``: one entry per core layer, recurrence **slot** and position. Step i of the
+  recurrence writes and reads slot ``i mod num_slots``; with ``num_slots >= r`` that is the plain
+  per-(layer, step) cache, with a smaller budget memory stops growing with r (KV-cache sharing).
+- ``core_latest_lkbthe`` (only with adaptive exit): every position's *latest* core entry per
+  layer, i.e. the keys/values of the last step that position actually ran.
+- ``depth_bt``: how many core steps each cached position ran (0 = nothing written).
+
+Why a separate "latest" buffer instead of copying the last entry into the unwritten slots: a token
+that exited after n < r steps must be read at its latest entry (step n-1) by every later token's
+step i >= n. Copying step n-1 into the remaining slots is only exact without sharing: with a budget
+b < r - n the copies would overwrite slots that steps i < n of later tokens still need. One extra
+slot per core layer makes the rule exact in both cases and keeps memory independent of r:
+a reader at step i takes slot ``i mod b`` where ``depth > i`` and the latest buffer elsewhere.
+
+Everything here is a pure function on arrays; positions are shared by all rows (prompts are
+left-padded by `rdlm.sample`), so a write is one ``dynamic_update_slice``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from rdlm.config import ModelConfig
+from rdlm.model import KV
+
+
+class KVCache(NamedTuple):
+    prelude_lkbthe: jax.Array
+    core_lskbthe: jax.Array
+    coda_lkbthe: jax.Array
+    core_latest_lkbthe: jax.Array | None  # None unless adaptive exit can leave tokens short
+    depth_bt: jax.Array  # int32
+
+
+def cache_shapes(cfg: ModelConfig, batch: int, length: int, num_slots: int,
+                 track_latest: bool) -> KVCache:
+    """Shapes and dtypes of a cache (`jax.ShapeDtypeStruct` leaves); allocates nothing."""
+    dtype = jnp.dtype(cfg.dtype)
+    kv = (2, batch, length, cfg.n_heads, cfg.head_dim)
+
+    def sds(*lead: int) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct((*lead, *kv), dtype)
+
+    return KVCache(
+        prelude_lkbthe=sds(cfg.n_prelude),
+        core_lskbthe=sds(cfg.n_core, num_slots),
+        coda_lkbthe=sds(cfg.n_coda),
+        core_latest_lkbthe=sds(cfg.n_core) if track_latest else None,
+        depth_bt=jax.ShapeDtypeStruct((batch, length), jnp.int32))
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, num_slots: int,
+               track_latest: bool) -> KVCache:
+    """An empty cache (zeros; ``depth_bt == 0`` marks every position unwritten)."""
+    shapes = cache_shapes(cfg, batch, length, num_slots, track_latest)
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def cache_bytes(cfg: ModelConfig, batch: int, length: int, num_slots: int,
+                track_latest: bool) -> int:
+    """Bytes the cache occupies: independent of r once ``num_slots`` (the budget) is fixed."""
+    shapes = cache_shapes(cfg, batch, length, num_slots, track_latest)
+    return sum(math.prod(s.shape) * s.dtype.itemsize for s in jax.tree.leaves(shapes))
+
+
+def slot_of_step(step: jax.Array | int, num_slots: int) -> jax.Array | int:
+    """Recurrence step i (0-based) lives in slot i mod b."""
+    return step % num_slots
+
+
+def as_kv(buf_kbthe: jax.Array) -> KV:
+    return buf_kbthe[0], buf_kbthe[1]
+
+
+def stack_kv(kv: KV) -> jax.Array:
+    return jnp.stack(kv)
+
+
+def write_kv(buf_xkbthe: jax.Array, new_kbthe: jax.Array, start: jax.Array | int,
+             active_b: jax.Array | None = None, lead: tuple = ()) -> jax.Array:
+    """Write a block of keys/values at positions ``start …`` of ``buf[lead]``.
+
+    ``lead`` indexes the leading (layer, slot) axes. Rows not ``active_b`` keep their old entry:
+    a row that already exited has to stay readable at the steps it actually ran, not at a step
+    computed from its frozen state.
+    """
+    new_xkbthe = new_kbthe.astype(buf_xkbthe.dtype).reshape((1,) * len(lead) + new_kbthe.shape)
+    index = (*lead, 0, 0, start, 0, 0)
+    if active_b is not None:
+        old_xkbthe = lax.dynamic_slice(buf_xkbthe, index, new_xkbthe.shape)
+        keep_b = active_b.reshape((1,) * (len(lead) + 1) + (-1, 1, 1, 1))
+        new_xkbthe = jnp.where(keep_b, new_xkbthe, old_xkbthe)
+    return lax.dynamic_update_slice(buf_xkbthe, new_xkbthe, index)
+
+
+def read_core(cache: KVCache, layer: int, step: jax.Array, num_slots: int) -> KV:
+    """Keys/values core ``layer`` attends to at recurrence ``step``, for every cached position.
+
+    Slot ``step mod b`` for positions that ran more than ``step`` steps; a position that stopped
+    earlier (adaptive exit) is read at its latest entry.
+    """
+    # One dynamic slice of the whole buffer: slicing the layer first would copy all its slots.
+    _, _, *kbthe = cache.core_lskbthe.shape
+    slot_kbthe = lax.dynamic_slice(cache.core_lskbthe,
+                                   (layer, slot_of_step(step, num_slots), 0, 0, 0, 0, 0),
+                                   (1, 1, *kbthe))[0, 0]
+    if cache.core_latest_lkbthe is not None:
+        ran_past_bt = cache.depth_bt > step
+        slot_kbthe = jnp.where(ran_past_bt[None, :, :, None, None], slot_kbthe,
+                               cache.core_latest_lkbthe[layer])
+    return as_kv(slot_kbthe)
+
+
+def write_core(cache: KVCache, layer: int, step: jax.Array, num_slots: int, kv: KV,
+               start: jax.Array | int, active_b: jax.Array | None = None) -> KVCache:
+    """Store core ``layer``'s keys/values of ``step`` (and, when tracked, as the latest entry)."""
+    new_kbthe = stack_kv(kv)
+    core = write_kv(cache.core_lskbthe, new_kbthe, start, active_b,
+                    lead=(layer, slot_of_step(step, num_slots)))
+    latest = cache.core_latest_lkbthe
+    if latest is not None:
+        latest = write_kv(latest, new_kbthe, start, active_b, lead=(layer,))
+    return cache._replace(core_lskbthe=core, core_latest_lkbthe=latest)
+
+
+def write_stage(buf_lkbthe: jax.Array, kvs: list[KV], start: jax.Array | int) -> jax.Array:
+    """Store every prelude (or coda) layer's keys/values of one block of positions."""
+    for layer, kv in enumerate(kvs):
+        buf_lkbthe = write_kv(buf_lkbthe, stack_kv(kv), start, lead=(layer,))
+    return buf_lkbthe
+
+
+def merge_block(cache: KVCache, block: KVCache, start: jax.Array | int) -> KVCache:
+    """Copy a block buffer's core entries (every slot, and the latest entries) to ``start …``."""
+    core = lax.dynamic_update_slice(cache.core_lskbthe, block.core_lskbthe,
+                                    (0, 0, 0, 0, start, 0, 0))
+    latest = cache.core_latest_lkbthe
+    if latest is not None:
+        latest = lax.dynamic_update_slice(latest, block.core_latest_lkbthe, (0, 0, 0, start, 0, 0))
+    return cache._replace(core_lskbthe=core, core_latest_lkbthe=latest)
+
+
+def set_depth(cache: KVCache, depth_bt: jax.Array, start: jax.Array | int) -> KVCache:
+    """Record how many core steps the positions ``start …`` ran."""
+    return cache._replace(depth_bt=lax.dynamic_update_slice(
+        cache.depth_bt, depth_bt.astype(jnp.int32), (0, start)))
