@@ -24,12 +24,14 @@ import numpy as np
 
 from rdlm.config import Config, ConfigError, ModelConfig
 from rdlm.data.render import completion_text, parse_answer, prompt_tokens
-from rdlm.data.tasks import (CHAIN_SHORTCUTS, Example, Task, example_at, make_task,
-                             shortcut_accuracy)
+from rdlm.data.tasks import (CHAIN_SHORTCUTS, PRONTOQA_SHORTCUTS, PROSQA_SHORTCUTS, Example, Task,
+                             example_at, make_task, shortcut_accuracy)
 from rdlm.data.tokenizer import Tokenizer, load_tokenizer
 from rdlm.model import forward
 
 Params = Any
+# Answer heuristics that skip the reasoning, reported beside a model's accuracy.
+SHORTCUTS = {"chains": CHAIN_SHORTCUTS, "prosqa": PROSQA_SHORTCUTS, "prontoqa": PRONTOQA_SHORTCUTS}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,8 +99,8 @@ def evaluate_accuracy(params: Params, cfg: Config, task: Task | str | None = Non
     way. ``init_scale > 0`` draws random initial states from ``seed``.
 
     Returns ``{"accuracy": {r: float}, "predictions": {r: [str]}, "answers": [str],
-    "num_examples", "task", "split", "format", "seconds", "shortcuts"}`` (shortcut-heuristic
-    accuracies, for the chains task).
+    "num_examples", "task", "split", "format", "seconds", "shortcuts"}`` (accuracies of answer
+    heuristics that skip the reasoning, for chains / prosqa / prontoqa).
     """
     fmt = fmt or cfg.data.format
     if fmt not in ("nocot", "cot"):
@@ -150,8 +152,9 @@ def evaluate_accuracy(params: Params, cfg: Config, task: Task | str | None = Non
               "init_scale": init_scale, "accuracy": accuracy,
               "accuracy_by_reasoning_steps": by_depth, "predictions": predictions,
               "answers": answers, "seconds": time.perf_counter() - start}
-    if getattr(task, "name", None) == "chains":
-        result["shortcuts"] = shortcut_accuracy(examples, CHAIN_SHORTCUTS)
+    heuristics = SHORTCUTS.get(getattr(task, "name", None))
+    if heuristics:
+        result["shortcuts"] = shortcut_accuracy(examples, heuristics)
     return result
 
 
@@ -183,7 +186,7 @@ def format_table(result: dict[str, Any]) -> str:
                                                for d in depths)
               for r, acc in result["accuracy"].items()]
     if result.get("shortcuts"):
-        lines += ["", "shortcut heuristics (no chain following): " + ", ".join(
+        lines += ["", "shortcut heuristics (no reasoning): " + ", ".join(
             f"{k} {v:.3f}" for k, v in result["shortcuts"].items())]
     return "\n".join(lines)
 
