@@ -14,10 +14,13 @@ from rdlm.model import (AttentionContext, abstract_params, attention_context, bi
                         count_params, forward, forward_train, init_params, initial_state, lm_loss,
                         param_axes)
 from rdlm.recurrence import expected_depth, sample_depth
+from rdlm.exits import ExitConfig
+from rdlm.sample import GenerateOutput, SpeculativeConfig, generate
 
 __all__ = [
     "AttentionContext", "Config", "ConfigError", "MeshConfig", "ModelConfig", "abstract_params",
     "attention_context", "bind", "core_step", "count_params", "expected_depth", "flops", "forward",
     "forward_train", "init_params", "initial_state", "lm_loss", "load_config", "model_preset",
     "param_axes", "sample_depth",
+    "ExitConfig", "GenerateOutput", "SpeculativeConfig", "generate",
 ]

@@ -371,8 +371,36 @@ class DataConfig:
 class SampleConfig:
     """Generation defaults for `python -m rdlm sample` (owned by rdlm.sample)."""
 
-    num_steps: int = 32
+    num_steps: int = 32  # core iterations per token (the cap under adaptive exit)
     max_new_tokens: int = 64
+    cache_budget: int | None = None  # recurrence slots per core layer; None: one per step
+    exit: str | None = None  # adaptive exit "criterion[:threshold]", e.g. "kl:1e-3"
+    continuous_cot: bool = False  # start each token from the previous token's final state
+    temperature: float = 0.0  # 0: greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("num_steps", "max_new_tokens"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value >= 1, f"sample.{name}", value,
+                     "must be a positive integer")
+        _require(self.cache_budget is None or self.cache_budget >= 1, "sample.cache_budget",
+                 self.cache_budget, "must be >= 1 or null (one slot per step)")
+        _require(self.temperature >= 0, "sample.temperature", self.temperature, "must be >= 0")
+        _require(self.top_k is None or self.top_k >= 1, "sample.top_k", self.top_k,
+                 "must be >= 1 or null")
+        _require(self.top_p is None or 0 < self.top_p <= 1, "sample.top_p", self.top_p,
+                 "must be in (0, 1] or null")
+        _require(self.min_p is None or 0 <= self.min_p < 1, "sample.min_p", self.min_p,
+                 "must be in [0, 1) or null")
+        if self.exit is not None:
+            from rdlm.exits import ExitConfig  # the criterion names live with the criteria
+            try:
+                ExitConfig.parse(self.exit)
+            except ValueError as err:
+                raise ConfigError(f"sample.exit={self.exit!r} is invalid: {err}") from None
 
 
 @dataclasses.dataclass(frozen=True)

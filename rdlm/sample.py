@@ -748,3 +748,236 @@ def generate(params: Params, cfg: ModelConfig, prompt_tokens: Any, *, max_new_to
     key = jax.random.key(0) if key is None else key
     raw = _generate_jit(params, prompt_bt, pad_b, jnp.int32(num_steps), key, plan=plan)
     return _finish(raw, plan)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: python -m rdlm sample …
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers")
+
+
+def _speculative_arg(text: str) -> SpeculativeConfig:
+    """``K`` or ``K:DRAFT_STEPS`` (draft K tokens with DRAFT_STEPS iterations each)."""
+    k, _, steps = text.partition(":")
+    try:
+        return SpeculativeConfig(num_draft=int(k), draft_steps=int(steps) if steps else 4)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--speculative {text!r}: {err}")
+
+
+def _sample_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m rdlm sample",
+        description="Generate from a checkpoint. Defaults come from the checkpoint's sample "
+                    "section.")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
+    parser.add_argument("--prompt", action="append", default=[],
+                        help="prompt text (repeat for a batch); needs a tokenizer")
+    parser.add_argument("--tokens", action="append", type=_int_list, default=[],
+                        help="prompt as token ids, e.g. 1,2,3 (repeat for a batch)")
+    parser.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's, if any)")
+    parser.add_argument("--num-steps", type=int, help="core iterations per token (the cap "
+                        "under --exit)")
+    parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("--exit", help="adaptive exit: kl, minp-kl, entropy-diff, latent-diff, "
+                        "cosine, argmax-stability, optionally :THRESHOLD")
+    parser.add_argument("--min-steps", type=int, default=1)
+    parser.add_argument("--check-every", type=int, default=1)
+    parser.add_argument("--cache-budget", type=int, help="recurrence slots per core layer")
+    parser.add_argument("--continuous-cot", action="store_true", default=None)
+    parser.add_argument("--speculative", type=_speculative_arg, metavar="K[:DRAFT_STEPS]")
+    parser.add_argument("--temperature", type=float)
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--min-p", type=float)
+    parser.add_argument("--stop", type=_int_list, help="stop token ids (default: the "
+                        "tokenizer's end-of-text/turn ids)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init-scale", type=float, default=0.0,
+                        help="0: zero initial state (deterministic); 1: random as in training")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per row")
+    return parser
+
+
+def _pick(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def cli(argv: Sequence[str]) -> int:
+    """``python -m rdlm sample --checkpoint DIR --prompt "…" …``; returns the exit status."""
+    args = _sample_parser().parse_args(list(argv))
+    from pathlib import Path
+
+    from rdlm import checkpoint
+
+    if not args.prompt and not args.tokens:
+        print("error: give --prompt TEXT (with a tokenizer) or --tokens 1,2,3", file=sys.stderr)
+        return 2
+    tokenizer = None
+    tok_path = args.tokenizer
+    if tok_path is None and (Path(args.checkpoint) / "tokenizer.json").is_file():
+        tok_path = args.checkpoint
+    if tok_path is not None:
+        from rdlm.interop import load_tokenizer
+        tokenizer = load_tokenizer(tok_path)
+    if args.prompt and tokenizer is None:
+        print("error: --prompt needs --tokenizer tokenizer.json (or a checkpoint directory that "
+              "holds one); or give --tokens 1,2,3", file=sys.stderr)
+        return 2
+    config, params = checkpoint.load_params(args.checkpoint)
+    defaults = config.sample
+    rows = [tokenizer.prompt(text) for text in args.prompt] + list(args.tokens)
+    exit_spec = _pick(args.exit, defaults.exit)
+    exit_cfg = (None if exit_spec is None else
+                ExitConfig.parse(exit_spec, min_steps=args.min_steps,
+                                 check_every=args.check_every))
+    stop = args.stop if args.stop is not None else (tokenizer.stop_ids if tokenizer else ())
+    temperature = _pick(args.temperature, defaults.temperature)
+    try:
+        out = generate(
+            params, config.model, rows,
+            max_new_tokens=_pick(args.max_new_tokens, defaults.max_new_tokens),
+            num_steps=_pick(args.num_steps, defaults.num_steps), exit=exit_cfg,
+            cache_budget=_pick(args.cache_budget, defaults.cache_budget),
+            continuous_cot=_pick(args.continuous_cot, defaults.continuous_cot),
+            speculative=args.speculative, temperature=temperature,
+            top_k=_pick(args.top_k, defaults.top_k), top_p=_pick(args.top_p, defaults.top_p),
+            min_p=_pick(args.min_p, defaults.min_p), stop_tokens=stop,
+            key=jax.random.key(args.seed), init_scale=args.init_scale)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for i, ids in enumerate(out.rows()):
+        steps = out.steps[i, :len(ids)].tolist()
+        text = tokenizer.decode(ids) if tokenizer is not None else None
+        if args.json:
+            record = {"row": i, "tokens": ids, "steps": steps}
+            if text is not None:
+                record["text"] = text
+            if out.exit_values is not None:
+                record["exit_values"] = [None if math.isnan(v) else float(v)
+                                         for v in out.exit_values[i, :len(ids)]]
+            print(json.dumps(record))
+            continue
+        print(f"[{i}] {text if text is not None else ' '.join(map(str, ids))}")
+        mean = sum(steps) / max(len(steps), 1)
+        print(f"    iterations per token: {steps} (mean {mean:.2f})")
+    print(f"cache: {out.cache_bytes / 2**20:.2f} MiB in {out.num_slots} recurrence slots"
+          + (f"; speculative acceptance {out.stats['acceptance_rate']:.2f}"
+             if "acceptance_rate" in out.stats else ""), file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark: python -m rdlm bench sample CONFIG
+
+
+def weight_bytes_per_token(cfg: ModelConfig, mean_steps: float) -> float:
+    """Parameter bytes batch-1 decoding reads per token: every non-core weight once (the tied
+    embedding as the output head) and the core's weights once per recurrence step."""
+    from rdlm.model import abstract_params
+
+    shapes = abstract_params(cfg)
+    size = lambda tree: sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+    core = size(shapes["core"])
+    return size(shapes) - core + mean_steps * core
+
+
+def memory_bandwidth(num_bytes: int = 256 * 2**20, repeats: int = 5) -> float:
+    """Bytes/s of a streaming read (a jitted sum over a large float32 array), best of a few."""
+    x = jnp.ones((num_bytes // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(x).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        total(x).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return num_bytes / best
+
+
+def _bench_config(spec: str, overrides: Sequence[str]) -> ModelConfig:
+    from pathlib import Path
+
+    from rdlm.config import MODEL_PRESETS, load_config, model_preset
+
+    if spec in MODEL_PRESETS and not Path(spec).is_file():
+        return model_preset(spec)
+    return load_config(spec, overrides).model
+
+
+def bench_cli(argv: Sequence[str]) -> int:
+    """``python -m rdlm bench sample CONFIG [key=value …] [--quick] [--json PATH]``."""
+    parser = argparse.ArgumentParser(prog="python -m rdlm bench sample")
+    parser.add_argument("config", help="YAML config or model preset name (e.g. bench-28m)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.dtype=bfloat16")
+    parser.add_argument("--steps", type=_int_list, default=[4, 16, 32])
+    parser.add_argument("--batches", type=_int_list, default=[1, 16])
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--budget", type=int, default=4, help="slots of the shared-cache runs")
+    parser.add_argument("--exit", default="kl", help="criterion of the adaptive-exit runs")
+    parser.add_argument("--variants", default="full,shared,exit",
+                        help="comma list of: full (one slot per step), shared, exit, speculative")
+    parser.add_argument("--json", help="also write the rows as JSON to this file")
+    args = parser.parse_args(list(argv))
+    cfg = _bench_config(args.config, args.overrides)
+    params = jax.jit(lambda k: __import__("rdlm").init_params(cfg, k))(jax.random.key(0))
+    max_r = max(args.steps)
+    variants = {
+        "full": dict(cache_budget=max_r),  # one slot per step for every r: one compile
+        "shared": dict(cache_budget=args.budget),
+        "exit": dict(cache_budget=max_r, exit=args.exit),
+        "speculative": dict(cache_budget=max_r, speculative=SpeculativeConfig(4, 4)),
+    }
+    chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for v in chosen:
+        if v not in variants:
+            parser.error(f"unknown variant {v!r}; choose from {sorted(variants)}")
+    device = jax.devices()[0]
+    print(f"device: {device.platform} {device.device_kind} x{jax.device_count()}; model "
+          f"{__import__('rdlm').count_params(cfg):,} parameters, {cfg.dtype}; prompt "
+          f"{args.prompt_len} tokens, {args.new_tokens} greedy new tokens, zero initial state")
+    bandwidth = memory_bandwidth()
+    print(f"measured streaming-read bandwidth: {bandwidth / 1e9:.1f} GB/s")
+    rng = np.random.default_rng(0)
+    results = []
+    header = (f"{'variant':<12}{'batch':>6}{'r':>5}{'tokens/s':>11}{'mean it':>9}"
+              f"{'cache MiB':>11}{'weight GB/s':>13}{'of bound':>10}{'compile s':>11}")
+    print(header)
+    for variant in chosen:
+        for batch in args.batches:
+            prompts = rng.integers(0, cfg.vocab_size, (batch, args.prompt_len)).tolist()
+            common = dict(max_new_tokens=args.new_tokens, **variants[variant])
+            start = time.perf_counter()
+            generate(params, cfg, prompts, num_steps=min(args.steps), **common)
+            compile_s = time.perf_counter() - start
+            for r in args.steps:
+                start = time.perf_counter()
+                out = generate(params, cfg, prompts, num_steps=r, **common)
+                seconds = time.perf_counter() - start
+                tokens_per_s = batch * args.new_tokens / seconds
+                mean_steps = out.mean_steps
+                row = {"variant": variant, "batch": batch, "num_steps": r,
+                       "tokens_per_s": tokens_per_s, "seconds": seconds,
+                       "mean_iterations": mean_steps, "cache_bytes": out.cache_bytes,
+                       "compile_s": compile_s, "device": device.device_kind}
+                line = (f"{variant:<12}{batch:>6}{r:>5}{tokens_per_s:>11.1f}{mean_steps:>9.2f}"
+                        f"{out.cache_bytes / 2**20:>11.2f}")
+                if batch == 1:
+                    achieved = weight_bytes_per_token(cfg, mean_steps) * tokens_per_s
+                    row.update(weight_bytes_per_s=achieved, bandwidth_bytes_per_s=bandwidth)
+                    line += f"{achieved / 1e9:>13.2f}{achieved / bandwidth:>10.0%}"
+                else:
+                    line += f"{'':>13}{'':>10}"
+                print(line + f"{compile_s:>11.1f}", flush=True)
+                results.append(row)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
