@@ -784,6 +784,22 @@ def _peak_memory_bytes(compiled: Any) -> dict[str, float]:
     return out
 
 
+def measured_matmul_flops(cfg: Config, repeats: int = 10) -> float:
+    """FLOP/s of one [tokens, d] × [d, mlp] matmul in the model dtype on the first device: the
+    practical peak right now (on a shared CPU, load changes it several-fold)."""
+    tokens = cfg.train.batch_size * cfg.train.seq_len
+    dtype = jnp.dtype(cfg.model.dtype)
+    a = jnp.ones((tokens, cfg.model.d_model), dtype)
+    b = jnp.ones((cfg.model.d_model, cfg.model.mlp_dim), dtype)
+    matmul = jax.jit(lambda x, y: x @ y)
+    jax.block_until_ready(matmul(a, b))
+    t = time.perf_counter()
+    for _ in range(repeats):
+        out = matmul(a, b)
+    jax.block_until_ready(out)
+    return 2 * tokens * cfg.model.d_model * cfg.model.mlp_dim * repeats / (time.perf_counter() - t)
+
+
 def bench_train(cfg: Config, recurrences: tuple[int, ...] = (4, 32, 64), steps: int = 5,
                 warmup: int = 2) -> dict[str, Any]:
     """Time the real train step (shardings, donation, optimizer) at fixed depths.
@@ -831,6 +847,8 @@ def bench_train(cfg: Config, recurrences: tuple[int, ...] = (4, 32, 64), steps: 
                "loss": float(metrics["loss"])}
         if peak:
             row["mfu"] = flops / step_s / (peak * jax.device_count())
+        row["matmul_flops_per_s"] = measured_matmul_flops(cfg)  # measured right after this r
+        row["of_matmul_peak"] = flops / step_s / (row["matmul_flops_per_s"] * jax.device_count())
         results.append(row)
     return {"device": f"{jax.device_count()} x {device.device_kind} ({device.platform})",
             "dtype": cfg.model.dtype, "batch": cfg.train.batch_size, "seq_len": cfg.train.seq_len,
@@ -849,12 +867,16 @@ def format_bench(report: dict[str, Any]) -> str:
              "memory: " + ", ".join(f"{k} {v / 2**20:,.0f} MiB"
                                     for k, v in report["memory"].items()),
              f"{'r':>4} {'no-grad':>7} {'grad':>4} {'step s':>9} {'tokens/s':>10} "
-             f"{'TFLOP/s':>8} {'MFU':>6}"]
+             f"{'TFLOP/s':>8} {'MFU':>6} {'matmul TFLOP/s':>14} {'of matmul':>9}"]
     for row in report["results"]:
         mfu = f"{row['mfu']:.1%}" if "mfu" in row else "n/a"
         lines.append(f"{row['r']:>4} {row['n_no_grad']:>7} {row['n_grad']:>4} "
                      f"{row['step_s']:>9.4f} {row['tokens_per_s']:>10,.0f} "
-                     f"{row['tflops_per_s']:>8.3f} {mfu:>6}")
+                     f"{row['tflops_per_s']:>8.3f} {mfu:>6} "
+                     f"{row['matmul_flops_per_s'] / 1e12:>14.3f} {row['of_matmul_peak']:>9.1%}")
+    lines.append("MFU: model FLOPs / step time / table peak; 'of matmul': the same against one "
+                 "[tokens, d] x [d, mlp] matmul measured after each r (the peak the machine "
+                 "gives right now).")
     return "\n".join(lines)
 
 
