@@ -26,11 +26,14 @@ from rdlm import sharding as shard_lib
 from rdlm.config import Config, ConfigError, load_config
 from rdlm.optim import make_optimizer
 
-# HBM per device (one jax.Device) in bytes.
+# HBM per device (one jax.Device) in bytes. v5p: 96 GiB of HBM2e, of which XLA's out-of-memory
+# messages give 95.74 GiB as usable ("Used … of 95.74G hbm"); the other TPUs by their spec.
+# Matched in order: "tpu v5 lite" (v5e) before "tpu v5" (v5p reports its kind as "TPU v5").
 HBM_BYTES: dict[str, float] = {
-    "tpu v5p": 95 * 2**30,
     "tpu v5 lite": 16 * 2**30,
     "tpu v5e": 16 * 2**30,
+    "tpu v5p": 95.74 * 2**30,
+    "tpu v5": 95.74 * 2**30,
     "tpu v6 lite": 32 * 2**30,
     "tpu v6e": 32 * 2**30,
     "tpu v4": 32 * 2**30,

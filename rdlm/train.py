@@ -302,9 +302,10 @@ PEAK_FLOPS: dict[str, tuple[float, float]] = {
     "a100": (312e12, 156e12),
     "l4": (121e12, 60e12),
     "tpu v6": (918e12, 918e12),
-    "tpu v5p": (459e12, 459e12),
-    "tpu v5 lite": (197e12, 197e12),
+    "tpu v5 lite": (197e12, 197e12),  # v5e; checked before "tpu v5", which it contains
     "tpu v5e": (197e12, 197e12),
+    "tpu v5p": (459e12, 459e12),
+    "tpu v5": (459e12, 459e12),  # v5p reports its device_kind as "TPU v5"
     "tpu v4": (275e12, 275e12),
     "tpu v3": (123e12, 123e12),
     "cpu": (170e9, 170e9),
