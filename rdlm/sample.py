@@ -702,11 +702,11 @@ def _place(params: Params, cfg: ModelConfig, prompt_bt: np.ndarray, pad_b: np.nd
     from rdlm import sharding
 
     params = jax.device_put(params, sharding.param_shardings(cfg, mesh))
-    data = mesh.shape.get("data", 1)
-    spec = PartitionSpec("data") if prompt_bt.shape[0] % data == 0 else PartitionSpec()
-    batch_sharding = NamedSharding(mesh, spec)
-    return (params, jax.device_put(prompt_bt, batch_sharding),
-            jax.device_put(pad_b, batch_sharding))
+    spec = sharding.batch_spec(mesh)
+    if prompt_bt.shape[0] % sharding.data_parallel_size(mesh):
+        spec = PartitionSpec()  # a batch that does not divide stays replicated
+    return (params, jax.device_put(prompt_bt, NamedSharding(mesh, spec)),
+            jax.device_put(pad_b, NamedSharding(mesh, PartitionSpec(*spec[:1]))))
 
 
 def generate(params: Params, cfg: ModelConfig, prompt_tokens: Any, *, max_new_tokens: int,

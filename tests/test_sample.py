@@ -101,6 +101,7 @@ def _reference_adaptive(params, prompt, new_tokens, depths, num_steps, budget):
 
     Position q ran depths[q] steps. At step i a later token reads q's keys/values of the latest
     step j < depths[q] stored in slot i mod budget, or q's last step when q stopped before i.
+    Prompt positions are one parallel pass (no exit), so among themselves step i reads step i.
     Returns the logits after every generated token.
     """
     model = rdlm.bind(params, CFG)
@@ -116,6 +117,8 @@ def _reference_adaptive(params, prompt, new_tokens, depths, num_steps, budget):
         for q in range(pos):
             if step is None:
                 k, v = kv[(stage, layer, None, q)]
+            elif pos < len(prompt):  # the prompt is one parallel pass: step i sees step i
+                k, v = kv[(stage, layer, step, q)]
             elif depths[q] > step:
                 j = max(j for j in range(depths[q]) if j % budget == step % budget)
                 k, v = kv[(stage, layer, j, q)]
@@ -154,7 +157,8 @@ def _reference_adaptive(params, prompt, new_tokens, depths, num_steps, budget):
 def test_adaptive_exit_reads_exited_tokens_at_their_latest_entry(params, budget):
     r = 8
     prompts = [PROMPTS[1], PROMPTS[0][:4]]
-    out = gen(params, prompts, num_steps=r, cache_budget=budget, exit="latent-diff:0.2")
+    out = gen(params, prompts, num_steps=r, cache_budget=budget, exit="latent-diff:0.2",
+              max_new_tokens=5)
     assert (out.steps[:, 1:] < r).any() and len(set(out.steps[:, 1:].ravel())) > 2
     for row, prompt in enumerate(prompts):
         # Position P-1+n produced token n with out.steps[row, n] steps (prompt positions: r).
