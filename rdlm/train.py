@@ -636,36 +636,59 @@ def _loop(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation, shardings: 
                     else None)
 
     history: list[dict[str, float]] = []
-    pending: tuple[int, dict, Batch] | None = None
+    pending: tuple[int, dict] | None = None
     batch: Batch | None = first
     last_time = time.perf_counter()
     loop_start = last_time
 
-    def finish(step: int, metrics_dev: dict, step_batch: Batch) -> None:
+    side_metrics: dict[int, dict[str, float]] = {}
+    excluded_s = 0.0
+    first_step_s = 0.0
+
+    def side_work(step: int, step_batch: Batch) -> None:
+        """Telemetry and eval on the params right after ``step`` (before the next step donates
+        them); the time beyond waiting for the step itself is excluded from its step time."""
+        nonlocal excluded_s
+        wants_telemetry = telemetry_fn is not None and step % tc.telemetry_every == 0
+        wants_eval = eval_fn is not None and step % tc.eval_every == 0
+        if not (wants_telemetry or wants_eval):
+            return
+        jax.block_until_ready(state.params)
+        t0 = time.perf_counter()
+        m: dict[str, float] = {}
+        if wants_telemetry:
+            rows = step_batch["inputs"][: min(4, tc.batch_size)]
+            m.update(_plain_dict(telemetry_fn(state.params, rows, cfg,
+                                              max(2, cfg.model.mean_recurrence))))
+        if wants_eval:
+            m.update(run_eval(eval_fn, state.params, eval_batches, cfg, mesh))
+        side_metrics[step] = m
+        excluded_s += time.perf_counter() - t0
+
+    def finish(step: int, metrics_dev: dict) -> None:
         """Host side of a step, one step behind the device so dispatch is never blocked."""
-        nonlocal last_time
+        nonlocal last_time, excluded_s
         m = {k: _plain(v) for k, v in jax.device_get(metrics_dev).items()}
         now = time.perf_counter()
-        dt, last_time = now - last_time, now
+        # Host work that is not training (eval, telemetry, checkpoint copies) is taken out.
+        dt, last_time, excluded_s = now - last_time - excluded_s, now, 0.0
         m["r"] = int(m.pop("n_no_grad")) + int(m["n_grad"])
-        m["step_time_s"] = dt
-        m["tokens_per_s"] = tokens_per_step / dt
-        step_flops = flops_lib.train_flops_per_token(cfg.model, tc.seq_len, m["r"] - m["n_grad"],
-                                                     m["n_grad"]) * tokens_per_step
-        if total_peak:
-            m["mfu"] = step_flops / dt / total_peak
+        if step == start + 1:
+            m["step_time_s"] = first_step_s  # compilation included: no throughput from it
+        else:
+            m["step_time_s"] = dt
+            m["tokens_per_s"] = tokens_per_step / dt
+            step_flops = flops_lib.train_flops_per_token(
+                cfg.model, tc.seq_len, m["r"] - m["n_grad"], m["n_grad"]) * tokens_per_step
+            if total_peak:
+                m["mfu"] = step_flops / dt / total_peak
         done = step - start
         m["eta_s"] = (now - loop_start) / done * (tc.steps - step) if done else 0.0
         if not m["finite"]:
             log.message(f"step {step}: non-finite loss or gradient (loss={m['loss']}, "
                         f"grad_norm={m['grad_norm']}); update skipped "
                         f"({m['bad_streak']} in a row, {m['bad_steps']} in total)")
-        if telemetry_fn is not None and step % tc.telemetry_every == 0:
-            rows = step_batch["inputs"][: min(4, tc.batch_size)]
-            m.update(_plain_dict(telemetry_fn(state.params, rows, cfg,
-                                              max(2, cfg.model.mean_recurrence))))
-        if eval_fn is not None and step % tc.eval_every == 0:
-            m.update(run_eval(eval_fn, state.params, eval_batches, cfg, mesh))
+        m.update(side_metrics.pop(step, {}))
         history.append({"step": step, **m})
         log.log(step, m, print_line=(step % tc.log_every == 0 or step == tc.steps))
         if m["bad_streak"] >= tc.max_bad_steps:
@@ -684,13 +707,15 @@ def _loop(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation, shardings: 
             t0 = time.perf_counter()
             state, metrics = step_fn(state, batch)
             jax.block_until_ready(metrics)
-            log.message(f"first step (compilation included): {time.perf_counter() - t0:.1f}s")
+            first_step_s = time.perf_counter() - t0
+            log.message(f"first step (compilation included): {first_step_s:.1f}s")
             last_time = loop_start = time.perf_counter()
         else:
             state, metrics = step_fn(state, batch)
         if pending is not None:
             finish(*pending)
-        pending = (step, metrics, batch)
+        pending = (step, metrics)
+        side_work(step, batch)
         batch = None
         stop = preemption.agreed()
         if checkpointer.should_save(step, tc.steps) or stop:
@@ -698,8 +723,10 @@ def _loop(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation, shardings: 
             # but never save past the point where the guard stops the run.
             finish(*pending)
             pending = None
+            t0 = time.perf_counter()
             checkpointer.save(step, cfg=cfg, params=state.params, opt_state=state.opt_state,
                               meta=state.meta(), data_iterator=data_iterator)
+            excluded_s += time.perf_counter() - t0
         if stop:
             checkpointer.wait()
             log.message(f"SIGTERM: saved step {step} to {checkpointer.directory}; exiting.")
