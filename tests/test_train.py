@@ -232,3 +232,21 @@ def test_sigkill_during_async_save_then_sigterm_then_exact_resume(tmp_path):
     # And the loss falls on this task.
     losses = [straight_loss[s] for s in range(1, steps + 1)]
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:3])
+
+
+def test_init_from_starts_a_new_run_from_params(tmp_path):
+    cfg = tiny_cfg(f"train.run_dir={tmp_path / 'run'}", "train.steps=1", "train.lr=0.00001",
+                   "train.checkpoint_every=0")
+    source = rdlm.init_params(cfg.model, jax.random.key(123))  # not the run's seed
+    checkpoint.save_params(tmp_path / "init", cfg, source)
+    cfg = tiny_cfg(f"train.run_dir={tmp_path / 'run'}", "train.steps=1", "train.lr=0.00001",
+                   "train.checkpoint_every=0", f"train.init_from={tmp_path / 'init'}")
+    result = train_lib.train(cfg, data_iterator=StepBatches(8, 64))
+    assert int(result.state.step) == 1
+    for a, b in zip(jax.tree.leaves(result.state.params), jax.tree.leaves(source)):
+        np.testing.assert_allclose(a, b, atol=1e-4)  # one tiny step away from the source
+    # A model of another shape is refused, naming the option.
+    other = tiny_cfg(f"train.run_dir={tmp_path / 'other'}", f"train.init_from={tmp_path / 'init'}",
+                     "model.d_model=64")
+    with pytest.raises(ConfigError, match="train.init_from"):
+        train_lib.train(other, data_iterator=StepBatches(8, 64))
