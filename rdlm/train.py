@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
 from rdlm import checkpoint as ckpt_lib
 from rdlm import flops as flops_lib
@@ -46,7 +46,7 @@ from rdlm.optim import make_optimizer, make_schedule
 from rdlm.recurrence import sample_depth
 
 Batch = dict[str, jax.Array]
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "loss_mask")
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "loss_mask", "branch_ids")
 
 
 class TrainingDiverged(RuntimeError):
@@ -261,7 +261,8 @@ def make_eval_fn(cfg: Config, mesh: Mesh) -> Callable:
     """(params, batch, r) → (summed token loss, token count); one compilation for every r."""
     def eval_loss(params: Any, batch: Batch, num_steps: jax.Array) -> tuple[jax.Array, jax.Array]:
         logits, _ = forward(params, batch["inputs"], cfg.model, num_steps=num_steps,
-                            key=jax.random.key(cfg.seed + 1), segment_ids=batch.get("segment_ids"))
+                            key=jax.random.key(cfg.seed + 1), segment_ids=batch.get("segment_ids"),
+                            branch_ids=batch.get("branch_ids"))
         nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
         mask = batch.get("loss_mask")
         mask = jnp.ones_like(nll) if mask is None else mask.astype(jnp.float32)
