@@ -333,6 +333,9 @@ class DataConfig:
     num_examples: int = 1_000_000  # examples in one epoch of a synthetic split
     read_threads: int = 2  # grain read threads per process (order stays deterministic)
     prefetch_batches: int = 2  # batches built ahead in a background thread (0 = none)
+    # Train every question of a context at once: a shared trunk plus one isolated branch per
+    # question (chains task). Dense supervision; each branch computes what it would alone.
+    branches: bool = False
 
     def __post_init__(self) -> None:
         sources = ("synthetic", "memmap", "arrayrecord", "parquet", "gsm8k")
@@ -356,6 +359,11 @@ class DataConfig:
             value = getattr(self, name)
             _require(isinstance(value, int) and value >= 1, f"data.{name}", value,
                      "must be a positive integer")
+        if self.branches:
+            _require(self.source == "synthetic" and self.task == "chains", "data.branches",
+                     self.branches, "is supported for data.source=synthetic, data.task=chains")
+            _require(self.format == "nocot", "data.branches", self.branches,
+                     "needs data.format='nocot'")
         for name in ("num_latent_steps", "prefetch_batches", "examples_per_row"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value >= 0, f"data.{name}", value,

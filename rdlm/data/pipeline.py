@@ -31,8 +31,9 @@ import numpy as np
 
 from rdlm.config import Config, ConfigError, DataConfig
 from rdlm.data import sources as src
-from rdlm.data.render import render
-from rdlm.data.tasks import Example, check_split, load_gsm8k_aug, make_task
+from rdlm.data.render import render, render_branches
+from rdlm.data.tasks import (SIBLING_QUESTIONS, Example, check_split, load_gsm8k_aug, make_task,
+                             split_of)
 from rdlm.data.tokenizer import Tokenizer, load_tokenizer
 
 Batch = dict[str, np.ndarray]
@@ -86,12 +87,32 @@ def tokenizer_for(data: DataConfig) -> Tokenizer:
     return load_tokenizer(data.tokenizer)
 
 
-def _render_fn(data: DataConfig, tok: Tokenizer) -> Callable[[Example], dict[str, np.ndarray]]:
+def _render_fn(data: DataConfig, tok: Tokenizer, split: str = "train"
+               ) -> Callable[[Example], dict[str, np.ndarray]]:
+    if data.branches:
+        return _branches_fn(data, tok, split)
+
     def fn(example: Example) -> dict[str, np.ndarray]:
         tokens, mask = render(example, tok, fmt=data.format, loss_on=data.loss_on,
                               num_latent_steps=data.num_latent_steps,
                               latents_per_step=data.latents_per_step)
         return example_to_features(tokens, mask)
+    return fn
+
+
+def _branches_fn(data: DataConfig, tok: Tokenizer, split: str
+                 ) -> Callable[[Example], dict[str, np.ndarray]]:
+    """Every question of an example's context in one row (see `render_branches`), keeping only
+    questions of this split, so a held-out question is never trained on."""
+    siblings = SIBLING_QUESTIONS[data.task]
+
+    def fn(example: Example) -> dict[str, np.ndarray]:
+        questions = [qa for qa in siblings(example) if split_of(qa[0]) == split]
+        questions = questions or [(example.question, example.answer)]
+        rng = np.random.default_rng(int.from_bytes(example.question.encode()[-8:], "little"))
+        questions = [questions[i] for i in rng.permutation(len(questions))]
+        tokens, mask, branch = render_branches(questions, tok, loss_on=data.loss_on)
+        return {**example_to_features(tokens, mask), "branch_ids": branch[:-1]}
     return fn
 
 
@@ -124,7 +145,7 @@ def _indexed(cfg: Config, split: str, tok: Tokenizer) -> tuple[Any, Callable[[An
     data = cfg.data
     seq_len = cfg.train.seq_len
     if data.source in ("synthetic", "gsm8k"):
-        return example_source(cfg, split), _render_fn(data, tok)
+        return example_source(cfg, split), _render_fn(data, tok, split)
     files = src.expand_paths(data.paths, split)
     if data.source == "memmap":
         # A glob such as train-* also matches the .bin dtype sidecars and prepare's metadata.
@@ -182,6 +203,9 @@ def make_dataset(cfg: Config, *, split: str = "train", process_index: int = 0,
     if repeat:
         ds = ds.repeat()
     packing = resolve_packing(data)
+    if data.branches and packing not in ("slots", "none"):
+        raise ConfigError(f"data.branches=true needs data.packing 'slots' or 'none', got "
+                          f"{packing!r}: the streaming packers do not carry branch ids.")
     if packing in ("slots", "none", "windows"):
         slots = 1 if packing != "slots" else (
             data.examples_per_row or auto_examples_per_row(source, transform, seq_len))
@@ -232,14 +256,15 @@ def _streaming_batches(ds: grain.MapDataset, transform: Callable, packing: str, 
 def pack_slots(features: list[dict[str, np.ndarray]], seq_len: int) -> Batch:
     """Examples into one row in order, segment ids 1, 2, …; an example that no longer fits is
     left out (rare: the number of slots is chosen so that the longest examples fit)."""
-    row = {k: np.zeros(seq_len, np.int32) for k in (*FEATURES, "segment_ids")}
+    keys = (*FEATURES, *(("branch_ids",) if "branch_ids" in features[0] else ()))
+    row = {k: np.zeros(seq_len, np.int32) for k in (*keys, "segment_ids")}
     used = 0
     for segment, f in enumerate(features, start=1):
         n = len(f["inputs"])
         _check_fits(n, seq_len)
         if used + n > seq_len:
             continue
-        for k in FEATURES:
+        for k in keys:
             row[k][used:used + n] = f[k]
         row["segment_ids"][used:used + n] = segment
         used += n

@@ -67,6 +67,46 @@ def render(example: Example, tok: Tokenizer, *, fmt: str = "nocot", loss_on: str
     return tokens, mask
 
 
+def render_branches(questions: list[tuple[str, str]], tok: Tokenizer, *,
+                    loss_on: str = "completion") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Several No-CoT questions about one context as one shared trunk and isolated branches.
+
+    The trunk is the questions' common prefix (the context); branch k holds the rest of question
+    k and its completion. With ``branch_ids`` the model lets each branch see only the trunk and
+    itself, at the positions it would have alone, so every branch is exactly the single-question
+    example — one forward pass trains all questions of a context (dense supervision for recall
+    tasks) without any answer leaking into another question. Returns (tokens, mask, branch_ids).
+    """
+    if not questions:
+        raise ValueError("render_branches needs at least one question.")
+    texts = [q for q, _ in questions]
+    trunk = texts[0][:len(_common_prefix(texts))]
+    tokens = [tok.bos_id] + tok.encode(trunk)
+    mask = [0] + [int(loss_on == "all")] * (len(tokens) - 1)
+    branch = [0] * len(tokens)
+    for k, (question, answer) in enumerate(questions, start=1):
+        example = Example(question, (), answer)
+        prompt = tok.encode(question[len(trunk):] + "\n")
+        completion = tok.encode(completion_text(example)) + [tok.eos_id]
+        if tok.encode(question + "\n") != tok.encode(trunk) + prompt:
+            raise ConfigError("data.branches needs a tokenizer that encodes the context and the "
+                              "question separately exactly as together (e.g. 'chars').")
+        # A branch's first token is never a target: in the flat row it follows another branch.
+        mask += [0] + [int(loss_on == "all")] * (len(prompt) - 1) + [1] * len(completion)
+        tokens += prompt + completion
+        branch += [k] * (len(prompt) + len(completion))
+    return (np.asarray(tokens, np.int32), np.asarray(mask, np.int32),
+            np.asarray(branch, np.int32))
+
+
+def _common_prefix(texts: list[str]) -> str:
+    first, last = min(texts), max(texts)
+    n = 0
+    while n < min(len(first), len(last)) and first[n] == last[n]:
+        n += 1
+    return first[:n]
+
+
 def _latent_block(example: Example, tok: Tokenizer, k: int, c: int) -> list[int]:
     if tok.bot_id is None or tok.eot_id is None or tok.latent_id is None:
         raise ConfigError("data.format='coconut' needs a tokenizer with <bot>, <eot> and <latent> "

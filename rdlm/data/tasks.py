@@ -198,6 +198,20 @@ def solve_chains(question: str) -> str:
     return query
 
 
+def chains_questions(example: Example) -> list[tuple[str, str]]:
+    """Every question the statements of a chains example answer: (question, answer) for each
+    variable, in the order the statements define them."""
+    body = example.question.rsplit(";?", 1)[0]
+    questions = [f"{body};?{s.split('=')[0]}" for s in body.split(";")]
+    return [(q, solve_chains(q)) for q in questions]
+
+
+# Tasks whose examples share a context with other questions (for `data.branches`).
+SIBLING_QUESTIONS: dict[str, Callable[[Example], list[tuple[str, str]]]] = {
+    "chains": chains_questions,
+}
+
+
 def _chain_digits(question: str) -> list[str]:
     return [c for c in question.rsplit(";?", 1)[0] if c.isdigit()]
 
