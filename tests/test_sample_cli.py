@@ -1,0 +1,57 @@
+"""`python -m rdlm sample` and `python -m rdlm bench sample` end to end on a tiny checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import rdlm
+from rdlm import checkpoint, sample
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    config = rdlm.load_config("configs/tiny.yaml", ["sample.num_steps=3",
+                                                    "sample.max_new_tokens=5"])
+    params = rdlm.init_params(config.model, jax.random.key(0))
+    path = tmp_path_factory.mktemp("ckpt") / "params"
+    checkpoint.save_params(path, config, params)
+    return path, config, params
+
+
+def test_cli_prints_what_generate_returns(ckpt, capsys):
+    path, config, params = ckpt
+    status = sample.cli(["--checkpoint", str(path), "--tokens", "1,2,3", "--tokens", "9,8",
+                         "--cache-budget", "2", "--json"])
+    assert status == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    expected = rdlm.generate(params, config.model, [[1, 2, 3], [9, 8]], max_new_tokens=5,
+                             num_steps=3, cache_budget=2)
+    assert [r["tokens"] for r in rows] == expected.rows()
+    assert [r["steps"] for r in rows] == [[3] * 5, [3] * 5]
+
+
+def test_cli_reports_bad_input(ckpt, capsys):
+    path, _, _ = ckpt
+    assert sample.cli(["--checkpoint", str(path), "--tokens", "1,999"]) == 2
+    assert "outside the vocabulary" in capsys.readouterr().err
+    assert sample.cli(["--checkpoint", str(path), "--prompt", "hello"]) == 2
+    assert "tokenizer" in capsys.readouterr().err
+
+
+def test_bench_runs_on_a_preset(capsys, tmp_path):
+    out = tmp_path / "bench.json"
+    status = sample.bench_cli(["tiny", "--steps", "1,2", "--batches", "1", "--prompt-len", "4",
+                               "--new-tokens", "3", "--variants", "full", "--json", str(out)])
+    assert status == 0
+    rows = json.loads(out.read_text())
+    assert [r["num_steps"] for r in rows] == [1, 2]
+    assert all(r["tokens_per_s"] > 0 and r["weight_bytes_per_s"] > 0 for r in rows)
+    assert "tokens/s" in capsys.readouterr().out
+    assert np.isclose(sample.weight_bytes_per_token(rdlm.model_preset("tiny"), 0),
+                      4 * (rdlm.count_params(rdlm.model_preset("tiny"))
+                           - sum(x.size for x in jax.tree.leaves(
+                               rdlm.abstract_params(rdlm.model_preset("tiny"))["core"]))))
