@@ -225,7 +225,10 @@ def _step_identity(cfg: Config) -> Config:
     if cfg.train.schedule == "constant":
         host_only.append("steps")  # only cosine and trapezoid schedules read the run length
     train = dataclasses.replace(cfg.train, **{f: getattr(defaults, f) for f in host_only})
-    return dataclasses.replace(cfg, train=train, data=DataConfig(), sample=SampleConfig())
+    # The mesh itself is a separate key; its config (and the data/sample sections) never
+    # reach the step.
+    return dataclasses.replace(cfg, train=train, data=DataConfig(), sample=SampleConfig(),
+                               mesh=MeshConfig())
 
 
 def make_train_step(cfg: Config, mesh: Mesh, *, fixed_depth: bool = False,
