@@ -15,6 +15,11 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
+# The main job on the embedded default: train configs/demo.yaml, evaluate accuracy vs r, write
+# runs/demo/results.md and runs/demo/accuracy_vs_r.png. Re-running resumes or reuses the run.
+demo: $(STAMP)
+	JAX_PLATFORMS=cpu $(PY) -m rdlm demo configs/demo.yaml
+
 # pytest exits 5 when it collects nothing: make treats that as failure, as it should.
 test: $(STAMP)
 	JAX_PLATFORMS=cpu $(PY) -m pytest -q tests

@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("rdlm.data.prepare", "tokenize text/JSONL into training shards"),
     "aot": ("rdlm.aot", "compile the train step ahead of time for a TPU topology"),
     "bench": ("rdlm.bench", "benchmarks: bench train CONFIG | bench sample CONFIG"),
+    "demo": ("rdlm.demo", "train configs/demo.yaml, evaluate accuracy vs r, write table + plot"),
 }
 
 
