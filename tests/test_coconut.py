@@ -1,0 +1,223 @@
+"""Continuous thought: substitution vs a step-by-step reference, masks, stages, batching, resume."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rdlm import coconut as cc_lib
+from rdlm.coconut import CoconutConfig, Depth
+from rdlm.config import Config, DataConfig, TrainConfig, model_preset
+from rdlm.data.tasks import Example
+from rdlm.data.tokenizer import load_tokenizer
+from rdlm.model import attention_context, forward, init_params, initial_state
+
+TOK = load_tokenizer("chars")
+LATENT = TOK.latent_id
+
+
+def _cfg(mean_recurrence: int = 3):
+    return model_preset("tiny", mean_recurrence=mean_recurrence, max_seq_len=64)
+
+
+def _tokens(question: str, n_latents: int, tail: str = "ab") -> list[int]:
+    return ([TOK.bos_id] + TOK.encode(question) + [TOK.bot_id] + [LATENT] * n_latents
+            + [TOK.eot_id] + TOK.encode(tail))
+
+
+def reference_hidden(params, tokens: list[int], cfg, num_steps: int, state0_td):
+    """Position by position: the input at a latent is the hidden state the model produced at the
+    previous position, computed from scratch over the prefix (no loops shared with the module)."""
+    inputs = []
+    hidden = []
+    depth = Depth(jnp.int32(num_steps), jnp.int32(0), 0)
+    for t, token in enumerate(tokens):
+        if token == LATENT:
+            inputs.append(hidden[t - 1])
+        else:
+            inputs.append(cc_lib.token_embeddings(params, jnp.array([[token]]), cfg)[0, 0])
+        x = jnp.stack(inputs)[None]
+        ctx = attention_context(cfg, 1, t + 1)
+        h = cc_lib.hidden_states(params, x, cfg, ctx, state0_td[None, :t + 1], depth)
+        hidden.append(h[0, t])
+    return jnp.stack(hidden)
+
+
+@pytest.mark.parametrize("mean_r,num_steps,init_scale", [(1, 1, 0.0), (3, 3, 1.0)])
+def test_substitution_matches_step_by_step_reference(mean_r, num_steps, init_scale):
+    cfg = _cfg(mean_r)
+    params = init_params(cfg, jax.random.key(0))
+    tokens = _tokens("x=1;y", 3)
+    key = jax.random.key(5)
+    state0 = initial_state(cfg, (1, len(tokens), cfg.d_model), key=key, init_scale=init_scale)
+    ref = reference_hidden(params, tokens, cfg, num_steps, state0[0])
+    depth = Depth(jnp.int32(num_steps), jnp.int32(0), 0)
+    _, hidden = cc_lib.continuous_forward(params, jnp.array([tokens]), cfg, latent_id=LATENT,
+                                          max_latents=4, depth=depth, key=key,
+                                          init_scale=init_scale)
+    np.testing.assert_allclose(hidden[0], ref, atol=2e-5)
+    # The thoughts matter: the pause baseline (no substitution) differs after the first latent.
+    _, pause = cc_lib.continuous_forward(params, jnp.array([tokens]), cfg, latent_id=LATENT,
+                                         max_latents=4, depth=depth, key=key,
+                                         init_scale=init_scale, substitute=False)
+    first = tokens.index(LATENT)
+    np.testing.assert_allclose(pause[0, :first], ref[:first], atol=2e-5)
+    assert float(jnp.abs(pause[0, first:] - ref[first:]).max()) > 1e-3
+
+
+def test_no_latents_is_the_ordinary_forward():
+    cfg = _cfg(3)
+    params = init_params(cfg, jax.random.key(1))
+    tokens = jnp.array([_tokens("x=1;y", 0)])
+    logits, _ = cc_lib.continuous_forward(params, tokens, cfg, latent_id=LATENT, max_latents=2,
+                                          depth=Depth(jnp.int32(3), jnp.int32(0), 0))
+    expected, _ = forward(params, tokens, cfg, num_steps=3, init_scale=0.0)
+    np.testing.assert_allclose(logits, expected, atol=2e-5)
+
+
+def test_batch_equals_single_rows_with_latents_at_different_positions():
+    cfg = _cfg(2)
+    params = init_params(cfg, jax.random.key(2))
+    rows = [_tokens("a=1;b=a;?b", 2), _tokens("q", 2, "xyz"), _tokens("k=3;?k", 1)]
+    width = max(map(len, rows)) + 2
+    buf = np.zeros((len(rows), width), np.int32)
+    for i, r in enumerate(rows):
+        buf[i, :len(r)] = r
+    depth = Depth(jnp.int32(2), jnp.int32(0), 0)
+    batch_logits, _ = cc_lib.continuous_forward(params, jnp.asarray(buf), cfg, latent_id=LATENT,
+                                                max_latents=3, depth=depth)
+    for i, r in enumerate(rows):
+        single, _ = cc_lib.continuous_forward(params, jnp.array([r]), cfg, latent_id=LATENT,
+                                              max_latents=3, depth=depth)
+        np.testing.assert_allclose(batch_logits[i, :len(r)], single[0], atol=3e-5)
+
+
+def test_latent_ordinals():
+    t = jnp.array([[1, LATENT, LATENT, 7, LATENT, 9], [LATENT, 8, 8, LATENT, LATENT, LATENT]])
+    np.testing.assert_array_equal(cc_lib.latent_ordinals(t, LATENT),
+                                  [[-1, 0, 1, -1, 0, -1], [0, -1, -1, 0, 1, 2]])
+
+
+def test_gradients_flow_through_thoughts():
+    """The loss on the answer after the thoughts depends on the question through the thoughts
+    only if hidden states are fed back; with the pause baseline the gradient path differs."""
+    cfg = _cfg(2)
+    params = init_params(cfg, jax.random.key(3))
+    tokens = np.array([_tokens("x=1;y", 2, "zz")], np.int32)
+    mask = np.zeros_like(tokens)
+    mask[0, -2:] = 1
+    batch = {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:]),
+             "loss_mask": jnp.asarray(mask[:, 1:])}
+    depth = Depth(jnp.int32(0), jnp.int32(2), 2)
+    grad = lambda sub: jax.grad(lambda p: cc_lib.coconut_loss(
+        p, batch, cfg, latent_id=LATENT, max_latents=2, depth=depth, key=None, init_scale=0.0,
+        substitute=sub)[0])(params)
+    g_thought, g_pause = grad(True), grad(False)
+    # ln_f's weight reaches the input of later positions only through fed-back thoughts.
+    diff = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), g_thought, g_pause)
+    assert max(jax.tree.leaves(diff)) > 1e-6
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(g_thought))
+
+
+# ---------------------------------------------------------------------------------------------
+# Curriculum: masks and stages.
+
+EXAMPLE = Example("tom is a bax. every bax is a kel. is tom a kel or pod?",
+                  ("tom is a bax.", "tom is a kel."), "kel")
+
+
+@pytest.mark.parametrize("stage,expected", [
+    (0, "tom is a bax.\ntom is a kel.\n#kel<eos>"),
+    (1, "tom is a kel.\n#kel<eos>"),
+    (2, "#kel<eos>"),
+    (3, "#kel<eos>"),
+])
+def test_loss_mask_covers_exactly_remaining_steps_and_answer(stage, expected):
+    cc = CoconutConfig(max_latent_stage=2, latents_per_step=2)
+    tokens, mask = cc_lib.render_stage(EXAMPLE, TOK, cc, stage)
+    assert TOK.decode(tokens[mask == 1]) == expected
+    n_latent = int((tokens == LATENT).sum())
+    assert n_latent == min(stage, 2) * 2
+    # Nothing in the question or the latent block counts.
+    assert mask[: list(tokens).index(TOK.eot_id) + 1].sum() == 0
+
+
+def test_final_stage_drops_all_steps_even_with_longer_chains():
+    cc = CoconutConfig(max_latent_stage=1)
+    long = dataclasses.replace(EXAMPLE, steps=EXAMPLE.steps + ("tom is a zip.",))
+    tokens, mask = cc_lib.render_stage(long, TOK, cc, 2)
+    assert TOK.decode(tokens[mask == 1]) == "#kel<eos>"
+    assert int((tokens == LATENT).sum()) == 1
+    tokens, mask = cc_lib.render_stage(long, TOK, cc, 1)
+    assert TOK.decode(tokens[mask == 1]) == "tom is a kel.\ntom is a zip.\n#kel<eos>"
+
+
+def test_stage_schedule():
+    cc = CoconutConfig(max_latent_stage=2)
+    plan = cc_lib.stage_plan(cc, 5)
+    assert plan == [(0, 5), (1, 5), (2, 5), (3, 5)]
+    assert [cc_lib.stage_at(plan, s)[0] for s in (0, 4, 5, 9, 10, 15, 19)] == [0, 0, 1, 1, 2, 3, 3]
+    assert [s for s in range(20) if cc_lib.is_stage_start(plan, s)] == [5, 10, 15]
+    assert cc_lib.stage_plan(dataclasses.replace(cc, curriculum=False), 5) == [(3, 20)]
+    assert cc_lib.stage_plan(dataclasses.replace(cc, method="cot"), 5) == [(0, 5)]
+    assert cc_lib.stage_plan(dataclasses.replace(cc, method="pause"), 5) == plan
+
+
+def test_uniform_stage_mixing_is_deterministic_and_mixes():
+    cc = CoconutConfig(max_latent_stage=2, uniform_prob=0.5)
+    examples = [EXAMPLE] * 4
+    a = cc_lib.curriculum_batch(examples, TOK, cc, 3, 7, 16, 128, 0)
+    b = cc_lib.curriculum_batch(examples, TOK, cc, 3, 7, 16, 128, 0)
+    np.testing.assert_array_equal(a["inputs"], b["inputs"])
+    latents = set((a["inputs"] == LATENT).sum(1).tolist())
+    assert len(latents) > 1  # some rows at earlier stages
+
+
+def test_load_coconut_config_overrides():
+    cfg, cc = cc_lib.load_coconut_config("configs/coconut-prosqa.yaml",
+                                         ["coconut.method=pause", "train.batch_size=4"])
+    assert cc.method == "pause" and cfg.train.batch_size == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Training and resumption.
+
+
+def _run_cfg(tmp_path, name: str) -> tuple[Config, CoconutConfig]:
+    cfg = Config(model=model_preset("tiny", max_seq_len=96, mean_recurrence=2, backprop_depth=1),
+                 train=TrainConfig(batch_size=4, seq_len=96, lr=3e-3, warmup_steps=0,
+                                   run_dir=str(tmp_path / name), checkpoint_every=2,
+                                   log_every=100, progress="lines"),
+                 data=DataConfig(task="chains", difficulty=1))
+    cc = CoconutConfig(max_latent_stage=1, steps_per_stage=2, num_train_examples=16,
+                       train_num_steps=0, init_scale=1.0)
+    return cfg, cc
+
+
+def test_resume_mid_curriculum_gives_the_same_params(tmp_path):
+    cfg, cc = _run_cfg(tmp_path, "full")
+    full = cc_lib.train_coconut(cfg, cc, log=lambda *_: None)
+    assert [h["stage"] for h in full["history"]][-1] == 2
+    cfg_b, _ = _run_cfg(tmp_path, "killed")
+    part = cc_lib.train_coconut(cfg_b, cc, stop_after=3, log=lambda *_: None)
+    assert int(part["state"].step) == 3
+    messages = []
+    resumed = cc_lib.train_coconut(cfg_b, cc, log=messages.append)
+    assert "resumed" in messages[0] and "step 2" in messages[0]  # last checkpoint: stage 1 start
+    assert int(resumed["state"].step) == 6
+    for a, b in zip(jax.tree.leaves(full["state"].params), jax.tree.leaves(resumed["state"].params)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_evaluate_method_counts_thoughts_and_tokens(tmp_path):
+    cfg, cc = _run_cfg(tmp_path, "eval")
+    params = init_params(cfg.model, jax.random.key(0))
+    cc = dataclasses.replace(cc, eval_examples=4, max_new_tokens=3)
+    out = cc_lib.evaluate_method(params, cfg, cc, batch_size=4)
+    assert 0.0 <= out["accuracy"] <= 1.0
+    # Untrained: each row generates up to 3 tokens, plus the K·c = 1 thought.
+    assert 1.0 < out["generated_tokens"] <= 4.0
