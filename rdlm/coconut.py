@@ -512,8 +512,8 @@ def generate_after_thoughts(params: Params, tokens_bl: jax.Array, lengths_b: jax
     rows_b = jnp.arange(b)
     scale = jnp.asarray(math.sqrt(cfg.d_model), x_bld.dtype)
 
-    def body(_, carry):
-        tokens_bl, x_bld, lengths_b, done_b, count_b = carry
+    def body(carry):
+        i, tokens_bl, x_bld, lengths_b, done_b, count_b = carry
         h_bld = hidden_states(params, x_bld, cfg, ctx, state0, depth)
         last_bd = h_bld[rows_b, lengths_b - 1]
         next_b = jnp.argmax(head_logits(params, last_bd[:, None], cfg)[:, 0], -1).astype(jnp.int32)
@@ -526,11 +526,14 @@ def generate_after_thoughts(params: Params, tokens_bl: jax.Array, lengths_b: jax
         lengths_b = lengths_b + write_b
         count_b = count_b + write_b
         done_b = done_b | (write_b & (next_b == eos_id)) | (lengths_b >= l)
-        return tokens_bl, x_bld, lengths_b, done_b, count_b
+        return i + 1, tokens_bl, x_bld, lengths_b, done_b, count_b
 
+    # A while loop: a batch stops as soon as every row has ended (CoT answers are long, the
+    # others a few tokens).
+    keep_going = lambda c: (c[0] < max_new_tokens) & ~jnp.all(c[4])
     zeros = jnp.zeros((b,), jnp.int32)
-    carry = (tokens_bl, x_bld, lengths_b, jnp.zeros((b,), bool), zeros)
-    tokens_bl, _, lengths_b, _, count_b = lax.fori_loop(0, max_new_tokens, body, carry)
+    carry = (jnp.int32(0), tokens_bl, x_bld, lengths_b, jnp.zeros((b,), bool), zeros)
+    _, tokens_bl, _, lengths_b, _, count_b = lax.while_loop(keep_going, body, carry)
     return tokens_bl, lengths_b, count_b
 
 
