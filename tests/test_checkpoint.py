@@ -89,5 +89,5 @@ def test_old_configs_with_unknown_data_or_train_keys_still_load():
     with pytest.warns(UserWarning, match="renamed_option"):
         assert checkpoint.config_from_json(saved) == Config()
     saved["model"]["not_a_model_field"] = 1  # the model decides shapes: never guessed
-    with pytest.raises(ConfigError, match="not_a_model_field"):
+    with pytest.raises(ConfigError, match="not_a_model_field"), pytest.warns(UserWarning):
         checkpoint.config_from_json(saved)
