@@ -57,7 +57,7 @@ from jax import lax
 from rdlm import checkpoint as ckpt_lib
 from rdlm import recurrence
 from rdlm import sharding as shard_lib
-from rdlm.config import Config, ConfigError, ModelConfig, from_dict
+from rdlm.config import Config, ConfigError, DataConfig, ModelConfig, from_dict
 from rdlm.data.render import parse_answer, prompt_tokens, render
 from rdlm.data.tasks import Example, example_at, make_task
 from rdlm.data.tokenizer import Tokenizer, load_tokenizer
@@ -237,6 +237,7 @@ def fill_thoughts(params: Params, tokens_bt: jax.Array, cfg: ModelConfig, ctx: A
     return x_btd
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "latent_id", "max_latents", "substitute"))
 def continuous_forward(params: Params, tokens_bt: jax.Array, cfg: ModelConfig, *,
                        latent_id: int, max_latents: int, depth: Depth,
                        key: jax.Array | None = None, init_scale: float | jax.Array = 0.0,
@@ -284,7 +285,7 @@ def stage_plan(cc: CoconutConfig, steps_per_stage: int) -> list[tuple[int, int]]
     """[(stage, steps)] in training order. Single-stage methods and runs without curriculum
     train the final stage for the budget of the whole curriculum."""
     stages = list(range(cc.final_stage + 1))
-    total = steps_per_stage * len(stages)
+    total = steps_per_stage * (cc.max_latent_stage + 2)  # every method: the curriculum's budget
     if not cc.uses_latents or not cc.curriculum:
         return [(cc.final_stage, total)]
     return [(s, steps_per_stage) for s in stages]
@@ -381,9 +382,22 @@ def eval_depth(cfg: Config, cc: CoconutConfig) -> Depth:
     return Depth(jnp.int32(r), jnp.int32(0), 0)
 
 
-@functools.lru_cache(maxsize=8)
 def make_coconut_step(cfg: Config, cc: CoconutConfig, latent_id: int) -> Any:
-    """Jitted (state, batch) → (state, metrics): one AdamW step on `coconut_loss`."""
+    """Jitted (state, batch) → (state, metrics): one optimizer step on `coconut_loss`.
+
+    Memoised on what the step depends on (not the run directory or the data section), so runs
+    that differ only there — tests, resumption in one process — compile once.
+    """
+    step_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, run_dir="",
+                                                                  init_from=""),
+                                   data=DataConfig())
+    step_cc = dataclasses.replace(cc, eval_examples=1, eval_split="test", max_new_tokens=1,
+                                  num_train_examples=1, steps_per_stage=0, epochs_per_stage=0)
+    return _make_coconut_step(step_cfg, step_cc, latent_id)
+
+
+@functools.lru_cache(maxsize=8)
+def _make_coconut_step(cfg: Config, cc: CoconutConfig, latent_id: int) -> Any:
     from rdlm.train import TrainState, step_key
     tx = make_optimizer(cfg.train)
 

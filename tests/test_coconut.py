@@ -30,20 +30,19 @@ def _tokens(question: str, n_latents: int, tail: str = "ab") -> list[int]:
 
 
 def reference_hidden(params, tokens: list[int], cfg, num_steps: int, state0_td):
-    """Position by position: the input at a latent is the hidden state the model produced at the
-    previous position, computed from scratch over the prefix (no loops shared with the module)."""
-    inputs = []
-    hidden = []
+    """Position by position in a Python loop: the input at a latent is the hidden state the model
+    produced at the previous position, each position computed by a fresh full pass over the
+    inputs known so far (causal: the zeros after position t never reach it)."""
+    t_len = len(tokens)
+    ctx = attention_context(cfg, 1, t_len)
     depth = Depth(jnp.int32(num_steps), jnp.int32(0), 0)
+    full_pass = jax.jit(lambda x: cc_lib.hidden_states(params, x, cfg, ctx, state0_td[None], depth))
+    embed = lambda token: cc_lib.token_embeddings(params, jnp.array([[token]]), cfg)[0, 0]
+    x = jnp.zeros((1, t_len, cfg.d_model))
+    hidden = []
     for t, token in enumerate(tokens):
-        if token == LATENT:
-            inputs.append(hidden[t - 1])
-        else:
-            inputs.append(cc_lib.token_embeddings(params, jnp.array([[token]]), cfg)[0, 0])
-        x = jnp.stack(inputs)[None]
-        ctx = attention_context(cfg, 1, t + 1)
-        h = cc_lib.hidden_states(params, x, cfg, ctx, state0_td[None, :t + 1], depth)
-        hidden.append(h[0, t])
+        x = x.at[0, t].set(hidden[t - 1] if token == LATENT else embed(token))
+        hidden.append(full_pass(x)[0, t])
     return jnp.stack(hidden)
 
 
@@ -163,7 +162,7 @@ def test_stage_schedule():
     assert [cc_lib.stage_at(plan, s)[0] for s in (0, 4, 5, 9, 10, 15, 19)] == [0, 0, 1, 1, 2, 3, 3]
     assert [s for s in range(20) if cc_lib.is_stage_start(plan, s)] == [5, 10, 15]
     assert cc_lib.stage_plan(dataclasses.replace(cc, curriculum=False), 5) == [(3, 20)]
-    assert cc_lib.stage_plan(dataclasses.replace(cc, method="cot"), 5) == [(0, 5)]
+    assert cc_lib.stage_plan(dataclasses.replace(cc, method="cot"), 5) == [(0, 20)]
     assert cc_lib.stage_plan(dataclasses.replace(cc, method="pause"), 5) == plan
 
 
