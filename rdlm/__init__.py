@@ -16,6 +16,8 @@ from rdlm.model import (AttentionContext, abstract_params, attention_context, bi
 from rdlm.recurrence import expected_depth, sample_depth
 from rdlm.exits import ExitConfig
 from rdlm.sample import GenerateOutput, SpeculativeConfig, generate
+from rdlm.coconut import (CoconutConfig, continuous_forward, evaluate_method, load_coconut_config,
+                          train_coconut)
 
 __all__ = [
     "AttentionContext", "Config", "ConfigError", "MeshConfig", "ModelConfig", "abstract_params",
@@ -23,4 +25,6 @@ __all__ = [
     "forward_train", "init_params", "initial_state", "lm_loss", "load_config", "model_preset",
     "param_axes", "sample_depth",
     "ExitConfig", "GenerateOutput", "SpeculativeConfig", "generate",
+    "CoconutConfig", "continuous_forward", "evaluate_method", "load_coconut_config",
+    "train_coconut",
 ]

@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "aot": ("rdlm.aot", "compile the train step ahead of time for a TPU topology"),
     "bench": ("rdlm.bench", "benchmarks: bench train CONFIG | bench sample CONFIG"),
     "demo": ("rdlm.demo", "train configs/demo.yaml, evaluate accuracy vs r, write table + plot"),
+    "coconut": ("rdlm.coconut", "continuous-thought curriculum: coconut CONFIG [key=value ...]"),
 }
 
 
