@@ -56,7 +56,9 @@ class AttentionContext(NamedTuple):
 
     rope_cos_bt1f: jax.Array  # f = head_dim / 2 rotation frequencies
     rope_sin_bt1f: jax.Array
-    mask_b1ts: jax.Array  # True where query t may attend to key s
+    # True where query t may attend to key s; None means plain causal attention, which lets
+    # `jax.nn.dot_product_attention` pick a fused kernel that never builds the score mask.
+    mask_b1ts: jax.Array | None
 
 
 def segment_positions(segment_ids_bt: jax.Array) -> jax.Array:
@@ -95,7 +97,7 @@ def attention_context(cfg: ModelConfig, batch: int, length: int, *,
     """
     causal_tt = jnp.tril(jnp.ones((length, length), bool))
     if segment_ids is None and branch_ids is None:
-        mask_b1ts = jnp.broadcast_to(causal_tt, (batch, 1, length, length))
+        mask_b1ts = None
         default_positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
     else:
         mask_bts = jnp.broadcast_to(causal_tt, (batch, length, length))
@@ -173,7 +175,15 @@ class Attention(nnx.Module):
         if kv_prefix is not None:
             keys_bshe = jnp.concatenate([kv_prefix[0].astype(dtype), k_bthe], axis=1)
             values_bshe = jnp.concatenate([kv_prefix[1].astype(dtype), v_bthe], axis=1)
-        out_bthe = jax.nn.dot_product_attention(q_bthe, keys_bshe, values_bshe, mask=ctx.mask_b1ts)
+        mask_b1ts = ctx.mask_b1ts
+        if mask_b1ts is None and kv_prefix is not None:
+            # Causal over new keys, everything in the prefix visible.
+            s = keys_bshe.shape[1]
+            mask_b1ts = (jnp.arange(s)[None, :] <= jnp.arange(t)[:, None] + (s - t))[None, None]
+        if mask_b1ts is None:
+            out_bthe = jax.nn.dot_product_attention(q_bthe, keys_bshe, values_bshe, is_causal=True)
+        else:
+            out_bthe = jax.nn.dot_product_attention(q_bthe, keys_bshe, values_bshe, mask=mask_b1ts)
         out_btd = out_bthe.reshape(b, t, d) @ self.proj[...].astype(dtype)
         return out_btd, (k_bthe, v_bthe)
 

@@ -48,6 +48,9 @@ def test_unknown_keys_suggest_the_closest(tmp_path):
         rdlm.load_config(path)
     with pytest.raises(rdlm.ConfigError, match="expected an integer"):
         rdlm.load_config(None, ["model.d_model=abc"])
+    with pytest.raises(rdlm.ConfigError, match="expected a number"):
+        rdlm.load_config(None, ["model.rope_base=fast"])
+    assert rdlm.load_config(None, ["model.rope_base=1e4"]).model.rope_base == 1e4
     with pytest.raises(rdlm.ConfigError, match="section.key=value"):
         rdlm.load_config(None, ["model.d_model"])
     with pytest.raises(rdlm.ConfigError, match="does not exist"):
