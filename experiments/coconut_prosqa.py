@@ -5,7 +5,7 @@
 
 Trains every method from configs/coconut-prosqa.yaml with the same budget of optimizer steps, on
 two backbones — r = 1 (a plain 4-layer transformer: fixed single recurrence step, zero initial
-state) and a recurrent-depth one (mean r = 2, sampled depth, truncated backprop; CoT, No-CoT
+state) and a recurrent-depth one (mean r = 2, sampled depth, truncated backprop; No-CoT
 and Coconut only) — evaluates
 greedy accuracy and generated tokens on held-out problems, and probes the continuous thoughts
 with a logit lens: after thought k, how much probability the tied head puts on the first
@@ -56,8 +56,8 @@ BACKBONES = {  # (label, overrides)
                                             "coconut.train_num_steps=0",
                                             "coconut.eval_num_steps=3"]),
 }
-# The recurrent backbone costs ~2x per pass: within the CPU budget it runs the three main rows.
-RD_METHODS = ("CoT", "No-CoT", "Coconut")
+# The recurrent backbone costs ~2x per pass: within the CPU budget it runs No-CoT and Coconut.
+RD_METHODS = ("No-CoT", "Coconut")
 SMOKE = ["model.d_model=32", "model.mlp_dim=64", "coconut.steps_per_stage=2",
          "coconut.num_train_examples=64", "coconut.eval_examples=8", "train.batch_size=4",
          "coconut.max_new_tokens=40"]
@@ -103,16 +103,20 @@ def logit_lens(params, cfg, cc, examples) -> dict[str, list[float]]:
     sums = {g: np.zeros(k_max) for g in groups}
     counts = {g: np.zeros(k_max) for g in groups}
     r = int(cc_lib.eval_depth(cfg, cc).n_no_grad)
-    for e in examples:
-        prompt = cc_lib.eval_prompt(e, tok, cc)
-        tokens = jnp.array([prompt])
-        ctx = attention_context(cfg.model, 1, len(prompt))
-        state0 = jnp.zeros((1, len(prompt), cfg.model.d_model))
-        x = cc_lib.fill_thoughts(params, tokens, cfg.model, ctx, state0,
-                                 cc_lib.Depth(jnp.int32(r), jnp.int32(0), 0),
-                                 latent_id=tok.latent_id, max_latents=cc.max_latents)
+    prompts = [cc_lib.eval_prompt(e, tok, cc) for e in examples]
+    width = max(map(len, prompts))
+    buf = np.full((len(prompts), width), tok.pad_id, np.int32)  # right padding: causal, unseen
+    for i, p in enumerate(prompts):
+        buf[i, :len(p)] = p
+    ctx = attention_context(cfg.model, len(prompts), width)
+    state0 = jnp.zeros((len(prompts), width, cfg.model.d_model))
+    x = jax.jit(lambda p, t: cc_lib.fill_thoughts(
+        p, t, cfg.model, ctx, state0, cc_lib.Depth(jnp.int32(r), jnp.int32(0), 0),
+        latent_id=tok.latent_id, max_latents=cc.max_latents))(params, jnp.asarray(buf))
+    for e, prompt, x_td in zip(examples, prompts, x):
         where = [i for i, t in enumerate(prompt) if t == tok.latent_id]
-        probs = jax.nn.softmax(cc_lib.head_logits(params, x[:, where], cfg.model)[0], -1)
+        probs = jax.nn.softmax(cc_lib.head_logits(params, x_td[None, where], cfg.model)[0], -1)
+        probs = np.asarray(probs)
         _, dist, nodes = node_distances(e.question)
         for k in range(len(where)):  # thought k + 1 is the hidden state after k + 1 hops' worth
             hop = k + 1
