@@ -24,8 +24,8 @@ SCRIPT = textwrap.dedent("""
     params = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape)
                                        for x, k in zip(leaves, keys)])
     prompts = [[5, 9, 13, 2, 40, 7], [33, 1, 8], [60, 61, 62, 63, 0, 12, 3], [4, 4]]
-    options = [dict(), dict(exit="kl", cache_budget=2, continuous_cot=True),
-               dict(speculative=rdlm.SpeculativeConfig(num_draft=2, draft_steps=1))]
+    options = [dict(speculative=rdlm.SpeculativeConfig(num_draft=2, draft_steps=1)),
+               dict(exit="kl", cache_budget=2, continuous_cot=True)]
     for opts in options:
         single = rdlm.generate(params, cfg, prompts, max_new_tokens=6, num_steps=4, **opts)
         mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
