@@ -126,7 +126,9 @@ def logit_lens(params, cfg, cc, examples) -> dict[str, list[float]]:
                          else "nearer (< k)" if d < hop else "farther (> k)")
                 sums[group][k] += float(probs[k, tok.encode(node[0])[0]])
                 counts[group][k] += 1
-    return {g: (sums[g] / np.maximum(counts[g], 1)).tolist() for g in groups}
+    # An empty group (no node nearer than hop 1; none farther than the longest path) is NaN.
+    return {g: np.where(counts[g] > 0, sums[g] / np.maximum(counts[g], 1), np.nan).tolist()
+            for g in groups}
 
 
 # ---------------------------------------------------------------------------------------------
