@@ -58,9 +58,9 @@ BACKBONES = {  # (label, overrides)
 }
 # The recurrent backbone costs ~2x per pass: within the CPU budget it runs No-CoT and Coconut.
 RD_METHODS = ("No-CoT", "Coconut")
-SMOKE = ["model.d_model=32", "model.mlp_dim=64", "coconut.steps_per_stage=2",
-         "coconut.num_train_examples=64", "coconut.eval_examples=8", "train.batch_size=4",
-         "coconut.max_new_tokens=40"]
+SMOKE = ["model.d_model=32", "model.mlp_dim=64", "coconut.steps_per_stage=1",
+         "coconut.num_train_examples=16", "coconut.eval_examples=4", "train.batch_size=2",
+         "coconut.max_new_tokens=6"]
 
 
 def _slug(label: str) -> str:
@@ -168,7 +168,7 @@ def run(smoke: bool, fresh: bool, out_dir: Path, runs_dir: Path) -> dict:
             if mlabel == "Coconut":
                 task = make_task(cfg.data.task, cfg.data.difficulty, cfg.data.task_args)
                 probe_examples = [example_at(task, "test", i, cfg.seed)
-                                  for i in range(8 if smoke else 128)]
+                                  for i in range(4 if smoke else 128)]
                 probes[blabel] = logit_lens(params, cfg, cc, probe_examples)
     wall = time.time() - t_start
     report = {"rows": rows, "probes": probes, "overrides": configs, "wall_s": wall,

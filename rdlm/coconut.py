@@ -561,6 +561,7 @@ def evaluate_method(params: Params, cfg: Config, cc: CoconutConfig,
         task = make_task(cfg.data.task, cfg.data.difficulty, cfg.data.task_args)
         examples = [example_at(task, cc.eval_split, i, cfg.seed) for i in range(cc.eval_examples)]
     r = int(eval_depth(cfg, cc).n_no_grad)
+    batch_size = min(batch_size, len(examples))  # no padding rows beyond the examples
     correct, generated, predictions = 0, 0, []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
