@@ -18,10 +18,9 @@ def test_coconut_prosqa_smoke(tmp_path):
                         "--runs", str(tmp_path / "runs")]) == 0
     report = json.loads((tmp_path / "out" / "coconut_prosqa.json").read_text())
     methods = {r["method"] for r in report["rows"]}
-    assert methods == {"No-CoT", "Coconut"}
+    assert methods == {"Coconut"}
     coconut = next(r for r in report["rows"] if r["method"] == "Coconut")
-    nocot = next(r for r in report["rows"] if r["method"] == "No-CoT")
-    # Coconut's count includes its K·c = 2 thoughts on top of the language tokens.
-    assert coconut["generated_tokens"] >= 2 and nocot["generated_tokens"] >= 1
+    # Coconut's count includes its K·c = 1 thought on top of at least one language token.
+    assert coconut["generated_tokens"] >= 2 and 0.0 <= coconut["accuracy"] <= 1.0
     assert report["probes"] and (tmp_path / "out" / "coconut_prosqa.png").stat().st_size > 0
     assert "| backbone | method |" in (tmp_path / "out" / "coconut_prosqa.md").read_text()
