@@ -418,10 +418,12 @@ def _buffers(plan: _Plan) -> dict[str, jax.Array]:
     return bufs
 
 
-def _generate_plain(params: Params, plan: _Plan, prompt_bt: jax.Array, pad_b: jax.Array,
-                    num_steps: jax.Array, key: jax.Array) -> dict[str, jax.Array]:
-    """Prefill, then one token per row per iteration of a ``while_loop``."""
-    sample_key, state_key = jax.random.split(key)
+def _first_token(params: Params, plan: _Plan, prompt_bt: jax.Array, pad_b: jax.Array,
+                 num_steps: jax.Array, sample_key: jax.Array, state_key: jax.Array
+                 ) -> tuple[dict[str, jax.Array], jax.Array, jax.Array, KVCache]:
+    """Prefill at the full r and write the first generated token (both decoding modes start so).
+
+    Returns (buffers, finished_b, last prompt state, cache)."""
     logits_bv, state_b1d, cache = _prefill(params, plan, prompt_bt, pad_b, num_steps, state_key)
     first_b = choose_tokens(logits_bv, jax.random.fold_in(sample_key, 0), plan.sampling)
     bufs = _buffers(plan)
@@ -429,7 +431,15 @@ def _generate_plain(params: Params, plan: _Plan, prompt_bt: jax.Array, pad_b: ja
     bufs["steps"] = _put_column(bufs["steps"], jnp.full_like(first_b, num_steps), 0)
     if plan.return_logits:
         bufs["logits"] = _put_column(bufs["logits"], logits_bv, 0)
-    finished_b = _is_stop(first_b, plan.stop_tokens)
+    return bufs, _is_stop(first_b, plan.stop_tokens), state_b1d, cache
+
+
+def _generate_plain(params: Params, plan: _Plan, prompt_bt: jax.Array, pad_b: jax.Array,
+                    num_steps: jax.Array, key: jax.Array) -> dict[str, jax.Array]:
+    """Prefill, then one token per row per iteration of a ``while_loop``."""
+    sample_key, state_key = jax.random.split(key)
+    bufs, finished_b, state_b1d, cache = _first_token(params, plan, prompt_bt, pad_b, num_steps,
+                                                      sample_key, state_key)
 
     def not_finished(carry: tuple) -> jax.Array:
         n, finished = carry[0], carry[2]
@@ -474,14 +484,9 @@ def _generate_speculative(params: Params, plan: _Plan, prompt_bt: jax.Array, pad
     k = spec.num_draft
     b = plan.batch
     sample_key, state_key = jax.random.split(key)
-    logits_bv, _, cache = _prefill(params, plan, prompt_bt, pad_b, num_steps, state_key)
-    first_b = choose_tokens(logits_bv, jax.random.fold_in(sample_key, 0), plan.sampling)
-    bufs = _buffers(plan)
-    bufs["tokens"] = _put_column(bufs["tokens"], first_b, 0)
-    bufs["steps"] = _put_column(bufs["steps"], jnp.full_like(first_b, num_steps), 0)
-    if plan.return_logits:
-        bufs["logits"] = _put_column(bufs["logits"], logits_bv, 0)
-    finished_b = _is_stop(first_b, plan.stop_tokens)
+    bufs, finished_b, _, cache = _first_token(params, plan, prompt_bt, pad_b, num_steps,
+                                              sample_key, state_key)
+    first_b = bufs["tokens"][:, 0]
 
     def not_finished(carry: tuple) -> jax.Array:
         n, finished = carry[0], carry[3]
