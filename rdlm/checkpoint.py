@@ -62,7 +62,7 @@ def complete_steps(checkpoints_dir: str | Path) -> list[int]:
 def resolve(path: str | Path) -> Path:
     """The checkpoint directory meant by ``path``: itself, or the latest complete step of a
     training run directory (``<run>``) or of its ``<run>/checkpoints`` directory."""
-    path = Path(path).expanduser()
+    path = Path(path).expanduser().absolute()  # orbax wants absolute paths
     if not path.exists():
         raise CheckpointError(f"checkpoint path {str(path)!r} does not exist; pass a checkpoint "
                               "directory, a run directory, or its checkpoints/ directory.")

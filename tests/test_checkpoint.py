@@ -34,6 +34,13 @@ def test_params_round_trip_exactly(saved):
         np.testing.assert_array_equal(a, b)
 
 
+def test_load_from_a_relative_path(saved, monkeypatch):
+    cfg, params, path = saved
+    monkeypatch.chdir(path.parent)
+    _, params2 = checkpoint.load_params(path.name)
+    np.testing.assert_array_equal(params2["wte"], params["wte"])
+
+
 def test_restore_into_given_shardings(saved):
     from rdlm import sharding
     cfg, params, path = saved
