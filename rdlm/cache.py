@@ -10,6 +10,8 @@ h = head, e = head dim):
 - ``core_latest_lkbthe`` (only with adaptive exit): every position's *latest* core entry per
   layer, i.e. the keys/values of the last step that position actually ran.
 - ``depth_bt``: how many core steps each cached position ran (0 = nothing written).
+- ``tokens_bt`` (only with ``model.token_shift``): the token id at each cached position, from
+  which a new block reads its previous tokens.
 
 Why a separate "latest" buffer instead of copying the last entry into the unwritten slots: a token
 that exited after n < r steps must be read at its latest entry (step n-1) by every later token's
@@ -41,6 +43,7 @@ class KVCache(NamedTuple):
     coda_lkbthe: jax.Array
     core_latest_lkbthe: jax.Array | None  # None unless adaptive exit can leave tokens short
     depth_bt: jax.Array  # int32
+    tokens_bt: jax.Array | None = None  # int32; None unless model.token_shift
 
 
 def cache_shapes(cfg: ModelConfig, batch: int, length: int, num_slots: int,
@@ -57,7 +60,8 @@ def cache_shapes(cfg: ModelConfig, batch: int, length: int, num_slots: int,
         core_lskbthe=sds(cfg.n_core, num_slots),
         coda_lkbthe=sds(cfg.n_coda),
         core_latest_lkbthe=sds(cfg.n_core) if track_latest else None,
-        depth_bt=jax.ShapeDtypeStruct((batch, length), jnp.int32))
+        depth_bt=jax.ShapeDtypeStruct((batch, length), jnp.int32),
+        tokens_bt=(jax.ShapeDtypeStruct((batch, length), jnp.int32) if cfg.token_shift else None))
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, num_slots: int,
@@ -149,6 +153,32 @@ def merge_block(cache: KVCache, block: KVCache, start: jax.Array | int) -> KVCac
     if latest is not None:
         latest = lax.dynamic_update_slice(latest, block.core_latest_lkbthe, (0, 0, 0, start, 0, 0))
     return cache._replace(core_lskbthe=core, core_latest_lkbthe=latest)
+
+
+def previous_tokens(cache: KVCache, tokens_bt: jax.Array, pad_b: jax.Array,
+                    start: jax.Array | int, num: int) -> jax.Array:
+    """Ids of the ``num`` previous tokens of a block at positions ``start …`` [num, b, t], read from
+    the block itself or the cache; -1 before a row's first (left-padded) position."""
+    b, t = tokens_bt.shape
+    length = cache.tokens_bt.shape[1]
+    both_bs = jnp.concatenate([cache.tokens_bt, tokens_bt.astype(jnp.int32)], axis=1)
+    position_t = start + jnp.arange(t)
+    out = []
+    for j in range(1, num + 1):
+        where_bt = jnp.broadcast_to(position_t - j, (b, t))
+        index_bt = jnp.clip(jnp.where(where_bt >= start, length + where_bt - start, where_bt),
+                            0, length + t - 1)
+        out.append(jnp.where(where_bt >= pad_b[:, None],
+                             jnp.take_along_axis(both_bs, index_bt, axis=1), -1))
+    return jnp.stack(out)
+
+
+def set_tokens(cache: KVCache, tokens_bt: jax.Array, start: jax.Array | int) -> KVCache:
+    """Record the ids of the positions ``start …`` (a no-op without token shift)."""
+    if cache.tokens_bt is None:
+        return cache
+    return cache._replace(tokens_bt=lax.dynamic_update_slice(
+        cache.tokens_bt, tokens_bt.astype(jnp.int32), (0, start)))
 
 
 def set_depth(cache: KVCache, depth_bt: jax.Array, start: jax.Array | int) -> KVCache:

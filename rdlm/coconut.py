@@ -165,6 +165,10 @@ def latent_ordinals(tokens_bt: jax.Array, latent_id: int) -> jax.Array:
 
 def token_embeddings(params: Params, tokens_bt: jax.Array, cfg: ModelConfig) -> jax.Array:
     """``wte[tokens] · sqrt(d)``: the prelude's input for ordinary tokens."""
+    if cfg.token_shift:
+        raise ConfigError("continuous thought replaces input embeddings by hidden states, which "
+                          "model.token_shift would mix with its neighbours' token embeddings; "
+                          "set model.token_shift=0 for coconut runs.")
     model = bind(params, cfg)
     x_btd = jnp.take(model.wte[...], tokens_bt, axis=0).astype(model.dtype)
     return x_btd * jnp.asarray(math.sqrt(cfg.d_model), model.dtype)

@@ -49,6 +49,11 @@ class ModelConfig:
     backprop_depth: int = 4  # k: at most this many steps get gradient (truncated backprop)
     dtype: str = "float32"  # compute dtype; parameters are always float32
     remat: bool = True  # jax.checkpoint around each gradient-carrying recurrence step
+    # Extension, not in Huginn (0 = off): add the embeddings of the previous `token_shift` visible
+    # tokens, each through its own d×d matrix (initialised to zero), to a token's input embedding.
+    # A token then knows its neighbours before any attention, so binding "c=b" at one position
+    # needs no previous-token head; small models learn key→value lookups far sooner.
+    token_shift: int = 0
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_heads", "mlp_dim", "n_core", "max_seq_len",
@@ -67,6 +72,8 @@ class ModelConfig:
         _require(self.rope_base > 1, "model.rope_base", self.rope_base, "must be > 1")
         _require(0 < self.norm_eps < 1, "model.norm_eps", self.norm_eps, "must be in (0, 1)")
         _require(self.dtype in DTYPES, "model.dtype", self.dtype, f"must be one of {DTYPES}")
+        _require(isinstance(self.token_shift, int) and 0 <= self.token_shift <= 8,
+                 "model.token_shift", self.token_shift, "must be an integer in [0, 8] (0 = off)")
 
     @property
     def head_dim(self) -> int:

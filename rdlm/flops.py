@@ -28,7 +28,8 @@ def core_step_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 def outer_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Forward FLOPs outside the recurrence: prelude, coda and the tied output head."""
     head = 2.0 * cfg.d_model * cfg.vocab_size
-    return (cfg.n_prelude + cfg.n_coda) * block_flops_per_token(cfg, seq_len) + head
+    shift = 2.0 * cfg.token_shift * cfg.d_model * cfg.d_model  # the optional token shift
+    return (cfg.n_prelude + cfg.n_coda) * block_flops_per_token(cfg, seq_len) + head + shift
 
 
 def forward_flops_per_token(cfg: ModelConfig, seq_len: int, num_steps: float) -> float:

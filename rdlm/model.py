@@ -114,6 +114,28 @@ def attention_context(cfg: ModelConfig, batch: int, length: int, *,
     return AttentionContext(cos, sin, mask_b1ts)
 
 
+def previous_tokens(tokens_bt: jax.Array, num: int, mask_b1ts: jax.Array | None) -> jax.Array:
+    """Ids of the 1st … ``num``-th previous *visible* token of every position, -1 where none.
+
+    "Visible" follows the attention mask: within a segment, and across a branch's start into its
+    trunk, so packed and branched rows see exactly the neighbours they would see alone.
+    """
+    b, t = tokens_bt.shape
+    index_t = jnp.arange(t)
+    if mask_b1ts is None:
+        prev_bt = jnp.broadcast_to(index_t - 1, (b, t))
+    else:  # the latest earlier key each query may attend to
+        earlier_bts = mask_b1ts[:, 0] & (index_t[None, :] < index_t[:, None])[None]
+        prev_bt = jnp.max(jnp.where(earlier_bts, index_t, -1), axis=-1)
+    out, where_bt = [], prev_bt
+    for _ in range(num):
+        out.append(jnp.where(where_bt >= 0, jnp.take_along_axis(
+            tokens_bt, jnp.maximum(where_bt, 0), axis=1), -1))
+        where_bt = jnp.where(where_bt >= 0, jnp.take_along_axis(
+            prev_bt, jnp.maximum(where_bt, 0), axis=1), -1)
+    return jnp.stack(out)
+
+
 def apply_rope(x_bthe: jax.Array, cos_bt1f: jax.Array, sin_bt1f: jax.Array) -> jax.Array:
     """Rotate interleaved pairs (0,1), (2,3), … of the head dimension, in float32."""
     x_bthf2 = x_bthe.astype(jnp.float32).reshape(*x_bthe.shape[:-1], -1, 2)
@@ -258,16 +280,34 @@ class RecurrentDepthLM(nnx.Module):
         self.core = RecurrentCore(cfg, rngs=rngs)
         self.coda = nnx.List([SandwichBlock(cfg, rngs=rngs) for _ in range(cfg.n_coda)])
         self.ln_f = RMSNorm(cfg)
+        # Zero-initialised: a fresh model computes exactly what it would without the extension.
+        self.token_shift = (_param(jnp.zeros((cfg.token_shift, cfg.d_model, cfg.d_model),
+                                             jnp.float32), None, "embed", None)
+                            if cfg.token_shift else None)
 
     @property
     def dtype(self) -> jnp.dtype:
         return jnp.dtype(self.cfg.dtype)
 
     def embed(self, tokens_bt: jax.Array, ctx: AttentionContext,
-              kv_prefixes: list[KV] | None = None) -> tuple[jax.Array, list[KV]]:
-        """Prelude: e = prelude_blocks(wte[tokens] * sqrt(d))."""
-        x_btd = jnp.take(self.wte[...], tokens_bt, axis=0).astype(self.dtype)
-        x_btd = x_btd * jnp.asarray(math.sqrt(self.cfg.d_model), self.dtype)
+              kv_prefixes: list[KV] | None = None,
+              previous_kbt: jax.Array | None = None) -> tuple[jax.Array, list[KV]]:
+        """Prelude: e = prelude_blocks(wte[tokens] * sqrt(d)  [+ token shift]).
+
+        ``previous_kbt``: with ``cfg.token_shift``, the ids of each position's previous visible
+        tokens (-1: none); derived from ``ctx`` when omitted, which is right whenever ``ctx``
+        covers the whole sequence (not for a block read after a cache: pass them then).
+        """
+        scale = jnp.asarray(math.sqrt(self.cfg.d_model), self.dtype)
+        x_btd = jnp.take(self.wte[...], tokens_bt, axis=0).astype(self.dtype) * scale
+        if self.token_shift is not None:
+            if previous_kbt is None:
+                previous_kbt = previous_tokens(tokens_bt, self.cfg.token_shift, ctx.mask_b1ts)
+            prev_kbtd = jnp.take(self.wte[...], jnp.maximum(previous_kbt, 0), axis=0)
+            prev_kbtd = jnp.where(previous_kbt[..., None] >= 0, prev_kbtd.astype(self.dtype) * scale,
+                                  0)
+            x_btd = x_btd + jnp.einsum("kbtd,kde->bte", prev_kbtd,
+                                       self.token_shift[...].astype(self.dtype))
         return run_blocks(self.prelude, x_btd, ctx, kv_prefixes)
 
     def decode(self, state_btd: jax.Array, ctx: AttentionContext,

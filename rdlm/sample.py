@@ -248,10 +248,13 @@ def _stage_prefixes(buf_lkbthe: jax.Array, with_prefix: bool) -> list[KV] | None
 
 
 def run_prelude(params: Params, cfg: ModelConfig, cache: KVCache, tokens_bt: jax.Array,
-                ctx: AttentionContext, start: jax.Array | int, with_prefix: bool
-                ) -> tuple[jax.Array, KVCache]:
+                ctx: AttentionContext, start: jax.Array | int, with_prefix: bool,
+                pad_b: jax.Array) -> tuple[jax.Array, KVCache]:
+    previous_kbt = (kvc.previous_tokens(cache, tokens_bt, pad_b, start, cfg.token_shift)
+                    if cfg.token_shift else None)
     embedded_btd, kvs = _model(params, cfg).embed(
-        tokens_bt, ctx, _stage_prefixes(cache.prelude_lkbthe, with_prefix))
+        tokens_bt, ctx, _stage_prefixes(cache.prelude_lkbthe, with_prefix), previous_kbt)
+    cache = kvc.set_tokens(cache, tokens_bt, start)
     return embedded_btd, cache._replace(
         prelude_lkbthe=kvc.write_stage(cache.prelude_lkbthe, kvs, start))
 
@@ -312,7 +315,8 @@ def forward_block(params: Params, plan: _Plan, cache: KVCache, tokens_bt: jax.Ar
     cfg = plan.cfg
     b, length = tokens_bt.shape
     ctx = block_context(cfg, pad_b, start, length, plan.cache_len, with_prefix)
-    embedded_btd, cache = run_prelude(params, cfg, cache, tokens_bt, ctx, start, with_prefix)
+    embedded_btd, cache = run_prelude(params, cfg, cache, tokens_bt, ctx, start, with_prefix,
+                                      pad_b)
     # A prompt with nothing before it reads no cache, so it can write the cache directly.
     read, write, write_start = ((cache, _block_buffer(plan, b, length), 0) if with_prefix
                                 else (None, cache, start))
@@ -340,7 +344,7 @@ def decode_adaptive(params: Params, plan: _Plan, cache: KVCache, token_b1: jax.A
     """
     cfg, exit_cfg = plan.cfg, plan.exit
     ctx = block_context(cfg, pad_b, pos, 1, plan.cache_len, True)
-    embedded_b1d, cache = run_prelude(params, cfg, cache, token_b1, ctx, pos, True)
+    embedded_b1d, cache = run_prelude(params, cfg, cache, token_b1, ctx, pos, True, pad_b)
     b = token_b1.shape[0]
 
     def not_finished(carry: tuple) -> jax.Array:

@@ -55,9 +55,13 @@ def test_training_rows_hold_no_held_out_question():
             assert split_of(context + var) == "train"
 
 
-def test_branch_row_loss_equals_each_question_alone():
-    cfg = rdlm.model_preset("tiny")
+@pytest.mark.parametrize("token_shift", [0, 2])
+def test_branch_row_loss_equals_each_question_alone(token_shift):
+    cfg = rdlm.model_preset("tiny", token_shift=token_shift)
     params = rdlm.init_params(cfg, jax.random.key(0))
+    if token_shift:  # a branch's first token must see the trunk's last tokens, not a sibling's
+        params["token_shift"] = 0.3 * jax.random.normal(jax.random.key(1),
+                                                        params["token_shift"].shape)
     qs = chains_questions(_example(2))
     tokens, mask, branch = render_branches(qs, TOK)
     batch = {"inputs": jnp.asarray(tokens[None, :-1]), "targets": jnp.asarray(tokens[None, 1:]),

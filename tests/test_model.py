@@ -249,6 +249,32 @@ def test_packed_sequences_equal_documents_alone(params):
         start += n
 
 
+def test_token_shift_mixes_in_the_previous_visible_tokens_only():
+    cfg = rdlm.model_preset("tiny", token_shift=2)
+    p = rdlm.init_params(cfg, jax.random.key(0))
+    seq = tokens(1, 10, seed=6)
+    # Zero-initialised: a fresh model computes what the plain architecture computes.
+    plain = {k: v for k, v in p.items() if k != "token_shift"}
+    np.testing.assert_allclose(rdlm.forward(p, seq, cfg, num_steps=3, init_scale=0.0)[0],
+                               rdlm.forward(plain, seq, CFG, num_steps=3, init_scale=0.0)[0],
+                               atol=1e-6)
+    p["token_shift"] = 0.3 * jax.random.normal(jax.random.key(1), p["token_shift"].shape)
+    logits, _ = rdlm.forward(p, seq, cfg, num_steps=3, init_scale=0.0)
+    # Position 4 now depends on tokens 2 and 3 directly: change token 3 and its logits move.
+    changed, _ = rdlm.forward(p, seq.at[0, 3].set((seq[0, 3] + 1) % 64), cfg, num_steps=3,
+                              init_scale=0.0)
+    assert float(jnp.abs(changed[0, 4] - logits[0, 4]).max()) > 1e-3
+    # Packed documents still equal documents alone: the shift never crosses a segment.
+    a, b = tokens(1, 5, seed=7), tokens(1, 6, seed=8)
+    seg = jnp.array([[1] * 5 + [2] * 6])
+    packed, _ = rdlm.forward(p, jnp.concatenate([a, b], 1), cfg, num_steps=3, init_scale=0.0,
+                             segment_ids=seg)
+    alone, _ = rdlm.forward(p, b, cfg, num_steps=3, init_scale=0.0)
+    np.testing.assert_allclose(packed[0, 5:], alone[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(
+        M.previous_tokens(jnp.array([[7, 8, 9, 10]]), 2, None), [[[-1, 7, 8, 9]], [[-1, -1, 7, 8]]])
+
+
 def test_segment_positions_restart():
     seg = jnp.array([[1, 1, 1, 2, 2, 3, 0, 0]])
     np.testing.assert_array_equal(M.segment_positions(seg), [[0, 1, 2, 0, 1, 0, 0, 1]])

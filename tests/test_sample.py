@@ -266,3 +266,31 @@ def test_bad_input_fails_before_compiling(params, kwargs, message):
     with pytest.raises(ValueError, match=message):
         S.generate(params, CFG, call.pop("prompt_tokens"), **call)
     assert S._generate_jit._cache_size() == before
+
+
+def test_token_shift_engine_matches_recomputation_speculation_and_rows_alone():
+    """With model.token_shift the engine reads each block's previous tokens from its cache: the
+    cached, speculative and batched paths must see exactly the neighbours a full pass sees."""
+    cfg = rdlm.model_preset("tiny", token_shift=2)
+    p = rdlm.init_params(cfg, jax.random.key(0))
+    leaves, tree = jax.tree.flatten(p)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    p = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape)
+                                  for x, k in zip(leaves, keys)])
+    p["token_shift"] = 0.3 * jax.random.normal(jax.random.key(2), p["token_shift"].shape)
+    kwargs = {"max_new_tokens": 7, "num_steps": 4, "return_logits": True}
+    out = S.generate(p, cfg, PROMPTS, **kwargs)
+    for row, prompt in enumerate(PROMPTS):
+        logits, _ = rdlm.forward(p, jnp.asarray([prompt + out.tokens[row, :-1].tolist()]), cfg,
+                                 num_steps=4, init_scale=0.0)
+        np.testing.assert_allclose(out.logits[row], np.asarray(logits[0, len(prompt) - 1:]),
+                                   atol=3e-5, rtol=1e-5)
+    spec = S.generate(p, cfg, PROMPTS, **kwargs,
+                      speculative=S.SpeculativeConfig(num_draft=3, draft_steps=1))
+    np.testing.assert_array_equal(spec.tokens, out.tokens)
+    assert spec.stats["acceptance_rate"] < 1.0  # roll-backs happened
+    batch = S.generate(p, cfg, PROMPTS, **kwargs, exit="kl", cache_budget=2)
+    for row, prompt in enumerate(PROMPTS):
+        alone = S.generate(p, cfg, [prompt], **kwargs, exit="kl", cache_budget=2)
+        np.testing.assert_array_equal(batch.tokens[row], alone.tokens[0])
+        np.testing.assert_allclose(batch.logits[row], alone.logits[0], atol=2e-5)

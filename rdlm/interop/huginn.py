@@ -659,6 +659,9 @@ def save_huginn(cfg: ModelConfig, params: Any, path: str | os.PathLike, *,
     """
     if dtype not in _TORCH_DTYPE_NAMES:
         raise ValueError(f"dtype={dtype!r} is invalid: use one of {sorted(_TORCH_DTYPE_NAMES)}.")
+    if getattr(cfg, "model", cfg).token_shift:
+        raise ValueError("model.token_shift is an rdlm extension that the Huginn-0125 format "
+                         "cannot hold; only models trained with token_shift=0 can be exported.")
     max_bytes = parse_size(max_shard_size)
     final = Path(path)
     if final.exists() and not overwrite:
