@@ -249,6 +249,11 @@ class TrainConfig:
     run_dir: str = "runs/default"
     init_from: str = ""  # params-only checkpoint (or run dir) to start a *new* run from
 
+    # Recurrence depth per step: "sampled" (Huginn: r ~ 1 + Poisson(LogNormal) with mean
+    # model.mean_recurrence) or "fixed" (r = model.mean_recurrence every step: fixed-depth
+    # baselines, e.g. r = 1 for a plain transformer with the same parameters).
+    depth: str = "sampled"
+
     # Optimizer. "adamw": optax AdamW. "huginn": the Huginn-0125 recipe, Adam-atan2 (no eps) with
     # per-tensor update clipping; both use decoupled weight decay that skips norms and biases.
     optimizer: str = "adamw"
@@ -297,6 +302,8 @@ class TrainConfig:
                      "must be an integer >= 0")
         _require(self.batch_size % self.micro_batches == 0, "train.micro_batches",
                  self.micro_batches, f"must divide train.batch_size={self.batch_size}")
+        _require(self.depth in ("sampled", "fixed"), "train.depth", self.depth,
+                 "must be 'sampled' or 'fixed'")
         _require(self.optimizer in ("adamw", "huginn"), "train.optimizer", self.optimizer,
                  "must be 'adamw' or 'huginn'")
         _require(self.schedule in ("constant", "cosine", "trapezoid"), "train.schedule",

@@ -183,7 +183,10 @@ def train_step(state: TrainState, batch: Batch, cfg: Config, tx: optax.GradientT
     """
     key = step_key(cfg.seed, state.step)
     depth_key, noise_key = jax.random.split(key)
-    if depth is None:
+    if depth is None and cfg.train.depth == "fixed":
+        r, k = cfg.model.mean_recurrence, cfg.model.backprop_depth
+        n_no_grad, n_grad = jnp.int32(max(r - k, 0)), jnp.int32(min(k, r))
+    elif depth is None:
         n_no_grad, n_grad = sample_depth(depth_key, cfg.model.mean_recurrence,
                                          cfg.model.backprop_depth)
     else:

@@ -250,3 +250,14 @@ def test_init_from_starts_a_new_run_from_params(tmp_path):
                      "model.d_model=64")
     with pytest.raises(ConfigError, match="train.init_from"):
         train_lib.train(other, data_iterator=StepBatches(8, 64))
+
+
+def test_fixed_depth_runs_exactly_mean_recurrence_steps(tmp_path):
+    cfg = tiny_cfg(f"train.run_dir={tmp_path / 'run'}", "train.steps=3", "train.depth=fixed",
+                   "model.mean_recurrence=3", "model.backprop_depth=2",
+                   "train.checkpoint_every=0", "train.log_every=1")
+    train_lib.train(cfg, data_iterator=StepBatches(8, 64))
+    rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "r" in r]
+    assert [(r["r"], r["n_grad"]) for r in rows] == [(3, 2)] * 3
+    with pytest.raises(ConfigError, match="train.depth"):
+        tiny_cfg("train.depth=constant")
