@@ -25,5 +25,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	JAX_PLATFORMS=cpu $(PY) -m pytest -q -n 2 --durations=15 tests
 
+# Every experiment on its real setting (hours on a 2-core CPU; minutes on a GPU). The shared
+# recurrent run trains once into runs/experiments/ and is reused; reports go to
+# experiments/results/<name>.{md,json,png}.
+EXPERIMENTS := e1_test_time_scaling e2_fixed_depth_baselines e3_easy_to_hard e4_adaptive_exit \
+	e5_cache_sharing e6_continuous_cot e7_latent_trajectories coconut_prosqa
+experiments: $(STAMP)
+	cd experiments && for e in $(EXPERIMENTS); do JAX_PLATFORMS=cpu ../$(PY) $$e.py || exit 1; done
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache

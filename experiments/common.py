@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,3 +120,43 @@ def pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def test_examples(cfg: Config, num: int, task_args: Sequence[str] | None = None) -> list:
+    """``num`` held-out problems of the config's task (``task_args`` replace its knobs)."""
+    from rdlm.data.tasks import example_at, make_task
+    task = make_task(cfg.data.task, cfg.data.difficulty,
+                     cfg.data.task_args if task_args is None else task_args)
+    return [example_at(task, "test", i) for i in range(num)]
+
+
+def generate_answers(params: Any, cfg: Config, examples: Sequence[Any], *, num_steps: int,
+                     batch_size: int = 64, **options: Any) -> dict[str, Any]:
+    """Greedy answers from `rdlm.generate` (the cached engine, with ``options`` such as
+    ``exit=``, ``cache_budget=``, ``continuous_cot=``).
+
+    Returns accuracy, per-example correctness, the core iterations of every *decoded* answer
+    token (the first generated token comes from the prefill at the full r, where no exit
+    applies, so it is left out of the iteration counts) and the cache size.
+    """
+    from rdlm.data.render import completion_text, parse_answer, prompt_tokens
+    from rdlm.data.tokenizer import load_tokenizer
+    from rdlm.sample import generate
+
+    tok = load_tokenizer(cfg.data.tokenizer)
+    max_new = max(len(tok.encode(completion_text(e))) for e in examples) + 1
+    correct, steps, cache_bytes = [], [], 0
+    for lo in range(0, len(examples), batch_size):
+        chunk = examples[lo:lo + batch_size]
+        out = generate(params, cfg.model, [prompt_tokens(e, tok) for e in chunk],
+                       max_new_tokens=max_new, num_steps=num_steps, stop_tokens=(tok.eos_id,),
+                       **options)
+        cache_bytes = max(cache_bytes, out.cache_bytes)
+        for e, row, row_steps, n in zip(chunk, out.tokens, out.steps, out.lengths):
+            ids = [int(t) for t in row[:n] if t != tok.eos_id]
+            correct.append(parse_answer(tok.decode(ids)) == e.answer)
+            steps.append([int(s) for s in row_steps[1:n]])
+    flat = [s for row in steps for s in row]
+    return {"accuracy": float(np.mean(correct)), "correct": correct, "steps": steps,
+            "mean_steps": float(np.mean(flat)) if flat else float("nan"),
+            "cache_bytes": cache_bytes}
