@@ -37,9 +37,12 @@ SMOKE = ["model.d_model=32", "model.mlp_dim=64", "model.n_heads=2", "train.steps
          "train.log_every=1", "train.progress=lines"]
 
 
-def parse_args(argv: Sequence[str] | None, doc: str) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None, doc: str,
+               extra: Sequence[tuple[str, str]] = ()) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    for flag, help_text in extra:
+        parser.add_argument(flag, action="store_true", help=help_text)
     parser.add_argument("--smoke", action="store_true", help="minuscule setting (tests)")
     parser.add_argument("--fresh", action="store_true", help="retrain instead of reusing runs")
     parser.add_argument("--out", default=str(RESULTS), help="where the report goes")

@@ -32,12 +32,17 @@ def baseline_overrides(cfg) -> dict[str, list[str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = common.parse_args(argv, __doc__)
+    args = common.parse_args(argv, __doc__, extra=[
+        ("--same-params-only", "train only the same-parameter twin (the FLOP-matched one costs "
+                               "as much as the recurrent run)")])
     start = time.perf_counter()
     import dataclasses
     runs = {"recurrent (sampled r)": common.trained(common.config(args, "recurrent"), args.fresh)}
     base = runs["recurrent (sampled r)"][0]
-    for label, extra in baseline_overrides(base).items():
+    twins = baseline_overrides(base)
+    if args.same_params_only:
+        twins = {k: v for k, v in twins.items() if "parameters" in k}
+    for label, extra in twins.items():
         run = "fixed_same_params" if "parameters" in label else "fixed_same_flops"
         runs[label] = common.trained(common.config(args, run, extra), args.fresh)
 
