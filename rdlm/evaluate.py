@@ -191,6 +191,28 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def read_problems(path: str | Path) -> list[Example]:
+    """Problems from a JSONL file: ``{"question": str, "answer": str, "steps": [str, ...]}`` per
+    line ("steps" optional), e.g. problems generated independently of rdlm's own splits."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--problems {str(path)!r} does not exist.")
+    examples = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            examples.append(Example(str(row["question"]), tuple(map(str, row.get("steps", ()))),
+                                    str(row["answer"])))
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ConfigError(f"{str(path)!r} line {number}: expected a JSON object with "
+                              f"'question' and 'answer' ({type(err).__name__}: {err}).") from None
+    if not examples:
+        raise ConfigError(f"--problems {str(path)!r} holds no problems.")
+    return examples
+
+
 def _parse_steps(text: str) -> list[int]:
     try:
         steps = [int(s) for s in text.split(",") if s.strip()]
@@ -211,6 +233,9 @@ def cli(argv: Sequence[str]) -> int:
     parser.add_argument("--difficulty", type=int, help="task level 1-5 (default: the config's)")
     parser.add_argument("--task-args", nargs="*", default=None, help="knob=value overrides")
     parser.add_argument("--num-steps", default="1,2,4,8,16,32,64", help="comma-separated r")
+    parser.add_argument("--problems", help="JSONL file of your own problems, one "
+                        '{"question": ..., "answer": ...} per line (optional "steps": [...]), '
+                        "instead of generated ones")
     parser.add_argument("--num-examples", type=int, default=256)
     parser.add_argument("--split", default="test", choices=("train", "validation", "test"))
     parser.add_argument("--format", choices=("nocot", "cot"), help="default: the config's")
@@ -231,7 +256,9 @@ def cli(argv: Sequence[str]) -> int:
     elif args.task and args.task != cfg.data.task:
         changes["task_args"] = ()  # knobs of another task would not apply
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **changes))
+    examples = read_problems(args.problems) if args.problems else None
     result = evaluate_accuracy(params, cfg, num_steps_list=_parse_steps(args.num_steps),
+                               examples=examples,
                                num_examples=args.num_examples, split=args.split,
                                batch_size=args.batch_size, init_scale=args.init_scale,
                                seed=args.seed)

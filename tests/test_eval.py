@@ -103,3 +103,20 @@ def test_eval_command_writes_json_and_markdown(tiny, tmp_path, capsys):
     assert "| r | accuracy |" in (tmp_path / "r.md").read_text()
     with pytest.raises(ConfigError, match="num-steps"):
         cli(["--checkpoint", str(tmp_path / "ckpt"), "--num-steps", "1,x"])
+
+
+def test_eval_reads_independently_generated_problems(tiny, tmp_path, capsys):
+    from rdlm.checkpoint import save_params
+    cfg, params = tiny
+    save_params(tmp_path / "ckpt", cfg, params)
+    problems = tmp_path / "mine.jsonl"
+    problems.write_text('{"question": "q=4;z=q;?z", "answer": "4", "steps": ["z=4", "q=4"]}\n'
+                        '{"question": "k=2;m=8;?m", "answer": "8"}\n\n')
+    assert cli(["--checkpoint", str(tmp_path / "ckpt"), "--problems", str(problems),
+                "--num-steps", "1,2", "--json", str(tmp_path / "r.json")]) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["num_examples"] == 2 and result["answers"] == ["4", "8"]
+    assert len(result["predictions"]["2"]) == 2
+    problems.write_text('{"question": "a=1;?a"}\n')
+    with pytest.raises(ConfigError, match="line 1"):
+        cli(["--checkpoint", str(tmp_path / "ckpt"), "--problems", str(problems)])
