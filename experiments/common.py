@@ -73,7 +73,9 @@ def trained(cfg: Config, fresh: bool = False) -> tuple[Config, Any, float]:
     start = time.perf_counter()
     if not steps or steps[-1] < cfg.train.steps:
         print(f"[experiments] training {run_dir} ({cfg.train.steps} steps)", flush=True)
-        train(cfg)
+        if train(cfg).status != "done":  # SIGTERM: saved; evaluating a partial run would mislead
+            raise SystemExit(f"[experiments] training of {run_dir} was interrupted; it resumes "
+                             "when the script is run again.")
     seconds = time.perf_counter() - start
     saved, params = checkpoint.load_params(run_dir)
     return saved, params, seconds

@@ -127,7 +127,11 @@ def run(config_path: str | Path = DEFAULT_CONFIG, overrides: list[str] | None = 
     else:
         note = f"resuming from step {done}" if done is not None else "training from scratch"
         print(f"[demo] {note}: {cfg.train.steps} steps of {config_path} into {run_dir}", flush=True)
-        train(cfg)
+        if train(cfg).status != "done":
+            # Preempted (SIGTERM): the run is saved; a partial model's numbers would mislead.
+            print(f"[demo] training was interrupted and saved; run the same command again to "
+                  f"resume it.", flush=True)
+            raise SystemExit(0)
     train_seconds = time.perf_counter() - start
 
     saved_cfg, params = checkpoint.load_params(run_dir.resolve())
