@@ -70,8 +70,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     acc = result["accuracy"]
     gain = acc[steps[-1]] - acc[1]
+    best_shortcut = max(shortcuts.values(), default=0.0)
     verdict = (f"accuracy {acc[1]:.3f} at r = 1 and {max(acc.values()):.3f} at the best r "
-               f"(r = {max(acc, key=acc.get)}); deeper problems "
+               f"(r = {max(acc, key=acc.get)}); the best answer heuristic that skips the chain "
+               f"scores {best_shortcut:.3f}"
+               + (" — the model has not learned to follow chains. " if max(acc.values()) <=
+                  best_shortcut else ". ") + "Deeper problems "
                + ("gain most from more iterations." if gain > 0.1 else
                   "do **not** gain from more iterations here: the claim is not reproduced at this "
                   "scale and budget."))
