@@ -165,3 +165,13 @@ def generate_answers(params: Any, cfg: Config, examples: Sequence[Any], *, num_s
     return {"accuracy": float(np.mean(correct)), "correct": correct, "steps": steps,
             "mean_steps": float(np.mean(flat)) if flat else float("nan"),
             "cache_bytes": cache_bytes}
+
+
+def save_figure(fig: Any, args: argparse.Namespace, name: str) -> Path:
+    """``<out>/<name>.png``, and the figure closed."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out / f"{name}.png", dpi=120)
+    pyplot().close(fig)
+    return out / f"{name}.png"

@@ -63,10 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ax.set_ylabel("exact-match accuracy (held out)")
     ax.set_title("E1: test-time scaling on variable chains")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    common.Path(args.out).mkdir(parents=True, exist_ok=True)
-    fig.savefig(common.Path(args.out) / f"{NAME}.png", dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, args, NAME)
 
     acc = result["accuracy"]
     gain = acc[steps[-1]] - acc[1]

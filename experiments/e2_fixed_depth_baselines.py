@@ -81,10 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ax.set_ylim(0, 1.02)
     ax.set_ylabel("held-out accuracy (best r)")
     ax.set_title("E2: recurrent depth vs fixed-depth baselines")
-    fig.tight_layout()
-    common.Path(args.out).mkdir(parents=True, exist_ok=True)
-    fig.savefig(common.Path(args.out) / f"{NAME}.png", dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, args, NAME)
 
     rec = max(data[labels[0]]["accuracy"].values())
     same = max(data[labels[1]]["accuracy"].values())

@@ -52,10 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ax.set_ylabel("accuracy (held out)")
     ax.set_title(f"E3: trained on <= {trained_max} hops, tested on more")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    common.Path(args.out).mkdir(parents=True, exist_ok=True)
-    fig.savefig(common.Path(args.out) / f"{NAME}.png", dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, args, NAME)
 
     harder = [h for h in hops if h > trained_max]
     gains = {h: max(acc[h].values()) - acc[h][steps[0]] for h in harder}

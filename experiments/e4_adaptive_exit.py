@@ -75,10 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ax2.set_ylabel("mean iterations (KL exit)")
     ax2.set_title("iterations by difficulty")
     fig.suptitle("E4: adaptive exit")
-    fig.tight_layout()
-    common.Path(args.out).mkdir(parents=True, exist_ok=True)
-    fig.savefig(common.Path(args.out) / f"{NAME}.png", dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, args, NAME)
 
     kl_row = next(r for r in rows if r[0] == "kl")
     rising = list(by_hops.values())

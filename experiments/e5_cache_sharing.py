@@ -48,10 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             color="tab:orange", label="cache KiB")
     ax2.set_ylabel("cache KiB")
     ax.set_title(f"E5: KV-cache sharing at r = {r}")
-    fig.tight_layout()
-    common.Path(args.out).mkdir(parents=True, exist_ok=True)
-    fig.savefig(common.Path(args.out) / f"{NAME}.png", dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, args, NAME)
 
     smallest = results[budgets[0]]
     verdict = (f"budget {budgets[0]}: accuracy {smallest['accuracy']:.3f} with "

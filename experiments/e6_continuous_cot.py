@@ -52,10 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ax.set_ylabel("tokens")
     ax.set_title("E6: continuous chain of thought")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    common.Path(args.out).mkdir(parents=True, exist_ok=True)
-    fig.savefig(common.Path(args.out) / f"{NAME}.png", dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, args, NAME)
 
     verdict = (f"{saved:+.2f} iterations per token saved by starting from the previous token's "
                f"state ({runs[False]['mean_steps']:.2f} → {runs[True]['mean_steps']:.2f}); "

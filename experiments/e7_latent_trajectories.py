@@ -89,10 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     axes[2].set_ylabel("spread across initial states (relative)")
     axes[2].set_title(f"path independence ({NUM_INITS} random + zero init)")
     fig.suptitle(f"E7: latent trajectories — {examples[0].question!r}", fontsize=9)
-    fig.tight_layout()
-    common.Path(args.out).mkdir(parents=True, exist_ok=True)
-    fig.savefig(common.Path(args.out) / f"{NAME}.png", dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, args, NAME)
 
     marks = [1, 2, 4, 8, 16, 32, 64]
     marks = [i for i in marks if i <= r]
