@@ -84,7 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                f"{cap} at fixed r. Iterations by hops: "
                + ", ".join(f"{h}: {v:.1f}" for h, v in by_hops.items())
                + (" — harder questions take more iterations." if len(rising) > 1 and
-                  rising[-1] > rising[0] else " — no increase with difficulty here."))
+                  rising[-1] > 1.1 * rising[0] else
+                  " — no clear increase with difficulty here (under 10 %)."))
     common.write_report(
         args, NAME, "E4: adaptive exit (compute vs accuracy)",
         claim="Per-token adaptive exit saves most iterations at little accuracy cost, and "
