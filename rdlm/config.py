@@ -253,6 +253,8 @@ class TrainConfig:
     # model.mean_recurrence) or "fixed" (r = model.mean_recurrence every step: fixed-depth
     # baselines, e.g. r = 1 for a plain transformer with the same parameters).
     depth: str = "sampled"
+    # Scale of the random initial state s_0 in training (1 = Huginn's TruncNormal, 0 = zero state).
+    init_scale: float = 1.0
 
     # Optimizer. "adamw": optax AdamW. "huginn": the Huginn-0125 recipe, Adam-atan2 (no eps) with
     # per-tensor update clipping; both use decoupled weight decay that skips norms and biases.
@@ -314,7 +316,8 @@ class TrainConfig:
         for name in ("b1", "b2"):
             value = getattr(self, name)
             _require(0 <= value < 1, f"train.{name}", value, "must be in [0, 1)")
-        for name in ("eps", "weight_decay", "grad_clip", "update_clip", "peak_flops"):
+        for name in ("eps", "weight_decay", "grad_clip", "update_clip", "peak_flops",
+                     "init_scale"):
             value = getattr(self, name)
             _require(value >= 0, f"train.{name}", value, "must be >= 0")
         _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", self.min_lr_ratio,

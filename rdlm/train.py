@@ -191,7 +191,8 @@ def train_step(state: TrainState, batch: Batch, cfg: Config, tx: optax.GradientT
                                          cfg.model.backprop_depth)
     else:
         n_no_grad, n_grad = depth[0], depth[1]
-    grads, metrics = loss_and_grads(state.params, batch, cfg, n_no_grad, n_grad, noise_key)
+    grads, metrics = loss_and_grads(state.params, batch, cfg, n_no_grad, n_grad, noise_key,
+                                    init_scale=cfg.train.init_scale)
     grad_norm = optax.global_norm(grads)
     updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)

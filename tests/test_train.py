@@ -261,3 +261,23 @@ def test_fixed_depth_runs_exactly_mean_recurrence_steps(tmp_path):
     assert [(r["r"], r["n_grad"]) for r in rows] == [(3, 2)] * 3
     with pytest.raises(ConfigError, match="train.depth"):
         tiny_cfg("train.depth=constant")
+
+
+def test_train_init_scale_zero_makes_the_step_independent_of_the_noise_key():
+    """train.init_scale=0 trains from the zero state: two seeds' noise keys give the same loss."""
+    from rdlm import sharding as shard_lib
+    losses = []
+    for seed in (0, 1):
+        cfg = tiny_cfg("train.init_scale=0", "train.depth=fixed", f"seed={seed}")
+        mesh = shard_lib.make_mesh(cfg.mesh)
+        tx = train_lib.make_optimizer(cfg.train)
+        shardings = train_lib.state_shardings(cfg, tx, mesh)
+        params = rdlm.init_params(cfg.model, jax.random.key(0))
+        state = train_lib.init_state(cfg, tx, shardings, params=params)
+        batch = train_lib.synthetic_batch(cfg, mesh)
+        step = train_lib.make_train_step(cfg, mesh, batch_keys=tuple(batch))
+        _, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert losses[0] == losses[1]
+    with pytest.raises(ConfigError, match="train.init_scale"):
+        tiny_cfg("train.init_scale=-1")
