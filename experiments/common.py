@@ -100,7 +100,8 @@ def write_report(args: argparse.Namespace, name: str, title: str, *, claim: str,
                   json.dumps({"model": to_dict(cfg.model), "data": to_dict(cfg.data),
                               "train": {k: v for k, v in to_dict(cfg.train).items()
                                         if k in ("steps", "batch_size", "seq_len", "lr",
-                                                 "optimizer", "schedule", "warmup_steps")}},
+                                                 "optimizer", "schedule", "warmup_steps",
+                                                 "depth", "init_scale")}},
                              indent=1, default=str), "```", ""]
     path = out / f"{name}.md"
     path.write_text("\n".join(lines))
