@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from rdlm import checkpoint  # noqa: E402
 from rdlm.config import Config, load_config, to_dict  # noqa: E402
-from rdlm.demo import machine  # noqa: E402
+from rdlm.demo import finished_step, machine  # noqa: E402
 
 BASE_CONFIG = ROOT / "configs" / "demo.yaml"
 RESULTS = ROOT / "experiments" / "results"
@@ -69,9 +69,9 @@ def trained(cfg: Config, fresh: bool = False) -> tuple[Config, Any, float]:
     if fresh and run_dir.exists():
         import shutil
         shutil.rmtree(run_dir)
-    steps = list(checkpoint.list_checkpoints(run_dir)) if run_dir.exists() else []
+    done = finished_step(run_dir) if run_dir.exists() else None
     start = time.perf_counter()
-    if not steps or steps[-1] < cfg.train.steps:
+    if done is None or done < cfg.train.steps:
         print(f"[experiments] training {run_dir} ({cfg.train.steps} steps)", flush=True)
         if train(cfg).status != "done":  # SIGTERM: saved; evaluating a partial run would mislead
             raise SystemExit(f"[experiments] training of {run_dir} was interrupted; it resumes "
@@ -79,6 +79,27 @@ def trained(cfg: Config, fresh: bool = False) -> tuple[Config, Any, float]:
     seconds = time.perf_counter() - start
     saved, params = checkpoint.load_params(run_dir)
     return saved, params, seconds
+
+
+def shared_run(args: argparse.Namespace) -> tuple[Config, Any]:
+    """(config, params) of the recurrent run that E1 and E3–E7 share (trained on first use)."""
+    cfg, params, _ = trained(config(args, "recurrent"), args.fresh)
+    return cfg, params
+
+
+def longer_chains(cfg: Config, extra_hops: int = 2) -> tuple[str, ...]:
+    """The training level's knobs with chains up to ``extra_hops`` hops longer."""
+    from rdlm.data.tasks import make_task
+    params = make_task(cfg.data.task, cfg.data.difficulty, cfg.data.task_args).params
+    return (*cfg.data.task_args, f"max_hops={params.max_hops + extra_hops}")
+
+
+def held_out_examples(args: argparse.Namespace, cfg: Config, num: int, smoke_num: int = 4
+                      ) -> list:
+    """Test-split problems with chains up to two hops longer than trained (``--examples``
+    overrides ``num``)."""
+    return test_examples(cfg, args.examples or (smoke_num if args.smoke else num),
+                         longer_chains(cfg))
 
 
 def write_report(args: argparse.Namespace, name: str, title: str, *, claim: str, table: str,
@@ -109,6 +130,8 @@ def write_report(args: argparse.Namespace, name: str, title: str, *, claim: str,
         {"name": name, "claim": claim, "verdict": verdict, "command": command,
          "machine": machine(), "wall_seconds": round(wall, 1), **data}, indent=1, default=str))
     print("\n".join(lines[:8]), flush=True)
+    print(f"[experiments] wrote {path}, {path.with_suffix('.json').name}"
+          + (f" and {plot}" if plot else ""), flush=True)
     return path
 
 

@@ -23,23 +23,13 @@ NAME = "e1_test_time_scaling"
 STEPS = (1, 2, 4, 8, 16, 32, 64)
 
 
-def held_out_task_args(cfg, extra_hops: int) -> tuple[str, ...]:
-    """The training level's knobs with chains up to ``extra_hops`` hops longer."""
-    from rdlm.data.tasks import make_task
-    params = make_task(cfg.data.task, cfg.data.difficulty, cfg.data.task_args).params
-    return (*cfg.data.task_args, f"max_hops={params.max_hops + extra_hops}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = common.parse_args(argv, __doc__)
     start = time.perf_counter()
-    cfg, params, _ = common.trained(common.config(args, "recurrent"), args.fresh)
-    n = args.examples or (8 if args.smoke else 512)
+    cfg, params = common.shared_run(args)
     steps = (1, 2, 4) if args.smoke else STEPS
-    import dataclasses
-    long_cfg = dataclasses.replace(cfg, data=dataclasses.replace(
-        cfg.data, task_args=held_out_task_args(cfg, 2)))
-    result = evaluate_accuracy(params, long_cfg, num_steps_list=steps, num_examples=n)
+    result = evaluate_accuracy(params, cfg, num_steps_list=steps,
+                               examples=common.held_out_examples(args, cfg, 512, smoke_num=8))
     by_depth = result["accuracy_by_reasoning_steps"]
     depths = sorted({d for v in by_depth.values() for d in v})
     rows = [[f"{d - 1} hops", *[by_depth[r].get(d, float("nan")) for r in steps]] for d in depths]
@@ -82,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "(SPEC: headline results).",
         table=table, verdict=verdict, plot=f"{NAME}.png",
         data={"accuracy": acc, "accuracy_by_reasoning_steps": by_depth, "shortcuts": shortcuts,
-              "num_examples": result["num_examples"], "task_args": long_cfg.data.task_args},
+              "num_examples": result["num_examples"], "task_args": common.longer_chains(cfg)},
         configs={"recurrent": cfg}, wall=time.perf_counter() - start)
     return 0
 

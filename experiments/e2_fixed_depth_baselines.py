@@ -14,7 +14,6 @@ import time
 from typing import Sequence
 
 import common
-from e1_test_time_scaling import held_out_task_args
 from rdlm.evaluate import evaluate_accuracy
 from rdlm.flops import expected_train_flops_per_token, train_flops_per_token
 from rdlm.model import count_params
@@ -36,7 +35,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("--same-params-only", "train only the same-parameter twin (the FLOP-matched one costs "
                                "as much as the recurrent run)")])
     start = time.perf_counter()
-    import dataclasses
     runs = {"recurrent (sampled r)": common.trained(common.config(args, "recurrent"), args.fresh)}
     base = runs["recurrent (sampled r)"][0]
     twins = baseline_overrides(base)
@@ -46,14 +44,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         run = "fixed_same_params" if "parameters" in label else "fixed_same_flops"
         runs[label] = common.trained(common.config(args, run, extra), args.fresh)
 
-    n = args.examples or (8 if args.smoke else 512)
+    examples = common.held_out_examples(args, base, 512, smoke_num=8)
     rows, data = [], {}
     for label, (cfg, params, seconds) in runs.items():
-        test_cfg = dataclasses.replace(cfg, data=dataclasses.replace(
-            cfg.data, task_args=held_out_task_args(cfg, 2)))
         steps = (1, 4, 16) if "recurrent" in label else (1,)
         steps = (1, 2) if args.smoke and "recurrent" in label else steps
-        result = evaluate_accuracy(params, test_cfg, num_steps_list=steps, num_examples=n)
+        result = evaluate_accuracy(params, cfg, num_steps_list=steps, examples=examples)
         best_r = max(result["accuracy"], key=result["accuracy"].get)
         m = cfg.model
         flops = (expected_train_flops_per_token(m, cfg.train.seq_len)

@@ -15,7 +15,6 @@ from typing import Sequence
 import numpy as np
 
 import common
-from e1_test_time_scaling import held_out_task_args
 from rdlm.exits import DEFAULT_THRESHOLDS
 
 NAME = "e4_adaptive_exit"
@@ -26,10 +25,9 @@ SCALES = (10.0, 1.0, 0.1)  # thresholds tried: default × these
 def main(argv: Sequence[str] | None = None) -> int:
     args = common.parse_args(argv, __doc__)
     start = time.perf_counter()
-    cfg, params, _ = common.trained(common.config(args, "recurrent"), args.fresh)
+    cfg, params = common.shared_run(args)
     cap = 4 if args.smoke else CAP
-    examples = common.test_examples(cfg, args.examples or (4 if args.smoke else 256),
-                                    held_out_task_args(cfg, 2))
+    examples = common.held_out_examples(args, cfg, 256)
     fixed = common.generate_answers(params, cfg, examples, num_steps=cap)
     rows = [["none (fixed r)", "-", fixed["accuracy"], fixed["mean_steps"]]]
     points: dict[str, list[tuple[float, float]]] = {}

@@ -12,7 +12,6 @@ import time
 from typing import Sequence
 
 import common
-from e1_test_time_scaling import held_out_task_args
 
 NAME = "e5_cache_sharing"
 R = 16
@@ -21,11 +20,10 @@ R = 16
 def main(argv: Sequence[str] | None = None) -> int:
     args = common.parse_args(argv, __doc__)
     start = time.perf_counter()
-    cfg, params, _ = common.trained(common.config(args, "recurrent"), args.fresh)
+    cfg, params = common.shared_run(args)
     r = 4 if args.smoke else R
     budgets = (1, 2, None) if args.smoke else (1, 2, 4, 8, None)
-    examples = common.test_examples(cfg, args.examples or (4 if args.smoke else 256),
-                                    held_out_task_args(cfg, 2))
+    examples = common.held_out_examples(args, cfg, 256)
     results = {b: common.generate_answers(params, cfg, examples, num_steps=r, cache_budget=b)
                for b in budgets}
     full = results[None]

@@ -17,7 +17,6 @@ from typing import Sequence
 import numpy as np
 
 import common
-from e1_test_time_scaling import held_out_task_args
 
 NAME = "e6_continuous_cot"
 CAP = 32
@@ -26,10 +25,9 @@ CAP = 32
 def main(argv: Sequence[str] | None = None) -> int:
     args = common.parse_args(argv, __doc__)
     start = time.perf_counter()
-    cfg, params, _ = common.trained(common.config(args, "recurrent"), args.fresh)
+    cfg, params = common.shared_run(args)
     cap = 4 if args.smoke else CAP
-    examples = common.test_examples(cfg, args.examples or (4 if args.smoke else 256),
-                                    held_out_task_args(cfg, 2))
+    examples = common.held_out_examples(args, cfg, 256)
     runs = {ccot: common.generate_answers(params, cfg, examples, num_steps=cap, exit="kl",
                                           continuous_cot=ccot) for ccot in (False, True)}
     rows = []

@@ -43,7 +43,7 @@ def pca_2d(x_nd: np.ndarray) -> np.ndarray:
 def main(argv: Sequence[str] | None = None) -> int:
     args = common.parse_args(argv, __doc__)
     start = time.perf_counter()
-    cfg, params, _ = common.trained(common.config(args, "recurrent"), args.fresh)
+    cfg, params = common.shared_run(args)
     r = 8 if args.smoke else R
     tok = load_tokenizer(cfg.data.tokenizer)
     examples = common.test_examples(cfg, 2 if args.smoke else 16)
