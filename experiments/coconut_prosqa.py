@@ -36,13 +36,14 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]  # paths below work from any working directory
+sys.path.insert(0, str(ROOT))
 from rdlm import coconut as cc_lib  # noqa: E402
 from rdlm.data.tasks import example_at, make_task  # noqa: E402
 from rdlm.data.tokenizer import load_tokenizer  # noqa: E402
 from rdlm.model import attention_context  # noqa: E402
 
-CONFIG = "configs/coconut-prosqa.yaml"
+CONFIG = "configs/coconut-prosqa.yaml"  # relative to ROOT
 METHODS = [  # (row label, overrides)
     ("CoT", ["coconut.method=cot"]),
     ("No-CoT", ["coconut.method=nocot"]),
@@ -148,7 +149,7 @@ def run(smoke: bool, fresh: bool, out_dir: Path, runs_dir: Path) -> dict:
             if fresh and run_dir.exists():
                 shutil.rmtree(run_dir)
             overrides = [*boverrides, *moverrides, *extra, f"train.run_dir={run_dir}"]
-            cfg, cc = cc_lib.load_coconut_config(CONFIG, overrides)
+            cfg, cc = cc_lib.load_coconut_config(ROOT / CONFIG, overrides)
             configs[f"{bkey}/{mlabel}"] = overrides
             t0 = time.time()
             out = cc_lib.train_coconut(cfg, cc, log=lambda m: print(f"[{bkey} {mlabel}] {m}",
@@ -173,7 +174,7 @@ def run(smoke: bool, fresh: bool, out_dir: Path, runs_dir: Path) -> dict:
     wall = time.time() - t_start
     report = {"rows": rows, "probes": probes, "overrides": configs, "wall_s": wall,
               "machine": machine(), "smoke": smoke,
-              "config": yaml.safe_load(Path(CONFIG).read_text())}
+              "config": yaml.safe_load((ROOT / CONFIG).read_text())}
     write_outputs(report, out_dir)
     return report
 
@@ -258,8 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", default=None, help="run directories (default runs/...)")
     args = parser.parse_args(argv)
     tag = "coconut_prosqa_smoke" if args.smoke else "coconut_prosqa"
-    out = Path(args.out or ("runs/coconut_prosqa_smoke" if args.smoke else "experiments/results"))
-    runs = Path(args.runs or f"runs/{tag}")
+    out = Path(args.out or ROOT / ("runs/coconut_prosqa_smoke" if args.smoke else "experiments/results"))
+    runs = Path(args.runs or ROOT / f"runs/{tag}")
     report = run(args.smoke, args.fresh, out, runs)
     print(f"wrote {out / 'coconut_prosqa.md'} in {report['wall_s']:.0f}s")
     return 0
