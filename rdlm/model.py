@@ -186,8 +186,10 @@ class Attention(nnx.Module):
         """
         dtype = x_btd.dtype
         b, t, d = x_btd.shape
-        qkv_kbthe = jnp.einsum("btd,dkhe->kbthe", x_btd, self.wqkv[...].astype(dtype))
-        q_bthe, k_bthe, v_bthe = qkv_kbthe[0], qkv_kbthe[1], qkv_kbthe[2]
+        # q/k/v stay on an inner axis: an outer "kbthe" output makes XLA:CPU transpose the whole
+        # activation in both passes (measured: 20% slower MLP training with the same change).
+        qkv_btkhe = jnp.einsum("btd,dkhe->btkhe", x_btd, self.wqkv[...].astype(dtype))
+        q_bthe, k_bthe, v_bthe = qkv_btkhe[:, :, 0], qkv_btkhe[:, :, 1], qkv_btkhe[:, :, 2]
         if self.qk_bias is not None:
             bias = self.qk_bias[...].astype(dtype)
             q_bthe, k_bthe = q_bthe + bias[0], k_bthe + bias[1]
@@ -220,8 +222,9 @@ class GatedMLP(nnx.Module):
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         dtype = x_btd.dtype
-        h_kbtm = jnp.einsum("btd,dkm->kbtm", x_btd, self.fc[...].astype(dtype))
-        return (jax.nn.silu(h_kbtm[0]) * h_kbtm[1]) @ self.proj[...].astype(dtype)
+        # [gate, up] on an inner axis, as in `Attention` (an outer axis costs a transpose).
+        h_btkm = jnp.einsum("btd,dkm->btkm", x_btd, self.fc[...].astype(dtype))
+        return (jax.nn.silu(h_btkm[:, :, 0]) * h_btkm[:, :, 1]) @ self.proj[...].astype(dtype)
 
 
 class SandwichBlock(nnx.Module):
