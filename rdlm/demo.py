@@ -167,6 +167,9 @@ def run(config_path: str | Path = DEFAULT_CONFIG, overrides: list[str] | None = 
         mark = "✓" if ex["correct"] else "✗"
         print(f"{mark} {ex['question']}  →  {ex['generated']!r} (answer {ex['answer']}); "
               f"iterations per token under KL exit: {used}")
+    if examples:
+        print("  (each answer's first token comes from the prompt's own pass, which runs the full r:"
+              " adaptive exit never fires during prefill)")
     print(f"\n[demo] wrote {run_dir / 'results.md'}, {run_dir / 'accuracy_vs_r.png'} and "
           f"{run_dir / 'results.json'}")
     return summary
