@@ -215,10 +215,10 @@ def block_context(cfg: ModelConfig, pad_b: jax.Array, start: jax.Array | int, le
 
 
 # XLA's CPU dot computes the fused q/k/v and gate/up projections (their decoding layout, see
-# `model.DECODE_ROWS`) as W^T·x^T and, inside a loop, would transpose those weights again at every
-# recurrence step (more memory traffic than the matmul itself at batch 1). Laying them out once
-# before the loops, behind an optimization barrier so the two transposes cannot cancel, turns the
-# per-step transpose into a free re-interpretation.
+# `model.fused_projection`) as W^T·x^T and, inside a loop, would transpose those weights again at
+# every recurrence step (more memory traffic than the matmul itself at batch 1). Laying them out
+# once before the loops, behind an optimization barrier so the two transposes cannot cancel, turns
+# the per-step transpose into a free re-interpretation.
 _DECODE_ORDER = {"wqkv": (1, 2, 3, 0), "fc": (1, 2, 0)}  # [d,3,h,e] → [3,h,e,d]; [d,2,m] → [2,m,d]
 
 
