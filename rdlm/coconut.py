@@ -163,15 +163,14 @@ def latent_ordinals(tokens_bt: jax.Array, latent_id: int) -> jax.Array:
     return jnp.where(is_latent_bt, index_bt - last_other_bt - 1, -1).astype(jnp.int32)
 
 
-def token_embeddings(params: Params, tokens_bt: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """``wte[tokens] · sqrt(d)``: the prelude's input for ordinary tokens."""
-    if cfg.token_shift:
-        raise ConfigError("continuous thought replaces input embeddings by hidden states, which "
-                          "model.token_shift would mix with its neighbours' token embeddings; "
-                          "set model.token_shift=0 for coconut runs.")
-    model = bind(params, cfg)
-    x_btd = jnp.take(model.wte[...], tokens_bt, axis=0).astype(model.dtype)
-    return x_btd * jnp.asarray(math.sqrt(cfg.d_model), model.dtype)
+def token_embeddings(params: Params, tokens_bt: jax.Array, cfg: ModelConfig,
+                     ctx: AttentionContext | None = None) -> jax.Array:
+    """The prelude's input for ordinary tokens: ``wte[tokens] · sqrt(d)``, plus, with
+    ``model.token_shift``, the previous visible token ids' embeddings (a ``<latent>``'s id
+    included: a thought replaces its own position's input, not what its neighbours see)."""
+    b, t = tokens_bt.shape
+    ctx = attention_context(cfg, b, t) if ctx is None else ctx
+    return bind(params, cfg).input_embeddings(tokens_bt, ctx)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,7 +221,7 @@ def fill_thoughts(params: Params, tokens_bt: jax.Array, cfg: ModelConfig, ctx: A
     skipped); pass p fills ordinal p of every run in the batch at once, so rows whose latent
     blocks start at different positions need no alignment.
     """
-    x_btd = token_embeddings(params, tokens_bt, cfg)
+    x_btd = token_embeddings(params, tokens_bt, cfg, ctx)
     if max_latents == 0:
         return x_btd
     ordinal_bt = latent_ordinals(tokens_bt, latent_id)
@@ -528,7 +527,7 @@ def generate_after_thoughts(params: Params, tokens_bl: jax.Array, lengths_b: jax
     x_bld = fill_thoughts(params, tokens_bl, cfg, ctx, state0, depth, latent_id=latent_id,
                           max_latents=max_latents if substitute else 0)
     rows_b = jnp.arange(b)
-    scale = jnp.asarray(math.sqrt(cfg.d_model), x_bld.dtype)
+    is_thought_bl = (tokens_bl == latent_id) if substitute else jnp.zeros((b, l), bool)
 
     def body(carry):
         i, tokens_bl, x_bld, lengths_b, done_b, count_b = carry
@@ -539,8 +538,10 @@ def generate_after_thoughts(params: Params, tokens_bl: jax.Array, lengths_b: jax
         pos_b = jnp.minimum(lengths_b, l - 1)
         tokens_bl = tokens_bl.at[rows_b, pos_b].set(
             jnp.where(write_b, next_b, tokens_bl[rows_b, pos_b]))
-        emb_bd = params["wte"][next_b].astype(x_bld.dtype) * scale
-        x_bld = x_bld.at[rows_b, pos_b].set(jnp.where(write_b[:, None], emb_bd, x_bld[rows_b, pos_b]))
+        # Re-embed the ordinary tokens (the new one and, with token shift, what it makes its
+        # successors see); the thoughts stay as they were computed.
+        x_bld = jnp.where(is_thought_bl[..., None], x_bld,
+                          token_embeddings(params, tokens_bl, cfg, ctx).astype(x_bld.dtype))
         lengths_b = lengths_b + write_b
         count_b = count_b + write_b
         done_b = done_b | (write_b & (next_b == eos_id)) | (lengths_b >= l)

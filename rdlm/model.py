@@ -310,10 +310,9 @@ class RecurrentDepthLM(nnx.Module):
     def dtype(self) -> jnp.dtype:
         return jnp.dtype(self.cfg.dtype)
 
-    def embed(self, tokens_bt: jax.Array, ctx: AttentionContext,
-              kv_prefixes: list[KV] | None = None,
-              previous_kbt: jax.Array | None = None) -> tuple[jax.Array, list[KV]]:
-        """Prelude: e = prelude_blocks(wte[tokens] * sqrt(d)  [+ token shift]).
+    def input_embeddings(self, tokens_bt: jax.Array, ctx: AttentionContext,
+                         previous_kbt: jax.Array | None = None) -> jax.Array:
+        """The prelude's input: wte[tokens] * sqrt(d)  [+ token shift].
 
         ``previous_kbt``: with ``cfg.token_shift``, the ids of each position's previous visible
         tokens (-1: none); derived from ``ctx`` when omitted, which is right whenever ``ctx``
@@ -329,7 +328,14 @@ class RecurrentDepthLM(nnx.Module):
                                   0)
             x_btd = x_btd + jnp.einsum("kbtd,kde->bte", prev_kbtd,
                                        self.token_shift[...].astype(self.dtype))
-        return run_blocks(self.prelude, x_btd, ctx, kv_prefixes)
+        return x_btd
+
+    def embed(self, tokens_bt: jax.Array, ctx: AttentionContext,
+              kv_prefixes: list[KV] | None = None,
+              previous_kbt: jax.Array | None = None) -> tuple[jax.Array, list[KV]]:
+        """Prelude: e = prelude_blocks(`input_embeddings`)."""
+        return run_blocks(self.prelude, self.input_embeddings(tokens_bt, ctx, previous_kbt), ctx,
+                          kv_prefixes)
 
     def decode(self, state_btd: jax.Array, ctx: AttentionContext,
                kv_prefixes: list[KV] | None = None) -> tuple[jax.Array, list[KV]]:

@@ -20,8 +20,18 @@ TOK = load_tokenizer("chars")
 LATENT = TOK.latent_id
 
 
-def _cfg(mean_recurrence: int = 3):
-    return model_preset("tiny", mean_recurrence=mean_recurrence, max_seq_len=64)
+def _cfg(mean_recurrence: int = 3, token_shift: int = 0):
+    return model_preset("tiny", mean_recurrence=mean_recurrence, max_seq_len=64,
+                        token_shift=token_shift)
+
+
+def _params(cfg, seed: int):
+    """Fresh params; the token-shift matrices (zero at init) made non-zero so that they count."""
+    params = init_params(cfg, jax.random.key(seed))
+    if cfg.token_shift:
+        shape = params["token_shift"].shape
+        params["token_shift"] = 0.3 * jax.random.normal(jax.random.key(seed + 100), shape)
+    return params
 
 
 def _tokens(question: str, n_latents: int, tail: str = "ab") -> list[int]:
@@ -37,19 +47,28 @@ def reference_hidden(params, tokens: list[int], cfg, num_steps: int, state0_td):
     ctx = attention_context(cfg, 1, t_len)
     depth = Depth(jnp.int32(num_steps), jnp.int32(0), 0)
     full_pass = jax.jit(lambda x: cc_lib.hidden_states(params, x, cfg, ctx, state0_td[None], depth))
-    embed = lambda token: cc_lib.token_embeddings(params, jnp.array([[token]]), cfg)[0, 0]
+    wte = np.asarray(params["wte"]) * np.sqrt(cfg.d_model)
+
+    def embed(t: int) -> np.ndarray:  # own token + the previous token ids' (token shift)
+        out = wte[tokens[t]].copy()
+        for k in range(1, cfg.token_shift + 1):
+            if t - k >= 0:
+                out += wte[tokens[t - k]] @ np.asarray(params["token_shift"][k - 1])
+        return out
+
     x = jnp.zeros((1, t_len, cfg.d_model))
     hidden = []
     for t, token in enumerate(tokens):
-        x = x.at[0, t].set(hidden[t - 1] if token == LATENT else embed(token))
+        x = x.at[0, t].set(hidden[t - 1] if token == LATENT else embed(t))
         hidden.append(full_pass(x)[0, t])
     return jnp.stack(hidden)
 
 
-@pytest.mark.parametrize("mean_r,num_steps,init_scale", [(1, 1, 0.0), (3, 3, 1.0)])
-def test_substitution_matches_step_by_step_reference(mean_r, num_steps, init_scale):
-    cfg = _cfg(mean_r)
-    params = init_params(cfg, jax.random.key(0))
+@pytest.mark.parametrize("mean_r,num_steps,init_scale,token_shift",
+                         [(1, 1, 0.0, 0), (3, 3, 1.0, 0), (2, 2, 0.0, 2)])
+def test_substitution_matches_step_by_step_reference(mean_r, num_steps, init_scale, token_shift):
+    cfg = _cfg(mean_r, token_shift)
+    params = _params(cfg, 0)
     tokens = _tokens("x=1;y", 3)
     key = jax.random.key(5)
     state0 = initial_state(cfg, (1, len(tokens), cfg.d_model), key=key, init_scale=init_scale)
@@ -78,9 +97,10 @@ def test_no_latents_is_the_ordinary_forward():
     np.testing.assert_allclose(logits, expected, atol=2e-5)
 
 
-def test_batch_equals_single_rows_with_latents_at_different_positions():
-    cfg = _cfg(2)
-    params = init_params(cfg, jax.random.key(2))
+@pytest.mark.parametrize("token_shift", [0, 2])
+def test_batch_equals_single_rows_with_latents_at_different_positions(token_shift):
+    cfg = _cfg(2, token_shift)
+    params = _params(cfg, 2)
     rows = [_tokens("a=1;b=a;?b", 2), _tokens("q", 2, "xyz"), _tokens("k=3;?k", 1)]
     width = max(map(len, rows)) + 2
     buf = np.zeros((len(rows), width), np.int32)
@@ -93,6 +113,34 @@ def test_batch_equals_single_rows_with_latents_at_different_positions():
         single, _ = cc_lib.continuous_forward(params, jnp.array([r]), cfg, latent_id=LATENT,
                                               max_latents=3, depth=depth)
         np.testing.assert_allclose(batch_logits[i, :len(r)], single[0], atol=3e-5)
+
+
+@pytest.mark.parametrize("token_shift", [0, 2])
+def test_generation_after_thoughts_equals_recomputed_argmax(token_shift):
+    """Greedy decoding (thoughts computed once, each new token re-embedded in the buffer) gives
+    the tokens that a fresh continuous forward over the growing sequence picks at every step,
+    for a batch of prompts of different lengths."""
+    cfg = _cfg(2, token_shift)
+    params = _params(cfg, 6)  # a seed whose random model never emits <latent> here (that token
+    prompts = [_tokens("a=1;b=a;?b", 2, "#"), _tokens("k=3;?k", 1, "#")]
+    # would be an ordinary token in generation but a thought to continuous_forward)
+    new_tokens, width = 4, max(map(len, prompts)) + 4
+    buf = np.zeros((len(prompts), width), np.int32)
+    for i, p in enumerate(prompts):
+        buf[i, :len(p)] = p
+    out, lengths, _ = cc_lib.generate_after_thoughts(
+        params, jnp.asarray(buf), jnp.array([len(p) for p in prompts]), jnp.int32(2), cfg=cfg,
+        latent_id=LATENT, max_latents=2, max_new_tokens=new_tokens, eos_id=-1)
+    depth = Depth(jnp.int32(2), jnp.int32(0), 0)
+    for i, prompt in enumerate(prompts):
+        seq = list(prompt)
+        for _ in range(new_tokens):
+            logits, _ = cc_lib.continuous_forward(params, jnp.array([seq]), cfg, latent_id=LATENT,
+                                                  max_latents=2, depth=depth)
+            seq.append(int(jnp.argmax(logits[0, -1])))
+        assert LATENT not in seq[len(prompt):]
+        assert int(lengths[i]) == len(seq)
+        assert np.asarray(out[i, :len(seq)]).tolist() == seq
 
 
 def test_latent_ordinals():
