@@ -54,6 +54,11 @@ class ModelConfig:
     # A token then knows its neighbours before any attention, so binding "c=b" at one position
     # needs no previous-token head; small models learn key→value lookups far sooner.
     token_shift: int = 0
+    # Extension, not in Huginn ("normal" = Huginn): "identity" starts the adapter as [I; I], so
+    # that x = s + e at init — each step then continues the previous step's residual stream
+    # instead of reading it through a random matrix, and a value carried in the state looks like
+    # the same value in e. Still trained; only the starting point differs.
+    adapter_init: str = "normal"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_heads", "mlp_dim", "n_core", "max_seq_len",
@@ -72,6 +77,8 @@ class ModelConfig:
         _require(self.rope_base > 1, "model.rope_base", self.rope_base, "must be > 1")
         _require(0 < self.norm_eps < 1, "model.norm_eps", self.norm_eps, "must be in (0, 1)")
         _require(self.dtype in DTYPES, "model.dtype", self.dtype, f"must be one of {DTYPES}")
+        _require(self.adapter_init in ("normal", "identity"), "model.adapter_init",
+                 self.adapter_init, "must be 'normal' (Huginn) or 'identity' ([I; I])")
         _require(isinstance(self.token_shift, int) and 0 <= self.token_shift <= 8,
                  "model.token_shift", self.token_shift, "must be an integer in [0, 8] (0 = off)")
 

@@ -279,7 +279,11 @@ class RecurrentCore(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d = cfg.d_model
-        self.adapter = _param(_truncated_normal(rngs, (2 * d, d), cfg.init_std), "adapter_in", "embed")
+        if cfg.adapter_init == "identity":  # x = s + e at init (an rdlm extension)
+            adapter = jnp.concatenate([jnp.eye(d), jnp.eye(d)], axis=0)
+        else:
+            adapter = _truncated_normal(rngs, (2 * d, d), cfg.init_std)
+        self.adapter = _param(adapter, "adapter_in", "embed")
         self.blocks = nnx.List([SandwichBlock(cfg, rngs=rngs) for _ in range(cfg.n_core)])
 
     def __call__(self, state_btd: jax.Array, embedded_btd: jax.Array, ctx: AttentionContext,

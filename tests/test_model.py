@@ -275,6 +275,23 @@ def test_token_shift_mixes_in_the_previous_visible_tokens_only():
         M.previous_tokens(jnp.array([[7, 8, 9, 10]]), 2, None), [[[-1, 7, 8, 9]], [[-1, -1, 7, 8]]])
 
 
+def test_identity_adapter_init_adds_state_and_embedding():
+    cfg = rdlm.model_preset("tiny", adapter_init="identity")
+    p = rdlm.init_params(cfg, jax.random.key(0))
+    d = cfg.d_model
+    np.testing.assert_array_equal(p["core"]["adapter"], np.concatenate([np.eye(d), np.eye(d)]))
+    # The core's first block sees s + e: zeroing the adapter and adding e to the state gives the
+    # same step.
+    s = jax.random.normal(jax.random.key(1), (1, 5, d))
+    e = jax.random.normal(jax.random.key(2), (1, 5, d))
+    ctx = M.attention_context(cfg, 1, 5)
+    summed = dict(p, core=dict(p["core"], adapter=jnp.concatenate([jnp.eye(d), jnp.zeros((d, d))])))
+    np.testing.assert_allclose(M.core_step(p, s, e, cfg, ctx),
+                               M.core_step(summed, s + e, jnp.zeros_like(e), cfg, ctx), atol=1e-5)
+    with pytest.raises(rdlm.ConfigError, match="adapter_init"):
+        rdlm.model_preset("tiny", adapter_init="zeros")
+
+
 def test_segment_positions_restart():
     seg = jnp.array([[1, 1, 1, 2, 2, 3, 0, 0]])
     np.testing.assert_array_equal(M.segment_positions(seg), [[0, 1, 2, 0, 1, 0, 0, 1]])
