@@ -77,14 +77,33 @@ def test_chain_answers_follow_the_chain(level):
         assert e.steps[-1].startswith(e.question.rsplit("?", 1)[1] + "=")
 
 
-def test_interleaved_statements_only_refer_backwards():
-    task = make_task("chains", 3)
+@pytest.mark.parametrize("notation", ["assign", "flow"])
+def test_interleaved_statements_only_refer_backwards(notation):
+    task = make_task("chains", 3, [f"notation={notation}"])
     for e in _examples(task, "train", 50):
         defined = set()
         for statement in e.question.rsplit(";?", 1)[0].split(";"):
-            var, value = statement.split("=")
+            var, value = tasks.parse_statement(statement)
             assert value.isdigit() or value in defined
             defined.add(var)
+
+
+def test_flow_notation_is_the_same_problem_written_the_other_way():
+    assign, flow = make_task("chains", 2), make_task("chains", 2, ["notation=flow"])
+    for i in range(30):
+        # The same random draws give the same chains: each "b=a" is written "a>b".
+        a, f = assign.generate(tasks._rng("same", i)), flow.generate(tasks._rng("same", i))
+        body_a, query_a = a.question.rsplit(";?", 1)
+        body_f, query_f = f.question.rsplit(";?", 1)
+        assert query_a == query_f and a.answer == f.answer == tasks.solve_chains(f.question)
+        for sa, sf in zip(body_a.split(";"), body_f.split(";")):
+            target, source = sa.split("=")
+            assert sf == f"{source}>{target}"
+        assert [q for q, _ in tasks.chains_questions(f)] == [
+            q.replace(body_a, body_f) for q, _ in tasks.chains_questions(a)]
+    assert tasks.parse_statement("7>k") == tasks.parse_statement("k=7") == ("k", "7")
+    with pytest.raises(ConfigError, match="notation"):
+        make_task("chains", 1, ["notation=arrows"])
 
 
 def test_shortcuts_are_near_chance_on_the_hard_setting():

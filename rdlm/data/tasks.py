@@ -112,6 +112,20 @@ def example_at(task: Task, split: str, index: int, seed: int = 0) -> Example:
 # (a) Multi-hop variable chains.
 
 CHAIN_ORDERS = ("chain", "interleaved", "shuffled")
+# notation -> how "target takes source's value" is written
+CHAIN_NOTATIONS: dict[str, Callable[[str, str], str]] = {
+    "assign": lambda target, source: f"{target}={source}",
+    "flow": lambda target, source: f"{source}>{target}",
+}
+
+
+def parse_statement(statement: str) -> tuple[str, str]:
+    """(target, source) of a chains statement in either notation."""
+    if "=" in statement:
+        target, source = statement.split("=")
+        return target, source
+    source, target = statement.split(">")
+    return target, source
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,13 +137,20 @@ class ChainsParams:
     statement refers to an earlier one: hop-by-hop resolution), ``shuffled`` is a random order.
     ``query``: ``end`` asks for the last variable of a chain (its full hop count); ``any`` asks for
     a uniformly chosen variable of the chain, 0 hops (the root) included — a built-in curriculum
-    whose easy queries teach the lookup that the deep ones compose."""
+    whose easy queries teach the lookup that the deep ones compose.
+    ``notation``: ``assign`` writes ``b=a`` (b takes a's value), ``flow`` writes the same statement
+    as ``a>b`` (a's value flows into b). With ``flow`` the token where a statement ends and the
+    answer position both sit two tokens after the variable whose value they need, so one
+    attention head — "read the value at the statement ending in my second-previous token" — both
+    answers the query and, applied again on the next recurrence step, resolves every statement
+    one hop further."""
 
     num_chains: int = 2
     min_hops: int = 1
     max_hops: int = 2
     order: str = "interleaved"
     query: str = "end"
+    notation: str = "assign"
 
     def __post_init__(self) -> None:
         _positive(self, "num_chains", "min_hops", "max_hops")
@@ -142,6 +163,8 @@ class ChainsParams:
         _require_param(self.order in CHAIN_ORDERS, "order", self.order,
                        f"must be one of {CHAIN_ORDERS}")
         _require_param(self.query in ("end", "any"), "query", self.query, "must be 'end' or 'any'")
+        _require_param(self.notation in CHAIN_NOTATIONS, "notation", self.notation,
+                       f"must be one of {sorted(CHAIN_NOTATIONS)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,15 +181,16 @@ class ChainsTask:
         for h, digit in zip(hops, digits):
             variables = names[start:start + h + 1]
             start += h + 1
-            statements = [f"{variables[0]}={digit}"]
-            statements += [f"{variables[i]}={variables[i - 1]}" for i in range(1, h + 1)]
+            write = CHAIN_NOTATIONS[p.notation]
+            statements = [write(variables[0], digit)]
+            statements += [write(variables[i], variables[i - 1]) for i in range(1, h + 1)]
             chains.append((variables, statements))
         statements = _order_statements([s for _, s in chains], p.order, rng)
         query = rng.randrange(p.num_chains)
         variables, _ = chains[query]
         if p.query == "any":
             variables = variables[:rng.randint(1, len(variables))]
-        steps = tuple(f"{v}={digits[query]}" for v in variables)
+        steps = tuple(write(v, digits[query]) for v in variables)
         question = ";".join(statements) + f";?{variables[-1]}"
         return Example(question, steps, digits[query])
 
@@ -188,7 +212,7 @@ def _order_statements(chains: list[list[str]], order: str, rng: random.Random) -
 def solve_chains(question: str) -> str:
     """Independent solver: follow assignments from the queried variable back to a digit."""
     body, query = question.rsplit(";?", 1)
-    value = dict(s.split("=") for s in body.split(";"))
+    value = dict(parse_statement(s) for s in body.split(";"))
     seen = set()
     while not query.isdigit():
         if query in seen:
@@ -202,7 +226,7 @@ def chains_questions(example: Example) -> list[tuple[str, str]]:
     """Every question the statements of a chains example answer: (question, answer) for each
     variable, in the order the statements define them."""
     body = example.question.rsplit(";?", 1)[0]
-    questions = [f"{body};?{s.split('=')[0]}" for s in body.split(";")]
+    questions = [f"{body};?{parse_statement(s)[0]}" for s in body.split(";")]
     return [(q, solve_chains(q)) for q in questions]
 
 
@@ -221,10 +245,10 @@ def _nearest_digit_before_query(question: str) -> str:
     listed contiguously, without following any pointer."""
     body, query = question.rsplit(";?", 1)
     statements = body.split(";")
-    where = next(i for i, s in enumerate(statements) if s.startswith(query + "="))
+    where = next(i for i, s in enumerate(statements) if parse_statement(s)[0] == query)
     for s in reversed(statements[:where + 1]):
-        if s[-1].isdigit():
-            return s[-1]
+        if parse_statement(s)[1].isdigit():
+            return parse_statement(s)[1]
     return _chain_digits(question)[0]
 
 
