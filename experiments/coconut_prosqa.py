@@ -154,7 +154,8 @@ def run(smoke: bool, fresh: bool, out_dir: Path, runs_dir: Path) -> dict:
             t0 = time.time()
             out = cc_lib.train_coconut(cfg, cc, log=lambda m: print(f"[{bkey} {mlabel}] {m}",
                                                                     flush=True))
-            train_s = time.time() - t0
+            # A resumed or already finished run: its history holds the training time of every call.
+            train_s = out["history"][-1]["time_s"] if out["history"] else time.time() - t0
             params = out["state"].params
             result = cc_lib.evaluate_method(params, cfg, cc)
             final_loss = out["history"][-1]["loss"] if out["history"] else float("nan")

@@ -437,6 +437,28 @@ def steps_per_stage(cfg: Config, cc: CoconutConfig) -> int:
     return cc.steps_per_stage
 
 
+HISTORY_FILE = "metrics.jsonl"  # in the run directory: one line per logged step
+
+
+def _load_history(run_dir: Path, upto_step: int) -> list[dict[str, Any]]:
+    """The logged steps of earlier calls up to the resumed step (lines written after the last
+    checkpoint of a killed run are dropped: those steps run again), rewritten in place so that
+    the file keeps one line per step."""
+    path = run_dir / HISTORY_FILE
+    if not path.exists():
+        return []
+    history = []
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill
+            continue
+        if entry.get("step", upto_step + 1) <= upto_step:
+            history.append(entry)
+    path.write_text("".join(json.dumps(e) + "\n" for e in history))
+    return history
+
+
 def train_coconut(cfg: Config, cc: CoconutConfig, *, stop_after: int | None = None,
                   log: Any = print) -> dict[str, Any]:
     """Run (or resume) the whole curriculum in ``cfg.train.run_dir``.
@@ -445,7 +467,9 @@ def train_coconut(cfg: Config, cc: CoconutConfig, *, stop_after: int | None = No
     config) at every stage end and every ``train.checkpoint_every`` steps; a killed run restarts
     at its last checkpoint's step and stage. The optimizer state is reset at every stage change
     (also when a resumed run starts exactly on a stage boundary). ``stop_after`` stops after that
-    many steps of this call (tests use it to simulate a kill).
+    many steps of this call (tests use it to simulate a kill). The returned ``history`` (also in
+    ``run_dir/metrics.jsonl``) covers the whole run, earlier calls included, with cumulative
+    training seconds in ``time_s``.
     """
     from rdlm.train import TrainState, abstract_state, init_state, state_shardings
     tok = load_tokenizer(cfg.data.tokenizer)
@@ -455,6 +479,7 @@ def train_coconut(cfg: Config, cc: CoconutConfig, *, stop_after: int | None = No
     plan = stage_plan(cc, steps_per_stage(cfg, cc))
     total = sum(steps for _, steps in plan)
     run_dir = Path(cfg.train.run_dir).expanduser().absolute()
+    run_dir.mkdir(parents=True, exist_ok=True)
     checkpointer = ckpt_lib.TrainCheckpointer(run_dir, save_every=cfg.train.checkpoint_every,
                                               keep_last=cfg.train.keep_last, keep_every=0,
                                               async_save=False)
@@ -476,9 +501,9 @@ def train_coconut(cfg: Config, cc: CoconutConfig, *, stop_after: int | None = No
             state = init_state(cfg, tx, shardings, params)
         examples = training_examples(cfg, cc)
         step_fn = make_coconut_step(cfg, cc, tok.latent_id)
-        history = []
         start = int(state.step)
-        t0 = time.perf_counter()
+        history = _load_history(run_dir, start)
+        t0 = time.perf_counter() - (history[-1]["time_s"] if history else 0.0)
         for step in range(start, total):
             if stop_after is not None and step - start >= stop_after:
                 break
@@ -491,7 +516,10 @@ def train_coconut(cfg: Config, cc: CoconutConfig, *, stop_after: int | None = No
             done = step + 1
             if done % cfg.train.log_every == 0 or done == total or is_stage_start(plan, done):
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                history.append({"step": done, "stage": stage, **m})
+                history.append({"step": done, "stage": stage, **m,
+                                "time_s": round(time.perf_counter() - t0, 2)})
+                with open(run_dir / HISTORY_FILE, "a") as f:
+                    f.write(json.dumps(history[-1]) + "\n")
                 log(f"step {done}/{total} stage {stage} loss {m['loss']:.4f} "
                     f"acc {m['accuracy']:.3f} r {int(m['r'])} "
                     f"({time.perf_counter() - t0:.0f}s)")

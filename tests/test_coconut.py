@@ -258,6 +258,14 @@ def test_resume_mid_curriculum_gives_the_same_params(tmp_path):
     assert int(resumed["state"].step) == 6
     for a, b in zip(jax.tree.leaves(full["state"].params), jax.tree.leaves(resumed["state"].params)):
         np.testing.assert_allclose(a, b, atol=1e-6)
+    # The history survives the kill: the resumed run reports every logged step of the run, with
+    # the losses of the uninterrupted one, and a finished run returns it without training.
+    steps = lambda h: [e["step"] for e in h]
+    assert steps(resumed["history"]) == steps(full["history"]) == [2, 4, 6]
+    np.testing.assert_allclose([e["loss"] for e in resumed["history"]],
+                               [e["loss"] for e in full["history"]], rtol=1e-5)
+    again = cc_lib.train_coconut(cfg_b, cc, log=lambda *_: None)
+    assert again["history"] == resumed["history"] and again["history"][-1]["time_s"] > 0
 
 
 def test_evaluate_method_counts_thoughts_and_tokens(tmp_path):
