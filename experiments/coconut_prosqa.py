@@ -39,6 +39,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]  # paths below work from any working directory
 sys.path.insert(0, str(ROOT))
 from rdlm import coconut as cc_lib  # noqa: E402
+from rdlm.data.render import parse_answer  # noqa: E402
 from rdlm.data.tasks import example_at, make_task  # noqa: E402
 from rdlm.data.tokenizer import load_tokenizer  # noqa: E402
 from rdlm.model import attention_context  # noqa: E402
@@ -157,18 +158,21 @@ def run(smoke: bool, fresh: bool, out_dir: Path, runs_dir: Path) -> dict:
             # A resumed or already finished run: its history holds the training time of every call.
             train_s = out["history"][-1]["time_s"] if out["history"] else time.time() - t0
             params = out["state"].params
-            result = cc_lib.evaluate_method(params, cfg, cc)
+            task = make_task(cfg.data.task, cfg.data.difficulty, cfg.data.task_args)
+            eval_examples = [example_at(task, cc.eval_split, i, cfg.seed)
+                             for i in range(cc.eval_examples)]
+            result = cc_lib.evaluate_method(params, cfg, cc, eval_examples)
             final_loss = out["history"][-1]["loss"] if out["history"] else float("nan")
             rows.append({"backbone": blabel, "method": mlabel, "accuracy": result["accuracy"],
                          "generated_tokens": result["generated_tokens"],
                          "eval_r": result["num_steps"], "train_steps": int(out["state"].step),
                          "final_train_loss": final_loss, "train_s": train_s,
                          "eval_examples": result["num_examples"],
+                         "option_rate": option_rate(eval_examples, result["predictions"]),
                          "sample_prediction": result["predictions"][0]})
             print(f"[{bkey} {mlabel}] accuracy {result['accuracy']:.3f} generated "
                   f"{result['generated_tokens']:.1f} ({train_s:.0f}s)", flush=True)
             if mlabel == "Coconut":
-                task = make_task(cfg.data.task, cfg.data.difficulty, cfg.data.task_args)
                 probe_examples = [example_at(task, "test", i, cfg.seed)
                                   for i in range(4 if smoke else 128)]
                 probes[blabel] = logit_lens(params, cfg, cc, probe_examples)
@@ -178,6 +182,17 @@ def run(smoke: bool, fresh: bool, out_dir: Path, runs_dir: Path) -> dict:
               "config": yaml.safe_load((ROOT / CONFIG).read_text())}
     write_outputs(report, out_dir)
     return report
+
+
+def option_rate(examples: list, predictions: list[dict]) -> float:
+    """Fraction of answers that name one of the question's two options ("is X a A or B?"),
+    right or wrong: it tells a model that has not learned the answer format from one that
+    answers the format but picks the wrong option (chance is 50 % of these)."""
+    hits = 0
+    for example, prediction in zip(examples, predictions):
+        options = example.question.rstrip("?").rsplit(" a ", 1)[1].split(" or ")
+        hits += parse_answer(prediction["generated"].replace("<eos>", "")) in options
+    return hits / max(len(examples), 1)
 
 
 def machine() -> str:
@@ -195,10 +210,11 @@ def write_outputs(report: dict, out_dir: Path) -> None:
              + " --fresh`  ", f"Wall time: {report['wall_s'] / 60:.1f} min on {report['machine']}.",
              "", "Greedy decoding on held-out test problems; generated tokens = language tokens "
              "(incl. `<eos>`) + the k·c continuous thoughts (the paper's count).", "",
-             "| backbone | method | accuracy % | generated tokens | train steps | final train loss "
-             "| train s |", "|---|---|---:|---:|---:|---:|---:|"]
+             "| backbone | method | accuracy % | answers an option % | generated tokens | train steps "
+             "| final train loss | train s |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in report["rows"]:
         lines.append(f"| {r['backbone']} | {r['method']} | {100 * r['accuracy']:.1f} | "
+                     f"{100 * r.get('option_rate', float('nan')):.1f} | "
                      f"{r['generated_tokens']:.1f} | {r['train_steps']} | "
                      f"{r['final_train_loss']:.3f} | {r['train_s']:.0f} |")
     lines += ["", "Shortcut heuristics (first option, degree, position) score 45–55% on this task "
