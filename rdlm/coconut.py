@@ -440,25 +440,6 @@ def steps_per_stage(cfg: Config, cc: CoconutConfig) -> int:
 HISTORY_FILE = "metrics.jsonl"  # in the run directory: one line per logged step
 
 
-def _load_history(run_dir: Path, upto_step: int) -> list[dict[str, Any]]:
-    """The logged steps of earlier calls up to the resumed step (lines written after the last
-    checkpoint of a killed run are dropped: those steps run again), rewritten in place so that
-    the file keeps one line per step."""
-    path = run_dir / HISTORY_FILE
-    if not path.exists():
-        return []
-    history = []
-    for line in path.read_text().splitlines():
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by a kill
-            continue
-        if entry.get("step", upto_step + 1) <= upto_step:
-            history.append(entry)
-    path.write_text("".join(json.dumps(e) + "\n" for e in history))
-    return history
-
-
 def train_coconut(cfg: Config, cc: CoconutConfig, *, stop_after: int | None = None,
                   log: Any = print) -> dict[str, Any]:
     """Run (or resume) the whole curriculum in ``cfg.train.run_dir``.
@@ -471,7 +452,8 @@ def train_coconut(cfg: Config, cc: CoconutConfig, *, stop_after: int | None = No
     ``run_dir/metrics.jsonl``) covers the whole run, earlier calls included, with cumulative
     training seconds in ``time_s``.
     """
-    from rdlm.train import TrainState, abstract_state, init_state, state_shardings
+    from rdlm.train import (TrainState, _truncate_jsonl, abstract_state, init_state,
+                            state_shardings)
     tok = load_tokenizer(cfg.data.tokenizer)
     mesh = shard_lib.make_mesh(cfg.mesh)
     tx = make_optimizer(cfg.train)
@@ -502,7 +484,11 @@ def train_coconut(cfg: Config, cc: CoconutConfig, *, stop_after: int | None = No
         examples = training_examples(cfg, cc)
         step_fn = make_coconut_step(cfg, cc, tok.latent_id)
         start = int(state.step)
-        history = _load_history(run_dir, start)
+        # The logged steps of earlier calls up to the resumed one (the train loop's rule: steps
+        # after the last checkpoint run again, a line cut by a kill is dropped).
+        _truncate_jsonl(run_dir / HISTORY_FILE, start)
+        history = ([json.loads(line) for line in (run_dir / HISTORY_FILE).read_text().splitlines()]
+                   if (run_dir / HISTORY_FILE).exists() else [])
         t0 = time.perf_counter() - (history[-1]["time_s"] if history else 0.0)
         for step in range(start, total):
             if stop_after is not None and step - start >= stop_after:

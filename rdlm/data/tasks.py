@@ -246,9 +246,9 @@ def _nearest_digit_before_query(question: str) -> str:
     body, query = question.rsplit(";?", 1)
     statements = body.split(";")
     where = next(i for i, s in enumerate(statements) if parse_statement(s)[0] == query)
-    for s in reversed(statements[:where + 1]):
-        if parse_statement(s)[1].isdigit():
-            return parse_statement(s)[1]
+    for _, source in map(parse_statement, reversed(statements[:where + 1])):
+        if source.isdigit():
+            return source
     return _chain_digits(question)[0]
 
 
