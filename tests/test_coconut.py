@@ -132,12 +132,15 @@ def test_generation_after_thoughts_equals_recomputed_argmax(token_shift):
         params, jnp.asarray(buf), jnp.array([len(p) for p in prompts]), jnp.int32(2), cfg=cfg,
         latent_id=LATENT, max_latents=2, max_new_tokens=new_tokens, eos_id=-1)
     depth = Depth(jnp.int32(2), jnp.int32(0), 0)
+    # The reference pads the growing sequence to the buffer's width (attention is causal, so the
+    # trailing zeros cannot change earlier logits) so that it compiles once, not once per length.
+    reference = jax.jit(lambda t: cc_lib.continuous_forward(params, t, cfg, latent_id=LATENT,
+                                                            max_latents=2, depth=depth)[0])
     for i, prompt in enumerate(prompts):
         seq = list(prompt)
         for _ in range(new_tokens):
-            logits, _ = cc_lib.continuous_forward(params, jnp.array([seq]), cfg, latent_id=LATENT,
-                                                  max_latents=2, depth=depth)
-            seq.append(int(jnp.argmax(logits[0, -1])))
+            logits = reference(jnp.array([seq + [0] * (width - len(seq))]))
+            seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
         assert LATENT not in seq[len(prompt):]
         assert int(lengths[i]) == len(seq)
         assert np.asarray(out[i, :len(seq)]).tolist() == seq
