@@ -22,7 +22,6 @@ import collections
 import dataclasses
 import json
 import os
-import platform
 import re
 import shutil
 import sys
@@ -42,6 +41,7 @@ from rdlm import coconut as cc_lib  # noqa: E402
 from rdlm.data.render import parse_answer  # noqa: E402
 from rdlm.data.tasks import example_at, make_task  # noqa: E402
 from rdlm.data.tokenizer import load_tokenizer  # noqa: E402
+from rdlm.demo import machine  # noqa: E402
 from rdlm.model import attention_context  # noqa: E402
 
 CONFIG = "configs/coconut-prosqa.yaml"  # relative to ROOT
@@ -178,7 +178,7 @@ def run(smoke: bool, fresh: bool, out_dir: Path, runs_dir: Path) -> dict:
                 probes[blabel] = logit_lens(params, cfg, cc, probe_examples)
     wall = time.time() - t_start
     report = {"rows": rows, "probes": probes, "overrides": configs, "wall_s": wall,
-              "machine": machine(), "smoke": smoke,
+              "machine": machine(), "smoke": smoke, "fresh": fresh,
               "config": yaml.safe_load((ROOT / CONFIG).read_text())}
     write_outputs(report, out_dir)
     return report
@@ -195,19 +195,18 @@ def option_rate(examples: list, predictions: list[dict]) -> float:
     return hits / max(len(examples), 1)
 
 
-def machine() -> str:
-    dev = jax.devices()[0]
-    return (f"{platform.node()}: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
-            f"jax {jax.__version__} on {dev.platform} ({dev.device_kind}), shared with other jobs")
-
-
 def write_outputs(report: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "coconut_prosqa.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     plot(report, out_dir / "coconut_prosqa.png")
     lines = ["# Continuous thought on the ProsQA-style task", "",
              "Command: `python experiments/coconut_prosqa.py" + (" --smoke" if report["smoke"] else "")
-             + " --fresh`  ", f"Wall time: {report['wall_s'] / 60:.1f} min on {report['machine']}.",
+             + (" --fresh" if report.get("fresh", True) else "") + "` (resumable: without "
+             "`--fresh` finished runs are evaluated, interrupted ones continue)  ",
+             f"Machine: {report['machine']}.  ",
+             f"Training time, all runs (their logged histories, across resumptions): "
+             f"{sum(r['train_s'] for r in report['rows']) / 60:.1f} min; this invocation: "
+             f"{report['wall_s'] / 60:.1f} min.",
              "", "Greedy decoding on held-out test problems; generated tokens = language tokens "
              "(incl. `<eos>`) + the k·c continuous thoughts (the paper's count).", "",
              "| backbone | method | accuracy % | answers an option % | generated tokens | train steps "
@@ -217,6 +216,7 @@ def write_outputs(report: dict, out_dir: Path) -> None:
                      f"{100 * r.get('option_rate', float('nan')):.1f} | "
                      f"{r['generated_tokens']:.1f} | {r['train_steps']} | "
                      f"{r['final_train_loss']:.3f} | {r['train_s']:.0f} |")
+    lines += ["", *reading(report["rows"])]
     lines += ["", "Shortcut heuristics (first option, degree, position) score 45–55% on this task "
               "(chance 50%; docs/data.md).", "", "## Probe (logit lens of the thoughts)", "",
               "Mean probability the tied head puts on the first character of a node after "
@@ -235,6 +235,41 @@ def write_outputs(report: dict, out_dir: Path) -> None:
               yaml.safe_dump(report["config"], sort_keys=False).rstrip(), "```", "", "```json",
               json.dumps(report["overrides"], indent=1), "```", ""]
     (out_dir / "coconut_prosqa.md").write_text("\n".join(lines))
+
+
+def reading(rows: list[dict]) -> list[str]:
+    """The paper's claim checked on the measured rows, per backbone: Coconut above No-CoT with
+    far fewer generated tokens than CoT; then whether the answers beat a coin flip between the
+    question's two options (accuracy among answers that name an option), and Coconut vs pause
+    (same positions, no hidden state fed back)."""
+    out = ["**Reading (computed from the table).**"]
+    for backbone in dict.fromkeys(r["backbone"] for r in rows):
+        by = {r["method"]: r for r in rows if r["backbone"] == backbone}
+        coconut, nocot = by.get("Coconut"), by.get("No-CoT")
+        if coconut is None or nocot is None:
+            continue
+        parts = [f"{backbone}: Coconut {100 * coconut['accuracy']:.1f} % vs No-CoT "
+                 f"{100 * nocot['accuracy']:.1f} % — "
+                 + ("beats it" if coconut["accuracy"] > nocot["accuracy"] else "does not beat it")]
+        if "CoT" in by:
+            cot = by["CoT"]
+            parts.append(f"{coconut['generated_tokens']:.1f} generated tokens vs CoT's "
+                         f"{cot['generated_tokens']:.1f} ({100 * cot['accuracy']:.1f} %)")
+        if "pause as thought" in by:
+            pause = by["pause as thought"]
+            parts.append(f"pause as thought {100 * pause['accuracy']:.1f} % "
+                         + ("(equal: the fed-back state adds nothing measurable)"
+                            if abs(pause["accuracy"] - coconut["accuracy"]) < 1e-9 else ""))
+        among = [f"{m} {100 * r['accuracy'] / r['option_rate']:.0f} %" for m, r in by.items()
+                 if r.get("option_rate")]
+        parts.append("accuracy among answers that name an option (coin flip = 50 %): "
+                     + ", ".join(among))
+        out.append("- " + "; ".join(parts) + ".")
+    out.append("")
+    out.append("Where the accuracy among option answers stays near 50 %, no method has learned "
+               "the search yet: a lead in accuracy then comes from answering in the format "
+               "(naming an option at all), which the curriculum's language stages teach.")
+    return out
 
 
 def plot(report: dict, path: Path) -> None:

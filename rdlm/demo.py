@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -33,7 +34,8 @@ def finished_step(run_dir: Path) -> int | None:
 def machine() -> str:
     import jax
     device = jax.devices()[0]
-    return f"{platform.node()} · {platform.machine()} · {jax.device_count()}× {device.device_kind}"
+    return (f"{platform.node()} · {platform.machine()} · {os.cpu_count()} CPU cores · "
+            f"{jax.device_count()}× {device.device_kind}")
 
 
 def accuracy_table(result: dict[str, Any]) -> str:
