@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]  # paths below work from any working 
 sys.path.insert(0, str(ROOT))
 from rdlm import coconut as cc_lib  # noqa: E402
 from rdlm.data.render import parse_answer  # noqa: E402
-from rdlm.data.tasks import example_at, make_task  # noqa: E402
+from rdlm.data.tasks import example_at, make_task, prosqa_options  # noqa: E402
 from rdlm.data.tokenizer import load_tokenizer  # noqa: E402
 from rdlm.demo import machine  # noqa: E402
 from rdlm.model import attention_context  # noqa: E402
@@ -190,8 +190,8 @@ def option_rate(examples: list, predictions: list[dict]) -> float:
     answers the format but picks the wrong option (chance is 50 % of these)."""
     hits = 0
     for example, prediction in zip(examples, predictions):
-        options = example.question.rstrip("?").rsplit(" a ", 1)[1].split(" or ")
-        hits += parse_answer(prediction["generated"].replace("<eos>", "")) in options
+        hits += (parse_answer(prediction["generated"].replace("<eos>", ""))
+                 in prosqa_options(example.question))
     return hits / max(len(examples), 1)
 
 

@@ -486,9 +486,7 @@ def train_coconut(cfg: Config, cc: CoconutConfig, *, stop_after: int | None = No
         start = int(state.step)
         # The logged steps of earlier calls up to the resumed one (the train loop's rule: steps
         # after the last checkpoint run again, a line cut by a kill is dropped).
-        _truncate_jsonl(run_dir / HISTORY_FILE, start)
-        history = ([json.loads(line) for line in (run_dir / HISTORY_FILE).read_text().splitlines()]
-                   if (run_dir / HISTORY_FILE).exists() else [])
+        history = _truncate_jsonl(run_dir / HISTORY_FILE, start)
         t0 = time.perf_counter() - (history[-1]["time_s"] if history else 0.0)
         for step in range(start, total):
             if stop_after is not None and step - start >= stop_after:

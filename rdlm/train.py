@@ -419,19 +419,21 @@ def check_layout(cfg: Config, mesh: Mesh) -> None:
 # Logging: metrics.jsonl, TensorBoard, a progress bar or plain lines. Process 0 only.
 
 
-def _truncate_jsonl(path: Path, start_step: int) -> None:
+def _truncate_jsonl(path: Path, start_step: int) -> list[dict[str, Any]]:
     """Keep the records of steps <= start_step: a resumed run re-logs the steps after its
-    checkpoint, and a SIGKILL may have left half a line at the end."""
+    checkpoint, and a SIGKILL may have left half a line at the end. Returns the kept records."""
     if not path.exists():
-        return
+        return []
     kept = []
     for line in path.read_text().splitlines():
         try:
-            if json.loads(line)["step"] <= start_step:
-                kept.append(line)
+            record = json.loads(line)
+            if record["step"] <= start_step:
+                kept.append(record)
         except (ValueError, KeyError, TypeError):
             continue  # a torn line from a killed writer
-    path.write_text("".join(line + "\n" for line in kept))
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return kept
 
 
 class MetricsLogger:

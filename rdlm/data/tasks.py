@@ -445,11 +445,16 @@ def _bfs(edges: list[tuple[int, int]], start: int) -> tuple[dict[int, int], dict
     return dist, parent
 
 
+def prosqa_options(question: str) -> list[str]:
+    """The two options of "… is X a A or B?"."""
+    return question.rsplit(" is ", 1)[1].split(" a ", 1)[1].rstrip("?").split(" or ")
+
+
 def solve_prosqa(question: str) -> str:
     """Independent solver: parse the facts and search the graph from the entity."""
     facts, query = question.rsplit(" is ", 1)
-    entity, rest = query.split(" a ", 1)
-    options = rest.rstrip("?").split(" or ")
+    entity = query.split(" a ", 1)[0]
+    options = prosqa_options(question)
     graph = collections.defaultdict(set)
     for fact in facts.split("."):
         fact = fact.strip()
@@ -470,8 +475,8 @@ def solve_prosqa(question: str) -> str:
 
 
 def _prosqa_parts(question: str) -> tuple[list[str], list[tuple[str, str]]]:
-    facts, query = question.rsplit(" is ", 1)
-    options = query.split(" a ", 1)[1].rstrip("?").split(" or ")
+    facts = question.rsplit(" is ", 1)[0]
+    options = prosqa_options(question)
     edges = [tuple(re.fullmatch(r"(?:every )?(\w+) is a (\w+)", f.strip()).groups())
              for f in facts.split(".") if f.strip()]
     return options, edges
