@@ -16,6 +16,7 @@ FSDP group when another dimension could carry it.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -68,6 +69,27 @@ def resolve_mesh_shape(mesh_cfg: MeshConfig, num_devices: int) -> tuple[int, int
             f"{num_devices} are available; make the product equal the device count or set one "
             "axis to -1.")
     return tuple(sizes)  # type: ignore[return-value]
+
+
+def request_cpu_devices(num: int) -> int:
+    """Ask JAX for ``num`` host CPU devices (``mesh.cpu_devices``); returns the count in effect
+    (0 when nothing was asked: ``num`` is 0 or XLA_FLAGS fixes the count).
+
+    Only possible before JAX starts its backends: afterwards (a notebook that already ran JAX, a
+    test session) the run goes on with the devices there are and says so. An explicit
+    ``--xla_force_host_platform_device_count`` in XLA_FLAGS wins. Accelerators are unaffected.
+    """
+    if num <= 0 or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return 0
+    try:
+        jax.config.update("jax_num_cpu_devices", num)
+    except RuntimeError:  # backends already initialised
+        have = len(jax.devices("cpu"))
+        if have != num:
+            print(f"note: mesh.cpu_devices={num} ignored: JAX already started with {have} CPU "
+                  "device(s) in this process (set it before the first JAX operation).", flush=True)
+        return have
+    return len(jax.devices("cpu"))
 
 
 def make_mesh(mesh_cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:

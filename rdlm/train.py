@@ -343,11 +343,17 @@ def _cluster_detected() -> bool:
 
 
 def maybe_initialize_distributed(mesh_cfg: MeshConfig) -> None:
-    """`jax.distributed.initialize` for multi-host runs (call before anything touches devices).
+    """`jax.distributed.initialize` for multi-host runs and ``mesh.cpu_devices`` (call before
+    anything touches devices).
 
     Explicit coordinator in the config → use it; a TPU pod or SLURM job → JAX detects everything;
-    otherwise this is a single-process run and nothing happens.
+    otherwise this is a single-process run and only the CPU device count may change.
     """
+    _initialize_distributed(mesh_cfg)
+    shard_lib.request_cpu_devices(mesh_cfg.cpu_devices)
+
+
+def _initialize_distributed(mesh_cfg: MeshConfig) -> None:
     if mesh_cfg.distributed == "off" or jax.distributed.is_initialized():
         return
     # CPU processes need a collectives backend to talk to each other; harmless on GPU/TPU.

@@ -71,3 +71,30 @@ def test_mesh_shape_resolution_and_errors():
         sharding.resolve_mesh_shape(MeshConfig(data=3, fsdp=2, tensor=1), 8)
     with pytest.raises(ConfigError, match="must divide the device count"):
         sharding.resolve_mesh_shape(MeshConfig(data=-1, fsdp=3), 8)
+
+
+_CPU_DEVICES = """
+import jax
+from rdlm import sharding
+assert sharding.request_cpu_devices(2) == 2
+assert jax.device_count() == 2, jax.devices()
+assert sharding.request_cpu_devices(3) == 2  # JAX is running now: keeps 2 and says so
+print("CPU-DEVICES-OK")
+"""
+
+
+def test_cpu_devices_split_the_host_before_jax_starts():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)  # an explicit device-count flag would take precedence
+    result = subprocess.run([sys.executable, "-c", _CPU_DEVICES], env=env, capture_output=True,
+                            text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "CPU-DEVICES-OK" in result.stdout
+    assert "mesh.cpu_devices=3 ignored: JAX already started with 2" in result.stdout
+    with pytest.raises(ConfigError, match="mesh.cpu_devices"):
+        MeshConfig(cpu_devices=-1)
