@@ -562,17 +562,27 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._old)
 
 
+# Model fields that change how training runs, not what the parameters are: a run may resume
+# with other values (e.g. turn on remat to fit memory, or raise the mean depth mid-run).
+RESUMABLE_MODEL_FIELDS = ("remat", "dtype", "backprop_depth", "mean_recurrence")
+
+
 def _restore_or_init(cfg: Config, tx: optax.GradientTransformation, shardings: TrainState,
                      checkpointer: ckpt_lib.TrainCheckpointer, data_iterator: Any,
                      log: MetricsLogger) -> TrainState:
     latest = checkpointer.latest_step()
     if latest is not None:
         saved_cfg = ckpt_lib.load_config(checkpointer.directory / str(latest))
-        if saved_cfg.model != cfg.model:
+        changed = {f.name: (getattr(saved_cfg.model, f.name), getattr(cfg.model, f.name))
+                   for f in dataclasses.fields(cfg.model)
+                   if getattr(saved_cfg.model, f.name) != getattr(cfg.model, f.name)}
+        if set(changed) - set(RESUMABLE_MODEL_FIELDS):
             raise ConfigError(
                 f"run_dir {cfg.train.run_dir!r} holds a checkpoint of a different model "
                 f"({saved_cfg.model}) than the config ({cfg.model}); use a new train.run_dir, "
                 "or train.init_from= to start from those weights.")
+        for name, (old, new) in changed.items():
+            log.message(f"resuming with model.{name}={new!r} (the checkpoint trained with {old!r})")
         target = abstract_state(cfg, tx, shardings)
         params, opt_state, meta, data_state = checkpointer.restore(
             latest, abstract_params=target.params, abstract_opt_state=target.opt_state)

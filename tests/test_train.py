@@ -252,6 +252,20 @@ def test_init_from_starts_a_new_run_from_params(tmp_path):
         train_lib.train(other, data_iterator=StepBatches(8, 64))
 
 
+def test_resume_accepts_run_settings_of_the_model_but_not_another_model(tmp_path, capsys):
+    run = f"train.run_dir={tmp_path / 'run'}"
+    train_lib.train(tiny_cfg(run, "train.steps=1", "model.remat=false"),
+                    data_iterator=StepBatches(8, 64))
+    # remat and the depth law change how the step runs, not the parameters: the run resumes.
+    result = train_lib.train(tiny_cfg(run, "train.steps=2", "model.remat=true",
+                                      "model.mean_recurrence=6"), data_iterator=StepBatches(8, 64))
+    assert int(result.state.step) == 2
+    assert "resuming with model.remat=True (the checkpoint trained with False)" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="different model.*use a new train.run_dir"):
+        train_lib.train(tiny_cfg(run, "train.steps=3", "model.d_model=64"),
+                        data_iterator=StepBatches(8, 64))
+
+
 def test_fixed_depth_runs_exactly_mean_recurrence_steps(tmp_path):
     cfg = tiny_cfg(f"train.run_dir={tmp_path / 'run'}", "train.steps=3", "train.depth=fixed",
                    "model.mean_recurrence=3", "model.backprop_depth=2",
