@@ -576,11 +576,13 @@ def _restore_or_init(cfg: Config, tx: optax.GradientTransformation, shardings: T
         changed = {f.name: (getattr(saved_cfg.model, f.name), getattr(cfg.model, f.name))
                    for f in dataclasses.fields(cfg.model)
                    if getattr(saved_cfg.model, f.name) != getattr(cfg.model, f.name)}
-        if set(changed) - set(RESUMABLE_MODEL_FIELDS):
+        fixed = [name for name in changed if name not in RESUMABLE_MODEL_FIELDS]
+        if fixed:
+            diff = ", ".join(f"model.{n} {changed[n][0]!r} → {changed[n][1]!r}" for n in fixed)
             raise ConfigError(
-                f"run_dir {cfg.train.run_dir!r} holds a checkpoint of a different model "
-                f"({saved_cfg.model}) than the config ({cfg.model}); use a new train.run_dir, "
-                "or train.init_from= to start from those weights.")
+                f"run_dir {cfg.train.run_dir!r} holds a checkpoint of a different model than "
+                f"the config ({diff}); use a new train.run_dir, or train.init_from= to start "
+                "from those weights.")
         for name, (old, new) in changed.items():
             log.message(f"resuming with model.{name}={new!r} (the checkpoint trained with {old!r})")
         target = abstract_state(cfg, tx, shardings)
