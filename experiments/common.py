@@ -102,6 +102,22 @@ def held_out_examples(args: argparse.Namespace, cfg: Config, num: int, smoke_num
                          longer_chains(cfg))
 
 
+def training_minutes(run_dir: Path) -> float | None:
+    """Minutes a run spent training: the sum of the step times in its metrics.jsonl."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return sum(r.get("step_time_s", 0.0) for r in rows) / 60
+
+
+def _relative(path: Path) -> Path:
+    try:
+        return path.resolve().relative_to(ROOT)
+    except ValueError:
+        return path
+
+
 def write_report(args: argparse.Namespace, name: str, title: str, *, claim: str, table: str,
                  verdict: str, data: dict[str, Any], configs: dict[str, Config], wall: float,
                  plot: str | None = None) -> Path:
@@ -114,10 +130,14 @@ def write_report(args: argparse.Namespace, name: str, title: str, *, claim: str,
     lines = [f"# {title}", "", f"**Claim.** {claim}", "", f"**Result.** {verdict}", "", table, ""]
     if plot:
         lines += [f"![{name}]({plot})", ""]
+    trainings = {label: training_minutes(Path(cfg.train.run_dir)) for label, cfg in configs.items()}
     lines += ["## Reproduce", "", f"    {command}", "",
-              f"Wall time {wall / 60:.1f} min on {machine()}.", "", "## Configs", ""]
+              f"Wall time of this invocation {wall / 60:.1f} min on {machine()}; finished training "
+              "runs are reused. Training time of each run (sum of its logged step times): "
+              + ", ".join(f"`{label}` {m:.1f} min" for label, m in trainings.items()
+                          if m is not None) + ".", "", "## Configs", ""]
     for label, cfg in configs.items():
-        lines += [f"`{label}`: `{cfg.train.run_dir}`", "", "```json",
+        lines += [f"`{label}`: `{_relative(Path(cfg.train.run_dir))}`", "", "```json",
                   json.dumps({"model": to_dict(cfg.model), "data": to_dict(cfg.data),
                               "train": {k: v for k, v in to_dict(cfg.train).items()
                                         if k in ("steps", "batch_size", "seq_len", "lr",
@@ -128,7 +148,9 @@ def write_report(args: argparse.Namespace, name: str, title: str, *, claim: str,
     path.write_text("\n".join(lines))
     (out / f"{name}.json").write_text(json.dumps(
         {"name": name, "claim": claim, "verdict": verdict, "command": command,
-         "machine": machine(), "wall_seconds": round(wall, 1), **data}, indent=1, default=str))
+         "machine": machine(), "wall_seconds": round(wall, 1),
+         "training_minutes": {k: None if m is None else round(m, 2) for k, m in trainings.items()},
+         **data}, indent=1, default=str))
     print("\n".join(lines[:8]), flush=True)
     print(f"[experiments] wrote {path}, {path.with_suffix('.json').name}"
           + (f" and {plot}" if plot else ""), flush=True)

@@ -85,6 +85,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                + ("the recurrent model wins." if rec > same + 0.02 else
                   "the recurrent model does **not** beat its fixed-depth twin here (claim not "
                   "reproduced at this scale and budget)."))
+    if len(labels) > 2:
+        flop = max(data[labels[2]]["accuracy"].values())
+        verdict += (f" Against the same-FLOPs stack ({data[labels[2]]['params']:,} parameters): "
+                    f"{rec:.3f} vs {flop:.3f} — "
+                    + ("the recurrent model is ahead." if rec > flop + 0.02 else
+                       "level." if abs(rec - flop) <= 0.02 else "the deeper stack is ahead."))
     common.write_report(
         args, NAME, "E2: recurrent model vs fixed-depth baselines",
         claim="A recurrent-depth model beats a fixed-depth model with the same parameters, and "

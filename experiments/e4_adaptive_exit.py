@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     fig.suptitle("E4: adaptive exit")
     common.save_figure(fig, args, NAME)
 
-    kl_row = next(r for r in rows if r[0] == "kl")
+    kl_row = next(r for r in rows if r[0] == "kl" and r[1] == f"{DEFAULT_THRESHOLDS['kl']:g}")
     rising = list(by_hops.values())
     verdict = (f"KL exit at its default threshold: accuracy {kl_row[2]:.3f} with "
                f"{kl_row[3]:.1f} iterations per answer token vs {fixed['accuracy']:.3f} with "
