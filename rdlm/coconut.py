@@ -452,10 +452,19 @@ def train_coconut(cfg: Config, cc: CoconutConfig, *, stop_after: int | None = No
     ``run_dir/metrics.jsonl``) covers the whole run, earlier calls included, with cumulative
     training seconds in ``time_s``.
     """
-    from rdlm.train import (TrainState, _truncate_jsonl, abstract_state, init_state,
-                            state_shardings)
+    from rdlm.train import (TrainState, _truncate_jsonl, abstract_state, check_layout,
+                            init_state, state_shardings)
+    shard_lib.request_cpu_devices(cfg.mesh.cpu_devices)  # before the first device query
+    if jax.process_count() > 1:
+        raise ValueError("rdlm coconut runs in one process (every process would build the same "
+                         "global batch); use a single host, or `python -m rdlm train` for "
+                         "multi-host runs.")
     tok = load_tokenizer(cfg.data.tokenizer)
     mesh = shard_lib.make_mesh(cfg.mesh)
+    check_layout(cfg, mesh)
+    # Rows split over the data-parallel axes (the params follow their logical rules), so that a
+    # CPU host split by mesh.cpu_devices, or several accelerators, share each step.
+    batch_sharding = shard_lib.batch_sharding(mesh)
     tx = make_optimizer(cfg.train)
     shardings = state_shardings(cfg, tx, mesh)
     plan = stage_plan(cc, steps_per_stage(cfg, cc))
@@ -496,7 +505,7 @@ def train_coconut(cfg: Config, cc: CoconutConfig, *, stop_after: int | None = No
                 state = dataclasses.replace(state, opt_state=jax.jit(tx.init)(state.params))
             batch = curriculum_batch(examples, tok, cc, stage, step, cfg.train.batch_size,
                                      cfg.train.seq_len, cfg.seed)
-            state, metrics = step_fn(state, {k: jnp.asarray(v) for k, v in batch.items()})
+            state, metrics = step_fn(state, jax.device_put(dict(batch), batch_sharding))
             done = step + 1
             if done % cfg.train.log_every == 0 or done == total or is_stage_start(plan, done):
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}

@@ -279,3 +279,47 @@ def test_evaluate_method_counts_thoughts_and_tokens(tmp_path):
     assert 0.0 <= out["accuracy"] <= 1.0
     # Untrained: each row generates up to 3 tokens, plus the K·c = 1 thought.
     assert 1.0 < out["generated_tokens"] <= 4.0
+
+
+_TWO_DEVICES = """
+import dataclasses, json, sys
+import jax
+from rdlm import coconut as cc_lib
+from rdlm.config import Config, DataConfig, MeshConfig, TrainConfig, model_preset
+cfg = Config(model=model_preset("tiny", max_seq_len=96, mean_recurrence=2, backprop_depth=1),
+             train=TrainConfig(batch_size=4, seq_len=96, lr=3e-3, warmup_steps=0,
+                               run_dir=sys.argv[1], checkpoint_every=2, log_every=1,
+                               progress="lines"),
+             data=DataConfig(task="chains", difficulty=1), mesh=MeshConfig(cpu_devices=2))
+cc = cc_lib.CoconutConfig(max_latent_stage=1, steps_per_stage=2, num_train_examples=16,
+                          train_num_steps=0, init_scale=1.0)
+out = cc_lib.train_coconut(cfg, cc, log=lambda *_: None)
+devices = {d for leaf in jax.tree.leaves(out["state"].params) for d in leaf.sharding.device_set}
+print(json.dumps({"devices": jax.device_count(), "param_devices": len(devices),
+                  "losses": [h["loss"] for h in out["history"]]}))
+"""
+
+
+def test_cpu_devices_split_coconut_training_with_the_same_losses(tmp_path):
+    """`mesh.cpu_devices` reaches the curriculum trainer: two CPU devices share each step (the
+    batch split over `data`) and train to the one-device losses."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                if "device_count" not in f)
+    result = subprocess.run([sys.executable, "-c", _TWO_DEVICES, str(tmp_path / "two")], env=env,
+                            capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    two = json.loads(result.stdout.strip().splitlines()[-1])
+    assert two["devices"] == 2 and two["param_devices"] == 2
+    cfg, cc = _run_cfg(tmp_path, "one")
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, log_every=1))
+    one = cc_lib.train_coconut(cfg, cc, log=lambda *_: None)
+    assert len(two["losses"]) == len(one["history"]) == 6
+    np.testing.assert_allclose(two["losses"], [h["loss"] for h in one["history"]], rtol=1e-4)
