@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 from rdlm import checkpoint  # noqa: E402
 from rdlm.config import Config, load_config, to_dict  # noqa: E402
 from rdlm.demo import finished_step, machine  # noqa: E402
+from rdlm.train import read_metrics  # noqa: E402
 
 BASE_CONFIG = ROOT / "configs" / "demo.yaml"
 RESULTS = ROOT / "experiments" / "results"
@@ -104,11 +105,8 @@ def held_out_examples(args: argparse.Namespace, cfg: Config, num: int, smoke_num
 
 def training_minutes(run_dir: Path) -> float | None:
     """Minutes a run spent training: the sum of the step times in its metrics.jsonl."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return None
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return sum(r.get("step_time_s", 0.0) for r in rows) / 60
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    return sum(r.get("step_time_s", 0.0) for r in rows) / 60 if rows else None
 
 
 def _relative(path: Path) -> Path:

@@ -425,19 +425,28 @@ def check_layout(cfg: Config, mesh: Mesh) -> None:
 # Logging: metrics.jsonl, TensorBoard, a progress bar or plain lines. Process 0 only.
 
 
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The step records of a metrics.jsonl ([] if there is none), skipping a line that a killed
+    writer left half-written."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+            int(record["step"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a torn line from a killed writer
+        records.append(record)
+    return records
+
+
 def _truncate_jsonl(path: Path, start_step: int) -> list[dict[str, Any]]:
     """Keep the records of steps <= start_step: a resumed run re-logs the steps after its
     checkpoint, and a SIGKILL may have left half a line at the end. Returns the kept records."""
     if not path.exists():
         return []
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-            if record["step"] <= start_step:
-                kept.append(record)
-        except (ValueError, KeyError, TypeError):
-            continue  # a torn line from a killed writer
+    kept = [r for r in read_metrics(path) if r["step"] <= start_step]
     path.write_text("".join(json.dumps(r) + "\n" for r in kept))
     return kept
 
