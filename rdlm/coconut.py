@@ -456,7 +456,7 @@ def train_coconut(cfg: Config, cc: CoconutConfig, *, stop_after: int | None = No
                             init_state, state_shardings)
     shard_lib.request_cpu_devices(cfg.mesh.cpu_devices)  # before the first device query
     if jax.process_count() > 1:
-        raise ValueError("rdlm coconut runs in one process (every process would build the same "
+        raise ConfigError("rdlm coconut runs in one process (every process would build the same "
                          "global batch); use a single host, or `python -m rdlm train` for "
                          "multi-host runs.")
     tok = load_tokenizer(cfg.data.tokenizer)
@@ -626,16 +626,20 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--eval-only", action="store_true")
     parser.add_argument("--json", help="write the evaluation here")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # flags before or after the overrides
     try:
         cfg, cc = load_coconut_config(args.config, args.overrides)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    if args.eval_only:
-        _, params = ckpt_lib.load_params(cfg.train.run_dir)
-    else:
-        params = train_coconut(cfg, cc)["state"].params
+    try:
+        if args.eval_only:
+            _, params = ckpt_lib.load_params(cfg.train.run_dir)
+        else:
+            params = train_coconut(cfg, cc)["state"].params
+    except (ConfigError, ckpt_lib.CheckpointError) as err:  # as `rdlm train` reports them
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     result = evaluate_method(params, cfg, cc)
     print(f"{cc.method}: accuracy {result['accuracy']:.3f}, generated tokens "
           f"{result['generated_tokens']:.1f} on {result['num_examples']} {cc.eval_split} problems")

@@ -324,3 +324,10 @@ def test_cpu_devices_split_coconut_training_with_the_same_losses(tmp_path):
     one = cc_lib.train_coconut(cfg, cc, log=lambda *_: None)
     assert len(two["losses"]) == len(one["history"]) == 3
     np.testing.assert_allclose(two["losses"], [h["loss"] for h in one["history"]], rtol=1e-4)
+
+
+def test_cli_reports_a_missing_checkpoint_without_a_traceback(tmp_path, capsys):
+    missing = tmp_path / "no_run"
+    code = cc_lib.cli(["configs/coconut-prosqa.yaml", "--eval-only", f"train.run_dir={missing}"])
+    assert code == 2
+    assert "does not exist" in capsys.readouterr().err
