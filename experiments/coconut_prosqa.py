@@ -18,7 +18,6 @@ Writes experiments/results/coconut_prosqa.{md,json,png}. Runs resume from runs/c
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import json
 import os
@@ -39,7 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]  # paths below work from any working 
 sys.path.insert(0, str(ROOT))
 from rdlm import coconut as cc_lib  # noqa: E402
 from rdlm.data.render import parse_answer  # noqa: E402
-from rdlm.data.tasks import example_at, make_task, prosqa_options  # noqa: E402
+from rdlm.data.tasks import (example_at, make_task, parse_prosqa, prosqa_distances,  # noqa: E402
+                              prosqa_options)
 from rdlm.data.tokenizer import load_tokenizer  # noqa: E402
 from rdlm.demo import machine  # noqa: E402
 from rdlm.model import attention_context  # noqa: E402
@@ -75,23 +75,9 @@ def _slug(label: str) -> str:
 
 def node_distances(question: str) -> tuple[str, dict[str, int], set[str]]:
     """(entity, BFS distance of every reachable node, all nodes) of a ProsQA question."""
-    facts, query = question.rsplit(" is ", 1)
-    entity = query.split(" a ", 1)[0]
-    children = collections.defaultdict(set)
-    nodes = set()
-    for a, b in re.findall(r"(?:every )?(\w+) is a (\w+)\.", facts):
-        children[a].add(b)
-        nodes |= {a, b}
-    dist, frontier = {entity: 0}, [entity]
-    while frontier:
-        nxt = []
-        for a in frontier:
-            for b in sorted(children[a]):
-                if b not in dist:
-                    dist[b] = dist[a] + 1
-                    nxt.append(b)
-        frontier = nxt
-    return entity, dist, nodes - {entity}
+    graph = parse_prosqa(question)
+    nodes = {n for edge in graph.edges for n in edge}
+    return graph.entity, prosqa_distances(question), nodes - {graph.entity}
 
 
 def logit_lens(params, cfg, cc, examples) -> dict[str, list[float]]:

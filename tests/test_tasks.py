@@ -1,5 +1,6 @@
 """Synthetic reasoning tasks: determinism, disjoint splits, correct answers, shortcuts, rendering."""
 
+import collections
 import subprocess
 import sys
 
@@ -131,20 +132,50 @@ def test_addition_answers(level):
         assert len(e.steps) == max(len(str(a)), len(str(b)))
 
 
-@pytest.mark.parametrize("level", [1, 3, 5])
-def test_prosqa_structure_and_answers(level):
-    task = make_task("prosqa", level)
+@pytest.mark.parametrize("level,notation", [(1, "words"), (3, "words"), (5, "words"),
+                                            (1, "symbols"), (5, "symbols")])
+def test_prosqa_structure_and_answers(level, notation):
+    task = make_task("prosqa", level, [f"notation={notation}"])
     p = task.params
     for e in _examples(task, "train", 40):
-        facts = [f for f in e.question.rsplit(" is ", 1)[0].split(".") if f.strip()]
-        assert len(facts) == p.num_edges  # every edge is stated as a fact
-        names = {w for f in facts for w in f.split() if w not in ("every", "is", "a")}
-        assert len(names) <= p.num_nodes
+        graph = tasks.parse_prosqa(e.question)
+        assert len(graph.edges) == p.num_edges  # every edge is stated as a fact
+        names = {n for edge in graph.edges for n in edge}
+        assert graph.entity in names and len(names) <= p.num_nodes
         assert tasks.solve_prosqa(e.question) == e.answer  # exactly one option is reachable
         assert p.min_hops <= len(e.steps) <= p.max_hops
-        assert e.steps[-1].endswith(f" is a {e.answer}.")
-        options = e.question.rsplit(" a ", 1)[1].rstrip("?").split(" or ")
-        assert e.answer in options and len(set(options)) == 2
+        # The steps walk a shortest path: the i-th names a node at distance i from the entity.
+        dist = tasks.prosqa_distances(e.question)
+        walked = [tasks.parse_prosqa(f"{step};{graph.entity}?x|y").edges[0][1]
+                  if notation == "symbols" else step.rstrip(".").rsplit(" ", 1)[1]
+                  for step in e.steps]
+        assert [dist[n] for n in walked] == list(range(1, len(e.steps) + 1))
+        assert walked[-1] == e.answer
+        assert e.answer in graph.options and len(set(graph.options)) == 2
+        if notation == "symbols":  # one character per node, facts joined by ";"
+            assert all(len(n) == 1 for n in names | set(graph.options))
+            assert e.question.count(";") == p.num_edges
+
+
+def test_prosqa_notations_write_the_same_graph():
+    """The notation changes only how a problem is written: the same draw gives the same graph."""
+    import random
+
+    def shape(e):
+        graph = tasks.parse_prosqa(e.question)
+        degree = collections.Counter(a for a, _ in graph.edges)
+        return len(e.steps), sorted(degree.values()), sorted(tasks.prosqa_distances(
+            e.question).values())
+
+    words_task, symbols_task = make_task("prosqa", 2), make_task("prosqa", 2, ["notation=symbols"])
+    for seed in range(20):
+        words, symbols = (t.generate(random.Random(seed)) for t in (words_task, symbols_task))
+        assert shape(words) == shape(symbols)
+        assert len(symbols.question) < len(words.question) / 3
+    with pytest.raises(ConfigError, match="num_nodes"):
+        make_task("prosqa", 1, ["notation=symbols", "num_nodes=27", "num_edges=30"])
+    with pytest.raises(ConfigError, match="notation"):
+        make_task("prosqa", 1, ["notation=emoji"])
 
 
 def test_prosqa_full_setting_matches_the_paper():

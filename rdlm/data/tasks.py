@@ -336,21 +336,37 @@ CONCEPTS = sorted({o + v + c for o in _ONSETS for v in _VOWELS for c in _CODAS} 
 # (c) ProsQA-style graph reachability (SPEC §2).
 
 
+# How a ProsQA-style problem is written. ``words``: "every bex is a tor." facts, "is tom a bex or
+# tor?", steps "tom is a bex." (the paper's language, a node is a three-letter word, i.e. three
+# tokens of the character tokenizer). ``symbols``: every node is one letter, a fact is "b>t", the
+# question "t?b|x" (is t a b or an x?), a step "t>b" — the same graphs in a fifth of the tokens,
+# with one token per node, so that a lookup ("which facts start at this node?") is a match of
+# one token: the form small models learn within CPU budgets (docs/data.md).
+PROSQA_NOTATIONS = ("words", "symbols")
+SYMBOL_NODES = string.ascii_lowercase
+
+
 @dataclasses.dataclass(frozen=True)
 class ProsQAParams:
     """A DAG of ``num_nodes`` nodes (node 0 is the entity) and ``num_edges`` edges from lower to
     higher index, every edge stated as a fact; the question's reachable option is at shortest
-    distance [min_hops, max_hops] from the entity, the other option is unreachable."""
+    distance [min_hops, max_hops] from the entity, the other option is unreachable.
+    ``notation`` is ``words`` or ``symbols`` (see `PROSQA_NOTATIONS`)."""
 
     num_nodes: int = 23
     num_edges: int = 36
     min_hops: int = 3
     max_hops: int = 6
     shuffle_facts: bool = True
+    notation: str = "words"
 
     def __post_init__(self) -> None:
         _positive(self, "num_nodes", "num_edges", "min_hops", "max_hops")
-        _require_param(4 <= self.num_nodes <= 60, "num_nodes", self.num_nodes, "must be in [4, 60]")
+        _require_param(self.notation in PROSQA_NOTATIONS, "notation", self.notation,
+                       f"must be one of {PROSQA_NOTATIONS}")
+        most = 60 if self.notation == "words" else len(SYMBOL_NODES)
+        _require_param(4 <= self.num_nodes <= most, "num_nodes", self.num_nodes,
+                       f"must be in [4, {most}] with notation={self.notation}")
         _require_param(self.min_hops <= self.max_hops < self.num_nodes - 1, "max_hops",
                        self.max_hops, f"must be in [min_hops={self.min_hops}, num_nodes - 2]")
         _require_param(self.num_nodes - 1 <= self.num_edges <= self.num_nodes * 3, "num_edges",
@@ -387,8 +403,10 @@ class ProsQATask:
         depth = rng.choice(depths)
         target = rng.choice(sorted(n for n, d in dist.items() if d == depth))
         other = rng.choice(sorted(n for n, d in decoy_dist.items() if d == depth))
-        names = [rng.choice(ENTITIES)] + rng.sample(CONCEPTS, p.num_nodes - 1)
-        facts = [_isa(names, i, j) for i, j in edges]
+        words = p.notation == "words"
+        names = ([rng.choice(ENTITIES)] + rng.sample(CONCEPTS, p.num_nodes - 1) if words
+                 else rng.sample(SYMBOL_NODES, p.num_nodes))
+        facts = [_isa(names, i, j, p.notation) for i, j in edges]
         if p.shuffle_facts:
             rng.shuffle(facts)
         options = [names[target], names[other]]
@@ -396,12 +414,18 @@ class ProsQATask:
         path = [target]
         while path[-1] != 0:
             path.append(parent[path[-1]])
-        steps = tuple(f"{names[0]} is a {names[n]}." for n in reversed(path[:-1]))
-        question = " ".join(facts) + f" is {names[0]} a {options[0]} or {options[1]}?"
+        steps = tuple(_isa(names, 0, n, p.notation) for n in reversed(path[:-1]))
+        if words:
+            question = " ".join(facts) + f" is {names[0]} a {options[0]} or {options[1]}?"
+        else:
+            question = ";".join(facts) + f";{names[0]}?{options[0]}|{options[1]}"
         return Example(question, steps, names[target])
 
 
-def _isa(names: list[str], i: int, j: int) -> str:
+def _isa(names: list[str], i: int, j: int, notation: str) -> str:
+    """The fact "node i is a node j" (node 0 is the entity, every other node a concept)."""
+    if notation == "symbols":
+        return f"{names[i]}>{names[j]}"
     return f"{names[0]} is a {names[j]}." if i == 0 else f"every {names[i]} is a {names[j]}."
 
 
@@ -428,7 +452,7 @@ def _local_dag(rng: random.Random, nodes: list[int], num_edges: int, max_hops: i
     return sorted((nodes[i], nodes[j]) for i, j in edges)
 
 
-def _bfs(edges: list[tuple[int, int]], start: int) -> tuple[dict[int, int], dict[int, int]]:
+def _bfs(edges: Sequence[tuple[Any, Any]], start: Any) -> tuple[dict[Any, int], dict[Any, Any]]:
     """Shortest distances and BFS parents from ``start``."""
     children = collections.defaultdict(list)
     for i, j in edges:
@@ -445,41 +469,48 @@ def _bfs(edges: list[tuple[int, int]], start: int) -> tuple[dict[int, int], dict
     return dist, parent
 
 
+class ProsQAGraph(typing.NamedTuple):
+    entity: str
+    options: list[str]
+    edges: list[tuple[str, str]]  # (a, b): "every a is a b" (or "entity is a b")
+
+
+def parse_prosqa(question: str) -> ProsQAGraph:
+    """The entity, the two options and the stated edges of a question in either notation."""
+    if " is " in question:  # words: "every a is a b. … is tom a x or y?"
+        facts, query = question.rsplit(" is ", 1)
+        entity, options = query.split(" a ", 1)
+        edges = [re.fullmatch(r"(?:every )?(\w+) is a (\w+)", f.strip()).groups()
+                 for f in facts.split(".") if f.strip()]
+        return ProsQAGraph(entity, options.rstrip("?").split(" or "), [tuple(e) for e in edges])
+    *facts, query = question.split(";")  # symbols: "a>b;…;t?x|y"
+    entity, options = query.split("?")
+    return ProsQAGraph(entity, options.split("|"), [tuple(f.split(">")) for f in facts])
+
+
 def prosqa_options(question: str) -> list[str]:
-    """The two options of "… is X a A or B?"."""
-    return question.rsplit(" is ", 1)[1].split(" a ", 1)[1].rstrip("?").split(" or ")
+    """The two options of "… is X a A or B?" (``X?A|B`` in symbols)."""
+    return parse_prosqa(question).options
+
+
+def prosqa_distances(question: str) -> dict[str, int]:
+    """Shortest distance (in facts) from the entity to every node it reaches, the entity at 0."""
+    graph = parse_prosqa(question)
+    return _bfs(graph.edges, graph.entity)[0]
 
 
 def solve_prosqa(question: str) -> str:
     """Independent solver: parse the facts and search the graph from the entity."""
-    facts, query = question.rsplit(" is ", 1)
-    entity = query.split(" a ", 1)[0]
-    options = prosqa_options(question)
-    graph = collections.defaultdict(set)
-    for fact in facts.split("."):
-        fact = fact.strip()
-        if not fact:
-            continue
-        m = re.fullmatch(r"(?:every )?(\w+) is a (\w+)", fact)
-        graph[m.group(1)].add(m.group(2))
-    seen, stack = set(), [entity]
-    while stack:
-        node = stack.pop()
-        for child in graph[node] - seen:
-            seen.add(child)
-            stack.append(child)
-    reachable = [o for o in options if o in seen]
+    dist = prosqa_distances(question)
+    reachable = [o for o in prosqa_options(question) if o in dist]
     if len(reachable) != 1:
         raise ValueError(f"{len(reachable)} reachable options in {question!r}")
     return reachable[0]
 
 
 def _prosqa_parts(question: str) -> tuple[list[str], list[tuple[str, str]]]:
-    facts = question.rsplit(" is ", 1)[0]
-    options = prosqa_options(question)
-    edges = [tuple(re.fullmatch(r"(?:every )?(\w+) is a (\w+)", f.strip()).groups())
-             for f in facts.split(".") if f.strip()]
-    return options, edges
+    graph = parse_prosqa(question)
+    return graph.options, graph.edges
 
 
 def _prefer(score: Callable[[str, str], float]) -> Callable[[str], str]:
@@ -495,7 +526,8 @@ PROSQA_SHORTCUTS: dict[str, Callable[[str], str]] = {
     "first_option": lambda q: _prosqa_parts(q)[0][0],
     "more_incoming_edges": _prefer(lambda q, o: sum(b == o for _, b in _prosqa_parts(q)[1])),
     "fewer_outgoing_edges": _prefer(lambda q, o: -sum(a == o for a, _ in _prosqa_parts(q)[1])),
-    "mentioned_later": _prefer(lambda q, o: q.rsplit(" is ", 1)[0].rfind(f" {o}.")),
+    "mentioned_later": _prefer(lambda q, o: max(
+        (i for i, (_, b) in enumerate(_prosqa_parts(q)[1]) if b == o), default=-1)),
 }
 
 
