@@ -156,7 +156,7 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--topology", help="TPU slice, e.g. v5p:4x4x4; omit to compile for the "
                                            "local devices")
     parser.add_argument("--json", help="also write the report as JSON here")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # flags before or after the overrides
     try:
         cfg = load_config(args.config, args.overrides)
         devices = topology_devices(args.topology) if args.topology else jax.devices()

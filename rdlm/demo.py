@@ -184,6 +184,6 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
     parser.add_argument("--num-examples", type=int, default=512)
     parser.add_argument("--show", type=int, default=4, help="solved problems to print")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # flags before or after the overrides
     run(args.config, args.overrides, num_examples=args.num_examples, show=args.show)
     return 0

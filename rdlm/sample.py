@@ -914,10 +914,10 @@ def memory_bandwidth(num_bytes: int = 256 * 2**20, repeats: int = 5) -> float:
 def _bench_config(spec: str, overrides: Sequence[str]) -> ModelConfig:
     from pathlib import Path
 
-    from rdlm.config import MODEL_PRESETS, load_config, model_preset
+    from rdlm.config import MODEL_PRESETS, load_config
 
     if spec in MODEL_PRESETS and not Path(spec).is_file():
-        return model_preset(spec)
+        return load_config(None, [f"model.preset={spec}", *overrides]).model
     return load_config(spec, overrides).model
 
 
@@ -935,7 +935,7 @@ def bench_cli(argv: Sequence[str]) -> int:
     parser.add_argument("--variants", default="full,shared,exit",
                         help="comma list of: full (one slot per step), shared, exit, speculative")
     parser.add_argument("--json", help="also write the rows as JSON to this file")
-    args = parser.parse_args(list(argv))
+    args = parser.parse_intermixed_args(list(argv))  # flags before or after the overrides
     cfg = _bench_config(args.config, args.overrides)
     params = jax.jit(lambda k: __import__("rdlm").init_params(cfg, k))(jax.random.key(0))
     max_r = max(args.steps)

@@ -955,7 +955,7 @@ def bench_cli(argv: list[str]) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--recurrence", default="4,32,64", help="comma-separated depths r")
     parser.add_argument("--out", help="also write the report as JSON here")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # flags before or after the overrides
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:

@@ -44,13 +44,16 @@ def test_cli_reports_bad_input(ckpt, capsys):
 
 def test_bench_runs_on_a_preset(capsys, tmp_path):
     out = tmp_path / "bench.json"
+    # Overrides may follow the flags, and apply to a preset as to a YAML config.
     status = sample.bench_cli(["tiny", "--steps", "1,2", "--batches", "1", "--prompt-len", "4",
-                               "--new-tokens", "3", "--variants", "full", "--json", str(out)])
+                               "--new-tokens", "3", "--variants", "full", "--json", str(out),
+                               "model.dtype=bfloat16"])
     assert status == 0
     rows = json.loads(out.read_text())
     assert [r["num_steps"] for r in rows] == [1, 2]
+    printed = capsys.readouterr().out
+    assert "bfloat16" in printed and "tokens/s" in printed
     assert all(r["tokens_per_s"] > 0 and r["weight_bytes_per_s"] > 0 for r in rows)
-    assert "tokens/s" in capsys.readouterr().out
     assert np.isclose(sample.weight_bytes_per_token(rdlm.model_preset("tiny"), 0),
                       4 * (rdlm.count_params(rdlm.model_preset("tiny"))
                            - sum(x.size for x in jax.tree.leaves(
