@@ -146,11 +146,14 @@ def test_prosqa_structure_and_answers(level, notation):
         assert p.min_hops <= len(e.steps) <= p.max_hops
         # The steps walk a shortest path: the i-th names a node at distance i from the entity.
         dist = tasks.prosqa_distances(e.question)
-        walked = [tasks.parse_prosqa(f"{step};{graph.entity}?x|y").edges[0][1]
-                  if notation == "symbols" else step.rstrip(".").rsplit(" ", 1)[1]
+        walked = [step.rstrip(".").rsplit(" ", 1)[1] if notation == "words" else step[-1]
                   for step in e.steps]
         assert [dist[n] for n in walked] == list(range(1, len(e.steps) + 1))
         assert walked[-1] == e.answer
+        if notation == "symbols":  # the steps are stated facts, each from the previous node
+            steps = tasks.parse_prosqa(";".join(e.steps) + f";{graph.entity}?x|y").edges
+            assert set(steps) <= set(graph.edges)
+            assert [a for a, _ in steps] == [graph.entity, *walked[:-1]]
         assert e.answer in graph.options and len(set(graph.options)) == 2
         if notation == "symbols":  # one character per node, facts joined by ";"
             assert all(len(n) == 1 for n in names | set(graph.options))

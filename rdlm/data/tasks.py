@@ -339,9 +339,10 @@ CONCEPTS = sorted({o + v + c for o in _ONSETS for v in _VOWELS for c in _CODAS} 
 # How a ProsQA-style problem is written. ``words``: "every bex is a tor." facts, "is tom a bex or
 # tor?", steps "tom is a bex." (the paper's language, a node is a three-letter word, i.e. three
 # tokens of the character tokenizer). ``symbols``: every node is one letter, a fact is "b>t", the
-# question "t?b|x" (is t a b or an x?), a step "t>b" — the same graphs in a fifth of the tokens,
-# with one token per node, so that a lookup ("which facts start at this node?") is a match of
-# one token: the form small models learn within CPU budgets (docs/data.md).
+# question "t?b|x" (is t a b or an x?), the steps the path's facts "t>b", "b>x" — the same
+# graphs in a fifth of the tokens, one token per node, and every step a lookup of the node just
+# written ("which facts start at b?") that the token shift hands to the next step's target
+# position: the form small models learn within CPU budgets (docs/data.md).
 PROSQA_NOTATIONS = ("words", "symbols")
 SYMBOL_NODES = string.ascii_lowercase
 
@@ -414,7 +415,11 @@ class ProsQATask:
         path = [target]
         while path[-1] != 0:
             path.append(parent[path[-1]])
-        steps = tuple(_isa(names, 0, n, p.notation) for n in reversed(path[:-1]))
+        path.reverse()  # entity … target
+        if words:  # "tom is a bex.", "tom is a tor.": what the entity is, one hop further each
+            steps = tuple(_isa(names, 0, n, p.notation) for n in path[1:])
+        else:  # the path's own facts "t>b", "b>x": each step starts where the last one ended
+            steps = tuple(_isa(names, i, j, p.notation) for i, j in zip(path, path[1:]))
         if words:
             question = " ".join(facts) + f" is {names[0]} a {options[0]} or {options[1]}?"
         else:
