@@ -2,6 +2,7 @@
 
     python experiments/coconut_prosqa.py            # the full run (~20 minutes on a shared 2-core CPU)
     python experiments/coconut_prosqa.py --smoke    # < 60 s, for the test suite
+    python experiments/coconut_prosqa.py --config configs/coconut-prosqa-symbols.yaml --backbones r1
 
 Trains every method from configs/coconut-prosqa.yaml with the same budget of optimizer steps, on
 two backbones — r = 1 (a plain 4-layer transformer: fixed single recurrence step, zero initial
@@ -11,8 +12,9 @@ greedy accuracy and generated tokens on held-out problems, and probes the contin
 with a logit lens: after thought k, how much probability the tied head puts on the first
 character of the nodes at graph distance k (the search frontier) vs other nodes.
 
-Writes experiments/results/coconut_prosqa.{md,json,png}. Runs resume from runs/coconut_prosqa/
-(a finished run is only evaluated); pass --fresh to retrain.
+Writes experiments/results/<name>.{md,json,png}, <name> = the config's file name with "_" for
+"-" (coconut_prosqa, coconut_prosqa_symbols). Runs resume from runs/<name>/ (a finished run is
+only evaluated); pass --fresh to retrain.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from rdlm.data.tokenizer import load_tokenizer  # noqa: E402
 from rdlm.demo import machine  # noqa: E402
 from rdlm.model import attention_context  # noqa: E402
 
-CONFIG = "configs/coconut-prosqa.yaml"  # relative to ROOT
+DEFAULT_CONFIG = "configs/coconut-prosqa.yaml"  # relative to ROOT
 METHODS = [  # (row label, overrides)
     ("CoT", ["coconut.method=cot"]),
     ("No-CoT", ["coconut.method=nocot"]),
@@ -122,10 +124,13 @@ def logit_lens(params, cfg, cc, examples) -> dict[str, list[float]]:
 # ---------------------------------------------------------------------------------------------
 
 
-def run(smoke: bool, fresh: bool, out_dir: Path, runs_dir: Path) -> dict:
+def run(smoke: bool, fresh: bool, out_dir: Path, runs_dir: Path, config: str = DEFAULT_CONFIG,
+        backbone_keys: tuple[str, ...] = tuple(BACKBONES),
+        method_slugs: tuple[str, ...] | None = None) -> dict:
     t_start = time.time()
-    backbones = {"r1": BACKBONES["r1"]} if smoke else BACKBONES
-    methods = [METHODS[2]] if smoke else METHODS  # smoke: one method keeps `make test` short
+    backbones = {k: BACKBONES[k] for k in (("r1",) if smoke else backbone_keys)}
+    methods = [METHODS[2]] if smoke else [  # smoke: one method keeps `make test` short
+        m for m in METHODS if method_slugs is None or _slug(m[0]) in method_slugs]
     extra = SMOKE if smoke else []
     rows, probes, configs = [], {}, {}
     for bkey, (blabel, boverrides) in backbones.items():
@@ -136,7 +141,7 @@ def run(smoke: bool, fresh: bool, out_dir: Path, runs_dir: Path) -> dict:
             if fresh and run_dir.exists():
                 shutil.rmtree(run_dir)
             overrides = [*boverrides, *moverrides, *extra, f"train.run_dir={run_dir}"]
-            cfg, cc = cc_lib.load_coconut_config(ROOT / CONFIG, overrides)
+            cfg, cc = cc_lib.load_coconut_config(ROOT / config, overrides)
             configs[f"{bkey}/{mlabel}"] = overrides
             t0 = time.time()
             out = cc_lib.train_coconut(cfg, cc, log=lambda m: print(f"[{bkey} {mlabel}] {m}",
@@ -164,9 +169,9 @@ def run(smoke: bool, fresh: bool, out_dir: Path, runs_dir: Path) -> dict:
                 probes[blabel] = logit_lens(params, cfg, cc, probe_examples)
     wall = time.time() - t_start
     report = {"rows": rows, "probes": probes, "overrides": configs, "wall_s": wall,
-              "machine": machine(), "smoke": smoke, "fresh": fresh,
-              "config": yaml.safe_load((ROOT / CONFIG).read_text())}
-    write_outputs(report, out_dir)
+              "machine": machine(), "smoke": smoke, "fresh": fresh, "config_path": config,
+              "config": yaml.safe_load((ROOT / config).read_text())}
+    write_outputs(report, out_dir, results_name(config))
     return report
 
 
@@ -181,12 +186,27 @@ def option_rate(examples: list, predictions: list[dict]) -> float:
     return hits / max(len(examples), 1)
 
 
-def write_outputs(report: dict, out_dir: Path) -> None:
+def results_name(config: str) -> str:
+    """experiments/results file stem of a config: configs/coconut-prosqa.yaml → coconut_prosqa."""
+    return Path(config).stem.replace("-", "_")
+
+
+def write_outputs(report: dict, out_dir: Path, name: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "coconut_prosqa.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
-    plot(report, out_dir / "coconut_prosqa.png")
+    (out_dir / f"{name}.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    plot(report, out_dir / f"{name}.png")
+    config = report.get("config_path", DEFAULT_CONFIG)
+    backbones = sorted({k for k, (label, _) in BACKBONES.items()
+                        if any(r["backbone"] == label for r in report["rows"])})
+    methods = [_slug(label) for label, _ in METHODS
+               if any(r["method"] == label for r in report["rows"])]
     lines = ["# Continuous thought on the ProsQA-style task", "",
              "Command: `python experiments/coconut_prosqa.py" + (" --smoke" if report["smoke"] else "")
+             + (f" --config {config}" if config != DEFAULT_CONFIG else "")
+             + (f" --backbones {','.join(backbones)}" if len(backbones) < len(BACKBONES)
+                and not report["smoke"] else "")
+             + (f" --methods {','.join(methods)}" if len(methods) < len(METHODS)
+                and not report["smoke"] else "")
              + (" --fresh" if report.get("fresh", True) else "") + "` (resumable: without "
              "`--fresh` finished runs are evaluated, interrupted ones continue)  ",
              f"Machine: {report['machine']}.  ",
@@ -206,8 +226,7 @@ def write_outputs(report: dict, out_dir: Path) -> None:
     lines += ["", "Shortcut heuristics (first option, degree, position) score 45–55% on this task "
               "(chance 50%; docs/data.md).", "", "## Probe (logit lens of the thoughts)", "",
               "Mean probability the tied head puts on the first character of a node after "
-              "thought k, by the node's graph distance from the entity; see "
-              "`coconut_prosqa.png`.", ""]
+              f"thought k, by the node's graph distance from the entity; see `{name}.png`.", ""]
     for backbone, groups in report["probes"].items():
         lines.append(f"**{backbone}**")
         lines.append("")
@@ -217,10 +236,10 @@ def write_outputs(report: dict, out_dir: Path) -> None:
         for g, values in groups.items():
             lines.append(f"| {g} | " + " | ".join(f"{v:.4f}" for v in values) + " |")
         lines.append("")
-    lines += ["## Config", "", f"`{CONFIG}` with per-run overrides:", "", "```yaml",
+    lines += ["## Config", "", f"`{config}` with per-run overrides:", "", "```yaml",
               yaml.safe_dump(report["config"], sort_keys=False).rstrip(), "```", "", "```json",
               json.dumps(report["overrides"], indent=1), "```", ""]
-    (out_dir / "coconut_prosqa.md").write_text("\n".join(lines))
+    (out_dir / f"{name}.md").write_text("\n".join(lines))
 
 
 def reading(rows: list[dict]) -> list[str]:
@@ -295,12 +314,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="output folder (default experiments/results;"
                         " smoke runs default to runs/coconut_prosqa_smoke)")
     parser.add_argument("--runs", default=None, help="run directories (default runs/...)")
+    parser.add_argument("--config", default=DEFAULT_CONFIG,
+                        help=f"coconut config, relative to the repository (default {DEFAULT_CONFIG})")
+    parser.add_argument("--backbones", default=",".join(BACKBONES),
+                        help=f"comma list of {sorted(BACKBONES)} (default all)")
+    slugs = [_slug(label) for label, _ in METHODS]
+    parser.add_argument("--methods", default=None,
+                        help=f"comma list of {slugs} (default all)")
     args = parser.parse_args(argv)
-    tag = "coconut_prosqa_smoke" if args.smoke else "coconut_prosqa"
-    out = Path(args.out or ROOT / ("runs/coconut_prosqa_smoke" if args.smoke else "experiments/results"))
+    keys = tuple(k.strip() for k in args.backbones.split(",") if k.strip())
+    unknown = [k for k in keys if k not in BACKBONES]
+    if unknown or not keys:
+        parser.error(f"--backbones {args.backbones!r}: choose from {sorted(BACKBONES)}")
+    chosen = None
+    if args.methods is not None:
+        chosen = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        if not chosen or any(m not in slugs for m in chosen):
+            parser.error(f"--methods {args.methods!r}: choose from {slugs}")
+    if not (ROOT / args.config).is_file():
+        parser.error(f"--config {args.config!r}: no such file under {ROOT}")
+    name = results_name(args.config)
+    tag = f"{name}_smoke" if args.smoke else name
+    out = Path(args.out or ROOT / (f"runs/{tag}" if args.smoke else "experiments/results"))
     runs = Path(args.runs or ROOT / f"runs/{tag}")
-    report = run(args.smoke, args.fresh, out, runs)
-    print(f"wrote {out / 'coconut_prosqa.md'} in {report['wall_s']:.0f}s")
+    report = run(args.smoke, args.fresh, out, runs, args.config, keys, chosen)
+    print(f"wrote {out / (name + '.md')} in {report['wall_s']:.0f}s")
     return 0
 
 

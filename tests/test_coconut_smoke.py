@@ -14,13 +14,17 @@ def test_coconut_prosqa_smoke(tmp_path):
                                                   ROOT / "experiments" / "coconut_prosqa.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    # The symbols config (the shorter sequences keep the smoke run short; the words notation's
+    # parsing is covered in test_tasks).
     assert module.main(["--smoke", "--fresh", "--out", str(tmp_path / "out"),
-                        "--runs", str(tmp_path / "runs")]) == 0
-    report = json.loads((tmp_path / "out" / "coconut_prosqa.json").read_text())
+                        "--runs", str(tmp_path / "runs"),
+                        "--config", "configs/coconut-prosqa-symbols.yaml"]) == 0
+    report = json.loads((tmp_path / "out" / "coconut_prosqa_symbols.json").read_text())
     methods = {r["method"] for r in report["rows"]}
     assert methods == {"Coconut"}
     coconut = next(r for r in report["rows"] if r["method"] == "Coconut")
     # Coconut's count includes its K·c = 1 thought on top of at least one language token.
     assert coconut["generated_tokens"] >= 2 and 0.0 <= coconut["accuracy"] <= 1.0
-    assert report["probes"] and (tmp_path / "out" / "coconut_prosqa.png").stat().st_size > 0
-    assert "| backbone | method |" in (tmp_path / "out" / "coconut_prosqa.md").read_text()
+    assert report["probes"] and (tmp_path / "out" / "coconut_prosqa_symbols.png").stat().st_size > 0
+    text = (tmp_path / "out" / "coconut_prosqa_symbols.md").read_text()
+    assert "| backbone | method |" in text and "--config configs/coconut-prosqa-symbols.yaml" in text
