@@ -425,9 +425,10 @@ def check_layout(cfg: Config, mesh: Mesh) -> None:
 # Logging: metrics.jsonl, TensorBoard, a progress bar or plain lines. Process 0 only.
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The step records of a metrics.jsonl ([] if there is none), skipping a line that a killed
     writer left half-written."""
+    path = Path(path)
     if not path.exists():
         return []
     records = []
