@@ -170,6 +170,7 @@ def run(smoke: bool, fresh: bool, out_dir: Path, runs_dir: Path, config: str = D
     wall = time.time() - t_start
     report = {"rows": rows, "probes": probes, "overrides": configs, "wall_s": wall,
               "machine": machine(), "smoke": smoke, "fresh": fresh, "config_path": config,
+              "backbones": list(backbones), "methods": [_slug(label) for label, _ in methods],
               "config": yaml.safe_load((ROOT / config).read_text())}
     write_outputs(report, out_dir, results_name(config))
     return report
@@ -195,11 +196,7 @@ def write_outputs(report: dict, out_dir: Path, name: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     plot(report, out_dir / f"{name}.png")
-    config = report.get("config_path", DEFAULT_CONFIG)
-    backbones = sorted({k for k, (label, _) in BACKBONES.items()
-                        if any(r["backbone"] == label for r in report["rows"])})
-    methods = [_slug(label) for label, _ in METHODS
-               if any(r["method"] == label for r in report["rows"])]
+    config, backbones, methods = report["config_path"], report["backbones"], report["methods"]
     lines = ["# Continuous thought on the ProsQA-style task", "",
              "Command: `python experiments/coconut_prosqa.py" + (" --smoke" if report["smoke"] else "")
              + (f" --config {config}" if config != DEFAULT_CONFIG else "")

@@ -418,11 +418,9 @@ class ProsQATask:
         path.reverse()  # entity … target
         if words:  # "tom is a bex.", "tom is a tor.": what the entity is, one hop further each
             steps = tuple(_isa(names, 0, n, p.notation) for n in path[1:])
+            question = " ".join(facts) + f" is {names[0]} a {options[0]} or {options[1]}?"
         else:  # the path's own facts "t>b", "b>x": each step starts where the last one ended
             steps = tuple(_isa(names, i, j, p.notation) for i, j in zip(path, path[1:]))
-        if words:
-            question = " ".join(facts) + f" is {names[0]} a {options[0]} or {options[1]}?"
-        else:
             question = ";".join(facts) + f";{names[0]}?{options[0]}|{options[1]}"
         return Example(question, steps, names[target])
 
@@ -487,7 +485,7 @@ def parse_prosqa(question: str) -> ProsQAGraph:
         entity, options = query.split(" a ", 1)
         edges = [re.fullmatch(r"(?:every )?(\w+) is a (\w+)", f.strip()).groups()
                  for f in facts.split(".") if f.strip()]
-        return ProsQAGraph(entity, options.rstrip("?").split(" or "), [tuple(e) for e in edges])
+        return ProsQAGraph(entity, options.rstrip("?").split(" or "), edges)
     *facts, query = question.split(";")  # symbols: "a>b;…;t?x|y"
     entity, options = query.split("?")
     return ProsQAGraph(entity, options.split("|"), [tuple(f.split(">")) for f in facts])
@@ -513,26 +511,21 @@ def solve_prosqa(question: str) -> str:
     return reachable[0]
 
 
-def _prosqa_parts(question: str) -> tuple[list[str], list[tuple[str, str]]]:
-    graph = parse_prosqa(question)
-    return graph.options, graph.edges
-
-
 def _prefer(score: Callable[[str, str], float]) -> Callable[[str], str]:
     """A heuristic answering the option with the higher ``score(question, option)`` (the first
     on a tie)."""
     def pick(question: str) -> str:
-        first, second = _prosqa_parts(question)[0]
+        first, second = parse_prosqa(question).options
         return second if score(question, second) > score(question, first) else first
     return pick
 
 
 PROSQA_SHORTCUTS: dict[str, Callable[[str], str]] = {
-    "first_option": lambda q: _prosqa_parts(q)[0][0],
-    "more_incoming_edges": _prefer(lambda q, o: sum(b == o for _, b in _prosqa_parts(q)[1])),
-    "fewer_outgoing_edges": _prefer(lambda q, o: -sum(a == o for a, _ in _prosqa_parts(q)[1])),
+    "first_option": lambda q: parse_prosqa(q).options[0],
+    "more_incoming_edges": _prefer(lambda q, o: sum(b == o for _, b in parse_prosqa(q).edges)),
+    "fewer_outgoing_edges": _prefer(lambda q, o: -sum(a == o for a, _ in parse_prosqa(q).edges)),
     "mentioned_later": _prefer(lambda q, o: max(
-        (i for i, (_, b) in enumerate(_prosqa_parts(q)[1]) if b == o), default=-1)),
+        (i for i, (_, b) in enumerate(parse_prosqa(q).edges) if b == o), default=-1)),
 }
 
 
