@@ -100,9 +100,10 @@ def logit_lens(params, cfg, cc, examples) -> dict[str, list[float]]:
         buf[i, :len(p)] = p
     ctx = attention_context(cfg.model, len(prompts), width)
     state0 = jnp.zeros((len(prompts), width, cfg.model.d_model))
-    x = jax.jit(lambda p, t: cc_lib.fill_thoughts(
+    x = jax.jit(lambda p, t: cc_lib.fill_thought_bases(  # a thought's base: its hidden state
         p, t, cfg.model, ctx, state0, cc_lib.Depth(jnp.int32(r), jnp.int32(0), 0),
-        latent_id=tok.latent_id, max_latents=cc.max_latents))(params, jnp.asarray(buf))
+        latent_id=tok.latent_id, max_latents=cc.max_latents,
+        shift_sees_thoughts=cc.shift_sees_thoughts))(params, jnp.asarray(buf))
     for e, prompt, x_td in zip(examples, prompts, x):
         where = [i for i, t in enumerate(prompt) if t == tok.latent_id]
         probs = jax.nn.softmax(cc_lib.head_logits(params, x_td[None, where], cfg.model)[0], -1)

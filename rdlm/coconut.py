@@ -93,6 +93,9 @@ class CoconutConfig:
     epochs_per_stage: int = 0  # epochs of num_train_examples per stage; 0: use steps_per_stage
     num_train_examples: int = 4000  # the training set: the first N problems of the train split
     uniform_prob: float = 0.0  # a row draws a uniformly random stage with this probability
+    # With model.token_shift: the positions after a thought see the thought through the shift
+    # (True), or the <latent> token's embedding (False) — docs/coconut.md.
+    shift_sees_thoughts: bool = False
     train_num_steps: int = 0  # r while training: 0 = sampled (model.mean_recurrence), else fixed
     init_scale: float = 0.0  # s_0 scale (0: zero state, the deterministic plain-transformer case)
     eval_num_steps: int = 0  # r at evaluation; 0: model.mean_recurrence (or train_num_steps)
@@ -163,14 +166,23 @@ def latent_ordinals(tokens_bt: jax.Array, latent_id: int) -> jax.Array:
     return jnp.where(is_latent_bt, index_bt - last_other_bt - 1, -1).astype(jnp.int32)
 
 
-def token_embeddings(params: Params, tokens_bt: jax.Array, cfg: ModelConfig,
-                     ctx: AttentionContext | None = None) -> jax.Array:
-    """The prelude's input for ordinary tokens: ``wte[tokens] · sqrt(d)``, plus, with
-    ``model.token_shift``, the previous visible token ids' embeddings (a ``<latent>``'s id
-    included: a thought replaces its own position's input, not what its neighbours see)."""
-    b, t = tokens_bt.shape
-    ctx = attention_context(cfg, b, t) if ctx is None else ctx
-    return bind(params, cfg).input_embeddings(tokens_bt, ctx)
+def thought_inputs(params: Params, tokens_bt: jax.Array, bases_btd: jax.Array, cfg: ModelConfig,
+                   ctx: AttentionContext, is_thought_bt: jax.Array, shift_sees_thoughts: bool
+                   ) -> jax.Array:
+    """The prelude's input of every position, given its *base*: ``wte[token] · sqrt(d)``, or at a
+    thought the previous position's hidden state.
+
+    Without ``model.token_shift`` the input is the base. With it, ordinary tokens add their
+    predecessors' shifted embeddings, and a thought is its base alone; ``shift_sees_thoughts``
+    instead gives every position (thoughts included) its predecessors' *bases*, so a thought
+    reaches the positions after it through the shift as a token would, instead of as the
+    ``<latent>`` id.
+    """
+    model = bind(params, cfg)
+    if shift_sees_thoughts:
+        return model.shifted_inputs(bases_btd, ctx)
+    return jnp.where(is_thought_bt[..., None], bases_btd,
+                     model.input_embeddings(tokens_bt, ctx).astype(bases_btd.dtype))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,40 +224,59 @@ def head_logits(params: Params, hidden_btd: jax.Array, cfg: ModelConfig) -> jax.
     return jnp.einsum("btd,vd->btv", hidden_btd, wte, preferred_element_type=jnp.float32)
 
 
-def fill_thoughts(params: Params, tokens_bt: jax.Array, cfg: ModelConfig, ctx: AttentionContext,
-                  state0_btd: jax.Array, depth: Depth, *, latent_id: int, max_latents: int
-                  ) -> jax.Array:
-    """Input embeddings with every ``<latent>`` replaced by the previous position's hidden state.
+def fill_thought_bases(params: Params, tokens_bt: jax.Array, cfg: ModelConfig,
+                       ctx: AttentionContext, state0_btd: jax.Array, depth: Depth, *,
+                       latent_id: int, max_latents: int, shift_sees_thoughts: bool = False
+                       ) -> jax.Array:
+    """Every position's base (see `thought_inputs`) with each ``<latent>``'s replaced by the
+    previous position's hidden state.
 
     One pass per latent ordinal (a `lax.scan` of ``max_latents`` passes, the unneeded ones
     skipped); pass p fills ordinal p of every run in the batch at once, so rows whose latent
     blocks start at different positions need no alignment.
     """
-    x_btd = token_embeddings(params, tokens_bt, cfg, ctx)
+    bases_btd = bind(params, cfg).token_bases(tokens_bt)
     if max_latents == 0:
-        return x_btd
+        return bases_btd
     ordinal_bt = latent_ordinals(tokens_bt, latent_id)
     passes_needed = jnp.max(ordinal_bt) + 1
 
     @jax.checkpoint
-    def one_pass(x_btd: jax.Array, p: jax.Array) -> jax.Array:
+    def one_pass(bases_btd: jax.Array, p: jax.Array) -> jax.Array:
+        x_btd = thought_inputs(params, tokens_bt, bases_btd, cfg, ctx, ordinal_bt >= 0,
+                               shift_sees_thoughts)
         h_btd = hidden_states(params, x_btd, cfg, ctx, state0_btd, depth)
         previous_btd = jnp.pad(h_btd, ((0, 0), (1, 0), (0, 0)))[:, :-1]
-        return jnp.where((ordinal_bt == p)[..., None], previous_btd.astype(x_btd.dtype), x_btd)
+        return jnp.where((ordinal_bt == p)[..., None], previous_btd.astype(bases_btd.dtype),
+                         bases_btd)
 
-    def body(x_btd: jax.Array, p: jax.Array) -> tuple[jax.Array, None]:
-        return lax.cond(p < passes_needed, one_pass, lambda x, _: x, x_btd, p), None
+    def body(bases_btd: jax.Array, p: jax.Array) -> tuple[jax.Array, None]:
+        return lax.cond(p < passes_needed, one_pass, lambda x, _: x, bases_btd, p), None
 
-    x_btd, _ = lax.scan(body, x_btd, jnp.arange(max_latents))
-    return x_btd
+    bases_btd, _ = lax.scan(body, bases_btd, jnp.arange(max_latents))
+    return bases_btd
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "latent_id", "max_latents", "substitute"))
+def fill_thoughts(params: Params, tokens_bt: jax.Array, cfg: ModelConfig, ctx: AttentionContext,
+                  state0_btd: jax.Array, depth: Depth, *, latent_id: int, max_latents: int,
+                  shift_sees_thoughts: bool = False) -> jax.Array:
+    """The prelude's inputs with every ``<latent>`` a continuous thought (`fill_thought_bases`,
+    then `thought_inputs`); ``max_latents=0`` leaves ``<latent>`` an ordinary token (pause)."""
+    bases_btd = fill_thought_bases(params, tokens_bt, cfg, ctx, state0_btd, depth,
+                                   latent_id=latent_id, max_latents=max_latents,
+                                   shift_sees_thoughts=shift_sees_thoughts)
+    is_thought_bt = (tokens_bt == latent_id) & (max_latents > 0)
+    return thought_inputs(params, tokens_bt, bases_btd, cfg, ctx, is_thought_bt,
+                          shift_sees_thoughts)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "latent_id", "max_latents", "substitute",
+                                             "shift_sees_thoughts"))
 def continuous_forward(params: Params, tokens_bt: jax.Array, cfg: ModelConfig, *,
                        latent_id: int, max_latents: int, depth: Depth,
                        key: jax.Array | None = None, init_scale: float | jax.Array = 0.0,
-                       segment_ids: jax.Array | None = None, substitute: bool = True
-                       ) -> tuple[jax.Array, jax.Array]:
+                       segment_ids: jax.Array | None = None, substitute: bool = True,
+                       shift_sees_thoughts: bool = False) -> tuple[jax.Array, jax.Array]:
     """(logits [b, t, vocab] float32, last hidden states [b, t, d]) with continuous thoughts.
 
     ``substitute=False`` runs the same sequence with ``<latent>`` as an ordinary token (the
@@ -256,22 +287,24 @@ def continuous_forward(params: Params, tokens_bt: jax.Array, cfg: ModelConfig, *
     ctx = attention_context(cfg, b, t, segment_ids=segment_ids)
     state0_btd = initial_state(cfg, (b, t, cfg.d_model), key=key, init_scale=init_scale)
     x_btd = fill_thoughts(params, tokens_bt, cfg, ctx, state0_btd, depth, latent_id=latent_id,
-                          max_latents=max_latents if substitute else 0)
+                          max_latents=max_latents if substitute else 0,
+                          shift_sees_thoughts=shift_sees_thoughts)
     hidden_btd = hidden_states(params, x_btd, cfg, ctx, state0_btd, depth)
     return head_logits(params, hidden_btd, cfg), hidden_btd
 
 
 def coconut_loss(params: Params, batch: Batch, cfg: ModelConfig, *, latent_id: int,
                  max_latents: int, depth: Depth, key: jax.Array | None,
-                 init_scale: float | jax.Array, substitute: bool = True
-                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+                 init_scale: float | jax.Array, substitute: bool = True,
+                 shift_sees_thoughts: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mean masked next-token cross-entropy of a rendered batch (``inputs``, ``targets``,
     ``loss_mask``, optional ``segment_ids``); the mask from `rdlm.data.render` already covers
     only the remaining steps and the answer."""
     logits_btv, _ = continuous_forward(params, batch["inputs"], cfg, latent_id=latent_id,
                                        max_latents=max_latents, depth=depth, key=key,
                                        init_scale=init_scale,
-                                       segment_ids=batch.get("segment_ids"), substitute=substitute)
+                                       segment_ids=batch.get("segment_ids"), substitute=substitute,
+                                       shift_sees_thoughts=shift_sees_thoughts)
     mask_bt = batch["loss_mask"].astype(jnp.float32)
     nll_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv, batch["targets"])
     num_tokens = jnp.maximum(mask_bt.sum(), 1.0)
@@ -410,7 +443,8 @@ def _make_coconut_step(cfg: Config, cc: CoconutConfig, latent_id: int) -> Any:
         loss_fn = lambda p: coconut_loss(p, batch, cfg.model, latent_id=latent_id,
                                          max_latents=cc.max_latents, depth=depth, key=noise_key,
                                          init_scale=cc.init_scale,
-                                         substitute=cc.method == "coconut")
+                                         substitute=cc.method == "coconut",
+                                         shift_sees_thoughts=cc.shift_sees_thoughts)
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         finite = jnp.isfinite(metrics["loss"])
@@ -530,11 +564,13 @@ def train_coconut(cfg: Config, cc: CoconutConfig, *, stop_after: int | None = No
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "latent_id", "max_latents", "max_new_tokens",
-                                             "eos_id", "substitute", "max_grad"))
+                                             "eos_id", "substitute", "max_grad",
+                                             "shift_sees_thoughts"))
 def generate_after_thoughts(params: Params, tokens_bl: jax.Array, lengths_b: jax.Array,
                             n_steps: jax.Array, *, cfg: ModelConfig, latent_id: int,
                             max_latents: int, max_new_tokens: int, eos_id: int,
-                            substitute: bool = True, max_grad: int = 0
+                            substitute: bool = True, max_grad: int = 0,
+                            shift_sees_thoughts: bool = False
                             ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Greedy decoding: the prompt's latents become continuous thoughts (computed once, they
     never change), then each new token is one full causal pass over the buffer.
@@ -545,34 +581,37 @@ def generate_after_thoughts(params: Params, tokens_bl: jax.Array, lengths_b: jax
     ctx = attention_context(cfg, b, l)
     depth = Depth(n_steps, jnp.int32(0), max_grad)
     state0 = jnp.zeros((b, l, cfg.d_model), jnp.dtype(cfg.dtype))
-    x_bld = fill_thoughts(params, tokens_bl, cfg, ctx, state0, depth, latent_id=latent_id,
-                          max_latents=max_latents if substitute else 0)
+    bases_bld = fill_thought_bases(params, tokens_bl, cfg, ctx, state0, depth,
+                                   latent_id=latent_id, max_latents=max_latents if substitute else 0,
+                                   shift_sees_thoughts=shift_sees_thoughts)
     rows_b = jnp.arange(b)
     is_thought_bl = (tokens_bl == latent_id) if substitute else jnp.zeros((b, l), bool)
+    inputs = lambda tokens_bl, bases_bld: thought_inputs(params, tokens_bl, bases_bld, cfg, ctx,
+                                                         is_thought_bl, shift_sees_thoughts)
 
     def body(carry):
-        i, tokens_bl, x_bld, lengths_b, done_b, count_b = carry
-        h_bld = hidden_states(params, x_bld, cfg, ctx, state0, depth)
+        i, tokens_bl, bases_bld, lengths_b, done_b, count_b = carry
+        h_bld = hidden_states(params, inputs(tokens_bl, bases_bld), cfg, ctx, state0, depth)
         last_bd = h_bld[rows_b, lengths_b - 1]
         next_b = jnp.argmax(head_logits(params, last_bd[:, None], cfg)[:, 0], -1).astype(jnp.int32)
         write_b = ~done_b & (lengths_b < l)
         pos_b = jnp.minimum(lengths_b, l - 1)
         tokens_bl = tokens_bl.at[rows_b, pos_b].set(
             jnp.where(write_b, next_b, tokens_bl[rows_b, pos_b]))
-        # Re-embed the ordinary tokens (the new one and, with token shift, what it makes its
-        # successors see); the thoughts stay as they were computed.
-        x_bld = jnp.where(is_thought_bl[..., None], x_bld,
-                          token_embeddings(params, tokens_bl, cfg, ctx).astype(x_bld.dtype))
+        # The new token's base; the thoughts stay as they were computed (the next pass's
+        # `inputs` gives the new token's successors their shift).
+        bases_bld = jnp.where(is_thought_bl[..., None], bases_bld,
+                              bind(params, cfg).token_bases(tokens_bl).astype(bases_bld.dtype))
         lengths_b = lengths_b + write_b
         count_b = count_b + write_b
         done_b = done_b | (write_b & (next_b == eos_id)) | (lengths_b >= l)
-        return i + 1, tokens_bl, x_bld, lengths_b, done_b, count_b
+        return i + 1, tokens_bl, bases_bld, lengths_b, done_b, count_b
 
     # A while loop: a batch stops as soon as every row has ended (CoT answers are long, the
     # others a few tokens).
     keep_going = lambda c: (c[0] < max_new_tokens) & ~jnp.all(c[4])
     zeros = jnp.zeros((b,), jnp.int32)
-    carry = (jnp.int32(0), tokens_bl, x_bld, lengths_b, jnp.zeros((b,), bool), zeros)
+    carry = (jnp.int32(0), tokens_bl, bases_bld, lengths_b, jnp.zeros((b,), bool), zeros)
     _, tokens_bl, _, lengths_b, _, count_b = lax.while_loop(keep_going, body, carry)
     return tokens_bl, lengths_b, count_b
 
@@ -602,7 +641,7 @@ def evaluate_method(params: Params, cfg: Config, cc: CoconutConfig,
             params, jnp.asarray(buf), jnp.asarray(lengths), jnp.int32(r), cfg=cfg.model,
             latent_id=tok.latent_id, max_latents=cc.max_latents,
             max_new_tokens=cc.max_new_tokens, eos_id=tok.eos_id,
-            substitute=cc.method == "coconut"))
+            substitute=cc.method == "coconut", shift_sees_thoughts=cc.shift_sees_thoughts))
         for i, e in enumerate(chunk):
             text = tok.decode(out[i, lengths[i]:new_len[i]])
             answer = parse_answer(text.replace("<eos>", ""))

@@ -114,26 +114,34 @@ def attention_context(cfg: ModelConfig, batch: int, length: int, *,
     return AttentionContext(cos, sin, mask_b1ts)
 
 
-def previous_tokens(tokens_bt: jax.Array, num: int, mask_b1ts: jax.Array | None) -> jax.Array:
-    """Ids of the 1st … ``num``-th previous *visible* token of every position, -1 where none.
+def previous_positions(batch: int, length: int, num: int, mask_b1ts: jax.Array | None
+                       ) -> jax.Array:
+    """[num, b, t]: the 1st … ``num``-th previous *visible* position of every position, -1 where
+    none.
 
     "Visible" follows the attention mask: within a segment, and across a branch's start into its
     trunk, so packed and branched rows see exactly the neighbours they would see alone.
     """
-    b, t = tokens_bt.shape
-    index_t = jnp.arange(t)
+    index_t = jnp.arange(length)
     if mask_b1ts is None:
-        prev_bt = jnp.broadcast_to(index_t - 1, (b, t))
+        prev_bt = jnp.broadcast_to(index_t - 1, (batch, length))
     else:  # the latest earlier key each query may attend to
         earlier_bts = mask_b1ts[:, 0] & (index_t[None, :] < index_t[:, None])[None]
         prev_bt = jnp.max(jnp.where(earlier_bts, index_t, -1), axis=-1)
     out, where_bt = [], prev_bt
     for _ in range(num):
-        out.append(jnp.where(where_bt >= 0, jnp.take_along_axis(
-            tokens_bt, jnp.maximum(where_bt, 0), axis=1), -1))
+        out.append(where_bt)
         where_bt = jnp.where(where_bt >= 0, jnp.take_along_axis(
             prev_bt, jnp.maximum(where_bt, 0), axis=1), -1)
     return jnp.stack(out)
+
+
+def previous_tokens(tokens_bt: jax.Array, num: int, mask_b1ts: jax.Array | None) -> jax.Array:
+    """Ids of the 1st … ``num``-th previous visible token of every position, -1 where none."""
+    where_kbt = previous_positions(*tokens_bt.shape, num, mask_b1ts)
+    ids_kbt = jax.vmap(lambda w: jnp.take_along_axis(tokens_bt, jnp.maximum(w, 0), axis=1))(
+        where_kbt)
+    return jnp.where(where_kbt >= 0, ids_kbt, -1)
 
 
 def apply_rope(x_bthe: jax.Array, cos_bt1f: jax.Array, sin_bt1f: jax.Array) -> jax.Array:
@@ -314,6 +322,16 @@ class RecurrentDepthLM(nnx.Module):
     def dtype(self) -> jnp.dtype:
         return jnp.dtype(self.cfg.dtype)
 
+    def token_bases(self, tokens_bt: jax.Array) -> jax.Array:
+        """``wte[tokens] * sqrt(d)``: a token's own input, before the token shift."""
+        scale = jnp.asarray(math.sqrt(self.cfg.d_model), self.dtype)
+        return jnp.take(self.wte[...], tokens_bt, axis=0).astype(self.dtype) * scale
+
+    def add_shift(self, x_btd: jax.Array, prev_kbtd: jax.Array) -> jax.Array:
+        """``x + Σ_k prev_k · W_k``: the token shift of the k-th previous inputs (zero: none)."""
+        return x_btd + jnp.einsum("kbtd,kde->bte", prev_kbtd.astype(self.dtype),
+                                  self.token_shift[...].astype(self.dtype))
+
     def input_embeddings(self, tokens_bt: jax.Array, ctx: AttentionContext,
                          previous_kbt: jax.Array | None = None) -> jax.Array:
         """The prelude's input: wte[tokens] * sqrt(d)  [+ token shift].
@@ -322,17 +340,25 @@ class RecurrentDepthLM(nnx.Module):
         tokens (-1: none); derived from ``ctx`` when omitted, which is right whenever ``ctx``
         covers the whole sequence (not for a block read after a cache: pass them then).
         """
-        scale = jnp.asarray(math.sqrt(self.cfg.d_model), self.dtype)
-        x_btd = jnp.take(self.wte[...], tokens_bt, axis=0).astype(self.dtype) * scale
-        if self.token_shift is not None:
-            if previous_kbt is None:
-                previous_kbt = previous_tokens(tokens_bt, self.cfg.token_shift, ctx.mask_b1ts)
-            prev_kbtd = jnp.take(self.wte[...], jnp.maximum(previous_kbt, 0), axis=0)
-            prev_kbtd = jnp.where(previous_kbt[..., None] >= 0, prev_kbtd.astype(self.dtype) * scale,
-                                  0)
-            x_btd = x_btd + jnp.einsum("kbtd,kde->bte", prev_kbtd,
-                                       self.token_shift[...].astype(self.dtype))
-        return x_btd
+        x_btd = self.token_bases(tokens_bt)
+        if self.token_shift is None:
+            return x_btd
+        if previous_kbt is None:
+            previous_kbt = previous_tokens(tokens_bt, self.cfg.token_shift, ctx.mask_b1ts)
+        prev_kbtd = jnp.where(previous_kbt[..., None] >= 0,
+                              self.token_bases(jnp.maximum(previous_kbt, 0)), 0)
+        return self.add_shift(x_btd, prev_kbtd)
+
+    def shifted_inputs(self, bases_btd: jax.Array, ctx: AttentionContext) -> jax.Array:
+        """The prelude's input from per-position bases (a token's ``wte · sqrt(d)``, or any
+        vector standing in for it): each base plus the token shift of its predecessors' bases."""
+        if self.token_shift is None:
+            return bases_btd
+        b, t, _ = bases_btd.shape
+        where_kbt = previous_positions(b, t, self.cfg.token_shift, ctx.mask_b1ts)
+        prev_kbtd = jax.vmap(lambda w: jnp.take_along_axis(
+            bases_btd, jnp.maximum(w, 0)[..., None], axis=1))(where_kbt)
+        return self.add_shift(bases_btd, jnp.where(where_kbt[..., None] >= 0, prev_kbtd, 0))
 
     def embed(self, tokens_bt: jax.Array, ctx: AttentionContext,
               kv_prefixes: list[KV] | None = None,

@@ -39,45 +39,61 @@ def _tokens(question: str, n_latents: int, tail: str = "ab") -> list[int]:
             + [TOK.eot_id] + TOK.encode(tail))
 
 
-def reference_hidden(params, tokens: list[int], cfg, num_steps: int, state0_td):
+def reference_hidden(params, tokens: list[int], cfg, num_steps: int, state0_td,
+                     shift_sees_thoughts: bool = False):
     """Position by position in a Python loop: the input at a latent is the hidden state the model
     produced at the previous position, each position computed by a fresh full pass over the
-    inputs known so far (causal: the zeros after position t never reach it)."""
+    inputs known so far (causal: the zeros after position t never reach it). With
+    ``shift_sees_thoughts`` every position's token shift reads its predecessors' bases (a
+    thought's base: its hidden state), and a thought gets the shift too."""
     t_len = len(tokens)
     ctx = attention_context(cfg, 1, t_len)
     depth = Depth(jnp.int32(num_steps), jnp.int32(0), 0)
     full_pass = jax.jit(lambda x: cc_lib.hidden_states(params, x, cfg, ctx, state0_td[None], depth))
     wte = np.asarray(params["wte"]) * np.sqrt(cfg.d_model)
 
-    def embed(t: int) -> np.ndarray:  # own token + the previous token ids' (token shift)
-        out = wte[tokens[t]].copy()
+    def base(t: int) -> np.ndarray:
+        return np.asarray(hidden[t - 1]) if tokens[t] == LATENT else wte[tokens[t]]
+
+    def embed(t: int) -> np.ndarray:  # own base + the previous positions' (token shift)
+        if tokens[t] == LATENT and not shift_sees_thoughts:
+            return base(t)
+        out = base(t).copy()
         for k in range(1, cfg.token_shift + 1):
             if t - k >= 0:
-                out += wte[tokens[t - k]] @ np.asarray(params["token_shift"][k - 1])
+                prev = base(t - k) if shift_sees_thoughts else wte[tokens[t - k]]
+                out += prev @ np.asarray(params["token_shift"][k - 1])
         return out
 
     x = jnp.zeros((1, t_len, cfg.d_model))
     hidden = []
-    for t, token in enumerate(tokens):
-        x = x.at[0, t].set(hidden[t - 1] if token == LATENT else embed(t))
+    for t in range(t_len):
+        x = x.at[0, t].set(embed(t))
         hidden.append(full_pass(x)[0, t])
     return jnp.stack(hidden)
 
 
-@pytest.mark.parametrize("mean_r,num_steps,init_scale,token_shift",
-                         [(1, 1, 0.0, 0), (3, 3, 1.0, 0), (2, 2, 0.0, 2)])
-def test_substitution_matches_step_by_step_reference(mean_r, num_steps, init_scale, token_shift):
+@pytest.mark.parametrize("mean_r,num_steps,init_scale,token_shift,sees",
+                         [(1, 1, 0.0, 0, False), (3, 3, 1.0, 0, False), (2, 2, 0.0, 2, False),
+                          (2, 2, 0.0, 2, True)])
+def test_substitution_matches_step_by_step_reference(mean_r, num_steps, init_scale, token_shift,
+                                                     sees):
     cfg = _cfg(mean_r, token_shift)
     params = _params(cfg, 0)
     tokens = _tokens("x=1;y", 3)
     key = jax.random.key(5)
     state0 = initial_state(cfg, (1, len(tokens), cfg.d_model), key=key, init_scale=init_scale)
-    ref = reference_hidden(params, tokens, cfg, num_steps, state0[0])
+    ref = reference_hidden(params, tokens, cfg, num_steps, state0[0], shift_sees_thoughts=sees)
     depth = Depth(jnp.int32(num_steps), jnp.int32(0), 0)
     _, hidden = cc_lib.continuous_forward(params, jnp.array([tokens]), cfg, latent_id=LATENT,
                                           max_latents=4, depth=depth, key=key,
-                                          init_scale=init_scale)
+                                          init_scale=init_scale, shift_sees_thoughts=sees)
     np.testing.assert_allclose(hidden[0], ref, atol=2e-5)
+    if token_shift:  # the two ways of shifting differ right after the first thought
+        other = reference_hidden(params, tokens, cfg, num_steps, state0[0],
+                                 shift_sees_thoughts=not sees)
+        first = tokens.index(LATENT)
+        assert float(jnp.abs(other[first + 1] - ref[first + 1]).max()) > 1e-3
     # The thoughts matter: the pause baseline (no substitution) differs after the first latent.
     _, pause = cc_lib.continuous_forward(params, jnp.array([tokens]), cfg, latent_id=LATENT,
                                          max_latents=4, depth=depth, key=key,
@@ -97,8 +113,8 @@ def test_no_latents_is_the_ordinary_forward():
     np.testing.assert_allclose(logits, expected, atol=2e-5)
 
 
-@pytest.mark.parametrize("token_shift", [0, 2])
-def test_batch_equals_single_rows_with_latents_at_different_positions(token_shift):
+@pytest.mark.parametrize("token_shift,sees", [(0, False), (2, False), (2, True)])
+def test_batch_equals_single_rows_with_latents_at_different_positions(token_shift, sees):
     cfg = _cfg(2, token_shift)
     params = _params(cfg, 2)
     rows = [_tokens("a=1;b=a;?b", 2), _tokens("q", 2, "xyz"), _tokens("k=3;?k", 1)]
@@ -108,15 +124,17 @@ def test_batch_equals_single_rows_with_latents_at_different_positions(token_shif
         buf[i, :len(r)] = r
     depth = Depth(jnp.int32(2), jnp.int32(0), 0)
     batch_logits, _ = cc_lib.continuous_forward(params, jnp.asarray(buf), cfg, latent_id=LATENT,
-                                                max_latents=3, depth=depth)
+                                                max_latents=3, depth=depth,
+                                                shift_sees_thoughts=sees)
     for i, r in enumerate(rows):
         single, _ = cc_lib.continuous_forward(params, jnp.array([r]), cfg, latent_id=LATENT,
-                                              max_latents=3, depth=depth)
+                                              max_latents=3, depth=depth,
+                                              shift_sees_thoughts=sees)
         np.testing.assert_allclose(batch_logits[i, :len(r)], single[0], atol=3e-5)
 
 
-@pytest.mark.parametrize("token_shift", [0, 2])
-def test_generation_after_thoughts_equals_recomputed_argmax(token_shift):
+@pytest.mark.parametrize("token_shift,sees", [(0, False), (2, False), (2, True)])
+def test_generation_after_thoughts_equals_recomputed_argmax(token_shift, sees):
     """Greedy decoding (thoughts computed once, each new token re-embedded in the buffer) gives
     the tokens that a fresh continuous forward over the growing sequence picks at every step,
     for a batch of prompts of different lengths."""
@@ -130,12 +148,14 @@ def test_generation_after_thoughts_equals_recomputed_argmax(token_shift):
         buf[i, :len(p)] = p
     out, lengths, _ = cc_lib.generate_after_thoughts(
         params, jnp.asarray(buf), jnp.array([len(p) for p in prompts]), jnp.int32(2), cfg=cfg,
-        latent_id=LATENT, max_latents=2, max_new_tokens=new_tokens, eos_id=-1)
+        latent_id=LATENT, max_latents=2, max_new_tokens=new_tokens, eos_id=-1,
+        shift_sees_thoughts=sees)
     depth = Depth(jnp.int32(2), jnp.int32(0), 0)
     # The reference pads the growing sequence to the buffer's width (attention is causal, so the
     # trailing zeros cannot change earlier logits) so that it compiles once, not once per length.
-    reference = jax.jit(lambda t: cc_lib.continuous_forward(params, t, cfg, latent_id=LATENT,
-                                                            max_latents=2, depth=depth)[0])
+    reference = jax.jit(lambda t: cc_lib.continuous_forward(
+        params, t, cfg, latent_id=LATENT, max_latents=2, depth=depth,
+        shift_sees_thoughts=sees)[0])
     for i, prompt in enumerate(prompts):
         seq = list(prompt)
         for _ in range(new_tokens):
