@@ -9,8 +9,9 @@ two backbones — r = 1 (a plain 4-layer transformer: fixed single recurrence st
 state) and a recurrent-depth one (mean r = 2, sampled depth, truncated backprop; No-CoT
 and Coconut only) — evaluates
 greedy accuracy and generated tokens on held-out problems, and probes the continuous thoughts
-with a logit lens: after thought k, how much probability the tied head puts on the first
-character of the nodes at graph distance k (the search frontier) vs other nodes.
+with a logit lens: at thought j, how much probability the tied head puts on the first
+character of the nodes at graph distance k = ⌈j / c⌉ (the search frontier of the step the thought
+stands for, c thoughts per step) vs other nodes.
 
 Writes experiments/results/<name>.{md,json,png}, <name> = the config's file name with "_" for
 "-" (coconut_prosqa, coconut_prosqa_symbols). Runs resume from runs/<name>/ (a finished run is
@@ -20,6 +21,7 @@ only evaluated); pass --fresh to retrain.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import os
@@ -82,16 +84,10 @@ def node_distances(question: str) -> tuple[str, dict[str, int], set[str]]:
     return graph.entity, prosqa_distances(question), nodes - {graph.entity}
 
 
-def logit_lens(params, cfg, cc, examples) -> dict[str, list[float]]:
-    """Mean probability of a node's first character under the head applied to thought k, by the
-    node's relation to step k: the frontier (distance k), nearer (< k), farther (> k), unreachable.
-    """
+def thought_probs(params, cfg, cc, examples) -> list[np.ndarray]:
+    """Per example, [thoughts, vocab]: the tied head's distribution at each thought (the hidden
+    state fed back as that thought), on the test-time prompt."""
     tok = load_tokenizer(cfg.data.tokenizer)
-    groups = {"frontier (distance k)": [], "nearer (< k)": [], "farther (> k)": [],
-              "unreachable": []}
-    k_max = cc.max_latents
-    sums = {g: np.zeros(k_max) for g in groups}
-    counts = {g: np.zeros(k_max) for g in groups}
     r = int(cc_lib.eval_depth(cfg, cc).n_no_grad)
     prompts = [cc_lib.eval_prompt(e, tok, cc) for e in examples]
     width = max(map(len, prompts))
@@ -104,13 +100,29 @@ def logit_lens(params, cfg, cc, examples) -> dict[str, list[float]]:
         p, t, cfg.model, ctx, state0, cc_lib.Depth(jnp.int32(r), jnp.int32(0), 0),
         latent_id=tok.latent_id, max_latents=cc.max_latents,
         shift_sees_thoughts=cc.shift_sees_thoughts))(params, jnp.asarray(buf))
-    for e, prompt, x_td in zip(examples, prompts, x):
+    out = []
+    for prompt, x_td in zip(prompts, x):
         where = [i for i, t in enumerate(prompt) if t == tok.latent_id]
-        probs = jax.nn.softmax(cc_lib.head_logits(params, x_td[None, where], cfg.model)[0], -1)
-        probs = np.asarray(probs)
+        logits = cc_lib.head_logits(params, x_td[None, where], cfg.model)[0]
+        out.append(np.asarray(jax.nn.softmax(logits, -1)))
+    return out
+
+
+def logit_lens(params, cfg, cc, examples) -> dict[str, list[float]]:
+    """Mean probability of a node's first character under the head applied to thought j, by the
+    node's relation to the step k = ⌈j / c⌉ that thought j stands for: the frontier (distance k),
+    nearer (< k), farther (> k), unreachable.
+    """
+    tok = load_tokenizer(cfg.data.tokenizer)
+    groups = {"frontier (distance k)": [], "nearer (< k)": [], "farther (> k)": [],
+              "unreachable": []}
+    k_max = cc.max_latents
+    sums = {g: np.zeros(k_max) for g in groups}
+    counts = {g: np.zeros(k_max) for g in groups}
+    for e, probs in zip(examples, thought_probs(params, cfg, cc, examples)):
         _, dist, nodes = node_distances(e.question)
-        for k in range(len(where)):  # thought k + 1 is the hidden state after k + 1 hops' worth
-            hop = k + 1
+        for k in range(len(probs)):  # thought k + 1 stands for step ⌈(k + 1) / c⌉ (hop that far)
+            hop = k // cc.latents_per_step + 1
             for node in nodes:
                 d = dist.get(node)
                 group = ("unreachable" if d is None else "frontier (distance k)" if d == hop
@@ -120,6 +132,29 @@ def logit_lens(params, cfg, cc, examples) -> dict[str, list[float]]:
     # An empty group (no node nearer than hop 1; none farther than the longest path) is NaN.
     return {g: np.where(counts[g] > 0, sums[g] / np.maximum(counts[g], 1), np.nan).tolist()
             for g in groups}
+
+
+def path_probe(params, cfg, cc, examples) -> dict[str, list]:
+    """Does thought j hold the solution path? Mean probability of the path's i-th node (the
+    target of step i; the last one is the answer) and of the wrong option at every thought, and
+    the token the head most often ranks first there."""
+    tok = load_tokenizer(cfg.data.tokenizer)
+    first = lambda node: tok.encode(node)[0]
+    rows: dict[str, list] = {}
+    tops: list[collections.Counter] = [collections.Counter() for _ in range(cc.max_latents)]
+    for e, probs in zip(examples, thought_probs(params, cfg, cc, examples)):
+        path = [re.split(r"[> ]", step.rstrip("."))[-1] for step in e.steps]
+        wrong = [o for o in prosqa_options(e.question) if o != e.answer][0]
+        named = ([(f"path node {i + 1}", n) for i, n in enumerate(path[:-1])]
+                 + [("the answer (last path node)", path[-1]), ("the other option", wrong)])
+        for label, node in named:
+            rows.setdefault(label, []).append(probs[:, first(node)])
+        for j, p in enumerate(probs):
+            tops[j][tok.decode([int(p.argmax())])] += 1
+    out: dict[str, list] = {label: np.mean(v, axis=0).tolist() for label, v in rows.items()}
+    out["most often first"] = [f"{t.most_common(1)[0][0]!r} ({t.most_common(1)[0][1]})"
+                               for t in tops]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,7 +168,7 @@ def run(smoke: bool, fresh: bool, out_dir: Path, runs_dir: Path, config: str = D
     methods = [METHODS[2]] if smoke else [  # smoke: one method keeps `make test` short
         m for m in METHODS if method_slugs is None or _slug(m[0]) in method_slugs]
     extra = SMOKE if smoke else []
-    rows, probes, configs = [], {}, {}
+    rows, probes, path_probes, configs = [], {}, {}, {}
     for bkey, (blabel, boverrides) in backbones.items():
         for mlabel, moverrides in methods:
             if bkey == "rd" and mlabel not in RD_METHODS:
@@ -168,8 +203,9 @@ def run(smoke: bool, fresh: bool, out_dir: Path, runs_dir: Path, config: str = D
                 probe_examples = [example_at(task, "test", i, cfg.seed)
                                   for i in range(4 if smoke else 128)]
                 probes[blabel] = logit_lens(params, cfg, cc, probe_examples)
+                path_probes[blabel] = path_probe(params, cfg, cc, probe_examples)
     wall = time.time() - t_start
-    report = {"rows": rows, "probes": probes, "overrides": configs, "wall_s": wall,
+    report = {"rows": rows, "probes": probes, "path_probes": path_probes, "overrides": configs, "wall_s": wall,
               "machine": machine(), "smoke": smoke, "fresh": fresh, "config_path": config,
               "backbones": list(backbones), "methods": [_slug(label) for label, _ in methods],
               "config": yaml.safe_load((ROOT / config).read_text())}
@@ -223,8 +259,10 @@ def write_outputs(report: dict, out_dir: Path, name: str) -> None:
     lines += ["", *reading(report["rows"])]
     lines += ["", "Shortcut heuristics (first option, degree, position) score 45–55% on this task "
               "(chance 50%; docs/data.md).", "", "## Probe (logit lens of the thoughts)", "",
-              "Mean probability the tied head puts on the first character of a node after "
-              f"thought k, by the node's graph distance from the entity; see `{name}.png`.", ""]
+              "Mean probability the tied head puts on the first character of a node at "
+              "thought j (the hidden state fed back as the j-th thought), by the node's graph "
+              "distance from the entity relative to the step k = ⌈j / c⌉ the thought stands for "
+              f"(c thoughts per step); see `{name}.png`.", ""]
     for backbone, groups in report["probes"].items():
         lines.append(f"**{backbone}**")
         lines.append("")
@@ -233,6 +271,18 @@ def write_outputs(report: dict, out_dir: Path, name: str) -> None:
         lines.append("|---|" + "---:|" * k)
         for g, values in groups.items():
             lines.append(f"| {g} | " + " | ".join(f"{v:.4f}" for v in values) + " |")
+        lines.append("")
+    for backbone, probe in report.get("path_probes", {}).items():
+        lines += [f"**{backbone}: the solution path in the thoughts**", "",
+                  "Mean probability of each path node (the targets of the steps, in order) and "
+                  "of the wrong option at thought j, and the token ranked first there most often "
+                  "(count of problems):", ""]
+        k = len(next(iter(probe.values())))
+        lines.append("| | " + " | ".join(f"thought {i + 1}" for i in range(k)) + " |")
+        lines.append("|---|" + "---:|" * k)
+        for label, values in probe.items():
+            cells = [v if isinstance(v, str) else f"{v:.3f}" for v in values]
+            lines.append(f"| {label} | " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
         lines.append("")
     lines += ["## Config", "", f"`{config}` with per-run overrides:", "", "```yaml",
               yaml.safe_dump(report["config"], sort_keys=False).rstrip(), "```", "", "```json",
@@ -296,7 +346,7 @@ def plot(report: dict, path: Path) -> None:
     for ax, (backbone, groups) in zip(axes[1:], probes.items()):
         for g, values in groups.items():
             ax.plot(range(1, len(values) + 1), values, marker="o", label=g)
-        ax.set_xlabel("thought k")
+        ax.set_xlabel("thought j (step ⌈j / c⌉)")
         ax.set_ylabel("p(first char of node)")
         ax.set_title(f"logit lens, Coconut, {backbone}", fontsize=9)
         ax.legend(fontsize=7)
