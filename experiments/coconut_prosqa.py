@@ -205,7 +205,8 @@ def run(smoke: bool, fresh: bool, out_dir: Path, runs_dir: Path, config: str = D
                 probes[blabel] = logit_lens(params, cfg, cc, probe_examples)
                 path_probes[blabel] = path_probe(params, cfg, cc, probe_examples)
     wall = time.time() - t_start
-    report = {"rows": rows, "probes": probes, "path_probes": path_probes, "overrides": configs, "wall_s": wall,
+    report = {"rows": rows, "probes": probes, "path_probes": path_probes, "overrides": configs,
+              "wall_s": wall,
               "machine": machine(), "smoke": smoke, "fresh": fresh, "config_path": config,
               "backbones": list(backbones), "methods": [_slug(label) for label, _ in methods],
               "config": yaml.safe_load((ROOT / config).read_text())}

@@ -167,8 +167,8 @@ def latent_ordinals(tokens_bt: jax.Array, latent_id: int) -> jax.Array:
 
 
 def thought_inputs(params: Params, tokens_bt: jax.Array, bases_btd: jax.Array, cfg: ModelConfig,
-                   ctx: AttentionContext, is_thought_bt: jax.Array, shift_sees_thoughts: bool
-                   ) -> jax.Array:
+                   ctx: AttentionContext, is_thought_bt: jax.Array, shift_sees_thoughts: bool,
+                   token_inputs_btd: jax.Array | None = None) -> jax.Array:
     """The prelude's input of every position, given its *base*: ``wte[token] · sqrt(d)``, or at a
     thought the previous position's hidden state.
 
@@ -176,13 +176,15 @@ def thought_inputs(params: Params, tokens_bt: jax.Array, bases_btd: jax.Array, c
     predecessors' shifted embeddings, and a thought is its base alone; ``shift_sees_thoughts``
     instead gives every position (thoughts included) its predecessors' *bases*, so a thought
     reaches the positions after it through the shift as a token would, instead of as the
-    ``<latent>`` id.
+    ``<latent>`` id. ``token_inputs_btd``: the ordinary tokens' inputs when already computed
+    (they do not depend on the thoughts then).
     """
     model = bind(params, cfg)
     if shift_sees_thoughts:
         return model.shifted_inputs(bases_btd, ctx)
-    return jnp.where(is_thought_bt[..., None], bases_btd,
-                     model.input_embeddings(tokens_bt, ctx).astype(bases_btd.dtype))
+    if token_inputs_btd is None:
+        token_inputs_btd = model.input_embeddings(tokens_bt, ctx)
+    return jnp.where(is_thought_bt[..., None], bases_btd, token_inputs_btd.astype(bases_btd.dtype))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,11 +242,14 @@ def fill_thought_bases(params: Params, tokens_bt: jax.Array, cfg: ModelConfig,
         return bases_btd
     ordinal_bt = latent_ordinals(tokens_bt, latent_id)
     passes_needed = jnp.max(ordinal_bt) + 1
+    # Without shift_sees_thoughts the ordinary tokens' inputs are the same in every pass.
+    token_inputs_btd = (None if shift_sees_thoughts
+                        else bind(params, cfg).input_embeddings(tokens_bt, ctx))
 
     @jax.checkpoint
     def one_pass(bases_btd: jax.Array, p: jax.Array) -> jax.Array:
         x_btd = thought_inputs(params, tokens_bt, bases_btd, cfg, ctx, ordinal_bt >= 0,
-                               shift_sees_thoughts)
+                               shift_sees_thoughts, token_inputs_btd)
         h_btd = hidden_states(params, x_btd, cfg, ctx, state0_btd, depth)
         previous_btd = jnp.pad(h_btd, ((0, 0), (1, 0), (0, 0)))[:, :-1]
         return jnp.where((ordinal_bt == p)[..., None], previous_btd.astype(bases_btd.dtype),
