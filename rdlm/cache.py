@@ -1,13 +1,13 @@
 """Static-shape KV cache for generation, with recurrence-slot sharing (SPEC "Inference features").
 
-Layout (l = layer, s = recurrence slot, k = keys/values, b = batch row, t = cache position,
-h = head, e = head dim):
+Layout (l = layer, s = recurrence slot, k = keys/values, b = batch row, h = head, t = cache
+position, e = head dim); heads before positions, so attention reads a cached layer as it is:
 
-- ``prelude_lkbthe`` / ``coda_lkbthe``: one entry per prelude / coda layer and position.
-- ``core_lskbthe``: one entry per core layer, recurrence **slot** and position. Step i of the
+- ``prelude_lkbhte`` / ``coda_lkbhte``: one entry per prelude / coda layer and position.
+- ``core_lskbhte``: one entry per core layer, recurrence **slot** and position. Step i of the
   recurrence writes and reads slot ``i mod num_slots``; with ``num_slots >= r`` that is the plain
   per-(layer, step) cache, with a smaller budget memory stops growing with r (KV-cache sharing).
-- ``core_latest_lkbthe`` (only with adaptive exit): every position's *latest* core entry per
+- ``core_latest_lkbhte`` (only with adaptive exit): every position's *latest* core entry per
   layer, i.e. the keys/values of the last step that position actually ran.
 - ``depth_bt``: how many core steps each cached position ran (0 = nothing written).
 - ``tokens_bt`` (only with ``model.token_shift``): the token id at each cached position, from
@@ -38,10 +38,10 @@ from rdlm.model import KV
 
 
 class KVCache(NamedTuple):
-    prelude_lkbthe: jax.Array
-    core_lskbthe: jax.Array
-    coda_lkbthe: jax.Array
-    core_latest_lkbthe: jax.Array | None  # None unless adaptive exit can leave tokens short
+    prelude_lkbhte: jax.Array
+    core_lskbhte: jax.Array
+    coda_lkbhte: jax.Array
+    core_latest_lkbhte: jax.Array | None  # None unless adaptive exit can leave tokens short
     depth_bt: jax.Array  # int32
     tokens_bt: jax.Array | None = None  # int32; None unless model.token_shift
 
@@ -50,16 +50,16 @@ def cache_shapes(cfg: ModelConfig, batch: int, length: int, num_slots: int,
                  track_latest: bool) -> KVCache:
     """Shapes and dtypes of a cache (`jax.ShapeDtypeStruct` leaves); allocates nothing."""
     dtype = jnp.dtype(cfg.dtype)
-    kv = (2, batch, length, cfg.n_heads, cfg.head_dim)
+    kv = (2, batch, cfg.n_heads, length, cfg.head_dim)
 
     def sds(*lead: int) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct((*lead, *kv), dtype)
 
     return KVCache(
-        prelude_lkbthe=sds(cfg.n_prelude),
-        core_lskbthe=sds(cfg.n_core, num_slots),
-        coda_lkbthe=sds(cfg.n_coda),
-        core_latest_lkbthe=sds(cfg.n_core) if track_latest else None,
+        prelude_lkbhte=sds(cfg.n_prelude),
+        core_lskbhte=sds(cfg.n_core, num_slots),
+        coda_lkbhte=sds(cfg.n_coda),
+        core_latest_lkbhte=sds(cfg.n_core) if track_latest else None,
         depth_bt=jax.ShapeDtypeStruct((batch, length), jnp.int32),
         tokens_bt=(jax.ShapeDtypeStruct((batch, length), jnp.int32) if cfg.token_shift else None))
 
@@ -83,15 +83,15 @@ def slot_of_step(step: jax.Array | int, num_slots: int) -> jax.Array | int:
     return step % num_slots
 
 
-def as_kv(buf_kbthe: jax.Array) -> KV:
-    return buf_kbthe[0], buf_kbthe[1]
+def as_kv(buf_kbhte: jax.Array) -> KV:
+    return buf_kbhte[0], buf_kbhte[1]
 
 
 def stack_kv(kv: KV) -> jax.Array:
     return jnp.stack(kv)
 
 
-def write_kv(buf_xkbthe: jax.Array, new_kbthe: jax.Array, start: jax.Array | int,
+def write_kv(buf_xkbhte: jax.Array, new_kbhte: jax.Array, start: jax.Array | int,
              active_b: jax.Array | None = None, lead: tuple = ()) -> jax.Array:
     """Write a block of keys/values at positions ``start …`` of ``buf[lead]``.
 
@@ -99,13 +99,13 @@ def write_kv(buf_xkbthe: jax.Array, new_kbthe: jax.Array, start: jax.Array | int
     a row that already exited has to stay readable at the steps it actually ran, not at a step
     computed from its frozen state.
     """
-    new_xkbthe = new_kbthe.astype(buf_xkbthe.dtype).reshape((1,) * len(lead) + new_kbthe.shape)
-    index = (*lead, 0, 0, start, 0, 0)
+    new_xkbhte = new_kbhte.astype(buf_xkbhte.dtype).reshape((1,) * len(lead) + new_kbhte.shape)
+    index = (*lead, 0, 0, 0, start, 0)
     if active_b is not None:
-        old_xkbthe = lax.dynamic_slice(buf_xkbthe, index, new_xkbthe.shape)
+        old_xkbhte = lax.dynamic_slice(buf_xkbhte, index, new_xkbhte.shape)
         keep_b = active_b.reshape((1,) * (len(lead) + 1) + (-1, 1, 1, 1))
-        new_xkbthe = jnp.where(keep_b, new_xkbthe, old_xkbthe)
-    return lax.dynamic_update_slice(buf_xkbthe, new_xkbthe, index)
+        new_xkbhte = jnp.where(keep_b, new_xkbhte, old_xkbhte)
+    return lax.dynamic_update_slice(buf_xkbhte, new_xkbhte, index)
 
 
 def read_core(cache: KVCache, layer: int, step: jax.Array, num_slots: int) -> KV:
@@ -115,44 +115,44 @@ def read_core(cache: KVCache, layer: int, step: jax.Array, num_slots: int) -> KV
     earlier (adaptive exit) is read at its latest entry.
     """
     # One dynamic slice of the whole buffer: slicing the layer first would copy all its slots.
-    _, _, *kbthe = cache.core_lskbthe.shape
-    slot_kbthe = lax.dynamic_slice(cache.core_lskbthe,
+    _, _, *kbhte = cache.core_lskbhte.shape
+    slot_kbhte = lax.dynamic_slice(cache.core_lskbhte,
                                    (layer, slot_of_step(step, num_slots), 0, 0, 0, 0, 0),
-                                   (1, 1, *kbthe))[0, 0]
-    if cache.core_latest_lkbthe is not None:
+                                   (1, 1, *kbhte))[0, 0]
+    if cache.core_latest_lkbhte is not None:
         ran_past_bt = cache.depth_bt > step
-        slot_kbthe = jnp.where(ran_past_bt[None, :, :, None, None], slot_kbthe,
-                               cache.core_latest_lkbthe[layer])
-    return as_kv(slot_kbthe)
+        slot_kbhte = jnp.where(ran_past_bt[None, :, None, :, None], slot_kbhte,
+                               cache.core_latest_lkbhte[layer])
+    return as_kv(slot_kbhte)
 
 
 def write_core(cache: KVCache, layer: int, step: jax.Array, num_slots: int, kv: KV,
                start: jax.Array | int, active_b: jax.Array | None = None) -> KVCache:
     """Store core ``layer``'s keys/values of ``step`` (and, when tracked, as the latest entry)."""
-    new_kbthe = stack_kv(kv)
-    core = write_kv(cache.core_lskbthe, new_kbthe, start, active_b,
+    new_kbhte = stack_kv(kv)
+    core = write_kv(cache.core_lskbhte, new_kbhte, start, active_b,
                     lead=(layer, slot_of_step(step, num_slots)))
-    latest = cache.core_latest_lkbthe
+    latest = cache.core_latest_lkbhte
     if latest is not None:
-        latest = write_kv(latest, new_kbthe, start, active_b, lead=(layer,))
-    return cache._replace(core_lskbthe=core, core_latest_lkbthe=latest)
+        latest = write_kv(latest, new_kbhte, start, active_b, lead=(layer,))
+    return cache._replace(core_lskbhte=core, core_latest_lkbhte=latest)
 
 
-def write_stage(buf_lkbthe: jax.Array, kvs: list[KV], start: jax.Array | int) -> jax.Array:
+def write_stage(buf_lkbhte: jax.Array, kvs: list[KV], start: jax.Array | int) -> jax.Array:
     """Store every prelude (or coda) layer's keys/values of one block of positions."""
     for layer, kv in enumerate(kvs):
-        buf_lkbthe = write_kv(buf_lkbthe, stack_kv(kv), start, lead=(layer,))
-    return buf_lkbthe
+        buf_lkbhte = write_kv(buf_lkbhte, stack_kv(kv), start, lead=(layer,))
+    return buf_lkbhte
 
 
 def merge_block(cache: KVCache, block: KVCache, start: jax.Array | int) -> KVCache:
     """Copy a block buffer's core entries (every slot, and the latest entries) to ``start …``."""
-    core = lax.dynamic_update_slice(cache.core_lskbthe, block.core_lskbthe,
-                                    (0, 0, 0, 0, start, 0, 0))
-    latest = cache.core_latest_lkbthe
+    core = lax.dynamic_update_slice(cache.core_lskbhte, block.core_lskbhte,
+                                    (0, 0, 0, 0, 0, start, 0))
+    latest = cache.core_latest_lkbhte
     if latest is not None:
-        latest = lax.dynamic_update_slice(latest, block.core_latest_lkbthe, (0, 0, 0, start, 0, 0))
-    return cache._replace(core_lskbthe=core, core_latest_lkbthe=latest)
+        latest = lax.dynamic_update_slice(latest, block.core_latest_lkbhte, (0, 0, 0, 0, start, 0))
+    return cache._replace(core_lskbhte=core, core_latest_lkbhte=latest)
 
 
 def previous_tokens(cache: KVCache, tokens_bt: jax.Array, pad_b: jax.Array,

@@ -242,10 +242,10 @@ def _model(params: Params, cfg: ModelConfig) -> Any:
         x, np.argsort(_DECODE_ORDER[name])) if name in _DECODE_ORDER else x), cfg)
 
 
-def _stage_prefixes(buf_lkbthe: jax.Array, with_prefix: bool) -> list[KV] | None:
+def _stage_prefixes(buf_lkbhte: jax.Array, with_prefix: bool) -> list[KV] | None:
     if not with_prefix:
         return None
-    return [kvc.as_kv(buf_lkbthe[layer]) for layer in range(buf_lkbthe.shape[0])]
+    return [kvc.as_kv(buf_lkbhte[layer]) for layer in range(buf_lkbhte.shape[0])]
 
 
 def run_prelude(params: Params, cfg: ModelConfig, cache: KVCache, tokens_bt: jax.Array,
@@ -254,10 +254,10 @@ def run_prelude(params: Params, cfg: ModelConfig, cache: KVCache, tokens_bt: jax
     previous_kbt = (kvc.previous_tokens(cache, tokens_bt, pad_b, start, cfg.token_shift)
                     if cfg.token_shift else None)
     embedded_btd, kvs = _model(params, cfg).embed(
-        tokens_bt, ctx, _stage_prefixes(cache.prelude_lkbthe, with_prefix), previous_kbt)
+        tokens_bt, ctx, _stage_prefixes(cache.prelude_lkbhte, with_prefix), previous_kbt)
     cache = kvc.set_tokens(cache, tokens_bt, start)
     return embedded_btd, cache._replace(
-        prelude_lkbthe=kvc.write_stage(cache.prelude_lkbthe, kvs, start))
+        prelude_lkbhte=kvc.write_stage(cache.prelude_lkbhte, kvs, start))
 
 
 def run_core_step(params: Params, cfg: ModelConfig, num_slots: int, read: KVCache | None,
@@ -286,9 +286,9 @@ def run_coda(params: Params, cfg: ModelConfig, cache: KVCache, state_btd: jax.Ar
              ctx: AttentionContext, start: jax.Array | int, with_prefix: bool,
              write: bool = True) -> tuple[jax.Array, KVCache]:
     logits_btv, kvs = _model(params, cfg).decode(
-        state_btd, ctx, _stage_prefixes(cache.coda_lkbthe, with_prefix))
+        state_btd, ctx, _stage_prefixes(cache.coda_lkbhte, with_prefix))
     if write:
-        cache = cache._replace(coda_lkbthe=kvc.write_stage(cache.coda_lkbthe, kvs, start))
+        cache = cache._replace(coda_lkbhte=kvc.write_stage(cache.coda_lkbhte, kvs, start))
     return logits_btv, cache
 
 
@@ -932,6 +932,8 @@ def bench_cli(argv: Sequence[str]) -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--budget", type=int, default=4, help="slots of the shared-cache runs")
     parser.add_argument("--exit", default="kl", help="criterion of the adaptive-exit runs")
+    parser.add_argument("--speculative", type=_speculative_arg, default=SpeculativeConfig(),
+                        help="K or K:DRAFT_STEPS of the speculative runs (default 4:4)")
     parser.add_argument("--variants", default="full,shared,exit",
                         help="comma list of: full (one slot per step), shared, exit, speculative")
     parser.add_argument("--json", help="also write the rows as JSON to this file")
@@ -943,7 +945,7 @@ def bench_cli(argv: Sequence[str]) -> int:
         "full": dict(cache_budget=max_r),  # one slot per step for every r: one compile
         "shared": dict(cache_budget=args.budget),
         "exit": dict(cache_budget=max_r, exit=args.exit),
-        "speculative": dict(cache_budget=max_r, speculative=SpeculativeConfig(4, 4)),
+        "speculative": dict(cache_budget=max_r, speculative=args.speculative),
     }
     chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in chosen:
@@ -980,12 +982,19 @@ def bench_cli(argv: Sequence[str]) -> int:
                 line = (f"{variant:<12}{batch:>6}{r:>5}{tokens_per_s:>11.1f}{mean_steps:>9.2f}"
                         f"{out.cache_bytes / 2**20:>11.2f}")
                 if batch == 1:
-                    achieved = weight_bytes_per_token(cfg, mean_steps) * tokens_per_s
+                    # Recurrence steps actually run per token (drafts and verification included).
+                    steps_run = out.stats["core_steps"]
+                    achieved = weight_bytes_per_token(cfg, steps_run / args.new_tokens) \
+                        * tokens_per_s
                     row.update(weight_bytes_per_s=achieved, bandwidth_bytes_per_s=bandwidth)
                     line += f"{achieved / 1e9:>13.2f}{achieved / bandwidth:>10.0%}"
                 else:
                     line += f"{'':>13}{'':>10}"
-                print(line + f"{compile_s:>11.1f}", flush=True)
+                line += f"{compile_s:>11.1f}"
+                if "acceptance_rate" in out.stats:
+                    row["acceptance_rate"] = out.stats["acceptance_rate"]
+                    line += f"  (drafts accepted {row['acceptance_rate']:.0%})"
+                print(line, flush=True)
                 results.append(row)
     if args.json:
         with open(args.json, "w") as f:

@@ -12,7 +12,7 @@ CFG = rdlm.model_preset("tiny")
 
 
 def _kv(value, t=1):
-    shape = (1, t, CFG.n_heads, CFG.head_dim)
+    shape = (1, CFG.n_heads, t, CFG.head_dim)  # [b, h, t, e], the cache layout
     return jnp.full(shape, value, jnp.float32), jnp.full(shape, -value, jnp.float32)
 
 
@@ -41,17 +41,17 @@ def test_step_i_uses_slot_i_mod_budget_and_exited_positions_their_latest_entry()
         expected0 = max(j for j in range(7) if j % budget == step % budget) if step < 7 else 6
         expected1 = step if step < 2 else 1  # exited after 2 steps: its step-1 entry
         assert float(keys[0, 0, 0, 0]) == expected0
-        assert float(keys[0, 1, 0, 0]) == 10 + expected1
-        assert float(values[0, 1, 0, 0]) == -(10 + expected1)
+        assert float(keys[0, 0, 1, 0]) == 10 + expected1
+        assert float(values[0, 0, 1, 0]) == -(10 + expected1)
 
 
 def test_inactive_rows_keep_their_entries():
     cache = kvc.init_cache(CFG, 2, 3, 2, track_latest=True)
-    shape = (2, 1, CFG.n_heads, CFG.head_dim)
+    shape = (2, CFG.n_heads, 1, CFG.head_dim)
     kv = (jnp.ones(shape), jnp.ones(shape))
     cache = kvc.write_core(cache, 0, jnp.int32(1), 2, kv, 2, active_b=jnp.asarray([True, False]))
-    written = np.asarray(cache.core_lskbthe[0, 1, 0, :, 2, 0, 0])
-    latest = np.asarray(cache.core_latest_lkbthe[0, 0, :, 2, 0, 0])
+    written = np.asarray(cache.core_lskbhte[0, 1, 0, :, 0, 2, 0])
+    latest = np.asarray(cache.core_latest_lkbhte[0, 0, :, 0, 2, 0])
     assert written.tolist() == [1.0, 0.0] and latest.tolist() == [1.0, 0.0]
 
 
@@ -61,5 +61,5 @@ def test_merge_block_places_every_slot():
     block = kvc.write_core(block, 0, jnp.int32(0), 2, _kv(3.0, 2), 0)
     block = kvc.write_core(block, 0, jnp.int32(1), 2, _kv(4.0, 2), 0)
     merged = kvc.merge_block(cache, block, 2)
-    got = np.asarray(merged.core_lskbthe[0, :, 0, 0, :, 0, 0])
+    got = np.asarray(merged.core_lskbhte[0, :, 0, 0, 0, :, 0])
     assert got.tolist() == [[0, 0, 3, 3, 0], [0, 0, 4, 4, 0]]

@@ -323,7 +323,8 @@ def test_branches_equal_each_continuation_alone(params):
 
 
 def test_attention_over_a_prefix_equals_full_causal_attention(params):
-    """Keys/values of earlier tokens passed as a prefix (a cache) give the full pass's outputs."""
+    """Keys/values of earlier tokens passed as a prefix (a cache, [b, h, t, e]) give the full
+    pass's outputs."""
     model = rdlm.bind(params, CFG)
     x_btd = jax.random.normal(jax.random.key(3), (2, 10, CFG.d_model))
     block = model.prelude[0]
@@ -331,5 +332,5 @@ def test_attention_over_a_prefix_equals_full_causal_attention(params):
     full, (k_all, v_all) = block(x_btd, full_ctx)
     pos = jnp.broadcast_to(jnp.arange(6, 10), (2, 4))
     tail_ctx = rdlm.attention_context(CFG, 2, 4, positions=pos)
-    tail, _ = block(x_btd[:, 6:], tail_ctx, (k_all[:, :6], v_all[:, :6]))
+    tail, _ = block(x_btd[:, 6:], tail_ctx, (k_all[:, :, :6], v_all[:, :, :6]))
     np.testing.assert_allclose(tail, full[:, 6:], rtol=1e-5, atol=1e-5)

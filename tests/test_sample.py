@@ -106,7 +106,7 @@ def _reference_adaptive(params, prompt, new_tokens, depths, num_steps, budget):
     """
     model = rdlm.bind(params, CFG)
     seq = list(prompt) + list(new_tokens[:-1])  # the last token is never fed back
-    kv = {}  # (stage, layer, step or None, position) -> (k [1,h,e], v)
+    kv = {}  # (stage, layer, step or None, position) -> (k [1, h, 1, e], v)
 
     def ctx_for(pos):
         cos, sin = rdlm.model.rope_angles(jnp.asarray([[pos]]), CFG.head_dim, CFG.rope_base)
@@ -127,9 +127,9 @@ def _reference_adaptive(params, prompt, new_tokens, depths, num_steps, budget):
             keys.append(k)
             values.append(v)
         if not keys:
-            shape = (1, 0, CFG.n_heads, CFG.head_dim)
+            shape = (1, CFG.n_heads, 0, CFG.head_dim)
             return jnp.zeros(shape), jnp.zeros(shape)
-        return jnp.concatenate(keys, 1), jnp.concatenate(values, 1)
+        return jnp.concatenate(keys, 2), jnp.concatenate(values, 2)
 
     logits_out = []
     for pos, token in enumerate(seq):
