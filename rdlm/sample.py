@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from typing import Any, Sequence
@@ -54,7 +55,8 @@ class SpeculativeConfig:
 
     ``accept_prob=None`` accepts a draft token when it equals the verifier's choice (the argmax
     under greedy decoding: output identical to plain decoding); a number accepts it when the
-    verifier gives it at least that probability (faster, approximate).
+    verifier gives it at least that probability (faster, approximate). A draft runs
+    ``min(draft_steps, r)`` iterations.
     """
 
     num_draft: int = 4
@@ -488,6 +490,8 @@ def _generate_speculative(params: Params, plan: _Plan, prompt_bt: jax.Array, pad
     spec = plan.speculative
     k = spec.num_draft
     b = plan.batch
+    # A draft never runs more iterations than the verifier (it would cost more and agree less).
+    draft_steps = jnp.minimum(spec.draft_steps, num_steps)
     sample_key, state_key = jax.random.split(key)
     bufs, finished_b, _, cache = _first_token(params, plan, prompt_bt, pad_b, num_steps,
                                               sample_key, state_key)
@@ -505,7 +509,7 @@ def _generate_speculative(params: Params, plan: _Plan, prompt_bt: jax.Array, pad
             p = pos + j
             state = _start_state(plan, (b, 1, plan.cfg.d_model), state_key, p)
             logits_b1v, _, c_ = forward_block(params, plan, c_, token_b[:, None], pad_b, p,
-                                              spec.draft_steps, state, with_prefix=True)
+                                              draft_steps, state, with_prefix=True)
             token_b = choose_tokens(logits_b1v[:, 0], jax.random.fold_in(round_key, j),
                                     plan.sampling)
             return token_b, drafts_bk.at[:, j].set(token_b), c_
@@ -554,7 +558,7 @@ def _generate_speculative(params: Params, plan: _Plan, prompt_bt: jax.Array, pad
     bufs["num_generated"] = jnp.minimum(n, plan.max_new_tokens)
     bufs["accepted_drafts"] = accepted
     bufs["rounds"] = n - 1 - accepted
-    bufs["core_steps"] = num_steps + rounds * (num_steps + k * spec.draft_steps)
+    bufs["core_steps"] = num_steps + rounds * (num_steps + k * draft_steps)
     return bufs
 
 
@@ -997,6 +1001,20 @@ def bench_cli(argv: Sequence[str]) -> int:
                 print(line, flush=True)
                 results.append(row)
     if args.json:
+        report = {"device": f"{device.platform} {device.device_kind} x{jax.device_count()}",
+                  "host_cpu": _cpu_model(), "host_cores": os.cpu_count(),
+                  "jax": jax.__version__, "bandwidth_bytes_per_s": bandwidth,
+                  "command": "python -m rdlm bench sample " + " ".join(argv), "rows": results}
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+            json.dump(report, f, indent=1)
     return 0
+
+
+def _cpu_model() -> str:
+    """The host CPU's model name (Linux), so a results file says which machine made it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        return names[0] if names else "unknown"
+    except OSError:
+        return "unknown"

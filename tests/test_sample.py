@@ -179,6 +179,17 @@ def test_greedy_speculative_equals_plain_greedy(params, spec, budget):
         assert out.stats["acceptance_rate"] < 1.0
 
 
+def test_drafts_never_run_more_iterations_than_the_verifier(params):
+    """Drafting with more iterations than r runs r: the drafts are the verifier's own tokens."""
+    base = gen(params, max_new_tokens=9, return_logits=False)
+    out = gen(params, max_new_tokens=9, return_logits=False,
+              speculative=S.SpeculativeConfig(num_draft=3, draft_steps=50))
+    np.testing.assert_array_equal(out.tokens, base.tokens)
+    assert out.stats["acceptance_rate"] == 1.0
+    rounds = out.stats["rounds"]
+    assert out.stats["core_steps"] == 4 + rounds * (4 + 3 * 4)  # gen's num_steps is 4
+
+
 @pytest.mark.parametrize("options", [{}, {"exit": "kl", "cache_budget": 2, "continuous_cot": True}])
 def test_batch_equals_rows_alone(params, options):
     batch = gen(params, **options)

@@ -49,7 +49,9 @@ def test_bench_runs_on_a_preset(capsys, tmp_path):
                                "--new-tokens", "3", "--variants", "full", "--json", str(out),
                                "model.dtype=bfloat16"])
     assert status == 0
-    rows = json.loads(out.read_text())
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert report["command"].startswith("python -m rdlm bench sample tiny")
     assert [r["num_steps"] for r in rows] == [1, 2]
     printed = capsys.readouterr().out
     assert "bfloat16" in printed and "tokens/s" in printed
