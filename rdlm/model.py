@@ -598,8 +598,9 @@ def _forward_train(params, tokens_bt, cfg, n_no_grad, n_grad, key, init_scale, i
                    segment_ids, branch_ids):
     def recur(step, consts, state):
         state = recurrence.iterate_no_grad(step, consts, state, n_no_grad)
-        state = recurrence.iterate_with_grad(step, consts, state, n_grad, cfg.backprop_depth,
-                                             remat=cfg.remat)
+        state = recurrence.iterate_with_grad(
+            step, consts, state, n_grad, cfg.backprop_depth, remat=cfg.remat,
+            mask_skipped=recurrence.mostly_full_backprop(cfg.mean_recurrence, cfg.backprop_depth))
         return state, {}
     return _run(params, tokens_bt, cfg, recur, key=key, init_scale=init_scale,
                 init_state=init_state, segment_ids=segment_ids, positions=None,

@@ -202,6 +202,34 @@ def test_no_gradient_leaks_through_no_grad_steps(params):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("mask_skipped", [False, True])
+def test_skipped_grad_steps_leave_value_and_gradient_unchanged(mask_skipped):
+    """Both ways of skipping the steps past n_grad (cond, or compute and discard) give the values
+    and gradients of exactly n_grad steps."""
+    w = jax.random.normal(jax.random.key(1), (6, 6)) / 3.0
+    s0 = jax.random.normal(jax.random.key(2), (6,))
+    step = lambda consts, s: jnp.tanh(consts @ s) + s
+
+    def looped(w, s, n):
+        return jnp.sum(rdlm.recurrence.iterate_with_grad(step, w, s, n, 4, remat=False,
+                                                         mask_skipped=mask_skipped) ** 2)
+
+    def reference(w, s, n):
+        for _ in range(n):
+            s = step(w, s)
+        return jnp.sum(s ** 2)
+
+    grad_fn = jax.jit(jax.value_and_grad(looped, argnums=(0, 1)))
+    for n in range(5):
+        (value, grads), (ref_value, ref_grads) = (
+            grad_fn(w, s0, n), jax.value_and_grad(reference, argnums=(0, 1))(w, s0, n))
+        np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+        for g, r in zip(grads, ref_grads):
+            np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+    assert rdlm.recurrence.mostly_full_backprop(32, 8)  # Huginn: n_grad = 8 nearly always
+    assert not rdlm.recurrence.mostly_full_backprop(2, 4)
+
+
 def test_truncated_backprop_compiles_once(params):
     grad_fn = jax.jit(jax.grad(_loss))
     toks = tokens()
