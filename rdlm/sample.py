@@ -1002,7 +1002,7 @@ def bench_cli(argv: Sequence[str]) -> int:
                 results.append(row)
     if args.json:
         report = {"device": f"{device.platform} {device.device_kind} x{jax.device_count()}",
-                  "host_cpu": _cpu_model(), "host_cores": os.cpu_count(),
+                  "host_cpu": cpu_model(), "host_cores": os.cpu_count(),
                   "jax": jax.__version__, "bandwidth_bytes_per_s": bandwidth,
                   "command": "python -m rdlm bench sample " + " ".join(argv), "rows": results}
         with open(args.json, "w") as f:
@@ -1010,7 +1010,7 @@ def bench_cli(argv: Sequence[str]) -> int:
     return 0
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     """The host CPU's model name (Linux), so a results file says which machine made it."""
     try:
         with open("/proc/cpuinfo") as f:
