@@ -53,7 +53,9 @@ job = json.load(open(sys.argv[1]))
 torch.set_num_threads(os.cpu_count())
 model = AutoModelForCausalLM.from_pretrained(job["model_dir"], trust_remote_code=True,
                                              torch_dtype=torch.float32)
-result = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+import transformers
+result = {"torch": torch.__version__, "transformers": transformers.__version__,
+          "threads": torch.get_num_threads()}
 gen_config = GenerationConfig(max_new_tokens=job["new_tokens"], min_new_tokens=job["new_tokens"],
                               use_cache=True, do_sample=False, temperature=None, top_k=None,
                               top_p=None, eos_token_id=None, bos_token_id=None, pad_token_id=0)
@@ -157,10 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     bench = train_lib.bench_train(cfg, (), steps=args.repeats, warmup=1)
     ours["train_step_s"] = bench["results"][0]["step_s"]
 
-    report = {"config": args.config, "num_steps": args.num_steps, "new_tokens": args.new_tokens,
+    report = {"config": os.path.relpath(args.config, ROOT), "num_steps": args.num_steps, "new_tokens": args.new_tokens,
               "train_depth": [n_no_grad, n_grad], "train_batch": [batch, seq],
               "host_cpu": cpu_model(), "host_cores": os.cpu_count(),
-              "jax": jax.__version__, "torch": original["torch"], "rows": []}
+              "jax": jax.__version__, "torch": original["torch"],
+              "transformers": original["transformers"], "rows": []}
     print(f"\n{'':<34}{'original':>12}{'rdlm':>12}{'rdlm / original':>17}")
     for name, rows in prompts.items():
         n_tokens = len(rows) * args.new_tokens
