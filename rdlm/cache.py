@@ -151,7 +151,8 @@ def merge_block(cache: KVCache, block: KVCache, start: jax.Array | int) -> KVCac
                                     (0, 0, 0, 0, 0, start, 0))
     latest = cache.core_latest_lkbhte
     if latest is not None:
-        latest = lax.dynamic_update_slice(latest, block.core_latest_lkbhte, (0, 0, 0, 0, start, 0))
+        latest = lax.dynamic_update_slice(latest, block.core_latest_lkbhte,
+                                          (0, 0, 0, 0, start, 0))
     return cache._replace(core_lskbhte=core, core_latest_lkbhte=latest)
 
 

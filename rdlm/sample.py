@@ -490,7 +490,7 @@ def _generate_speculative(params: Params, plan: _Plan, prompt_bt: jax.Array, pad
     spec = plan.speculative
     k = spec.num_draft
     b = plan.batch
-    # A draft never runs more iterations than the verifier (it would cost more and agree less).
+    # A draft never runs more iterations than the verifier: that would cost more than verifying.
     draft_steps = jnp.minimum(spec.draft_steps, num_steps)
     sample_key, state_key = jax.random.split(key)
     bufs, finished_b, _, cache = _first_token(params, plan, prompt_bt, pad_b, num_steps,
