@@ -176,6 +176,33 @@ class RMSNorm(nnx.Module):
 # which the attention dots over a cache need no transposed copy of it.
 KV = tuple[jax.Array, jax.Array]
 
+@jax.custom_vjp
+def dense(x: jax.Array, w_dk: jax.Array) -> jax.Array:
+    """``x @ w`` over the last axis of x, whose backward computes the input gradient *before* the
+    weight gradient.
+
+    Plain autodiff leaves the two backward matmuls independent, and XLA:CPU then runs them side
+    by side on one thread each; chained, each gets every thread (a 4-block MLP chain's backward
+    on 2 cores: 593 → 459 ms; the bench-28m train step: ~5 %). Accelerators run one matmul at a
+    time anyway.
+    """
+    return x @ w_dk
+
+
+def _dense_fwd(x: jax.Array, w_dk: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return x @ w_dk, (x, w_dk)
+
+
+def _dense_bwd(res: tuple[jax.Array, jax.Array], dy: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x, w_dk = res
+    dx = dy @ w_dk.T
+    dy, dx = lax.optimization_barrier((dy, dx))  # the weight gradient waits for dx
+    return dx, jnp.einsum("...d,...k->dk", x, dy)
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
+
+
 # Up to this many query rows (batch x new positions) a call counts as decoding for the choice of
 # the fused projections' layout in `fused_projection`.
 DECODE_ROWS = 64
@@ -195,7 +222,7 @@ def fused_projection(x_btd: jax.Array, w_dk: jax.Array) -> list[jax.Array]:
     if b * t <= DECODE_ROWS:
         out_kbt = jnp.einsum("btd,dk...->kbt...", x_btd, w_dk)
         return [out_kbt[i] for i in range(w_dk.shape[1])]
-    out_btk = jnp.einsum("btd,dk...->btk...", x_btd, w_dk)
+    out_btk = dense(x_btd, w_dk.reshape(w_dk.shape[0], -1)).reshape(b, t, *w_dk.shape[1:])
     return [out_btk[:, :, i] for i in range(w_dk.shape[1])]
 
 
@@ -258,7 +285,7 @@ class Attention(nnx.Module):
                                                     mask=ctx.mask_b1ts)
         else:
             out_bthe = attend_with_prefix(q_bthe, k_bthe, v_bthe, kv_prefix, ctx.mask_b1ts)
-        out_btd = out_bthe.reshape(b, t, d) @ self.proj[...].astype(dtype)
+        out_btd = dense(out_bthe.reshape(b, t, d), self.proj[...].astype(dtype))
         return out_btd, (k_bthe.transpose(0, 2, 1, 3), v_bthe.transpose(0, 2, 1, 3))
 
 
@@ -273,7 +300,7 @@ class GatedMLP(nnx.Module):
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         dtype = x_btd.dtype
         gate_btm, up_btm = fused_projection(x_btd, self.fc[...])
-        return (jax.nn.silu(gate_btm) * up_btm) @ self.proj[...].astype(dtype)
+        return dense(jax.nn.silu(gate_btm) * up_btm, self.proj[...].astype(dtype))
 
 
 class SandwichBlock(nnx.Module):
@@ -321,7 +348,7 @@ class RecurrentCore(nnx.Module):
                  kv_prefixes: list[KV] | None = None) -> tuple[jax.Array, list[KV]]:
         # State first, then e: the order the published adapter weights expect.
         x_btd = jnp.concatenate([state_btd, embedded_btd.astype(state_btd.dtype)], axis=-1)
-        x_btd = x_btd @ self.adapter[...].astype(x_btd.dtype)
+        x_btd = dense(x_btd, self.adapter[...].astype(x_btd.dtype))
         return run_blocks(self.blocks, x_btd, ctx, kv_prefixes)
 
 

@@ -230,6 +230,18 @@ def test_skipped_grad_steps_leave_value_and_gradient_unchanged(mask_skipped):
     assert not rdlm.recurrence.mostly_full_backprop(2, 4)
 
 
+@pytest.mark.parametrize("x_shape", [(5, 6), (2, 3, 6)])
+def test_dense_gradients_equal_the_plain_matmul(x_shape):
+    x = jax.random.normal(jax.random.key(3), x_shape)
+    w = jax.random.normal(jax.random.key(4), (6, 7))
+    probe = jax.random.normal(jax.random.key(5), (*x_shape[:-1], 7))
+    ours = jax.grad(lambda x, w: jnp.sum(rdlm.model.dense(x, w) * probe), argnums=(0, 1))(x, w)
+    plain = jax.grad(lambda x, w: jnp.sum((x @ w) * probe), argnums=(0, 1))(x, w)
+    for got, want in zip(ours, plain):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_truncated_backprop_compiles_once(params):
     grad_fn = jax.jit(jax.grad(_loss))
     toks = tokens()
