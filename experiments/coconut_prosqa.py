@@ -108,10 +108,10 @@ def thought_probs(params, cfg, cc, examples) -> list[np.ndarray]:
     return out
 
 
-def logit_lens(params, cfg, cc, examples) -> dict[str, list[float]]:
+def logit_lens(cfg, cc, examples, probs_per_example) -> dict[str, list[float]]:
     """Mean probability of a node's first character under the head applied to thought j, by the
     node's relation to the step k = ⌈j / c⌉ that thought j stands for: the frontier (distance k),
-    nearer (< k), farther (> k), unreachable.
+    nearer (< k), farther (> k), unreachable. ``probs_per_example``: `thought_probs`.
     """
     tok = load_tokenizer(cfg.data.tokenizer)
     groups = {"frontier (distance k)": [], "nearer (< k)": [], "farther (> k)": [],
@@ -119,7 +119,7 @@ def logit_lens(params, cfg, cc, examples) -> dict[str, list[float]]:
     k_max = cc.max_latents
     sums = {g: np.zeros(k_max) for g in groups}
     counts = {g: np.zeros(k_max) for g in groups}
-    for e, probs in zip(examples, thought_probs(params, cfg, cc, examples)):
+    for e, probs in zip(examples, probs_per_example):
         _, dist, nodes = node_distances(e.question)
         for k in range(len(probs)):  # thought k + 1 stands for step ⌈(k + 1) / c⌉ (hop that far)
             hop = k // cc.latents_per_step + 1
@@ -134,15 +134,15 @@ def logit_lens(params, cfg, cc, examples) -> dict[str, list[float]]:
             for g in groups}
 
 
-def path_probe(params, cfg, cc, examples) -> dict[str, list]:
+def path_probe(cfg, cc, examples, probs_per_example) -> dict[str, list]:
     """Does thought j hold the solution path? Mean probability of the path's i-th node (the
     target of step i; the last one is the answer) and of the wrong option at every thought, and
-    the token the head most often ranks first there."""
+    the token the head most often ranks first there. ``probs_per_example``: `thought_probs`."""
     tok = load_tokenizer(cfg.data.tokenizer)
     first = lambda node: tok.encode(node)[0]
     rows: dict[str, list] = {}
     tops: list[collections.Counter] = [collections.Counter() for _ in range(cc.max_latents)]
-    for e, probs in zip(examples, thought_probs(params, cfg, cc, examples)):
+    for e, probs in zip(examples, probs_per_example):
         path = [re.split(r"[> ]", step.rstrip("."))[-1] for step in e.steps]
         wrong = [o for o in prosqa_options(e.question) if o != e.answer][0]
         named = ([(f"path node {i + 1}", n) for i, n in enumerate(path[:-1])]
@@ -202,8 +202,9 @@ def run(smoke: bool, fresh: bool, out_dir: Path, runs_dir: Path, config: str = D
             if mlabel == "Coconut":
                 probe_examples = [example_at(task, "test", i, cfg.seed)
                                   for i in range(4 if smoke else 128)]
-                probes[blabel] = logit_lens(params, cfg, cc, probe_examples)
-                path_probes[blabel] = path_probe(params, cfg, cc, probe_examples)
+                probs = thought_probs(params, cfg, cc, probe_examples)  # once, for both probes
+                probes[blabel] = logit_lens(cfg, cc, probe_examples, probs)
+                path_probes[blabel] = path_probe(cfg, cc, probe_examples, probs)
     wall = time.time() - t_start
     report = {"rows": rows, "probes": probes, "path_probes": path_probes, "overrides": configs,
               "wall_s": wall,

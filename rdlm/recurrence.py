@@ -72,7 +72,7 @@ def mostly_full_backprop(mean_recurrence: int, backprop_depth: int, slack: float
     """Whether sampled depths almost always fill the backprop window: E[k − n_grad] <= ``slack``
     steps under `sample_depth`'s law. Then masking the rare skipped steps (`iterate_with_grad`'s
     ``mask_skipped``) costs less compute than the cond saves."""
-    _, n_grad = _expected_depth_cached(int(mean_recurrence), int(backprop_depth))
+    _, n_grad = expected_depth(int(mean_recurrence), int(backprop_depth))
     return backprop_depth - n_grad <= slack
 
 
@@ -117,13 +117,10 @@ def sample_depth(key: jax.Array, mean_recurrence: int, backprop_depth: int
 
 
 @functools.lru_cache(maxsize=64)
-def _expected_depth_cached(mean_recurrence: int, backprop_depth: int) -> tuple[float, float]:
-    return expected_depth(mean_recurrence, backprop_depth)
-
-
 def expected_depth(mean_recurrence: int, backprop_depth: int, num_samples: int = 200_000,
                    seed: int = 0) -> tuple[float, float]:
-    """Monte-Carlo mean of (n_no_grad, n_grad) under `sample_depth`'s law (NumPy, deterministic)."""
+    """Monte-Carlo mean of (n_no_grad, n_grad) under `sample_depth`'s law (NumPy, deterministic;
+    cached, since the train step and the FLOP accounting ask for it repeatedly)."""
     rng = np.random.default_rng(seed)
     mu = np.log(mean_recurrence) - DEPTH_SIGMA**2 / 2
     p = rng.poisson(rng.lognormal(mu, DEPTH_SIGMA, num_samples)) + 1
