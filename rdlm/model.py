@@ -56,8 +56,8 @@ class AttentionContext(NamedTuple):
 
     rope_cos_bt1f: jax.Array  # f = head_dim / 2 rotation frequencies
     rope_sin_bt1f: jax.Array
-    # True where query t may attend to key s; None means plain causal attention, which lets
-    # `jax.nn.dot_product_attention` pick a fused kernel that never builds the score mask.
+    # True where query t may attend to key s; None means plain causal attention (no [b, t, s]
+    # mask is built at all).
     mask_b1ts: jax.Array | None
 
 
@@ -226,6 +226,45 @@ def fused_projection(x_btd: jax.Array, w_dk: jax.Array) -> list[jax.Array]:
     return [out_btk[:, :, i] for i in range(w_dk.shape[1])]
 
 
+# Causal attention splits its queries into this many row blocks (each at least
+# `CAUSAL_BLOCK_MIN_ROWS` long), so the key blocks above the diagonal are never computed.
+CAUSAL_BLOCKS = 4
+CAUSAL_BLOCK_MIN_ROWS = 64
+
+
+def causal_attention(q_bthe: jax.Array, k_bthe: jax.Array, v_bthe: jax.Array,
+                     mask_b1ts: jax.Array | None) -> jax.Array:
+    """Causal attention of t queries over their own t keys; ``mask_b1ts`` (None: plain causal)
+    may only remove keys from the causal set (segments, branches, padding), never add later ones.
+
+    Query block i attends to keys ``[0, end_i)`` only, which skips 3/8 of the score and value
+    matmuls at 4 blocks; the softmax normaliser is applied to the [t, e] output instead of the
+    [t, s] probabilities. Scores and softmax in float32. On 2 CPU cores, one bench-28m attention
+    (4 × 256 tokens, 8 heads) forward + backward: 48 ms with `jax.nn.dot_product_attention`
+    (PyTorch's fused kernel: 18 ms), 16 ms here.
+    """
+    dtype = q_bthe.dtype
+    t = q_bthe.shape[1]
+    n = max(1, min(CAUSAL_BLOCKS, t // CAUSAL_BLOCK_MIN_ROWS))
+    bounds = [round(i * t / n) for i in range(n + 1)]
+    q_bhte = q_bthe.transpose(0, 2, 1, 3) * jnp.asarray(1.0 / math.sqrt(q_bthe.shape[-1]), dtype)
+    k_bhse, v_bhse = k_bthe.transpose(0, 2, 1, 3), v_bthe.transpose(0, 2, 1, 3)
+    outs = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        logits_bhts = jnp.einsum("bhte,bhse->bhts", q_bhte[:, :, lo:hi], k_bhse[:, :, :hi],
+                                 preferred_element_type=jnp.float32)
+        visible_ts = jnp.arange(lo, hi)[:, None] >= jnp.arange(hi)[None, :]
+        if mask_b1ts is not None:
+            visible_ts = visible_ts & mask_b1ts[:, :, lo:hi, :hi]
+        # A finite fill keeps a row with no visible key finite (uniform), like the XLA path.
+        logits_bhts = jnp.where(visible_ts, logits_bhts, -0.7 * jnp.finfo(jnp.float32).max)
+        weights_bhts = jnp.exp(logits_bhts - logits_bhts.max(-1, keepdims=True))
+        out_bhte = jnp.einsum("bhts,bhse->bhte", weights_bhts.astype(dtype), v_bhse[:, :, :hi],
+                              preferred_element_type=jnp.float32)
+        outs.append((out_bhte / weights_bhts.sum(-1, keepdims=True)).astype(dtype))
+    return jnp.concatenate(outs, axis=2).transpose(0, 2, 1, 3)
+
+
 def attend_with_prefix(q_bthe: jax.Array, k_bthe: jax.Array, v_bthe: jax.Array, prefix: KV,
                        mask_b1ts: jax.Array | None) -> jax.Array:
     """Attention of a block of queries over cached keys/values and the block's own (decoding).
@@ -280,9 +319,7 @@ class Attention(nnx.Module):
         q_bthe = apply_rope(q_bthe, ctx.rope_cos_bt1f, ctx.rope_sin_bt1f)
         k_bthe = apply_rope(k_bthe, ctx.rope_cos_bt1f, ctx.rope_sin_bt1f)
         if kv_prefix is None:
-            out_bthe = jax.nn.dot_product_attention(q_bthe, k_bthe, v_bthe,
-                                                    is_causal=ctx.mask_b1ts is None,
-                                                    mask=ctx.mask_b1ts)
+            out_bthe = causal_attention(q_bthe, k_bthe, v_bthe, ctx.mask_b1ts)
         else:
             out_bthe = attend_with_prefix(q_bthe, k_bthe, v_bthe, kv_prefix, ctx.mask_b1ts)
         out_btd = dense(out_bthe.reshape(b, t, d), self.proj[...].astype(dtype))

@@ -374,3 +374,36 @@ def test_attention_over_a_prefix_equals_full_causal_attention(params):
     tail_ctx = rdlm.attention_context(CFG, 2, 4, positions=pos)
     tail, _ = block(x_btd[:, 6:], tail_ctx, (k_all[:, :, :6], v_all[:, :, :6]))
     np.testing.assert_allclose(tail, full[:, 6:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("length", [40, 200, 256])  # 1 block; 3 uneven blocks; 4 blocks
+@pytest.mark.parametrize("segmented", [False, True])
+def test_blocked_causal_attention_equals_full_attention(length, segmented):
+    """Values and gradients of the query-blocked causal attention equal full masked attention."""
+    b, h, e = 2, 3, 8
+    q, k, v = (jax.random.normal(jax.random.key(i), (b, length, h, e)) for i in range(3))
+    mask_b1ts = None
+    if segmented:  # two packed documents per row, split at different places
+        seg_bt = (jnp.arange(length)[None, :] >= jnp.array([[length // 3], [length - 7]])) + 1
+        mask_b1ts = M.attention_context(CFG, b, length, segment_ids=seg_bt).mask_b1ts
+    probe = jax.random.normal(jax.random.key(9), (b, length, h, e))
+
+    def loss(fn, q, k, v):
+        return jnp.sum(fn(q, k, v) * probe)
+
+    ours = functools.partial(M.causal_attention, mask_b1ts=mask_b1ts)
+    full = functools.partial(jax.nn.dot_product_attention, is_causal=mask_b1ts is None,
+                             mask=mask_b1ts)
+    np.testing.assert_allclose(ours(q, k, v), full(q, k, v), rtol=1e-5, atol=1e-5)
+    grads = [jax.grad(functools.partial(loss, fn), argnums=(0, 1, 2))(q, k, v)
+             for fn in (ours, full)]
+    for got, want in zip(*grads):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_blocked_causal_attention_in_bfloat16_matches_float32():
+    q, k, v = (jax.random.normal(jax.random.key(i), (1, 128, 2, 16)) for i in range(3))
+    want = M.causal_attention(q, k, v, None)
+    got = M.causal_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), None)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(got.astype(jnp.float32), want, atol=0.05)
