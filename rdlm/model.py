@@ -178,13 +178,14 @@ KV = tuple[jax.Array, jax.Array]
 
 @jax.custom_vjp
 def dense(x: jax.Array, w_dk: jax.Array) -> jax.Array:
-    """``x @ w`` over the last axis of x, whose backward computes the input gradient *before* the
-    weight gradient.
+    """``x @ w`` over the last axis of x, with a hand-written backward: the product's input is
+    the residual, the input gradient is ``dy @ wᵀ`` and the weight gradient one contraction over
+    every leading axis.
 
-    Plain autodiff leaves the two backward matmuls independent, and XLA:CPU then runs them side
-    by side on one thread each; chained, each gets every thread (a 4-block MLP chain's backward
-    on 2 cores: 593 → 459 ms; the bench-28m train step: ~5 %). Accelerators run one matmul at a
-    time anyway.
+    The same math as autodiff, but XLA:CPU compiles autodiff of the plain product into a slower
+    backward: the bench-28m train step on 2 cores takes 4.86 s with ``x @ w`` in these places
+    and 4.27 s with this (3 alternating pairs). Ordering the two gradients with an
+    optimisation barrier made no difference (the CPU pipeline drops barriers before scheduling).
     """
     return x @ w_dk
 
@@ -195,9 +196,7 @@ def _dense_fwd(x: jax.Array, w_dk: jax.Array) -> tuple[jax.Array, tuple[jax.Arra
 
 def _dense_bwd(res: tuple[jax.Array, jax.Array], dy: jax.Array) -> tuple[jax.Array, jax.Array]:
     x, w_dk = res
-    dx = dy @ w_dk.T
-    dy, dx = lax.optimization_barrier((dy, dx))  # the weight gradient waits for dx
-    return dx, jnp.einsum("...d,...k->dk", x, dy)
+    return dy @ w_dk.T, jnp.einsum("...d,...k->dk", x, dy)
 
 
 dense.defvjp(_dense_fwd, _dense_bwd)
