@@ -383,7 +383,9 @@ for x, y, s in zip(jax.tree.leaves(placed), jax.tree.leaves(plain),
 tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, cfg.vocab_size)
 a, _ = jax.jit(rdlm.forward, static_argnames=("cfg",))(placed, tokens, cfg, num_steps=2, init_scale=0.0)
 b, _ = rdlm.forward(plain, tokens, cfg, num_steps=2, init_scale=0.0)
-np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+# Per-device shapes change XLA:CPU's kernel choices and float32 summation order (~1e-5 here); a
+# wrong sharding changes logits by O(1).
+np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 print("split", split, "of", len(jax.tree.leaves(placed)))
 """
 
