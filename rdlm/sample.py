@@ -852,10 +852,17 @@ def cli(argv: Sequence[str]) -> int:
                                  check_every=args.check_every))
     stop = args.stop if args.stop is not None else (tokenizer.stop_ids if tokenizer else ())
     temperature = _pick(args.temperature, defaults.temperature)
+    max_new_tokens = args.max_new_tokens
+    if max_new_tokens is None:  # the config's default, shortened to what the context has room for
+        room = config.model.max_seq_len - max((len(r) for r in rows), default=0)
+        max_new_tokens = min(defaults.max_new_tokens, room) if room > 0 else defaults.max_new_tokens
+        if max_new_tokens < defaults.max_new_tokens:
+            print(f"note: generating {max_new_tokens} tokens (the context holds "
+                  f"{config.model.max_seq_len}); pass --max-new-tokens to choose", file=sys.stderr)
     try:
         out = generate(
             params, config.model, rows,
-            max_new_tokens=_pick(args.max_new_tokens, defaults.max_new_tokens),
+            max_new_tokens=max_new_tokens,
             num_steps=_pick(args.num_steps, defaults.num_steps), exit=exit_cfg,
             cache_budget=_pick(args.cache_budget, defaults.cache_budget),
             continuous_cot=_pick(args.continuous_cot, defaults.continuous_cot),

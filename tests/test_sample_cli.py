@@ -42,6 +42,18 @@ def test_cli_reports_bad_input(ckpt, capsys):
     assert "tokenizer" in capsys.readouterr().err
 
 
+def test_default_length_shrinks_to_the_context_but_an_explicit_one_does_not(ckpt, capsys):
+    path, config, _ = ckpt
+    prompt = ",".join(["1"] * (config.model.max_seq_len - 2))  # room for 2 of the default 5
+    assert sample.cli(["--checkpoint", str(path), "--tokens", prompt, "--json"]) == 0
+    captured = capsys.readouterr()
+    assert len(json.loads(captured.out)["tokens"]) == 2
+    assert "generating 2 tokens" in captured.err
+    assert sample.cli(["--checkpoint", str(path), "--tokens", prompt,
+                       "--max-new-tokens", "5"]) == 2
+    assert "max_seq_len" in capsys.readouterr().err
+
+
 def test_bench_runs_on_a_preset(capsys, tmp_path):
     out = tmp_path / "bench.json"
     # Overrides may follow the flags, and apply to a preset as to a YAML config.
