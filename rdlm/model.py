@@ -267,6 +267,13 @@ def causal_attention(q_bthe: jax.Array, k_bthe: jax.Array, v_bthe: jax.Array,
     return jnp.concatenate(outs, axis=2).transpose(0, 2, 1, 3)
 
 
+def _fused_gpu_attention(q_bthe: jax.Array, ctx: AttentionContext) -> bool:
+    """Whether plain causal attention goes to cuDNN's fused kernel: on a GPU, in 16-bit floats,
+    with no mask beyond causality (packed segments and branches take `causal_attention`)."""
+    return (ctx.mask_b1ts is None and q_bthe.dtype in (jnp.bfloat16, jnp.float16)
+            and jax.default_backend() == "gpu")
+
+
 def attend_with_prefix(q_bthe: jax.Array, k_bthe: jax.Array, v_bthe: jax.Array, prefix: KV,
                        mask_b1ts: jax.Array | None) -> jax.Array:
     """Attention of a block of queries over cached keys/values and the block's own (decoding).
@@ -320,7 +327,10 @@ class Attention(nnx.Module):
             q_bthe, k_bthe = q_bthe + bias[0], k_bthe + bias[1]
         q_bthe = apply_rope(q_bthe, ctx.rope_cos_bt1f, ctx.rope_sin_bt1f)
         k_bthe = apply_rope(k_bthe, ctx.rope_cos_bt1f, ctx.rope_sin_bt1f)
-        if kv_prefix is None:
+        if kv_prefix is None and _fused_gpu_attention(q_bthe, ctx):
+            out_bthe = jax.nn.dot_product_attention(q_bthe, k_bthe, v_bthe, is_causal=True,
+                                                    implementation="cudnn")
+        elif kv_prefix is None:
             out_bthe = causal_attention(q_bthe, k_bthe, v_bthe, ctx.mask_b1ts)
         else:
             out_bthe = attend_with_prefix(q_bthe, k_bthe, v_bthe, kv_prefix, ctx.mask_b1ts)
