@@ -228,6 +228,9 @@ def fused_projection(x_btd: jax.Array, w_dk: jax.Array) -> list[jax.Array]:
             for i in range(w_dk.shape[1])]
 
 
+# The float32 score of a hidden key: finite, so a row with no visible key stays finite (uniform).
+MASKED_LOGIT = -0.7 * float(jnp.finfo(jnp.float32).max)
+
 # Causal attention splits its queries into this many row blocks (each at least
 # `CAUSAL_BLOCK_MIN_ROWS` long), so the key blocks above the diagonal are never computed.
 CAUSAL_BLOCKS = 4
@@ -258,8 +261,7 @@ def causal_attention(q_bthe: jax.Array, k_bthe: jax.Array, v_bthe: jax.Array,
         visible_ts = jnp.arange(lo, hi)[:, None] >= jnp.arange(hi)[None, :]
         if mask_b1ts is not None:
             visible_ts = visible_ts & mask_b1ts[:, :, lo:hi, :hi]
-        # A finite fill keeps a row with no visible key finite (uniform), like the XLA path.
-        logits_bhts = jnp.where(visible_ts, logits_bhts, -0.7 * jnp.finfo(jnp.float32).max)
+        logits_bhts = jnp.where(visible_ts, logits_bhts, MASKED_LOGIT)
         weights_bhts = jnp.exp(logits_bhts - logits_bhts.max(-1, keepdims=True))
         out_bhte = jnp.einsum("bhts,bhse->bhte", weights_bhts.astype(dtype), v_bhse[:, :, :hi],
                               preferred_element_type=jnp.float32)
@@ -295,7 +297,7 @@ def attend_with_prefix(q_bthe: jax.Array, k_bthe: jax.Array, v_bthe: jax.Array, 
     logits_bhts = logits_bhts * (1.0 / math.sqrt(q_bthe.shape[-1]))
     if mask_b1ts is None:
         mask_b1ts = (jnp.arange(s + t)[None, :] <= jnp.arange(t)[:, None] + s)[None, None]
-    logits_bhts = jnp.where(mask_b1ts, logits_bhts, -0.7 * jnp.finfo(jnp.float32).max)
+    logits_bhts = jnp.where(mask_b1ts, logits_bhts, MASKED_LOGIT)
     probs_bhts = jax.nn.softmax(logits_bhts, axis=-1).astype(dtype)
     out_bhte = (jnp.einsum("bhts,bhse->bhte", probs_bhts[..., :s], values_bhse)
                 + jnp.einsum("bhtu,bhue->bhte", probs_bhts[..., s:], v_bhue))
