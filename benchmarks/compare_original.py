@@ -16,6 +16,10 @@ The script initialises the config's model (key 0), writes it in the Huginn forma
   greedy tokens agree;
 - one training step (loss, backward, global-norm clipping, AdamW) at the config's depth split
   (n_no_grad + n_grad = mean recurrence) and batch.
+
+Like ``python -m rdlm``, the script re-executes itself with ``GLIBC_TUNABLES`` asking malloc for
+transparent huge pages (`rdlm.__main__.with_malloc_tunables`); the PyTorch side inherits the same
+environment (it makes no difference to its step time).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 import rdlm  # noqa: E402
 from rdlm import train as train_lib  # noqa: E402
+from rdlm.__main__ import with_malloc_tunables  # noqa: E402
 from rdlm.config import load_config  # noqa: E402
 from rdlm.interop import save_huginn  # noqa: E402
 from rdlm.sample import cpu_model  # noqa: E402
@@ -162,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"config": os.path.relpath(args.config, ROOT), "num_steps": args.num_steps, "new_tokens": args.new_tokens,
               "train_depth": [n_no_grad, n_grad], "train_batch": [batch, seq],
               "host_cpu": cpu_model(), "host_cores": os.cpu_count(),
+              "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
               "jax": jax.__version__, "torch": original["torch"],
               "transformers": original["transformers"], "rows": []}
     print(f"\n{'':<34}{'original':>12}{'rdlm':>12}{'rdlm / original':>17}")
@@ -187,4 +193,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    with_malloc_tunables()  # as `python -m rdlm` does; the PyTorch side inherits it too
     sys.exit(main())

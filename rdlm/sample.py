@@ -1010,6 +1010,7 @@ def bench_cli(argv: Sequence[str]) -> int:
     if args.json:
         report = {"device": f"{device.platform} {device.device_kind} x{jax.device_count()}",
                   "host_cpu": cpu_model(), "host_cores": os.cpu_count(),
+                  "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
                   "jax": jax.__version__, "bandwidth_bytes_per_s": bandwidth,
                   "command": "python -m rdlm bench sample " + " ".join(argv), "rows": results}
         with open(args.json, "w") as f:

@@ -920,6 +920,7 @@ def bench_train(cfg: Config, recurrences: tuple[int, ...] = (4, 32, 64), steps: 
 
     return {"device": f"{jax.device_count()} x {device.device_kind} ({device.platform})",
             "host_cpu": cpu_model(), "host_cores": os.cpu_count(), "jax": jax.__version__,
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
             "dtype": cfg.model.dtype, "batch": cfg.train.batch_size, "seq_len": cfg.train.seq_len,
             "params": int(sum(x.size for x in jax.tree.leaves(state.params))),
             "peak_flops_per_device": peak, "compile_s": compile_s,
