@@ -221,7 +221,7 @@ def block_context(cfg: ModelConfig, pad_b: jax.Array, start: jax.Array | int, le
 # every recurrence step (more memory traffic than the matmul itself at batch 1). Laying them out
 # once before the loops, behind an optimization barrier so the two transposes cannot cancel, turns
 # the per-step transpose into a free re-interpretation.
-_DECODE_ORDER = {"wqkv": (1, 2, 3, 0), "fc": (1, 2, 0)}  # [d,3,h,e] → [3,h,e,d]; [d,2,m] → [2,m,d]
+_DECODE_ORDER = {"wqkv": (1, 2, 3, 0), "fc": (1, 2, 0), "proj": (1, 0), "adapter": (1, 0)}  # [d,3,h,e] → [3,h,e,d]; [d,2,m] → [2,m,d]
 
 
 def _map_named(params: Params, fn: Any) -> Params:
