@@ -41,6 +41,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]  # paths below work from any working directory
 sys.path.insert(0, str(ROOT))
 from rdlm import coconut as cc_lib  # noqa: E402
+from rdlm.__main__ import with_malloc_tunables  # noqa: E402
 from rdlm.data.render import parse_answer  # noqa: E402
 from rdlm.data.tasks import (example_at, make_task, parse_prosqa, prosqa_distances,  # noqa: E402
                               prosqa_options)
@@ -372,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default=None,
                         help=f"comma list of {slugs} (default all)")
     args = parser.parse_args(argv)
+    if argv is None:  # run as a script: huge pages for XLA's temporaries, as `python -m rdlm`
+        with_malloc_tunables()
     keys = tuple(k.strip() for k in args.backbones.split(",") if k.strip())
     unknown = [k for k in keys if k not in BACKBONES]
     if unknown or not keys:

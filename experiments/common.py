@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from rdlm import checkpoint  # noqa: E402
+from rdlm.__main__ import with_malloc_tunables  # noqa: E402
 from rdlm.config import Config, load_config, to_dict  # noqa: E402
 from rdlm.demo import finished_step, machine  # noqa: E402
 from rdlm.train import read_metrics  # noqa: E402
@@ -50,7 +51,10 @@ def parse_args(argv: Sequence[str] | None, doc: str,
     parser.add_argument("--runs", default=str(RUNS), help="where training runs live")
     parser.add_argument("--examples", type=int, default=None, help="held-out problems per cell")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides for every run")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if argv is None:  # run as a script: huge pages for XLA's temporaries, as `python -m rdlm`
+        with_malloc_tunables()
+    return args
 
 
 def config(args: argparse.Namespace, run: str, extra: Sequence[str] = ()) -> Config:
