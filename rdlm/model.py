@@ -363,7 +363,6 @@ class GatedMLP(nnx.Module):
         self.proj = _param(_truncated_normal(rngs, (m, d), out_std), "mlp", "embed")
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
-        dtype = x_btd.dtype
         gate_btm, up_btm = fused_projection(x_btd, self.fc[...])
         return project(jax.nn.silu(gate_btm) * up_btm, self.proj[...])
 

@@ -221,7 +221,9 @@ def block_context(cfg: ModelConfig, pad_b: jax.Array, start: jax.Array | int, le
 # every recurrence step (more memory traffic than the matmul itself at batch 1). Laying them out
 # once before the loops, behind an optimization barrier so the two transposes cannot cancel, turns
 # the per-step transpose into a free re-interpretation.
-_DECODE_ORDER = {"wqkv": (1, 2, 3, 0), "fc": (1, 2, 0), "proj": (1, 0), "adapter": (1, 0)}  # [d,3,h,e] → [3,h,e,d]; [d,2,m] → [2,m,d]
+# [d,3,h,e] → [3,h,e,d]; [d,2,m] → [2,m,d]; the unfused projections [in, out] → [out, in]
+# (`rdlm.model.project` multiplies weights-first while decoding).
+_DECODE_ORDER = {"wqkv": (1, 2, 3, 0), "fc": (1, 2, 0), "proj": (1, 0), "adapter": (1, 0)}
 
 
 def _map_named(params: Params, fn: Any) -> Params:
@@ -233,7 +235,7 @@ def _map_named(params: Params, fn: Any) -> Params:
 
 
 def to_loop_layout(params: Params) -> Params:
-    """Params with the fused projections stored transposed (call once, outside the loops)."""
+    """Params with the decoding-time projections stored transposed (call once, outside loops)."""
     return _map_named(params, lambda name, x: lax.optimization_barrier(
         jnp.transpose(x, _DECODE_ORDER[name])) if name in _DECODE_ORDER else x)
 
