@@ -44,7 +44,7 @@ from rdlm import train as train_lib  # noqa: E402
 from rdlm.__main__ import with_malloc_tunables  # noqa: E402
 from rdlm.config import load_config  # noqa: E402
 from rdlm.interop import save_huginn  # noqa: E402
-from rdlm.sample import cpu_model  # noqa: E402
+from rdlm.sample import host_info  # noqa: E402
 
 CODE_FILES = ("raven_config_minimal.py", "raven_modeling_minimal.py")
 
@@ -166,9 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {"config": os.path.relpath(args.config, ROOT), "num_steps": args.num_steps, "new_tokens": args.new_tokens,
               "train_depth": [n_no_grad, n_grad], "train_batch": [batch, seq],
-              "host_cpu": cpu_model(), "host_cores": os.cpu_count(),
-              "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
-              "jax": jax.__version__, "torch": original["torch"],
+              **host_info(), "jax": jax.__version__, "torch": original["torch"],
               "transformers": original["transformers"], "rows": []}
     print(f"\n{'':<34}{'original':>12}{'rdlm':>12}{'rdlm / original':>17}")
     for name, rows in prompts.items():

@@ -1011,13 +1011,17 @@ def bench_cli(argv: Sequence[str]) -> int:
                 results.append(row)
     if args.json:
         report = {"device": f"{device.platform} {device.device_kind} x{jax.device_count()}",
-                  "host_cpu": cpu_model(), "host_cores": os.cpu_count(),
-                  "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
-                  "jax": jax.__version__, "bandwidth_bytes_per_s": bandwidth,
+                  **host_info(), "jax": jax.__version__, "bandwidth_bytes_per_s": bandwidth,
                   "command": "python -m rdlm bench sample " + " ".join(argv), "rows": results}
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
     return 0
+
+
+def host_info() -> dict[str, Any]:
+    """What a results file records of the machine: CPU model, cores, the malloc tunables."""
+    return {"host_cpu": cpu_model(), "host_cores": os.cpu_count(),
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
 
 
 def cpu_model() -> str:

@@ -916,11 +916,10 @@ def bench_train(cfg: Config, recurrences: tuple[int, ...] = (4, 32, 64), steps: 
         row["matmul_flops_per_s"] = measured_matmul_flops(cfg)  # measured right after this r
         row["of_matmul_peak"] = flops / step_s / (row["matmul_flops_per_s"] * jax.device_count())
         results.append(row)
-    from rdlm.sample import cpu_model
+    from rdlm.sample import host_info
 
     return {"device": f"{jax.device_count()} x {device.device_kind} ({device.platform})",
-            "host_cpu": cpu_model(), "host_cores": os.cpu_count(), "jax": jax.__version__,
-            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+            **host_info(), "jax": jax.__version__,
             "dtype": cfg.model.dtype, "batch": cfg.train.batch_size, "seq_len": cfg.train.seq_len,
             "params": int(sum(x.size for x in jax.tree.leaves(state.params))),
             "peak_flops_per_device": peak, "compile_s": compile_s,
