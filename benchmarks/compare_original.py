@@ -18,7 +18,7 @@ The script initialises the config's model (key 0), writes it in the Huginn forma
   (n_no_grad + n_grad = mean recurrence) and batch.
 
 Like ``python -m rdlm``, the script re-executes itself with ``GLIBC_TUNABLES`` asking malloc for
-transparent huge pages (`rdlm.__main__.with_malloc_tunables`); the PyTorch side inherits the same
+transparent huge pages (`rdlm.cli.startup.with_malloc_tunables`); the PyTorch side inherits the same
 environment (it makes no difference to its step time).
 """
 
@@ -40,11 +40,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import rdlm  # noqa: E402
-from rdlm import train as train_lib  # noqa: E402
-from rdlm.__main__ import with_malloc_tunables  # noqa: E402
+from rdlm.bench.train import bench_train  # noqa: E402
+from rdlm.cli.startup import with_malloc_tunables  # noqa: E402
 from rdlm.config import load_config  # noqa: E402
 from rdlm.interop import save_huginn  # noqa: E402
-from rdlm.sample import host_info  # noqa: E402
+from rdlm.runtime.hostinfo import host_info  # noqa: E402
 
 CODE_FILES = ("raven_config_minimal.py", "raven_modeling_minimal.py")
 
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds, tokens = _time_generate(params, model_cfg, rows, args.num_steps, args.new_tokens,
                                          args.repeats)
         ours[name] = {"seconds": seconds, "tokens": tokens}
-    bench = train_lib.bench_train(cfg, (), steps=args.repeats, warmup=1)
+    bench = bench_train(cfg, (), steps=args.repeats, warmup=1)
     ours["train_step_s"] = bench["results"][0]["step_s"]
 
     report = {"config": os.path.relpath(args.config, ROOT), "num_steps": args.num_steps, "new_tokens": args.new_tokens,

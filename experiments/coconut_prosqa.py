@@ -40,13 +40,13 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]  # paths below work from any working directory
 sys.path.insert(0, str(ROOT))
-from rdlm import coconut as cc_lib  # noqa: E402
-from rdlm.__main__ import with_malloc_tunables  # noqa: E402
+from rdlm.coconut import curriculum, generation, thoughts  # noqa: E402
+from rdlm.cli.startup import with_malloc_tunables  # noqa: E402
 from rdlm.data.render import parse_answer  # noqa: E402
 from rdlm.data.tasks import (example_at, make_task, parse_prosqa, prosqa_distances,  # noqa: E402
                               prosqa_options)
 from rdlm.data.tokenizer import load_tokenizer  # noqa: E402
-from rdlm.demo import machine  # noqa: E402
+from rdlm.runtime.hostinfo import machine  # noqa: E402
 from rdlm.model import attention_context  # noqa: E402
 
 DEFAULT_CONFIG = "configs/coconut-prosqa.yaml"  # relative to ROOT
@@ -89,22 +89,22 @@ def thought_probs(params, cfg, cc, examples) -> list[np.ndarray]:
     """Per example, [thoughts, vocab]: the tied head's distribution at each thought (the hidden
     state fed back as that thought), on the test-time prompt."""
     tok = load_tokenizer(cfg.data.tokenizer)
-    r = int(cc_lib.eval_depth(cfg, cc).n_no_grad)
-    prompts = [cc_lib.eval_prompt(e, tok, cc) for e in examples]
+    r = int(curriculum.eval_depth(cfg, cc).n_no_grad)
+    prompts = [curriculum.eval_prompt(e, tok, cc) for e in examples]
     width = max(map(len, prompts))
     buf = np.full((len(prompts), width), tok.pad_id, np.int32)  # right padding: causal, unseen
     for i, p in enumerate(prompts):
         buf[i, :len(p)] = p
     ctx = attention_context(cfg.model, len(prompts), width)
     state0 = jnp.zeros((len(prompts), width, cfg.model.d_model))
-    x = jax.jit(lambda p, t: cc_lib.fill_thought_bases(  # a thought's base: its hidden state
-        p, t, cfg.model, ctx, state0, cc_lib.Depth(jnp.int32(r), jnp.int32(0), 0),
+    x = jax.jit(lambda p, t: thoughts.fill_thought_bases(  # a thought's base: its hidden state
+        p, t, cfg.model, ctx, state0, thoughts.Depth(jnp.int32(r), jnp.int32(0), 0),
         latent_id=tok.latent_id, max_latents=cc.max_latents,
         shift_sees_thoughts=cc.shift_sees_thoughts))(params, jnp.asarray(buf))
     out = []
     for prompt, x_td in zip(prompts, x):
         where = [i for i, t in enumerate(prompt) if t == tok.latent_id]
-        logits = cc_lib.head_logits(params, x_td[None, where], cfg.model)[0]
+        logits = thoughts.head_logits(params, x_td[None, where], cfg.model)[0]
         out.append(np.asarray(jax.nn.softmax(logits, -1)))
     return out
 
@@ -178,10 +178,10 @@ def run(smoke: bool, fresh: bool, out_dir: Path, runs_dir: Path, config: str = D
             if fresh and run_dir.exists():
                 shutil.rmtree(run_dir)
             overrides = [*boverrides, *moverrides, *extra, f"train.run_dir={run_dir}"]
-            cfg, cc = cc_lib.load_coconut_config(ROOT / config, overrides)
+            cfg, cc = curriculum.load_coconut_config(ROOT / config, overrides)
             configs[f"{bkey}/{mlabel}"] = overrides
             t0 = time.time()
-            out = cc_lib.train_coconut(cfg, cc, log=lambda m: print(f"[{bkey} {mlabel}] {m}",
+            out = curriculum.train_coconut(cfg, cc, log=lambda m: print(f"[{bkey} {mlabel}] {m}",
                                                                     flush=True))
             # A resumed or already finished run: its history holds the training time of every call.
             train_s = out["history"][-1]["time_s"] if out["history"] else time.time() - t0
@@ -189,7 +189,7 @@ def run(smoke: bool, fresh: bool, out_dir: Path, runs_dir: Path, config: str = D
             task = make_task(cfg.data.task, cfg.data.difficulty, cfg.data.task_args)
             eval_examples = [example_at(task, cc.eval_split, i, cfg.seed)
                              for i in range(cc.eval_examples)]
-            result = cc_lib.evaluate_method(params, cfg, cc, eval_examples)
+            result = generation.evaluate_method(params, cfg, cc, eval_examples)
             final_loss = out["history"][-1]["loss"] if out["history"] else float("nan")
             rows.append({"backbone": blabel, "method": mlabel, "accuracy": result["accuracy"],
                          "generated_tokens": result["generated_tokens"],

@@ -24,10 +24,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rdlm import checkpoint  # noqa: E402
-from rdlm.__main__ import with_malloc_tunables  # noqa: E402
+from rdlm.runtime import checkpoint  # noqa: E402
+from rdlm.cli.startup import with_malloc_tunables  # noqa: E402
 from rdlm.config import Config, load_config, to_dict  # noqa: E402
-from rdlm.demo import finished_step, machine  # noqa: E402
+from rdlm.runtime.checkpoint import finished_step  # noqa: E402
+from rdlm.runtime.hostinfo import machine  # noqa: E402
 from rdlm.train import read_metrics  # noqa: E402
 
 BASE_CONFIG = ROOT / "configs" / "demo.yaml"
@@ -194,7 +195,7 @@ def generate_answers(params: Any, cfg: Config, examples: Sequence[Any], *, num_s
     """
     from rdlm.data.render import completion_text, parse_answer, prompt_tokens
     from rdlm.data.tokenizer import load_tokenizer
-    from rdlm.sample import generate
+    from rdlm.generation import generate
 
     tok = load_tokenizer(cfg.data.tokenizer)
     max_new = max(len(tok.encode(completion_text(e))) for e in examples) + 1

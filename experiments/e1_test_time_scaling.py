@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 
 import common
-from rdlm.evaluate import evaluate_accuracy
+from rdlm.generation.evaluate import evaluate_accuracy
 
 NAME = "e1_test_time_scaling"
 STEPS = (1, 2, 4, 8, 16, 32, 64)

@@ -14,8 +14,8 @@ import time
 from typing import Sequence
 
 import common
-from rdlm.evaluate import evaluate_accuracy
-from rdlm.flops import expected_train_flops_per_token, train_flops_per_token
+from rdlm.generation.evaluate import evaluate_accuracy
+from rdlm.model.flops import expected_train_flops_per_token, train_flops_per_token
 from rdlm.model import count_params
 
 NAME = "e2_fixed_depth_baselines"

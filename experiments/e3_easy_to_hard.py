@@ -16,7 +16,7 @@ import numpy as np
 
 import common
 from rdlm.data.tasks import make_task
-from rdlm.evaluate import evaluate_accuracy
+from rdlm.generation.evaluate import evaluate_accuracy
 
 NAME = "e3_easy_to_hard"
 

@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 
 import common
-from rdlm.exits import DEFAULT_THRESHOLDS
+from rdlm.generation.exits import DEFAULT_THRESHOLDS
 
 NAME = "e4_adaptive_exit"
 CAP = 32

@@ -17,9 +17,8 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
+from rdlm.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A configuration value or key is invalid; the message says which and how to fix it."""
 
 
 def _require(ok: bool, field: str, value: Any, valid: str) -> None:
@@ -440,7 +439,7 @@ class SampleConfig:
         _require(self.min_p is None or 0 <= self.min_p < 1, "sample.min_p", self.min_p,
                  "must be in [0, 1) or null")
         if self.exit is not None:
-            from rdlm.exits import ExitConfig  # the criterion names live with the criteria
+            from rdlm.generation.exits import ExitConfig  # the criterion names live with the criteria
             try:
                 ExitConfig.parse(self.exit)
             except ValueError as err:

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import rdlm
-from rdlm import cache as kvc
+from rdlm.generation import cache as kvc
 
 CFG = rdlm.model_preset("tiny")
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import rdlm
-from rdlm import checkpoint
-from rdlm.checkpoint import CheckpointError
+from rdlm.runtime import checkpoint
+from rdlm.runtime.checkpoint import CheckpointError
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_load_from_a_relative_path(saved, monkeypatch):
 
 
 def test_restore_into_given_shardings(saved):
-    from rdlm import sharding
+    from rdlm.runtime import sharding
     cfg, params, path = saved
     mesh = sharding.make_mesh(cfg.mesh)
     shardings = sharding.param_shardings(cfg.model, mesh)

@@ -8,13 +8,13 @@ import sys
 
 import pytest
 
-from rdlm.__main__ import MALLOC_TUNABLE
+from rdlm.cli.startup import MALLOC_TUNABLE
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc tunables")
 
 # Prints "start" on every (re)execution, then what the final process saw.
 PROGRAM = ("import os, sys; print('start', flush=True); "
-           "from rdlm.__main__ import with_malloc_tunables; with_malloc_tunables(); "
+           "from rdlm.cli.startup import with_malloc_tunables; with_malloc_tunables(); "
            "print('env', os.environ.get('GLIBC_TUNABLES')); print('argv', sys.argv[1:])")
 
 

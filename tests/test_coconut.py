@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rdlm import coconut as cc_lib
+from rdlm.cli import coconut as coconut_cli
+from rdlm.coconut import curriculum, generation, thoughts
 from rdlm.coconut import CoconutConfig, Depth
 from rdlm.config import Config, DataConfig, TrainConfig, model_preset
 from rdlm.data.tasks import Example
@@ -49,7 +50,7 @@ def reference_hidden(params, tokens: list[int], cfg, num_steps: int, state0_td,
     t_len = len(tokens)
     ctx = attention_context(cfg, 1, t_len)
     depth = Depth(jnp.int32(num_steps), jnp.int32(0), 0)
-    full_pass = jax.jit(lambda x: cc_lib.hidden_states(params, x, cfg, ctx, state0_td[None], depth))
+    full_pass = jax.jit(lambda x: thoughts.hidden_states(params, x, cfg, ctx, state0_td[None], depth))
     wte = np.asarray(params["wte"]) * np.sqrt(cfg.d_model)
 
     def base(t: int) -> np.ndarray:
@@ -85,7 +86,7 @@ def test_substitution_matches_step_by_step_reference(mean_r, num_steps, init_sca
     state0 = initial_state(cfg, (1, len(tokens), cfg.d_model), key=key, init_scale=init_scale)
     ref = reference_hidden(params, tokens, cfg, num_steps, state0[0], shift_sees_thoughts=sees)
     depth = Depth(jnp.int32(num_steps), jnp.int32(0), 0)
-    _, hidden = cc_lib.continuous_forward(params, jnp.array([tokens]), cfg, latent_id=LATENT,
+    _, hidden = thoughts.continuous_forward(params, jnp.array([tokens]), cfg, latent_id=LATENT,
                                           max_latents=4, depth=depth, key=key,
                                           init_scale=init_scale, shift_sees_thoughts=sees)
     np.testing.assert_allclose(hidden[0], ref, atol=2e-5)
@@ -95,7 +96,7 @@ def test_substitution_matches_step_by_step_reference(mean_r, num_steps, init_sca
         first = tokens.index(LATENT)
         assert float(jnp.abs(other[first + 1] - ref[first + 1]).max()) > 1e-3
     # The thoughts matter: the pause baseline (no substitution) differs after the first latent.
-    _, pause = cc_lib.continuous_forward(params, jnp.array([tokens]), cfg, latent_id=LATENT,
+    _, pause = thoughts.continuous_forward(params, jnp.array([tokens]), cfg, latent_id=LATENT,
                                          max_latents=4, depth=depth, key=key,
                                          init_scale=init_scale, substitute=False)
     first = tokens.index(LATENT)
@@ -107,7 +108,7 @@ def test_no_latents_is_the_ordinary_forward():
     cfg = _cfg(3)
     params = init_params(cfg, jax.random.key(1))
     tokens = jnp.array([_tokens("x=1;y", 0)])
-    logits, _ = cc_lib.continuous_forward(params, tokens, cfg, latent_id=LATENT, max_latents=2,
+    logits, _ = thoughts.continuous_forward(params, tokens, cfg, latent_id=LATENT, max_latents=2,
                                           depth=Depth(jnp.int32(3), jnp.int32(0), 0))
     expected, _ = forward(params, tokens, cfg, num_steps=3, init_scale=0.0)
     np.testing.assert_allclose(logits, expected, atol=2e-5)
@@ -123,11 +124,11 @@ def test_batch_equals_single_rows_with_latents_at_different_positions(token_shif
     for i, r in enumerate(rows):
         buf[i, :len(r)] = r
     depth = Depth(jnp.int32(2), jnp.int32(0), 0)
-    batch_logits, _ = cc_lib.continuous_forward(params, jnp.asarray(buf), cfg, latent_id=LATENT,
+    batch_logits, _ = thoughts.continuous_forward(params, jnp.asarray(buf), cfg, latent_id=LATENT,
                                                 max_latents=3, depth=depth,
                                                 shift_sees_thoughts=sees)
     for i, r in enumerate(rows):
-        single, _ = cc_lib.continuous_forward(params, jnp.array([r]), cfg, latent_id=LATENT,
+        single, _ = thoughts.continuous_forward(params, jnp.array([r]), cfg, latent_id=LATENT,
                                               max_latents=3, depth=depth,
                                               shift_sees_thoughts=sees)
         np.testing.assert_allclose(batch_logits[i, :len(r)], single[0], atol=3e-5)
@@ -146,14 +147,14 @@ def test_generation_after_thoughts_equals_recomputed_argmax(token_shift, sees):
     buf = np.zeros((len(prompts), width), np.int32)
     for i, p in enumerate(prompts):
         buf[i, :len(p)] = p
-    out, lengths, _ = cc_lib.generate_after_thoughts(
+    out, lengths, _ = generation.generate_after_thoughts(
         params, jnp.asarray(buf), jnp.array([len(p) for p in prompts]), jnp.int32(2), cfg=cfg,
         latent_id=LATENT, max_latents=2, max_new_tokens=new_tokens, eos_id=-1,
         shift_sees_thoughts=sees)
     depth = Depth(jnp.int32(2), jnp.int32(0), 0)
     # The reference pads the growing sequence to the buffer's width (attention is causal, so the
     # trailing zeros cannot change earlier logits) so that it compiles once, not once per length.
-    reference = jax.jit(lambda t: cc_lib.continuous_forward(
+    reference = jax.jit(lambda t: thoughts.continuous_forward(
         params, t, cfg, latent_id=LATENT, max_latents=2, depth=depth,
         shift_sees_thoughts=sees)[0])
     for i, prompt in enumerate(prompts):
@@ -168,7 +169,7 @@ def test_generation_after_thoughts_equals_recomputed_argmax(token_shift, sees):
 
 def test_latent_ordinals():
     t = jnp.array([[1, LATENT, LATENT, 7, LATENT, 9], [LATENT, 8, 8, LATENT, LATENT, LATENT]])
-    np.testing.assert_array_equal(cc_lib.latent_ordinals(t, LATENT),
+    np.testing.assert_array_equal(thoughts.latent_ordinals(t, LATENT),
                                   [[-1, 0, 1, -1, 0, -1], [0, -1, -1, 0, 1, 2]])
 
 
@@ -183,7 +184,7 @@ def test_gradients_flow_through_thoughts():
     batch = {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:]),
              "loss_mask": jnp.asarray(mask[:, 1:])}
     depth = Depth(jnp.int32(0), jnp.int32(2), 2)
-    grad = lambda sub: jax.grad(lambda p: cc_lib.coconut_loss(
+    grad = lambda sub: jax.grad(lambda p: thoughts.coconut_loss(
         p, batch, cfg, latent_id=LATENT, max_latents=2, depth=depth, key=None, init_scale=0.0,
         substitute=sub)[0])(params)
     g_thought, g_pause = grad(True), grad(False)
@@ -208,7 +209,7 @@ EXAMPLE = Example("tom is a bax. every bax is a kel. is tom a kel or pod?",
 ])
 def test_loss_mask_covers_exactly_remaining_steps_and_answer(stage, expected):
     cc = CoconutConfig(max_latent_stage=2, latents_per_step=2)
-    tokens, mask = cc_lib.render_stage(EXAMPLE, TOK, cc, stage)
+    tokens, mask = curriculum.render_stage(EXAMPLE, TOK, cc, stage)
     assert TOK.decode(tokens[mask == 1]) == expected
     n_latent = int((tokens == LATENT).sum())
     assert n_latent == min(stage, 2) * 2
@@ -219,36 +220,36 @@ def test_loss_mask_covers_exactly_remaining_steps_and_answer(stage, expected):
 def test_final_stage_drops_all_steps_even_with_longer_chains():
     cc = CoconutConfig(max_latent_stage=1)
     long = dataclasses.replace(EXAMPLE, steps=EXAMPLE.steps + ("tom is a zip.",))
-    tokens, mask = cc_lib.render_stage(long, TOK, cc, 2)
+    tokens, mask = curriculum.render_stage(long, TOK, cc, 2)
     assert TOK.decode(tokens[mask == 1]) == "#kel<eos>"
     assert int((tokens == LATENT).sum()) == 1
-    tokens, mask = cc_lib.render_stage(long, TOK, cc, 1)
+    tokens, mask = curriculum.render_stage(long, TOK, cc, 1)
     assert TOK.decode(tokens[mask == 1]) == "tom is a kel.\ntom is a zip.\n#kel<eos>"
 
 
 def test_stage_schedule():
     cc = CoconutConfig(max_latent_stage=2)
-    plan = cc_lib.stage_plan(cc, 5)
+    plan = curriculum.stage_plan(cc, 5)
     assert plan == [(0, 5), (1, 5), (2, 5), (3, 5)]
-    assert [cc_lib.stage_at(plan, s)[0] for s in (0, 4, 5, 9, 10, 15, 19)] == [0, 0, 1, 1, 2, 3, 3]
-    assert [s for s in range(20) if cc_lib.is_stage_start(plan, s)] == [5, 10, 15]
-    assert cc_lib.stage_plan(dataclasses.replace(cc, curriculum=False), 5) == [(3, 20)]
-    assert cc_lib.stage_plan(dataclasses.replace(cc, method="cot"), 5) == [(0, 20)]
-    assert cc_lib.stage_plan(dataclasses.replace(cc, method="pause"), 5) == plan
+    assert [curriculum.stage_at(plan, s)[0] for s in (0, 4, 5, 9, 10, 15, 19)] == [0, 0, 1, 1, 2, 3, 3]
+    assert [s for s in range(20) if curriculum.is_stage_start(plan, s)] == [5, 10, 15]
+    assert curriculum.stage_plan(dataclasses.replace(cc, curriculum=False), 5) == [(3, 20)]
+    assert curriculum.stage_plan(dataclasses.replace(cc, method="cot"), 5) == [(0, 20)]
+    assert curriculum.stage_plan(dataclasses.replace(cc, method="pause"), 5) == plan
 
 
 def test_uniform_stage_mixing_is_deterministic_and_mixes():
     cc = CoconutConfig(max_latent_stage=2, uniform_prob=0.5)
     examples = [EXAMPLE] * 4
-    a = cc_lib.curriculum_batch(examples, TOK, cc, 3, 7, 16, 128, 0)
-    b = cc_lib.curriculum_batch(examples, TOK, cc, 3, 7, 16, 128, 0)
+    a = curriculum.curriculum_batch(examples, TOK, cc, 3, 7, 16, 128, 0)
+    b = curriculum.curriculum_batch(examples, TOK, cc, 3, 7, 16, 128, 0)
     np.testing.assert_array_equal(a["inputs"], b["inputs"])
     latents = set((a["inputs"] == LATENT).sum(1).tolist())
     assert len(latents) > 1  # some rows at earlier stages
 
 
 def test_load_coconut_config_overrides():
-    cfg, cc = cc_lib.load_coconut_config("configs/coconut-prosqa.yaml",
+    cfg, cc = curriculum.load_coconut_config("configs/coconut-prosqa.yaml",
                                          ["coconut.method=pause", "train.batch_size=4"])
     assert cc.method == "pause" and cfg.train.batch_size == 4
 
@@ -270,13 +271,13 @@ def _run_cfg(tmp_path, name: str) -> tuple[Config, CoconutConfig]:
 
 def test_resume_mid_curriculum_gives_the_same_params(tmp_path):
     cfg, cc = _run_cfg(tmp_path, "full")
-    full = cc_lib.train_coconut(cfg, cc, log=lambda *_: None)
+    full = curriculum.train_coconut(cfg, cc, log=lambda *_: None)
     assert [h["stage"] for h in full["history"]][-1] == 2
     cfg_b, _ = _run_cfg(tmp_path, "killed")
-    part = cc_lib.train_coconut(cfg_b, cc, stop_after=3, log=lambda *_: None)
+    part = curriculum.train_coconut(cfg_b, cc, stop_after=3, log=lambda *_: None)
     assert int(part["state"].step) == 3
     messages = []
-    resumed = cc_lib.train_coconut(cfg_b, cc, log=messages.append)
+    resumed = curriculum.train_coconut(cfg_b, cc, log=messages.append)
     assert "resumed" in messages[0] and "step 2" in messages[0]  # last checkpoint: stage 1 start
     assert int(resumed["state"].step) == 6
     for a, b in zip(jax.tree.leaves(full["state"].params), jax.tree.leaves(resumed["state"].params)):
@@ -287,7 +288,7 @@ def test_resume_mid_curriculum_gives_the_same_params(tmp_path):
     assert steps(resumed["history"]) == steps(full["history"]) == [2, 4, 6]
     np.testing.assert_allclose([e["loss"] for e in resumed["history"]],
                                [e["loss"] for e in full["history"]], rtol=1e-5)
-    again = cc_lib.train_coconut(cfg_b, cc, log=lambda *_: None)
+    again = curriculum.train_coconut(cfg_b, cc, log=lambda *_: None)
     assert again["history"] == resumed["history"] and again["history"][-1]["time_s"] > 0
 
 
@@ -295,7 +296,7 @@ def test_evaluate_method_counts_thoughts_and_tokens(tmp_path):
     cfg, cc = _run_cfg(tmp_path, "eval")
     params = init_params(cfg.model, jax.random.key(0))
     cc = dataclasses.replace(cc, eval_examples=4, max_new_tokens=3)
-    out = cc_lib.evaluate_method(params, cfg, cc, batch_size=4)
+    out = generation.evaluate_method(params, cfg, cc, batch_size=4)
     assert 0.0 <= out["accuracy"] <= 1.0
     # Untrained: each row generates up to 3 tokens, plus the K·c = 1 thought.
     assert 1.0 < out["generated_tokens"] <= 4.0
@@ -304,16 +305,16 @@ def test_evaluate_method_counts_thoughts_and_tokens(tmp_path):
 _TWO_DEVICES = """
 import dataclasses, json, sys
 import jax
-from rdlm import coconut as cc_lib
+from rdlm.coconut import curriculum, generation, thoughts
 from rdlm.config import Config, DataConfig, MeshConfig, TrainConfig, model_preset
 cfg = Config(model=model_preset("tiny", max_seq_len=96, mean_recurrence=2, backprop_depth=1),
              train=TrainConfig(batch_size=4, seq_len=96, lr=3e-3, warmup_steps=0,
                                run_dir=sys.argv[1], checkpoint_every=2, log_every=100,
                                progress="lines"),
              data=DataConfig(task="chains", difficulty=1), mesh=MeshConfig(cpu_devices=2))
-cc = cc_lib.CoconutConfig(max_latent_stage=1, steps_per_stage=2, num_train_examples=16,
+cc = curriculum.CoconutConfig(max_latent_stage=1, steps_per_stage=2, num_train_examples=16,
                           train_num_steps=0, init_scale=1.0)
-out = cc_lib.train_coconut(cfg, cc, log=lambda *_: None)
+out = curriculum.train_coconut(cfg, cc, log=lambda *_: None)
 devices = {d for leaf in jax.tree.leaves(out["state"].params) for d in leaf.sharding.device_set}
 print(json.dumps({"devices": jax.device_count(), "param_devices": len(devices),
                   "losses": [h["loss"] for h in out["history"]]}))
@@ -341,13 +342,13 @@ def test_cpu_devices_split_coconut_training_with_the_same_losses(tmp_path):
     # The same settings as the resume test above (logged at the stage ends), so that its
     # compiled step is reused.
     cfg, cc = _run_cfg(tmp_path, "one")
-    one = cc_lib.train_coconut(cfg, cc, log=lambda *_: None)
+    one = curriculum.train_coconut(cfg, cc, log=lambda *_: None)
     assert len(two["losses"]) == len(one["history"]) == 3
     np.testing.assert_allclose(two["losses"], [h["loss"] for h in one["history"]], rtol=1e-4)
 
 
 def test_cli_reports_a_missing_checkpoint_without_a_traceback(tmp_path, capsys):
     missing = tmp_path / "no_run"
-    code = cc_lib.cli(["configs/coconut-prosqa.yaml", "--eval-only", f"train.run_dir={missing}"])
+    code = coconut_cli.cli(["configs/coconut-prosqa.yaml", "--eval-only", f"train.run_dir={missing}"])
     assert code == 2
     assert "does not exist" in capsys.readouterr().err

@@ -9,7 +9,7 @@ import rdlm
 from rdlm.config import ConfigError
 from rdlm.data import make_eval_batches, make_train_iterator
 from rdlm.data.pipeline import make_dataset, window_to_row
-from rdlm.data.prepare import cli as prepare_cli
+from rdlm.cli.prepare import cli as prepare_cli
 from rdlm.data.render import render
 from rdlm.data.tasks import example_at, make_task, split_of
 from rdlm.data.tokenizer import CharTokenizer, HFTokenizer, load_tokenizer

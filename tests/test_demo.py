@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from rdlm import demo
+from rdlm.cli import demo
 
 SMALL = ["model.d_model=32", "model.mlp_dim=64", "model.n_heads=2", "train.steps=2",
          "train.batch_size=4", "train.warmup_steps=1", "train.progress=lines"]

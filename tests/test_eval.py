@@ -10,7 +10,8 @@ import pytest
 import rdlm
 from rdlm.config import ConfigError
 from rdlm.data.tasks import Example
-from rdlm.evaluate import cli, evaluate_accuracy, greedy_decode
+from rdlm.cli.eval import cli
+from rdlm.generation.evaluate import evaluate_accuracy, greedy_decode
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +91,7 @@ def test_eval_errors(tiny):
 
 
 def test_eval_command_writes_json_and_markdown(tiny, tmp_path, capsys):
-    from rdlm.checkpoint import save_params
+    from rdlm.runtime.checkpoint import save_params
     cfg, params = tiny
     save_params(tmp_path / "ckpt", cfg, params)
     assert cli(["--checkpoint", str(tmp_path / "ckpt"), "--task", "addition", "--num-steps", "1,4",
@@ -106,7 +107,7 @@ def test_eval_command_writes_json_and_markdown(tiny, tmp_path, capsys):
 
 
 def test_eval_reads_independently_generated_problems(tiny, tmp_path, capsys):
-    from rdlm.checkpoint import save_params
+    from rdlm.runtime.checkpoint import save_params
     cfg, params = tiny
     save_params(tmp_path / "ckpt", cfg, params)
     problems = tmp_path / "mine.jsonl"

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rdlm.exits import DEFAULT_THRESHOLDS, ExitConfig, as_exit_config, evaluate, init_exit_state
+from rdlm.generation.exits import DEFAULT_THRESHOLDS, ExitConfig, as_exit_config, evaluate, init_exit_state
 
 V = 8
 

@@ -9,8 +9,8 @@ import pytest
 from safetensors import safe_open
 
 import rdlm
-from rdlm import checkpoint
-from rdlm.__main__ import main
+from rdlm.runtime import checkpoint
+from rdlm.cli import main
 from rdlm.interop import load_huginn
 from tests.test_interop_huginn import huginn_tensors, write_checkpoint
 

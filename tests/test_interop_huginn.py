@@ -357,7 +357,7 @@ def test_tensors_land_in_the_given_shardings(checkpoint, loaded):
 
 
 def test_mesh_uses_the_library_param_shardings(checkpoint, loaded):
-    sharding = pytest.importorskip("rdlm.sharding")
+    sharding = pytest.importorskip("rdlm.runtime.sharding")
     cfg, params = loaded
     mesh = sharding.make_mesh(rdlm.MeshConfig())
     _, placed = load_huginn(checkpoint, mesh=mesh)
@@ -369,7 +369,7 @@ def test_mesh_uses_the_library_param_shardings(checkpoint, loaded):
 
 _SHARDED_LOAD = """
 import sys, numpy as np, jax, rdlm
-from rdlm import sharding
+from rdlm.runtime import sharding
 from rdlm.interop import load_huginn
 mesh = sharding.make_mesh(rdlm.MeshConfig(data=1, fsdp=4, tensor=2))
 cfg, placed = load_huginn(sys.argv[1], mesh=mesh)
@@ -394,7 +394,7 @@ def test_load_onto_an_eight_device_mesh(checkpoint):
     """Each tensor goes straight into its (fsdp x tensor) sharding; values and logits unchanged."""
     import subprocess
     import sys
-    pytest.importorskip("rdlm.sharding")
+    pytest.importorskip("rdlm.runtime.sharding")
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_force_host_platform_device_count=8 "
                          "--xla_backend_optimization_level=0")

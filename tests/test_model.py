@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import rdlm
-from rdlm import model as M
+from rdlm.model import attention as M_attention, kernels as M_kernels, model as M
 from tests import huginn_reference
 
 CFG = rdlm.model_preset("tiny")
@@ -84,11 +84,11 @@ def _unrolled(params, toks, num_steps, state=None):
     """The recurrence as an explicit Python loop over `core_step`."""
     model = rdlm.bind(params, CFG)
     ctx = rdlm.attention_context(CFG, *toks.shape)
-    e, _ = model.embed(toks, ctx)
+    e, _ = model.apply_prelude(toks, ctx)
     s = jnp.zeros_like(e) if state is None else state
     for _ in range(num_steps):
         s = rdlm.core_step(params, s, e, CFG, ctx)
-    logits, _ = model.decode(s, ctx)
+    logits, _ = model.apply_coda(s, ctx)
     return logits, s
 
 
@@ -159,14 +159,14 @@ def _reference_loss_impl(params, toks, n_no_grad, n_grad, init_state=None):
     """Unrolled Python reference: the first steps under stop_gradient, the rest differentiable."""
     model = rdlm.bind(params, CFG)
     ctx = rdlm.attention_context(CFG, *toks.shape)
-    e, _ = model.embed(toks, ctx)
+    e, _ = model.apply_prelude(toks, ctx)
     s = jnp.zeros_like(e) if init_state is None else init_state
     for _ in range(n_no_grad):
         s = jax.lax.stop_gradient(rdlm.core_step(jax.lax.stop_gradient(params), s,
                                                  jax.lax.stop_gradient(e), CFG, ctx))
     for _ in range(n_grad):
         s = rdlm.core_step(params, s, e, CFG, ctx)
-    logits, _ = model.decode(s, ctx)
+    logits, _ = model.apply_coda(s, ctx)
     return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, toks[..., None], -1)[..., 0])
 
 
@@ -211,7 +211,7 @@ def test_skipped_grad_steps_leave_value_and_gradient_unchanged(mask_skipped):
     step = lambda consts, s: jnp.tanh(consts @ s) + s
 
     def looped(w, s, n):
-        return jnp.sum(rdlm.recurrence.iterate_with_grad(step, w, s, n, 4, remat=False,
+        return jnp.sum(rdlm.model.recurrence.iterate_with_grad(step, w, s, n, 4, remat=False,
                                                          mask_skipped=mask_skipped) ** 2)
 
     def reference(w, s, n):
@@ -226,8 +226,8 @@ def test_skipped_grad_steps_leave_value_and_gradient_unchanged(mask_skipped):
         np.testing.assert_allclose(value, ref_value, rtol=1e-6)
         for g, r in zip(grads, ref_grads):
             np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
-    assert rdlm.recurrence.mostly_full_backprop(32, 8)  # Huginn: n_grad = 8 nearly always
-    assert not rdlm.recurrence.mostly_full_backprop(2, 4)
+    assert rdlm.model.recurrence.mostly_full_backprop(32, 8)  # Huginn: n_grad = 8 nearly always
+    assert not rdlm.model.recurrence.mostly_full_backprop(2, 4)
 
 
 @pytest.mark.parametrize("x_shape", [(5, 6), (2, 3, 6)])
@@ -235,7 +235,7 @@ def test_dense_gradients_equal_the_plain_matmul(x_shape):
     x = jax.random.normal(jax.random.key(3), x_shape)
     w = jax.random.normal(jax.random.key(4), (6, 7))
     probe = jax.random.normal(jax.random.key(5), (*x_shape[:-1], 7))
-    ours = jax.grad(lambda x, w: jnp.sum(rdlm.model.dense(x, w) * probe), argnums=(0, 1))(x, w)
+    ours = jax.grad(lambda x, w: jnp.sum(rdlm.model.kernels.dense(x, w) * probe), argnums=(0, 1))(x, w)
     plain = jax.grad(lambda x, w: jnp.sum((x @ w) * probe), argnums=(0, 1))(x, w)
     for got, want in zip(ours, plain):
         assert got.shape == want.shape
@@ -312,7 +312,7 @@ def test_token_shift_mixes_in_the_previous_visible_tokens_only():
     alone, _ = rdlm.forward(p, b, cfg, num_steps=3, init_scale=0.0)
     np.testing.assert_allclose(packed[0, 5:], alone[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(
-        M.previous_tokens(jnp.array([[7, 8, 9, 10]]), 2, None), [[[-1, 7, 8, 9]], [[-1, -1, 7, 8]]])
+        M_attention.previous_tokens(jnp.array([[7, 8, 9, 10]]), 2, None), [[[-1, 7, 8, 9]], [[-1, -1, 7, 8]]])
 
 
 def test_identity_adapter_init_adds_state_and_embedding():
@@ -324,7 +324,7 @@ def test_identity_adapter_init_adds_state_and_embedding():
     # same step.
     s = jax.random.normal(jax.random.key(1), (1, 5, d))
     e = jax.random.normal(jax.random.key(2), (1, 5, d))
-    ctx = M.attention_context(cfg, 1, 5)
+    ctx = M_attention.attention_context(cfg, 1, 5)
     summed = dict(p, core=dict(p["core"], adapter=jnp.concatenate([jnp.eye(d), jnp.zeros((d, d))])))
     np.testing.assert_allclose(M.core_step(p, s, e, cfg, ctx),
                                M.core_step(summed, s + e, jnp.zeros_like(e), cfg, ctx), atol=1e-5)
@@ -334,7 +334,7 @@ def test_identity_adapter_init_adds_state_and_embedding():
 
 def test_segment_positions_restart():
     seg = jnp.array([[1, 1, 1, 2, 2, 3, 0, 0]])
-    np.testing.assert_array_equal(M.segment_positions(seg), [[0, 1, 2, 0, 1, 0, 0, 1]])
+    np.testing.assert_array_equal(M_attention.segment_positions(seg), [[0, 1, 2, 0, 1, 0, 0, 1]])
 
 
 def test_bad_inputs(params):
@@ -385,13 +385,13 @@ def test_blocked_causal_attention_equals_full_attention(length, segmented):
     mask_b1ts = None
     if segmented:  # two packed documents per row, split at different places
         seg_bt = (jnp.arange(length)[None, :] >= jnp.array([[length // 3], [length - 7]])) + 1
-        mask_b1ts = M.attention_context(CFG, b, length, segment_ids=seg_bt).mask_b1ts
+        mask_b1ts = M_attention.attention_context(CFG, b, length, segment_ids=seg_bt).mask_b1ts
     probe = jax.random.normal(jax.random.key(9), (b, length, h, e))
 
     def loss(fn, q, k, v):
         return jnp.sum(fn(q, k, v) * probe)
 
-    ours = functools.partial(M.causal_attention, mask_b1ts=mask_b1ts)
+    ours = functools.partial(M_kernels.causal_attention, mask_b1ts=mask_b1ts)
     full = functools.partial(jax.nn.dot_product_attention, is_causal=mask_b1ts is None,
                              mask=mask_b1ts)
     np.testing.assert_allclose(ours(q, k, v), full(q, k, v), rtol=1e-5, atol=1e-5)
@@ -403,7 +403,7 @@ def test_blocked_causal_attention_equals_full_attention(length, segmented):
 
 def test_blocked_causal_attention_in_bfloat16_matches_float32():
     q, k, v = (jax.random.normal(jax.random.key(i), (1, 128, 2, 16)) for i in range(3))
-    want = M.causal_attention(q, k, v, None)
-    got = M.causal_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), None)
+    want = M_kernels.causal_attention(q, k, v, None)
+    got = M_kernels.causal_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), None)
     assert got.dtype == jnp.bfloat16
     np.testing.assert_allclose(got.astype(jnp.float32), want, atol=0.05)

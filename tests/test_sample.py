@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 
 import rdlm
-from rdlm import sample as S
-from rdlm.exits import DEFAULT_THRESHOLDS, ExitConfig
+import rdlm.generation as S
+from rdlm.generation.engine import filter_logits
+from rdlm.generation.plan import PAD_ID
+from rdlm.generation.programs import generate_jit
+from rdlm.generation.exits import DEFAULT_THRESHOLDS, ExitConfig
 
 CFG = rdlm.model_preset("tiny")
 PROMPTS = [[5, 9, 13, 2, 40, 7], [33, 1, 8], [60, 61, 62, 63, 0, 12, 3, 19, 4]]
@@ -63,10 +66,10 @@ def test_cache_budget_at_least_r_equals_no_sharing_and_memory_is_independent_of_
 
 def test_one_compilation_serves_every_r(params):
     gen(params, cache_budget=2)
-    before = S._generate_jit._cache_size()
+    before = generate_jit._cache_size()
     for r in (1, 3, 5, 8):
         assert (gen(params, num_steps=r, cache_budget=2).steps == r).all()
-    assert S._generate_jit._cache_size() == before
+    assert generate_jit._cache_size() == before
 
 
 # One criterion that needs the coda's logits and one on the latent; every criterion's arithmetic
@@ -134,7 +137,7 @@ def _reference_adaptive(params, prompt, new_tokens, depths, num_steps, budget):
     logits_out = []
     for pos, token in enumerate(seq):
         ctx = ctx_for(pos)
-        e, kvs = model.embed(jnp.asarray([[token]]), ctx,
+        e, kvs = model.apply_prelude(jnp.asarray([[token]]), ctx,
                              [prefix("pre", l, None, pos) for l in range(CFG.n_prelude)])
         for l, x in enumerate(kvs):
             kv[("pre", l, None, pos)] = x
@@ -144,7 +147,7 @@ def _reference_adaptive(params, prompt, new_tokens, depths, num_steps, budget):
                                     [prefix("core", l, step, pos) for l in range(CFG.n_core)])
             for l, x in enumerate(kvs):
                 kv[("core", l, step, pos)] = x
-        logits, kvs = model.decode(state, ctx,
+        logits, kvs = model.apply_coda(state, ctx,
                                    [prefix("coda", l, None, pos) for l in range(CFG.n_coda)])
         for l, x in enumerate(kvs):
             kv[("coda", l, None, pos)] = x
@@ -227,7 +230,7 @@ def test_stop_tokens_end_rows(params):
         n = hits[0] + 1 if hits.size else 6
         assert out.lengths[row] == n
         assert out.rows()[row] == base.tokens[row, :n].tolist()
-        assert (out.tokens[row, n:] == S.PAD_ID).all() and (out.steps[row, n:] == 0).all()
+        assert (out.tokens[row, n:] == PAD_ID).all() and (out.steps[row, n:] == 0).all()
 
 
 def test_sampling_is_reproducible_and_filters_work(params):
@@ -240,7 +243,7 @@ def test_sampling_is_reproducible_and_filters_work(params):
     top1 = gen(params, temperature=1.0, key=jax.random.key(1), top_k=1)
     np.testing.assert_array_equal(top1.tokens, greedy.tokens)
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
-    keep = lambda **f: np.isfinite(np.asarray(S.filter_logits(logits, **f)))[0].tolist()
+    keep = lambda **f: np.isfinite(np.asarray(filter_logits(logits, **f)))[0].tolist()
     assert keep(top_k=2) == [True, True, False, False]
     assert keep(top_p=0.8) == [True, True, False, False]
     assert keep(top_p=0.81) == [True, True, True, False]
@@ -273,10 +276,10 @@ def test_padded_array_prompts(params):
 ])
 def test_bad_input_fails_before_compiling(params, kwargs, message):
     call = {"prompt_tokens": PROMPTS, "max_new_tokens": 4, "num_steps": 2, **kwargs}
-    before = S._generate_jit._cache_size()
+    before = generate_jit._cache_size()
     with pytest.raises(ValueError, match=message):
         S.generate(params, CFG, call.pop("prompt_tokens"), **call)
-    assert S._generate_jit._cache_size() == before
+    assert generate_jit._cache_size() == before
 
 
 def test_token_shift_engine_matches_recomputation_speculation_and_rows_alone():

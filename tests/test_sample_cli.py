@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 import rdlm
-from rdlm import checkpoint, sample
+from rdlm.bench import sample as bench_sample
+from rdlm.cli import sample
+from rdlm.runtime import checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +59,7 @@ def test_default_length_shrinks_to_the_context_but_an_explicit_one_does_not(ckpt
 def test_bench_runs_on_a_preset(capsys, tmp_path):
     out = tmp_path / "bench.json"
     # Overrides may follow the flags, and apply to a preset as to a YAML config.
-    status = sample.bench_cli(["tiny", "--steps", "1,2", "--batches", "1", "--prompt-len", "4",
+    status = bench_sample.bench_cli(["tiny", "--steps", "1,2", "--batches", "1", "--prompt-len", "4",
                                "--new-tokens", "3", "--variants", "full", "--json", str(out),
                                "model.dtype=bfloat16"])
     assert status == 0
@@ -68,7 +70,7 @@ def test_bench_runs_on_a_preset(capsys, tmp_path):
     printed = capsys.readouterr().out
     assert "bfloat16" in printed and "tokens/s" in printed
     assert all(r["tokens_per_s"] > 0 and r["weight_bytes_per_s"] > 0 for r in rows)
-    assert np.isclose(sample.weight_bytes_per_token(rdlm.model_preset("tiny"), 0),
+    assert np.isclose(bench_sample.weight_bytes_per_token(rdlm.model_preset("tiny"), 0),
                       4 * (rdlm.count_params(rdlm.model_preset("tiny"))
                            - sum(x.size for x in jax.tree.leaves(
                                rdlm.abstract_params(rdlm.model_preset("tiny"))["core"]))))

@@ -14,7 +14,7 @@ from pathlib import Path
 SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     import rdlm
-    from rdlm import sharding
+    from rdlm.runtime import sharding
     from rdlm.config import MeshConfig
 
     cfg = rdlm.model_preset("tiny")

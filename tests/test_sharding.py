@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import rdlm
-from rdlm import sharding
+from rdlm.runtime import sharding
 from rdlm.config import ConfigError, MeshConfig
 
 
@@ -75,7 +75,7 @@ def test_mesh_shape_resolution_and_errors():
 
 _CPU_DEVICES = """
 import jax
-from rdlm import sharding
+from rdlm.runtime import sharding
 assert sharding.request_cpu_devices(2) == 2
 assert jax.device_count() == 2, jax.devices()
 assert sharding.request_cpu_devices(3) == 2  # JAX is running now: keeps 2 and says so

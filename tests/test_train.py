@@ -18,7 +18,14 @@ import numpy as np
 import pytest
 
 import rdlm
-from rdlm import checkpoint, optim, train as train_lib
+from rdlm.bench.train import synthetic_batch
+from rdlm.cli.train import cli as train_cli
+from rdlm.errors import TrainingDiverged
+from rdlm.runtime import checkpoint
+from rdlm.runtime.hostinfo import device_peak_flops
+from rdlm.train import optim, train
+from rdlm.train.state import init_state, state_shardings
+from rdlm.train.step import lm_objective, loss_and_grads, make_train_step
 import dataclasses
 
 from rdlm.config import ConfigError, TrainConfig
@@ -53,10 +60,10 @@ def test_config_errors_name_the_field(override, needle):
 
 
 def test_cli_reports_config_errors(capsys):
-    assert train_lib.cli([str(TINY), "train.steps=-1"]) == 2
+    assert train_cli([str(TINY), "train.steps=-1"]) == 2
     assert "train.steps=-1 is invalid: must be a positive integer" in capsys.readouterr().err
     # The mesh must fit the devices: 3-way data parallelism on 1 CPU device.
-    assert train_lib.cli([str(TINY), "mesh.data=3", "train.run_dir=/nonexistent/x"]) == 2
+    assert train_cli([str(TINY), "mesh.data=3", "train.run_dir=/nonexistent/x"]) == 2
     assert "needs 3 devices but 1 are available" in capsys.readouterr().err
 
 
@@ -103,7 +110,7 @@ def test_huginn_optimizer_masks_norms_and_bounds_updates():
 def test_micro_batches_give_the_full_batch_gradient():
     """Token-weighted accumulation: 2 micro-batches with unequal loss-token counts give the
     full-batch gradient (deterministic zero initial state, so only the split differs)."""
-    cfg = rdlm.load_config(None, ["model.preset=tiny", "model.d_model=16", "model.n_heads=2",
+    cfg = rdlm.load_config(None, ["model.preset=tiny", "model.d_model=16", "model.n_heads=2", "train.init_scale=0.0",
                                   "model.mlp_dim=16", "model.n_core=1", "model.backprop_depth=1",
                                   "model.vocab_size=16", "train.batch_size=4", "train.seq_len=8"])
     params = rdlm.init_params(cfg.model, jax.random.key(0))
@@ -114,7 +121,7 @@ def test_micro_batches_give_the_full_batch_gradient():
 
     def grads_for(m):
         c = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batches=m))
-        fn = jax.jit(lambda p, bb: train_lib.loss_and_grads(p, bb, c, *args, init_scale=0.0))
+        fn = jax.jit(lambda p, bb: loss_and_grads(p, bb, c, lm_objective(c), *args))
         return fn(params, b)
 
     (g1, m1), (g2, m2) = grads_for(1), grads_for(2)
@@ -125,8 +132,8 @@ def test_micro_batches_give_the_full_batch_gradient():
 
 def test_peak_flops_table_and_override():
     cpu = jax.devices()[0]
-    assert train_lib.device_peak_flops(cpu, "float32") == 170e9
-    assert train_lib.device_peak_flops(cpu, "float32", override=1e12) == 1e12
+    assert device_peak_flops(cpu, "float32") == 170e9
+    assert device_peak_flops(cpu, "float32", override=1e12) == 1e12
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,8 +146,8 @@ def test_nan_guard_skips_counts_and_stops_with_last_good_checkpoint(tmp_path):
     cfg = tiny_cfg(f"train.run_dir={tmp_path}", "train.steps=20", "train.checkpoint_every=2",
                    "train.max_bad_steps=3", "train.keep_last=10", "train.async_checkpoint=false")
     data = StepBatches(8, 64, bad_steps=(3, 5, 6, 7))
-    with pytest.raises(train_lib.TrainingDiverged, match="3 non-finite steps in a row") as err:
-        train_lib.train(cfg, data_iterator=data)
+    with pytest.raises(TrainingDiverged, match="3 non-finite steps in a row") as err:
+        train(cfg, data_iterator=data)
     assert "checkpoints/6" in str(err.value) and "resume" in str(err.value)
     log = {r["step"]: r for r in read_jsonl(tmp_path / "metrics.jsonl")}
     assert [log[s]["finite"] for s in range(1, 8)] == [True, True, False, True, False, False, False]
@@ -213,10 +220,10 @@ def test_sigkill_during_async_save_then_sigterm_then_exact_resume(tmp_path):
     assert checkpoint.list_checkpoints(run_dir)[-1] == term_step
 
     # 3. Resume in this process to the end; run the same config straight through.
-    resumed_run = train_lib.train(tiny_cfg(f"train.run_dir={run_dir}", f"train.steps={steps}",
+    resumed_run = train(tiny_cfg(f"train.run_dir={run_dir}", f"train.steps={steps}",
                                            "train.checkpoint_every=1", "train.keep_last=2"))
     assert resumed_run.history[0]["step"] == term_step + 1
-    straight = train_lib.train(tiny_cfg(f"train.run_dir={tmp_path / 'straight'}",
+    straight = train(tiny_cfg(f"train.run_dir={tmp_path / 'straight'}",
                                         f"train.steps={steps}", "train.checkpoint_every=0"))
     for a, b in zip(jax.tree.leaves(resumed_run.state.params),
                     jax.tree.leaves(straight.state.params)):
@@ -241,7 +248,7 @@ def test_init_from_starts_a_new_run_from_params(tmp_path):
     checkpoint.save_params(tmp_path / "init", cfg, source)
     cfg = tiny_cfg(f"train.run_dir={tmp_path / 'run'}", "train.steps=1", "train.lr=0.00001",
                    "train.checkpoint_every=0", f"train.init_from={tmp_path / 'init'}")
-    result = train_lib.train(cfg, data_iterator=StepBatches(8, 64))
+    result = train(cfg, data_iterator=StepBatches(8, 64))
     assert int(result.state.step) == 1
     for a, b in zip(jax.tree.leaves(result.state.params), jax.tree.leaves(source)):
         np.testing.assert_allclose(a, b, atol=1e-4)  # one tiny step away from the source
@@ -249,21 +256,21 @@ def test_init_from_starts_a_new_run_from_params(tmp_path):
     other = tiny_cfg(f"train.run_dir={tmp_path / 'other'}", f"train.init_from={tmp_path / 'init'}",
                      "model.d_model=64")
     with pytest.raises(ConfigError, match="train.init_from"):
-        train_lib.train(other, data_iterator=StepBatches(8, 64))
+        train(other, data_iterator=StepBatches(8, 64))
 
 
 def test_resume_accepts_run_settings_of_the_model_but_not_another_model(tmp_path, capsys):
     run = f"train.run_dir={tmp_path / 'run'}"
-    train_lib.train(tiny_cfg(run, "train.steps=1", "model.remat=false"),
+    train(tiny_cfg(run, "train.steps=1", "model.remat=false"),
                     data_iterator=StepBatches(8, 64))
     # remat and the depth law change how the step runs, not the parameters: the run resumes.
-    result = train_lib.train(tiny_cfg(run, "train.steps=2", "model.remat=true",
+    result = train(tiny_cfg(run, "train.steps=2", "model.remat=true",
                                       "model.mean_recurrence=6"), data_iterator=StepBatches(8, 64))
     assert int(result.state.step) == 2
     out = capsys.readouterr().out
     assert "resuming with model.remat=True (the checkpoint trained with False)" in out
     with pytest.raises(ConfigError, match="model.d_model 32 → 64.*use a new train.run_dir"):
-        train_lib.train(tiny_cfg(run, "train.steps=3", "model.d_model=64"),
+        train(tiny_cfg(run, "train.steps=3", "model.d_model=64"),
                         data_iterator=StepBatches(8, 64))
 
 
@@ -271,7 +278,7 @@ def test_fixed_depth_runs_exactly_mean_recurrence_steps(tmp_path):
     cfg = tiny_cfg(f"train.run_dir={tmp_path / 'run'}", "train.steps=3", "train.depth=fixed",
                    "model.mean_recurrence=3", "model.backprop_depth=2",
                    "train.checkpoint_every=0", "train.log_every=1")
-    train_lib.train(cfg, data_iterator=StepBatches(8, 64))
+    train(cfg, data_iterator=StepBatches(8, 64))
     rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "r" in r]
     assert [(r["r"], r["n_grad"]) for r in rows] == [(3, 2)] * 3
     with pytest.raises(ConfigError, match="train.depth"):
@@ -280,17 +287,17 @@ def test_fixed_depth_runs_exactly_mean_recurrence_steps(tmp_path):
 
 def test_train_init_scale_zero_makes_the_step_independent_of_the_noise_key():
     """train.init_scale=0 trains from the zero state: two seeds' noise keys give the same loss."""
-    from rdlm import sharding as shard_lib
+    from rdlm.runtime import sharding as shard_lib
     losses = []
     for seed in (0, 1):
         cfg = tiny_cfg("train.init_scale=0", "train.depth=fixed", f"seed={seed}")
         mesh = shard_lib.make_mesh(cfg.mesh)
-        tx = train_lib.make_optimizer(cfg.train)
-        shardings = train_lib.state_shardings(cfg, tx, mesh)
+        tx = optim.make_optimizer(cfg.train)
+        shardings = state_shardings(cfg, tx, mesh)
         params = rdlm.init_params(cfg.model, jax.random.key(0))
-        state = train_lib.init_state(cfg, tx, shardings, params=params)
-        batch = train_lib.synthetic_batch(cfg, mesh)
-        step = train_lib.make_train_step(cfg, mesh, batch_keys=tuple(batch))
+        state = init_state(cfg, tx, shardings, params=params)
+        batch = synthetic_batch(cfg, mesh)
+        step = make_train_step(cfg, mesh, batch_keys=tuple(batch))
         _, metrics = step(state, batch)
         losses.append(float(metrics["loss"]))
     assert losses[0] == losses[1]

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from rdlm import aot, train as train_lib
+from rdlm.bench.train import bench_cli
+from rdlm.cli import aot
 
 SMALL = ["model.d_model=16", "model.n_heads=2", "model.mlp_dim=32", "model.n_core=1",
          "model.backprop_depth=2", "model.mean_recurrence=3", "train.batch_size=2",
@@ -33,7 +34,7 @@ def test_aot_unknown_topology_is_a_clear_error(capsys):
 
 def test_bench_one_compilation_serves_every_depth(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert train_lib.bench_cli(["configs/tiny.yaml", "--recurrence", "1,6", *SMALL,  # any order
+    assert bench_cli(["configs/tiny.yaml", "--recurrence", "1,6", *SMALL,  # any order
                                 "--steps", "1", "--warmup", "1", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["compilations"] == 1 and report["host_cores"] >= 1 and report["host_cpu"]

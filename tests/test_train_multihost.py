@@ -108,21 +108,22 @@ def worker(argv: list[str]) -> None:
         overrides += [f"mesh.coordinator_address=127.0.0.1:{port}",
                       f"mesh.num_processes={num_processes}", f"mesh.process_id={process_id}"]
     import rdlm
-    from rdlm import train as train_lib
+    from rdlm.runtime.distributed import maybe_initialize_distributed
+    from rdlm.train import train
     cfg = rdlm.load_config(REPO / "configs/tiny.yaml", overrides)
-    train_lib.maybe_initialize_distributed(cfg.mesh)
+    maybe_initialize_distributed(cfg.mesh)
     import jax
     assert jax.process_count() == num_processes, jax.process_count()
     data_iter = StepBatches(cfg.train.batch_size, cfg.train.seq_len, jax.process_index(),
                             jax.process_count())
-    result = train_lib.train(cfg, data_iterator=data_iter)
+    result = train(cfg, data_iterator=data_iter)
     arrays = params_to_numpy(result.state.params)
     if jax.process_index() == 0:
         losses = {f"loss/{h['step']}": np.float32(h["loss"]) for h in result.history}
         np.savez(out, **arrays, **losses)
     print(json.dumps({"devices": jax.device_count(), "processes": jax.process_count(),
                       "mesh": {k: int(v) for k, v in
-                               rdlm.sharding.make_mesh(cfg.mesh).shape.items()}}), flush=True)
+                               rdlm.runtime.sharding.make_mesh(cfg.mesh).shape.items()}}), flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,7 +159,8 @@ def test_two_processes_then_one_process_eight_devices_match_one_device(tmp_path)
     plain 1-device run."""
     import jax
     import rdlm
-    from rdlm import checkpoint, train as train_lib
+    from rdlm.runtime import checkpoint
+    from rdlm.train import train
 
     port = _free_port()
     multi_dir, single_dir = tmp_path / "multi", tmp_path / "straight8"
@@ -192,7 +194,7 @@ def test_two_processes_then_one_process_eight_devices_match_one_device(tmp_path)
     cfg = rdlm.load_config(REPO / "configs/tiny.yaml", [
         *BASE_OVERRIDES, f"train.run_dir={tmp_path / 'one'}", "train.steps=6",
         "train.checkpoint_every=0", "mesh.data=1"])
-    result = train_lib.train(cfg, data_iterator=StepBatches(8, 64))
+    result = train(cfg, data_iterator=StepBatches(8, 64))
     one = params_to_numpy(result.state.params)
     _assert_same_params(one, straight8, exact=False, rtol=2e-5)
     for h in result.history:

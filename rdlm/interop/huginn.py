@@ -21,7 +21,7 @@ import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -449,7 +449,7 @@ def _resolve_shardings(cfg: ModelConfig, entries: list[Entry], treedef: Any, sha
     if shardings is not None and mesh is not None:
         raise ValueError("give shardings= or mesh=, not both.")
     if mesh is not None:
-        from rdlm import sharding as rdlm_sharding  # written alongside the training code
+        from rdlm.runtime import sharding as rdlm_sharding  # written alongside the training code
         shardings = rdlm_sharding.param_shardings(cfg, mesh)
     if shardings is None:
         return [None] * len(entries)
@@ -485,7 +485,7 @@ def load_huginn(path: str | os.PathLike, *, dtype: Any = "float32", compute_dtyp
     - ``compute_dtype``: ``cfg.dtype`` of the returned config (activations); ``"bfloat16"`` is how
       the released model was evaluated, ``"float32"`` reproduces the reference logits exactly.
     - ``shardings``: a pytree of `jax.sharding.Sharding` mirroring the params (or one sharding for
-      every leaf); ``mesh``: a `jax.sharding.Mesh`, sharded by `rdlm.sharding.param_shardings`.
+      every leaf); ``mesh``: a `jax.sharding.Mesh`, sharded by `rdlm.runtime.sharding.param_shardings`.
       Each tensor is placed straight into its sharding as it is read.
 
     Every problem with config.json, the file set, tensor names, shapes and dtypes is reported at

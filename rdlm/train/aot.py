@@ -11,20 +11,19 @@ and the batch are `jax.ShapeDtypeStruct`s carrying their shardings.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import sys
 import time
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from rdlm import flops as flops_lib
-from rdlm import sharding as shard_lib
-from rdlm.config import Config, ConfigError, load_config
-from rdlm.optim import make_optimizer
+from rdlm.model import flops as flops_lib
+from rdlm.runtime import sharding as shard_lib
+from rdlm.config import Config, ConfigError
+from rdlm.train.optim import make_optimizer
+from rdlm.train.state import abstract_state, state_shardings
+from rdlm.train.step import BATCH_KEYS, make_train_step
 
 # HBM per device (one jax.Device) in bytes. v5p: 96 GiB of HBM2e, of which XLA's out-of-memory
 # messages give 95.74 GiB as usable ("Used … of 95.74G hbm"); the other TPUs by their spec.
@@ -94,7 +93,6 @@ def _hbm_of(device_kind: str) -> float | None:
 
 
 def abstract_batch(cfg: Config, mesh: jax.sharding.Mesh) -> dict[str, jax.ShapeDtypeStruct]:
-    from rdlm.train import BATCH_KEYS
     shape = (cfg.train.batch_size, cfg.train.seq_len)
     sharding = shard_lib.batch_sharding(mesh)
     return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding) for k in BATCH_KEYS}
@@ -102,7 +100,6 @@ def abstract_batch(cfg: Config, mesh: jax.sharding.Mesh) -> dict[str, jax.ShapeD
 
 def compile_train_step(cfg: Config, devices: Sequence[jax.Device]) -> tuple[Any, AotReport]:
     """Lower and compile the train step of ``cfg`` for ``devices`` (TPU topology or real)."""
-    from rdlm import train as train_lib
     mesh = shard_lib.make_mesh(cfg.mesh, devices=devices)
     micro_rows = cfg.train.batch_size // cfg.train.micro_batches
     dp = shard_lib.data_parallel_size(mesh)
@@ -110,9 +107,9 @@ def compile_train_step(cfg: Config, devices: Sequence[jax.Device]) -> tuple[Any,
         raise ConfigError(f"train.batch_size / train.micro_batches = {micro_rows} must be "
                           f"divisible by the {dp} data-parallel devices (mesh.data × mesh.fsdp).")
     tx = make_optimizer(cfg.train)
-    state = train_lib.abstract_state(cfg, tx, train_lib.state_shardings(cfg, tx, mesh))
+    state = abstract_state(cfg, tx, state_shardings(cfg, tx, mesh))
     batch = abstract_batch(cfg, mesh)
-    step = train_lib.make_train_step(cfg, mesh, batch_keys=tuple(batch))
+    step = make_train_step(cfg, mesh, batch_keys=tuple(batch))
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
@@ -146,29 +143,3 @@ def topology_devices(topology: str) -> list[jax.Device]:
             'optional extra with pip install "jax[tpu]==0.10.2" (same version as jax) and '
             "use a name such as v5p:2x2x2, v5p:4x4x4 or v5e:4x4.") from err
     return list(topo.devices)
-
-
-def cli(argv: list[str]) -> int:
-    """``python -m rdlm aot CONFIG [key=value ...] --topology v5p:4x4x4 [--json FILE]``."""
-    parser = argparse.ArgumentParser(prog="python -m rdlm aot", description=__doc__.split("\n\n")[0])
-    parser.add_argument("config")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.micro_batches=32")
-    parser.add_argument("--topology", help="TPU slice, e.g. v5p:4x4x4; omit to compile for the "
-                                           "local devices")
-    parser.add_argument("--json", help="also write the report as JSON here")
-    args = parser.parse_intermixed_args(argv)  # flags before or after the overrides
-    try:
-        cfg = load_config(args.config, args.overrides)
-        devices = topology_devices(args.topology) if args.topology else jax.devices()
-        _, report = compile_train_step(cfg, devices)
-    except (ConfigError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"config: {args.config} {' '.join(args.overrides)}".rstrip())
-    print(f"topology: {args.topology or 'local devices'}")
-    print(report.format())
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({**dataclasses.asdict(report), "peak_bytes": report.peak_bytes,
-                       "fits": report.fits, "topology": args.topology}, f, indent=2)
-    return 0 if report.fits is not False else 1

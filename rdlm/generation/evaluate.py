@@ -10,8 +10,6 @@ default (``init_scale=0``), which makes the numbers deterministic.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import functools
 import json
 import time
@@ -211,68 +209,3 @@ def read_problems(path: str | Path) -> list[Example]:
     if not examples:
         raise ConfigError(f"--problems {str(path)!r} holds no problems.")
     return examples
-
-
-def _parse_steps(text: str) -> list[int]:
-    try:
-        steps = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise ConfigError(f"--num-steps {text!r} must be comma-separated integers, "
-                          "e.g. 1,2,4,8") from None
-    if not steps or min(steps) < 1:
-        raise ConfigError(f"--num-steps {text!r} must list integers >= 1.")
-    return steps
-
-
-def cli(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rdlm eval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
-    parser.add_argument("--task", help="chains | addition | prosqa | prontoqa "
-                                       "(default: the checkpoint's data.task)")
-    parser.add_argument("--difficulty", type=int, help="task level 1-5 (default: the config's)")
-    parser.add_argument("--task-args", nargs="*", default=None, help="knob=value overrides")
-    parser.add_argument("--num-steps", default="1,2,4,8,16,32,64", help="comma-separated r")
-    parser.add_argument("--problems", help="JSONL file of your own problems, one "
-                        '{"question": ..., "answer": ...} per line (optional "steps": [...]), '
-                        "instead of generated ones")
-    parser.add_argument("--num-examples", type=int, default=256)
-    parser.add_argument("--split", default="test", choices=("train", "validation", "test"))
-    parser.add_argument("--format", choices=("nocot", "cot"), help="default: the config's")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--init-scale", type=float, default=0.0,
-                        help="0 = zero initial state (deterministic); 1 = Huginn's random state")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", help="write the full result (with predictions) here")
-    parser.add_argument("--markdown", help="write the table here")
-    args = parser.parse_args(list(argv))
-
-    from rdlm.checkpoint import load_params  # the training subsystem owns the format
-    cfg, params = load_params(args.checkpoint)
-    changes = {k: v for k, v in (("task", args.task), ("difficulty", args.difficulty),
-                                 ("format", args.format)) if v is not None}
-    if args.task_args is not None:
-        changes["task_args"] = tuple(args.task_args)
-    elif args.task and args.task != cfg.data.task:
-        changes["task_args"] = ()  # knobs of another task would not apply
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **changes))
-    examples = read_problems(args.problems) if args.problems else None
-    result = evaluate_accuracy(params, cfg, num_steps_list=_parse_steps(args.num_steps),
-                               examples=examples,
-                               num_examples=args.num_examples, split=args.split,
-                               batch_size=args.batch_size, init_scale=args.init_scale,
-                               seed=args.seed)
-    table = format_table(result)
-    print(table)
-    print(f"({result['seconds']:.1f} s)")
-    if args.markdown:
-        Path(args.markdown).write_text(f"checkpoint `{args.checkpoint}`\n\n{table}\n")
-    if args.json:
-        Path(args.json).write_text(json.dumps(
-            {**result, "checkpoint": str(args.checkpoint),
-             "accuracy": {str(k): v for k, v in result["accuracy"].items()},
-             "predictions": {str(k): v for k, v in result["predictions"].items()},
-             "accuracy_by_reasoning_steps": {
-                 str(k): {str(d): a for d, a in v.items()}
-                 for k, v in result["accuracy_by_reasoning_steps"].items()}}, indent=2))
-    return 0

@@ -28,17 +28,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from rdlm.config import Config, ConfigError, from_dict, to_dict
+from rdlm.config import Config, from_dict, to_dict
+from rdlm.errors import CheckpointError, ConfigError
 
 CHECKPOINTS_DIRNAME = "checkpoints"
 PARAMS, CONFIG, OPT_STATE, TRAIN_META, DATA_ITER = (
     "params", "config", "opt_state", "train_meta", "data_iter")
 _COMPLETE_MARKER = "_CHECKPOINT_METADATA"  # written by orbax when a checkpoint is finalised
 _TMP_PATTERN = re.compile(r"orbax-checkpoint-tmp")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or does not match; the message names path and fix."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,7 +172,7 @@ def _restore_item(ckpt: Path, name: str, abstract_tree: Any) -> Any:
 def load_params(path: str | Path, *, shardings: Any | None = None) -> tuple[Config, Any]:
     """(config, params) from a params-only checkpoint, a training checkpoint, or a run directory
     (its latest complete step). ``shardings``: a pytree of `jax.sharding.Sharding` mirroring the
-    params (e.g. `rdlm.sharding.param_shardings`) or one sharding for all; the arrays are read
+    params (e.g. `rdlm.runtime.sharding.param_shardings`) or one sharding for all; the arrays are read
     straight into it. The tree structure is exactly `rdlm.abstract_params(config.model)`'s.
     """
     from rdlm.model import abstract_params
@@ -326,3 +323,9 @@ class TrainCheckpointer:
 def list_checkpoints(run_dir: str | Path) -> Iterable[int]:
     """Complete steps of a run directory (for scripts and tests)."""
     return complete_steps(Path(run_dir) / CHECKPOINTS_DIRNAME)
+
+
+def finished_step(run_dir: Path) -> int | None:
+    """The step of the newest complete checkpoint in ``run_dir``, or None."""
+    steps = list(list_checkpoints(run_dir))
+    return steps[-1] if steps else None

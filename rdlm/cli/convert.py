@@ -91,7 +91,7 @@ def _auto_compute_dtype(input_dir: str) -> str:
 
 def huginn_to_rdlm(args: argparse.Namespace) -> None:
     import rdlm
-    from rdlm import checkpoint
+    from rdlm.runtime import checkpoint
     from rdlm.interop.huginn import load_huginn
 
     if Path(args.output).exists():
@@ -105,7 +105,7 @@ def huginn_to_rdlm(args: argparse.Namespace) -> None:
 
 
 def rdlm_to_huginn(args: argparse.Namespace) -> None:
-    from rdlm import checkpoint
+    from rdlm.runtime import checkpoint
     from rdlm.interop.huginn import save_huginn
 
     if args.code_from and args.code_repo:
@@ -124,7 +124,7 @@ def rdlm_to_huginn(args: argparse.Namespace) -> None:
 
 def cli(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from rdlm.checkpoint import CheckpointError
+    from rdlm.runtime.checkpoint import CheckpointError
     from rdlm.config import ConfigError
     from rdlm.interop.huginn import HuginnFormatError
 

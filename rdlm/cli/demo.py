@@ -10,32 +10,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from rdlm import checkpoint
 from rdlm.config import Config, load_config, to_dict
+from rdlm.runtime import checkpoint
+from rdlm.runtime.checkpoint import finished_step
+from rdlm.runtime.hostinfo import machine
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 DEFAULT_STEPS = (1, 2, 4, 8, 16, 32, 64)
-
-
-def finished_step(run_dir: Path) -> int | None:
-    """The step of the newest complete checkpoint in ``run_dir``, or None."""
-    steps = list(checkpoint.list_checkpoints(run_dir))
-    return steps[-1] if steps else None
-
-
-def machine() -> str:
-    import jax
-    device = jax.devices()[0]
-    return (f"{platform.node()} · {platform.machine()} · {os.cpu_count()} CPU cores · "
-            f"{jax.device_count()}× {device.device_kind}")
 
 
 def accuracy_table(result: dict[str, Any]) -> str:
@@ -93,7 +80,7 @@ def show_examples(params: Any, cfg: Config, num: int, num_steps: int) -> list[di
     from rdlm.data.render import completion_text, prompt_tokens
     from rdlm.data.tasks import example_at, make_task
     from rdlm.data.tokenizer import load_tokenizer
-    from rdlm.sample import generate
+    from rdlm.generation import generate
 
     task = make_task(cfg.data.task, cfg.data.difficulty, cfg.data.task_args)
     tok = load_tokenizer(cfg.data.tokenizer)
@@ -117,7 +104,7 @@ def run(config_path: str | Path = DEFAULT_CONFIG, overrides: list[str] | None = 
         num_steps_list: tuple[int, ...] = DEFAULT_STEPS, num_examples: int = 512,
         show: int = 4) -> dict[str, Any]:
     """Train (or resume / reuse), evaluate, write the table and plot; returns the results."""
-    from rdlm.evaluate import evaluate_accuracy
+    from rdlm.generation.evaluate import evaluate_accuracy
     from rdlm.train import train
 
     cfg = load_config(config_path, overrides or [])

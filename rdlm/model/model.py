@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,8 +30,11 @@ import optax
 from flax import nnx
 from jax import lax
 
-from rdlm import recurrence
 from rdlm.config import ModelConfig
+from rdlm.model import recurrence
+from rdlm.model.attention import (KV, AttentionContext, apply_rope, attention_context,
+                                  previous_positions, previous_tokens)
+from rdlm.model.kernels import attention, fused_projection, project
 
 Params = dict[str, Any]
 
@@ -45,111 +48,6 @@ def _param(value: jax.Array, *axes: str | None) -> nnx.Param:
     """A parameter tagged with logical axis names; `rdlm.sharding` maps them to mesh axes."""
     assert len(axes) == value.ndim, (axes, value.shape)
     return nnx.Param(value, axes=tuple(axes))
-
-
-# ---------------------------------------------------------------------------------------------
-# Attention context: positions → RoPE angles, segment ids → mask. Built once per forward pass.
-
-
-class AttentionContext(NamedTuple):
-    """What every attention layer of one forward pass shares."""
-
-    rope_cos_bt1f: jax.Array  # f = head_dim / 2 rotation frequencies
-    rope_sin_bt1f: jax.Array
-    # True where query t may attend to key s; None means plain causal attention (no [b, t, s]
-    # mask is built at all).
-    mask_b1ts: jax.Array | None
-
-
-def segment_positions(segment_ids_bt: jax.Array) -> jax.Array:
-    """Position of each token inside its segment: restarts at 0 wherever the segment id changes."""
-    t = segment_ids_bt.shape[1]
-    index_bt = jnp.broadcast_to(jnp.arange(t), segment_ids_bt.shape)
-    is_start_bt = jnp.concatenate(
-        [jnp.ones_like(segment_ids_bt[:, :1], bool), segment_ids_bt[:, 1:] != segment_ids_bt[:, :-1]],
-        axis=1)
-    start_bt = lax.cummax(jnp.where(is_start_bt, index_bt, 0), axis=1)
-    return index_bt - start_bt
-
-
-def rope_angles(positions_bt: jax.Array, head_dim: int, base: float
-                ) -> tuple[jax.Array, jax.Array]:
-    """cos/sin of the rotation angles, float32, shaped to broadcast over heads."""
-    inv_freq_f = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    angle_btf = positions_bt.astype(jnp.float32)[..., None] * inv_freq_f
-    return jnp.cos(angle_btf)[:, :, None, :], jnp.sin(angle_btf)[:, :, None, :]
-
-
-def attention_context(cfg: ModelConfig, batch: int, length: int, *,
-                      segment_ids: jax.Array | None = None,
-                      positions: jax.Array | None = None,
-                      branch_ids: jax.Array | None = None) -> AttentionContext:
-    """Causal mask (within a segment when packed) and RoPE angles for a [batch, length] input.
-
-    Segment ids mark packed documents (and id 0 conventionally marks padding): a token attends only
-    to earlier tokens of its own segment, and positions restart with each segment, so a packed row
-    computes exactly what its documents would alone.
-
-    Branch ids share one prefix between several continuations: branch 0 is the trunk, and a token
-    of branch k > 0 sees the trunk and its own branch only. A token's position is the number of
-    tokens it sees before it, so every branch computes exactly what it would alone after the trunk
-    (several questions about one context, each isolated from the others' answers).
-    """
-    causal_tt = jnp.tril(jnp.ones((length, length), bool))
-    if segment_ids is None and branch_ids is None:
-        mask_b1ts = None
-        default_positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
-    else:
-        mask_bts = jnp.broadcast_to(causal_tt, (batch, length, length))
-        if segment_ids is not None:
-            mask_bts = mask_bts & (segment_ids[:, :, None] == segment_ids[:, None, :])
-        if branch_ids is not None:
-            visible_bts = ((branch_ids[:, None, :] == 0)
-                           | (branch_ids[:, :, None] == branch_ids[:, None, :]))
-            mask_bts = mask_bts & visible_bts
-        mask_b1ts = mask_bts[:, None]
-        default_positions = mask_bts.sum(-1) - 1
-    positions = default_positions if positions is None else positions
-    cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_base)
-    return AttentionContext(cos, sin, mask_b1ts)
-
-
-def previous_positions(batch: int, length: int, num: int, mask_b1ts: jax.Array | None
-                       ) -> jax.Array:
-    """[num, b, t]: the 1st … ``num``-th previous *visible* position of every position, -1 where
-    none.
-
-    "Visible" follows the attention mask: within a segment, and across a branch's start into its
-    trunk, so packed and branched rows see exactly the neighbours they would see alone.
-    """
-    index_t = jnp.arange(length)
-    if mask_b1ts is None:
-        prev_bt = jnp.broadcast_to(index_t - 1, (batch, length))
-    else:  # the latest earlier key each query may attend to
-        earlier_bts = mask_b1ts[:, 0] & (index_t[None, :] < index_t[:, None])[None]
-        prev_bt = jnp.max(jnp.where(earlier_bts, index_t, -1), axis=-1)
-    out, where_bt = [], prev_bt
-    for _ in range(num):
-        out.append(where_bt)
-        where_bt = jnp.where(where_bt >= 0, jnp.take_along_axis(
-            prev_bt, jnp.maximum(where_bt, 0), axis=1), -1)
-    return jnp.stack(out)
-
-
-def previous_tokens(tokens_bt: jax.Array, num: int, mask_b1ts: jax.Array | None) -> jax.Array:
-    """Ids of the 1st … ``num``-th previous visible token of every position, -1 where none."""
-    where_kbt = previous_positions(*tokens_bt.shape, num, mask_b1ts)
-    ids_kbt = jax.vmap(lambda w: jnp.take_along_axis(tokens_bt, jnp.maximum(w, 0), axis=1))(
-        where_kbt)
-    return jnp.where(where_kbt >= 0, ids_kbt, -1)
-
-
-def apply_rope(x_bthe: jax.Array, cos_bt1f: jax.Array, sin_bt1f: jax.Array) -> jax.Array:
-    """Rotate interleaved pairs (0,1), (2,3), … of the head dimension, in float32."""
-    x_bthf2 = x_bthe.astype(jnp.float32).reshape(*x_bthe.shape[:-1], -1, 2)
-    real, imag = x_bthf2[..., 0], x_bthf2[..., 1]
-    rotated = jnp.stack([real * cos_bt1f - imag * sin_bt1f, real * sin_bt1f + imag * cos_bt1f], -1)
-    return rotated.reshape(x_bthe.shape).astype(x_bthe.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,152 +68,6 @@ class RMSNorm(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return rms_norm(x, self.weight[...], self.eps)
-
-
-# (keys, values), each [batch, heads, length, head_dim]: the KV cache's layout (`rdlm.cache`), in
-# which the attention dots over a cache need no transposed copy of it.
-KV = tuple[jax.Array, jax.Array]
-
-@jax.custom_vjp
-def dense(x: jax.Array, w_dk: jax.Array) -> jax.Array:
-    """``x @ w`` over the last axis of x, with a hand-written backward: the product's input is
-    the residual, the input gradient is ``dy @ wᵀ`` and the weight gradient one contraction over
-    every leading axis.
-
-    The same math as autodiff, but XLA:CPU compiles autodiff of the plain product into a slower
-    backward: the bench-28m train step on 2 cores takes 4.86 s with ``x @ w`` in these places
-    and 4.27 s with this (3 alternating pairs). Ordering the two gradients with an
-    optimisation barrier made no difference (the CPU pipeline drops barriers before scheduling).
-    """
-    return x @ w_dk
-
-
-def _dense_fwd(x: jax.Array, w_dk: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    return x @ w_dk, (x, w_dk)
-
-
-def _dense_bwd(res: tuple[jax.Array, jax.Array], dy: jax.Array) -> tuple[jax.Array, jax.Array]:
-    x, w_dk = res
-    return dy @ w_dk.T, jnp.einsum("...d,...k->dk", x, dy)
-
-
-dense.defvjp(_dense_fwd, _dense_bwd)
-
-
-# Up to this many query rows (batch x new positions) a call counts as decoding for the choice of
-# the fused projections' layout in `fused_projection`.
-DECODE_ROWS = 64
-
-
-def fused_projection(x_btd: jax.Array, w_dk: jax.Array) -> list[jax.Array]:
-    """``x @ w`` for a fused weight ``[d, k, ...]`` (q/k/v, gate/up): the k outputs ``[b, t, ...]``.
-
-    Both branches compute the same contraction; only the layout differs. Decoding (few rows): the
-    weights are the traffic, and the fused axis outermost lets XLA read the loop-layout weights
-    (`rdlm.sample.to_loop_layout`) contiguously. Training and prefill: the activations are the
-    traffic, and each part gets its own matmul with a contiguous output. One matmul over the
-    whole fused weight leaves the parts as strided slices of its output, which XLA:CPU's backward
-    transposes with the consuming elementwise ops fused in, ~15x slower than a plain transpose
-    (bench-28m block forward + backward: 188 → 175 ms); an outermost fused axis makes it
-    transpose the activations in both passes (~10 % slower blocks, 20 % slower MLPs).
-    """
-    b, t, _ = x_btd.shape
-    w_dk = w_dk.astype(x_btd.dtype)
-    if b * t <= DECODE_ROWS:
-        out_kbt = jnp.einsum("btd,dk...->kbt...", x_btd, w_dk)
-        return [out_kbt[i] for i in range(w_dk.shape[1])]
-    return [dense(x_btd, w_dk[:, i].reshape(w_dk.shape[0], -1)).reshape(b, t, *w_dk.shape[2:])
-            for i in range(w_dk.shape[1])]
-
-
-def project(x_btd: jax.Array, w_dk: jax.Array) -> jax.Array:
-    """``x @ w`` for an unfused weight ``[d, k]`` (output projections, the core's adapter).
-
-    Decoding (few rows) computes it weights-first, ``wᵀ xᵀ``: XLA:CPU's small-row matmuls run
-    ~2x faster with the weight as the left operand (bench-28m, 16 rows), provided the weight is
-    stored ``[k, d]`` (`rdlm.sample.to_loop_layout`). Training and prefill: `dense`.
-    """
-    b, t, _ = x_btd.shape
-    w_dk = w_dk.astype(x_btd.dtype)
-    if b * t <= DECODE_ROWS:
-        return jnp.einsum("btd,dk->kbt", x_btd, w_dk).transpose(1, 2, 0)
-    return dense(x_btd, w_dk)
-
-
-# The float32 score of a hidden key: finite, so a row with no visible key stays finite (uniform).
-MASKED_LOGIT = -0.7 * float(jnp.finfo(jnp.float32).max)
-
-# Causal attention splits its queries into this many row blocks (each at least
-# `CAUSAL_BLOCK_MIN_ROWS` long), so the key blocks above the diagonal are never computed.
-CAUSAL_BLOCKS = 4
-CAUSAL_BLOCK_MIN_ROWS = 64
-
-
-def causal_attention(q_bthe: jax.Array, k_bthe: jax.Array, v_bthe: jax.Array,
-                     mask_b1ts: jax.Array | None) -> jax.Array:
-    """Causal attention of t queries over their own t keys; ``mask_b1ts`` (None: plain causal)
-    may only remove keys from the causal set (segments, branches, padding), never add later ones.
-
-    Query block i attends to keys ``[0, end_i)`` only, which skips 3/8 of the score and value
-    matmuls at 4 blocks; the softmax normaliser is applied to the [t, e] output instead of the
-    [t, s] probabilities. Scores and softmax in float32. On 2 CPU cores, one bench-28m attention
-    (4 × 256 tokens, 8 heads) forward + backward: 48 ms with `jax.nn.dot_product_attention`
-    (PyTorch's fused kernel: 18 ms), 16 ms here.
-    """
-    dtype = q_bthe.dtype
-    t = q_bthe.shape[1]
-    n = max(1, min(CAUSAL_BLOCKS, t // CAUSAL_BLOCK_MIN_ROWS))
-    bounds = [round(i * t / n) for i in range(n + 1)]
-    q_bhte = q_bthe.transpose(0, 2, 1, 3) * jnp.asarray(1.0 / math.sqrt(q_bthe.shape[-1]), dtype)
-    k_bhse, v_bhse = k_bthe.transpose(0, 2, 1, 3), v_bthe.transpose(0, 2, 1, 3)
-    outs = []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        logits_bhts = jnp.einsum("bhte,bhse->bhts", q_bhte[:, :, lo:hi], k_bhse[:, :, :hi],
-                                 preferred_element_type=jnp.float32)
-        visible_ts = jnp.arange(lo, hi)[:, None] >= jnp.arange(hi)[None, :]
-        if mask_b1ts is not None:
-            visible_ts = visible_ts & mask_b1ts[:, :, lo:hi, :hi]
-        logits_bhts = jnp.where(visible_ts, logits_bhts, MASKED_LOGIT)
-        weights_bhts = jnp.exp(logits_bhts - logits_bhts.max(-1, keepdims=True))
-        out_bhte = jnp.einsum("bhts,bhse->bhte", weights_bhts.astype(dtype), v_bhse[:, :, :hi],
-                              preferred_element_type=jnp.float32)
-        outs.append((out_bhte / weights_bhts.sum(-1, keepdims=True)).astype(dtype))
-    return jnp.concatenate(outs, axis=2).transpose(0, 2, 1, 3)
-
-
-def _fused_gpu_attention(q_bthe: jax.Array, ctx: AttentionContext) -> bool:
-    """Whether plain causal attention goes to cuDNN's fused kernel: on a GPU, in 16-bit floats,
-    with no mask beyond causality (packed segments and branches take `causal_attention`)."""
-    return (ctx.mask_b1ts is None and q_bthe.dtype in (jnp.bfloat16, jnp.float16)
-            and jax.default_backend() == "gpu")
-
-
-def attend_with_prefix(q_bthe: jax.Array, k_bthe: jax.Array, v_bthe: jax.Array, prefix: KV,
-                       mask_b1ts: jax.Array | None) -> jax.Array:
-    """Attention of a block of queries over cached keys/values and the block's own (decoding).
-
-    ``prefix`` is ``[b, h, s, e]`` (the cache layout); ``mask_b1ts`` covers the s cached and the t
-    new keys (None: every cached key visible, causal within the block). The same computation as
-    `jax.nn.dot_product_attention` over the concatenated keys (float32 scores and softmax), but
-    the cache is never concatenated or transposed: both copied the whole cache in every layer and
-    step, which was half of batch-16 decoding time on CPU.
-    """
-    dtype = q_bthe.dtype
-    keys_bhse, values_bhse = (x.astype(dtype) for x in prefix)
-    s, t = keys_bhse.shape[2], q_bthe.shape[1]
-    q_bhte = q_bthe.transpose(0, 2, 1, 3)
-    k_bhue, v_bhue = k_bthe.transpose(0, 2, 1, 3), v_bthe.transpose(0, 2, 1, 3)
-    scores = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
-    logits_bhts = jnp.concatenate([scores("bhte,bhse->bhts", q_bhte, keys_bhse),
-                                   scores("bhte,bhue->bhtu", q_bhte, k_bhue)], axis=-1)
-    logits_bhts = logits_bhts * (1.0 / math.sqrt(q_bthe.shape[-1]))
-    if mask_b1ts is None:
-        mask_b1ts = (jnp.arange(s + t)[None, :] <= jnp.arange(t)[:, None] + s)[None, None]
-    logits_bhts = jnp.where(mask_b1ts, logits_bhts, MASKED_LOGIT)
-    probs_bhts = jax.nn.softmax(logits_bhts, axis=-1).astype(dtype)
-    out_bhte = (jnp.einsum("bhts,bhse->bhte", probs_bhts[..., :s], values_bhse)
-                + jnp.einsum("bhtu,bhue->bhte", probs_bhts[..., s:], v_bhue))
-    return out_bhte.transpose(0, 2, 1, 3)
 
 
 class Attention(nnx.Module):
@@ -343,13 +95,7 @@ class Attention(nnx.Module):
             q_bthe, k_bthe = q_bthe + bias[0], k_bthe + bias[1]
         q_bthe = apply_rope(q_bthe, ctx.rope_cos_bt1f, ctx.rope_sin_bt1f)
         k_bthe = apply_rope(k_bthe, ctx.rope_cos_bt1f, ctx.rope_sin_bt1f)
-        if kv_prefix is None and _fused_gpu_attention(q_bthe, ctx):
-            out_bthe = jax.nn.dot_product_attention(q_bthe, k_bthe, v_bthe, is_causal=True,
-                                                    implementation="cudnn")
-        elif kv_prefix is None:
-            out_bthe = causal_attention(q_bthe, k_bthe, v_bthe, ctx.mask_b1ts)
-        else:
-            out_bthe = attend_with_prefix(q_bthe, k_bthe, v_bthe, kv_prefix, ctx.mask_b1ts)
+        out_bthe = attention(q_bthe, k_bthe, v_bthe, ctx.mask_b1ts, kv_prefix)
         out_btd = project(out_bthe.reshape(b, t, d), self.proj[...])
         return out_btd, (k_bthe.transpose(0, 2, 1, 3), v_bthe.transpose(0, 2, 1, 3))
 
@@ -474,14 +220,14 @@ class RecurrentDepthLM(nnx.Module):
             bases_btd, jnp.maximum(w, 0)[..., None], axis=1))(where_kbt)
         return self.add_shift(bases_btd, jnp.where(where_kbt[..., None] >= 0, prev_kbtd, 0))
 
-    def embed(self, tokens_bt: jax.Array, ctx: AttentionContext,
+    def apply_prelude(self, tokens_bt: jax.Array, ctx: AttentionContext,
               kv_prefixes: list[KV] | None = None,
               previous_kbt: jax.Array | None = None) -> tuple[jax.Array, list[KV]]:
         """Prelude: e = prelude_blocks(`input_embeddings`)."""
         return run_blocks(self.prelude, self.input_embeddings(tokens_bt, ctx, previous_kbt), ctx,
                           kv_prefixes)
 
-    def decode(self, state_btd: jax.Array, ctx: AttentionContext,
+    def apply_coda(self, state_btd: jax.Array, ctx: AttentionContext,
                kv_prefixes: list[KV] | None = None) -> tuple[jax.Array, list[KV]]:
         """Coda: logits = wte^T ln_f(coda_blocks(ln_f(s_r))), in float32, no logit scaling."""
         x_btd, kvs = run_blocks(self.coda, self.ln_f(state_btd), ctx, kv_prefixes)
@@ -604,7 +350,7 @@ def _run(params: Params, tokens_bt: jax.Array, cfg: ModelConfig, recur: Any, *,
     b, t = tokens_bt.shape
     ctx = attention_context(cfg, b, t, segment_ids=segment_ids, positions=positions,
                             branch_ids=branch_ids)
-    embedded_btd, _ = model.embed(tokens_bt, ctx)
+    embedded_btd, _ = model.apply_prelude(tokens_bt, ctx)
     if init_state is None:
         state_btd = initial_state(cfg, embedded_btd.shape, key=key, init_scale=init_scale)
     else:
@@ -613,7 +359,7 @@ def _run(params: Params, tokens_bt: jax.Array, cfg: ModelConfig, recur: Any, *,
                              f"{tuple(embedded_btd.shape)} ([batch, length, d_model]).")
         state_btd = init_state.astype(embedded_btd.dtype)
     state_btd, aux = recur(_step_fn(cfg), (params["core"], embedded_btd, ctx), state_btd)
-    logits_btv, _ = model.decode(state_btd, ctx)
+    logits_btv, _ = model.apply_coda(state_btd, ctx)
     aux["state"] = state_btd
     return logits_btv, aux
 
@@ -711,13 +457,31 @@ def lm_loss(params: Params, batch: dict[str, jax.Array], cfg: ModelConfig, *,
                                     n_grad=n_grad, key=key, init_scale=init_scale,
                                     segment_ids=batch.get("segment_ids"),
                                     branch_ids=batch.get("branch_ids"))
-    mask_bt = batch.get("loss_mask")
-    mask_bt = jnp.ones(batch["targets"].shape, jnp.float32) if mask_bt is None else mask_bt
-    mask_bt = mask_bt.astype(jnp.float32)
-    nll_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv, batch["targets"])
-    num_tokens = jnp.maximum(mask_bt.sum(), 1.0)
-    loss = (nll_bt * mask_bt).sum() / num_tokens
-    correct_bt = (jnp.argmax(logits_btv, -1) == batch["targets"]).astype(jnp.float32)
-    metrics = {"loss": loss, "accuracy": (correct_bt * mask_bt).sum() / num_tokens,
-               "num_tokens": mask_bt.sum()}
-    return loss, metrics
+    return masked_token_loss(logits_btv, batch["targets"], batch.get("loss_mask"))
+
+
+def token_loss_sums(logits_btv: jax.Array, targets_bt: jax.Array,
+                    loss_mask_bt: jax.Array | None = None) -> dict[str, jax.Array]:
+    """Summed next-token cross-entropy, summed correct argmax predictions and the token count,
+    over the positions where ``loss_mask_bt`` is 1 (all positions without a mask).
+
+    Sums, not means, so that batches and micro-batches combine exactly.
+    """
+    mask_bt = (jnp.ones(targets_bt.shape, jnp.float32) if loss_mask_bt is None
+               else loss_mask_bt.astype(jnp.float32))
+    nll_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv, targets_bt)
+    correct_bt = (jnp.argmax(logits_btv, -1) == targets_bt).astype(jnp.float32)
+    return {"nll": (nll_bt * mask_bt).sum(), "correct": (correct_bt * mask_bt).sum(),
+            "num_tokens": mask_bt.sum()}
+
+
+def masked_token_loss(logits_btv: jax.Array, targets_bt: jax.Array,
+                      loss_mask_bt: jax.Array | None = None
+                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(mean token loss, {loss, accuracy, num_tokens}) over the masked positions: the objective
+    of every trainer (plain LM, continuous thought)."""
+    sums = token_loss_sums(logits_btv, targets_bt, loss_mask_bt)
+    num_tokens = jnp.maximum(sums["num_tokens"], 1.0)
+    loss = sums["nll"] / num_tokens
+    return loss, {"loss": loss, "accuracy": sums["correct"] / num_tokens,
+                  "num_tokens": sums["num_tokens"]}

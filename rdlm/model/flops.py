@@ -10,7 +10,7 @@ flatters). No-gradient recurrence steps cost their forward only.
 from __future__ import annotations
 
 from rdlm.config import ModelConfig
-from rdlm.recurrence import expected_depth
+from rdlm.model.recurrence import expected_depth
 
 
 def block_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

@@ -1,11 +1,11 @@
-"""``python -m rdlm bench train CONFIG`` / ``bench sample CONFIG``: dispatch to the owners."""
+"""``python -m rdlm bench train CONFIG`` / ``bench sample CONFIG``: dispatch to `rdlm.bench`."""
 
 from __future__ import annotations
 
 import importlib
 import sys
 
-TARGETS = {"train": "rdlm.train", "sample": "rdlm.sample"}
+TARGETS = {"train": "rdlm.bench.train", "sample": "rdlm.bench.sample"}
 
 
 def cli(argv: list[str]) -> int:

@@ -1,0 +1,1 @@
+"""Benchmarks behind ``python -m rdlm bench``: the train step (`train`) and decoding (`sample`)."""

@@ -1,0 +1,133 @@
+"""``python -m rdlm bench sample CONFIG``: decoding throughput for every variant, batch and r."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rdlm.config import MODEL_PRESETS, ModelConfig, load_config
+from rdlm.cli.args import int_list, speculative_arg
+from rdlm.generation import SpeculativeConfig, generate
+from rdlm.model import abstract_params, count_params, init_params
+from rdlm.runtime.hostinfo import host_info
+
+
+def weight_bytes_per_token(cfg: ModelConfig, mean_steps: float) -> float:
+    """Parameter bytes batch-1 decoding reads per token: every non-core weight once (the tied
+    embedding as the output head) and the core's weights once per recurrence step."""
+    shapes = abstract_params(cfg)
+    size = lambda tree: sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+    core = size(shapes["core"])
+    return size(shapes) - core + mean_steps * core
+
+
+def memory_bandwidth(num_bytes: int = 256 * 2**20, repeats: int = 5) -> float:
+    """Bytes/s of a streaming read (a jitted sum over a large float32 array), best of a few."""
+    x = jnp.ones((num_bytes // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(x).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        total(x).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return num_bytes / best
+
+
+def _bench_config(spec: str, overrides: Sequence[str]) -> ModelConfig:
+    if spec in MODEL_PRESETS and not Path(spec).is_file():
+        return load_config(None, [f"model.preset={spec}", *overrides]).model
+    return load_config(spec, overrides).model
+
+
+def bench_cli(argv: Sequence[str]) -> int:
+    """``python -m rdlm bench sample CONFIG [key=value …] [--quick] [--json PATH]``."""
+    parser = argparse.ArgumentParser(prog="python -m rdlm bench sample")
+    parser.add_argument("config", help="YAML config or model preset name (e.g. bench-28m)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.dtype=bfloat16")
+    parser.add_argument("--steps", type=int_list, default=[4, 16, 32])
+    parser.add_argument("--batches", type=int_list, default=[1, 16])
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--budget", type=int, default=4, help="slots of the shared-cache runs")
+    parser.add_argument("--exit", default="kl", help="criterion of the adaptive-exit runs")
+    parser.add_argument("--speculative", type=speculative_arg, default=SpeculativeConfig(),
+                        help="K or K:DRAFT_STEPS of the speculative runs (default 4:4)")
+    parser.add_argument("--variants", default="full,shared,exit",
+                        help="comma list of: full (one slot per step), shared, exit, speculative")
+    parser.add_argument("--json", help="also write the rows as JSON to this file")
+    args = parser.parse_intermixed_args(list(argv))  # flags before or after the overrides
+    cfg = _bench_config(args.config, args.overrides)
+    params = init_params(cfg, jax.random.key(0))
+    max_r = max(args.steps)
+    variants = {
+        "full": dict(cache_budget=max_r),  # one slot per step for every r: one compile
+        "shared": dict(cache_budget=args.budget),
+        "exit": dict(cache_budget=max_r, exit=args.exit),
+        "speculative": dict(cache_budget=max_r, speculative=args.speculative),
+    }
+    chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for v in chosen:
+        if v not in variants:
+            parser.error(f"unknown variant {v!r}; choose from {sorted(variants)}")
+    device = jax.devices()[0]
+    print(f"device: {device.platform} {device.device_kind} x{jax.device_count()}; model "
+          f"{count_params(cfg):,} parameters, {cfg.dtype}; prompt "
+          f"{args.prompt_len} tokens, {args.new_tokens} greedy new tokens, zero initial state")
+    bandwidth = memory_bandwidth()
+    print(f"measured streaming-read bandwidth: {bandwidth / 1e9:.1f} GB/s")
+    rng = np.random.default_rng(0)
+    results = []
+    header = (f"{'variant':<12}{'batch':>6}{'r':>5}{'tokens/s':>11}{'mean it':>9}"
+              f"{'cache MiB':>11}{'weight GB/s':>13}{'of bound':>10}{'compile s':>11}")
+    print(header)
+    for variant in chosen:
+        for batch in args.batches:
+            prompts = rng.integers(0, cfg.vocab_size, (batch, args.prompt_len)).tolist()
+            common = dict(max_new_tokens=args.new_tokens, **variants[variant])
+            start = time.perf_counter()
+            generate(params, cfg, prompts, num_steps=min(args.steps), **common)
+            compile_s = time.perf_counter() - start
+            for r in args.steps:
+                start = time.perf_counter()
+                out = generate(params, cfg, prompts, num_steps=r, **common)
+                seconds = time.perf_counter() - start
+                tokens_per_s = batch * args.new_tokens / seconds
+                mean_steps = out.mean_steps
+                row = {"variant": variant, "batch": batch, "num_steps": r,
+                       "tokens_per_s": tokens_per_s, "seconds": seconds,
+                       "mean_iterations": mean_steps, "cache_bytes": out.cache_bytes,
+                       "compile_s": compile_s, "device": device.device_kind}
+                line = (f"{variant:<12}{batch:>6}{r:>5}{tokens_per_s:>11.1f}{mean_steps:>9.2f}"
+                        f"{out.cache_bytes / 2**20:>11.2f}")
+                if batch == 1:
+                    # Recurrence steps actually run per token (drafts and verification included).
+                    steps_run = out.stats["core_steps"]
+                    achieved = weight_bytes_per_token(cfg, steps_run / args.new_tokens) \
+                        * tokens_per_s
+                    row.update(weight_bytes_per_s=achieved, bandwidth_bytes_per_s=bandwidth)
+                    line += f"{achieved / 1e9:>13.2f}{achieved / bandwidth:>10.0%}"
+                else:
+                    line += f"{'':>13}{'':>10}"
+                line += f"{compile_s:>11.1f}"
+                if "acceptance_rate" in out.stats:
+                    row["acceptance_rate"] = out.stats["acceptance_rate"]
+                    line += f"  (drafts accepted {row['acceptance_rate']:.0%})"
+                print(line, flush=True)
+                results.append(row)
+    if args.json:
+        report = {"device": f"{device.platform} {device.device_kind} x{jax.device_count()}",
+                  **host_info(), "jax": jax.__version__, "bandwidth_bytes_per_s": bandwidth,
+                  "command": "python -m rdlm bench sample " + " ".join(argv), "rows": results}
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+

@@ -1,0 +1,42 @@
+"""``python -m rdlm coconut CONFIG``: the continuous-thought curriculum, then its evaluation."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rdlm.coconut import evaluate_method, load_coconut_config, train_coconut
+from rdlm.errors import CheckpointError, ConfigError
+from rdlm.runtime import checkpoint as ckpt_lib
+
+
+def cli(argv: list[str]) -> int:
+    """``python -m rdlm coconut CONFIG [section.key=value ...] [--eval-only]``."""
+    parser = argparse.ArgumentParser(prog="python -m rdlm coconut",
+                                     description="continuous-thought curriculum: train + evaluate")
+    parser.add_argument("config")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--eval-only", action="store_true")
+    parser.add_argument("--json", help="write the evaluation here")
+    args = parser.parse_intermixed_args(argv)  # flags before or after the overrides
+    try:
+        cfg, cc = load_coconut_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    try:
+        if args.eval_only:
+            _, params = ckpt_lib.load_params(cfg.train.run_dir)
+        else:
+            params = train_coconut(cfg, cc)["state"].params
+    except (ConfigError, CheckpointError) as err:  # as `rdlm train` reports them
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    result = evaluate_method(params, cfg, cc)
+    print(f"{cc.method}: accuracy {result['accuracy']:.3f}, generated tokens "
+          f"{result['generated_tokens']:.1f} on {result['num_examples']} {cc.eval_split} problems")
+    if args.json:
+        Path(args.json).write_text(json.dumps({k: v for k, v in result.items()}, indent=1))
+    return 0

@@ -1,0 +1,140 @@
+"""``rdlm.generate``: prompts in, tokens out, with every inference feature of SPEC §1.
+
+    out = rdlm.generate(params, cfg, [[1, 2, 3]], max_new_tokens=32, num_steps=32, exit="kl")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rdlm.config import ModelConfig
+from rdlm.generation.exits import ExitConfig
+from rdlm.generation.plan import (PAD_ID, Plan, SamplingConfig, SpeculativeConfig, left_pad,
+                                make_plan, plan_cache_bytes, prompt_rows)
+from rdlm.generation.programs import generate_jit
+from rdlm.model import Params
+from rdlm.runtime import sharding
+from jax.sharding import NamedSharding, PartitionSpec
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+    """What `generate` returns (NumPy arrays, one row per prompt).
+
+    ``tokens`` [batch, max_new_tokens]: generated ids; after a row's stop token (kept) the rest is
+    ``PAD_ID``. ``steps`` [batch, max_new_tokens]: core iterations that produced each token's
+    distribution (the first token comes from the prefill at the full r; 0 after the stop).
+    ``exit_values``: the exit criterion's value at the step each token stopped (adaptive exit
+    only). ``logits`` [batch, max_new_tokens, vocab] with ``return_logits=True``.
+    """
+
+    tokens: np.ndarray
+    steps: np.ndarray
+    lengths: np.ndarray
+    exit_values: np.ndarray | None
+    logits: np.ndarray | None
+    cache_bytes: int
+    num_slots: int
+    stats: dict[str, float]
+
+    def rows(self) -> list[list[int]]:
+        """Each row's generated tokens up to and including its stop token."""
+        return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths)]
+
+    @property
+    def mean_steps(self) -> float:
+        """Mean core iterations per generated token (over real tokens of all rows)."""
+        mask = np.arange(self.steps.shape[1])[None] < self.lengths[:, None]
+        return float(self.steps[mask].mean()) if mask.any() else 0.0
+
+
+def _finish(raw: dict[str, jax.Array], plan: Plan) -> GenerateOutput:
+    """Trim to max_new_tokens, cut each row after its stop token, move to NumPy."""
+    n_new = plan.max_new_tokens
+    num_generated = int(raw["num_generated"])
+    tokens = np.asarray(raw["tokens"])[:, :n_new].copy()
+    steps = np.asarray(raw["steps"])[:, :n_new].copy()
+    lengths = np.full((plan.batch,), min(num_generated, n_new), np.int64)
+    if plan.stop_tokens:
+        is_stop = np.isin(tokens, plan.stop_tokens) & (np.arange(n_new)[None] < lengths[:, None])
+        first = np.where(is_stop.any(1), is_stop.argmax(1) + 1, lengths)
+        lengths = np.minimum(lengths, first)
+    after = np.arange(n_new)[None] >= lengths[:, None]
+    tokens[after] = PAD_ID
+    steps[after] = 0
+    exit_values = None
+    if plan.exit is not None:
+        exit_values = np.asarray(raw["exit_values"])[:, :n_new].copy()
+        exit_values[after] = np.nan
+    stats = {"core_steps": float(raw["core_steps"]) if plan.speculative else float(steps.sum())}
+    if plan.speculative is not None:
+        rounds = max(int(raw["rounds"]), 1)
+        stats.update(accepted_drafts=int(raw["accepted_drafts"]), rounds=int(raw["rounds"]),
+                     acceptance_rate=int(raw["accepted_drafts"]) /
+                     (rounds * plan.speculative.num_draft))
+    logits = None
+    if plan.return_logits:
+        logits = np.asarray(raw["logits"])[:, :n_new]
+    return GenerateOutput(tokens=tokens, steps=steps, lengths=lengths, exit_values=exit_values,
+                          logits=logits, cache_bytes=plan_cache_bytes(plan),
+                          num_slots=plan.num_slots, stats=stats)
+
+
+def _place(params: Params, cfg: ModelConfig, prompt_bt: np.ndarray, pad_b: np.ndarray,
+           mesh: jax.sharding.Mesh | None) -> tuple[Params, jax.Array, jax.Array]:
+    """Params by the training rules, the batch over "data" (replicated if it does not divide)."""
+    if mesh is None:
+        return params, jnp.asarray(prompt_bt), jnp.asarray(pad_b)
+    params = jax.device_put(params, sharding.param_shardings(cfg, mesh))
+    spec = sharding.batch_spec(mesh)
+    if prompt_bt.shape[0] % sharding.data_parallel_size(mesh):
+        spec = PartitionSpec()  # a batch that does not divide stays replicated
+    return (params, jax.device_put(prompt_bt, NamedSharding(mesh, spec)),
+            jax.device_put(pad_b, NamedSharding(mesh, PartitionSpec(*spec[:1]))))
+
+
+def generate(params: Params, cfg: ModelConfig, prompt_tokens: Any, *, max_new_tokens: int,
+             num_steps: int, exit: ExitConfig | str | None = None,
+             cache_budget: int | None = None, continuous_cot: bool = False,
+             speculative: SpeculativeConfig | bool | None = None, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+             stop_tokens: Sequence[int] = (), key: jax.Array | None = None,
+             prompt_lengths: Any = None, init_scale: float = 0.0, return_logits: bool = False,
+             mesh: jax.sharding.Mesh | None = None) -> GenerateOutput:
+    """Generate ``max_new_tokens`` tokens after each prompt with ``num_steps`` core iterations.
+
+    - ``prompt_tokens``: a list of token-id lists (lengths may differ), or a padded array with
+      ``prompt_lengths``.
+    - ``exit``: adaptive exit per token and row, an `ExitConfig` or ``"kl"``, ``"kl:5e-4"``,
+      ``"argmax-stability:3"`` …; the cap is ``num_steps``. The prompt never exits early.
+    - ``cache_budget``: recurrence slots per core layer (step i uses slot i mod budget); None keeps
+      one slot per step. Fix it to compile once for every ``num_steps``.
+    - ``continuous_cot``: each generated token starts from the previous token's final state.
+    - ``speculative``: a `SpeculativeConfig` (or True for the defaults).
+    - ``temperature`` 0 is greedy; otherwise ``key`` is required; ``top_k``/``top_p``/``min_p``
+      filter the distribution. ``stop_tokens`` end a row (the stop token is kept).
+    - ``init_scale``: 0 (default) starts every token from the zero state (deterministic); a
+      positive value draws s_0 from ``key`` as in training.
+    - ``mesh``: shard params with `rdlm.runtime.sharding.param_shardings` and the batch over "data".
+    """
+    rows = prompt_rows(prompt_tokens, prompt_lengths, cfg)
+    sampling = SamplingConfig(temperature=float(temperature), top_k=top_k, top_p=top_p,
+                              min_p=min_p)
+    if key is None and (not sampling.greedy or init_scale != 0):
+        raise ValueError("sampling with temperature > 0 or a random initial state "
+                         "(init_scale > 0) needs key=jax.random.key(...).")
+    plan = make_plan(cfg, rows, max_new_tokens=max_new_tokens, num_steps=num_steps, exit=exit,
+                     cache_budget=cache_budget, continuous_cot=continuous_cot,
+                     speculative=speculative, sampling=sampling, stop_tokens=stop_tokens,
+                     init_scale=init_scale, return_logits=return_logits)
+    prompt_bt, pad_b = left_pad(rows)
+    params, prompt_bt, pad_b = _place(params, cfg, prompt_bt, pad_b, mesh)
+    key = jax.random.key(0) if key is None else key
+    raw = generate_jit(params, prompt_bt, pad_b, jnp.int32(num_steps), key, plan=plan)
+    return _finish(raw, plan)
+

@@ -1,0 +1,233 @@
+"""The generation engine: one block of positions through prelude, core steps and coda, reading and
+writing the KV cache, at a fixed r (`forward_block`) or with per-row adaptive exit
+(`decode_adaptive`); and how a token is chosen from logits. The programs that loop over tokens
+are in `rdlm.generation.programs`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from rdlm.config import ModelConfig
+from rdlm.generation import cache as kvc
+from rdlm.generation.cache import KVCache
+from rdlm.generation.exits import evaluate, init_exit_state
+from rdlm.generation.plan import Plan, SamplingConfig
+from rdlm.model import AttentionContext, KV, Params, bind, initial_state, rope_angles
+from rdlm.model.kernels import from_loop_layout
+
+
+# ---------------------------------------------------------------------------------------------
+# Token choice.
+
+
+def filter_logits(logits_bv: jax.Array, *, top_k: int | None = None, top_p: float | None = None,
+                  min_p: float | None = None) -> jax.Array:
+    """Set logits outside the top-k / nucleus (top-p) / min-p sets to -inf."""
+    neg_inf = jnp.asarray(-jnp.inf, logits_bv.dtype)
+    if top_k is not None and top_k < logits_bv.shape[-1]:
+        kth_b1 = lax.top_k(logits_bv, top_k)[0][:, -1:]
+        logits_bv = jnp.where(logits_bv < kth_b1, neg_inf, logits_bv)
+    if min_p is not None and min_p > 0:
+        probs_bv = jax.nn.softmax(logits_bv, -1)
+        logits_bv = jnp.where(probs_bv < min_p * probs_bv.max(-1, keepdims=True), neg_inf, logits_bv)
+    if top_p is not None and top_p < 1:
+        sorted_bv = jnp.sort(logits_bv, -1)[:, ::-1]
+        probs_bv = jax.nn.softmax(sorted_bv, -1)
+        # Keep the smallest prefix whose mass reaches top_p: drop a token once the mass before it
+        # already does.
+        drop_bv = (jnp.cumsum(probs_bv, -1) - probs_bv) >= top_p
+        cutoff_b1 = jnp.min(jnp.where(drop_bv, jnp.inf, sorted_bv), -1, keepdims=True)
+        logits_bv = jnp.where(logits_bv < cutoff_b1, neg_inf, logits_bv)
+    return logits_bv
+
+
+def choose_tokens(logits_bv: jax.Array, key: jax.Array, sampling: SamplingConfig) -> jax.Array:
+    """Argmax when greedy, else a draw from the tempered, filtered distribution."""
+    if sampling.greedy:
+        return jnp.argmax(logits_bv, -1).astype(jnp.int32)
+    logits_bv = filter_logits(logits_bv.astype(jnp.float32) / sampling.temperature,
+                              top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p)
+    return jax.random.categorical(key, logits_bv, -1).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# One block of positions through prelude / core step / coda, reading and writing the cache.
+
+
+def block_context(cfg: ModelConfig, pad_b: jax.Array, start: jax.Array | int, length: int,
+                  cache_len: int, with_prefix: bool) -> AttentionContext:
+    """Mask and RoPE for queries at cache positions ``start … start+length-1``.
+
+    Keys are the cache (positions < start, not padding) followed by the block itself (causal).
+    A padding query attends to itself only, so no softmax row is empty.
+    """
+    b = pad_b.shape[0]
+    index_t = start + jnp.arange(length)
+    positions_bt = jnp.maximum(index_t[None, :] - pad_b[:, None], 0)
+    cos_bt1f, sin_bt1f = rope_angles(positions_bt, cfg.head_dim, cfg.rope_base)
+    real_key_bt = index_t[None, :] >= pad_b[:, None]
+    causal_tt = jnp.tril(jnp.ones((length, length), bool))
+    block_btt = causal_tt[None] & (real_key_bt[:, None, :] | jnp.eye(length, dtype=bool)[None])
+    mask_bts = block_btt
+    if with_prefix:
+        index_s = jnp.arange(cache_len)
+        prefix_bs = (index_s[None] >= pad_b[:, None]) & (index_s[None] < start)
+        mask_bts = jnp.concatenate(
+            [jnp.broadcast_to(prefix_bs[:, None, :], (b, length, cache_len)), block_btt], -1)
+    return AttentionContext(cos_bt1f, sin_bt1f, mask_bts[:, None])
+
+
+def _model(params: Params, cfg: ModelConfig) -> Any:
+    """The NNX model over loop-layout params."""
+    return bind(from_loop_layout(params), cfg)
+
+
+def _stage_prefixes(buf_lkbhte: jax.Array, with_prefix: bool) -> list[KV] | None:
+    if not with_prefix:
+        return None
+    return [kvc.as_kv(buf_lkbhte[layer]) for layer in range(buf_lkbhte.shape[0])]
+
+
+def run_prelude(params: Params, cfg: ModelConfig, cache: KVCache, tokens_bt: jax.Array,
+                ctx: AttentionContext, start: jax.Array | int, with_prefix: bool,
+                pad_b: jax.Array) -> tuple[jax.Array, KVCache]:
+    previous_kbt = (kvc.previous_tokens(cache, tokens_bt, pad_b, start, cfg.token_shift)
+                    if cfg.token_shift else None)
+    embedded_btd, kvs = _model(params, cfg).apply_prelude(
+        tokens_bt, ctx, _stage_prefixes(cache.prelude_lkbhte, with_prefix), previous_kbt)
+    cache = kvc.set_tokens(cache, tokens_bt, start)
+    return embedded_btd, cache._replace(
+        prelude_lkbhte=kvc.write_stage(cache.prelude_lkbhte, kvs, start))
+
+
+def run_core_step(params: Params, cfg: ModelConfig, num_slots: int, read: KVCache | None,
+                  write: KVCache, state_btd: jax.Array, embedded_btd: jax.Array,
+                  ctx: AttentionContext, step: jax.Array, write_start: jax.Array | int,
+                  active_b: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+    """Recurrence step ``step`` (0-based) of a block of positions.
+
+    Attends to ``read`` (the cache before this block; None for a prompt with nothing before it)
+    and stores the block's keys/values in ``write`` at ``write_start``. Keeping the two apart
+    matters: if one buffer were read and written inside the step loop, XLA could not prove that
+    every layer's read precedes the in-place writes and would copy the whole cache each step.
+    Inactive rows keep their state and their entries.
+    """
+    prefixes = (None if read is None else
+                [kvc.read_core(read, layer, step, num_slots) for layer in range(cfg.n_core)])
+    new_btd, kvs = _model(params, cfg).core(state_btd, embedded_btd, ctx, prefixes)
+    for layer, kv in enumerate(kvs):
+        write = kvc.write_core(write, layer, step, num_slots, kv, write_start, active_b)
+    if active_b is not None:
+        new_btd = jnp.where(active_b[:, None, None], new_btd, state_btd)
+    return new_btd, write
+
+
+def run_coda(params: Params, cfg: ModelConfig, cache: KVCache, state_btd: jax.Array,
+             ctx: AttentionContext, start: jax.Array | int, with_prefix: bool,
+             write: bool = True) -> tuple[jax.Array, KVCache]:
+    logits_btv, kvs = _model(params, cfg).apply_coda(
+        state_btd, ctx, _stage_prefixes(cache.coda_lkbhte, with_prefix))
+    if write:
+        cache = cache._replace(coda_lkbhte=kvc.write_stage(cache.coda_lkbhte, kvs, start))
+    return logits_btv, cache
+
+
+def start_state(plan: Plan, shape: tuple[int, ...], key: jax.Array,
+                 start: jax.Array | int) -> jax.Array:
+    if plan.init_scale == 0:
+        return jnp.zeros(shape, jnp.dtype(plan.cfg.dtype))
+    return initial_state(plan.cfg, shape, key=jax.random.fold_in(key, start),
+                         init_scale=plan.init_scale)
+
+
+def block_buffer(plan: Plan, batch: int, length: int) -> KVCache:
+    """Core entries of the positions being computed, merged into the cache after their loop."""
+    return kvc.init_cache(plan.cfg, batch, length, plan.num_slots, plan.track_latest)
+
+
+def forward_block(params: Params, plan: Plan, cache: KVCache, tokens_bt: jax.Array,
+                  pad_b: jax.Array, start: jax.Array | int, num_steps: jax.Array | int,
+                  state_btd: jax.Array, with_prefix: bool
+                  ) -> tuple[jax.Array, jax.Array, KVCache]:
+    """A block of tokens at a fixed number of steps (prefill, plain decoding, draft, verify).
+
+    Returns (logits [b, t, V], final states [b, t, d], cache with the block written).
+    """
+    cfg = plan.cfg
+    b, length = tokens_bt.shape
+    ctx = block_context(cfg, pad_b, start, length, plan.cache_len, with_prefix)
+    embedded_btd, cache = run_prelude(params, cfg, cache, tokens_bt, ctx, start, with_prefix,
+                                      pad_b)
+    # A prompt with nothing before it reads no cache, so it can write the cache directly.
+    read, write, write_start = ((cache, block_buffer(plan, b, length), 0) if with_prefix
+                                else (None, cache, start))
+
+    def body(step: jax.Array, carry: tuple[jax.Array, KVCache]) -> tuple[jax.Array, KVCache]:
+        state, w = carry
+        return run_core_step(params, cfg, plan.num_slots, read, w, state, embedded_btd, ctx, step,
+                             write_start)
+
+    state_btd, write = lax.fori_loop(0, num_steps, body, (state_btd, write))
+    cache = kvc.merge_block(cache, write, start) if with_prefix else write
+    cache = kvc.set_depth(cache, jnp.full(tokens_bt.shape, num_steps, jnp.int32), start)
+    logits_btv, cache = run_coda(params, cfg, cache, state_btd, ctx, start, with_prefix)
+    return logits_btv, state_btd, cache
+
+
+def decode_adaptive(params: Params, plan: Plan, cache: KVCache, token_b1: jax.Array,
+                    pad_b: jax.Array, pos: jax.Array, num_steps: jax.Array,
+                    state_b1d: jax.Array, skip_b: jax.Array
+                    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, KVCache]:
+    """One token per row with per-row adaptive exit (capped at ``num_steps``).
+
+    Rows in ``skip_b`` (finished generating) start as exited. Returns (logits [b, V], final
+    state [b, 1, d], steps run [b], exit value [b], cache).
+    """
+    cfg, exit_cfg = plan.cfg, plan.exit
+    ctx = block_context(cfg, pad_b, pos, 1, plan.cache_len, True)
+    embedded_b1d, cache = run_prelude(params, cfg, cache, token_b1, ctx, pos, True, pad_b)
+    b = token_b1.shape[0]
+
+    def not_finished(carry: tuple) -> jax.Array:
+        step, done_b = carry[0], carry[2]
+        return (step < num_steps) & ~jnp.all(done_b)
+
+    def body(carry: tuple) -> tuple:
+        step, state, done_b, steps_b, value_b, memory, w = carry
+        active_b = ~done_b
+        state, w = run_core_step(params, cfg, plan.num_slots, cache, w, state, embedded_b1d, ctx,
+                                 step, 0, active_b)
+        steps_b = steps_b + active_b.astype(jnp.int32)
+        check = (step + 1) % exit_cfg.check_every == 0
+
+        def check_exit(memory_: Any) -> tuple:
+            logits_bv = None
+            if exit_cfg.needs_logits:  # the coda on the candidate state; its entries are not kept
+                logits_bv = run_coda(params, cfg, cache, state, ctx, pos, True, write=False)[0][:, 0]
+            value, converged, new_memory = evaluate(exit_cfg, memory_, state[:, 0], logits_bv)
+            new_memory = jax.tree.map(
+                lambda n, o: jnp.where(active_b.reshape((-1,) + (1,) * (n.ndim - 1)), n, o),
+                new_memory, memory_)
+            return value, converged, new_memory
+
+        def no_check(memory_: Any) -> tuple:
+            return value_b, jnp.zeros((b,), bool), memory_
+
+        value, converged_b, memory = lax.cond(check, check_exit, no_check, memory)
+        value_b = jnp.where(active_b & check, value, value_b)
+        done_b = done_b | (active_b & converged_b & (step + 1 >= exit_cfg.min_steps))
+        return step + 1, state, done_b, steps_b, value_b, memory, w
+
+    init = (jnp.int32(0), state_b1d, skip_b, jnp.zeros((b,), jnp.int32),
+            jnp.full((b,), jnp.inf, jnp.float32), init_exit_state(state_b1d[:, 0], cfg.vocab_size),
+            block_buffer(plan, b, 1))
+    _, state_b1d, _, steps_b, value_b, _, write = lax.while_loop(not_finished, body, init)
+    cache = kvc.merge_block(cache, write, pos)
+    cache = kvc.set_depth(cache, steps_b[:, None], pos)
+    logits_b1v, cache = run_coda(params, cfg, cache, state_b1d, ctx, pos, True)
+    return logits_b1v[:, 0], state_b1d, steps_b, value_b, cache

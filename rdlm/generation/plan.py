@@ -1,0 +1,192 @@
+"""The static plan of one compiled generation program: every option checked, every shape fixed.
+
+Everything here runs before anything is traced, so a bad option is a ValueError that names it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from rdlm.config import ModelConfig
+from rdlm.generation import cache as kvc
+from rdlm.generation.exits import ExitConfig, as_exit_config
+
+PAD_ID = 0  # fills padding in the prompt buffer and the tokens after a row's stop token
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeculativeConfig:
+    """Self-speculative decoding: draft with few iterations, verify at the full r.
+
+    ``accept_prob=None`` accepts a draft token when it equals the verifier's choice (the argmax
+    under greedy decoding: output identical to plain decoding); a number accepts it when the
+    verifier gives it at least that probability (faster, approximate). A draft runs
+    ``min(draft_steps, r)`` iterations.
+    """
+
+    num_draft: int = 4
+    draft_steps: int = 4
+    accept_prob: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("num_draft", "draft_steps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"speculative {name}={v!r} must be a positive integer.")
+        if self.accept_prob is not None and not 0.0 < self.accept_prob <= 1.0:
+            raise ValueError(f"speculative accept_prob={self.accept_prob!r} must be in (0, 1].")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How a token is drawn from logits; temperature 0 is greedy (argmax)."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
+            raise ValueError(f"temperature={self.temperature!r} must be a number >= 0.")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+            raise ValueError(f"top_k={self.top_k!r} must be a positive integer.")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p!r} must be in (0, 1].")
+        if self.min_p is not None and not 0.0 <= self.min_p < 1.0:
+            raise ValueError(f"min_p={self.min_p!r} must be in [0, 1).")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Every static choice of one compiled program (shapes, features); hashable."""
+
+    cfg: ModelConfig
+    batch: int
+    prompt_len: int
+    cache_len: int
+    max_new_tokens: int
+    num_slots: int
+    exit: ExitConfig | None
+    continuous_cot: bool
+    speculative: SpeculativeConfig | None
+    sampling: SamplingConfig
+    stop_tokens: tuple[int, ...]
+    init_scale: float
+    return_logits: bool
+
+    @property
+    def track_latest(self) -> bool:
+        return self.exit is not None
+
+    @property
+    def out_len(self) -> int:
+        extra = 0 if self.speculative is None else self.speculative.num_draft
+        return self.max_new_tokens + extra
+
+
+
+def prompt_rows(prompt_tokens: Any, prompt_lengths: Any, cfg: ModelConfig) -> list[list[int]]:
+    """Validated prompts as lists of ids: a list of id lists, one id list, or a padded array
+    [batch, length] (prompts left-aligned) with ``prompt_lengths``."""
+    if prompt_lengths is not None:
+        array = np.asarray(prompt_tokens)
+        lengths = np.asarray(prompt_lengths).reshape(-1)
+        if array.ndim != 2 or lengths.shape[0] != array.shape[0]:
+            raise ValueError(f"a padded prompt array must be [batch, length] with one length per "
+                             f"row; got shape {array.shape} and {lengths.shape[0]} lengths.")
+        if np.any(lengths > array.shape[1]):
+            raise ValueError(f"prompt_lengths {lengths.tolist()} exceed the array length "
+                             f"{array.shape[1]}.")
+        rows = [array[i, :int(n)].tolist() for i, n in enumerate(lengths)]
+    else:
+        if isinstance(prompt_tokens, (np.ndarray, jax.Array)):
+            prompt_tokens = np.asarray(prompt_tokens).tolist()
+        if not isinstance(prompt_tokens, (list, tuple)) or len(prompt_tokens) == 0:
+            raise ValueError("prompt_tokens is empty: give a list of token-id lists (one per row).")
+        if all(isinstance(t, (int, np.integer)) for t in prompt_tokens):
+            prompt_tokens = [prompt_tokens]
+        rows = [list(r) if isinstance(r, (list, tuple, np.ndarray)) else r for r in prompt_tokens]
+    if not rows:
+        raise ValueError("prompt_tokens is empty: give at least one prompt.")
+    for i, row in enumerate(rows):
+        if not isinstance(row, list):
+            raise ValueError(f"prompt {i} must be a list of token ids, got {type(row).__name__}.")
+        if len(row) == 0:
+            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token.")
+        for t in row:
+            if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+                raise ValueError(f"prompt {i} holds {t!r}: token ids must be integers.")
+        bad = [int(t) for t in row if not 0 <= int(t) < cfg.vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i} holds token ids {bad[:5]} outside the vocabulary "
+                             f"[0, {cfg.vocab_size}).")
+    return [[int(t) for t in row] for row in rows]
+
+
+def left_pad(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """[batch, longest] int32 with each prompt right-aligned, and the padding per row."""
+    longest = max(len(r) for r in rows)
+    prompt_bt = np.full((len(rows), longest), PAD_ID, np.int32)
+    pad_b = np.array([longest - len(r) for r in rows], np.int32)
+    for i, row in enumerate(rows):
+        prompt_bt[i, pad_b[i]:] = row
+    return prompt_bt, pad_b
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive integer.")
+    return int(value)
+
+
+def make_plan(cfg: ModelConfig, rows: list[list[int]], *, max_new_tokens: int, num_steps: int,
+              exit: ExitConfig | str | None = None, cache_budget: int | None = None,
+              continuous_cot: bool = False, speculative: SpeculativeConfig | None = None,
+              sampling: SamplingConfig = SamplingConfig(), stop_tokens: Sequence[int] = (),
+              init_scale: float = 0.0, return_logits: bool = False) -> Plan:
+    """Check every option and fix the static shape of the program; raises ValueError."""
+    max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
+    num_steps = _positive_int("num_steps", num_steps)
+    if cache_budget is not None:
+        if isinstance(cache_budget, bool) or not isinstance(cache_budget, (int, np.integer)) \
+                or cache_budget < 1:
+            raise ValueError(f"cache_budget={cache_budget!r} must be an integer >= 1 (recurrence "
+                             "slots kept per core layer), or None for one slot per step.")
+    exit_cfg = as_exit_config(exit)
+    if speculative is True:
+        speculative = SpeculativeConfig()
+    if speculative is not None and not isinstance(speculative, SpeculativeConfig):
+        raise TypeError("speculative must be a SpeculativeConfig, True or None.")
+    if speculative is not None and (exit_cfg is not None or continuous_cot):
+        raise ValueError("speculative decoding verifies a block of tokens in one parallel pass, "
+                         "so it cannot be combined with adaptive exit or continuous_cot.")
+    longest = max(len(r) for r in rows)
+    if longest + max_new_tokens > cfg.max_seq_len:
+        raise ValueError(f"the longest prompt ({longest} tokens) plus max_new_tokens="
+                         f"{max_new_tokens} is {longest + max_new_tokens}, beyond "
+                         f"model.max_seq_len={cfg.max_seq_len}.")
+    stop = tuple(int(t) for t in stop_tokens)
+    bad = [t for t in stop if not 0 <= t < cfg.vocab_size]
+    if bad:
+        raise ValueError(f"stop_tokens {bad} are outside the vocabulary [0, {cfg.vocab_size}).")
+    extra = 0 if speculative is None else speculative.num_draft
+    return Plan(cfg=cfg, batch=len(rows), prompt_len=longest,
+                 cache_len=longest + max_new_tokens - 1 + extra, max_new_tokens=max_new_tokens,
+                 num_slots=int(cache_budget) if cache_budget is not None else num_steps,
+                 exit=exit_cfg, continuous_cot=bool(continuous_cot), speculative=speculative,
+                 sampling=sampling, stop_tokens=stop, init_scale=float(init_scale),
+                 return_logits=bool(return_logits))
+
+
+
+def plan_cache_bytes(plan: Plan) -> int:
+    return kvc.cache_bytes(plan.cfg, plan.batch, plan.cache_len, plan.num_slots, plan.track_latest)

@@ -1,0 +1,121 @@
+"""What every attention layer of one forward pass shares: RoPE angles and the mask.
+
+Positions come from segment ids (packed documents) and branch ids (several continuations of one
+prefix); the kernels that compute attention itself live in `rdlm.model.kernels`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from rdlm.config import ModelConfig
+
+# (keys, values), each [batch, heads, length, head_dim]: the KV cache's layout
+# (`rdlm.generation.cache`), in which the attention dots over a cache need no transposed copy of it.
+KV = tuple[jax.Array, jax.Array]
+
+
+class AttentionContext(NamedTuple):
+    """What every attention layer of one forward pass shares."""
+
+    rope_cos_bt1f: jax.Array  # f = head_dim / 2 rotation frequencies
+    rope_sin_bt1f: jax.Array
+    # True where query t may attend to key s; None means plain causal attention (no [b, t, s]
+    # mask is built at all).
+    mask_b1ts: jax.Array | None
+
+
+def segment_positions(segment_ids_bt: jax.Array) -> jax.Array:
+    """Position of each token inside its segment: restarts at 0 wherever the segment id changes."""
+    t = segment_ids_bt.shape[1]
+    index_bt = jnp.broadcast_to(jnp.arange(t), segment_ids_bt.shape)
+    is_start_bt = jnp.concatenate(
+        [jnp.ones_like(segment_ids_bt[:, :1], bool), segment_ids_bt[:, 1:] != segment_ids_bt[:, :-1]],
+        axis=1)
+    start_bt = lax.cummax(jnp.where(is_start_bt, index_bt, 0), axis=1)
+    return index_bt - start_bt
+
+
+def rope_angles(positions_bt: jax.Array, head_dim: int, base: float
+                ) -> tuple[jax.Array, jax.Array]:
+    """cos/sin of the rotation angles, float32, shaped to broadcast over heads."""
+    inv_freq_f = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angle_btf = positions_bt.astype(jnp.float32)[..., None] * inv_freq_f
+    return jnp.cos(angle_btf)[:, :, None, :], jnp.sin(angle_btf)[:, :, None, :]
+
+
+def attention_context(cfg: ModelConfig, batch: int, length: int, *,
+                      segment_ids: jax.Array | None = None,
+                      positions: jax.Array | None = None,
+                      branch_ids: jax.Array | None = None) -> AttentionContext:
+    """Causal mask (within a segment when packed) and RoPE angles for a [batch, length] input.
+
+    Segment ids mark packed documents (and id 0 conventionally marks padding): a token attends only
+    to earlier tokens of its own segment, and positions restart with each segment, so a packed row
+    computes exactly what its documents would alone.
+
+    Branch ids share one prefix between several continuations: branch 0 is the trunk, and a token
+    of branch k > 0 sees the trunk and its own branch only. A token's position is the number of
+    tokens it sees before it, so every branch computes exactly what it would alone after the trunk
+    (several questions about one context, each isolated from the others' answers).
+    """
+    causal_tt = jnp.tril(jnp.ones((length, length), bool))
+    if segment_ids is None and branch_ids is None:
+        mask_b1ts = None
+        default_positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+    else:
+        mask_bts = jnp.broadcast_to(causal_tt, (batch, length, length))
+        if segment_ids is not None:
+            mask_bts = mask_bts & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        if branch_ids is not None:
+            visible_bts = ((branch_ids[:, None, :] == 0)
+                           | (branch_ids[:, :, None] == branch_ids[:, None, :]))
+            mask_bts = mask_bts & visible_bts
+        mask_b1ts = mask_bts[:, None]
+        default_positions = mask_bts.sum(-1) - 1
+    positions = default_positions if positions is None else positions
+    cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_base)
+    return AttentionContext(cos, sin, mask_b1ts)
+
+
+def previous_positions(batch: int, length: int, num: int, mask_b1ts: jax.Array | None
+                       ) -> jax.Array:
+    """[num, b, t]: the 1st … ``num``-th previous *visible* position of every position, -1 where
+    none.
+
+    "Visible" follows the attention mask: within a segment, and across a branch's start into its
+    trunk, so packed and branched rows see exactly the neighbours they would see alone.
+    """
+    index_t = jnp.arange(length)
+    if mask_b1ts is None:
+        prev_bt = jnp.broadcast_to(index_t - 1, (batch, length))
+    else:  # the latest earlier key each query may attend to
+        earlier_bts = mask_b1ts[:, 0] & (index_t[None, :] < index_t[:, None])[None]
+        prev_bt = jnp.max(jnp.where(earlier_bts, index_t, -1), axis=-1)
+    out, where_bt = [], prev_bt
+    for _ in range(num):
+        out.append(where_bt)
+        where_bt = jnp.where(where_bt >= 0, jnp.take_along_axis(
+            prev_bt, jnp.maximum(where_bt, 0), axis=1), -1)
+    return jnp.stack(out)
+
+
+def previous_tokens(tokens_bt: jax.Array, num: int, mask_b1ts: jax.Array | None) -> jax.Array:
+    """Ids of the 1st … ``num``-th previous visible token of every position, -1 where none."""
+    where_kbt = previous_positions(*tokens_bt.shape, num, mask_b1ts)
+    ids_kbt = jax.vmap(lambda w: jnp.take_along_axis(tokens_bt, jnp.maximum(w, 0), axis=1))(
+        where_kbt)
+    return jnp.where(where_kbt >= 0, ids_kbt, -1)
+
+
+def apply_rope(x_bthe: jax.Array, cos_bt1f: jax.Array, sin_bt1f: jax.Array) -> jax.Array:
+    """Rotate interleaved pairs (0,1), (2,3), … of the head dimension, in float32."""
+    x_bthf2 = x_bthe.astype(jnp.float32).reshape(*x_bthe.shape[:-1], -1, 2)
+    real, imag = x_bthf2[..., 0], x_bthf2[..., 1]
+    rotated = jnp.stack([real * cos_bt1f - imag * sin_bt1f, real * sin_bt1f + imag * cos_bt1f], -1)
+    return rotated.reshape(x_bthe.shape).astype(x_bthe.dtype)
+

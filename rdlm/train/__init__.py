@@ -1,0 +1,14 @@
+"""Training: the train state, one sharded step that takes a loss function, the resumable loop with
+its logging, held-out evaluation, optimizers and ahead-of-time compilation.
+
+    result = rdlm.train.train(rdlm.load_config("configs/tiny.yaml"))
+"""
+
+from rdlm.errors import TrainingDiverged
+from rdlm.train.loop import TrainResult, train
+from rdlm.train.metrics import read_metrics
+from rdlm.train.state import TrainState
+from rdlm.train.step import lm_objective, make_train_step, train_step
+
+__all__ = ["TrainResult", "TrainState", "TrainingDiverged", "lm_objective", "make_train_step",
+           "read_metrics", "train", "train_step"]

@@ -1,0 +1,124 @@
+"""Logging: metrics.jsonl, TensorBoard, a progress bar or plain lines. Process 0 only."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
+
+from rdlm.config import Config
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The step records of a metrics.jsonl ([] if there is none), skipping a line that a killed
+    writer left half-written."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+            int(record["step"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a torn line from a killed writer
+        records.append(record)
+    return records
+
+
+def truncate_jsonl(path: Path, start_step: int) -> list[dict[str, Any]]:
+    """Keep the records of steps <= start_step: a resumed run re-logs the steps after its
+    checkpoint, and a SIGKILL may have left half a line at the end. Returns the kept records."""
+    if not path.exists():
+        return []
+    kept = [r for r in read_metrics(path) if r["step"] <= start_step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return kept
+
+
+class MetricsLogger:
+    """metrics.jsonl, TensorBoard event files and a progress bar (or plain lines); process 0.
+
+    Messages before `open` (restore, init) go straight to stdout."""
+
+    def __init__(self, run_dir: Path, cfg: Config, enabled: bool):
+        self.enabled = enabled
+        self.run_dir = run_dir
+        self.cfg = cfg
+        self.bar = None
+        self.opened = False
+
+    def open(self, start_step: int) -> None:
+        if not self.enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        truncate_jsonl(self.run_dir / "metrics.jsonl", start_step)
+        self.jsonl = open(self.run_dir / "metrics.jsonl", "a")
+        # purge_step hides events a killed run wrote past the checkpoint we resume from.
+        self.tb = SummaryWriter(str(self.run_dir / "tensorboard"),
+                                purge_step=start_step + 1 if start_step else None)
+        self.opened = True
+        cfg = self.cfg
+        mode = cfg.train.progress
+        if mode == "bar" or (mode == "auto" and sys.stderr.isatty()):
+            self.bar = tqdm(total=cfg.train.steps, initial=start_step, unit="step",
+                            dynamic_ncols=True)
+
+    def log(self, step: int, metrics: dict[str, float], *, print_line: bool) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: plain(v) for k, v in metrics.items()}}
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        for k, v in record.items():
+            if k != "step" and isinstance(v, (int, float)):
+                self.tb.add_scalar(k if "/" in k else f"train/{k}", v, step)
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            if "loss" in metrics:
+                self.bar.set_postfix(loss=f"{metrics['loss']:.4f}",
+                                     mfu=f"{metrics.get('mfu', 0):.1%}", r=metrics.get("r"))
+        elif print_line:
+            self.message(format_line(step, self.cfg.train.steps, metrics))
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if not self.opened:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        self.tb.close()
+        self.jsonl.close()
+
+
+def plain(v: Any) -> Any:
+    v = np.asarray(v)
+    return v.item() if v.ndim == 0 else v.tolist()
+
+
+def format_line(step: int, total: int, m: dict[str, float]) -> str:
+    parts = [f"step {step}/{total}"]
+    for key, fmt in (("loss", "loss {:.4f}"), ("grad_norm", "gnorm {:.3f}"), ("lr", "lr {:.2e}"),
+                     ("r", "r {}"), ("tokens_per_s", "{:,.0f} tok/s"), ("mfu", "mfu {:.1%}"),
+                     ("eta_s", "eta {:.0f}s")):
+        if key in m:
+            parts.append(fmt.format(m[key]))
+    return " | ".join(parts)
+
+
+
+def plain_dict(d: dict[str, jax.Array]) -> dict[str, float]:
+    return {k: plain(v) for k, v in jax.device_get(d).items()}

@@ -1,0 +1,118 @@
+"""The train state: everything that changes from one step to the next and is checkpointed."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from rdlm.config import Config, ConfigError
+from rdlm.model import abstract_params, init_params
+from rdlm.runtime import checkpoint as ckpt_lib
+from rdlm.runtime import sharding as shard_lib
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    """Everything that changes from one step to the next (and is checkpointed)."""
+
+    step: jax.Array  # int32 scalar: optimizer steps taken (skipped ones included)
+    params: Any
+    opt_state: Any
+    bad_steps: jax.Array  # int32: steps skipped for a non-finite loss/gradient, in total
+    bad_streak: jax.Array  # int32: ... in a row, up to and including the last step
+
+    def meta(self) -> dict[str, int]:
+        return {"step": int(self.step), "bad_steps": int(self.bad_steps),
+                "bad_streak": int(self.bad_streak)}
+
+
+def state_shardings(cfg: Config, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+    """Shardings of a `TrainState`: params per the logical rules; optimizer moments mirror the
+    params they belong to; scalars replicated."""
+    p_shardings = shard_lib.param_shardings(cfg.model, mesh)
+    rep = shard_lib.replicated(mesh)
+    abstract_opt = jax.eval_shape(tx.init, abstract_params(cfg.model))
+    opt_shardings = optax.tree_utils.tree_map_params(
+        tx, lambda _, s: s, abstract_opt, p_shardings,
+        transform_non_params=lambda _: rep,
+        is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    return TrainState(step=rep, params=p_shardings, opt_state=opt_shardings, bad_steps=rep,
+                      bad_streak=rep)
+
+
+def abstract_state(cfg: Config, tx: optax.GradientTransformation, shardings: TrainState
+                   ) -> TrainState:
+    """`TrainState` of ShapeDtypeStructs carrying ``shardings`` (for restore and AOT lowering)."""
+    params = abstract_params(cfg.model)
+    shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                        opt_state=jax.eval_shape(tx.init, params),
+                        bad_steps=jax.ShapeDtypeStruct((), jnp.int32),
+                        bad_streak=jax.ShapeDtypeStruct((), jnp.int32))
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        shapes, shardings)
+
+
+def init_state(cfg: Config, tx: optax.GradientTransformation, shardings: TrainState,
+               params: Any | None = None) -> TrainState:
+    """A fresh state created directly in its shardings (no full copy on one device)."""
+    if params is None:
+        params = jax.jit(init_params, static_argnums=0, out_shardings=shardings.params)(
+            cfg.model, jax.random.key(cfg.seed))
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+    # Three distinct buffers: the state is donated, and one buffer may be donated only once.
+    zero = lambda: jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
+    return TrainState(step=zero(), params=params, opt_state=opt_state, bad_steps=zero(),
+                      bad_streak=zero())
+
+
+
+# Model fields that change how training runs, not what the parameters are: a run may resume
+# with other values (e.g. turn on remat to fit memory, or raise the mean depth mid-run).
+RESUMABLE_MODEL_FIELDS = ("remat", "dtype", "backprop_depth", "mean_recurrence")
+
+
+def restore_or_init(cfg: Config, tx: optax.GradientTransformation, shardings: TrainState,
+                     checkpointer: ckpt_lib.TrainCheckpointer, data_iterator: Any,
+                     log: Callable[[str], None]) -> TrainState:
+    """The latest complete checkpoint of the run, else fresh params (or ``train.init_from``)."""
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        saved_cfg = ckpt_lib.load_config(checkpointer.directory / str(latest))
+        changed = {f.name: (getattr(saved_cfg.model, f.name), getattr(cfg.model, f.name))
+                   for f in dataclasses.fields(cfg.model)
+                   if getattr(saved_cfg.model, f.name) != getattr(cfg.model, f.name)}
+        fixed = [name for name in changed if name not in RESUMABLE_MODEL_FIELDS]
+        if fixed:
+            diff = ", ".join(f"model.{n} {changed[n][0]!r} → {changed[n][1]!r}" for n in fixed)
+            raise ConfigError(
+                f"run_dir {cfg.train.run_dir!r} holds a checkpoint of a different model than "
+                f"the config ({diff}); use a new train.run_dir, or train.init_from= to start "
+                "from those weights.")
+        for name, (old, new) in changed.items():
+            log(f"resuming with model.{name}={new!r} (the checkpoint trained with {old!r})")
+        target = abstract_state(cfg, tx, shardings)
+        params, opt_state, meta, data_state = checkpointer.restore(
+            latest, abstract_params=target.params, abstract_opt_state=target.opt_state)
+        if data_state is not None and hasattr(data_iterator, "set_state"):
+            data_iterator.set_state(data_state)
+        rep = shardings.step
+        scalar = lambda v: jax.device_put(jnp.int32(v), rep)
+        log(f"resumed from {checkpointer.directory / str(latest)} (step {latest})")
+        return TrainState(step=scalar(meta["step"]), params=params, opt_state=opt_state,
+                          bad_steps=scalar(meta["bad_steps"]), bad_streak=scalar(meta["bad_streak"]))
+    params = None
+    if cfg.train.init_from:
+        init_cfg = ckpt_lib.load_config(cfg.train.init_from)
+        if jax.tree.map(lambda x: (x.shape, x.dtype), abstract_params(init_cfg.model)) != \
+                jax.tree.map(lambda x: (x.shape, x.dtype), abstract_params(cfg.model)):
+            raise ConfigError(f"train.init_from={cfg.train.init_from!r} holds parameters of "
+                              f"another shape ({init_cfg.model}); make the model config match.")
+        _, params = ckpt_lib.load_params(cfg.train.init_from, shardings=shardings.params)
+        log(f"initialised params from {cfg.train.init_from}")
+    return init_state(cfg, tx, shardings, params)

@@ -1,0 +1,240 @@
+"""One optimizer step, sharded and jitted; the loss it differentiates is a parameter.
+
+  1. draw the recurrence count (n_no_grad, n_grad) from ``fold_in(key(seed), step)``: every device
+     and host gets the same r without communicating;
+  2. loss and gradients, accumulated over ``train.micro_batches`` with a `lax.scan` (token-weighted,
+     so 4 micro-batches give the gradient of the whole batch);
+  3. the optax update; if the loss or the gradient norm is not finite the update is dropped on
+     device (params and optimizer state stay as they were) and counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from rdlm.config import Config, ConfigError, DataConfig, MeshConfig, SampleConfig, TrainConfig
+from rdlm.model import lm_loss
+from rdlm.model.recurrence import sample_depth
+from rdlm.runtime import sharding as shard_lib
+from rdlm.train.optim import make_optimizer, make_schedule
+from rdlm.train.state import TrainState, state_shardings
+
+Batch = dict[str, jax.Array]
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "loss_mask", "branch_ids")
+
+# (params, batch, n_no_grad, n_grad, key) → (mean loss over the batch's loss tokens, metrics with
+# at least "accuracy"). The step differentiates it; `lm_objective` is the plain LM's. A loss
+# function must be hashable (a frozen dataclass, or one function object reused) because the
+# compiled step is memoised on it.
+LossFn = Callable[[Any, Batch, jax.Array, jax.Array, jax.Array],
+                  tuple[jax.Array, dict[str, jax.Array]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class LMObjective:
+    """Next-token cross-entropy under truncated backprop (`rdlm.model.lm_loss`)."""
+
+    model: Any  # ModelConfig
+    init_scale: float
+
+    def __call__(self, params: Any, batch: Batch, n_no_grad: jax.Array, n_grad: jax.Array,
+                 key: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        return lm_loss(params, batch, self.model, n_no_grad=n_no_grad, n_grad=n_grad, key=key,
+                       init_scale=self.init_scale)
+
+
+def lm_objective(cfg: Config) -> LossFn:
+    """The plain language-model loss of ``cfg`` (what `rdlm train` optimises)."""
+    return LMObjective(cfg.model, cfg.train.init_scale)
+
+
+def step_key(seed: int, step: jax.Array) -> jax.Array:
+    """The step's key; the same on every host because it depends only on (seed, step)."""
+    return jax.random.fold_in(jax.random.key(seed), step)
+
+
+def split_micro_batches(batch: Batch, micro_batches: int) -> Batch:
+    """[B, T] → [M, B/M, T], micro-batch m taking rows m, m+M, …: each data-parallel shard
+    contributes equally to every micro-batch, so no resharding is needed."""
+    def split(x: jax.Array) -> jax.Array:
+        b = x.shape[0]
+        return jnp.swapaxes(x.reshape(b // micro_batches, micro_batches, *x.shape[1:]), 0, 1)
+    return jax.tree.map(split, batch)
+
+
+def _token_count(batch: Batch) -> jax.Array:
+    mask = batch.get("loss_mask")
+    if mask is None:
+        return jnp.float32(math.prod(batch["targets"].shape))
+    return mask.astype(jnp.float32).sum()
+
+
+def loss_and_grads(params: Any, batch: Batch, cfg: Config, loss_fn: LossFn, n_no_grad: jax.Array,
+                   n_grad: jax.Array, key: jax.Array) -> tuple[Any, dict[str, jax.Array]]:
+    """Gradient of the batch's mean token loss, accumulated over ``cfg.train.micro_batches``.
+
+    Each micro-batch's mean loss is weighted by its share of the batch's loss tokens, so the sum
+    equals the full-batch mean whatever the split. Gradients accumulate in float32.
+    """
+    total_tokens = jnp.maximum(_token_count(batch), 1.0)
+
+    def micro(mb: Batch, mb_key: jax.Array) -> tuple[Any, dict[str, jax.Array]]:
+        weight = _token_count(mb) / total_tokens
+        def weighted_loss(p: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+            loss, metrics = loss_fn(p, mb, n_no_grad, n_grad, mb_key)
+            return loss * weight, metrics
+        (loss_w, metrics), grads = jax.value_and_grad(weighted_loss, has_aux=True)(params)
+        return grads, {"loss": loss_w, "accuracy": metrics["accuracy"] * weight}
+
+    m = cfg.train.micro_batches
+    if m == 1:
+        return micro(batch, key)
+    micro_batch_keys = jax.random.split(key, m)
+
+    def body(acc: tuple[Any, dict], xs: tuple[Batch, jax.Array]) -> tuple[tuple[Any, dict], None]:
+        grads, metrics = micro(*xs)
+        acc_grads, acc_metrics = acc
+        acc_grads = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc_grads, grads)
+        acc_metrics = jax.tree.map(jnp.add, acc_metrics, metrics)
+        return (acc_grads, acc_metrics), None
+
+    zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
+             {"loss": jnp.float32(0), "accuracy": jnp.float32(0)})
+    (grads, metrics), _ = jax.lax.scan(body, zeros, (split_micro_batches(batch, m),
+                                                     micro_batch_keys))
+    return grads, metrics
+
+
+def train_step(state: TrainState, batch: Batch, cfg: Config, tx: optax.GradientTransformation,
+               loss_fn: LossFn | None = None, depth: jax.Array | None = None
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step of ``loss_fn`` (default: `lm_objective`); pure, `make_train_step` jits
+    it with shardings and donation.
+
+    ``depth`` = [n_no_grad, n_grad] overrides the sampled recurrence (benchmarks use it).
+    """
+    key = step_key(cfg.seed, state.step)
+    depth_key, noise_key = jax.random.split(key)
+    if depth is None and cfg.train.depth == "fixed":
+        r, k = cfg.model.mean_recurrence, cfg.model.backprop_depth
+        n_no_grad, n_grad = jnp.int32(max(r - k, 0)), jnp.int32(min(k, r))
+    elif depth is None:
+        n_no_grad, n_grad = sample_depth(depth_key, cfg.model.mean_recurrence,
+                                         cfg.model.backprop_depth)
+    else:
+        n_no_grad, n_grad = depth[0], depth[1]
+    loss_fn = lm_objective(cfg) if loss_fn is None else loss_fn
+    grads, metrics = loss_and_grads(state.params, batch, cfg, loss_fn, n_no_grad, n_grad,
+                                    noise_key)
+    grad_norm = optax.global_norm(grads)
+    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+
+    # NaN guard, on device: a non-finite step leaves params and optimizer state untouched.
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    bad = (~finite).astype(jnp.int32)
+    new_state = TrainState(step=state.step + 1,
+                           params=keep(new_params, state.params),
+                           opt_state=keep(new_opt_state, state.opt_state),
+                           bad_steps=state.bad_steps + bad,
+                           bad_streak=(state.bad_streak + 1) * bad)
+    metrics = dict(metrics, grad_norm=grad_norm, lr=make_schedule(cfg.train)(state.step),
+                   n_no_grad=n_no_grad, n_grad=n_grad, finite=finite,
+                   bad_steps=new_state.bad_steps, bad_streak=new_state.bad_streak,
+                   param_norm=optax.global_norm(new_state.params))
+    return new_state, metrics
+
+
+def batch_shardings(mesh: Mesh, keys: tuple[str, ...] = BATCH_KEYS) -> dict[str, NamedSharding]:
+    return {k: shard_lib.batch_sharding(mesh) for k in keys}
+
+
+# Train-config fields that never reach the compiled step: runs that differ only in these share it.
+_HOST_ONLY_FIELDS = ("run_dir", "init_from", "checkpoint_every", "keep_last", "keep_every",
+                     "async_checkpoint", "log_every", "eval_every", "eval_batches", "eval_steps",
+                     "telemetry_every", "max_bad_steps", "peak_flops", "progress")
+
+
+def _step_identity(cfg: Config) -> Config:
+    defaults = TrainConfig()
+    host_only = list(_HOST_ONLY_FIELDS)
+    if cfg.train.schedule == "constant":
+        host_only.append("steps")  # only cosine and trapezoid schedules read the run length
+    train = dataclasses.replace(cfg.train, **{f: getattr(defaults, f) for f in host_only})
+    # The mesh itself is a separate key; its config (and the data/sample sections) never
+    # reach the step.
+    return dataclasses.replace(cfg, train=train, data=DataConfig(), sample=SampleConfig(),
+                               mesh=MeshConfig())
+
+
+def make_train_step(cfg: Config, mesh: Mesh, *, fixed_depth: bool = False,
+                    batch_keys: tuple[str, ...] = BATCH_KEYS,
+                    loss_fn: LossFn | None = None) -> Callable:
+    """`train_step` under `jax.jit` with explicit in/out shardings and the state donated.
+
+    ``fixed_depth``: the step takes a third argument, int32[2] = (n_no_grad, n_grad).
+    Memoised on what the step depends on, so repeated runs in one process (notebooks, tests,
+    benchmarks) compile once.
+    """
+    step_cfg = _step_identity(cfg)
+    loss_fn = lm_objective(step_cfg) if loss_fn is None else loss_fn
+    return _make_train_step(step_cfg, mesh, fixed_depth, tuple(batch_keys), loss_fn)
+
+
+@functools.lru_cache(maxsize=16)
+def _make_train_step(cfg: Config, mesh: Mesh, fixed_depth: bool, batch_keys: tuple[str, ...],
+                     loss_fn: LossFn) -> Callable:
+    tx = make_optimizer(cfg.train)
+    shardings = state_shardings(cfg, tx, mesh)
+    rep = shard_lib.replicated(mesh)
+    in_shardings: tuple[Any, ...] = (shardings, batch_shardings(mesh, batch_keys))
+    if fixed_depth:
+        in_shardings += (rep,)
+    fn = lambda state, batch, *depth: train_step(state, batch, cfg, tx, loss_fn, *depth)
+    return jax.jit(fn, in_shardings=in_shardings, out_shardings=(shardings, rep),
+                   donate_argnums=(0,))
+
+
+
+def global_batch(local: dict[str, np.ndarray], cfg: Config, mesh: Mesh) -> Batch:
+    """This process's rows → one global [batch, seq_len] array per key, sharded over the mesh."""
+    local_rows = cfg.train.batch_size // jax.process_count()
+    out = {}
+    for k in BATCH_KEYS:
+        if k not in local:
+            continue
+        x = np.asarray(local[k])
+        if x.shape != (local_rows, cfg.train.seq_len):
+            raise ValueError(f"data batch {k!r} has shape {x.shape}; expected "
+                             f"({local_rows}, {cfg.train.seq_len}) = (train.batch_size / "
+                             f"{jax.process_count()} processes, train.seq_len).")
+        out[k] = jax.make_array_from_process_local_data(
+            shard_lib.batch_sharding(mesh), x.astype(np.int32),
+            (cfg.train.batch_size, cfg.train.seq_len))
+    return out
+
+
+def check_layout(cfg: Config, mesh: Mesh) -> None:
+    """Batch divisibility by processes, micro-batches and data-parallel shards, with the fix."""
+    tc = cfg.train
+    dp = shard_lib.data_parallel_size(mesh)
+    micro_rows = tc.batch_size // tc.micro_batches
+    if tc.batch_size % jax.process_count():
+        raise ConfigError(f"train.batch_size={tc.batch_size} must be divisible by the "
+                          f"{jax.process_count()} processes.")
+    if micro_rows % dp:
+        raise ConfigError(f"train.batch_size / train.micro_batches = {micro_rows} must be "
+                          f"divisible by the {dp} data-parallel devices (mesh.data × mesh.fsdp).")
+    if tc.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(f"train.seq_len={tc.seq_len} exceeds model.max_seq_len="
+                          f"{cfg.model.max_seq_len}.")
