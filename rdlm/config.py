@@ -228,8 +228,8 @@ class MeshConfig:
     num_processes: int = 0  # with coordinator_address
     process_id: int = -1  # with coordinator_address
     # CPU-only runs: split the host into this many XLA devices, each taking a share of the batch
-    # (0: JAX's default, one). XLA:CPU keeps ~1.5 cores busy on one device's small ops; two
-    # devices on a 2-core machine cut the demo's step time by ~30% (docs/training.md).
+    # (0: JAX's default, one). XLA:CPU keeps fewer than two cores busy on one device's small
+    # ops, so two devices on a 2-core machine shorten small models' steps (docs/performance.md).
     cpu_devices: int = 0
 
     def __post_init__(self) -> None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import sys
 
-# XLA:CPU allocates an execution's temporaries afresh every call (1.6 GiB for a bench-28m train
-# step), and the kernel faults each new 4 KiB page in and zeroes it: ~400k page faults and ~1 s
-# of system CPU per step, ~11 % of the step's time on 2 cores. glibc's ``hugetlb`` tunable makes
-# malloc ask for transparent huge pages on those mappings (512x fewer faults; a no-op where
-# THP is off). Tunables are read when the process starts, hence the re-exec.
+# XLA:CPU allocates an execution's temporaries afresh every call, and the kernel faults each new
+# 4 KiB page in and zeroes it, which costs a noticeable share of a CPU train step
+# (docs/performance.md). glibc's ``hugetlb`` tunable makes malloc ask for transparent huge pages
+# on those mappings (512x fewer faults; a no-op where THP is off). Tunables are read when the
+# process starts, hence the re-exec.
 MALLOC_TUNABLE = "glibc.malloc.hugetlb=1"
 
 

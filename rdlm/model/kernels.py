@@ -33,9 +33,8 @@ def dense(x: jax.Array, w_dk: jax.Array) -> jax.Array:
     every leading axis.
 
     The same math as autodiff, but XLA:CPU compiles autodiff of the plain product into a slower
-    backward: the bench-28m train step on 2 cores takes 4.86 s with ``x @ w`` in these places
-    and 4.27 s with this (3 alternating pairs). Ordering the two gradients with an
-    optimisation barrier made no difference (the CPU pipeline drops barriers before scheduling).
+    backward (docs/performance.md). Ordering the two gradients with an optimisation barrier
+    changes nothing: the CPU pipeline drops barriers before scheduling.
     """
     return x @ w_dk
 
@@ -67,9 +66,8 @@ def fused_projection(x_btd: jax.Array, w_dk: jax.Array) -> list[jax.Array]:
     (`to_loop_layout`) contiguously. Training and prefill: the activations are the
     traffic, and each part gets its own matmul with a contiguous output. One matmul over the
     whole fused weight leaves the parts as strided slices of its output, which XLA:CPU's backward
-    transposes with the consuming elementwise ops fused in, ~15x slower than a plain transpose
-    (bench-28m block forward + backward: 188 → 175 ms); an outermost fused axis makes it
-    transpose the activations in both passes (~10 % slower blocks, 20 % slower MLPs).
+    transposes with the consuming elementwise ops fused in, far slower than a plain transpose; an
+    outermost fused axis makes it transpose the activations in both passes (docs/performance.md).
     """
     b, t, _ = x_btd.shape
     w_dk = w_dk.astype(x_btd.dtype)
@@ -84,8 +82,8 @@ def project(x_btd: jax.Array, w_dk: jax.Array) -> jax.Array:
     """``x @ w`` for an unfused weight ``[d, k]`` (output projections, the core's adapter).
 
     Decoding (few rows) computes it weights-first, ``wᵀ xᵀ``: XLA:CPU's small-row matmuls run
-    ~2x faster with the weight as the left operand (bench-28m, 16 rows), provided the weight is
-    stored ``[k, d]`` (`to_loop_layout`). Training and prefill: `dense`.
+    faster with the weight as the left operand, provided the weight is stored ``[k, d]``
+    (`to_loop_layout`). Training and prefill: `dense`.
     """
     b, t, _ = x_btd.shape
     w_dk = w_dk.astype(x_btd.dtype)
@@ -110,9 +108,8 @@ def causal_attention(q_bthe: jax.Array, k_bthe: jax.Array, v_bthe: jax.Array,
 
     Query block i attends to keys ``[0, end_i)`` only, which skips 3/8 of the score and value
     matmuls at 4 blocks; the softmax normaliser is applied to the [t, e] output instead of the
-    [t, s] probabilities. Scores and softmax in float32. On 2 CPU cores, one bench-28m attention
-    (4 × 256 tokens, 8 heads) forward + backward: 48 ms with `jax.nn.dot_product_attention`
-    (PyTorch's fused kernel: 18 ms), 16 ms here.
+    [t, s] probabilities. Scores and softmax in float32. On CPU this beats
+    `jax.nn.dot_product_attention`, which always takes XLA's dense path (docs/performance.md).
     """
     dtype = q_bthe.dtype
     t = q_bthe.shape[1]

@@ -49,7 +49,7 @@ def iterate_with_grad(step: StepFn, consts: Any, state: State, num_steps: int | 
     A fixed-length ``scan`` of ``max_steps`` iterations. The steps past ``num_steps`` are skipped
     with a ``lax.cond``, or, with ``mask_skipped``, computed and discarded by a ``jnp.where``: the
     same values and gradients without the cond, whose residuals XLA copies through every
-    iteration (a bench-28m CPU train step is ~7 % faster), at the price of computing the skipped
+    iteration (docs/performance.md), at the price of computing the skipped
     steps — right when ``num_steps`` is almost always ``max_steps``. With ``remat`` each step is a
     ``jax.checkpoint`` so the backward pass stores one state per step instead of every activation
     inside it.
@@ -65,10 +65,9 @@ def iterate_with_grad(step: StepFn, consts: Any, state: State, num_steps: int | 
         return s, None
 
     # Without remat every activation of every step is a residual: a rolled scan stacks them into
-    # [max_steps, ...] buffers (zero-filled, written and read back by dynamic slices), ~10 % of a
-    # bench-28m CPU step's op time; unrolled, they stay where they were computed (2 % faster
-    # there; compile time grows with max_steps, never with r). With remat a step's residual is
-    # one state, and the rolled loop compiles the step once.
+    # [max_steps, ...] buffers (zero-filled, written and read back by dynamic slices); unrolled,
+    # they stay where they were computed (compile time grows with max_steps, never with r). With
+    # remat a step's residual is one state, and the rolled loop compiles the step once.
     state, _ = lax.scan(scan_body, state, jnp.arange(max_steps), unroll=not remat)
     return state
 
