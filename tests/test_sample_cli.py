@@ -11,7 +11,10 @@ import pytest
 import rdlm
 from rdlm.bench import sample as bench_sample
 from rdlm.cli import sample
+from rdlm.cli.train import cli as train_cli
+from rdlm.data.tokenizer import CharTokenizer, load_tokenizer
 from rdlm.runtime import checkpoint
+from tests.test_interop_tokenizer import train_bpe
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +43,44 @@ def test_cli_reports_bad_input(ckpt, capsys):
     path, _, _ = ckpt
     assert sample.cli(["--checkpoint", str(path), "--tokens", "1,999"]) == 2
     assert "outside the vocabulary" in capsys.readouterr().err
-    assert sample.cli(["--checkpoint", str(path), "--prompt", "hello"]) == 2
-    assert "tokenizer" in capsys.readouterr().err
+    # The checkpoint's own tokenizer ('chars') encodes prompts; it has no capitals.
+    assert sample.cli(["--checkpoint", str(path), "--prompt", "HELLO"]) == 2
+    assert "chars tokenizer cannot encode characters" in capsys.readouterr().err
+    assert sample.cli(["--checkpoint", str(path), "--prompt", "hi", "--tokenizer",
+                       str(path / "absent.json")]) == 2
+    assert "--tokenizer PATH" in capsys.readouterr().err
+
+
+def test_prompt_uses_the_checkpoints_training_tokenizer(ckpt, capsys):
+    path, config, params = ckpt
+    assert sample.cli(["--checkpoint", str(path), "--prompt", "a=1;?a\n", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    tok = CharTokenizer()
+    expected = rdlm.generate(params, config.model, [tok.prompt("a=1;?a\n")], max_new_tokens=5,
+                             num_steps=3, stop_tokens=tok.stop_ids)
+    assert record["tokens"] == expected.rows()[0]
+    assert record["text"] == tok.decode(record["tokens"], skip_special_tokens=True)
+
+
+def test_train_then_sample_with_a_gpt2_style_tokenizer(tmp_path, capsys):
+    # GPT-2's tokenizer.json has one special token, <|endoftext|>, for both ends of a document.
+    corpus = [f"{a}={d};{b}={a};?{b}\n#{d}" for a, b, d in zip("abcdefgh", "ijklmnop", "01234567")]
+    tokenizer = train_bpe(tmp_path / "gpt2.json", ["<|endoftext|>"], vocab_size=300,
+                          corpus=corpus * 10)
+    vocab = load_tokenizer(tokenizer).vocab_size
+    run = tmp_path / "run"
+    assert train_cli(["configs/tiny.yaml", f"data.tokenizer={tokenizer}",
+                      f"model.vocab_size={vocab}", "train.steps=2", "train.batch_size=2",
+                      "train.seq_len=32", "model.max_seq_len=32", "train.eval_every=0",
+                      "train.telemetry_every=0", "train.async_checkpoint=false",
+                      "train.progress=lines", f"train.run_dir={run}"]) == 0
+    capsys.readouterr()
+    status = sample.cli(["--checkpoint", str(run), "--prompt", "a=1;b=a;?b\n",
+                         "--max-new-tokens", "3", "--num-steps", "2"])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    first = captured.out.splitlines()[0]
+    assert first.startswith("[0] ") and "iterations per token" in captured.out
 
 
 def test_default_length_shrinks_to_the_context_but_an_explicit_one_does_not(ckpt, capsys):

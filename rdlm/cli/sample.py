@@ -12,7 +12,10 @@ from typing import Any, Sequence
 import jax
 
 from rdlm.cli.args import int_list, speculative_arg
-from rdlm.generation import ExitConfig, generate
+from rdlm.config import Config
+from rdlm.data.tokenizer import Tokenizer, load_tokenizer
+from rdlm.errors import CheckpointError
+from rdlm.generation import ExitConfig, GenerateOutput, generate
 from rdlm.runtime import checkpoint
 
 
@@ -23,10 +26,11 @@ def _sample_parser() -> argparse.ArgumentParser:
                     "section.")
     parser.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
     parser.add_argument("--prompt", action="append", default=[],
-                        help="prompt text (repeat for a batch); needs a tokenizer")
+                        help="prompt text (repeat for a batch); encoded with the tokenizer")
     parser.add_argument("--tokens", action="append", type=int_list, default=[],
                         help="prompt as token ids, e.g. 1,2,3 (repeat for a batch)")
-    parser.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's, if any)")
+    parser.add_argument("--tokenizer", help="'chars', 'ascii' or a tokenizer.json (default: a tokenizer.json in the "
+                        "checkpoint directory, else the checkpoint's data.tokenizer)")
     parser.add_argument("--num-steps", type=int, help="core iterations per token (the cap "
                         "under --exit)")
     parser.add_argument("--max-new-tokens", type=int)
@@ -54,57 +58,74 @@ def _pick(value: Any, default: Any) -> Any:
     return default if value is None else value
 
 
-def cli(argv: Sequence[str]) -> int:
-    """``python -m rdlm sample --checkpoint DIR --prompt "…" …``; returns the exit status."""
-    args = _sample_parser().parse_args(list(argv))
-    if not args.prompt and not args.tokens:
-        print("error: give --prompt TEXT (with a tokenizer) or --tokens 1,2,3", file=sys.stderr)
-        return 2
-    tokenizer = None
-    tok_path = args.tokenizer
-    if tok_path is None and (Path(args.checkpoint) / "tokenizer.json").is_file():
-        tok_path = args.checkpoint
-    if tok_path is not None:
-        from rdlm.interop import load_tokenizer
-        tokenizer = load_tokenizer(tok_path)
-    if args.prompt and tokenizer is None:
-        print("error: --prompt needs --tokenizer tokenizer.json (or a checkpoint directory that "
-              "holds one); or give --tokens 1,2,3", file=sys.stderr)
-        return 2
-    config, params = checkpoint.load_params(args.checkpoint)
+def tokenizer_spec(args: argparse.Namespace, config: Config) -> tuple[str, bool]:
+    """(what to load, whether it was asked for): ``--tokenizer``, else a tokenizer.json in the
+    checkpoint directory, else the tokenizer the checkpoint was trained with (``data.tokenizer``)."""
+    if args.tokenizer is not None:
+        return args.tokenizer, True
+    if (Path(args.checkpoint) / "tokenizer.json").is_file():
+        return args.checkpoint, True
+    return config.data.tokenizer, False
+
+
+def load_sample_tokenizer(args: argparse.Namespace, config: Config) -> Tokenizer | None:
+    """The tokenizer for prompts, stop ids and printing; None when only ``--tokens`` are given and
+    the training config's tokenizer file is not on this machine (ids are printed then)."""
+    spec, asked = tokenizer_spec(args, config)
+    try:
+        tokenizer = load_tokenizer(spec)
+    except FileNotFoundError as err:
+        if asked or args.prompt:
+            raise ValueError(f"{err} Pass --tokenizer PATH (the tokenizer.json the model was "
+                             "trained with), or give --tokens 1,2,3.") from None
+        print(f"note: {err} Printing token ids; pass --tokenizer PATH for text.", file=sys.stderr)
+        return None
+    if tokenizer.vocab_size > config.model.vocab_size:
+        raise ValueError(f"the tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} tokens but "
+                         f"the model's vocabulary holds {config.model.vocab_size}: pass the "
+                         "tokenizer the model was trained with (--tokenizer PATH).")
+    return tokenizer
+
+
+def _max_new_tokens(args: argparse.Namespace, config: Config, rows: list[list[int]]) -> int:
+    """``--max-new-tokens``, else the config's default shortened to what the context has room for."""
+    if args.max_new_tokens is not None:
+        return args.max_new_tokens
+    default = config.sample.max_new_tokens
+    room = config.model.max_seq_len - max((len(r) for r in rows), default=0)
+    chosen = min(default, room) if room > 0 else default
+    if chosen < default:
+        print(f"note: generating {chosen} tokens (the context holds {config.model.max_seq_len}); "
+              "pass --max-new-tokens to choose", file=sys.stderr)
+    return chosen
+
+
+def _generate(args: argparse.Namespace, config: Config, params: Any, rows: list[list[int]],
+              stop: Sequence[int]) -> GenerateOutput:
     defaults = config.sample
-    rows = [tokenizer.prompt(text) for text in args.prompt] + list(args.tokens)
     exit_spec = _pick(args.exit, defaults.exit)
     exit_cfg = (None if exit_spec is None else
                 ExitConfig.parse(exit_spec, min_steps=args.min_steps,
                                  check_every=args.check_every))
-    stop = args.stop if args.stop is not None else (tokenizer.stop_ids if tokenizer else ())
-    temperature = _pick(args.temperature, defaults.temperature)
-    max_new_tokens = args.max_new_tokens
-    if max_new_tokens is None:  # the config's default, shortened to what the context has room for
-        room = config.model.max_seq_len - max((len(r) for r in rows), default=0)
-        max_new_tokens = min(defaults.max_new_tokens, room) if room > 0 else defaults.max_new_tokens
-        if max_new_tokens < defaults.max_new_tokens:
-            print(f"note: generating {max_new_tokens} tokens (the context holds "
-                  f"{config.model.max_seq_len}); pass --max-new-tokens to choose", file=sys.stderr)
-    try:
-        out = generate(
-            params, config.model, rows,
-            max_new_tokens=max_new_tokens,
-            num_steps=_pick(args.num_steps, defaults.num_steps), exit=exit_cfg,
-            cache_budget=_pick(args.cache_budget, defaults.cache_budget),
-            continuous_cot=_pick(args.continuous_cot, defaults.continuous_cot),
-            speculative=args.speculative, temperature=temperature,
-            top_k=_pick(args.top_k, defaults.top_k), top_p=_pick(args.top_p, defaults.top_p),
-            min_p=_pick(args.min_p, defaults.min_p), stop_tokens=stop,
-            key=jax.random.key(args.seed), init_scale=args.init_scale)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return generate(
+        params, config.model, rows,
+        max_new_tokens=_max_new_tokens(args, config, rows),
+        num_steps=_pick(args.num_steps, defaults.num_steps), exit=exit_cfg,
+        cache_budget=_pick(args.cache_budget, defaults.cache_budget),
+        continuous_cot=_pick(args.continuous_cot, defaults.continuous_cot),
+        speculative=args.speculative, temperature=_pick(args.temperature, defaults.temperature),
+        top_k=_pick(args.top_k, defaults.top_k), top_p=_pick(args.top_p, defaults.top_p),
+        min_p=_pick(args.min_p, defaults.min_p), stop_tokens=stop,
+        key=jax.random.key(args.seed), init_scale=args.init_scale)
+
+
+def print_rows(out: GenerateOutput, tokenizer: Tokenizer | None, as_json: bool) -> None:
+    """One line (or JSON object) per row: the text (or the ids) and the iterations per token."""
     for i, ids in enumerate(out.rows()):
         steps = out.steps[i, :len(ids)].tolist()
-        text = tokenizer.decode(ids) if tokenizer is not None else None
-        if args.json:
+        text = (tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None
+                else None)
+        if as_json:
             record = {"row": i, "tokens": ids, "steps": steps}
             if text is not None:
                 record["text"] = text
@@ -119,5 +140,23 @@ def cli(argv: Sequence[str]) -> int:
     print(f"cache: {out.cache_bytes / 2**20:.2f} MiB in {out.num_slots} recurrence slots"
           + (f"; speculative acceptance {out.stats['acceptance_rate']:.2f}"
              if "acceptance_rate" in out.stats else ""), file=sys.stderr)
-    return 0
 
+
+def cli(argv: Sequence[str]) -> int:
+    """``python -m rdlm sample --checkpoint DIR --prompt "…" …``; returns the exit status."""
+    args = _sample_parser().parse_args(list(argv))
+    if not args.prompt and not args.tokens:
+        print("error: give --prompt TEXT or --tokens 1,2,3", file=sys.stderr)
+        return 2
+    try:
+        config = checkpoint.load_config(args.checkpoint)
+        tokenizer = load_sample_tokenizer(args, config)
+        rows = [tokenizer.prompt(text) for text in args.prompt] + list(args.tokens)
+        stop = args.stop if args.stop is not None else (tokenizer.stop_ids if tokenizer else ())
+        config, params = checkpoint.load_params(args.checkpoint)
+        out = _generate(args, config, params, rows, stop)
+    except (ValueError, CheckpointError) as err:  # ConfigError and MissingTokenError included
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print_rows(out, tokenizer, args.json)
+    return 0

@@ -84,7 +84,11 @@ def _stack(rows: list[Batch]) -> Batch:
 
 
 def tokenizer_for(data: DataConfig) -> Tokenizer:
-    return load_tokenizer(data.tokenizer)
+    """``data.tokenizer``, checked for the end-of-text token every source needs (it ends a rendered
+    example and separates the documents of a token stream)."""
+    tok = load_tokenizer(data.tokenizer)
+    tok.require("eos", f"data.source={data.source!r}")
+    return tok
 
 
 def _render_fn(data: DataConfig, tok: Tokenizer, split: str = "train"

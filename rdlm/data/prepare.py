@@ -51,9 +51,11 @@ def read_documents(path: str | Path, *, text_key: str = "text",
 
 
 def tokenize_documents(docs: Iterable[str], tok: Tokenizer) -> Iterator[np.ndarray]:
+    """Each document's ids followed by the end-of-text id, the separator the pipeline splits on."""
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
+    eos = tok.require("eos", "separating documents in prepared shards")
     for doc in docs:
-        yield np.asarray(tok.encode(doc) + [tok.eos_id], dtype)
+        yield np.asarray(tok.encode(doc) + [eos], dtype)
 
 
 def write_shards(docs: Iterable[np.ndarray], output: Path, prefix: str, fmt: str,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rdlm.config import ConfigError
+from rdlm.errors import ConfigError
 from rdlm.data.tasks import Example
 from rdlm.data.tokenizer import Tokenizer
 
@@ -27,7 +27,7 @@ ANSWER_MARK = "#"
 def prompt_tokens(example: Example, tok: Tokenizer, *, fmt: str = "nocot",
                   num_latent_steps: int = 0, latents_per_step: int = 1) -> list[int]:
     """What a model is given at test time; it must generate the rest."""
-    ids = [tok.bos_id] + tok.encode(example.question + "\n")
+    ids = [tok.require("bos", "rendering examples")] + tok.encode(example.question + "\n")
     if fmt == "coconut":
         ids += _latent_block(example, tok, num_latent_steps, latents_per_step)
     return ids
@@ -55,7 +55,7 @@ def render(example: Example, tok: Tokenizer, *, fmt: str = "nocot", loss_on: str
     prompt = prompt_tokens(example, tok, fmt=fmt, num_latent_steps=num_latent_steps,
                            latents_per_step=latents_per_step)
     completion = tok.encode(completion_text(example, fmt=fmt, num_latent_steps=num_latent_steps))
-    completion.append(tok.eos_id)
+    completion.append(tok.require("eos", "rendering examples"))
     tokens = np.asarray(prompt + completion, np.int32)
     mask = np.zeros(len(tokens), np.int32)
     if loss_on == "all":
@@ -81,13 +81,13 @@ def render_branches(questions: list[tuple[str, str]], tok: Tokenizer, *,
         raise ValueError("render_branches needs at least one question.")
     texts = [q for q, _ in questions]
     trunk = texts[0][:len(_common_prefix(texts))]
-    tokens = [tok.bos_id] + tok.encode(trunk)
+    tokens = [tok.require("bos", "data.branches")] + tok.encode(trunk)
     mask = [0] + [int(loss_on == "all")] * (len(tokens) - 1)
     branch = [0] * len(tokens)
     for k, (question, answer) in enumerate(questions, start=1):
         example = Example(question, (), answer)
         prompt = tok.encode(question[len(trunk):] + "\n")
-        completion = tok.encode(completion_text(example)) + [tok.eos_id]
+        completion = tok.encode(completion_text(example)) + [tok.require("eos", "data.branches")]
         if tok.encode(question + "\n") != tok.encode(trunk) + prompt:
             raise ConfigError("data.branches needs a tokenizer that encodes the context and the "
                               "question separately exactly as together (e.g. 'chars').")
@@ -108,13 +108,12 @@ def _common_prefix(texts: list[str]) -> str:
 
 
 def _latent_block(example: Example, tok: Tokenizer, k: int, c: int) -> list[int]:
-    if tok.bot_id is None or tok.eot_id is None or tok.latent_id is None:
-        raise ConfigError("data.format='coconut' needs a tokenizer with <bot>, <eot> and <latent> "
-                          "tokens (the built-in 'chars'/'ascii' tokenizers have them).")
+    bot, latent, eot = (tok.require(role, "data.format='coconut'")
+                        for role in ("bot", "latent", "eot"))
     if k < 0 or c < 1:
         raise ConfigError(f"latent steps k={k}, latents per step c={c}: need k >= 0 and c >= 1.")
     n = k * c  # as in the Coconut reference: k·c latents even when fewer steps remain
-    return [tok.bot_id] + [tok.latent_id] * n + [tok.eot_id]
+    return [bot] + [latent] * n + [eot]
 
 
 def parse_answer(text: str) -> str:

@@ -1,44 +1,227 @@
-"""Tokenizers: a fixed character vocabulary for the synthetic tasks, and `tokenizer.json` files.
+"""One tokenizer interface for training data, tasks, evaluation, sampling and Huginn interop.
 
-Both expose the same small interface (`Tokenizer`): ``encode(text) -> list[int]``,
-``decode(ids) -> str``, ``vocab_size`` and the ids of the special tokens. The character vocabulary
-is fixed and shipped in code (no files, no network), so a task's token ids never change between
-runs and fit the 64-entry vocabulary of the ``tiny`` model preset.
+Two implementations sit behind `Tokenizer`:
+
+- `CharTokenizer`: one token per character of a fixed alphabet, shipped in code (no files, no
+  network), so a task's token ids never change between runs: ``"chars"`` (61 tokens, fits the
+  64-entry vocabulary of the ``tiny`` preset) and ``"ascii"`` (102 tokens, printable ASCII);
+- `HFTokenizer`: a Hugging Face ``tokenizer.json`` (the `tokenizers` library): Huginn-0125's,
+  GPT-2's, Llama's or one trained for a corpus.
+
+Special tokens are known by *role* (`SPECIAL_TOKENS`): each role lists the spellings it has in
+common vocabularies, and a tokenizer's id for a role is the id of the first spelling its vocabulary
+holds, or None when it holds none. Code that needs a role calls ``tok.require(role)``, which raises
+`MissingTokenError` naming the role, the spellings looked for and the fix.
+
+    tok = load_tokenizer("chars")                     # "ascii", a tokenizer.json, or its directory
+    ids = tok.prompt("The capital of Westphalia is")  # [bos] + encode(text)
+    tok.decode(ids, skip_special_tokens=True)         # text without <bos>/<eos>/…
+    tok.stop_ids                                      # (eos, end_turn), those that exist
 """
 
 from __future__ import annotations
 
+import os
 import string
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
-# Specials first, so their ids are the same in every character vocabulary.
-PAD, BOS, EOS, BOT, EOT, LATENT = "<pad>", "<bos>", "<eos>", "<bot>", "<eot>", "<latent>"
-SPECIAL_TOKENS = (PAD, BOS, EOS, BOT, EOT, LATENT)
+import numpy as np
+import tokenizers
 
+from rdlm.errors import ConfigError
+
+# Role -> spellings, most specific first; the first one a vocabulary holds gives the role's id.
+SPECIAL_TOKENS: dict[str, tuple[str, ...]] = {
+    # Starts a document, so it goes in front of a prompt. GPT-2 marks both ends with one token.
+    "bos": ("<|begin_text|>", "<bos>", "<s>", "<|begin_of_text|>", "<|endoftext|>"),
+    # Ends a document: `prepare` separates documents with it, and generation stops at it.
+    "eos": ("<|end_text|>", "<eos>", "</s>", "<|end_of_text|>", "<|endoftext|>"),
+    "pad": ("<|pad|>", "<pad>", "[PAD]"),
+    # Huginn-0125's chat format (`Tokenizer.chat_text`).
+    "begin_header": ("<|begin_header|>",),
+    "end_header": ("<|end_header|>",),
+    "end_turn": ("<|end_turn|>",),
+    # Continuous thought (Coconut): the latent block <bot> <latent>… <eot>.
+    "bot": ("<bot>", "<|begin_thought|>"),
+    "eot": ("<eot>", "<|end_thought|>"),
+    "latent": ("<latent>", "<|latent|>"),
+}
+ROLE_MEANINGS: dict[str, str] = {
+    "bos": "beginning-of-text", "eos": "end-of-text", "pad": "padding",
+    "begin_header": "chat header start", "end_header": "chat header end", "end_turn": "end-of-turn",
+    "bot": "begin-of-thought", "eot": "end-of-thought", "latent": "latent-thought",
+}
+# Huginn-0125's ids (SPEC §1), used only for a Huginn-sized vocabulary that lacks the names.
+HUGINN_VOCAB_SIZE = 65_536
+HUGINN_SPECIAL_IDS: dict[str, int] = {"bos": 65504, "eos": 65505, "end_turn": 65508, "pad": 65509}
+# The name Huginn-0125's chat format gives the model's own turns.
+ASSISTANT_ROLE = "Huginn"
+
+# The character vocabularies: the specials first, so their ids are 0-5 in both.
+CHAR_SPECIALS = ("<pad>", "<bos>", "<eos>", "<bot>", "<eot>", "<latent>")
 # 6 specials + 10 digits + 26 letters + 19 punctuation/whitespace = 61 <= 64 ("tiny" preset).
 CHARS_ALPHABET = string.digits + string.ascii_lowercase + " =;?+-*/.,:<>#()|!\n"
 # Printable ASCII (for user-supplied text such as GSM8k-Aug): 6 + 95 + newline = 102.
 ASCII_ALPHABET = "".join(chr(c) for c in range(32, 127)) + "\n"
+BUILTIN_ALPHABETS: dict[str, str] = {"chars": CHARS_ALPHABET, "ascii": ASCII_ALPHABET}
 
 
-class Tokenizer(Protocol):
-    """What the data pipeline and the evaluator need from a tokenizer."""
+class MissingTokenError(ConfigError):
+    """A tokenizer lacks a special token that the caller needs; the message names role and fix."""
 
+
+def find_special_tokens(token_to_id: Callable[[str], int | None], vocab_size: int
+                        ) -> tuple[dict[str, int | None], dict[str, str | None]]:
+    """(role -> id, role -> spelling) of a vocabulary; None where it holds no spelling of a role.
+
+    A Huginn-sized vocabulary without the names falls back to Huginn-0125's ids (spelling None).
+    """
+    ids: dict[str, int | None] = {}
+    spellings: dict[str, str | None] = {}
+    for role, candidates in SPECIAL_TOKENS.items():
+        found = next(((name, i) for name in candidates
+                      if (i := token_to_id(name)) is not None), (None, None))
+        spellings[role], ids[role] = found
+        if found[1] is None and vocab_size == HUGINN_VOCAB_SIZE:
+            ids[role] = HUGINN_SPECIAL_IDS.get(role)
+    return ids, spellings
+
+
+class Tokenizer:
+    """Text ⇄ ids and the special ids by role; `CharTokenizer` and `HFTokenizer` implement it.
+
+    Subclasses set ``name``, ``vocab_size``, ``special_ids`` and ``special_spellings`` (see
+    `find_special_tokens`) and implement `encode` and `decode`.
+    """
+
+    name: str
     vocab_size: int
-    pad_id: int
-    bos_id: int
-    eos_id: int
-    bot_id: int | None
-    eot_id: int | None
-    latent_id: int | None
+    special_ids: dict[str, int | None]
+    special_spellings: dict[str, str | None]
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str) -> list[int]:
+        """Ids of ``text`` as written (special-token spellings inside it become their ids); no
+        BOS/EOS is added: see `prompt`."""
+        raise NotImplementedError
 
-    def decode(self, ids: Sequence[int]) -> str: ...
+    def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
+        raise NotImplementedError
+
+    # -- special ids -----------------------------------------------------------------------------
+    def require(self, role: str, needed_for: str = "") -> int:
+        """The id of ``role``; `MissingTokenError` naming the role, what needs it (``needed_for``)
+        and the fix if the vocabulary has none."""
+        token_id = self.special_ids.get(role)
+        if token_id is None:
+            raise MissingTokenError(missing_token_message(self.name, role, needed_for))
+        return token_id
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.special_ids["bos"]
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.special_ids["eos"]
+
+    @property
+    def pad_id(self) -> int | None:
+        """The id padding is filled with: the pad token, else the end-of-text token (padding is
+        always masked, so any id serves; GPT-2 setups do the same)."""
+        pad = self.special_ids["pad"]
+        return pad if pad is not None else self.special_ids["eos"]
+
+    @property
+    def end_turn_id(self) -> int | None:
+        return self.special_ids["end_turn"]
+
+    @property
+    def bot_id(self) -> int | None:
+        return self.special_ids["bot"]
+
+    @property
+    def eot_id(self) -> int | None:
+        return self.special_ids["eot"]
+
+    @property
+    def latent_id(self) -> int | None:
+        return self.special_ids["latent"]
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Ids that end a generation: end of text and end of a chat turn (those that exist)."""
+        return tuple(dict.fromkeys(i for i in (self.eos_id, self.end_turn_id) if i is not None))
+
+    # -- prompts ---------------------------------------------------------------------------------
+    def prompt(self, text: str, *, bos: bool = True) -> list[int]:
+        """Ids for a plain-text prompt: ``[bos] + encode(text)`` (the model saw a BOS in front of
+        every document); ``bos=False`` leaves it out."""
+        ids = self.encode(text)
+        return [self.require("bos", "a prompt; pass bos=False to go without")] + ids if bos else ids
+
+    def chat_text(self, messages: Sequence[Mapping[str, str]], *,
+                  add_generation_prompt: bool = True) -> str:
+        """Huginn-0125's chat format as text:
+        ``<|begin_text|>`` then per message ``<|begin_header|>ROLE<|end_header|>\\n\\nCONTENT<|end_turn|>``,
+        then ``<|begin_header|>Huginn<|end_header|>\\n\\n`` for the reply."""
+        roles = ("bos", "begin_header", "end_header", "end_turn")
+        lacking = [r for r in roles if self.special_spellings.get(r) is None]
+        if lacking:
+            raise MissingTokenError(missing_token_message(self.name, lacking[0], "the chat format"))
+        bos, begin, end, end_turn = (self.special_spellings[r] for r in roles)
+        parts = [bos]
+        for message in messages:
+            parts.append(f"{begin}{message['role']}{end}\n\n{message['content']}{end_turn}")
+        if add_generation_prompt:
+            parts.append(f"{begin}{ASSISTANT_ROLE}{end}\n\n")
+        return "".join(parts)
+
+    def chat_prompt(self, messages: Sequence[Mapping[str, str]], *,
+                    add_generation_prompt: bool = True) -> list[int]:
+        """Ids of `chat_text` (messages are dicts with ``role`` and ``content``)."""
+        return self.encode(self.chat_text(messages, add_generation_prompt=add_generation_prompt))
+
+    def pad_batch(self, sequences: Sequence[Sequence[int]], *, side: str = "left",
+                  length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(tokens [batch, length] int32, segment_ids [batch, length] int32)``.
+
+        Padding uses `pad_id` (0 if there is none) and segment id 0, so that
+        ``rdlm.forward(..., segment_ids=segment_ids)`` ignores it; left padding keeps every
+        prompt's last token in the last column, where generation continues.
+        """
+        if side not in ("left", "right"):
+            raise ValueError(f"side={side!r} must be 'left' or 'right'.")
+        longest = max((len(s) for s in sequences), default=0)
+        length = longest if length is None else length
+        if longest > length:
+            raise ValueError(f"a sequence has {longest} tokens, more than length={length}.")
+        pad = 0 if self.pad_id is None else self.pad_id
+        tokens = np.full((len(sequences), length), pad, np.int32)
+        segments = np.zeros((len(sequences), length), np.int32)
+        for row, seq in enumerate(sequences):
+            span = slice(length - len(seq), length) if side == "left" else slice(0, len(seq))
+            tokens[row, span] = np.asarray(seq, np.int32)
+            segments[row, span] = 1
+        return tokens, segments
+
+    def __repr__(self) -> str:
+        found = {r: i for r, i in self.special_ids.items() if i is not None}
+        return f"{type(self).__name__}({self.name!r}, vocab_size={self.vocab_size}, {found})"
 
 
-class CharTokenizer:
+def missing_token_message(tokenizer: str, role: str, needed_for: str = "") -> str:
+    """``error:`` text for a lacking role: what it is, what was looked for, how to fix it."""
+    spellings = SPECIAL_TOKENS[role]
+    why = f", needed for {needed_for}" if needed_for else ""
+    builtin = (" (or use the built-in 'chars' / 'ascii', which have it)"
+               if set(spellings) & set(CHAR_SPECIALS) else "")
+    return (f"the tokenizer {tokenizer!r} has no {ROLE_MEANINGS[role]} token (role {role!r}, "
+            f"spelled one of {', '.join(spellings)}){why}: add one of these spellings to its "
+            f"tokenizer.json as a special token{builtin}.")
+
+
+class CharTokenizer(Tokenizer):
     """One token per character of a fixed alphabet, after the six special tokens.
 
     Unknown characters raise a `ValueError` naming them (a silent <unk> would let a task quietly
@@ -49,79 +232,61 @@ class CharTokenizer:
         if len(set(alphabet)) != len(alphabet):
             raise ValueError("tokenizer alphabet has repeated characters.")
         self.name = name
-        self.tokens = list(SPECIAL_TOKENS) + list(alphabet)
-        self._ids = {c: i + len(SPECIAL_TOKENS) for i, c in enumerate(alphabet)}
+        self.tokens = list(CHAR_SPECIALS) + list(alphabet)
+        self._ids = {c: i + len(CHAR_SPECIALS) for i, c in enumerate(alphabet)}
         self.vocab_size = len(self.tokens)
-        self.pad_id, self.bos_id, self.eos_id = 0, 1, 2
-        self.bot_id, self.eot_id, self.latent_id = 3, 4, 5
+        special = {s: i for i, s in enumerate(CHAR_SPECIALS)}
+        self.special_ids, self.special_spellings = find_special_tokens(special.get,
+                                                                       self.vocab_size)
 
     def encode(self, text: str) -> list[int]:
         try:
             return [self._ids[c] for c in text]
         except KeyError:
             bad = sorted({c for c in text if c not in self._ids})
-            raise ValueError(f"{self.name} tokenizer cannot encode characters {bad!r} "
-                             f"(in {text[:60]!r}); its alphabet is {''.join(self._ids)!r}.") from None
+            raise ValueError(f"the {self.name} tokenizer cannot encode characters {bad!r} (in "
+                             f"{text[:60]!r}); its alphabet is {''.join(self._ids)!r}.") from None
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return "".join(self.tokens[int(i)] for i in ids if 0 <= int(i) < self.vocab_size)
-
-    def token_id(self, token: str) -> int:
-        return self.tokens.index(token)
+    def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
+        first = len(CHAR_SPECIALS) if skip_special_tokens else 0
+        return "".join(self.tokens[i] for i in map(int, ids) if first <= i < self.vocab_size)
 
 
-class HFTokenizer:
-    """A Hugging Face ``tokenizer.json`` (the `tokenizers` library), e.g. Huginn's.
+class HFTokenizer(Tokenizer):
+    """A Hugging Face ``tokenizer.json`` (a file, or a directory holding one)."""
 
-    Special tokens are looked up by the names used by Huginn (``<|begin_text|>``, …) and by the
-    common alternatives; `eos` is required because documents are separated by it.
-    """
-
-    _NAMES = {
-        "bos": ("<|begin_text|>", "<bos>", "<s>", "<|begin_of_text|>", "<|endoftext|>"),
-        "eos": ("<|end_text|>", "<eos>", "</s>", "<|end_of_text|>", "<|endoftext|>"),
-        "pad": ("<|pad|>", "<pad>", "[PAD]"),
-        "bot": ("<bot>", "<|begin_thought|>"),
-        "eot": ("<eot>", "<|end_thought|>"),
-        "latent": ("<latent>", "<|latent|>"),
-    }
-
-    def __init__(self, path: str | Path):
-        from tokenizers import Tokenizer as _Tok  # imported lazily: only file tokenizers need it
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file {str(path)!r} does not exist.")
-        self.path = path
-        self._tok = _Tok.from_file(str(path))
+    def __init__(self, path: str | os.PathLike):
+        file = tokenizer_file(path)
+        try:
+            self._tok = tokenizers.Tokenizer.from_file(str(file))
+        except Exception as err:  # the tokenizers library raises a plain Exception for bad files
+            raise ValueError(f"{str(file)!r} is not a valid tokenizer.json: {err}") from err
+        self.name = str(file)
+        self.path = file
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        found = {role: self._find(names) for role, names in self._NAMES.items()}
-        if found["eos"] is None:
-            raise ValueError(f"tokenizer {str(path)!r} has no end-of-text token; expected one of "
-                             f"{self._NAMES['eos']}.")
-        self.eos_id = found["eos"]
-        self.bos_id = found["bos"] if found["bos"] is not None else self.eos_id
-        self.pad_id = found["pad"] if found["pad"] is not None else self.eos_id
-        self.bot_id, self.eot_id, self.latent_id = found["bot"], found["eot"], found["latent"]
-
-    def _find(self, names: Sequence[str]) -> int | None:
-        for name in names:
-            token_id = self._tok.token_to_id(name)
-            if token_id is not None:
-                return token_id
-        return None
+        self.special_ids, self.special_spellings = find_special_tokens(self._tok.token_to_id,
+                                                                       self.vocab_size)
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        # The file's own post-processor (which may add BOS/EOS) is bypassed: see `prompt`.
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
-
-
-_BUILTIN = {"chars": CHARS_ALPHABET, "ascii": ASCII_ALPHABET}
+    def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
 
-def load_tokenizer(spec: str) -> Tokenizer:
-    """``"chars"`` (61 tokens), ``"ascii"`` (102 tokens) or a path to a ``tokenizer.json``."""
-    if spec in _BUILTIN:
-        return CharTokenizer(_BUILTIN[spec], name=spec)
+def tokenizer_file(path: str | os.PathLike) -> Path:
+    """The ``tokenizer.json`` meant by ``path``: the file itself or the one in a directory."""
+    path = Path(path)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"no tokenizer.json at {str(file)!r}: give the file, a directory "
+                                f"that holds it, or a built-in tokenizer {sorted(BUILTIN_ALPHABETS)}.")
+    return file
+
+
+def load_tokenizer(spec: str | os.PathLike) -> Tokenizer:
+    """``"chars"`` (61 tokens), ``"ascii"`` (102 tokens), a ``tokenizer.json`` or its directory."""
+    if isinstance(spec, str) and spec in BUILTIN_ALPHABETS:
+        return CharTokenizer(BUILTIN_ALPHABETS[spec], name=spec)
     return HFTokenizer(spec)
