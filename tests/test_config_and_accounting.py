@@ -103,3 +103,14 @@ def test_presets_are_valid_and_replaceable():
     assert rdlm.model_preset("tiny", d_model=64).d_model == 64
     with pytest.raises(rdlm.ConfigError):
         dataclasses.replace(rdlm.model_preset("tiny"), n_heads=5)
+
+
+def test_sample_exit_is_checked_against_the_criteria():
+    from rdlm.config import EXIT_CRITERIA, SampleConfig
+    from rdlm.generation.exits import DEFAULT_THRESHOLDS
+    assert sorted(EXIT_CRITERIA) == sorted(DEFAULT_THRESHOLDS)  # the config's literal list
+    assert SampleConfig(exit="kl:5e-4").exit == "kl:5e-4"
+    with pytest.raises(rdlm.ConfigError, match=r"sample\.exit='kll'.*did you mean 'kl'"):
+        SampleConfig(exit="kll")
+    with pytest.raises(rdlm.ConfigError, match=r"sample\.exit='kl:abc'.*positive number"):
+        SampleConfig(exit="kl:abc")

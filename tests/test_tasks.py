@@ -22,8 +22,10 @@ def _examples(task, split, n, start=0):
 
 
 def test_config_task_names_match_registry():
+    from rdlm.config import TASK_NAMES as CONFIG_TASK_NAMES
+    assert sorted(CONFIG_TASK_NAMES) == TASK_NAMES  # the config's literal list is the registry's
     for name in TASK_NAMES:
-        DataConfig(task=name)  # the config's literal list of tasks agrees with the registry
+        DataConfig(task=name)
 
 
 @pytest.mark.parametrize("name", TASK_NAMES)
@@ -60,7 +62,7 @@ def test_splits_are_disjoint(name):
 
 def test_split_partition_is_about_80_10_10():
     task = make_task("chains", 3)
-    rng_questions = [task.generate(tasks._rng("probe", i)).question for i in range(3000)]
+    rng_questions = [task.generate(tasks.seeded_rng("probe", i)).question for i in range(3000)]
     fractions = {s: np.mean([split_of(q) == s for q in rng_questions]) for s in tasks.SPLITS}
     assert abs(fractions["train"] - 0.8) < 0.03 and abs(fractions["test"] - 0.1) < 0.02
 
@@ -93,7 +95,7 @@ def test_flow_notation_is_the_same_problem_written_the_other_way():
     assign, flow = make_task("chains", 2), make_task("chains", 2, ["notation=flow"])
     for i in range(30):
         # The same random draws give the same chains: each "b=a" is written "a>b".
-        a, f = assign.generate(tasks._rng("same", i)), flow.generate(tasks._rng("same", i))
+        a, f = assign.generate(tasks.seeded_rng("same", i)), flow.generate(tasks.seeded_rng("same", i))
         body_a, query_a = a.question.rsplit(";?", 1)
         body_f, query_f = f.question.rsplit(";?", 1)
         assert query_a == query_f and a.answer == f.answer == tasks.solve_chains(f.question)
@@ -305,10 +307,19 @@ def test_bad_data_config_values_name_the_field():
             DataConfig(**kwargs)
 
 
-def test_task_knobs_are_checked_when_the_config_loads():
+def test_task_knobs_are_checked_before_training(capsys):
     import rdlm
+    from rdlm.cli.train import cli as train_cli
+    from rdlm.data.pipeline import make_dataset
+    # The config checks the form of an entry; the task checks its knobs when data is built, and
+    # `python -m rdlm train` does that before anything else.
+    with pytest.raises(ConfigError, match=r"data\.task_args.*knob=value"):
+        rdlm.load_config("configs/tiny.yaml", ["data.task_args=[max_hops]"])
+    cfg = rdlm.load_config("configs/tiny.yaml", ["data.task_args=[max_hopz=3]"])
     with pytest.raises(ConfigError, match="max_hopz"):
-        rdlm.load_config("configs/tiny.yaml", ["data.task_args=[max_hopz=3]"])
+        make_dataset(cfg)
+    assert train_cli(["configs/tiny.yaml", "data.task_args=[max_hopz=3]"]) == 2
+    assert "max_hopz" in capsys.readouterr().err
     cfg = rdlm.load_config("configs/tiny.yaml", ["data.task_args=[max_hops=3, order=shuffled]"])
     assert cfg.data.task_args == ("max_hops=3", "order=shuffled")
 

@@ -6,16 +6,21 @@ import argparse
 import sys
 
 from rdlm.config import Config, ConfigError, load_config
+from rdlm.data.tasks import make_task
 from rdlm.errors import CheckpointError, TrainingDiverged
 from rdlm.train import train
 
 
 def parse_args(argv: list[str], prog: str) -> tuple[argparse.Namespace, Config]:
+    """The arguments and the checked config (`ConfigError` names the field and the fix)."""
     parser = argparse.ArgumentParser(prog=prog, description="Train a model from a YAML config; resumes from train.run_dir.")
     parser.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted overrides: train.steps=100 …")
     args, extra = parser.parse_known_args(argv)
-    return args, load_config(args.config, [*args.overrides, *extra])
+    cfg = load_config(args.config, [*args.overrides, *extra])
+    if cfg.data.source == "synthetic":  # the task's knobs, before anything is compiled
+        make_task(cfg.data.task, cfg.data.difficulty, cfg.data.task_args)
+    return args, cfg
 
 
 def cli(argv: list[str]) -> int:

@@ -1,0 +1,13 @@
+"""Fictional vocabulary shared by the two logic tasks (ProsQA, ProntoQA): entities, properties and
+short pronounceable made-up concept names."""
+
+_ONSETS = "b d f g k l m n p r s t v w z".split()
+_VOWELS = "a e i o u".split()
+_CODAS = "b d g k l m n p r s t x".split()
+ENTITIES = ("alex", "ann", "bob", "eva", "kim", "leo", "max", "mia", "rex", "sam", "tom", "zoe")
+PROPERTIES = ("red", "blue", "hot", "cold", "sour", "sweet", "shy", "loud", "dull", "bright",
+              "small", "large", "wet", "dry", "fast", "slow")
+# Three-letter concept names keep sequences short for character-level models; words of the
+# question's own grammar, entities and properties are excluded so that parsing stays unambiguous.
+_RESERVED = set(ENTITIES) | set(PROPERTIES) | {"not", "is", "a", "or", "every", "true", "false"}
+CONCEPTS = sorted({o + v + c for o in _ONSETS for v in _VOWELS for c in _CODAS} - _RESERVED)
