@@ -12,6 +12,12 @@ import json
 import sys
 from pathlib import Path
 
+from rdlm.config import Config
+from rdlm.errors import CheckpointError, ConfigError
+from rdlm.interop.huginn import CODE_FILES, HuginnFormatError, load_huginn, save_huginn
+from rdlm.model import count_params
+from rdlm.runtime import checkpoint
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -24,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
 
     to_rdlm = sub.add_parser("huginn-to-rdlm", help="Hugging Face directory -> orbax checkpoint",
                              description="Read config.json + safetensors (single or sharded) and "
-                                         "write an rdlm params checkpoint (rdlm.checkpoint).")
+                                         "write an rdlm params checkpoint (rdlm.runtime.checkpoint).")
     to_rdlm.add_argument("input", help="directory with config.json and model*.safetensors")
     to_rdlm.add_argument("output", help="new checkpoint directory (must not exist)")
     to_rdlm.add_argument("--compute-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
@@ -70,8 +76,6 @@ def _tokenizer_files(path: str | None) -> dict[str, Path]:
 
 
 def _code_files(directory: str | None) -> dict[str, Path]:
-    from rdlm.interop.huginn import CODE_FILES
-
     if directory is None:
         return {}
     files = {name: Path(directory) / name for name in CODE_FILES}
@@ -90,24 +94,17 @@ def _auto_compute_dtype(input_dir: str) -> str:
 
 
 def huginn_to_rdlm(args: argparse.Namespace) -> None:
-    import rdlm
-    from rdlm.runtime import checkpoint
-    from rdlm.interop.huginn import load_huginn
-
     if Path(args.output).exists():
         raise FileExistsError(f"{args.output!r} already exists; choose a new path.")
     compute = _auto_compute_dtype(args.input) if args.compute_dtype == "auto" else args.compute_dtype
     cfg, params = load_huginn(args.input, dtype=args.param_dtype, compute_dtype=compute)
-    checkpoint.save_params(Path(args.output).expanduser().absolute(), rdlm.Config(model=cfg), params)
-    print(f"wrote {args.output}: {rdlm.count_params(cfg):,} parameters "
+    checkpoint.save_params(Path(args.output).expanduser().absolute(), Config(model=cfg), params)
+    print(f"wrote {args.output}: {count_params(cfg):,} parameters "
           f"({cfg.n_prelude}/{cfg.n_core}/{cfg.n_coda} layers, d={cfg.d_model}, "
           f"vocab={cfg.vocab_size}, model.dtype={cfg.dtype})")
 
 
 def rdlm_to_huginn(args: argparse.Namespace) -> None:
-    from rdlm.runtime import checkpoint
-    from rdlm.interop.huginn import save_huginn
-
     if args.code_from and args.code_repo:
         raise ValueError("give --code-from or --code-repo, not both.")
     extra = {**_tokenizer_files(args.tokenizer), **_code_files(args.code_from)}
@@ -124,10 +121,6 @@ def rdlm_to_huginn(args: argparse.Namespace) -> None:
 
 def cli(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from rdlm.runtime.checkpoint import CheckpointError
-    from rdlm.config import ConfigError
-    from rdlm.interop.huginn import HuginnFormatError
-
     try:
         (huginn_to_rdlm if args.direction == "huginn-to-rdlm" else rdlm_to_huginn)(args)
     except (HuginnFormatError, CheckpointError, ConfigError, FileExistsError,
