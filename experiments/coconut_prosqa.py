@@ -184,16 +184,16 @@ def run(smoke: bool, fresh: bool, out_dir: Path, runs_dir: Path, config: str = D
             out = curriculum.train_coconut(cfg, cc, log=lambda m: print(f"[{bkey} {mlabel}] {m}",
                                                                     flush=True))
             # A resumed or already finished run: its history holds the training time of every call.
-            train_s = out["history"][-1]["time_s"] if out["history"] else time.time() - t0
-            params = out["state"].params
+            train_s = out.train_seconds if out.history else time.time() - t0
+            params = out.params
             task = make_task(cfg.data.task, cfg.data.difficulty, cfg.data.task_args)
             eval_examples = [example_at(task, cc.eval_split, i, cfg.seed)
                              for i in range(cc.eval_examples)]
             result = generation.evaluate_method(params, cfg, cc, eval_examples)
-            final_loss = out["history"][-1]["loss"] if out["history"] else float("nan")
+            final_loss = out.history[-1]["loss"] if out.history else float("nan")
             rows.append({"backbone": blabel, "method": mlabel, "accuracy": result["accuracy"],
                          "generated_tokens": result["generated_tokens"],
-                         "eval_r": result["num_steps"], "train_steps": int(out["state"].step),
+                         "eval_r": result["num_steps"], "train_steps": int(out.state.step),
                          "final_train_loss": final_loss, "train_s": train_s,
                          "eval_examples": result["num_examples"],
                          "option_rate": option_rate(eval_examples, result["predictions"]),

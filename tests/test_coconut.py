@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from rdlm.cli import coconut as coconut_cli
@@ -15,7 +17,11 @@ from rdlm.coconut import CoconutConfig, Depth
 from rdlm.config import Config, DataConfig, TrainConfig, model_preset
 from rdlm.data.tasks import Example
 from rdlm.data.tokenizer import load_tokenizer
+from rdlm.errors import TrainingDiverged
 from rdlm.model import attention_context, forward, init_params, initial_state
+from rdlm.runtime import checkpoint
+from rdlm.train import read_metrics, train
+from rdlm.train.stages import StageSchedule
 
 TOK = load_tokenizer("chars")
 LATENT = TOK.latent_id
@@ -269,27 +275,87 @@ def _run_cfg(tmp_path, name: str) -> tuple[Config, CoconutConfig]:
     return cfg, cc
 
 
-def test_resume_mid_curriculum_gives_the_same_params(tmp_path):
+def test_killed_mid_stage_and_resumed_ends_bitwise_equal(tmp_path):
+    """Stopped twice as a kill would stop it — once with a checkpoint in the middle of a stage
+    (the optimizer state is restored), once with its last checkpoint at a stage end (the resumed
+    run resets the optimizer as the uninterrupted one did) — the run ends with the same bits."""
     cfg, cc = _run_cfg(tmp_path, "full")
     full = curriculum.train_coconut(cfg, cc, log=lambda *_: None)
-    assert [h["stage"] for h in full["history"]][-1] == 2
+    assert full.status == "done" and full.plan == [(0, 2), (1, 2), (2, 2)]
+    assert [h["stage"] for h in full.history] == [0, 0, 1, 1, 2, 2]
+    assert_shared_loop_records(full, tmp_path / "full")
     cfg_b, _ = _run_cfg(tmp_path, "killed")
+    cfg_b = dataclasses.replace(cfg_b, train=dataclasses.replace(cfg_b.train, checkpoint_every=3))
     part = curriculum.train_coconut(cfg_b, cc, stop_after=3, log=lambda *_: None)
-    assert int(part["state"].step) == 3
+    assert int(part.state.step) == 3 and part.status == "stopped"
+    messages = []
+    part = curriculum.train_coconut(cfg_b, cc, stop_after=2, log=messages.append)
+    assert "resumed" in messages[0] and "(step 3)" in messages[0]  # mid-stage 1
+    assert int(part.state.step) == 5
     messages = []
     resumed = curriculum.train_coconut(cfg_b, cc, log=messages.append)
-    assert "resumed" in messages[0] and "step 2" in messages[0]  # last checkpoint: stage 1 start
-    assert int(resumed["state"].step) == 6
-    for a, b in zip(jax.tree.leaves(full["state"].params), jax.tree.leaves(resumed["state"].params)):
-        np.testing.assert_allclose(a, b, atol=1e-6)
-    # The history survives the kill: the resumed run reports every logged step of the run, with
-    # the losses of the uninterrupted one, and a finished run returns it without training.
+    assert "resumed" in messages[0] and "(step 4)" in messages[0]  # the end of stage 1
+    assert int(resumed.state.step) == 6 and resumed.status == "done"
+    for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # The history survives the kills: every step of the run once, with the uninterrupted run's
+    # losses, and a finished run returns it without training.
     steps = lambda h: [e["step"] for e in h]
-    assert steps(resumed["history"]) == steps(full["history"]) == [2, 4, 6]
-    np.testing.assert_allclose([e["loss"] for e in resumed["history"]],
-                               [e["loss"] for e in full["history"]], rtol=1e-5)
+    assert steps(resumed.history) == steps(full.history) == [1, 2, 3, 4, 5, 6]
+    assert [e["loss"] for e in resumed.history] == [e["loss"] for e in full.history]
     again = curriculum.train_coconut(cfg_b, cc, log=lambda *_: None)
-    assert again["history"] == resumed["history"] and again["history"][-1]["time_s"] > 0
+    assert again.history == resumed.history and again.train_seconds > 0
+
+
+def assert_shared_loop_records(out, run_dir):
+    """What the shared loop adds: the NaN guard's counters, gradient norm, throughput and MFU
+    counting every forward pass (stage 0 has no thoughts, then one thought: two passes), the
+    stage in the log and in every checkpoint's meta, TensorBoard."""
+    for record in out.history:
+        assert record["finite"] and record["bad_steps"] == 0
+        assert np.isfinite(record["grad_norm"]) and record["grad_norm"] > 0
+    assert [h["forward_passes"] for h in out.history] == [1, 1, 2, 2, 2, 2]
+    assert all(h["tokens_per_s"] > 0 and h["mfu"] > 0 for h in out.history if h["step"] > 1)
+    assert list((run_dir / "tensorboard").iterdir())
+    for step in checkpoint.list_checkpoints(run_dir):
+        meta = json.loads((run_dir / "checkpoints" / str(step) / "train_meta" /
+                           "metadata").read_text())
+        assert meta["step"] == step and meta["stage"] == out.history[step - 1]["stage"]
+
+
+@dataclasses.dataclass(frozen=True)
+class NonFiniteGradient(curriculum.CoconutObjective):
+    """The continuous-thought loss plus a term whose value is 0 but whose gradient is not finite
+    (d√x at x = 0): the loss stays finite, the gradient norm does not."""
+
+    def __call__(self, params, batch, n_no_grad, n_grad, key):
+        loss, metrics = super().__call__(params, batch, n_no_grad, n_grad, key)
+        w = params["ln_f"]["weight"]
+        return loss + 0.0 * jnp.sqrt(w - w).sum(), metrics
+
+
+def test_nan_guard_covers_the_gradient_norm_of_the_coconut_loss(tmp_path):
+    """The curriculum's parts composed on `rdlm.train.train` by hand, with a loss whose gradient
+    is not finite (and two micro-batches): every update is skipped and counted, and the run
+    stops after train.max_bad_steps of them."""
+    cfg, cc = _run_cfg(tmp_path, "nan")
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_bad_steps=2,
+                                                             micro_batches=2))
+    schedule = StageSchedule(tuple(curriculum.stage_plan(cc, curriculum.steps_per_stage(cfg, cc))))
+    cfg = curriculum.run_config(cfg, schedule)
+    objective = NonFiniteGradient(**vars(curriculum.coconut_objective(cfg, cc, LATENT)))
+    data = curriculum.CurriculumBatches(curriculum.training_examples(cfg, cc), TOK, cc, schedule,
+                                        cfg.train.batch_size, cfg.train.seq_len, cfg.seed)
+    with pytest.raises(TrainingDiverged, match="2 non-finite steps in a row"):
+        train(cfg, data_iterator=data, loss_fn=objective, schedule=schedule,
+              printer=lambda *_: None)
+    log = read_metrics(tmp_path / "nan" / "metrics.jsonl")
+    assert [r["step"] for r in log] == [1, 2]
+    for r in log:
+        assert np.isfinite(r["loss"]) and not np.isfinite(r["grad_norm"]) and not r["finite"]
+    assert [(r["bad_steps"], r["bad_streak"]) for r in log] == [(1, 1), (2, 2)]
+    initial = optax.global_norm(init_params(cfg.model, jax.random.key(cfg.seed)))
+    assert log[0]["param_norm"] == log[1]["param_norm"] == pytest.approx(float(initial), rel=1e-6)
 
 
 def test_evaluate_method_counts_thoughts_and_tokens(tmp_path):
@@ -315,9 +381,9 @@ cfg = Config(model=model_preset("tiny", max_seq_len=96, mean_recurrence=2, backp
 cc = curriculum.CoconutConfig(max_latent_stage=1, steps_per_stage=2, num_train_examples=16,
                           train_num_steps=0, init_scale=1.0)
 out = curriculum.train_coconut(cfg, cc, log=lambda *_: None)
-devices = {d for leaf in jax.tree.leaves(out["state"].params) for d in leaf.sharding.device_set}
+devices = {d for leaf in jax.tree.leaves(out.params) for d in leaf.sharding.device_set}
 print(json.dumps({"devices": jax.device_count(), "param_devices": len(devices),
-                  "losses": [h["loss"] for h in out["history"]]}))
+                  "losses": [h["loss"] for h in out.history]}))
 """
 
 
@@ -339,12 +405,11 @@ def test_cpu_devices_split_coconut_training_with_the_same_losses(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     two = json.loads(result.stdout.strip().splitlines()[-1])
     assert two["devices"] == 2 and two["param_devices"] == 2
-    # The same settings as the resume test above (logged at the stage ends), so that its
-    # compiled step is reused.
+    # The same settings as the resume test above, so that its compiled step is reused.
     cfg, cc = _run_cfg(tmp_path, "one")
     one = curriculum.train_coconut(cfg, cc, log=lambda *_: None)
-    assert len(two["losses"]) == len(one["history"]) == 3
-    np.testing.assert_allclose(two["losses"], [h["loss"] for h in one["history"]], rtol=1e-4)
+    assert len(two["losses"]) == len(one.history) == 6
+    np.testing.assert_allclose(two["losses"], [h["loss"] for h in one.history], rtol=1e-4)
 
 
 def test_cli_reports_a_missing_checkpoint_without_a_traceback(tmp_path, capsys):

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from rdlm.coconut import evaluate_method, load_coconut_config, train_coconut
-from rdlm.errors import CheckpointError, ConfigError
+from rdlm.errors import CheckpointError, ConfigError, TrainingDiverged
 from rdlm.runtime import checkpoint as ckpt_lib
 
 
@@ -30,10 +30,13 @@ def cli(argv: list[str]) -> int:
         if args.eval_only:
             _, params = ckpt_lib.load_params(cfg.train.run_dir)
         else:
-            params = train_coconut(cfg, cc)["state"].params
+            params = train_coconut(cfg, cc).params
     except (ConfigError, CheckpointError) as err:  # as `rdlm train` reports them
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     result = evaluate_method(params, cfg, cc)
     print(f"{cc.method}: accuracy {result['accuracy']:.3f}, generated tokens "
           f"{result['generated_tokens']:.1f} on {result['num_examples']} {cc.eval_split} problems")

@@ -1,38 +1,36 @@
-"""The continuous-thought curriculum (SPEC §2): its configuration, stages, batches and trainer.
+"""The continuous-thought curriculum (SPEC §2): its configuration, stages, batches and training.
 
 Stage 0 is the full chain of thought; stage k replaces the first k reasoning steps by k·c
-latents; the final stage drops every language step. The optimizer state is reset at every stage
+latents; the final stage drops every language step. Training is the shared loop
+(`rdlm.train.train`) with two parts from here: `CoconutObjective`, the continuous-thought loss
+with its own depth policy, and a `StageSchedule` that resets the optimizer state at every stage
 change. Batches are pure functions of the step, so a resumed run sees the same data.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import math
-import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import yaml
 
-from rdlm.coconut.thoughts import Batch, Depth, coconut_loss
-from rdlm.config import Config, ConfigError, DataConfig, from_dict
+from rdlm.coconut.thoughts import Batch, Depth, coconut_loss, latent_ordinals
+from rdlm.config import Config, ConfigError, ModelConfig, from_dict
 from rdlm.data.render import prompt_tokens, render
 from rdlm.data.tasks import Example, example_at, make_task
 from rdlm.data.tokenizer import Tokenizer, load_tokenizer
-from rdlm.model.recurrence import sample_depth
-from rdlm.runtime import checkpoint as ckpt_lib
-from rdlm.runtime import sharding as shard_lib
-from rdlm.train.metrics import truncate_jsonl
-from rdlm.train.optim import make_optimizer
-from rdlm.train.state import TrainState, abstract_state, init_state, state_shardings
-from rdlm.train.step import check_layout, step_key
+from rdlm.runtime.distributed import maybe_initialize_distributed
+from rdlm.train.loop import train
+from rdlm.train.metrics import read_metrics
+from rdlm.train.stages import StageSchedule
+from rdlm.train.stages import is_stage_start, stage_at  # noqa: F401  (the plan's arithmetic, here too)
+from rdlm.train.state import TrainState
+from rdlm.train.step import FORWARD_PASSES, DepthPolicy
 
 METHODS = ("coconut", "pause", "cot", "nocot")
 
@@ -134,22 +132,6 @@ def stage_plan(cc: CoconutConfig, steps_per_stage: int) -> list[tuple[int, int]]
     return [(s, steps_per_stage) for s in stages]
 
 
-def stage_at(plan: list[tuple[int, int]], step: int) -> tuple[int, int]:
-    """(stage, index of the plan entry) of 0-based optimizer step ``step``."""
-    end = 0
-    for i, (stage, steps) in enumerate(plan):
-        end += steps
-        if step < end:
-            return stage, i
-    return plan[-1][0], len(plan) - 1
-
-
-def is_stage_start(plan: list[tuple[int, int]], step: int) -> bool:
-    """True at the first step of every plan entry after the first: the optimizer resets there."""
-    starts = np.cumsum([steps for _, steps in plan])[:-1]
-    return step in set(int(s) for s in starts)
-
-
 def render_stage(example: Example, tok: Tokenizer, cc: CoconutConfig, stage: int
                  ) -> tuple[np.ndarray, np.ndarray]:
     """(tokens, loss mask) of ``example`` at curriculum ``stage``."""
@@ -209,15 +191,7 @@ def curriculum_batch(examples: Sequence[Example], tok: Tokenizer, cc: CoconutCon
 
 
 # ---------------------------------------------------------------------------------------------
-# Training: the project's train state, optimizer, shardings and checkpoint format, with the
-# continuous-thought loss (rdlm.train's step is tied to `lm_loss`).
-
-
-def train_depth(cfg: Config, cc: CoconutConfig, key: jax.Array) -> Depth:
-    if cc.train_num_steps:
-        return Depth(jnp.int32(0), jnp.int32(cc.train_num_steps), cc.train_num_steps)
-    n_no_grad, n_grad = sample_depth(key, cfg.model.mean_recurrence, cfg.model.backprop_depth)
-    return Depth(n_no_grad, n_grad, cfg.model.backprop_depth)
+# Training: a loss and a stage schedule on the shared train loop (`rdlm.train.train`).
 
 
 def eval_depth(cfg: Config, cc: CoconutConfig) -> Depth:
@@ -225,45 +199,48 @@ def eval_depth(cfg: Config, cc: CoconutConfig) -> Depth:
     return Depth(jnp.int32(r), jnp.int32(0), 0)
 
 
-def make_coconut_step(cfg: Config, cc: CoconutConfig, latent_id: int) -> Any:
-    """Jitted (state, batch) → (state, metrics): one optimizer step on `coconut_loss`.
+@dataclasses.dataclass(frozen=True)
+class CoconutObjective:
+    """`coconut_loss` as the train step's objective: (params, batch, n_no_grad, n_grad, key) →
+    (loss, metrics). Frozen, so hashable (the compiled step is memoised on it), and holding only
+    what the loss depends on. ``depth`` is its own recurrence policy (`coconut_objective`)."""
 
-    Memoised on what the step depends on (not the run directory or the data section), so runs
-    that differ only there — tests, resumption in one process — compile once.
-    """
-    step_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, run_dir="",
-                                                                  init_from=""),
-                                   data=DataConfig())
-    step_cc = dataclasses.replace(cc, eval_examples=1, eval_split="test", max_new_tokens=1,
-                                  num_train_examples=1, steps_per_stage=0, epochs_per_stage=0)
-    return _make_coconut_step(step_cfg, step_cc, latent_id)
+    model: ModelConfig
+    latent_id: int
+    max_latents: int
+    init_scale: float
+    substitute: bool  # False: <latent> stays an ordinary token (the pause baseline)
+    shift_sees_thoughts: bool
+    depth: DepthPolicy
+
+    def __call__(self, params: Any, batch: Batch, n_no_grad: jax.Array, n_grad: jax.Array,
+                 key: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        depth = Depth(n_no_grad, n_grad, self.depth.max_grad)
+        loss, metrics = coconut_loss(params, batch, self.model, latent_id=self.latent_id,
+                                     max_latents=self.max_latents, depth=depth, key=key,
+                                     init_scale=self.init_scale, substitute=self.substitute,
+                                     shift_sees_thoughts=self.shift_sees_thoughts)
+        return loss, {**metrics, FORWARD_PASSES: self.forward_passes(batch["inputs"])}
+
+    def forward_passes(self, tokens_bt: jax.Array) -> jax.Array:
+        """Full passes of the model per step: one per latent ordinal in the batch (the surplus
+        passes of the scan are skipped), then one for the logits."""
+        if not self.substitute or self.max_latents == 0:
+            return jnp.float32(1)
+        thoughts = jnp.max(latent_ordinals(tokens_bt, self.latent_id)) + 1
+        return (jnp.clip(thoughts, 0, self.max_latents) + 1).astype(jnp.float32)
 
 
-@functools.lru_cache(maxsize=8)
-def _make_coconut_step(cfg: Config, cc: CoconutConfig, latent_id: int) -> Any:
-    tx = make_optimizer(cfg.train)
-
-    def step(state: Any, batch: Batch) -> tuple[Any, dict[str, jax.Array]]:
-        depth_key, noise_key = jax.random.split(step_key(cfg.seed, state.step))
-        depth = train_depth(cfg, cc, depth_key)
-        loss_fn = lambda p: coconut_loss(p, batch, cfg.model, latent_id=latent_id,
-                                         max_latents=cc.max_latents, depth=depth, key=noise_key,
-                                         init_scale=cc.init_scale,
-                                         substitute=cc.method == "coconut",
-                                         shift_sees_thoughts=cc.shift_sees_thoughts)
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        finite = jnp.isfinite(metrics["loss"])
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-        new_state = TrainState(step=state.step + 1,
-                               params=keep(optax.apply_updates(state.params, updates), state.params),
-                               opt_state=keep(opt_state, state.opt_state),
-                               bad_steps=state.bad_steps + (~finite),
-                               bad_streak=(state.bad_streak + 1) * (~finite))
-        return new_state, dict(metrics, grad_norm=optax.global_norm(grads),
-                               r=depth.n_no_grad + depth.n_grad)
-
-    return jax.jit(step, donate_argnums=(0,))
+def coconut_objective(cfg: Config, cc: CoconutConfig, latent_id: int) -> CoconutObjective:
+    """The objective of a run. A fixed ``coconut.train_num_steps`` = r runs r steps, all with
+    gradient (a static scan of length r); 0 samples the depth as `rdlm train` does, around
+    ``model.mean_recurrence`` with backprop depth ``model.backprop_depth``."""
+    r = cc.train_num_steps
+    depth = (DepthPolicy(r, r, fixed=True) if r
+             else DepthPolicy(cfg.model.mean_recurrence, cfg.model.backprop_depth))
+    return CoconutObjective(cfg.model, latent_id, cc.max_latents, float(cc.init_scale),
+                            substitute=cc.method == "coconut",
+                            shift_sees_thoughts=cc.shift_sees_thoughts, depth=depth)
 
 
 def training_examples(cfg: Config, cc: CoconutConfig) -> list[Example]:
@@ -277,87 +254,88 @@ def steps_per_stage(cfg: Config, cc: CoconutConfig) -> int:
     return cc.steps_per_stage
 
 
-HISTORY_FILE = "metrics.jsonl"  # in the run directory: one line per logged step
+class CurriculumBatches:
+    """The curriculum's batches in step order: the train loop's data iterator. A batch is a pure
+    function of (step, stage, seed), so the iterator's whole state is the next step; the loop
+    saves it with every checkpoint."""
+
+    def __init__(self, examples: Sequence[Example], tok: Tokenizer, cc: CoconutConfig,
+                 schedule: StageSchedule, batch_size: int, seq_len: int, seed: int):
+        self.examples, self.tok, self.cc, self.schedule = examples, tok, cc, schedule
+        self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
+        self.step = 0
+
+    def __iter__(self) -> "CurriculumBatches":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = curriculum_batch(self.examples, self.tok, self.cc,
+                                 self.schedule.stage_at(self.step), self.step, self.batch_size,
+                                 self.seq_len, self.seed)
+        self.step += 1
+        return batch
+
+    def get_state(self) -> dict[str, int]:
+        return {"step": self.step}
+
+    def set_state(self, state: dict[str, int]) -> None:
+        self.step = int(state["step"])
+
+
+@dataclasses.dataclass
+class CoconutResult:
+    state: TrainState
+    history: list[dict[str, Any]]  # every step of the run, earlier calls included
+    plan: list[tuple[int, int]]  # [(stage, steps)]
+    status: str  # as `rdlm.train.TrainResult.status`
+
+    @property
+    def params(self) -> Any:
+        return self.state.params
+
+    @property
+    def train_seconds(self) -> float:
+        """Step time of the whole run over all its calls (compilation included; checkpoint
+        writes excluded)."""
+        return float(sum(h.get("step_time_s", 0.0) for h in self.history))
+
+
+def run_config(cfg: Config, schedule: StageSchedule) -> Config:
+    """``cfg`` as the shared loop runs it: as long as the stage plan, and without the loop's
+    held-out eval and latent telemetry, which run the plain forward with ``<latent>`` as a token
+    (`rdlm.coconut.evaluate_method` evaluates a continuous-thought model)."""
+    return dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, steps=schedule.total_steps, eval_every=0, telemetry_every=0))
 
 
 def train_coconut(cfg: Config, cc: CoconutConfig, *, stop_after: int | None = None,
-                  log: Any = print) -> dict[str, Any]:
-    """Run (or resume) the whole curriculum in ``cfg.train.run_dir``.
+                  log: Callable[[str], None] | None = None) -> CoconutResult:
+    """Run (or resume) the whole curriculum in ``cfg.train.run_dir`` on `rdlm.train.train`.
 
-    Checkpoints use the project's one format (params, optimizer, meta with step and stage,
-    config) at every stage end and every ``train.checkpoint_every`` steps; a killed run restarts
-    at its last checkpoint's step and stage. The optimizer state is reset at every stage change
-    (also when a resumed run starts exactly on a stage boundary). ``stop_after`` stops after that
-    many steps of this call (tests use it to simulate a kill). The returned ``history`` (also in
-    ``run_dir/metrics.jsonl``) covers the whole run, earlier calls included, with cumulative
-    training seconds in ``time_s``.
+    The loop brings its checkpoints (every ``train.checkpoint_every`` steps and at every stage
+    end, with the stage in their meta), metrics.jsonl and TensorBoard logs, tokens/s and MFU, the
+    NaN guard on loss and gradient norm, micro-batching and SIGTERM saves. The optimizer state is
+    reset at every stage change, also when a resumed run starts exactly on a stage boundary.
+    ``train.steps`` is set from the stage plan. ``stop_after`` returns after that many steps of
+    this call without saving, as a kill would (tests). ``log`` takes the messages and progress
+    lines (default: stdout, with a progress bar on a terminal). The returned ``history`` (from
+    ``run_dir/metrics.jsonl``) covers the whole run, earlier calls included.
     """
-    shard_lib.request_cpu_devices(cfg.mesh.cpu_devices)  # before the first device query
+    maybe_initialize_distributed(cfg.mesh)  # mesh.cpu_devices: before the first device query
     if jax.process_count() > 1:
         raise ConfigError("rdlm coconut runs in one process (every process would build the same "
-                         "global batch); use a single host, or `python -m rdlm train` for "
-                         "multi-host runs.")
+                          "global batch); use a single host, or `python -m rdlm train` for "
+                          "multi-host runs.")
+    budget = steps_per_stage(cfg, cc)
+    if budget == 0:
+        raise ConfigError("coconut.steps_per_stage=0 (with coconut.epochs_per_stage=0) leaves "
+                          "nothing to train; set one of them > 0.")
+    schedule = StageSchedule(tuple(stage_plan(cc, budget)))
+    cfg = run_config(cfg, schedule)
     tok = load_tokenizer(cfg.data.tokenizer)
-    mesh = shard_lib.make_mesh(cfg.mesh)
-    check_layout(cfg, mesh)
-    # Rows split over the data-parallel axes (the params follow their logical rules), so that a
-    # CPU host split by mesh.cpu_devices, or several accelerators, share each step.
-    batch_sharding = shard_lib.batch_sharding(mesh)
-    tx = make_optimizer(cfg.train)
-    shardings = state_shardings(cfg, tx, mesh)
-    plan = stage_plan(cc, steps_per_stage(cfg, cc))
-    total = sum(steps for _, steps in plan)
-    run_dir = Path(cfg.train.run_dir).expanduser().absolute()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpointer = ckpt_lib.TrainCheckpointer(run_dir, save_every=cfg.train.checkpoint_every,
-                                              keep_last=cfg.train.keep_last, keep_every=0,
-                                              async_save=False)
-    try:
-        latest = checkpointer.latest_step()
-        if latest is not None:
-            target = abstract_state(cfg, tx, shardings)
-            params, opt_state, meta, _ = checkpointer.restore(
-                latest, abstract_params=target.params, abstract_opt_state=target.opt_state)
-            state = TrainState(step=jnp.int32(meta["step"]), params=params, opt_state=opt_state,
-                               bad_steps=jnp.int32(meta["bad_steps"]),
-                               bad_streak=jnp.int32(meta["bad_streak"]))
-            log(f"resumed from {checkpointer.directory / str(latest)} (step {latest}, stage "
-                f"{meta.get('stage')})")
-        else:
-            params = None
-            if cfg.train.init_from:
-                _, params = ckpt_lib.load_params(cfg.train.init_from, shardings=shardings.params)
-            state = init_state(cfg, tx, shardings, params)
-        examples = training_examples(cfg, cc)
-        step_fn = make_coconut_step(cfg, cc, tok.latent_id)
-        start = int(state.step)
-        # The logged steps of earlier calls up to the resumed one (the train loop's rule: steps
-        # after the last checkpoint run again, a line cut by a kill is dropped).
-        history = truncate_jsonl(run_dir / HISTORY_FILE, start)
-        t0 = time.perf_counter() - (history[-1]["time_s"] if history else 0.0)
-        for step in range(start, total):
-            if stop_after is not None and step - start >= stop_after:
-                break
-            stage, _ = stage_at(plan, step)
-            if is_stage_start(plan, step):
-                state = dataclasses.replace(state, opt_state=jax.jit(tx.init)(state.params))
-            batch = curriculum_batch(examples, tok, cc, stage, step, cfg.train.batch_size,
-                                     cfg.train.seq_len, cfg.seed)
-            state, metrics = step_fn(state, jax.device_put(dict(batch), batch_sharding))
-            done = step + 1
-            if done % cfg.train.log_every == 0 or done == total or is_stage_start(plan, done):
-                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                history.append({"step": done, "stage": stage, **m,
-                                "time_s": round(time.perf_counter() - t0, 2)})
-                with open(run_dir / HISTORY_FILE, "a") as f:
-                    f.write(json.dumps(history[-1]) + "\n")
-                log(f"step {done}/{total} stage {stage} loss {m['loss']:.4f} "
-                    f"acc {m['accuracy']:.3f} r {int(m['r'])} "
-                    f"({time.perf_counter() - t0:.0f}s)")
-            if checkpointer.should_save(done, total) or is_stage_start(plan, done):
-                checkpointer.save(done, cfg=cfg, params=state.params, opt_state=state.opt_state,
-                                  meta={**state.meta(), "stage": stage}, data_iterator=None)
-        checkpointer.wait()
-    finally:
-        checkpointer.close()
-    return {"state": state, "history": history, "plan": plan}
+    data = CurriculumBatches(training_examples(cfg, cc), tok, cc, schedule,
+                             cfg.train.batch_size, cfg.train.seq_len, cfg.seed)
+    result = train(cfg, data_iterator=data, loss_fn=coconut_objective(cfg, cc, tok.latent_id),
+                   schedule=schedule, stop_after=stop_after, printer=log)
+    history = read_metrics(Path(cfg.train.run_dir).expanduser().absolute() / "metrics.jsonl")
+    return CoconutResult(result.state, history, list(schedule.plan), result.status)

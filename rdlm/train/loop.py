@@ -7,9 +7,13 @@ resumes from its latest complete step, bit-for-bit: parameters, optimizer state,
 counters and the data iterator's position are all in the checkpoint, and every random draw comes
 from ``fold_in(key(seed), step)``.
 
-One optimizer step:
-  1. draw the recurrence count (n_no_grad, n_grad) from ``fold_in(key(seed), step)``: every device
-     and host gets the same r without communicating;
+The objective is a parameter (default: the plain LM loss), and so is a `Schedule` of phases
+(default: one) that may reset the optimizer state at phase changes and label the steps: a
+curriculum such as continuous thought (`rdlm.coconut`) is a loss plus a schedule on this loop.
+
+One optimizer step (`rdlm.train.step`):
+  1. draw the recurrence count (n_no_grad, n_grad) by the objective's depth policy from
+     ``fold_in(key(seed), step)``: every device and host gets the same r without communicating;
   2. loss and gradients, accumulated over ``train.micro_batches`` with a `lax.scan` (token-weighted,
      so 4 micro-batches give the gradient of the whole batch);
   3. the optax update; if the loss or the gradient norm is not finite the update is dropped on
@@ -22,7 +26,7 @@ import dataclasses
 import signal
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
@@ -39,8 +43,10 @@ from rdlm.runtime.hostinfo import device_peak_flops
 from rdlm.train.eval import latent_telemetry, make_eval_fn, run_eval
 from rdlm.train.metrics import MetricsLogger, plain, plain_dict
 from rdlm.train.optim import make_optimizer
+from rdlm.train.stages import SINGLE_PHASE, Schedule
 from rdlm.train.state import TrainState, restore_or_init, state_shardings
-from rdlm.train.step import Batch, check_layout, global_batch, make_train_step
+from rdlm.train.step import (FORWARD_PASSES, Batch, LossFn, check_layout, global_batch,
+                             make_train_step)
 
 
 def default_data_iterator(cfg: Config) -> Any:
@@ -69,7 +75,7 @@ def default_eval_batches(cfg: Config) -> list[dict[str, np.ndarray]] | None:
 class TrainResult:
     state: TrainState
     history: list[dict[str, float]]  # one record per step run in this call
-    status: str  # "done", "preempted"
+    status: str  # "done", "preempted" (SIGTERM), "stopped" (``stop_after`` steps run)
 
 
 class _Preemption:
@@ -105,11 +111,19 @@ class _Preemption:
 
 def train(cfg: Config, *, data_iterator: Iterator[dict[str, np.ndarray]] | None = None,
           eval_batches: list[dict[str, np.ndarray]] | None = None,
-          mesh: Mesh | None = None) -> TrainResult:
+          mesh: Mesh | None = None, loss_fn: LossFn | None = None,
+          schedule: Schedule = SINGLE_PHASE, stop_after: int | None = None,
+          printer: Callable[[str], None] | None = None) -> TrainResult:
     """Train ``cfg`` up to ``cfg.train.steps``, resuming from ``cfg.train.run_dir`` if it holds a
     checkpoint. ``data_iterator`` (default: `rdlm.data.make_train_iterator`) yields this process's
     rows as numpy dicts; give it ``get_state``/``set_state`` (grain iterators have them) for exact
     resumption. Raises `TrainingDiverged` after ``train.max_bad_steps`` non-finite steps in a row.
+
+    ``loss_fn``: the objective (default `rdlm.train.step.lm_objective`; the held-out eval still
+    measures the LM loss). ``schedule``: phases with optimizer resets (`rdlm.train.stages`).
+    ``stop_after``: return after that many steps of this call without a final save, leaving the
+    run as a kill there would (it resumes from its last checkpoint). ``printer`` takes the
+    messages and progress lines instead of stdout.
     """
     maybe_initialize_distributed(cfg.mesh)
     tc = cfg.train
@@ -124,139 +138,234 @@ def train(cfg: Config, *, data_iterator: Iterator[dict[str, np.ndarray]] | None 
     checkpointer = ckpt_lib.TrainCheckpointer(run_dir, save_every=tc.checkpoint_every,
                                               keep_last=tc.keep_last, keep_every=tc.keep_every,
                                               async_save=tc.async_checkpoint)
-    log = MetricsLogger(run_dir, cfg, enabled=jax.process_index() == 0)
+    log = MetricsLogger(run_dir, cfg, enabled=jax.process_index() == 0, printer=printer)
     try:
         state = restore_or_init(cfg, tx, shardings, checkpointer, data_iterator, log.message)
         start = int(state.step)
         log.open(start)
+        end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
         if start >= tc.steps:
             log.message(f"nothing to do: step {start} >= train.steps={tc.steps}")
-            return TrainResult(state, [], "done")
+        if start >= end:
+            return TrainResult(state, [], "done" if start >= tc.steps else "stopped")
+        run = _Run(cfg, mesh, tx, shardings, data_iterator, eval_batches, checkpointer, log,
+                   schedule, loss_fn)
         with _Preemption() as preemption:
-            return _loop(cfg, mesh, tx, shardings, state, data_iterator, eval_batches,
-                         checkpointer, log, preemption)
+            return _loop(run, state, end, preemption)
     finally:
         checkpointer.close()
         log.close()
 
 
-def _loop(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation, shardings: TrainState,
-          state: TrainState, data_iterator: Any, eval_batches: Any,
-          checkpointer: ckpt_lib.TrainCheckpointer, log: MetricsLogger,
-          preemption: _Preemption) -> TrainResult:
-    tc = cfg.train
-    start = int(state.step)
-    tokens_per_step = tc.batch_size * tc.seq_len
-    peak = device_peak_flops(jax.devices()[0], cfg.model.dtype, tc.peak_flops)
-    total_peak = peak * jax.device_count() if peak else None
-    log.message(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].device_kind} "
-                f"device(s), {jax.process_count()} process(es); steps {start} → {tc.steps}")
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What stays fixed while the loop runs."""
 
-    data = iter(data_iterator)
-    first = global_batch(next(data), cfg, mesh)
-    step_fn = make_train_step(cfg, mesh, batch_keys=tuple(first))
-    eval_fn = make_eval_fn(cfg, mesh) if tc.eval_every and eval_batches else None
-    telemetry_fn = (jax.jit(latent_telemetry, static_argnums=(2, 3)) if tc.telemetry_every
-                    else None)
+    cfg: Config
+    mesh: Mesh
+    tx: optax.GradientTransformation
+    shardings: TrainState
+    data_iterator: Any
+    eval_batches: Any
+    checkpointer: ckpt_lib.TrainCheckpointer
+    log: MetricsLogger
+    schedule: Schedule
+    loss_fn: LossFn | None
 
-    history: list[dict[str, float]] = []
-    pending: tuple[int, dict] | None = None
-    batch: Batch | None = first
-    last_time = time.perf_counter()
-    loop_start = last_time
 
-    side_metrics: dict[int, dict[str, float]] = {}
-    excluded_s = 0.0
-    first_step_s = 0.0
+@dataclasses.dataclass
+class _Clock:
+    """Step wall times. Host work that is not training (eval, telemetry, checkpoint copies) is
+    taken out; the first step, compilation included, is timed apart and gives no throughput."""
 
-    def side_work(step: int, step_batch: Batch) -> None:
-        """Telemetry and eval on the params right after ``step`` (before the next step donates
-        them); the time beyond waiting for the step itself is excluded from its step time."""
-        nonlocal excluded_s
-        wants_telemetry = telemetry_fn is not None and step % tc.telemetry_every == 0
-        wants_eval = eval_fn is not None and step % tc.eval_every == 0
-        if not (wants_telemetry or wants_eval):
-            return
-        jax.block_until_ready(state.params)
-        t0 = time.perf_counter()
-        m: dict[str, float] = {}
-        if wants_telemetry:
-            rows = step_batch["inputs"][: min(4, tc.batch_size)]
-            m.update(plain_dict(telemetry_fn(state.params, rows, cfg,
-                                              max(2, cfg.model.mean_recurrence))))
-        if wants_eval:
-            m.update(run_eval(eval_fn, state.params, eval_batches, cfg, mesh))
-        side_metrics[step] = m
-        excluded_s += time.perf_counter() - t0
+    last: float = 0.0
+    loop_start: float = 0.0
+    excluded_s: float = 0.0
+    first_step_s: float = 0.0
 
-    def finish(step: int, metrics_dev: dict) -> None:
-        """Host side of a step, one step behind the device so dispatch is never blocked."""
-        nonlocal last_time, excluded_s
-        m = {k: plain(v) for k, v in jax.device_get(metrics_dev).items()}
+    def start(self) -> None:
+        self.last = self.loop_start = time.perf_counter()
+
+    def exclude_since(self, t0: float) -> None:
+        self.excluded_s += time.perf_counter() - t0
+
+    def lap(self) -> float:
+        """Seconds of training since the previous lap."""
         now = time.perf_counter()
-        # Host work that is not training (eval, telemetry, checkpoint copies) is taken out.
-        dt, last_time, excluded_s = now - last_time - excluded_s, now, 0.0
+        dt, self.last, self.excluded_s = now - self.last - self.excluded_s, now, 0.0
+        return dt
+
+
+def step_rates(cfg: Config, m: dict[str, Any], dt: float, total_peak: float | None
+               ) -> dict[str, float]:
+    """Step time, tokens/s and (with a known peak) MFU of a step that took ``dt`` seconds, from
+    its metrics ``m`` (r, n_grad and, for multi-pass objectives, the forward passes)."""
+    tc = cfg.train
+    tokens_per_step = tc.batch_size * tc.seq_len
+    out = {"step_time_s": dt, "tokens_per_s": tokens_per_step / dt}
+    if total_peak:
+        per_token = flops_lib.train_flops_per_token(cfg.model, tc.seq_len, m["r"] - m["n_grad"],
+                                                    m["n_grad"])
+        out["mfu"] = per_token * m.get(FORWARD_PASSES, 1.0) * tokens_per_step / dt / total_peak
+    return out
+
+
+def check_divergence(m: dict[str, Any], step: int, cfg: Config,
+                     checkpointer: ckpt_lib.TrainCheckpointer) -> None:
+    """`TrainingDiverged` once ``train.max_bad_steps`` steps in a row were non-finite."""
+    tc = cfg.train
+    if m["bad_streak"] < tc.max_bad_steps:
+        return
+    good = checkpointer.latest_step()
+    raise TrainingDiverged(
+        f"{m['bad_streak']} non-finite steps in a row (train.max_bad_steps="
+        f"{tc.max_bad_steps}) at step {step}; stopping. The last good checkpoint is "
+        f"{checkpointer.directory / str(good) if good is not None else '(none)'}; lower "
+        "train.lr or raise train.warmup_steps and resume from it.")
+
+
+class _Recorder:
+    """The host side of each step, one step behind the device so that dispatch never waits:
+    the step's metrics, timings and labels into the history and the log, and the NaN guard's
+    verdict."""
+
+    def __init__(self, run: _Run, start: int, clock: _Clock):
+        self.run, self.start, self.clock = run, start, clock
+        cfg = run.cfg
+        peak = device_peak_flops(jax.devices()[0], cfg.model.dtype, cfg.train.peak_flops)
+        self.total_peak = peak * jax.device_count() if peak else None
+        self.history: list[dict[str, float]] = []
+        self.side_metrics: dict[int, dict[str, float]] = {}  # eval/telemetry, by step
+        self.pending: tuple[int, dict] | None = None
+
+    def defer(self, step: int, metrics_dev: dict) -> None:
+        """Record the previous step (its metrics are ready by now) and hold this one."""
+        self.flush()
+        self.pending = (step, metrics_dev)
+
+    def flush(self) -> None:
+        if self.pending is not None:
+            self.finish(*self.pending)
+            self.pending = None
+
+    def finish(self, step: int, metrics_dev: dict) -> None:
+        cfg, log, schedule = self.run.cfg, self.run.log, self.run.schedule
+        tc = cfg.train
+        m = {k: plain(v) for k, v in jax.device_get(metrics_dev).items()}
+        dt = self.clock.lap()
         m["r"] = int(m.pop("n_no_grad")) + int(m["n_grad"])
-        if step == start + 1:
-            m["step_time_s"] = first_step_s  # compilation included: no throughput from it
+        if step == self.start + 1:
+            m["step_time_s"] = self.clock.first_step_s
         else:
-            m["step_time_s"] = dt
-            m["tokens_per_s"] = tokens_per_step / dt
-            step_flops = flops_lib.train_flops_per_token(
-                cfg.model, tc.seq_len, m["r"] - m["n_grad"], m["n_grad"]) * tokens_per_step
-            if total_peak:
-                m["mfu"] = step_flops / dt / total_peak
-        done = step - start
-        m["eta_s"] = (now - loop_start) / done * (tc.steps - step) if done else 0.0
+            m.update(step_rates(cfg, m, dt, self.total_peak))
+        done = step - self.start
+        elapsed = self.clock.last - self.clock.loop_start
+        m["eta_s"] = elapsed / done * (tc.steps - step) if done else 0.0
         if not m["finite"]:
             log.message(f"step {step}: non-finite loss or gradient (loss={m['loss']}, "
                         f"grad_norm={m['grad_norm']}); update skipped "
                         f"({m['bad_streak']} in a row, {m['bad_steps']} in total)")
-        m.update(side_metrics.pop(step, {}))
-        history.append({"step": step, **m})
-        log.log(step, m, print_line=(step % tc.log_every == 0 or step == tc.steps))
-        if m["bad_streak"] >= tc.max_bad_steps:
-            good = checkpointer.latest_step()
-            raise TrainingDiverged(
-                f"{m['bad_streak']} non-finite steps in a row (train.max_bad_steps="
-                f"{tc.max_bad_steps}) at step {step}; stopping. The last good checkpoint is "
-                f"{checkpointer.directory / str(good) if good is not None else '(none)'}; lower "
-                "train.lr or raise train.warmup_steps and resume from it.")
+        m.update(schedule.annotations(step))
+        m.update(self.side_metrics.pop(step, {}))
+        self.history.append({"step": step, **m})
+        log.log(step, m, print_line=(step % tc.log_every == 0 or step == tc.steps
+                                     or schedule.phase_end(step)))
+        check_divergence(m, step, cfg, self.run.checkpointer)
 
-    status = "done"
-    for step in range(start + 1, tc.steps + 1):
+
+class _SideWork:
+    """Telemetry and eval on the params right after a step, before the next step donates them;
+    the time beyond waiting for the step itself is excluded from its step time."""
+
+    def __init__(self, run: _Run, clock: _Clock, recorder: _Recorder):
+        self.run, self.clock, self.recorder = run, clock, recorder
+        tc = run.cfg.train
+        self.eval_fn = (make_eval_fn(run.cfg, run.mesh) if tc.eval_every and run.eval_batches
+                        else None)
+        self.telemetry_fn = (jax.jit(latent_telemetry, static_argnums=(2, 3))
+                             if tc.telemetry_every else None)
+
+    def __call__(self, step: int, params: Any, step_batch: Batch) -> None:
+        cfg = self.run.cfg
+        tc = cfg.train
+        wants_telemetry = self.telemetry_fn is not None and step % tc.telemetry_every == 0
+        wants_eval = self.eval_fn is not None and step % tc.eval_every == 0
+        if not (wants_telemetry or wants_eval):
+            return
+        jax.block_until_ready(params)
+        t0 = time.perf_counter()
+        m: dict[str, float] = {}
+        if wants_telemetry:
+            rows = step_batch["inputs"][: min(4, tc.batch_size)]
+            m.update(plain_dict(self.telemetry_fn(params, rows, cfg,
+                                                  max(2, cfg.model.mean_recurrence))))
+        if wants_eval:
+            m.update(run_eval(self.eval_fn, params, self.run.eval_batches, cfg, self.run.mesh))
+        self.recorder.side_metrics[step] = m
+        self.clock.exclude_since(t0)
+
+
+def _first_step(step_fn: Any, state: TrainState, batch: Batch, clock: _Clock,
+                log: MetricsLogger) -> tuple[TrainState, dict]:
+    """The first step of a call, waited for: its time is mostly compilation."""
+    t0 = time.perf_counter()
+    state, metrics = step_fn(state, batch)
+    jax.block_until_ready(metrics)
+    clock.first_step_s = time.perf_counter() - t0
+    log.message(f"first step (compilation included): {clock.first_step_s:.1f}s")
+    clock.start()
+    return state, metrics
+
+
+def _save(run: _Run, state: TrainState, step: int, clock: _Clock) -> None:
+    t0 = time.perf_counter()
+    run.checkpointer.save(step, cfg=run.cfg, params=state.params, opt_state=state.opt_state,
+                          meta={**state.meta(), **run.schedule.annotations(step)},
+                          data_iterator=run.data_iterator)
+    clock.exclude_since(t0)
+
+
+def _loop(run: _Run, state: TrainState, end: int, preemption: _Preemption) -> TrainResult:
+    cfg, mesh, schedule, checkpointer = run.cfg, run.mesh, run.schedule, run.checkpointer
+    tc = cfg.train
+    start = int(state.step)
+    run.log.message(f"mesh {dict(mesh.shape)} on {jax.device_count()} "
+                    f"{jax.devices()[0].device_kind} device(s), {jax.process_count()} "
+                    f"process(es); steps {start} → {tc.steps}"
+                    + (f" (this call stops after step {end})" if end < tc.steps else ""))
+    data = iter(run.data_iterator)
+    batch: Batch | None = global_batch(next(data), cfg, mesh)
+    step_fn = make_train_step(cfg, mesh, batch_keys=tuple(batch), loss_fn=run.loss_fn)
+    init_opt = jax.jit(run.tx.init, out_shardings=run.shardings.opt_state)
+    clock = _Clock()
+    recorder = _Recorder(run, start, clock)
+    side_work = _SideWork(run, clock, recorder)
+    status = "done" if end == tc.steps else "stopped"
+    for step in range(start + 1, end + 1):
+        # Asked before every step, the first of a resumed run included: a run resumed exactly
+        # at a phase change resets the optimizer as the uninterrupted one did.
+        if schedule.reset_optimizer(step - 1):
+            state = dataclasses.replace(state, opt_state=init_opt(state.params))
         if batch is None:
             batch = global_batch(next(data), cfg, mesh)
         if step == start + 1:
-            t0 = time.perf_counter()
-            state, metrics = step_fn(state, batch)
-            jax.block_until_ready(metrics)
-            first_step_s = time.perf_counter() - t0
-            log.message(f"first step (compilation included): {first_step_s:.1f}s")
-            last_time = loop_start = time.perf_counter()
+            state, metrics = _first_step(step_fn, state, batch, clock, run.log)
         else:
             state, metrics = step_fn(state, batch)
-        if pending is not None:
-            finish(*pending)
-        pending = (step, metrics)
-        side_work(step, batch)
+        recorder.defer(step, metrics)
+        side_work(step, state.params, batch)
         batch = None
         stop = preemption.agreed()
-        if checkpointer.should_save(step, tc.steps) or stop:
+        if checkpointer.should_save(step, tc.steps) or schedule.phase_end(step) or stop:
             # A streak of bad steps means the params did not move: saving them is still "good",
             # but never save past the point where the guard stops the run.
-            finish(*pending)
-            pending = None
-            t0 = time.perf_counter()
-            checkpointer.save(step, cfg=cfg, params=state.params, opt_state=state.opt_state,
-                              meta=state.meta(), data_iterator=data_iterator)
-            excluded_s += time.perf_counter() - t0
+            recorder.flush()
+            _save(run, state, step, clock)
         if stop:
             checkpointer.wait()
-            log.message(f"SIGTERM: saved step {step} to {checkpointer.directory}; exiting.")
+            run.log.message(f"SIGTERM: saved step {step} to {checkpointer.directory}; exiting.")
             status = "preempted"
             break
-    if pending is not None:
-        finish(*pending)
+    recorder.flush()
     checkpointer.wait()
-    return TrainResult(state, history, status)
+    return TrainResult(state, recorder.history, status)

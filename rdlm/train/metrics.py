@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -45,10 +45,12 @@ def truncate_jsonl(path: Path, start_step: int) -> list[dict[str, Any]]:
 class MetricsLogger:
     """metrics.jsonl, TensorBoard event files and a progress bar (or plain lines); process 0.
 
-    Messages before `open` (restore, init) go straight to stdout."""
+    Messages before `open` (restore, init) go straight to ``printer`` (default: stdout)."""
 
-    def __init__(self, run_dir: Path, cfg: Config, enabled: bool):
+    def __init__(self, run_dir: Path, cfg: Config, enabled: bool,
+                 printer: Callable[[str], None] | None = None):
         self.enabled = enabled
+        self.printer = printer
         self.run_dir = run_dir
         self.cfg = cfg
         self.bar = None
@@ -66,7 +68,8 @@ class MetricsLogger:
         self.opened = True
         cfg = self.cfg
         mode = cfg.train.progress
-        if mode == "bar" or (mode == "auto" and sys.stderr.isatty()):
+        # A caller that takes the messages (``printer``) gets lines unless it asks for the bar.
+        if mode == "bar" or (mode == "auto" and self.printer is None and sys.stderr.isatty()):
             self.bar = tqdm(total=cfg.train.steps, initial=start_step, unit="step",
                             dynamic_ncols=True)
 
@@ -90,7 +93,9 @@ class MetricsLogger:
     def message(self, text: str) -> None:
         if not self.enabled:
             return
-        if self.bar is not None:
+        if self.printer is not None:
+            self.printer(text)
+        elif self.bar is not None:
             self.bar.write(text)
         else:
             print(text, flush=True)
@@ -111,7 +116,7 @@ def plain(v: Any) -> Any:
 
 def format_line(step: int, total: int, m: dict[str, float]) -> str:
     parts = [f"step {step}/{total}"]
-    for key, fmt in (("loss", "loss {:.4f}"), ("grad_norm", "gnorm {:.3f}"), ("lr", "lr {:.2e}"),
+    for key, fmt in (("stage", "stage {}"), ("loss", "loss {:.4f}"), ("grad_norm", "gnorm {:.3f}"), ("lr", "lr {:.2e}"),
                      ("r", "r {}"), ("tokens_per_s", "{:,.0f} tok/s"), ("mfu", "mfu {:.1%}"),
                      ("eta_s", "eta {:.0f}s")):
         if key in m:

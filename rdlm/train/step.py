@@ -1,7 +1,7 @@
 """One optimizer step, sharded and jitted; the loss it differentiates is a parameter.
 
-  1. draw the recurrence count (n_no_grad, n_grad) from ``fold_in(key(seed), step)``: every device
-     and host gets the same r without communicating;
+  1. draw the recurrence count (n_no_grad, n_grad) by the objective's `DepthPolicy` from
+     ``fold_in(key(seed), step)``: every device and host gets the same r without communicating;
   2. loss and gradients, accumulated over ``train.micro_batches`` with a `lax.scan` (token-weighted,
      so 4 micro-batches give the gradient of the whole batch);
   3. the optax update; if the loss or the gradient norm is not finite the update is dropped on
@@ -34,9 +34,46 @@ BATCH_KEYS = ("inputs", "targets", "segment_ids", "loss_mask", "branch_ids")
 # (params, batch, n_no_grad, n_grad, key) → (mean loss over the batch's loss tokens, metrics with
 # at least "accuracy"). The step differentiates it; `lm_objective` is the plain LM's. A loss
 # function must be hashable (a frozen dataclass, or one function object reused) because the
-# compiled step is memoised on it.
+# compiled step is memoised on it. An objective that carries a `DepthPolicy` as ``depth`` decides
+# the recurrence of each step; a bare function gets the config's (`DepthPolicy.of`).
 LossFn = Callable[[Any, Batch, jax.Array, jax.Array, jax.Array],
                   tuple[jax.Array, dict[str, jax.Array]]]
+
+# An objective that runs the model several times per step (continuous thought: one pass per
+# thought, then one for the logits) reports how many under this key of its metrics, so that the
+# loop's FLOP count (MFU) covers them. Without it a step is one pass.
+FORWARD_PASSES = "forward_passes"
+
+
+@dataclasses.dataclass(frozen=True)
+class DepthPolicy:
+    """The recurrence of a training step: ``sampled`` from the Huginn law around
+    ``mean_recurrence`` with truncated backprop ``backprop_depth``, or ``fixed`` at
+    r = mean_recurrence, the last min(k, r) steps with gradient."""
+
+    mean_recurrence: int
+    backprop_depth: int
+    fixed: bool = False
+
+    @classmethod
+    def of(cls, cfg: Config) -> "DepthPolicy":
+        """The policy of ``cfg.model`` and ``cfg.train.depth`` (what `rdlm train` runs)."""
+        return cls(cfg.model.mean_recurrence, cfg.model.backprop_depth,
+                   fixed=cfg.train.depth == "fixed")
+
+    @property
+    def max_grad(self) -> int:
+        """The static bound of n_grad: the length of the gradient scan."""
+        if self.fixed:
+            return min(self.backprop_depth, self.mean_recurrence)
+        return self.backprop_depth
+
+    def draw(self, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(n_no_grad, n_grad) of the step whose depth key is ``key``."""
+        if self.fixed:
+            r, k = self.mean_recurrence, self.backprop_depth
+            return jnp.int32(max(r - k, 0)), jnp.int32(min(k, r))
+        return sample_depth(key, self.mean_recurrence, self.backprop_depth)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +82,7 @@ class LMObjective:
 
     model: Any  # ModelConfig
     init_scale: float
+    depth: DepthPolicy
 
     def __call__(self, params: Any, batch: Batch, n_no_grad: jax.Array, n_grad: jax.Array,
                  key: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -54,7 +92,13 @@ class LMObjective:
 
 def lm_objective(cfg: Config) -> LossFn:
     """The plain language-model loss of ``cfg`` (what `rdlm train` optimises)."""
-    return LMObjective(cfg.model, cfg.train.init_scale)
+    return LMObjective(cfg.model, cfg.train.init_scale, DepthPolicy.of(cfg))
+
+
+def depth_policy(loss_fn: LossFn, cfg: Config) -> DepthPolicy:
+    """The objective's own depth policy, else the config's."""
+    policy = getattr(loss_fn, "depth", None)
+    return policy if isinstance(policy, DepthPolicy) else DepthPolicy.of(cfg)
 
 
 def step_key(seed: int, step: jax.Array) -> jax.Array:
@@ -86,6 +130,7 @@ def loss_and_grads(params: Any, batch: Batch, cfg: Config, loss_fn: LossFn, n_no
     equals the full-batch mean whatever the split. Gradients accumulate in float32.
     """
     total_tokens = jnp.maximum(_token_count(batch), 1.0)
+    m = cfg.train.micro_batches
 
     def micro(mb: Batch, mb_key: jax.Array) -> tuple[Any, dict[str, jax.Array]]:
         weight = _token_count(mb) / total_tokens
@@ -93,12 +138,15 @@ def loss_and_grads(params: Any, batch: Batch, cfg: Config, loss_fn: LossFn, n_no
             loss, metrics = loss_fn(p, mb, n_no_grad, n_grad, mb_key)
             return loss * weight, metrics
         (loss_w, metrics), grads = jax.value_and_grad(weighted_loss, has_aux=True)(params)
-        return grads, {"loss": loss_w, "accuracy": metrics["accuracy"] * weight}
+        out = {"loss": loss_w, "accuracy": metrics["accuracy"] * weight}
+        if FORWARD_PASSES in metrics:  # micro-batches have equal rows: the mean over them
+            out[FORWARD_PASSES] = metrics[FORWARD_PASSES] / m
+        return grads, out
 
-    m = cfg.train.micro_batches
     if m == 1:
         return micro(batch, key)
     micro_batch_keys = jax.random.split(key, m)
+    micro_batches = split_micro_batches(batch, m)
 
     def body(acc: tuple[Any, dict], xs: tuple[Batch, jax.Array]) -> tuple[tuple[Any, dict], None]:
         grads, metrics = micro(*xs)
@@ -107,10 +155,13 @@ def loss_and_grads(params: Any, batch: Batch, cfg: Config, loss_fn: LossFn, n_no
         acc_metrics = jax.tree.map(jnp.add, acc_metrics, metrics)
         return (acc_grads, acc_metrics), None
 
+    # The metrics' keys depend on the objective: take them from an abstract trace of one micro.
+    metric_shapes = jax.eval_shape(lambda mb, k: micro(mb, k)[1],
+                                   jax.tree.map(lambda x: x[0], micro_batches),
+                                   micro_batch_keys[0])
     zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
-             {"loss": jnp.float32(0), "accuracy": jnp.float32(0)})
-    (grads, metrics), _ = jax.lax.scan(body, zeros, (split_micro_batches(batch, m),
-                                                     micro_batch_keys))
+             jax.tree.map(lambda _: jnp.float32(0), metric_shapes))
+    (grads, metrics), _ = jax.lax.scan(body, zeros, (micro_batches, micro_batch_keys))
     return grads, metrics
 
 
@@ -120,19 +171,15 @@ def train_step(state: TrainState, batch: Batch, cfg: Config, tx: optax.GradientT
     """One optimizer step of ``loss_fn`` (default: `lm_objective`); pure, `make_train_step` jits
     it with shardings and donation.
 
-    ``depth`` = [n_no_grad, n_grad] overrides the sampled recurrence (benchmarks use it).
+    ``depth`` = [n_no_grad, n_grad] overrides the objective's depth policy (benchmarks use it).
     """
     key = step_key(cfg.seed, state.step)
     depth_key, noise_key = jax.random.split(key)
-    if depth is None and cfg.train.depth == "fixed":
-        r, k = cfg.model.mean_recurrence, cfg.model.backprop_depth
-        n_no_grad, n_grad = jnp.int32(max(r - k, 0)), jnp.int32(min(k, r))
-    elif depth is None:
-        n_no_grad, n_grad = sample_depth(depth_key, cfg.model.mean_recurrence,
-                                         cfg.model.backprop_depth)
+    loss_fn = lm_objective(cfg) if loss_fn is None else loss_fn
+    if depth is None:
+        n_no_grad, n_grad = depth_policy(loss_fn, cfg).draw(depth_key)
     else:
         n_no_grad, n_grad = depth[0], depth[1]
-    loss_fn = lm_objective(cfg) if loss_fn is None else loss_fn
     grads, metrics = loss_and_grads(state.params, batch, cfg, loss_fn, n_no_grad, n_grad,
                                     noise_key)
     grad_norm = optax.global_norm(grads)
