@@ -28,7 +28,9 @@ _LAZY = {
     "evaluate_method": "rdlm.coconut", "load_coconut_config": "rdlm.coconut",
     "train_coconut": "rdlm.coconut",
 }
-_SUBPACKAGES = ("bench", "cli", "coconut", "data", "interop", "runtime", "train")
+# The library's own layers; the command line (rdlm.cli) and benchmarks (rdlm.bench) sit on top of
+# it and are imported by name, never through the library.
+_SUBPACKAGES = ("coconut", "data", "generation", "interop", "model", "runtime", "train")
 
 
 def __getattr__(name: str) -> Any:

@@ -7,6 +7,7 @@ dispatches, importing the module on demand so that ``--help`` stays fast. Proces
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import sys
 
@@ -39,7 +40,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        import difflib
         close = difflib.get_close_matches(name, COMMANDS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         print(f"unknown command {name!r}{hint}\n\n{usage()}", file=sys.stderr)

@@ -17,9 +17,15 @@ from typing import Any
 import numpy as np
 
 from rdlm.config import Config, load_config, to_dict
+from rdlm.data.render import completion_text, prompt_tokens
+from rdlm.data.tasks import example_at, make_task
+from rdlm.data.tokenizer import load_tokenizer
+from rdlm.generation import generate
+from rdlm.generation.evaluate import evaluate_accuracy
 from rdlm.runtime import checkpoint
 from rdlm.runtime.checkpoint import finished_step
 from rdlm.runtime.hostinfo import machine
+from rdlm.train import train
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 DEFAULT_STEPS = (1, 2, 4, 8, 16, 32, 64)
@@ -47,6 +53,7 @@ def accuracy_table(result: dict[str, Any]) -> str:
 
 
 def plot_accuracy(result: dict[str, Any], path: Path, title: str) -> None:
+    # deferred: matplotlib takes most of a second to load and only this plot needs it
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -77,11 +84,6 @@ def plot_accuracy(result: dict[str, Any], path: Path, title: str) -> None:
 
 def show_examples(params: Any, cfg: Config, num: int, num_steps: int) -> list[dict[str, Any]]:
     """Solve a few held-out problems with KL adaptive exit; report iterations per answer token."""
-    from rdlm.data.render import completion_text, prompt_tokens
-    from rdlm.data.tasks import example_at, make_task
-    from rdlm.data.tokenizer import load_tokenizer
-    from rdlm.generation import generate
-
     task = make_task(cfg.data.task, cfg.data.difficulty, cfg.data.task_args)
     tok = load_tokenizer(cfg.data.tokenizer)
     examples = [example_at(task, "test", i) for i in range(num)]
@@ -100,57 +102,41 @@ def show_examples(params: Any, cfg: Config, num: int, num_steps: int) -> list[di
     return shown
 
 
-def run(config_path: str | Path = DEFAULT_CONFIG, overrides: list[str] | None = None, *,
-        num_steps_list: tuple[int, ...] = DEFAULT_STEPS, num_examples: int = 512,
-        show: int = 4) -> dict[str, Any]:
-    """Train (or resume / reuse), evaluate, write the table and plot; returns the results."""
-    from rdlm.generation.evaluate import evaluate_accuracy
-    from rdlm.train import train
-
-    cfg = load_config(config_path, overrides or [])
+def train_or_reuse(cfg: Config, config_path: str | Path) -> float:
+    """Train the run, resume it, or reuse its finished checkpoint; returns this call's seconds.
+    A preempted run (SIGTERM) is saved and the demo stops: a partial model's numbers would mislead."""
     run_dir = Path(cfg.train.run_dir)
     done = finished_step(run_dir)
     start = time.perf_counter()
     if done is not None and done >= cfg.train.steps:
         print(f"[demo] reusing the finished checkpoint in {run_dir} (step {done}).", flush=True)
-    else:
-        note = f"resuming from step {done}" if done is not None else "training from scratch"
-        print(f"[demo] {note}: {cfg.train.steps} steps of {config_path} into {run_dir}", flush=True)
-        if train(cfg).status != "done":
-            # Preempted (SIGTERM): the run is saved; a partial model's numbers would mislead.
-            print(f"[demo] training was interrupted and saved; run the same command again to "
-                  f"resume it.", flush=True)
-            raise SystemExit(0)
-    train_seconds = time.perf_counter() - start
+        return 0.0
+    note = f"resuming from step {done}" if done is not None else "training from scratch"
+    print(f"[demo] {note}: {cfg.train.steps} steps of {config_path} into {run_dir}", flush=True)
+    if train(cfg).status != "done":
+        print("[demo] training was interrupted and saved; run the same command again to "
+              "resume it.", flush=True)
+        raise SystemExit(0)
+    return time.perf_counter() - start
 
-    saved_cfg, params = checkpoint.load_params(run_dir.resolve())
-    cfg = saved_cfg if isinstance(saved_cfg, Config) else cfg
-    print(f"[demo] evaluating r = {list(num_steps_list)} on {num_examples} held-out problems…",
-          flush=True)
-    result = evaluate_accuracy(params, cfg, num_steps_list=num_steps_list,
-                               num_examples=num_examples, split="test")
-    examples = show_examples(params, cfg, show, num_steps=max(num_steps_list[-1], 32)) if show else []
 
+def write_results(run_dir: Path, summary: dict[str, Any], result: dict[str, Any], cfg: Config,
+                  config_path: str | Path) -> str:
+    """results.json, accuracy_vs_r.png and results.md in the run directory; returns the table."""
     table = accuracy_table(result)
-    summary = {"config": str(config_path), "overrides": overrides or [], "machine": machine(),
-               "train_seconds_this_run": round(train_seconds, 1),
-               "eval_seconds": round(result["seconds"], 1),
-               "accuracy": result["accuracy"],
-               "accuracy_by_reasoning_steps": result["accuracy_by_reasoning_steps"],
-               "shortcuts": result.get("shortcuts"), "num_examples": result["num_examples"],
-               "examples": examples, "model_config": to_dict(cfg.model),
-               "data_config": to_dict(cfg.data)}
     (run_dir / "results.json").write_text(json.dumps(summary, indent=1, default=str))
     plot_accuracy(result, run_dir / "accuracy_vs_r.png",
                   f"{cfg.data.task} (level {cfg.data.difficulty}): test-time recurrence")
-    md = [f"# Demo: accuracy vs test-time recurrence", "",
+    md = ["# Demo: accuracy vs test-time recurrence", "",
           f"Command: `make demo` (= `python -m rdlm demo {config_path}`)  ", f"Machine: {machine()}  ",
           f"Held-out problems: {result['num_examples']} ({cfg.data.task}, level "
           f"{cfg.data.difficulty}, {', '.join(cfg.data.task_args) or 'default knobs'})", "",
           table, "", "![accuracy vs r](accuracy_vs_r.png)"]
     (run_dir / "results.md").write_text("\n".join(md) + "\n")
+    return table
 
-    print("\n" + table + "\n")
+
+def print_examples(examples: list[dict[str, Any]]) -> None:
     for ex in examples:
         used = " ".join(f"{p!r}:{s}" for p, s in ex["steps_per_token"])
         mark = "✓" if ex["correct"] else "✗"
@@ -159,6 +145,33 @@ def run(config_path: str | Path = DEFAULT_CONFIG, overrides: list[str] | None = 
     if examples:
         print("  (each answer's first token comes from the prompt's own pass, which runs the full r:"
               " adaptive exit never fires during prefill)")
+
+
+def run(config_path: str | Path = DEFAULT_CONFIG, overrides: list[str] | None = None, *,
+        num_steps_list: tuple[int, ...] = DEFAULT_STEPS, num_examples: int = 512,
+        show: int = 4) -> dict[str, Any]:
+    """Train (or resume / reuse), evaluate, write the table and plot; returns the results."""
+    cfg = load_config(config_path, overrides or [])
+    run_dir = Path(cfg.train.run_dir)
+    train_seconds = train_or_reuse(cfg, config_path)
+    saved_cfg, params = checkpoint.load_params(run_dir.resolve())
+    cfg = saved_cfg if isinstance(saved_cfg, Config) else cfg
+    print(f"[demo] evaluating r = {list(num_steps_list)} on {num_examples} held-out problems…",
+          flush=True)
+    result = evaluate_accuracy(params, cfg, num_steps_list=num_steps_list,
+                               num_examples=num_examples, split="test")
+    examples = show_examples(params, cfg, show, num_steps=max(num_steps_list[-1], 32)) if show else []
+    summary = {"config": str(config_path), "overrides": overrides or [], "machine": machine(),
+               "train_seconds_this_run": round(train_seconds, 1),
+               "eval_seconds": round(result["seconds"], 1),
+               "accuracy": result["accuracy"],
+               "accuracy_by_reasoning_steps": result["accuracy_by_reasoning_steps"],
+               "shortcuts": result.get("shortcuts"), "num_examples": result["num_examples"],
+               "examples": examples, "model_config": to_dict(cfg.model),
+               "data_config": to_dict(cfg.data)}
+    table = write_results(run_dir, summary, result, cfg, config_path)
+    print("\n" + table + "\n")
+    print_examples(examples)
     print(f"\n[demo] wrote {run_dir / 'results.md'}, {run_dir / 'accuracy_vs_r.png'} and "
           f"{run_dir / 'results.json'}")
     return summary

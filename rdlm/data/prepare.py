@@ -96,12 +96,14 @@ def _write_one(docs: list[np.ndarray], path: Path, fmt: str) -> None:
             stream.tofile(tmp)
             Path(str(path) + BIN_DTYPE_SUFFIX).write_text(json.dumps({"dtype": str(stream.dtype)}))
     elif fmt == "arrayrecord":
+        # deferred, like pyarrow below: only this output format needs the library
         from array_record.python.array_record_module import ArrayRecordWriter
         writer = ArrayRecordWriter(str(tmp), "group_size:1")
         for doc in docs:
             writer.write(encode_doc(doc))
         writer.close()
     elif fmt == "parquet":
+        # deferred: only parquet output needs pyarrow, which takes a few hundred ms to load
         import pyarrow as pa
         import pyarrow.parquet as pq
         table = pa.table({"tokens": pa.array([d.astype(np.int32) for d in docs],

@@ -18,9 +18,10 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+import grain
 import numpy as np
 
-from rdlm.config import ConfigError
+from rdlm.errors import ConfigError
 from rdlm.data.tasks import Example, Task, check_split, example_at
 
 
@@ -118,7 +119,6 @@ class ArrayRecordDocSource:
     """ArrayRecord files whose records are little-endian int32 token ids (`encode_doc`)."""
 
     def __init__(self, paths: Sequence[str]):
-        import grain
         self._source = grain.sources.ArrayRecordDataSource(list(paths))
 
     def __len__(self) -> int:
@@ -141,6 +141,7 @@ class ParquetDocSource:
     in the Huginn training data. The column is memory-mapped, not copied."""
 
     def __init__(self, paths: Sequence[str], token_column: str = "tokens"):
+        # deferred: only parquet sources need pyarrow, which takes a few hundred ms to load
         import pyarrow.parquet as pq
         self.columns = []
         for path in paths:
