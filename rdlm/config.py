@@ -26,6 +26,10 @@ def _require(ok: bool, field: str, value: Any, valid: str) -> None:
 
 
 DTYPES = ("float32", "bfloat16")
+# Names owned by layers above this one (`rdlm.data.tasks`, `rdlm.generation.exits`), spelled out
+# here because the config layer imports nothing above it; tests check that the lists agree.
+TASK_NAMES = ("chains", "addition", "prosqa", "prontoqa")
+EXIT_CRITERIA = ("kl", "minp-kl", "entropy-diff", "latent-diff", "cosine", "argmax-stability")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -339,11 +343,6 @@ class TrainConfig:
                  self.eval_steps, "must be a list of positive integers")
 
 
-# The synthetic tasks of `rdlm.data.tasks` (a test checks that both lists agree): spelled out
-# here because the config layer imports nothing above it.
-TASK_NAMES = ("chains", "addition", "prosqa", "prontoqa")
-
-
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Where training tokens come from and how they are batched (owned by rdlm.data).
@@ -414,9 +413,12 @@ class DataConfig:
                      "data.task_args", item, "entries must look like knob=value, e.g. max_hops=4")
 
 
-# The adaptive-exit criteria of `rdlm.generation.exits` (a test checks that both lists agree):
-# spelled out here because the config layer imports nothing above it.
-EXIT_CRITERIA = ("kl", "minp-kl", "entropy-diff", "latent-diff", "cosine", "argmax-stability")
+def _positive_number(text: str) -> bool:
+    try:
+        value = float(text)
+    except ValueError:
+        return False
+    return math.isfinite(value) and value > 0
 
 
 def _check_exit(spec: str) -> None:
@@ -424,11 +426,7 @@ def _check_exit(spec: str) -> None:
     name, _, raw = spec.partition(":")
     _require(name.strip() in EXIT_CRITERIA, "sample.exit", spec,
              f"the criterion must be one of {EXIT_CRITERIA}{_did_you_mean(name, EXIT_CRITERIA)}")
-    try:
-        threshold = float(raw) if raw else 1.0
-    except ValueError:
-        threshold = -1.0
-    _require(threshold > 0 and math.isfinite(threshold), "sample.exit", spec,
+    _require(not raw or _positive_number(raw), "sample.exit", spec,
              "the threshold after ':' must be a positive number, e.g. kl:1e-3")
 
 

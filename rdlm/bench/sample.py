@@ -7,7 +7,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -48,8 +48,7 @@ def _bench_config(spec: str, overrides: Sequence[str]) -> ModelConfig:
     return load_config(spec, overrides).model
 
 
-def bench_cli(argv: Sequence[str]) -> int:
-    """``python -m rdlm bench sample CONFIG [key=value …] [--quick] [--json PATH]``."""
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m rdlm bench sample")
     parser.add_argument("config", help="YAML config or model preset name (e.g. bench-28m)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.dtype=bfloat16")
@@ -64,16 +63,80 @@ def bench_cli(argv: Sequence[str]) -> int:
     parser.add_argument("--variants", default="full,shared,exit",
                         help="comma list of: full (one slot per step), shared, exit, speculative")
     parser.add_argument("--json", help="also write the rows as JSON to this file")
-    args = parser.parse_intermixed_args(list(argv))  # flags before or after the overrides
-    cfg = _bench_config(args.config, args.overrides)
-    params = init_params(cfg, jax.random.key(0))
+    return parser
+
+
+def variant_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """`generate` options of each variant; every one compiles once for all r."""
     max_r = max(args.steps)
-    variants = {
-        "full": dict(cache_budget=max_r),  # one slot per step for every r: one compile
+    return {
+        "full": dict(cache_budget=max_r),  # one slot per step for every r
         "shared": dict(cache_budget=args.budget),
         "exit": dict(cache_budget=max_r, exit=args.exit),
         "speculative": dict(cache_budget=max_r, speculative=args.speculative),
     }
+
+
+HEADER = (f"{'variant':<12}{'batch':>6}{'r':>5}{'tokens/s':>11}{'mean it':>9}"
+          f"{'cache MiB':>11}{'weight GB/s':>13}{'of bound':>10}{'compile s':>11}")
+
+
+def timed_row(params: Any, cfg: ModelConfig, prompts: list[list[int]], r: int, new_tokens: int,
+              options: dict[str, Any], bandwidth: float) -> tuple[dict[str, Any], str]:
+    """One timed `generate` call: its JSON row and its printed line (without the compile time)."""
+    batch = len(prompts)
+    start = time.perf_counter()
+    out = generate(params, cfg, prompts, num_steps=r, max_new_tokens=new_tokens, **options)
+    seconds = time.perf_counter() - start
+    tokens_per_s = batch * new_tokens / seconds
+    row = {"batch": batch, "num_steps": r, "tokens_per_s": tokens_per_s, "seconds": seconds,
+           "mean_iterations": out.mean_steps, "cache_bytes": out.cache_bytes}
+    line = (f"{batch:>6}{r:>5}{tokens_per_s:>11.1f}{out.mean_steps:>9.2f}"
+            f"{out.cache_bytes / 2**20:>11.2f}")
+    if batch == 1:
+        # Recurrence steps actually run per token (drafts and verification included).
+        steps_run = out.stats["core_steps"]
+        achieved = weight_bytes_per_token(cfg, steps_run / new_tokens) * tokens_per_s
+        row.update(weight_bytes_per_s=achieved, bandwidth_bytes_per_s=bandwidth)
+        line += f"{achieved / 1e9:>13.2f}{achieved / bandwidth:>10.0%}"
+    else:
+        line += f"{'':>13}{'':>10}"
+    if "acceptance_rate" in out.stats:
+        row["acceptance_rate"] = out.stats["acceptance_rate"]
+    return row, line
+
+
+def bench_variant(params: Any, cfg: ModelConfig, variant: str, options: dict[str, Any],
+                  args: argparse.Namespace, bandwidth: float, rng: np.random.Generator
+                  ) -> list[dict[str, Any]]:
+    """Every batch size and r of one variant, printed as they finish."""
+    device = jax.devices()[0]
+    rows = []
+    for batch in args.batches:
+        prompts = rng.integers(0, cfg.vocab_size, (batch, args.prompt_len)).tolist()
+        start = time.perf_counter()
+        generate(params, cfg, prompts, num_steps=min(args.steps), max_new_tokens=args.new_tokens,
+                 **options)
+        compile_s = time.perf_counter() - start
+        for r in args.steps:
+            row, line = timed_row(params, cfg, prompts, r, args.new_tokens, options, bandwidth)
+            row = {"variant": variant, **row, "compile_s": compile_s,
+                   "device": device.device_kind}
+            line = f"{variant:<12}{line}{compile_s:>11.1f}"
+            if "acceptance_rate" in row:
+                line += f"  (drafts accepted {row['acceptance_rate']:.0%})"
+            print(line, flush=True)
+            rows.append(row)
+    return rows
+
+
+def bench_cli(argv: Sequence[str]) -> int:
+    """``python -m rdlm bench sample CONFIG [key=value …] [--quick] [--json PATH]``."""
+    parser = _parser()
+    args = parser.parse_intermixed_args(list(argv))  # flags before or after the overrides
+    cfg = _bench_config(args.config, args.overrides)
+    params = init_params(cfg, jax.random.key(0))
+    variants = variant_options(args)
     chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in chosen:
         if v not in variants:
@@ -84,45 +147,11 @@ def bench_cli(argv: Sequence[str]) -> int:
           f"{args.prompt_len} tokens, {args.new_tokens} greedy new tokens, zero initial state")
     bandwidth = memory_bandwidth()
     print(f"measured streaming-read bandwidth: {bandwidth / 1e9:.1f} GB/s")
+    print(HEADER)
     rng = np.random.default_rng(0)
-    results = []
-    header = (f"{'variant':<12}{'batch':>6}{'r':>5}{'tokens/s':>11}{'mean it':>9}"
-              f"{'cache MiB':>11}{'weight GB/s':>13}{'of bound':>10}{'compile s':>11}")
-    print(header)
-    for variant in chosen:
-        for batch in args.batches:
-            prompts = rng.integers(0, cfg.vocab_size, (batch, args.prompt_len)).tolist()
-            common = dict(max_new_tokens=args.new_tokens, **variants[variant])
-            start = time.perf_counter()
-            generate(params, cfg, prompts, num_steps=min(args.steps), **common)
-            compile_s = time.perf_counter() - start
-            for r in args.steps:
-                start = time.perf_counter()
-                out = generate(params, cfg, prompts, num_steps=r, **common)
-                seconds = time.perf_counter() - start
-                tokens_per_s = batch * args.new_tokens / seconds
-                mean_steps = out.mean_steps
-                row = {"variant": variant, "batch": batch, "num_steps": r,
-                       "tokens_per_s": tokens_per_s, "seconds": seconds,
-                       "mean_iterations": mean_steps, "cache_bytes": out.cache_bytes,
-                       "compile_s": compile_s, "device": device.device_kind}
-                line = (f"{variant:<12}{batch:>6}{r:>5}{tokens_per_s:>11.1f}{mean_steps:>9.2f}"
-                        f"{out.cache_bytes / 2**20:>11.2f}")
-                if batch == 1:
-                    # Recurrence steps actually run per token (drafts and verification included).
-                    steps_run = out.stats["core_steps"]
-                    achieved = weight_bytes_per_token(cfg, steps_run / args.new_tokens) \
-                        * tokens_per_s
-                    row.update(weight_bytes_per_s=achieved, bandwidth_bytes_per_s=bandwidth)
-                    line += f"{achieved / 1e9:>13.2f}{achieved / bandwidth:>10.0%}"
-                else:
-                    line += f"{'':>13}{'':>10}"
-                line += f"{compile_s:>11.1f}"
-                if "acceptance_rate" in out.stats:
-                    row["acceptance_rate"] = out.stats["acceptance_rate"]
-                    line += f"  (drafts accepted {row['acceptance_rate']:.0%})"
-                print(line, flush=True)
-                results.append(row)
+    results = [row for variant in chosen
+               for row in bench_variant(params, cfg, variant, variants[variant], args, bandwidth,
+                                        rng)]
     if args.json:
         report = {"device": f"{device.platform} {device.device_kind} x{jax.device_count()}",
                   **host_info(), "jax": jax.__version__, "bandwidth_bytes_per_s": bandwidth,
@@ -130,4 +159,3 @@ def bench_cli(argv: Sequence[str]) -> int:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
     return 0
-
