@@ -98,3 +98,101 @@ def test_cpu_devices_split_the_host_before_jax_starts():
     assert "mesh.cpu_devices=3 ignored: JAX already started with 2" in result.stdout
     with pytest.raises(ConfigError, match="mesh.cpu_devices"):
         MeshConfig(cpu_devices=-1)
+
+
+def test_state_constraint_is_nothing_on_one_device():
+    import jax
+    mesh = sharding.make_mesh(MeshConfig(), devices=jax.devices()[:1])
+    assert sharding.state_constraint(mesh) is None
+    # An activation's FSDP axis never moves onto d_model when the batch is too small to take it
+    # (a weight's would, for memory).
+    state_spec = lambda shape: sharding.logical_to_spec(
+        sharding.STATE_AXES, shape, FakeMesh(data=2, fsdp=4), movable=())
+    assert state_spec((8, 16, 32)) == P(("data", "fsdp"), None, None)
+    assert state_spec((2, 16, 32)) == P("data", None, None)
+    assert spec(sharding.STATE_AXES, (2, 16, 32), data=2, fsdp=4) == P("data", None, "fsdp")
+
+
+# One train step on 8 devices with the latent state pinned to [batch, length, act_embed]: the
+# compiled step's recurrence loops carry the state split by the batch only (XLA left alone splits
+# it along d_model over "fsdp", as the weights are), and the numbers are the one-device step's.
+_CONSTRAINED_STEP = """
+import dataclasses, re
+from typing import Any
+import jax, numpy as np
+import rdlm
+from rdlm.config import MeshConfig
+from rdlm.runtime import sharding
+from rdlm.train.optim import make_optimizer
+from rdlm.train.state import init_state, state_shardings
+from rdlm.train.step import DepthPolicy, global_batch, make_train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:  # the plain LM loss with the state constraint of the step's mesh
+    model: Any
+    depth: DepthPolicy
+    constrain: Any
+
+    def __call__(self, params, batch, n_no_grad, n_grad, key):
+        return rdlm.lm_loss(params, batch, self.model, n_no_grad=n_no_grad, n_grad=n_grad, key=key,
+                            init_scale=1.0, constrain=self.constrain)
+
+
+B, T = 8, 16
+cfg = rdlm.load_config("configs/tiny.yaml", [f"train.batch_size={B}", f"train.seq_len={T}",
+                                             "model.remat=true"])
+rng = np.random.default_rng(0)
+rows = {k: rng.integers(0, cfg.model.vocab_size, (B, T), dtype=np.int32)
+        for k in ("inputs", "targets")}
+
+
+def run(mesh_cfg, devices):
+    mesh = sharding.make_mesh(mesh_cfg, devices=devices)
+    loss_fn = Objective(cfg.model, DepthPolicy.of(cfg), sharding.state_constraint(mesh))
+    tx = make_optimizer(cfg.train)
+    state = init_state(cfg, tx, state_shardings(cfg, tx, mesh))
+    step = make_train_step(cfg, mesh, batch_keys=tuple(rows), loss_fn=loss_fn)
+    batch = global_batch(rows, cfg, mesh)
+    hlo = step.lower(state, batch).compile().as_text()
+    state, metrics = step(state, batch)
+    return hlo, jax.device_get(state.params), float(metrics["loss"])
+
+
+def carried_states(hlo):
+    # [rows, T, cols] float arrays carried by the compiled while loops (per-device shapes)
+    carried = set()
+    for m in re.finditer(r"= \\(([^)]*)\\) while\\(", hlo):
+        carried |= {tuple(map(int, s)) for s in re.findall(r"f32\\[(\\d+),(\\d+),(\\d+)\\]",
+                                                             m.group(1)) if int(s[1]) == T}
+    return carried
+
+
+_, single_params, single_loss = run(MeshConfig(), jax.devices()[:1])
+d = cfg.model.d_model
+for shape in ((2, 4, 1), (1, 8, 1), (2, 2, 2)):
+    mesh_cfg = MeshConfig(**dict(zip(("data", "fsdp", "tensor"), shape)))
+    hlo, params, loss = run(mesh_cfg, jax.devices())
+    rows_per_device = B // (shape[0] * shape[1])
+    assert carried_states(hlo) == {(rows_per_device, T, d)}, (shape, carried_states(hlo))
+    np.testing.assert_allclose(loss, single_loss, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(single_params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+print("CONSTRAINED-OK")
+"""
+
+
+def test_train_step_keeps_the_state_sharded_by_batch_and_the_numbers():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=8 "
+                         "--xla_backend_optimization_level=0")
+    result = subprocess.run([sys.executable, "-c", _CONSTRAINED_STEP], env=env,
+                            capture_output=True, text=True, timeout=600,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-5000:]
+    assert "CONSTRAINED-OK" in result.stdout

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -313,11 +313,16 @@ def core_step(params: Params, state_btd: jax.Array, embedded_btd: jax.Array, cfg
     return state_btd
 
 
-def _step_fn(cfg: ModelConfig) -> recurrence.StepFn:
-    """`core_step` in the (consts, state) form the loops in `rdlm.recurrence` take."""
+Constrain = Callable[[jax.Array], jax.Array]
+
+
+def _step_fn(cfg: ModelConfig, constrain: Constrain | None = None) -> recurrence.StepFn:
+    """`core_step` in the (consts, state) form the loops in `rdlm.recurrence` take; each new
+    state goes through ``constrain`` (see `forward`)."""
     def step(consts: tuple[Params, jax.Array, AttentionContext], state_btd: jax.Array) -> jax.Array:
         core_params, embedded_btd, ctx = consts
-        return core_step({"core": core_params}, state_btd, embedded_btd, cfg, ctx)
+        state_btd = core_step({"core": core_params}, state_btd, embedded_btd, cfg, ctx)
+        return state_btd if constrain is None else constrain(state_btd)
     return step
 
 
@@ -343,7 +348,8 @@ def _check_tokens(tokens_bt: jax.Array, cfg: ModelConfig) -> None:
 def _run(params: Params, tokens_bt: jax.Array, cfg: ModelConfig, recur: Any, *,
          key: jax.Array | None, init_scale: float | jax.Array, init_state: jax.Array | None,
          segment_ids: jax.Array | None, positions: jax.Array | None,
-         branch_ids: jax.Array | None = None) -> tuple[jax.Array, dict]:
+         branch_ids: jax.Array | None = None, constrain: Constrain | None = None
+         ) -> tuple[jax.Array, dict]:
     """prelude → ``recur(step, consts, s_0)`` → coda; shared by `forward` and `forward_train`."""
     _check_tokens(tokens_bt, cfg)
     model = bind(params, cfg)
@@ -358,7 +364,9 @@ def _run(params: Params, tokens_bt: jax.Array, cfg: ModelConfig, recur: Any, *,
             raise ValueError(f"init_state has shape {tuple(init_state.shape)}, expected "
                              f"{tuple(embedded_btd.shape)} ([batch, length, d_model]).")
         state_btd = init_state.astype(embedded_btd.dtype)
-    state_btd, aux = recur(_step_fn(cfg), (params["core"], embedded_btd, ctx), state_btd)
+    if constrain is not None:
+        embedded_btd, state_btd = constrain(embedded_btd), constrain(state_btd)
+    state_btd, aux = recur(_step_fn(cfg, constrain), (params["core"], embedded_btd, ctx), state_btd)
     logits_btv, _ = model.apply_coda(state_btd, ctx)
     aux["state"] = state_btd
     return logits_btv, aux
@@ -368,8 +376,8 @@ def forward(params: Params, tokens_bt: jax.Array, cfg: ModelConfig, *,
             num_steps: int | jax.Array, key: jax.Array | None = None,
             init_scale: float | jax.Array = 1.0, init_state: jax.Array | None = None,
             segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
-            branch_ids: jax.Array | None = None, return_trajectory: bool = False
-            ) -> tuple[jax.Array, dict[str, jax.Array]]:
+            branch_ids: jax.Array | None = None, return_trajectory: bool = False,
+            constrain: Constrain | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Logits [batch, length, vocab] (float32) after ``num_steps`` recurrence steps.
 
     - ``num_steps`` may be traced: ``jax.jit(forward, static_argnames=("cfg",))`` compiles once for
@@ -382,6 +390,9 @@ def forward(params: Params, tokens_bt: jax.Array, cfg: ModelConfig, *,
     - ``aux["state"]`` is the final latent s_r (before the final norm); with
       ``return_trajectory=True`` (``num_steps`` a Python int) ``aux["trajectory"]`` is
       ``ln_f(s_i)`` for i = 1..r, shaped [r, batch, length, d].
+    - ``constrain``: a hashable function applied to e, s_0 and every step's state
+      ([batch, length, d]), e.g. `rdlm.runtime.sharding.state_constraint(mesh)` to keep the latent
+      sharded by the batch on a device mesh; None (the default) applies nothing.
     """
     _check_key(key, init_scale, init_state)
     if return_trajectory:
@@ -389,37 +400,38 @@ def forward(params: Params, tokens_bt: jax.Array, cfg: ModelConfig, *,
             raise TypeError("return_trajectory=True needs num_steps as a Python int (the "
                             f"trajectory's length is a shape); got {type(num_steps).__name__}.")
         return _forward_trajectory(params, tokens_bt, cfg, int(num_steps), key, init_scale,
-                                   init_state, segment_ids, positions, branch_ids)
+                                   init_state, segment_ids, positions, branch_ids, constrain)
     return _forward(params, tokens_bt, cfg, num_steps, key, init_scale, init_state, segment_ids,
-                    positions, branch_ids)
+                    positions, branch_ids, constrain)
 
 
-@functools.partial(jax.jit, static_argnums=2)
+@functools.partial(jax.jit, static_argnums=(2, 10))
 def _forward(params, tokens_bt, cfg, num_steps, key, init_scale, init_state, segment_ids, positions,
-             branch_ids):
+             branch_ids, constrain):
     def recur(step, consts, state):
         return recurrence.iterate(step, consts, state, num_steps), {}
     return _run(params, tokens_bt, cfg, recur, key=key, init_scale=init_scale,
                 init_state=init_state, segment_ids=segment_ids, positions=positions,
-                branch_ids=branch_ids)
+                branch_ids=branch_ids, constrain=constrain)
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3))
+@functools.partial(jax.jit, static_argnums=(2, 3, 10))
 def _forward_trajectory(params, tokens_bt, cfg, num_steps, key, init_scale, init_state,
-                        segment_ids, positions, branch_ids):
+                        segment_ids, positions, branch_ids, constrain):
     def recur(step, consts, state):
         state, states_rbtd = recurrence.iterate_collect(step, consts, state, num_steps)
         return state, {"trajectory": bind(params, cfg).ln_f(states_rbtd)}
     return _run(params, tokens_bt, cfg, recur, key=key, init_scale=init_scale,
                 init_state=init_state, segment_ids=segment_ids, positions=positions,
-                branch_ids=branch_ids)
+                branch_ids=branch_ids, constrain=constrain)
 
 
 def forward_train(params: Params, tokens_bt: jax.Array, cfg: ModelConfig, *,
                   n_no_grad: int | jax.Array, n_grad: int | jax.Array,
                   key: jax.Array | None = None, init_scale: float | jax.Array = 1.0,
                   init_state: jax.Array | None = None, segment_ids: jax.Array | None = None,
-                  branch_ids: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                  branch_ids: jax.Array | None = None, constrain: Constrain | None = None
+                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """`forward` with truncated backprop: ``n_no_grad`` steps without gradient, then
     ``n_grad <= cfg.backprop_depth`` steps with gradient (each rematerialised when ``cfg.remat``).
 
@@ -427,12 +439,12 @@ def forward_train(params: Params, tokens_bt: jax.Array, cfg: ModelConfig, *,
     """
     _check_key(key, init_scale, init_state)
     return _forward_train(params, tokens_bt, cfg, n_no_grad, n_grad, key, init_scale, init_state,
-                          segment_ids, branch_ids)
+                          segment_ids, branch_ids, constrain)
 
 
-@functools.partial(jax.jit, static_argnums=2)
+@functools.partial(jax.jit, static_argnums=(2, 10))
 def _forward_train(params, tokens_bt, cfg, n_no_grad, n_grad, key, init_scale, init_state,
-                   segment_ids, branch_ids):
+                   segment_ids, branch_ids, constrain):
     def recur(step, consts, state):
         state = recurrence.iterate_no_grad(step, consts, state, n_no_grad)
         state = recurrence.iterate_with_grad(
@@ -441,22 +453,23 @@ def _forward_train(params, tokens_bt, cfg, n_no_grad, n_grad, key, init_scale, i
         return state, {}
     return _run(params, tokens_bt, cfg, recur, key=key, init_scale=init_scale,
                 init_state=init_state, segment_ids=segment_ids, positions=None,
-                branch_ids=branch_ids)
+                branch_ids=branch_ids, constrain=constrain)
 
 
 def lm_loss(params: Params, batch: dict[str, jax.Array], cfg: ModelConfig, *,
             n_no_grad: int | jax.Array, n_grad: int | jax.Array, key: jax.Array | None = None,
-            init_scale: float | jax.Array = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+            init_scale: float | jax.Array = 1.0, constrain: Constrain | None = None
+            ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mean next-token cross-entropy under truncated backprop.
 
     ``batch``: ``inputs`` and ``targets`` [batch, length] int; optional ``loss_mask`` (1 where a
     target counts), ``segment_ids`` (packed documents) and ``branch_ids`` (isolated continuations
-    of a shared prefix). Returns (loss, metrics).
+    of a shared prefix). ``constrain``: see `forward`. Returns (loss, metrics).
     """
     logits_btv, _ = forward_train(params, batch["inputs"], cfg, n_no_grad=n_no_grad,
                                     n_grad=n_grad, key=key, init_scale=init_scale,
                                     segment_ids=batch.get("segment_ids"),
-                                    branch_ids=batch.get("branch_ids"))
+                                    branch_ids=batch.get("branch_ids"), constrain=constrain)
     return masked_token_loss(logits_btv, batch["targets"], batch.get("loss_mask"))
 
 

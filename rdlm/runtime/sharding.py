@@ -1,9 +1,10 @@
 """Device mesh, logical-axis rules and the shardings of params, batches and activations.
 
 Parameters carry logical axis names (`rdlm.param_axes`: "vocab", "embed", "heads", "head_dim",
-"mlp", "norm", "adapter_in", None). A rule table maps each logical name to a mesh axis:
+"mlp", "norm", "adapter_in", None), and so does the latent state between recurrence steps
+([batch, length, act_embed]). A rule table maps each logical name to a mesh axis:
 
-    batch → (data, fsdp)     embed → fsdp        heads, mlp, vocab → tensor
+    batch → (data, fsdp)     embed → fsdp        heads, mlp, vocab → tensor     act_embed → —
 
 so FSDP shards every weight matrix along d_model, tensor parallelism splits heads and MLP units,
 and the batch is split over every data-parallel device. A mesh axis is used at most once per array.
@@ -15,9 +16,10 @@ FSDP group when another dimension could carry it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -31,13 +33,11 @@ MESH_AXES = ("data", "fsdp", "tensor")
 LogicalRules = Mapping[str, str | tuple[str, ...] | None]
 
 DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
-    # activations
+    # activations: the batch over every data-parallel device; the model dimension whole on each
+    # device (tensor parallelism splits heads and MLP units inside a block, not the state between)
     "batch": ("data", "fsdp"),
     "length": None,
     "act_embed": None,
-    "act_heads": "tensor",
-    "act_mlp": "tensor",
-    "act_vocab": "tensor",
     # parameters
     "vocab": "tensor",
     "embed": "fsdp",
@@ -118,12 +118,14 @@ def _mesh_axes_of(rule: str | tuple[str, ...] | None) -> tuple[str, ...]:
 
 
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
-                    rules: LogicalRules | None = None) -> PartitionSpec:
+                    rules: LogicalRules | None = None, *,
+                    movable: Sequence[str] = _MOVABLE_AXES) -> PartitionSpec:
     """PartitionSpec for one array from its logical axis names, divisibility-checked.
 
     A mesh axis of size 1 is dropped (it shards nothing), a mesh axis already used by an earlier
     dimension is skipped, and a dimension that its mesh axes do not divide is replicated.
-    Movable (FSDP) axes left unplaced go to the largest free dimension they divide.
+    ``movable`` (FSDP) axes left unplaced go to the largest free dimension they divide: right for
+    a weight's memory, wrong for an activation, which passes ``movable=()``.
     """
     rules = DEFAULT_RULES if rules is None else rules
     if len(axes) != len(shape):
@@ -140,7 +142,7 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh
                 chosen.append(mesh_axis)
         used.update(chosen)
         spec.append(tuple(chosen))
-    for mesh_axis in _MOVABLE_AXES:
+    for mesh_axis in movable:
         size = mesh.shape.get(mesh_axis, 1)
         wanted = any(mesh_axis in _mesh_axes_of(rules.get(n)) for n in axes if n is not None)
         if size == 1 or mesh_axis in used or not wanted:
@@ -190,11 +192,38 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def constrain(x: jax.Array, mesh: Mesh, logical_axes: Sequence[str | None],
-              rules: LogicalRules | None = None) -> jax.Array:
-    """`jax.lax.with_sharding_constraint` by logical axis names (inside a jitted function)."""
-    spec = logical_to_spec(logical_axes, x.shape, mesh, rules)
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+STATE_AXES = ("batch", "length", "act_embed")
+
+
+@dataclasses.dataclass(frozen=True)
+class StateConstraint:
+    """Pins a [batch, length, d_model] activation to its logical sharding (`STATE_AXES`) with
+    `jax.lax.with_sharding_constraint`: the hook that `rdlm.model.forward_train` / `lm_loss` /
+    `forward` take as ``constrain`` and apply to the prelude's output, s_0 and every recurrence
+    step's state.
+
+    Without it XLA infers the loop-carried state's sharding from the weights around it: with FSDP
+    it splits the state along d_model over "fsdp" (as the weights are) instead of along the batch,
+    so every matmul of every recurrence step moves activations instead of gathering weights.
+    Frozen (hashable), so jitted functions take it as a static argument.
+    """
+
+    mesh: Mesh
+    rules: tuple[tuple[str, Any], ...]
+
+    def __call__(self, x_btd: jax.Array) -> jax.Array:
+        spec = logical_to_spec(STATE_AXES, x_btd.shape, self.mesh, dict(self.rules), movable=())
+        return jax.lax.with_sharding_constraint(x_btd, NamedSharding(self.mesh, spec))
+
+
+def state_constraint(mesh: Mesh, rules: LogicalRules | None = None
+                     ) -> Callable[[jax.Array], jax.Array] | None:
+    """The `StateConstraint` of ``mesh``, or None on one device (nothing to pin: the compiled
+    program stays exactly the unsharded one)."""
+    if mesh.size == 1:
+        return None
+    rules = DEFAULT_RULES if rules is None else rules
+    return StateConstraint(mesh, tuple(sorted(rules.items())))
 
 
 def describe(cfg: ModelConfig, mesh: Mesh, rules: LogicalRules | None = None) -> list[str]:
