@@ -90,7 +90,8 @@ def test_gpt2_style_tokenizer_has_one_token_for_both_ends(tmp_path):
     assert tok.prompt("The capital")[0] == 0
     for role in ("bot", "latent", "end_turn"):
         assert tok.special_ids[role] is None
-    with pytest.raises(MissingTokenError, match=r"latent-thought token \(role 'latent'.*tokenizer.json"):
+    with pytest.raises(MissingTokenError, match=r"latent-thought token, role 'latent' \(needed for "
+                                                r"data.format='coconut'\); fix: add one of <latent>"):
         tok.require("latent", "data.format='coconut'")
 
 

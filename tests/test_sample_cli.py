@@ -7,6 +7,7 @@ import json
 import jax
 import numpy as np
 import pytest
+from tokenizers import Tokenizer, models
 
 import rdlm
 from rdlm.bench import sample as bench_sample
@@ -49,6 +50,18 @@ def test_cli_reports_bad_input(ckpt, capsys):
     assert sample.cli(["--checkpoint", str(path), "--prompt", "hi", "--tokenizer",
                        str(path / "absent.json")]) == 2
     assert "--tokenizer PATH" in capsys.readouterr().err
+
+
+def test_a_tokenizer_without_a_beginning_of_text_token(ckpt, tmp_path, capsys):
+    path, _, _ = ckpt
+    words = Tokenizer(models.WordLevel({"a": 0, "b": 1}, unk_token="a"))
+    words.save(str(tmp_path / "words.json"))
+    common = ["--checkpoint", str(path), "--tokenizer", str(tmp_path / "words.json"), "--prompt", "b"]
+    assert sample.cli(common) == 2
+    err = capsys.readouterr().err
+    assert "no beginning-of-text token, role 'bos'" in err and "--no-bos" in err
+    assert sample.cli([*common, "--no-bos", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["tokens"]) == 5  # no end-of-text: no stop
 
 
 def test_prompt_uses_the_checkpoints_training_tokenizer(ckpt, capsys):

@@ -27,6 +27,8 @@ def _sample_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
     parser.add_argument("--prompt", action="append", default=[],
                         help="prompt text (repeat for a batch); encoded with the tokenizer")
+    parser.add_argument("--no-bos", action="store_true",
+                        help="do not put the beginning-of-text token in front of --prompt text")
     parser.add_argument("--tokens", action="append", type=int_list, default=[],
                         help="prompt as token ids, e.g. 1,2,3 (repeat for a batch)")
     parser.add_argument("--tokenizer", help="'chars', 'ascii' or a tokenizer.json (default: a tokenizer.json in the "
@@ -85,6 +87,15 @@ def load_sample_tokenizer(args: argparse.Namespace, config: Config) -> Tokenizer
                          f"the model's vocabulary holds {config.model.vocab_size}: pass the "
                          "tokenizer the model was trained with (--tokenizer PATH).")
     return tokenizer
+
+
+def prompt_rows(args: argparse.Namespace, tokenizer: Tokenizer | None) -> list[list[int]]:
+    """``--prompt`` texts as ids (after the beginning-of-text token unless ``--no-bos``), then the
+    ``--tokens`` rows as given."""
+    if args.prompt and not args.no_bos:
+        tokenizer.require("bos", "--prompt", "pass --no-bos to prompt without one")
+    return ([tokenizer.prompt(text, bos=not args.no_bos) for text in args.prompt]
+            + list(args.tokens))
 
 
 def _max_new_tokens(args: argparse.Namespace, config: Config, rows: list[list[int]]) -> int:
@@ -151,7 +162,7 @@ def cli(argv: Sequence[str]) -> int:
     try:
         config = checkpoint.load_config(args.checkpoint)
         tokenizer = load_sample_tokenizer(args, config)
-        rows = [tokenizer.prompt(text) for text in args.prompt] + list(args.tokens)
+        rows = prompt_rows(args, tokenizer)
         stop = args.stop if args.stop is not None else (tokenizer.stop_ids if tokenizer else ())
         config, params = checkpoint.load_params(args.checkpoint)
         out = _generate(args, config, params, rows, stop)

@@ -109,12 +109,12 @@ class Tokenizer:
         raise NotImplementedError
 
     # -- special ids -----------------------------------------------------------------------------
-    def require(self, role: str, needed_for: str = "") -> int:
-        """The id of ``role``; `MissingTokenError` naming the role, what needs it (``needed_for``)
-        and the fix if the vocabulary has none."""
+    def require(self, role: str, needed_for: str = "", otherwise: str = "") -> int:
+        """The id of ``role``; if the vocabulary has none, `MissingTokenError` naming the role,
+        what needs it (``needed_for``) and the fixes (``otherwise``: one more besides adding it)."""
         token_id = self.special_ids.get(role)
         if token_id is None:
-            raise MissingTokenError(missing_token_message(self.name, role, needed_for))
+            raise MissingTokenError(missing_token_message(self.name, role, needed_for, otherwise))
         return token_id
 
     @property
@@ -158,7 +158,9 @@ class Tokenizer:
         """Ids for a plain-text prompt: ``[bos] + encode(text)`` (the model saw a BOS in front of
         every document); ``bos=False`` leaves it out."""
         ids = self.encode(text)
-        return [self.require("bos", "a prompt; pass bos=False to go without")] + ids if bos else ids
+        if not bos:
+            return ids
+        return [self.require("bos", "a prompt", "pass bos=False to prompt without one")] + ids
 
     def chat_text(self, messages: Sequence[Mapping[str, str]], *,
                   add_generation_prompt: bool = True) -> str:
@@ -210,15 +212,18 @@ class Tokenizer:
         return f"{type(self).__name__}({self.name!r}, vocab_size={self.vocab_size}, {found})"
 
 
-def missing_token_message(tokenizer: str, role: str, needed_for: str = "") -> str:
+def missing_token_message(tokenizer: str, role: str, needed_for: str = "",
+                          otherwise: str = "") -> str:
     """``error:`` text for a lacking role: what it is, what was looked for, how to fix it."""
     spellings = SPECIAL_TOKENS[role]
-    why = f", needed for {needed_for}" if needed_for else ""
-    builtin = (" (or use the built-in 'chars' / 'ascii', which have it)"
-               if set(spellings) & set(CHAR_SPECIALS) else "")
-    return (f"the tokenizer {tokenizer!r} has no {ROLE_MEANINGS[role]} token (role {role!r}, "
-            f"spelled one of {', '.join(spellings)}){why}: add one of these spellings to its "
-            f"tokenizer.json as a special token{builtin}.")
+    why = f" (needed for {needed_for})" if needed_for else ""
+    fixes = [f"add one of {', '.join(spellings)} to its tokenizer.json as a special token"]
+    if set(spellings) & set(CHAR_SPECIALS):
+        fixes.append("use the built-in 'chars' or 'ascii' tokenizer, which has it")
+    if otherwise:
+        fixes.append(otherwise)
+    return (f"the tokenizer {tokenizer!r} has no {ROLE_MEANINGS[role]} token, role "
+            f"{role!r}{why}; fix: {'; or '.join(fixes)}.")
 
 
 class CharTokenizer(Tokenizer):
