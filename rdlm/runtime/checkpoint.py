@@ -7,19 +7,20 @@ A checkpoint is an orbax composite directory::
     # training checkpoints add:
     <ckpt>/opt_state/   the optax state
     <ckpt>/train_meta/  step and NaN-guard counters (JSON)
-    <ckpt>/data_iter/   grain iterator state, one JSON file per process
+    <ckpt>/data_iter/   the data iterator's state, one JSON file per process (grain's layout)
 
 A params-only checkpoint (`save_params`: conversion, ``init_from=``) is just ``params`` + ``config``.
 A training run keeps its checkpoints under ``<run_dir>/checkpoints/<step>/``. Orbax writes every
-checkpoint to a temporary directory and renames it when complete, so a kill at any moment leaves
-either the finished checkpoint or a temporary directory that every reader here ignores.
+checkpoint to a temporary directory and finalises it when complete (an atomic rename on local and
+POSIX file systems, a commit file on GCS), so a kill at any moment leaves either the finished
+checkpoint or a temporary that every reader here ignores. What counts as finished is asked of
+orbax's public `orbax.checkpoint.path.step` API, never read from its file names.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import warnings
 from pathlib import Path
 from typing import Any, Iterable
@@ -27,6 +28,7 @@ from typing import Any, Iterable
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from rdlm.config import Config, from_dict, to_dict
 from rdlm.errors import CheckpointError, ConfigError
@@ -34,8 +36,8 @@ from rdlm.errors import CheckpointError, ConfigError
 CHECKPOINTS_DIRNAME = "checkpoints"
 PARAMS, CONFIG, OPT_STATE, TRAIN_META, DATA_ITER = (
     "params", "config", "opt_state", "train_meta", "data_iter")
-_COMPLETE_MARKER = "_CHECKPOINT_METADATA"  # written by orbax when a checkpoint is finalised
-_TMP_PATTERN = re.compile(r"orbax-checkpoint-tmp")
+# Step directories are named by the bare step number (``checkpoints/200``).
+STEP_NAMES = ocp.path.step.standard_name_format()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -43,51 +45,63 @@ _TMP_PATTERN = re.compile(r"orbax-checkpoint-tmp")
 
 
 def is_complete(path: Path) -> bool:
-    """True for a finalised checkpoint directory (never for orbax's in-progress temporaries)."""
-    return (path.is_dir() and not _TMP_PATTERN.search(path.name)
-            and (path / _COMPLETE_MARKER).is_file() and (path / PARAMS).is_dir())
+    """True for a finished checkpoint directory of this format: finalised by orbax, with the
+    commit time orbax records in its step metadata just before finalising (a directory copied
+    only in part has none), and a params item."""
+    if not ocp.path.step.is_path_finalized(epath.Path(path)) or not (path / PARAMS).is_dir():
+        return False
+    # The step number plays no part in reading a directory's commit record.
+    committed = ocp.path.step.Metadata(step=0, path=epath.Path(path)).commit_timestamp_nsecs
+    return committed is not None
 
 
-def complete_steps(checkpoints_dir: str | Path) -> list[int]:
-    """Steps with a complete checkpoint under ``checkpoints_dir``, ascending."""
-    root = Path(checkpoints_dir)
-    if not root.is_dir():
-        return []
-    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and is_complete(p))
+def _complete_steps(checkpoints_dir: Path) -> list[int]:
+    """Steps with a complete checkpoint under ``checkpoints_dir``, ascending (orbax lists only
+    finalised step directories; in-progress temporaries never appear)."""
+    return sorted(m.step for m in STEP_NAMES.find_all(epath.Path(checkpoints_dir))
+                  if is_complete(Path(m.path)))
+
+
+def _interrupted_save_of(path: Path) -> bool:
+    """Whether an unfinished orbax save of ``path`` lies beside it."""
+    if not path.parent.is_dir():
+        return False
+    temporaries = ocp.path.step.all_temporary_paths(epath.Path(path.parent))
+    return any(Path(t.get_final()) == path for t in temporaries)
 
 
 def resolve(path: str | Path) -> Path:
     """The checkpoint directory meant by ``path``: itself, or the latest complete step of a
     training run directory (``<run>``) or of its ``<run>/checkpoints`` directory."""
     path = Path(path).expanduser().absolute()  # orbax wants absolute paths
-    if not path.exists():
-        raise CheckpointError(f"checkpoint path {str(path)!r} does not exist; pass a checkpoint "
-                              "directory, a run directory, or its checkpoints/ directory.")
-    if _TMP_PATTERN.search(path.name):
+    if ocp.path.step.is_path_temporary(epath.Path(path)):
         raise CheckpointError(f"{str(path)!r} is a half-written checkpoint (an orbax temporary "
                               "directory); load the run directory instead to get its latest "
                               "complete step.")
+    if not path.exists():
+        if _interrupted_save_of(path):
+            raise CheckpointError(f"checkpoint {str(path)!r} was never finished: its save was "
+                                  "interrupted (only an orbax temporary directory is there); "
+                                  "write it again.")
+        raise CheckpointError(f"checkpoint path {str(path)!r} does not exist; pass a checkpoint "
+                              "directory, a run directory, or its checkpoints/ directory.")
     if is_complete(path):
         return path
     for root in (path / CHECKPOINTS_DIRNAME, path):
-        steps = complete_steps(root)
+        steps = _complete_steps(root)
         if steps:
             return root / str(steps[-1])
     if (path / PARAMS).is_dir():
-        raise CheckpointError(f"checkpoint {str(path)!r} is incomplete (no {_COMPLETE_MARKER}): "
-                              "it was interrupted while being written; re-create it, or load an "
-                              "earlier complete checkpoint.")
-    raise CheckpointError(f"no complete checkpoint found at {str(path)!r}: expected a directory "
-                          f"with params/ and {_COMPLETE_MARKER}, or a run directory with "
+        raise CheckpointError(f"checkpoint {str(path)!r} is incomplete (orbax has no record of "
+                              "its save finishing): it was interrupted or copied only in part; "
+                              "re-create it, or load an earlier complete checkpoint.")
+    raise CheckpointError(f"no complete checkpoint found at {str(path)!r}: expected a checkpoint "
+                          f"directory with {PARAMS}/ inside, or a run directory with "
                           f"{CHECKPOINTS_DIRNAME}/<step>/ inside.")
 
 
 # ---------------------------------------------------------------------------------------------
 # Params-only checkpoints and loading params from any checkpoint.
-
-
-def _config_json(cfg: Config) -> dict[str, Any]:
-    return to_dict(cfg)
 
 
 def config_from_json(data: dict[str, Any]) -> Config:
@@ -123,12 +137,14 @@ def save_params(path: str | Path, cfg: Config, params: Any) -> None:
     checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
     checkpointer.save(path, ocp.args.Composite(**{
         PARAMS: ocp.args.StandardSave(params),
-        CONFIG: ocp.args.JsonSave(_config_json(cfg))}))
+        CONFIG: ocp.args.JsonSave(to_dict(cfg))}))
 
 
 def load_config(path: str | Path) -> Config:
     """The `Config` saved with a checkpoint (any of the paths `resolve` accepts)."""
     ckpt = resolve(path)
+    # Read as a file, not restored: an orbax restore is a barrier across processes, and any one
+    # process may ask for the config. "metadata" is `JsonCheckpointHandler`'s documented default.
     config_file = ckpt / CONFIG / "metadata"
     if not config_file.is_file():
         raise CheckpointError(f"checkpoint {str(ckpt)!r} has no config ({config_file} missing); "
@@ -139,7 +155,7 @@ def load_config(path: str | Path) -> Config:
         raise CheckpointError(f"config of checkpoint {str(ckpt)!r} is unreadable: {err}") from err
 
 
-def default_sharding() -> jax.sharding.Sharding:
+def _default_sharding() -> jax.sharding.Sharding:
     """Where unsharded restores go: one device, or replicated over all devices when multi-process."""
     if jax.process_count() == 1:
         return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -147,10 +163,10 @@ def default_sharding() -> jax.sharding.Sharding:
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
-def abstract_with_shardings(abstract_tree: Any, shardings: Any | None) -> Any:
+def _abstract_with_shardings(abstract_tree: Any, shardings: Any | None) -> Any:
     """ShapeDtypeStructs carrying the target shardings (a pytree, one sharding, or None)."""
     if shardings is None or isinstance(shardings, jax.sharding.Sharding):
-        sharding = shardings or default_sharding()
+        sharding = shardings or _default_sharding()
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                             abstract_tree)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -178,7 +194,7 @@ def load_params(path: str | Path, *, shardings: Any | None = None) -> tuple[Conf
     from rdlm.model import abstract_params
     ckpt = resolve(path)
     cfg = load_config(ckpt)
-    target = abstract_with_shardings(abstract_params(cfg.model), shardings)
+    target = _abstract_with_shardings(abstract_params(cfg.model), shardings)
     return cfg, _restore_item(ckpt, PARAMS, target)
 
 
@@ -187,7 +203,7 @@ def load_params(path: str | Path, *, shardings: Any | None = None) -> tuple[Conf
 
 
 def _data_state_file(item_dir: Path, process_index: int, process_count: int) -> Path:
-    # The file name grain's own orbax handler uses, so tools that read those keep working.
+    # grain's own orbax handler's file name and content, so grain can restore a same-size run.
     return item_dir / f"process_{process_index}-of-{process_count}.json"
 
 
@@ -205,15 +221,19 @@ def _decode_state(state: Any) -> Any:
 class DataStateHandler(ocp.CheckpointHandler):
     """Every process writes its own data-iterator state (JSON) into the checkpoint.
 
-    The state is taken when `TrainCheckpointer.save` is called (on the training thread), so the
-    background write can never record an iterator that has already moved on.
+    grain's `grain.checkpoint.CheckpointHandler` writes the same files but does not fit twice:
+    its restore reads only the file of the current process count (rdlm's pipelines save the same
+    global position on every process, so a run resumes on any number of hosts: `read_data_state`),
+    and it accepts only grain's own iterators, where `rdlm.train.train` takes any iterator with
+    ``get_state``/``set_state``. The state is taken when `TrainCheckpointer.save` is called (on
+    the training thread), so the background write can never record an iterator that has moved on.
     """
 
-    def save(self, directory: Any, args: "DataStateSave") -> None:
+    def save(self, directory: epath.Path, args: "DataStateSave") -> None:
         path = _data_state_file(Path(directory), jax.process_index(), jax.process_count())
         path.write_text(json.dumps(_encode_state(args.state)))
 
-    def restore(self, directory: Any, args: Any = None) -> Any:
+    def restore(self, directory: epath.Path, args: Any = None) -> Any:
         return read_data_state(Path(directory).parent, jax.process_index(), jax.process_count())
 
 
@@ -223,6 +243,8 @@ class DataStateSave(ocp.args.CheckpointArgs):
     state: Any
 
 
+# Never constructed here (`TrainCheckpointer.restore` reads the files with `read_data_state`),
+# but orbax refuses to save an item whose handler has no registered restore arguments.
 @ocp.args.register_with_handler(DataStateHandler, for_restore=True)
 @dataclasses.dataclass
 class DataStateRestore(ocp.args.CheckpointArgs):
@@ -230,7 +252,7 @@ class DataStateRestore(ocp.args.CheckpointArgs):
 
 
 def read_data_state(ckpt: Path, process_index: int, process_count: int) -> Any | None:
-    """This process's saved grain iterator state, or None when the checkpoint has none.
+    """This process's saved data-iterator state, or None when the checkpoint has none.
 
     When the checkpoint was written with a different number of processes, a state that every
     writer saved identically (pipelines that index a global order by step) is still usable;
@@ -270,12 +292,15 @@ class TrainCheckpointer:
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(keep),
             enable_async_checkpointing=async_save,
+            step_name_format=STEP_NAMES,
             create=True,
             cleanup_tmp_directories=True)  # an interrupted save is removed on the next start
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
-        steps = complete_steps(self.directory)
+        """The newest step whose checkpoint is complete on disk (a save still being written in
+        the background is not one yet)."""
+        steps = _complete_steps(self.directory)
         return steps[-1] if steps else None
 
     def should_save(self, step: int, last_step: int) -> bool:
@@ -286,7 +311,7 @@ class TrainCheckpointer:
         items: dict[str, Any] = {
             PARAMS: ocp.args.StandardSave(params),
             OPT_STATE: ocp.args.StandardSave(opt_state),
-            CONFIG: ocp.args.JsonSave(_config_json(cfg)),
+            CONFIG: ocp.args.JsonSave(to_dict(cfg)),
             TRAIN_META: ocp.args.JsonSave(meta),
         }
         if data_iterator is not None and hasattr(data_iterator, "get_state"):
@@ -298,7 +323,8 @@ class TrainCheckpointer:
         """(params, opt_state, meta, data-iterator state) of ``step``, into the given shardings."""
         ckpt = self.directory / str(step)
         if not is_complete(ckpt):
-            raise CheckpointError(f"checkpoint {str(ckpt)!r} is incomplete or missing.")
+            raise CheckpointError(f"checkpoint {str(ckpt)!r} is incomplete or missing; the "
+                                  f"complete steps are {_complete_steps(self.directory)}.")
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**{
                 PARAMS: ocp.args.StandardRestore(abstract_params),
@@ -321,8 +347,8 @@ class TrainCheckpointer:
 
 
 def list_checkpoints(run_dir: str | Path) -> Iterable[int]:
-    """Complete steps of a run directory (for scripts and tests)."""
-    return complete_steps(Path(run_dir) / CHECKPOINTS_DIRNAME)
+    """Complete steps of a run directory, ascending (for scripts and tests)."""
+    return _complete_steps(Path(run_dir).expanduser().absolute() / CHECKPOINTS_DIRNAME)
 
 
 def finished_step(run_dir: Path) -> int | None:
