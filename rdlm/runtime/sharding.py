@@ -4,7 +4,7 @@ Parameters carry logical axis names (`rdlm.param_axes`: "vocab", "embed", "heads
 "mlp", "norm", "adapter_in", None), and so does the latent state between recurrence steps
 ([batch, length, act_embed]). A rule table maps each logical name to a mesh axis:
 
-    batch → (data, fsdp)     embed → fsdp        heads, mlp, vocab → tensor     act_embed → —
+    batch → (data, fsdp)    embed → fsdp    heads, mlp, vocab → tensor    act_embed → (none)
 
 so FSDP shards every weight matrix along d_model, tensor parallelism splits heads and MLP units,
 and the batch is split over every data-parallel device. A mesh axis is used at most once per array.
