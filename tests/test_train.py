@@ -25,7 +25,8 @@ from rdlm.runtime import checkpoint
 from rdlm.runtime.hostinfo import device_peak_flops
 from rdlm.train import optim, train
 from rdlm.train.state import init_state, state_shardings
-from rdlm.train.step import lm_objective, loss_and_grads, make_train_step
+from rdlm.train.stages import SINGLE_PHASE, StageSchedule
+from rdlm.train.step import DepthPolicy, lm_objective, loss_and_grads, make_train_step
 import dataclasses
 
 from rdlm.config import ConfigError, TrainConfig
@@ -134,6 +135,30 @@ def test_peak_flops_table_and_override():
     cpu = jax.devices()[0]
     assert device_peak_flops(cpu, "float32") == 170e9
     assert device_peak_flops(cpu, "float32", override=1e12) == 1e12
+
+
+# ---------------------------------------------------------------------------------------------
+# What an objective and a schedule decide.
+
+
+def test_depth_policies_and_stage_schedule():
+    fixed = DepthPolicy(3, 2, fixed=True)
+    assert [int(x) for x in fixed.draw(jax.random.key(0))] == [1, 2] and fixed.max_grad == 2
+    assert DepthPolicy(4, 4, fixed=True).max_grad == 4  # a fixed r, every step with gradient
+    sampled = DepthPolicy(6, 2)
+    draws = {tuple(int(x) for x in sampled.draw(jax.random.key(i))) for i in range(20)}
+    assert len(draws) > 1 and all(g <= 2 for _, g in draws) and sampled.max_grad == 2
+    cfg = tiny_cfg("train.depth=fixed")
+    assert lm_objective(cfg).depth == DepthPolicy.of(cfg) == DepthPolicy(
+        cfg.model.mean_recurrence, cfg.model.backprop_depth, fixed=True)
+    schedule = StageSchedule(((0, 2), (1, 3), (2, 1)))
+    assert schedule.total_steps == 6
+    # Asked before 0-based step k; labels and phase ends after 1-based step k.
+    assert [k for k in range(6) if schedule.reset_optimizer(k)] == [2, 5]
+    assert [schedule.annotations(k)["stage"] for k in range(1, 7)] == [0, 0, 1, 1, 1, 2]
+    assert [k for k in range(1, 7) if schedule.phase_end(k)] == [2, 5]
+    assert not any(SINGLE_PHASE.reset_optimizer(k) or SINGLE_PHASE.phase_end(k)
+                   for k in range(6))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from rdlm.config import Config, ConfigError, ModelConfig, from_dict
 from rdlm.data.render import prompt_tokens, render
 from rdlm.data.tasks import Example, example_at, make_task
 from rdlm.data.tokenizer import Tokenizer, load_tokenizer
+from rdlm.runtime import checkpoint as ckpt_lib
 from rdlm.runtime.distributed import maybe_initialize_distributed
 from rdlm.train.loop import train
 from rdlm.train.metrics import read_metrics
@@ -332,10 +333,14 @@ def train_coconut(cfg: Config, cc: CoconutConfig, *, stop_after: int | None = No
                           "nothing to train; set one of them > 0.")
     schedule = StageSchedule(tuple(stage_plan(cc, budget)))
     cfg = run_config(cfg, schedule)
+    run_dir = Path(cfg.train.run_dir).expanduser().absolute()
     tok = load_tokenizer(cfg.data.tokenizer)
     data = CurriculumBatches(training_examples(cfg, cc), tok, cc, schedule,
                              cfg.train.batch_size, cfg.train.seq_len, cfg.seed)
+    # The position follows from the step the run resumes at, so that a checkpoint without the
+    # iterator's state resumes with the right batches too; a saved state says the same.
+    data.set_state({"step": ckpt_lib.finished_step(run_dir) or 0})
     result = train(cfg, data_iterator=data, loss_fn=coconut_objective(cfg, cc, tok.latent_id),
                    schedule=schedule, stop_after=stop_after, printer=log)
-    history = read_metrics(Path(cfg.train.run_dir).expanduser().absolute() / "metrics.jsonl")
+    history = read_metrics(run_dir / "metrics.jsonl")
     return CoconutResult(result.state, history, list(schedule.plan), result.status)
