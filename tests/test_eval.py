@@ -1,4 +1,5 @@
-"""Evaluation: batched greedy decoding equals a one-row reference; accuracies; the eval command."""
+"""Evaluation: batched greedy answers from the generation engine equal a one-row full-forward
+reference; one compilation for every r; accuracies; the eval command."""
 
 import json
 
@@ -11,7 +12,8 @@ import rdlm
 from rdlm.config import ConfigError
 from rdlm.data.tasks import Example
 from rdlm.cli.eval import cli
-from rdlm.generation.evaluate import evaluate_accuracy, greedy_decode
+from rdlm.generation.evaluate import evaluate_accuracy, greedy_answers
+from rdlm.generation.programs import generate_jit
 
 
 @pytest.fixture(scope="module")
@@ -35,29 +37,32 @@ def _reference_greedy(params, cfg, prompt, r, n, width=12):
 def test_batched_greedy_matches_one_row_at_a_time(tiny):
     cfg, params = tiny
     prompts = [[1, 10, 11, 12, 13, 14], [1, 20, 21], [1, 30, 31, 32, 33]]
-    width, n = 12, 4
-    tokens = np.zeros((3, width), np.int32)
+    n = 4
+    answers = greedy_answers(params, cfg.model, prompts, num_steps=3, max_new_tokens=n,
+                             eos_id=None, cache_budget=4)
     for i, p in enumerate(prompts):
-        tokens[i, :len(p)] = p
-    lengths = np.array([len(p) for p in prompts], np.int32)
-    out, ends = greedy_decode(params, jnp.asarray(tokens), jnp.asarray(lengths), jnp.int32(3),
-                              cfg=cfg.model, max_new_tokens=n, eos_id=-1, pad_id=0)
-    for i, p in enumerate(prompts):
-        assert int(ends[i]) == len(p) + n
-        assert np.asarray(out[i, len(p):len(p) + n]).tolist() == _reference_greedy(
-            params, cfg, p, 3, n)
+        assert len(answers[i]) == n
+        assert answers[i] == _reference_greedy(params, cfg, p, 3, n)
 
 
 def test_generation_stops_after_eos(tiny):
     cfg, params = tiny
     prompt = [1, 10, 11]
     first = _reference_greedy(params, cfg, prompt, 2, 1)[0]
-    tokens = np.zeros((1, 8), np.int32)
-    tokens[0, :3] = prompt
-    out, ends = greedy_decode(params, jnp.asarray(tokens), jnp.asarray([3], jnp.int32),
-                              jnp.int32(2), cfg=cfg.model, max_new_tokens=4, eos_id=first,
-                              pad_id=0)
-    assert int(ends[0]) == 4 and np.asarray(out[0, 4:]).tolist() == [0] * 4
+    out = rdlm.generate(params, cfg.model, [prompt], max_new_tokens=4, num_steps=2,
+                        stop_tokens=[first])
+    assert out.rows() == [[first]] and out.tokens[0, 1:].tolist() == [0] * 3
+    assert greedy_answers(params, cfg.model, [prompt], num_steps=2, max_new_tokens=4,
+                          eos_id=first) == [[]]
+
+
+def test_one_compilation_serves_every_r_and_batch(tiny):
+    cfg, params = tiny
+    before = generate_jit._cache_size()
+    result = evaluate_accuracy(params, cfg, "chains", num_steps_list=[3, 2, 1], num_examples=3,
+                               batch_size=2)
+    assert generate_jit._cache_size() - before <= 1  # 3 values of r x 2 batches
+    assert all(len(p) == 3 for p in result["predictions"].values())
 
 
 def test_accuracy_for_every_r_on_a_fresh_model(tiny):

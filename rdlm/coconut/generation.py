@@ -1,80 +1,49 @@
-"""Answers of a continuous-thought model: greedy decoding after the thoughts, and accuracy."""
+"""Answers of a continuous-thought model: greedy decoding after the thoughts, and accuracy.
+
+Decoding runs on the generation engine (`rdlm.generate`): the prompt's ``<latent>`` positions
+become continuous thoughts once, one position after the other into the KV cache
+(`rdlm.generation.ThoughtConfig`), and each answer token is one cached step.
+"""
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Sequence
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from jax import lax
-
 from rdlm.coconut.curriculum import CoconutConfig, eval_depth, eval_prompt
-from rdlm.coconut.thoughts import (Depth, Params, fill_thought_bases, head_logits, hidden_states,
-                                   thought_inputs)
+from rdlm.coconut.thoughts import Params
 from rdlm.config import Config, ModelConfig
 from rdlm.data.render import parse_answer
 from rdlm.data.tasks import Example, example_at, make_task
 from rdlm.data.tokenizer import load_tokenizer
-from rdlm.model import attention_context, bind
+from rdlm.generation import GenerateOutput, ThoughtConfig, generate
 
 
-# ---------------------------------------------------------------------------------------------
-# Evaluation: greedy decoding after the continuous thoughts.
+def generate_after_thoughts(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
+                            *, num_steps: int, latent_id: int, max_new_tokens: int,
+                            eos_id: int | None, substitute: bool = True,
+                            shift_sees_thoughts: bool = False, prompt_len: int | None = None
+                            ) -> GenerateOutput:
+    """Greedy tokens after each prompt at ``num_steps`` core iterations from the zero state.
 
-
-@functools.partial(jax.jit, static_argnames=("cfg", "latent_id", "max_latents", "max_new_tokens",
-                                             "eos_id", "substitute", "max_grad",
-                                             "shift_sees_thoughts"))
-def generate_after_thoughts(params: Params, tokens_bl: jax.Array, lengths_b: jax.Array,
-                            n_steps: jax.Array, *, cfg: ModelConfig, latent_id: int,
-                            max_latents: int, max_new_tokens: int, eos_id: int,
-                            substitute: bool = True, max_grad: int = 0,
-                            shift_sees_thoughts: bool = False
-                            ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Greedy decoding: the prompt's latents become continuous thoughts (computed once, they
-    never change), then each new token is one full causal pass over the buffer.
-
-    Returns (buffer, lengths after generation, generated language tokens per row incl. EOS).
+    ``substitute``: the prompt's ``latent_id`` positions are continuous thoughts (Coconut);
+    False keeps them ordinary tokens (the pause baseline). Generated tokens are always ordinary.
+    A row ends after ``eos_id`` (kept; None: never). ``prompt_len`` left-pads every batch to one
+    length, so that batches of different prompts share one compilation.
     """
-    b, l = tokens_bl.shape
-    ctx = attention_context(cfg, b, l)
-    depth = Depth(n_steps, jnp.int32(0), max_grad)
-    state0 = jnp.zeros((b, l, cfg.d_model), jnp.dtype(cfg.dtype))
-    bases_bld = fill_thought_bases(params, tokens_bl, cfg, ctx, state0, depth,
-                                   latent_id=latent_id, max_latents=max_latents if substitute else 0,
-                                   shift_sees_thoughts=shift_sees_thoughts)
-    rows_b = jnp.arange(b)
-    is_thought_bl = (tokens_bl == latent_id) if substitute else jnp.zeros((b, l), bool)
-    inputs = lambda tokens_bl, bases_bld: thought_inputs(params, tokens_bl, bases_bld, cfg, ctx,
-                                                         is_thought_bl, shift_sees_thoughts)
+    thoughts = ThoughtConfig(latent_id, shift_sees_thoughts) if substitute else None
+    return generate(params, cfg, [list(p) for p in prompts], max_new_tokens=max_new_tokens,
+                    num_steps=num_steps, stop_tokens=() if eos_id is None else (eos_id,),
+                    thoughts=thoughts, prompt_len=prompt_len)
 
-    def body(carry):
-        i, tokens_bl, bases_bld, lengths_b, done_b, count_b = carry
-        h_bld = hidden_states(params, inputs(tokens_bl, bases_bld), cfg, ctx, state0, depth)
-        last_bd = h_bld[rows_b, lengths_b - 1]
-        next_b = jnp.argmax(head_logits(params, last_bd[:, None], cfg)[:, 0], -1).astype(jnp.int32)
-        write_b = ~done_b & (lengths_b < l)
-        pos_b = jnp.minimum(lengths_b, l - 1)
-        tokens_bl = tokens_bl.at[rows_b, pos_b].set(
-            jnp.where(write_b, next_b, tokens_bl[rows_b, pos_b]))
-        # The new token's base; the thoughts stay as they were computed (the next pass's
-        # `inputs` gives the new token's successors their shift).
-        bases_bld = jnp.where(is_thought_bl[..., None], bases_bld,
-                              bind(params, cfg).token_bases(tokens_bl).astype(bases_bld.dtype))
-        lengths_b = lengths_b + write_b
-        count_b = count_b + write_b
-        done_b = done_b | (write_b & (next_b == eos_id)) | (lengths_b >= l)
-        return i + 1, tokens_bl, bases_bld, lengths_b, done_b, count_b
 
-    # A while loop: a batch stops as soon as every row has ended (CoT answers are long, the
-    # others a few tokens).
-    keep_going = lambda c: (c[0] < max_new_tokens) & ~jnp.all(c[4])
-    zeros = jnp.zeros((b,), jnp.int32)
-    carry = (jnp.int32(0), tokens_bl, bases_bld, lengths_b, jnp.zeros((b,), bool), zeros)
-    _, tokens_bl, _, lengths_b, _, count_b = lax.while_loop(keep_going, body, carry)
-    return tokens_bl, lengths_b, count_b
+def _batches(prompts: list[list[int]], batch_size: int) -> list[list[list[int]]]:
+    """Consecutive batches of ``batch_size`` prompts, the last one filled up with copies of its
+    first prompt: one batch shape, so one compilation."""
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        out.append(chunk + [chunk[0]] * (batch_size - len(chunk)))
+    return out
 
 
 def evaluate_method(params: Params, cfg: Config, cc: CoconutConfig,
@@ -88,31 +57,21 @@ def evaluate_method(params: Params, cfg: Config, cc: CoconutConfig,
         examples = [example_at(task, cc.eval_split, i, cfg.seed) for i in range(cc.eval_examples)]
     r = int(eval_depth(cfg, cc).n_no_grad)
     batch_size = min(batch_size, len(examples))  # no padding rows beyond the examples
+    prompts = [eval_prompt(e, tok, cc) for e in examples]
+    prompt_len = max(map(len, prompts), default=1)
     correct, generated, predictions = 0, 0, []
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
-        prompts = [eval_prompt(e, tok, cc) for e in chunk]
-        width = max(map(len, prompts)) + cc.max_new_tokens
-        buf = np.full((batch_size, width), tok.pad_id, np.int32)
-        lengths = np.ones(batch_size, np.int32)
-        for i, p in enumerate(prompts):
-            buf[i, :len(p)] = p
-            lengths[i] = len(p)
-        out, new_len, count = jax.device_get(generate_after_thoughts(
-            params, jnp.asarray(buf), jnp.asarray(lengths), jnp.int32(r), cfg=cfg.model,
-            latent_id=tok.latent_id, max_latents=cc.max_latents,
+    for number, batch in enumerate(_batches(prompts, batch_size)):
+        out = generate_after_thoughts(
+            params, cfg.model, batch, num_steps=r, latent_id=tok.latent_id,
             max_new_tokens=cc.max_new_tokens, eos_id=tok.eos_id,
-            substitute=cc.method == "coconut", shift_sees_thoughts=cc.shift_sees_thoughts))
-        for i, e in enumerate(chunk):
-            text = tok.decode(out[i, lengths[i]:new_len[i]])
-            answer = parse_answer(text.replace("<eos>", ""))
-            correct += answer == e.answer
-            generated += int(count[i]) + cc.max_latents
+            substitute=cc.method == "coconut", shift_sees_thoughts=cc.shift_sees_thoughts,
+            prompt_len=prompt_len)
+        chunk = examples[number * batch_size:(number + 1) * batch_size]
+        for e, row in zip(chunk, out.rows()):
+            text = tok.decode(row)
+            correct += parse_answer(text.replace("<eos>", "")) == e.answer
+            generated += len(row) + cc.max_latents
             predictions.append({"answer": e.answer, "generated": text})
     n = max(len(examples), 1)
     return {"accuracy": correct / n, "generated_tokens": generated / n, "num_examples": len(examples),
             "num_steps": r, "predictions": predictions}
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line: python -m rdlm coconut CONFIG [key=value ...]

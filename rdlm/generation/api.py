@@ -14,8 +14,8 @@ import numpy as np
 
 from rdlm.config import ModelConfig
 from rdlm.generation.exits import ExitConfig
-from rdlm.generation.plan import (PAD_ID, Plan, SamplingConfig, SpeculativeConfig, left_pad,
-                                make_plan, plan_cache_bytes, prompt_rows)
+from rdlm.generation.plan import (PAD_ID, Plan, SamplingConfig, SpeculativeConfig, ThoughtConfig,
+                                  left_pad, make_plan, plan_cache_bytes, prompt_rows)
 from rdlm.generation.programs import generate_jit
 from rdlm.model import Params
 from rdlm.runtime import sharding
@@ -105,6 +105,7 @@ def generate(params: Params, cfg: ModelConfig, prompt_tokens: Any, *, max_new_to
              top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
              stop_tokens: Sequence[int] = (), key: jax.Array | None = None,
              prompt_lengths: Any = None, init_scale: float = 0.0, return_logits: bool = False,
+             thoughts: ThoughtConfig | None = None, prompt_len: int | None = None,
              mesh: jax.sharding.Mesh | None = None) -> GenerateOutput:
     """Generate ``max_new_tokens`` tokens after each prompt with ``num_steps`` core iterations.
 
@@ -120,6 +121,10 @@ def generate(params: Params, cfg: ModelConfig, prompt_tokens: Any, *, max_new_to
       filter the distribution. ``stop_tokens`` end a row (the stop token is kept).
     - ``init_scale``: 0 (default) starts every token from the zero state (deterministic); a
       positive value draws s_0 from ``key`` as in training.
+    - ``thoughts``: prompt positions holding ``thoughts.token_id`` are continuous thoughts, each
+      the previous position's last hidden state (`ThoughtConfig`), computed once into the cache.
+    - ``prompt_len``: left-pad every prompt to this length (default: the longest); fix it to
+      compile once for batches whose longest prompts differ.
     - ``mesh``: shard params with `rdlm.runtime.sharding.param_shardings` and the batch over "data".
     """
     rows = prompt_rows(prompt_tokens, prompt_lengths, cfg)
@@ -131,8 +136,9 @@ def generate(params: Params, cfg: ModelConfig, prompt_tokens: Any, *, max_new_to
     plan = make_plan(cfg, rows, max_new_tokens=max_new_tokens, num_steps=num_steps, exit=exit,
                      cache_budget=cache_budget, continuous_cot=continuous_cot,
                      speculative=speculative, sampling=sampling, stop_tokens=stop_tokens,
-                     init_scale=init_scale, return_logits=return_logits)
-    prompt_bt, pad_b = left_pad(rows)
+                     init_scale=init_scale, return_logits=return_logits, thoughts=thoughts,
+                     prompt_len=prompt_len)
+    prompt_bt, pad_b = left_pad(rows, plan.prompt_len)
     params, prompt_bt, pad_b = _place(params, cfg, prompt_bt, pad_b, mesh)
     key = jax.random.key(0) if key is None else key
     raw = generate_jit(params, prompt_bt, pad_b, jnp.int32(num_steps), key, plan=plan)

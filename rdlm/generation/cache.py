@@ -10,8 +10,10 @@ position, e = head dim); heads before positions, so attention reads a cached lay
 - ``core_latest_lkbhte`` (only with adaptive exit): every position's *latest* core entry per
   layer, i.e. the keys/values of the last step that position actually ran.
 - ``depth_bt``: how many core steps each cached position ran (0 = nothing written).
-- ``tokens_bt`` (only with ``model.token_shift``): the token id at each cached position, from
-  which a new block reads its previous tokens.
+- ``shift_bases_btd`` (only with ``model.token_shift``): what each cached position hands to its
+  successors' token shift, i.e. its base ``wte[token] · sqrt(d)`` — or, at a continuous thought
+  that hands itself on (`rdlm.generation.plan.ThoughtConfig`), the thought vector. Vectors rather
+  than token ids, so that a thought can be handed on as a token is.
 
 Why a separate "latest" buffer instead of copying the last entry into the unwritten slots: a token
 that exited after n < r steps must be read at its latest entry (step n-1) by every later token's
@@ -21,7 +23,7 @@ slot per core layer makes the rule exact in both cases and keeps memory independ
 a reader at step i takes slot ``i mod b`` where ``depth > i`` and the latest buffer elsewhere.
 
 Everything here is a pure function on arrays; positions are shared by all rows (prompts are
-left-padded by `rdlm.sample`), so a write is one ``dynamic_update_slice``.
+left-padded by `rdlm.generation.plan.left_pad`), so a write is one ``dynamic_update_slice``.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class KVCache(NamedTuple):
     coda_lkbhte: jax.Array
     core_latest_lkbhte: jax.Array | None  # None unless adaptive exit can leave tokens short
     depth_bt: jax.Array  # int32
-    tokens_bt: jax.Array | None = None  # int32; None unless model.token_shift
+    shift_bases_btd: jax.Array | None = None  # None unless model.token_shift
 
 
 def cache_shapes(cfg: ModelConfig, batch: int, length: int, num_slots: int,
@@ -61,7 +63,8 @@ def cache_shapes(cfg: ModelConfig, batch: int, length: int, num_slots: int,
         coda_lkbhte=sds(cfg.n_coda),
         core_latest_lkbhte=sds(cfg.n_core) if track_latest else None,
         depth_bt=jax.ShapeDtypeStruct((batch, length), jnp.int32),
-        tokens_bt=(jax.ShapeDtypeStruct((batch, length), jnp.int32) if cfg.token_shift else None))
+        shift_bases_btd=(jax.ShapeDtypeStruct((batch, length, cfg.d_model), dtype)
+                         if cfg.token_shift else None))
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, num_slots: int,
@@ -156,30 +159,34 @@ def merge_block(cache: KVCache, block: KVCache, start: jax.Array | int) -> KVCac
     return cache._replace(core_lskbhte=core, core_latest_lkbhte=latest)
 
 
-def previous_tokens(cache: KVCache, tokens_bt: jax.Array, pad_b: jax.Array,
-                    start: jax.Array | int, num: int) -> jax.Array:
-    """Ids of the ``num`` previous tokens of a block at positions ``start …`` [num, b, t], read from
-    the block itself or the cache; -1 before a row's first (left-padded) position."""
-    b, t = tokens_bt.shape
-    length = cache.tokens_bt.shape[1]
-    both_bs = jnp.concatenate([cache.tokens_bt, tokens_bt.astype(jnp.int32)], axis=1)
+def previous_bases(cache: KVCache, shift_bases_btd: jax.Array, pad_b: jax.Array,
+                   start: jax.Array | int, num: int) -> jax.Array:
+    """The shift bases of the ``num`` previous positions of a block at positions ``start …``
+    [num, b, t, d], read from the block itself or the cache; zero before a row's first
+    (left-padded) position, as the token shift treats a missing predecessor."""
+    b, t, _ = shift_bases_btd.shape
+    length = cache.shift_bases_btd.shape[1]
+    both_bsd = jnp.concatenate([cache.shift_bases_btd,
+                                shift_bases_btd.astype(cache.shift_bases_btd.dtype)], axis=1)
     position_t = start + jnp.arange(t)
     out = []
     for j in range(1, num + 1):
         where_bt = jnp.broadcast_to(position_t - j, (b, t))
         index_bt = jnp.clip(jnp.where(where_bt >= start, length + where_bt - start, where_bt),
                             0, length + t - 1)
-        out.append(jnp.where(where_bt >= pad_b[:, None],
-                             jnp.take_along_axis(both_bs, index_bt, axis=1), -1))
+        found_btd = jnp.take_along_axis(both_bsd, index_bt[..., None], axis=1)
+        out.append(jnp.where((where_bt >= pad_b[:, None])[..., None], found_btd, 0))
     return jnp.stack(out)
 
 
-def set_tokens(cache: KVCache, tokens_bt: jax.Array, start: jax.Array | int) -> KVCache:
-    """Record the ids of the positions ``start …`` (a no-op without token shift)."""
-    if cache.tokens_bt is None:
+def set_shift_bases(cache: KVCache, shift_bases_btd: jax.Array, start: jax.Array | int
+                    ) -> KVCache:
+    """Record what the positions ``start …`` hand to the token shift (a no-op without it)."""
+    if cache.shift_bases_btd is None:
         return cache
-    return cache._replace(tokens_bt=lax.dynamic_update_slice(
-        cache.tokens_bt, tokens_bt.astype(jnp.int32), (0, start)))
+    return cache._replace(shift_bases_btd=lax.dynamic_update_slice(
+        cache.shift_bases_btd, shift_bases_btd.astype(cache.shift_bases_btd.dtype),
+        (0, start, 0)))
 
 
 def set_depth(cache: KVCache, depth_bt: jax.Array, start: jax.Array | int) -> KVCache:

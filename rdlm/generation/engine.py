@@ -6,7 +6,7 @@ are in `rdlm.generation.programs`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +16,8 @@ from rdlm.config import ModelConfig
 from rdlm.generation import cache as kvc
 from rdlm.generation.cache import KVCache
 from rdlm.generation.exits import evaluate, init_exit_state
-from rdlm.generation.plan import Plan, SamplingConfig
-from rdlm.model import AttentionContext, KV, Params, bind, initial_state, rope_angles
+from rdlm.generation.plan import Plan, SamplingConfig, ThoughtConfig
+from rdlm.model import AttentionContext, KV, Params, bind, initial_state, rope_angles, run_blocks
 from rdlm.model.kernels import from_loop_layout
 
 
@@ -82,9 +82,50 @@ def block_context(cfg: ModelConfig, pad_b: jax.Array, start: jax.Array | int, le
     return AttentionContext(cos_bt1f, sin_bt1f, mask_bts[:, None])
 
 
+class BlockInput(NamedTuple):
+    """What a block of positions feeds the prelude, before the token shift.
+
+    ``bases_btd``: each position's own base, ``wte[token] · sqrt(d)`` or a thought's vector.
+    ``shift_bases_btd``: what the position hands to its successors' token shift.
+    ``shifted_bt``: where a position's own input gets its predecessors' shift (None: everywhere).
+    """
+
+    bases_btd: jax.Array
+    shift_bases_btd: jax.Array
+    shifted_bt: jax.Array | None = None
+
+
+class BlockOutput(NamedTuple):
+    logits_btv: jax.Array  # float32
+    hidden_btd: jax.Array  # ln_f(coda(ln_f(s_r))): what the tied head multiplies by wte^T
+    state_btd: jax.Array  # s_r
+
+
 def _model(params: Params, cfg: ModelConfig) -> Any:
     """The NNX model over loop-layout params."""
     return bind(from_loop_layout(params), cfg)
+
+
+def token_input(params: Params, cfg: ModelConfig, tokens_bt: jax.Array) -> BlockInput:
+    """Ordinary tokens: each position's base is its token's, handed on as it is."""
+    bases_btd = _model(params, cfg).token_bases(tokens_bt)
+    return BlockInput(bases_btd, bases_btd)
+
+
+def thought_input(params: Params, cfg: ModelConfig, thoughts: ThoughtConfig,
+                  tokens_b1: jax.Array, previous_hidden_bd: jax.Array, pos: jax.Array,
+                  pad_b: jax.Array) -> BlockInput:
+    """One prompt position per row where a ``thoughts.token_id`` is a continuous thought: its base
+    is the previous position's hidden state (zero at a row's first position, where nothing
+    precedes it), handed on and shifted as `ThoughtConfig` says."""
+    token = token_input(params, cfg, tokens_b1)
+    is_thought_b1 = (tokens_b1 == thoughts.token_id) & (pos >= pad_b)[:, None]
+    previous_b1d = jnp.where((pos > pad_b)[:, None, None], previous_hidden_bd[:, None], 0)
+    bases_b1d = jnp.where(is_thought_b1[..., None], previous_b1d.astype(token.bases_btd.dtype),
+                          token.bases_btd)
+    if thoughts.shift_sees_thoughts:
+        return BlockInput(bases_b1d, bases_b1d)
+    return BlockInput(bases_b1d, token.shift_bases_btd, ~is_thought_b1)
 
 
 def _stage_prefixes(buf_lkbhte: jax.Array, with_prefix: bool) -> list[KV] | None:
@@ -93,14 +134,27 @@ def _stage_prefixes(buf_lkbhte: jax.Array, with_prefix: bool) -> list[KV] | None
     return [kvc.as_kv(buf_lkbhte[layer]) for layer in range(buf_lkbhte.shape[0])]
 
 
-def run_prelude(params: Params, cfg: ModelConfig, cache: KVCache, tokens_bt: jax.Array,
+def prelude_inputs(model: Any, cache: KVCache, block: BlockInput, start: jax.Array | int,
+                   pad_b: jax.Array) -> jax.Array:
+    """Each position's base plus, with ``model.token_shift``, its predecessors' shift bases
+    (from the block or the cache) through the shift matrices."""
+    if cache.shift_bases_btd is None:
+        return block.bases_btd
+    previous_kbtd = kvc.previous_bases(cache, block.shift_bases_btd, pad_b, start,
+                                       model.cfg.token_shift)
+    shifted_btd = model.add_shift(block.bases_btd, previous_kbtd)
+    if block.shifted_bt is None:
+        return shifted_btd
+    return jnp.where(block.shifted_bt[..., None], shifted_btd, block.bases_btd)
+
+
+def run_prelude(params: Params, cfg: ModelConfig, cache: KVCache, block: BlockInput,
                 ctx: AttentionContext, start: jax.Array | int, with_prefix: bool,
                 pad_b: jax.Array) -> tuple[jax.Array, KVCache]:
-    previous_kbt = (kvc.previous_tokens(cache, tokens_bt, pad_b, start, cfg.token_shift)
-                    if cfg.token_shift else None)
-    embedded_btd, kvs = _model(params, cfg).apply_prelude(
-        tokens_bt, ctx, _stage_prefixes(cache.prelude_lkbhte, with_prefix), previous_kbt)
-    cache = kvc.set_tokens(cache, tokens_bt, start)
+    model = _model(params, cfg)
+    embedded_btd, kvs = run_blocks(model.prelude, prelude_inputs(model, cache, block, start, pad_b),
+                                   ctx, _stage_prefixes(cache.prelude_lkbhte, with_prefix))
+    cache = kvc.set_shift_bases(cache, block.shift_bases_btd, start)
     return embedded_btd, cache._replace(
         prelude_lkbhte=kvc.write_stage(cache.prelude_lkbhte, kvs, start))
 
@@ -129,12 +183,18 @@ def run_core_step(params: Params, cfg: ModelConfig, num_slots: int, read: KVCach
 
 def run_coda(params: Params, cfg: ModelConfig, cache: KVCache, state_btd: jax.Array,
              ctx: AttentionContext, start: jax.Array | int, with_prefix: bool,
-             write: bool = True) -> tuple[jax.Array, KVCache]:
-    logits_btv, kvs = _model(params, cfg).apply_coda(
-        state_btd, ctx, _stage_prefixes(cache.coda_lkbhte, with_prefix))
+             write: bool = True) -> tuple[jax.Array, jax.Array, KVCache]:
+    """(logits float32, last hidden state, cache): the coda of `RecurrentDepthLM.apply_coda`,
+    keeping the hidden state that a continuous thought feeds back."""
+    model = _model(params, cfg)
+    x_btd, kvs = run_blocks(model.coda, model.ln_f(state_btd), ctx,
+                            _stage_prefixes(cache.coda_lkbhte, with_prefix))
+    hidden_btd = model.ln_f(x_btd)
+    logits_btv = jnp.einsum("btd,vd->btv", hidden_btd, model.wte[...].astype(hidden_btd.dtype),
+                            preferred_element_type=jnp.float32)
     if write:
         cache = cache._replace(coda_lkbhte=kvc.write_stage(cache.coda_lkbhte, kvs, start))
-    return logits_btv, cache
+    return logits_btv, hidden_btd, cache
 
 
 def start_state(plan: Plan, shape: tuple[int, ...], key: jax.Array,
@@ -150,19 +210,15 @@ def block_buffer(plan: Plan, batch: int, length: int) -> KVCache:
     return kvc.init_cache(plan.cfg, batch, length, plan.num_slots, plan.track_latest)
 
 
-def forward_block(params: Params, plan: Plan, cache: KVCache, tokens_bt: jax.Array,
+def forward_block(params: Params, plan: Plan, cache: KVCache, block: BlockInput,
                   pad_b: jax.Array, start: jax.Array | int, num_steps: jax.Array | int,
-                  state_btd: jax.Array, with_prefix: bool
-                  ) -> tuple[jax.Array, jax.Array, KVCache]:
-    """A block of tokens at a fixed number of steps (prefill, plain decoding, draft, verify).
-
-    Returns (logits [b, t, V], final states [b, t, d], cache with the block written).
-    """
+                  state_btd: jax.Array, with_prefix: bool) -> tuple[BlockOutput, KVCache]:
+    """A block of positions at a fixed number of steps (prefill, plain decoding, draft, verify,
+    thoughts); returns its outputs and the cache with the block written."""
     cfg = plan.cfg
-    b, length = tokens_bt.shape
+    b, length, _ = block.bases_btd.shape
     ctx = block_context(cfg, pad_b, start, length, plan.cache_len, with_prefix)
-    embedded_btd, cache = run_prelude(params, cfg, cache, tokens_bt, ctx, start, with_prefix,
-                                      pad_b)
+    embedded_btd, cache = run_prelude(params, cfg, cache, block, ctx, start, with_prefix, pad_b)
     # A prompt with nothing before it reads no cache, so it can write the cache directly.
     read, write, write_start = ((cache, block_buffer(plan, b, length), 0) if with_prefix
                                 else (None, cache, start))
@@ -174,9 +230,10 @@ def forward_block(params: Params, plan: Plan, cache: KVCache, tokens_bt: jax.Arr
 
     state_btd, write = lax.fori_loop(0, num_steps, body, (state_btd, write))
     cache = kvc.merge_block(cache, write, start) if with_prefix else write
-    cache = kvc.set_depth(cache, jnp.full(tokens_bt.shape, num_steps, jnp.int32), start)
-    logits_btv, cache = run_coda(params, cfg, cache, state_btd, ctx, start, with_prefix)
-    return logits_btv, state_btd, cache
+    cache = kvc.set_depth(cache, jnp.full((b, length), num_steps, jnp.int32), start)
+    logits_btv, hidden_btd, cache = run_coda(params, cfg, cache, state_btd, ctx, start,
+                                             with_prefix)
+    return BlockOutput(logits_btv, hidden_btd, state_btd), cache
 
 
 def decode_adaptive(params: Params, plan: Plan, cache: KVCache, token_b1: jax.Array,
@@ -190,7 +247,8 @@ def decode_adaptive(params: Params, plan: Plan, cache: KVCache, token_b1: jax.Ar
     """
     cfg, exit_cfg = plan.cfg, plan.exit
     ctx = block_context(cfg, pad_b, pos, 1, plan.cache_len, True)
-    embedded_b1d, cache = run_prelude(params, cfg, cache, token_b1, ctx, pos, True, pad_b)
+    embedded_b1d, cache = run_prelude(params, cfg, cache, token_input(params, cfg, token_b1), ctx,
+                                      pos, True, pad_b)
     b = token_b1.shape[0]
 
     def not_finished(carry: tuple) -> jax.Array:
@@ -229,5 +287,5 @@ def decode_adaptive(params: Params, plan: Plan, cache: KVCache, token_b1: jax.Ar
     _, state_b1d, _, steps_b, value_b, _, write = lax.while_loop(not_finished, body, init)
     cache = kvc.merge_block(cache, write, pos)
     cache = kvc.set_depth(cache, steps_b[:, None], pos)
-    logits_b1v, cache = run_coda(params, cfg, cache, state_b1d, ctx, pos, True)
+    logits_b1v, _, cache = run_coda(params, cfg, cache, state_b1d, ctx, pos, True)
     return logits_b1v[:, 0], state_b1d, steps_b, value_b, cache

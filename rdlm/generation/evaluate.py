@@ -2,22 +2,21 @@
 
     python -m rdlm eval --checkpoint runs/demo --task chains --num-steps 1,2,4,8,16,32,64
 
-Answers are decoded greedily in batches: prompts are right-padded into one buffer and every new
-token is one full causal forward pass (answers are a few tokens, so a KV cache buys little here),
-with ``num_steps`` traced so that one compilation serves every r. The initial state is zero by
-default (``init_scale=0``), which makes the numbers deterministic.
+Answers are decoded greedily in batches by the generation engine (`rdlm.generate`: a prefill,
+then one cached step per token), with ``num_steps`` traced and one cache slot per step of the
+largest r, so that one compilation serves every batch and every r. The initial state is zero by
+default (``init_scale=0``), which makes the numbers deterministic; a positive ``init_scale``
+draws every position's s_0 from ``seed``.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from rdlm.config import Config, ConfigError, ModelConfig
@@ -25,7 +24,7 @@ from rdlm.data.render import completion_text, parse_answer, prompt_tokens
 from rdlm.data.tasks import (CHAIN_SHORTCUTS, PRONTOQA_SHORTCUTS, PROSQA_SHORTCUTS, Example, Task,
                              example_at, make_task, shortcut_accuracy)
 from rdlm.data.tokenizer import Tokenizer, load_tokenizer
-from rdlm.model import forward
+from rdlm.generation.api import generate
 
 Params = Any
 # Answer heuristics that skip the reasoning, reported beside a model's accuracy.
@@ -36,47 +35,19 @@ SHORTCUTS = {"chains": CHAIN_SHORTCUTS, "prosqa": PROSQA_SHORTCUTS, "prontoqa": 
 # Greedy decoding.
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "eos_id", "pad_id"))
-def greedy_decode(params: Params, tokens_bl: jax.Array, lengths_b: jax.Array, num_steps: jax.Array,
-                  *, cfg: ModelConfig, max_new_tokens: int, eos_id: int, pad_id: int,
-                  key: jax.Array | None = None, init_scale: float | jax.Array = 0.0
-                  ) -> tuple[jax.Array, jax.Array]:
-    """Append up to ``max_new_tokens`` greedy tokens after each row's prompt.
-
-    ``tokens_bl``: prompts right-padded to a buffer long enough for the answer; ``lengths_b``:
-    prompt lengths. Causal attention means the padding after a row's end never influences it.
-    Returns (buffer, lengths after generation); a row stops after its EOS.
-    """
-    b = tokens_bl.shape[0]
-    rows_b = jnp.arange(b)
-
-    def body(i, carry):
-        tokens_bl, lengths_b, done_b = carry
-        step_key = None if key is None else jax.random.fold_in(key, i)
-        logits_blv, _ = forward(params, tokens_bl, cfg, num_steps=num_steps, key=step_key,
-                                init_scale=init_scale if key is not None else 0.0)
-        next_b = jnp.argmax(logits_blv[rows_b, lengths_b - 1], axis=-1).astype(tokens_bl.dtype)
-        next_b = jnp.where(done_b, pad_id, next_b)
-        tokens_bl = tokens_bl.at[rows_b, lengths_b].set(
-            jnp.where(done_b, tokens_bl[rows_b, lengths_b], next_b))
-        lengths_b = lengths_b + (~done_b)
-        return tokens_bl, lengths_b, done_b | (next_b == eos_id)
-
-    done_b = jnp.zeros((b,), bool)
-    tokens_bl, lengths_b, _ = jax.lax.fori_loop(0, max_new_tokens, body,
-                                                (tokens_bl, lengths_b, done_b))
-    return tokens_bl, lengths_b
-
-
-def _decode_answers(tokens_bl: np.ndarray, starts_b: np.ndarray, ends_b: np.ndarray,
-                    tok: Tokenizer) -> list[str]:
-    texts = []
-    for row, start, end in zip(tokens_bl, starts_b, ends_b):
-        generated = [int(t) for t in row[start:end]]
-        if tok.eos_id in generated:
-            generated = generated[:generated.index(tok.eos_id)]
-        texts.append(tok.decode(generated))
-    return texts
+def greedy_answers(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *,
+                   num_steps: int, max_new_tokens: int, eos_id: int | None,
+                   prompt_len: int | None = None, cache_budget: int | None = None,
+                   init_scale: float = 0.0, key: jax.Array | None = None) -> list[list[int]]:
+    """Each prompt's greedy continuation up to (not including) ``eos_id`` (None: never stops),
+    from the generation engine (`rdlm.generate`). Fixing ``prompt_len`` and a ``cache_budget``
+    >= every r compiles once for every batch and r (``num_steps`` is data in the program)."""
+    out = generate(params, cfg, [list(p) for p in prompts], max_new_tokens=max_new_tokens,
+                   num_steps=num_steps, cache_budget=cache_budget,
+                   stop_tokens=() if eos_id is None else (eos_id,),
+                   prompt_len=prompt_len, init_scale=init_scale, key=key)
+    return [row[:-1] if eos_id is not None and row and row[-1] == eos_id else row
+            for row in out.rows()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,20 +98,19 @@ def evaluate_accuracy(params: Params, cfg: Config, task: Task | str | None = Non
 
     start = time.perf_counter()
     predictions: dict[int, list[str]] = {int(r): [] for r in num_steps_list}
+    # One prompt length, one batch shape and one cache slot per step of the largest r: a single
+    # compilation serves every batch and every r.
+    prompt_len, budget = max(len(p) for p in prompts), max(predictions)
     for lo in range(0, len(examples), batch_size):
         chunk = prompts[lo:lo + batch_size]
-        rows = len(chunk) if len(prompts) <= batch_size else batch_size  # one shape: one compile
-        tokens = np.full((rows, width), tok.pad_id, np.int32)
-        lengths = np.ones(rows, np.int32)
-        for i, p in enumerate(chunk):
-            tokens[i, :len(p)], lengths[i] = p, len(p)
+        rows = len(chunk) if len(prompts) <= batch_size else batch_size
+        batch = chunk + [chunk[0]] * (rows - len(chunk))
         for r in predictions:
-            out, ends = greedy_decode(params, jnp.asarray(tokens), jnp.asarray(lengths),
-                                      jnp.asarray(r, jnp.int32), cfg=cfg.model,
-                                      max_new_tokens=max_new_tokens, eos_id=tok.eos_id,
-                                      pad_id=tok.pad_id, key=key, init_scale=init_scale)
-            texts = _decode_answers(np.asarray(out), lengths, np.asarray(ends), tok)
-            predictions[r] += [parse_answer(t) for t in texts[:len(chunk)]]
+            answers = greedy_answers(params, cfg.model, batch, num_steps=r,
+                                     max_new_tokens=max_new_tokens, eos_id=tok.eos_id,
+                                     prompt_len=prompt_len, cache_budget=budget,
+                                     init_scale=init_scale, key=key)
+            predictions[r] += [parse_answer(tok.decode(a)) for a in answers[:len(chunk)]]
     answers = [e.answer for e in examples]
     accuracy = {r: float(np.mean([p == a for p, a in zip(preds, answers)]))
                 for r, preds in predictions.items()}

@@ -66,6 +66,22 @@ class SamplingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ThoughtConfig:
+    """Continuous thoughts in the prompt (SPEC §2): every prompt position holding ``token_id``
+    takes the previous position's last hidden state ``ln_f(coda(ln_f(s_r)))`` as its input, in
+    place of the token's base ``wte[token] · sqrt(d)``. Generated tokens are always ordinary.
+
+    With ``model.token_shift``, a thought's input is that hidden state alone and later positions
+    shift in the ``token_id`` embedding as for any token; ``shift_sees_thoughts`` instead shifts
+    the hidden state itself into the later positions, and the thought gets the shift of its own
+    predecessors (the rules of `rdlm.coconut.thoughts.thought_inputs`).
+    """
+
+    token_id: int
+    shift_sees_thoughts: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class Plan:
     """Every static choice of one compiled program (shapes, features); hashable."""
 
@@ -82,6 +98,10 @@ class Plan:
     stop_tokens: tuple[int, ...]
     init_scale: float
     return_logits: bool
+    thoughts: ThoughtConfig | None = None
+    # The prompt's last `thought_tail` positions (from the first thought of the row where it
+    # comes earliest) run one at a time, each thought after the hidden state it takes.
+    thought_tail: int = 0
 
     @property
     def track_latest(self) -> bool:
@@ -132,9 +152,10 @@ def prompt_rows(prompt_tokens: Any, prompt_lengths: Any, cfg: ModelConfig) -> li
     return [[int(t) for t in row] for row in rows]
 
 
-def left_pad(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """[batch, longest] int32 with each prompt right-aligned, and the padding per row."""
-    longest = max(len(r) for r in rows)
+def left_pad(rows: list[list[int]], length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """[batch, length] int32 (default: the longest prompt) with each prompt right-aligned, and
+    the padding per row."""
+    longest = max(len(r) for r in rows) if length is None else length
     prompt_bt = np.full((len(rows), longest), PAD_ID, np.int32)
     pad_b = np.array([longest - len(r) for r in rows], np.int32)
     for i, row in enumerate(rows):
@@ -152,7 +173,8 @@ def make_plan(cfg: ModelConfig, rows: list[list[int]], *, max_new_tokens: int, n
               exit: ExitConfig | str | None = None, cache_budget: int | None = None,
               continuous_cot: bool = False, speculative: SpeculativeConfig | None = None,
               sampling: SamplingConfig = SamplingConfig(), stop_tokens: Sequence[int] = (),
-              init_scale: float = 0.0, return_logits: bool = False) -> Plan:
+              init_scale: float = 0.0, return_logits: bool = False,
+              thoughts: ThoughtConfig | None = None, prompt_len: int | None = None) -> Plan:
     """Check every option and fix the static shape of the program; raises ValueError."""
     max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
     num_steps = _positive_int("num_steps", num_steps)
@@ -169,7 +191,7 @@ def make_plan(cfg: ModelConfig, rows: list[list[int]], *, max_new_tokens: int, n
     if speculative is not None and (exit_cfg is not None or continuous_cot):
         raise ValueError("speculative decoding verifies a block of tokens in one parallel pass, "
                          "so it cannot be combined with adaptive exit or continuous_cot.")
-    longest = max(len(r) for r in rows)
+    longest = _prompt_len(rows, prompt_len)
     if longest + max_new_tokens > cfg.max_seq_len:
         raise ValueError(f"the longest prompt ({longest} tokens) plus max_new_tokens="
                          f"{max_new_tokens} is {longest + max_new_tokens}, beyond "
@@ -184,7 +206,34 @@ def make_plan(cfg: ModelConfig, rows: list[list[int]], *, max_new_tokens: int, n
                  num_slots=int(cache_budget) if cache_budget is not None else num_steps,
                  exit=exit_cfg, continuous_cot=bool(continuous_cot), speculative=speculative,
                  sampling=sampling, stop_tokens=stop, init_scale=float(init_scale),
-                 return_logits=bool(return_logits))
+                 return_logits=bool(return_logits), thoughts=_check_thoughts(thoughts, cfg),
+                 thought_tail=thought_tail(rows, thoughts))
+
+
+def _prompt_len(rows: list[list[int]], prompt_len: int | None) -> int:
+    longest = max(len(r) for r in rows)
+    if prompt_len is None:
+        return longest
+    if isinstance(prompt_len, bool) or not isinstance(prompt_len, (int, np.integer)) \
+            or prompt_len < longest:
+        raise ValueError(f"prompt_len={prompt_len!r} must be an integer >= the longest prompt "
+                         f"({longest} tokens).")
+    return int(prompt_len)
+
+
+def _check_thoughts(thoughts: ThoughtConfig | None, cfg: ModelConfig) -> ThoughtConfig | None:
+    if thoughts is not None and not 0 <= thoughts.token_id < cfg.vocab_size:
+        raise ValueError(f"thought token id {thoughts.token_id} is outside the vocabulary "
+                         f"[0, {cfg.vocab_size}).")
+    return thoughts
+
+
+def thought_tail(rows: list[list[int]], thoughts: ThoughtConfig | None) -> int:
+    """How many positions at the end of the (right-aligned) prompts hold or follow a thought."""
+    if thoughts is None:
+        return 0
+    return max((len(row) - row.index(thoughts.token_id) for row in rows
+                if thoughts.token_id in row), default=0)
 
 
 

@@ -22,13 +22,16 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from rdlm.generation import cache as kvc
 from rdlm.generation.cache import KVCache
-from rdlm.generation.engine import choose_tokens, decode_adaptive, forward_block, start_state
+from rdlm.generation.engine import (choose_tokens, decode_adaptive, forward_block, start_state,
+                                     thought_input, token_input)
 from rdlm.generation.plan import PAD_ID, Plan
 from rdlm.model import Params
 from rdlm.model.kernels import to_loop_layout
@@ -47,13 +50,56 @@ def _put_column(buf: jax.Array, column: jax.Array, n: jax.Array) -> jax.Array:
 
 def _prefill(params: Params, plan: Plan, prompt_bt: jax.Array, pad_b: jax.Array,
              num_steps: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array, KVCache]:
-    """The prompt in one parallel pass at the full r (no exit); logits and state of its last slot."""
+    """The prompt at the full r (no exit); logits and state of its last slot.
+
+    One parallel pass over the positions before the thought tail (the whole prompt without
+    thoughts), then the tail one position at a time (`_prefill_thoughts`)."""
     cfg = plan.cfg
     cache = kvc.init_cache(cfg, plan.batch, plan.cache_len, plan.num_slots, plan.track_latest)
-    state_btd = start_state(plan, (*prompt_bt.shape, cfg.d_model), key, 0)
-    logits_btv, state_btd, cache = forward_block(params, plan, cache, prompt_bt, pad_b, 0,
-                                                 num_steps, state_btd, with_prefix=False)
-    return logits_btv[:, -1], state_btd[:, -1:], cache
+    head = plan.prompt_len - plan.thought_tail
+    out = TailCarry(jnp.zeros((plan.batch, cfg.vocab_size), jnp.float32),
+                    jnp.zeros((plan.batch, cfg.d_model), jnp.dtype(cfg.dtype)),
+                    jnp.zeros((plan.batch, 1, cfg.d_model), jnp.dtype(cfg.dtype)), cache)
+    if head > 0:
+        state_btd = start_state(plan, (plan.batch, head, cfg.d_model), key, 0)
+        block, cache = forward_block(params, plan, cache,
+                                     token_input(params, cfg, prompt_bt[:, :head]), pad_b, 0,
+                                     num_steps, state_btd, with_prefix=False)
+        out = TailCarry(block.logits_btv[:, -1], block.hidden_btd[:, -1],
+                        block.state_btd[:, -1:], cache)
+    if plan.thought_tail:
+        out = _prefill_thoughts(params, plan, prompt_bt, pad_b, num_steps, key, out)
+    return out.logits_bv, out.state_b1d, out.cache
+
+
+class TailCarry(NamedTuple):
+    """The last position computed so far: what the next one (a thought, maybe) and the first
+    generated token need."""
+
+    logits_bv: jax.Array
+    hidden_bd: jax.Array
+    state_b1d: jax.Array
+    cache: KVCache
+
+
+def _prefill_thoughts(params: Params, plan: Plan, prompt_bt: jax.Array, pad_b: jax.Array,
+                      num_steps: jax.Array, key: jax.Array, carry: TailCarry) -> TailCarry:
+    """The prompt's thought tail, one position per iteration: a thought is the hidden state of
+    the position before it, so it can only be fed once that position has run. Rows whose
+    thoughts sit at different positions are all served by the same pass over the tail."""
+    cfg = plan.cfg
+    head = plan.prompt_len - plan.thought_tail
+
+    def one(j: jax.Array, carry: TailCarry) -> TailCarry:
+        pos = head + j
+        token_b1 = lax.dynamic_slice_in_dim(prompt_bt, pos, 1, axis=1)
+        block = thought_input(params, cfg, plan.thoughts, token_b1, carry.hidden_bd, pos, pad_b)
+        state_b1d = start_state(plan, (plan.batch, 1, cfg.d_model), key, pos)
+        out, cache = forward_block(params, plan, carry.cache, block, pad_b, pos, num_steps,
+                                   state_b1d, with_prefix=True)
+        return TailCarry(out.logits_btv[:, 0], out.hidden_btd[:, 0], out.state_btd, cache)
+
+    return lax.fori_loop(0, plan.thought_tail, one, carry)
 
 
 def _buffers(plan: Plan) -> dict[str, jax.Array]:
@@ -99,9 +145,9 @@ def _generate_plain(params: Params, plan: Plan, prompt_bt: jax.Array, pad_b: jax
         state_b1d = (state_prev if plan.continuous_cot
                      else start_state(plan, state_prev.shape, state_key, pos))
         if plan.exit is None:
-            logits_b1v, state_b1d, c = forward_block(params, plan, c, token_b1, pad_b, pos,
-                                                     num_steps, state_b1d, with_prefix=True)
-            logits_bv = logits_b1v[:, 0]
+            out, c = forward_block(params, plan, c, token_input(params, plan.cfg, token_b1),
+                                   pad_b, pos, num_steps, state_b1d, with_prefix=True)
+            logits_bv, state_b1d = out.logits_btv[:, 0], out.state_btd
             steps_b = jnp.full((plan.batch,), num_steps, jnp.int32)
             value_b = jnp.full((plan.batch,), jnp.nan, jnp.float32)
         else:
@@ -148,9 +194,10 @@ def _generate_speculative(params: Params, plan: Plan, prompt_bt: jax.Array, pad_
             token_b, drafts_bk, c_ = carry
             p = pos + j
             state = start_state(plan, (b, 1, plan.cfg.d_model), state_key, p)
-            logits_b1v, _, c_ = forward_block(params, plan, c_, token_b[:, None], pad_b, p,
-                                              draft_steps, state, with_prefix=True)
-            token_b = choose_tokens(logits_b1v[:, 0], jax.random.fold_in(round_key, j),
+            block = token_input(params, plan.cfg, token_b[:, None])
+            out, c_ = forward_block(params, plan, c_, block, pad_b, p, draft_steps, state,
+                                    with_prefix=True)
+            token_b = choose_tokens(out.logits_btv[:, 0], jax.random.fold_in(round_key, j),
                                     plan.sampling)
             return token_b, drafts_bk.at[:, j].set(token_b), c_
 
@@ -164,8 +211,9 @@ def _generate_speculative(params: Params, plan: Plan, prompt_bt: jax.Array, pad_
         drafts_bk, c = draft(c, next_b, pos, jax.random.fold_in(round_key, 0))
         block_bt = jnp.concatenate([next_b[:, None], drafts_bk], 1)  # positions pos … pos+k
         state = start_state(plan, (b, k + 1, plan.cfg.d_model), state_key, pos)
-        logits_btv, _, c = forward_block(params, plan, c, block_bt, pad_b, pos, num_steps, state,
-                                         with_prefix=True)
+        out, c = forward_block(params, plan, c, token_input(params, plan.cfg, block_bt), pad_b,
+                               pos, num_steps, state, with_prefix=True)
+        logits_btv = out.logits_btv
         verify_keys = jax.random.split(jax.random.fold_in(round_key, 1), k + 1)
         target_bt = jax.vmap(lambda lg, kk: choose_tokens(lg, kk, plan.sampling),
                              in_axes=(1, 0), out_axes=1)(logits_btv, verify_keys)
