@@ -113,30 +113,18 @@ def test_state_constraint_is_nothing_on_one_device():
     assert spec(sharding.STATE_AXES, (2, 16, 32), data=2, fsdp=4) == P("data", None, "fsdp")
 
 
-# One train step on 8 devices with the latent state pinned to [batch, length, act_embed]: the
+# `rdlm train`'s step on 8 devices pins the latent state to [batch, length, act_embed]: the
 # compiled step's recurrence loops carry the state split by the batch only (XLA left alone splits
 # it along d_model over "fsdp", as the weights are), and the numbers are the one-device step's.
 _CONSTRAINED_STEP = """
-import dataclasses, re
-from typing import Any
+import re
 import jax, numpy as np
 import rdlm
 from rdlm.config import MeshConfig
 from rdlm.runtime import sharding
 from rdlm.train.optim import make_optimizer
 from rdlm.train.state import init_state, state_shardings
-from rdlm.train.step import DepthPolicy, global_batch, make_train_step
-
-
-@dataclasses.dataclass(frozen=True)
-class Objective:  # the plain LM loss with the state constraint of the step's mesh
-    model: Any
-    depth: DepthPolicy
-    constrain: Any
-
-    def __call__(self, params, batch, n_no_grad, n_grad, key):
-        return rdlm.lm_loss(params, batch, self.model, n_no_grad=n_no_grad, n_grad=n_grad, key=key,
-                            init_scale=1.0, constrain=self.constrain)
+from rdlm.train.step import global_batch, make_train_step
 
 
 B, T = 8, 16
@@ -149,10 +137,9 @@ rows = {k: rng.integers(0, cfg.model.vocab_size, (B, T), dtype=np.int32)
 
 def run(mesh_cfg, devices):
     mesh = sharding.make_mesh(mesh_cfg, devices=devices)
-    loss_fn = Objective(cfg.model, DepthPolicy.of(cfg), sharding.state_constraint(mesh))
     tx = make_optimizer(cfg.train)
     state = init_state(cfg, tx, state_shardings(cfg, tx, mesh))
-    step = make_train_step(cfg, mesh, batch_keys=tuple(rows), loss_fn=loss_fn)
+    step = make_train_step(cfg, mesh, batch_keys=tuple(rows))  # what `rdlm train` runs
     batch = global_batch(rows, cfg, mesh)
     hlo = step.lower(state, batch).compile().as_text()
     state, metrics = step(state, batch)

@@ -83,16 +83,21 @@ class LMObjective:
     model: Any  # ModelConfig
     init_scale: float
     depth: DepthPolicy
+    # Pins the latent state to the logical activation rules at every recurrence step
+    # (`rdlm.runtime.sharding.state_constraint`); None on one device.
+    constrain: Any = None
 
     def __call__(self, params: Any, batch: Batch, n_no_grad: jax.Array, n_grad: jax.Array,
                  key: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         return lm_loss(params, batch, self.model, n_no_grad=n_no_grad, n_grad=n_grad, key=key,
-                       init_scale=self.init_scale)
+                       init_scale=self.init_scale, constrain=self.constrain)
 
 
-def lm_objective(cfg: Config) -> LossFn:
-    """The plain language-model loss of ``cfg`` (what `rdlm train` optimises)."""
-    return LMObjective(cfg.model, cfg.train.init_scale, DepthPolicy.of(cfg))
+def lm_objective(cfg: Config, mesh: Mesh | None = None) -> LossFn:
+    """The plain language-model loss of ``cfg`` (what `rdlm train` optimises); with ``mesh``,
+    the latent state keeps the mesh's activation sharding through the recurrence."""
+    constrain = None if mesh is None else shard_lib.state_constraint(mesh)
+    return LMObjective(cfg.model, cfg.train.init_scale, DepthPolicy.of(cfg), constrain)
 
 
 def depth_policy(loss_fn: LossFn, cfg: Config) -> DepthPolicy:
@@ -234,7 +239,7 @@ def make_train_step(cfg: Config, mesh: Mesh, *, fixed_depth: bool = False,
     benchmarks) compile once.
     """
     step_cfg = _step_identity(cfg)
-    loss_fn = lm_objective(step_cfg) if loss_fn is None else loss_fn
+    loss_fn = lm_objective(step_cfg, mesh) if loss_fn is None else loss_fn
     return _make_train_step(step_cfg, mesh, fixed_depth, tuple(batch_keys), loss_fn)
 
 
