@@ -5,11 +5,13 @@ from __future__ import annotations
 import importlib
 import sys
 
-TARGETS = {"train": "rdlm.bench.train", "sample": "rdlm.bench.sample"}
+TARGETS = {"train": "rdlm.bench.train", "sample": "rdlm.bench.sample",
+           "coconut": "rdlm.bench.coconut"}
 
 
 def cli(argv: list[str]) -> int:
     if not argv or argv[0] not in TARGETS:
-        print("usage: python -m rdlm bench {train,sample} CONFIG [key=value ...]", file=sys.stderr)
+        print(f"usage: python -m rdlm bench {{{','.join(TARGETS)}}} CONFIG [key=value ...]",
+              file=sys.stderr)
         return 2
     return int(importlib.import_module(TARGETS[argv[0]]).bench_cli(argv[1:]) or 0)

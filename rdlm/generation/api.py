@@ -6,10 +6,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from rdlm.config import ModelConfig
@@ -55,6 +55,7 @@ class GenerateOutput:
 
 def _finish(raw: dict[str, jax.Array], plan: Plan) -> GenerateOutput:
     """Trim to max_new_tokens, cut each row after its stop token, move to NumPy."""
+    raw = jax.device_get(raw)  # one transfer for every output
     n_new = plan.max_new_tokens
     num_generated = int(raw["num_generated"])
     tokens = np.asarray(raw["tokens"])[:, :n_new].copy()
@@ -88,14 +89,21 @@ def _finish(raw: dict[str, jax.Array], plan: Plan) -> GenerateOutput:
 def _place(params: Params, cfg: ModelConfig, prompt_bt: np.ndarray, pad_b: np.ndarray,
            mesh: jax.sharding.Mesh | None) -> tuple[Params, jax.Array, jax.Array]:
     """Params by the training rules, the batch over "data" (replicated if it does not divide)."""
-    if mesh is None:
-        return params, jnp.asarray(prompt_bt), jnp.asarray(pad_b)
+    if mesh is None:  # NumPy arrays go to the program as they are (cheaper than a jnp.asarray)
+        return params, prompt_bt, pad_b
     params = jax.device_put(params, sharding.param_shardings(cfg, mesh))
     spec = sharding.batch_spec(mesh)
     if prompt_bt.shape[0] % sharding.data_parallel_size(mesh):
         spec = PartitionSpec()  # a batch that does not divide stays replicated
     return (params, jax.device_put(prompt_bt, NamedSharding(mesh, spec)),
             jax.device_put(pad_b, NamedSharding(mesh, PartitionSpec(*spec[:1]))))
+
+
+@functools.cache
+def _default_key() -> jax.Array:
+    """The key of greedy runs from the zero state, which draw nothing (made once: a key costs a
+    dispatch, a noticeable part of a short generation's time)."""
+    return jax.random.key(0)
 
 
 def generate(params: Params, cfg: ModelConfig, prompt_tokens: Any, *, max_new_tokens: int,
@@ -140,7 +148,7 @@ def generate(params: Params, cfg: ModelConfig, prompt_tokens: Any, *, max_new_to
                      prompt_len=prompt_len)
     prompt_bt, pad_b = left_pad(rows, plan.prompt_len)
     params, prompt_bt, pad_b = _place(params, cfg, prompt_bt, pad_b, mesh)
-    key = jax.random.key(0) if key is None else key
-    raw = generate_jit(params, prompt_bt, pad_b, jnp.int32(num_steps), key, plan=plan)
+    key = _default_key() if key is None else key
+    raw = generate_jit(params, prompt_bt, pad_b, np.int32(num_steps), key, plan=plan)
     return _finish(raw, plan)
 

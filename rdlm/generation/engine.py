@@ -113,19 +113,21 @@ def token_input(params: Params, cfg: ModelConfig, tokens_bt: jax.Array) -> Block
 
 
 def thought_input(params: Params, cfg: ModelConfig, thoughts: ThoughtConfig,
-                  tokens_b1: jax.Array, previous_hidden_bd: jax.Array, pos: jax.Array,
+                  tokens_bt: jax.Array, previous_hidden_bd: jax.Array, start: jax.Array | int,
                   pad_b: jax.Array) -> BlockInput:
-    """One prompt position per row where a ``thoughts.token_id`` is a continuous thought: its base
-    is the previous position's hidden state (zero at a row's first position, where nothing
-    precedes it), handed on and shifted as `ThoughtConfig` says."""
-    token = token_input(params, cfg, tokens_b1)
-    is_thought_b1 = (tokens_b1 == thoughts.token_id) & (pos >= pad_b)[:, None]
-    previous_b1d = jnp.where((pos > pad_b)[:, None, None], previous_hidden_bd[:, None], 0)
-    bases_b1d = jnp.where(is_thought_b1[..., None], previous_b1d.astype(token.bases_btd.dtype),
+    """Prompt positions ``start …`` where a ``thoughts.token_id`` is a continuous thought; only the
+    first position of the block may hold one (its base: the hidden state of the position before,
+    zero at a row's first position, where nothing precedes it), handed on and shifted as
+    `ThoughtConfig` says."""
+    token = token_input(params, cfg, tokens_bt)
+    position_t = start + jnp.arange(tokens_bt.shape[1])
+    is_thought_bt = (tokens_bt == thoughts.token_id) & (position_t[None] >= pad_b[:, None])
+    previous_b1d = jnp.where((start > pad_b)[:, None, None], previous_hidden_bd[:, None], 0)
+    bases_btd = jnp.where(is_thought_bt[..., None], previous_b1d.astype(token.bases_btd.dtype),
                           token.bases_btd)
     if thoughts.shift_sees_thoughts:
-        return BlockInput(bases_b1d, bases_b1d)
-    return BlockInput(bases_b1d, token.shift_bases_btd, ~is_thought_b1)
+        return BlockInput(bases_btd, bases_btd)
+    return BlockInput(bases_btd, token.shift_bases_btd, ~is_thought_bt)
 
 
 def _stage_prefixes(buf_lkbhte: jax.Array, with_prefix: bool) -> list[KV] | None:
@@ -154,9 +156,25 @@ def run_prelude(params: Params, cfg: ModelConfig, cache: KVCache, block: BlockIn
     model = _model(params, cfg)
     embedded_btd, kvs = run_blocks(model.prelude, prelude_inputs(model, cache, block, start, pad_b),
                                    ctx, _stage_prefixes(cache.prelude_lkbhte, with_prefix))
-    cache = kvc.set_shift_bases(cache, block.shift_bases_btd, start)
+    embedded_btd, kvs, shift_bases_btd = _after_reads(embedded_btd, kvs, block.shift_bases_btd)
+    cache = kvc.set_shift_bases(cache, shift_bases_btd, start)
     return embedded_btd, cache._replace(
         prelude_lkbhte=kvc.write_stage(cache.prelude_lkbhte, kvs, start))
+
+
+def _after_reads(output_btd: jax.Array, *writes: Any) -> tuple:
+    """``writes`` made to depend on a stage's output, so that they reach the cache only after
+    every read of it. Without the dependency XLA may schedule an in-place write before the
+    attention that reads the same buffer, and then copies the whole buffer (twice) to keep the
+    read intact, once per token: on a small model much of a decoding step's time. Adding
+    ``0 · output`` is that dependency (XLA keeps a float multiply by zero, which is not exact
+    for inf/NaN); an optimization barrier would not be, XLA:CPU drops barriers."""
+    zero_b = 0 * output_btd[:, 0, 0]
+
+    def tie(x: jax.Array) -> jax.Array:
+        return x + zero_b.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
+
+    return (output_btd, *jax.tree.map(tie, writes))
 
 
 def run_core_step(params: Params, cfg: ModelConfig, num_slots: int, read: KVCache | None,
@@ -189,7 +207,7 @@ def run_coda(params: Params, cfg: ModelConfig, cache: KVCache, state_btd: jax.Ar
     model = _model(params, cfg)
     x_btd, kvs = run_blocks(model.coda, model.ln_f(state_btd), ctx,
                             _stage_prefixes(cache.coda_lkbhte, with_prefix))
-    hidden_btd = model.ln_f(x_btd)
+    hidden_btd, kvs = _after_reads(model.ln_f(x_btd), kvs)
     logits_btv = jnp.einsum("btd,vd->btv", hidden_btd, model.wte[...].astype(hidden_btd.dtype),
                             preferred_element_type=jnp.float32)
     if write:

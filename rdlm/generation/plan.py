@@ -99,9 +99,16 @@ class Plan:
     init_scale: float
     return_logits: bool
     thoughts: ThoughtConfig | None = None
-    # The prompt's last `thought_tail` positions (from the first thought of the row where it
-    # comes earliest) run one at a time, each thought after the hidden state it takes.
-    thought_tail: int = 0
+    # Where the thoughts sit in the right-aligned prompts (`thought_layout`): after the prompt's
+    # parallel prefill, `thought_steps` positions run one at a time, then its last `thought_block`
+    # positions run as one block.
+    thought_steps: int = 0
+    thought_block: int = 0
+
+    @property
+    def prefill_len(self) -> int:
+        """Prompt positions before the earliest thought: one parallel pass."""
+        return self.prompt_len - self.thought_steps - self.thought_block
 
     @property
     def track_latest(self) -> bool:
@@ -207,7 +214,7 @@ def make_plan(cfg: ModelConfig, rows: list[list[int]], *, max_new_tokens: int, n
                  exit=exit_cfg, continuous_cot=bool(continuous_cot), speculative=speculative,
                  sampling=sampling, stop_tokens=stop, init_scale=float(init_scale),
                  return_logits=bool(return_logits), thoughts=_check_thoughts(thoughts, cfg),
-                 thought_tail=thought_tail(rows, thoughts))
+                 **thought_layout(rows, thoughts))
 
 
 def _prompt_len(rows: list[list[int]], prompt_len: int | None) -> int:
@@ -228,13 +235,22 @@ def _check_thoughts(thoughts: ThoughtConfig | None, cfg: ModelConfig) -> Thought
     return thoughts
 
 
-def thought_tail(rows: list[list[int]], thoughts: ThoughtConfig | None) -> int:
-    """How many positions at the end of the (right-aligned) prompts hold or follow a thought."""
-    if thoughts is None:
-        return 0
-    return max((len(row) - row.index(thoughts.token_id) for row in rows
-                if thoughts.token_id in row), default=0)
+def thought_layout(rows: list[list[int]], thoughts: ThoughtConfig | None) -> dict[str, int]:
+    """How the prompt positions from the earliest thought on are run, counted from the end of the
+    right-aligned prompts.
 
+    A thought takes the hidden state of the position before it, so every thought starts a new
+    pass over the model: the positions from the earliest thought (in any row) up to the latest
+    one run one at a time (``thought_steps``); from the latest thought on nothing waits for a
+    hidden state of the same pass, so the rest is one block (``thought_block``).
+    """
+    spans = [(len(row) - row.index(thoughts.token_id),
+              len(row) - (len(row) - 1 - row[::-1].index(thoughts.token_id)))
+             for row in rows if thoughts is not None and thoughts.token_id in row]
+    if not spans:
+        return {"thought_steps": 0, "thought_block": 0}
+    block = min(last for _, last in spans)
+    return {"thought_steps": max(first for first, _ in spans) - block, "thought_block": block}
 
 
 def plan_cache_bytes(plan: Plan) -> int:

@@ -48,33 +48,9 @@ def _put_column(buf: jax.Array, column: jax.Array, n: jax.Array) -> jax.Array:
     return lax.dynamic_update_index_in_dim(buf, column.astype(buf.dtype), n, axis=1)
 
 
-def _prefill(params: Params, plan: Plan, prompt_bt: jax.Array, pad_b: jax.Array,
-             num_steps: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array, KVCache]:
-    """The prompt at the full r (no exit); logits and state of its last slot.
-
-    One parallel pass over the positions before the thought tail (the whole prompt without
-    thoughts), then the tail one position at a time (`_prefill_thoughts`)."""
-    cfg = plan.cfg
-    cache = kvc.init_cache(cfg, plan.batch, plan.cache_len, plan.num_slots, plan.track_latest)
-    head = plan.prompt_len - plan.thought_tail
-    out = TailCarry(jnp.zeros((plan.batch, cfg.vocab_size), jnp.float32),
-                    jnp.zeros((plan.batch, cfg.d_model), jnp.dtype(cfg.dtype)),
-                    jnp.zeros((plan.batch, 1, cfg.d_model), jnp.dtype(cfg.dtype)), cache)
-    if head > 0:
-        state_btd = start_state(plan, (plan.batch, head, cfg.d_model), key, 0)
-        block, cache = forward_block(params, plan, cache,
-                                     token_input(params, cfg, prompt_bt[:, :head]), pad_b, 0,
-                                     num_steps, state_btd, with_prefix=False)
-        out = TailCarry(block.logits_btv[:, -1], block.hidden_btd[:, -1],
-                        block.state_btd[:, -1:], cache)
-    if plan.thought_tail:
-        out = _prefill_thoughts(params, plan, prompt_bt, pad_b, num_steps, key, out)
-    return out.logits_bv, out.state_b1d, out.cache
-
-
-class TailCarry(NamedTuple):
-    """The last position computed so far: what the next one (a thought, maybe) and the first
-    generated token need."""
+class PromptCarry(NamedTuple):
+    """The last prompt position computed so far: what the next one (a thought, maybe) and the
+    first generated token need."""
 
     logits_bv: jax.Array
     hidden_bd: jax.Array
@@ -82,24 +58,56 @@ class TailCarry(NamedTuple):
     cache: KVCache
 
 
-def _prefill_thoughts(params: Params, plan: Plan, prompt_bt: jax.Array, pad_b: jax.Array,
-                      num_steps: jax.Array, key: jax.Array, carry: TailCarry) -> TailCarry:
-    """The prompt's thought tail, one position per iteration: a thought is the hidden state of
-    the position before it, so it can only be fed once that position has run. Rows whose
-    thoughts sit at different positions are all served by the same pass over the tail."""
+def _prefill(params: Params, plan: Plan, prompt_bt: jax.Array, pad_b: jax.Array,
+             num_steps: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array, KVCache]:
+    """The prompt at the full r (no exit); logits and state of its last slot.
+
+    One parallel pass over the positions before the thoughts (the whole prompt without them),
+    then the thoughts (`_prefill_thoughts`)."""
+    cfg, b = plan.cfg, plan.batch
+    dtype = jnp.dtype(cfg.dtype)
+    carry = PromptCarry(jnp.zeros((b, cfg.vocab_size), jnp.float32),
+                        jnp.zeros((b, cfg.d_model), dtype), jnp.zeros((b, 1, cfg.d_model), dtype),
+                        kvc.init_cache(cfg, b, plan.cache_len, plan.num_slots, plan.track_latest))
+    if plan.prefill_len:
+        block = token_input(params, cfg, prompt_bt[:, :plan.prefill_len])
+        state_btd = start_state(plan, (b, plan.prefill_len, cfg.d_model), key, 0)
+        out, cache = forward_block(params, plan, carry.cache, block, pad_b, 0, num_steps,
+                                   state_btd, with_prefix=False)
+        carry = PromptCarry(out.logits_btv[:, -1], out.hidden_btd[:, -1], out.state_btd[:, -1:],
+                            cache)
+    if plan.thought_block:
+        carry = _prefill_thoughts(params, plan, prompt_bt, pad_b, num_steps, key, carry)
+    return carry.logits_bv, carry.state_b1d, carry.cache
+
+
+def _prompt_block(params: Params, plan: Plan, prompt_bt: jax.Array, pad_b: jax.Array,
+                  num_steps: jax.Array, key: jax.Array, carry: PromptCarry,
+                  start: jax.Array | int, length: int) -> PromptCarry:
+    """Prompt positions ``start … start+length-1`` after the cache, a thought allowed at the
+    first of them only (it takes the hidden state of the position before)."""
     cfg = plan.cfg
-    head = plan.prompt_len - plan.thought_tail
+    tokens_bt = lax.dynamic_slice_in_dim(prompt_bt, start, length, axis=1)
+    block = thought_input(params, cfg, plan.thoughts, tokens_bt, carry.hidden_bd, start, pad_b)
+    state_btd = start_state(plan, (plan.batch, length, cfg.d_model), key, start)
+    out, cache = forward_block(params, plan, carry.cache, block, pad_b, start, num_steps,
+                               state_btd, with_prefix=True)
+    return PromptCarry(out.logits_btv[:, -1], out.hidden_btd[:, -1], out.state_btd[:, -1:],
+                       cache)
 
-    def one(j: jax.Array, carry: TailCarry) -> TailCarry:
-        pos = head + j
-        token_b1 = lax.dynamic_slice_in_dim(prompt_bt, pos, 1, axis=1)
-        block = thought_input(params, cfg, plan.thoughts, token_b1, carry.hidden_bd, pos, pad_b)
-        state_b1d = start_state(plan, (plan.batch, 1, cfg.d_model), key, pos)
-        out, cache = forward_block(params, plan, carry.cache, block, pad_b, pos, num_steps,
-                                   state_b1d, with_prefix=True)
-        return TailCarry(out.logits_btv[:, 0], out.hidden_btd[:, 0], out.state_btd, cache)
 
-    return lax.fori_loop(0, plan.thought_tail, one, carry)
+def _prefill_thoughts(params: Params, plan: Plan, prompt_bt: jax.Array, pad_b: jax.Array,
+                      num_steps: jax.Array, key: jax.Array, carry: PromptCarry) -> PromptCarry:
+    """The positions from the earliest thought on: one per iteration up to the latest thought
+    (rows whose thoughts sit at different positions share every iteration), then the latest
+    thought and the rest of the prompt as one block."""
+    def one(j: jax.Array, carry: PromptCarry) -> PromptCarry:
+        return _prompt_block(params, plan, prompt_bt, pad_b, num_steps, key, carry,
+                             plan.prefill_len + j, 1)
+
+    carry = lax.fori_loop(0, plan.thought_steps, one, carry)
+    return _prompt_block(params, plan, prompt_bt, pad_b, num_steps, key, carry,
+                         plan.prefill_len + plan.thought_steps, plan.thought_block)
 
 
 def _buffers(plan: Plan) -> dict[str, jax.Array]:
