@@ -50,8 +50,8 @@ def test_inactive_rows_keep_their_entries():
     shape = (2, CFG.n_heads, 1, CFG.head_dim)
     kv = (jnp.ones(shape), jnp.ones(shape))
     cache = kvc.write_core(cache, 0, jnp.int32(1), 2, kv, 2, active_b=jnp.asarray([True, False]))
-    written = np.asarray(cache.core_lskbhte[0, 1, 0, :, 0, 2, 0])
-    latest = np.asarray(cache.core_latest_lkbhte[0, 0, :, 0, 2, 0])
+    written = np.asarray(cache.core[0][0][1, :, 0, 2, 0])  # layer 0, keys, slot 1
+    latest = np.asarray(cache.core_latest[0][0][:, 0, 2, 0])
     assert written.tolist() == [1.0, 0.0] and latest.tolist() == [1.0, 0.0]
 
 
@@ -61,5 +61,20 @@ def test_merge_block_places_every_slot():
     block = kvc.write_core(block, 0, jnp.int32(0), 2, _kv(3.0, 2), 0)
     block = kvc.write_core(block, 0, jnp.int32(1), 2, _kv(4.0, 2), 0)
     merged = kvc.merge_block(cache, block, 2)
-    got = np.asarray(merged.core_lskbhte[0, :, 0, 0, 0, :, 0])
+    got = np.asarray(merged.core[0][0][:, 0, 0, :, 0])
     assert got.tolist() == [[0, 0, 3, 3, 0], [0, 0, 4, 4, 0]]
+
+
+def test_previous_bases_read_the_block_and_the_cached_positions_before_it():
+    cfg = rdlm.model_preset("tiny", token_shift=2)
+    cache = kvc.init_cache(cfg, 2, 6, 1, track_latest=False)
+    value = lambda pos: jnp.full((2, 1, cfg.d_model), float(pos))  # position p holds p + 1
+    for pos in range(3):
+        cache = kvc.set_shift_bases(cache, value(pos + 1), pos)
+    block_btd = jnp.concatenate([value(4), value(5)], axis=1)  # positions 3 and 4
+    pad_b = jnp.asarray([0, 2])  # row 1 starts at position 2
+    prev_kbtd = np.asarray(kvc.previous_bases(cache, block_btd, pad_b, 3, 2)[..., 0])
+    assert prev_kbtd[:, 0].tolist() == [[3, 4], [2, 3]]  # 1st and 2nd predecessors, row 0
+    assert prev_kbtd[:, 1].tolist() == [[3, 4], [0, 3]]  # row 1: nothing before position 2
+    at_start = np.asarray(kvc.previous_bases(cache, value(1), pad_b, 0, 2)[..., 0])
+    assert at_start.tolist() == [[[0], [0]], [[0], [0]]]

@@ -1,14 +1,18 @@
 """Static-shape KV cache for generation, with recurrence-slot sharing (SPEC "Inference features").
 
-Layout (l = layer, s = recurrence slot, k = keys/values, b = batch row, h = head, t = cache
-position, e = head dim); heads before positions, so attention reads a cached layer as it is:
+Layout (s = recurrence slot, b = batch row, h = head, t = cache position, e = head dim); heads
+before positions, so attention reads a cached layer as it is. One (keys, values) pair of arrays
+per layer, not one stacked array: attention then reads a layer's buffer in place, where a slice
+of a stacked buffer is a copy in XLA (eight copies of the whole cache per decoded token, a quarter
+of a small model's step).
 
-- ``prelude_lkbhte`` / ``coda_lkbhte``: one entry per prelude / coda layer and position.
-- ``core_lskbhte``: one entry per core layer, recurrence **slot** and position. Step i of the
-  recurrence writes and reads slot ``i mod num_slots``; with ``num_slots >= r`` that is the plain
-  per-(layer, step) cache, with a smaller budget memory stops growing with r (KV-cache sharing).
-- ``core_latest_lkbhte`` (only with adaptive exit): every position's *latest* core entry per
-  layer, i.e. the keys/values of the last step that position actually ran.
+- ``prelude`` / ``coda``: per prelude / coda layer, keys and values ``[b, h, t, e]``.
+- ``core``: per core layer, keys and values ``[s, b, h, t, e]``, one entry per recurrence
+  **slot** and position. Step i of the recurrence writes and reads slot ``i mod num_slots``; with
+  ``num_slots >= r`` that is the plain per-(layer, step) cache, with a smaller budget memory stops
+  growing with r (KV-cache sharing).
+- ``core_latest`` (only with adaptive exit): per core layer, every position's *latest* entry
+  ``[b, h, t, e]``, i.e. the keys/values of the last step that position actually ran.
 - ``depth_bt``: how many core steps each cached position ran (0 = nothing written).
 - ``shift_bases_btd`` (only with ``model.token_shift``): what each cached position hands to its
   successors' token shift, i.e. its base ``wte[token] · sqrt(d)`` — or, at a continuous thought
@@ -38,12 +42,14 @@ from jax import lax
 from rdlm.config import ModelConfig
 from rdlm.model import KV
 
+Stage = tuple[KV, ...]  # one (keys, values) pair per layer
+
 
 class KVCache(NamedTuple):
-    prelude_lkbhte: jax.Array
-    core_lskbhte: jax.Array
-    coda_lkbhte: jax.Array
-    core_latest_lkbhte: jax.Array | None  # None unless adaptive exit can leave tokens short
+    prelude: Stage  # [b, h, t, e] each
+    core: Stage  # [s, b, h, t, e] each
+    coda: Stage
+    core_latest: Stage | None  # [b, h, t, e]; None unless adaptive exit can leave tokens short
     depth_bt: jax.Array  # int32
     shift_bases_btd: jax.Array | None = None  # None unless model.token_shift
 
@@ -52,16 +58,15 @@ def cache_shapes(cfg: ModelConfig, batch: int, length: int, num_slots: int,
                  track_latest: bool) -> KVCache:
     """Shapes and dtypes of a cache (`jax.ShapeDtypeStruct` leaves); allocates nothing."""
     dtype = jnp.dtype(cfg.dtype)
-    kv = (2, batch, cfg.n_heads, length, cfg.head_dim)
+    bhte = (batch, cfg.n_heads, length, cfg.head_dim)
 
-    def sds(*lead: int) -> jax.ShapeDtypeStruct:
-        return jax.ShapeDtypeStruct((*lead, *kv), dtype)
+    def stage(layers: int, *lead: int) -> Stage:
+        sds = jax.ShapeDtypeStruct((*lead, *bhte), dtype)
+        return tuple((sds, sds) for _ in range(layers))
 
     return KVCache(
-        prelude_lkbhte=sds(cfg.n_prelude),
-        core_lskbhte=sds(cfg.n_core, num_slots),
-        coda_lkbhte=sds(cfg.n_coda),
-        core_latest_lkbhte=sds(cfg.n_core) if track_latest else None,
+        prelude=stage(cfg.n_prelude), core=stage(cfg.n_core, num_slots), coda=stage(cfg.n_coda),
+        core_latest=stage(cfg.n_core) if track_latest else None,
         depth_bt=jax.ShapeDtypeStruct((batch, length), jnp.int32),
         shift_bases_btd=(jax.ShapeDtypeStruct((batch, length, cfg.d_model), dtype)
                          if cfg.token_shift else None))
@@ -86,29 +91,21 @@ def slot_of_step(step: jax.Array | int, num_slots: int) -> jax.Array | int:
     return step % num_slots
 
 
-def as_kv(buf_kbhte: jax.Array) -> KV:
-    return buf_kbhte[0], buf_kbhte[1]
-
-
-def stack_kv(kv: KV) -> jax.Array:
-    return jnp.stack(kv)
-
-
-def write_kv(buf_xkbhte: jax.Array, new_kbhte: jax.Array, start: jax.Array | int,
+def write_kv(buf_xbhte: jax.Array, new_bhte: jax.Array, start: jax.Array | int,
              active_b: jax.Array | None = None, lead: tuple = ()) -> jax.Array:
-    """Write a block of keys/values at positions ``start …`` of ``buf[lead]``.
+    """Write a block of keys (or values) at positions ``start …`` of ``buf[lead]``.
 
-    ``lead`` indexes the leading (layer, slot) axes. Rows not ``active_b`` keep their old entry:
-    a row that already exited has to stay readable at the steps it actually ran, not at a step
+    ``lead`` indexes the leading (slot) axis. Rows not ``active_b`` keep their old entry: a row
+    that already exited has to stay readable at the steps it actually ran, not at a step
     computed from its frozen state.
     """
-    new_xkbhte = new_kbhte.astype(buf_xkbhte.dtype).reshape((1,) * len(lead) + new_kbhte.shape)
-    index = (*lead, 0, 0, 0, start, 0)
+    new_xbhte = new_bhte.astype(buf_xbhte.dtype).reshape((1,) * len(lead) + new_bhte.shape)
+    index = (*lead, 0, 0, start, 0)
     if active_b is not None:
-        old_xkbhte = lax.dynamic_slice(buf_xkbhte, index, new_xkbhte.shape)
-        keep_b = active_b.reshape((1,) * (len(lead) + 1) + (-1, 1, 1, 1))
-        new_xkbhte = jnp.where(keep_b, new_xkbhte, old_xkbhte)
-    return lax.dynamic_update_slice(buf_xkbhte, new_xkbhte, index)
+        old_xbhte = lax.dynamic_slice(buf_xbhte, index, new_xbhte.shape)
+        keep_b = active_b.reshape((1,) * len(lead) + (-1, 1, 1, 1))
+        new_xbhte = jnp.where(keep_b, new_xbhte, old_xbhte)
+    return lax.dynamic_update_slice(buf_xbhte, new_xbhte, index)
 
 
 def read_core(cache: KVCache, layer: int, step: jax.Array, num_slots: int) -> KV:
@@ -117,63 +114,70 @@ def read_core(cache: KVCache, layer: int, step: jax.Array, num_slots: int) -> KV
     Slot ``step mod b`` for positions that ran more than ``step`` steps; a position that stopped
     earlier (adaptive exit) is read at its latest entry.
     """
-    # One dynamic slice of the whole buffer: slicing the layer first would copy all its slots.
-    _, _, *kbhte = cache.core_lskbhte.shape
-    slot_kbhte = lax.dynamic_slice(cache.core_lskbhte,
-                                   (layer, slot_of_step(step, num_slots), 0, 0, 0, 0, 0),
-                                   (1, 1, *kbhte))[0, 0]
-    if cache.core_latest_lkbhte is not None:
-        ran_past_bt = cache.depth_bt > step
-        slot_kbhte = jnp.where(ran_past_bt[None, :, None, :, None], slot_kbhte,
-                               cache.core_latest_lkbhte[layer])
-    return as_kv(slot_kbhte)
+    slot = slot_of_step(step, num_slots)
+    kv = tuple(lax.dynamic_index_in_dim(buf_sbhte, slot, keepdims=False)
+               for buf_sbhte in cache.core[layer])
+    if cache.core_latest is None:
+        return kv
+    ran_past_b1t1 = (cache.depth_bt > step)[:, None, :, None]
+    return tuple(jnp.where(ran_past_b1t1, slot_bhte, latest_bhte)
+                 for slot_bhte, latest_bhte in zip(kv, cache.core_latest[layer]))
+
+
+def _replace_layer(stage: Stage, layer: int, kv: KV) -> Stage:
+    return stage[:layer] + (tuple(kv),) + stage[layer + 1:]
 
 
 def write_core(cache: KVCache, layer: int, step: jax.Array, num_slots: int, kv: KV,
                start: jax.Array | int, active_b: jax.Array | None = None) -> KVCache:
     """Store core ``layer``'s keys/values of ``step`` (and, when tracked, as the latest entry)."""
-    new_kbhte = stack_kv(kv)
-    core = write_kv(cache.core_lskbhte, new_kbhte, start, active_b,
-                    lead=(layer, slot_of_step(step, num_slots)))
-    latest = cache.core_latest_lkbhte
+    slot = slot_of_step(step, num_slots)
+    core = _replace_layer(cache.core, layer, [
+        write_kv(buf, new, start, active_b, lead=(slot,)) for buf, new in zip(cache.core[layer], kv)])
+    latest = cache.core_latest
     if latest is not None:
-        latest = write_kv(latest, new_kbhte, start, active_b, lead=(layer,))
-    return cache._replace(core_lskbhte=core, core_latest_lkbhte=latest)
+        latest = _replace_layer(latest, layer, [
+            write_kv(buf, new, start, active_b) for buf, new in zip(latest[layer], kv)])
+    return cache._replace(core=core, core_latest=latest)
 
 
-def write_stage(buf_lkbhte: jax.Array, kvs: list[KV], start: jax.Array | int) -> jax.Array:
+def write_stage(stage: Stage, kvs: list[KV], start: jax.Array | int) -> Stage:
     """Store every prelude (or coda) layer's keys/values of one block of positions."""
-    for layer, kv in enumerate(kvs):
-        buf_lkbhte = write_kv(buf_lkbhte, stack_kv(kv), start, lead=(layer,))
-    return buf_lkbhte
+    return tuple(tuple(write_kv(buf, new, start) for buf, new in zip(layer_kv, new_kv))
+                 for layer_kv, new_kv in zip(stage, kvs))
 
 
 def merge_block(cache: KVCache, block: KVCache, start: jax.Array | int) -> KVCache:
     """Copy a block buffer's core entries (every slot, and the latest entries) to ``start …``."""
-    core = lax.dynamic_update_slice(cache.core_lskbhte, block.core_lskbhte,
-                                    (0, 0, 0, 0, 0, start, 0))
-    latest = cache.core_latest_lkbhte
+    def place(buf: jax.Array, new: jax.Array) -> jax.Array:
+        index = (0,) * (buf.ndim - 2) + (start, 0)
+        return lax.dynamic_update_slice(buf, new, index)
+
+    core = jax.tree.map(place, cache.core, block.core)
+    latest = cache.core_latest
     if latest is not None:
-        latest = lax.dynamic_update_slice(latest, block.core_latest_lkbhte,
-                                          (0, 0, 0, 0, start, 0))
-    return cache._replace(core_lskbhte=core, core_latest_lkbhte=latest)
+        latest = jax.tree.map(place, latest, block.core_latest)
+    return cache._replace(core=core, core_latest=latest)
 
 
 def previous_bases(cache: KVCache, shift_bases_btd: jax.Array, pad_b: jax.Array,
                    start: jax.Array | int, num: int) -> jax.Array:
     """The shift bases of the ``num`` previous positions of a block at positions ``start …``
-    [num, b, t, d], read from the block itself or the cache; zero before a row's first
-    (left-padded) position, as the token shift treats a missing predecessor."""
+    [num, b, t, d], read from the block itself or the ``num`` cached positions before it; zero
+    before a row's first (left-padded) position, as the token shift treats a missing
+    predecessor. Only that window of the cache is read, not all of it, once per token."""
     b, t, _ = shift_bases_btd.shape
     length = cache.shift_bases_btd.shape[1]
-    both_bsd = jnp.concatenate([cache.shift_bases_btd,
-                                shift_bases_btd.astype(cache.shift_bases_btd.dtype)], axis=1)
+    width = min(num, length)
+    window_start = jnp.clip(start - width, 0, length - width)
+    window_bwd = lax.dynamic_slice_in_dim(cache.shift_bases_btd, window_start, width, axis=1)
+    both_bsd = jnp.concatenate([window_bwd, shift_bases_btd.astype(window_bwd.dtype)], axis=1)
     position_t = start + jnp.arange(t)
     out = []
     for j in range(1, num + 1):
         where_bt = jnp.broadcast_to(position_t - j, (b, t))
-        index_bt = jnp.clip(jnp.where(where_bt >= start, length + where_bt - start, where_bt),
-                            0, length + t - 1)
+        index_bt = jnp.clip(jnp.where(where_bt >= start, width + where_bt - start,
+                                      where_bt - window_start), 0, width + t - 1)
         found_btd = jnp.take_along_axis(both_bsd, index_bt[..., None], axis=1)
         out.append(jnp.where((where_bt >= pad_b[:, None])[..., None], found_btd, 0))
     return jnp.stack(out)

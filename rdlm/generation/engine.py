@@ -130,10 +130,8 @@ def thought_input(params: Params, cfg: ModelConfig, thoughts: ThoughtConfig,
     return BlockInput(bases_btd, token.shift_bases_btd, ~is_thought_bt)
 
 
-def _stage_prefixes(buf_lkbhte: jax.Array, with_prefix: bool) -> list[KV] | None:
-    if not with_prefix:
-        return None
-    return [kvc.as_kv(buf_lkbhte[layer]) for layer in range(buf_lkbhte.shape[0])]
+def _stage_prefixes(stage: kvc.Stage, with_prefix: bool) -> list[KV] | None:
+    return list(stage) if with_prefix else None
 
 
 def prelude_inputs(model: Any, cache: KVCache, block: BlockInput, start: jax.Array | int,
@@ -155,11 +153,10 @@ def run_prelude(params: Params, cfg: ModelConfig, cache: KVCache, block: BlockIn
                 pad_b: jax.Array) -> tuple[jax.Array, KVCache]:
     model = _model(params, cfg)
     embedded_btd, kvs = run_blocks(model.prelude, prelude_inputs(model, cache, block, start, pad_b),
-                                   ctx, _stage_prefixes(cache.prelude_lkbhte, with_prefix))
+                                   ctx, _stage_prefixes(cache.prelude, with_prefix))
     embedded_btd, kvs, shift_bases_btd = _after_reads(embedded_btd, kvs, block.shift_bases_btd)
     cache = kvc.set_shift_bases(cache, shift_bases_btd, start)
-    return embedded_btd, cache._replace(
-        prelude_lkbhte=kvc.write_stage(cache.prelude_lkbhte, kvs, start))
+    return embedded_btd, cache._replace(prelude=kvc.write_stage(cache.prelude, kvs, start))
 
 
 def _after_reads(output_btd: jax.Array, *writes: Any) -> tuple:
@@ -206,12 +203,12 @@ def run_coda(params: Params, cfg: ModelConfig, cache: KVCache, state_btd: jax.Ar
     keeping the hidden state that a continuous thought feeds back."""
     model = _model(params, cfg)
     x_btd, kvs = run_blocks(model.coda, model.ln_f(state_btd), ctx,
-                            _stage_prefixes(cache.coda_lkbhte, with_prefix))
+                            _stage_prefixes(cache.coda, with_prefix))
     hidden_btd, kvs = _after_reads(model.ln_f(x_btd), kvs)
     logits_btv = jnp.einsum("btd,vd->btv", hidden_btd, model.wte[...].astype(hidden_btd.dtype),
                             preferred_element_type=jnp.float32)
     if write:
-        cache = cache._replace(coda_lkbhte=kvc.write_stage(cache.coda_lkbhte, kvs, start))
+        cache = cache._replace(coda=kvc.write_stage(cache.coda, kvs, start))
     return logits_btv, hidden_btd, cache
 
 
