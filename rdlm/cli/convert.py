@@ -111,7 +111,8 @@ def rdlm_to_huginn(args: argparse.Namespace) -> None:
     if Path(args.output).exists() and not args.overwrite:
         raise FileExistsError(f"{args.output!r} already exists; pass --overwrite to replace it.")
     # Orbax restores need absolute paths.
-    config, params = checkpoint.load_params(Path(args.input).expanduser().absolute())
+    config, params = checkpoint.load_params(Path(args.input).expanduser().absolute(),
+                                            report=checkpoint.say_on_stderr)
     out = save_huginn(config.model, params, args.output, max_shard_size=args.max_shard_size,
                       dtype=args.dtype, code_repo=args.code_repo,
                       include_lm_head=args.include_lm_head, overwrite=args.overwrite,

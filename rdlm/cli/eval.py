@@ -10,7 +10,7 @@ from typing import Sequence
 
 from rdlm.errors import ConfigError
 from rdlm.generation.evaluate import evaluate_accuracy, format_table, read_problems
-from rdlm.runtime.checkpoint import load_params
+from rdlm.runtime.checkpoint import load_params, say_on_stderr
 
 DESCRIPTION = """Exact-match accuracy of a checkpoint on a reasoning task, for several numbers of steps r.
 
@@ -57,7 +57,7 @@ def cli(argv: Sequence[str]) -> int:
     parser.add_argument("--markdown", help="write the table here")
     args = parser.parse_args(list(argv))
 
-    cfg, params = load_params(args.checkpoint)
+    cfg, params = load_params(args.checkpoint, report=say_on_stderr)
     changes = {k: v for k, v in (("task", args.task), ("difficulty", args.difficulty),
                                  ("format", args.format)) if v is not None}
     if args.task_args is not None:

@@ -164,7 +164,7 @@ def cli(argv: Sequence[str]) -> int:
         tokenizer = load_sample_tokenizer(args, config)
         rows = prompt_rows(args, tokenizer)
         stop = args.stop if args.stop is not None else (tokenizer.stop_ids if tokenizer else ())
-        config, params = checkpoint.load_params(args.checkpoint)
+        config, params = checkpoint.load_params(args.checkpoint, report=checkpoint.say_on_stderr)
         out = _generate(args, config, params, rows, stop)
     except (ValueError, CheckpointError) as err:  # ConfigError and MissingTokenError included
         print(f"error: {err}", file=sys.stderr)

@@ -15,15 +15,25 @@ checkpoint to a temporary directory and finalises it when complete (an atomic re
 POSIX file systems, a commit file on GCS), so a kill at any moment leaves either the finished
 checkpoint or a temporary that every reader here ignores. What counts as finished is asked of
 orbax's public `orbax.checkpoint.path.step` API, never read from its file names.
+
+Every checkpoint also carries ``<ckpt>/integrity.json``, the sha256 of each of its files
+(`rdlm.runtime.integrity`), written by process 0 into orbax's temporary directory once every
+process has written its part and before orbax renames it into place, so it is committed with the
+checkpoint. Loading compares the files with it and refuses a checkpoint that differs by name;
+a run directory resolves to its newest intact step. Checkpoints saved before checksums existed
+load unverified, with a note.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import shutil
+import sys
 import warnings
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import numpy as np
@@ -32,6 +42,7 @@ from etils import epath
 
 from rdlm.config import Config, from_dict, to_dict
 from rdlm.errors import CheckpointError, ConfigError
+from rdlm.runtime import integrity
 
 CHECKPOINTS_DIRNAME = "checkpoints"
 PARAMS, CONFIG, OPT_STATE, TRAIN_META, DATA_ITER = (
@@ -41,25 +52,118 @@ STEP_NAMES = ocp.path.step.standard_name_format()
 
 
 # ---------------------------------------------------------------------------------------------
-# Locating checkpoints.
+# Locating checkpoints, and what makes one loadable.
+
+# Where a training run puts the steps it found damaged, beside (not inside) its checkpoints
+# directory, so that orbax never lists them and the run can write those step numbers again.
+DAMAGED_DIRNAME = "damaged-checkpoints"
+# What `load_params` reads, and so what must be intact for it.
+LOADED_ITEMS = (PARAMS, CONFIG)
+Report = Callable[[str], None]
+
+
+def say_on_stderr(message: str) -> None:
+    """A `Report` for the command line: one line on stderr, beside the command's own output."""
+    print(message, file=sys.stderr)
+
+
+class _NoMissingMetadataWarning(logging.Filter):
+    """Drops orbax's warning about a missing step-metadata file: here that is a verdict
+    (incomplete), which the caller reports in its own words, not a problem to log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Metadata file does not exist")
+
+
+def _step_metadata(path: Path) -> Any | None:
+    """orbax's step metadata of a checkpoint directory (its commit record), or None when it is
+    missing or unreadable."""
+    absl_logger, quiet = logging.getLogger("absl"), _NoMissingMetadataWarning()
+    absl_logger.addFilter(quiet)
+    try:
+        return ocp.metadata.get_step_metadata(epath.Path(path))
+    except (ValueError, TypeError, KeyError, OSError):
+        return None
+    finally:
+        absl_logger.removeFilter(quiet)
+
+
+def _structural_damage(path: Path) -> str | None:
+    """Why ``path`` is not a complete checkpoint, from its layout alone (no file contents
+    read); None when it is one."""
+    if not ocp.path.step.is_path_finalized(epath.Path(path)):
+        return "it is an unfinished orbax temporary directory (its save never finished)"
+    meta = _step_metadata(path)
+    if meta is None or meta.commit_timestamp_nsecs is None:
+        return ("it is incomplete: orbax has no record of its save finishing (an interrupted "
+                "save, a partial copy, or _CHECKPOINT_METADATA deleted)")
+    if not (path / PARAMS).is_dir():
+        return f"it is incomplete: its {PARAMS}/ item is missing"
+    if integrity.carries_checksums(meta.custom_metadata) and \
+            not (path / integrity.MANIFEST).is_file():
+        return f"it was saved with checksums but its {integrity.MANIFEST} is missing"
+    return None
+
+
+def damage(path: Path, items: Sequence[str] | None = LOADED_ITEMS) -> str | None:
+    """Why the checkpoint directory ``path`` cannot be trusted, or None when it can: incomplete
+    (see `is_complete`), or a file of ``items`` (all items when None) missing or different from
+    the checksums saved with it. Checkpoints saved before rdlm wrote checksums are judged by
+    their layout alone."""
+    reason = _structural_damage(path)
+    if reason is not None or not carries_checksums(path):
+        return reason
+    try:
+        manifest = integrity.read_manifest(path)
+    except ValueError as err:
+        return f"its {integrity.MANIFEST} is unreadable ({err})"
+    assert manifest is not None  # `_structural_damage` saw it
+    mismatch = integrity.first_mismatch(path, manifest, items)
+    return None if mismatch is None else f"it is corrupt: {mismatch}"
 
 
 def is_complete(path: Path) -> bool:
     """True for a finished checkpoint directory of this format: finalised by orbax, with the
     commit time orbax records in its step metadata just before finalising (a directory copied
-    only in part has none), and a params item."""
-    if not ocp.path.step.is_path_finalized(epath.Path(path)) or not (path / PARAMS).is_dir():
-        return False
-    # The step number plays no part in reading a directory's commit record.
-    committed = ocp.path.step.Metadata(step=0, path=epath.Path(path)).commit_timestamp_nsecs
-    return committed is not None
+    only in part has none), a params item, and the checksum manifest if it was saved with one.
+    File contents are not read (`damage` compares them with the checksums)."""
+    return _structural_damage(path) is None
+
+
+def carries_checksums(path: Path) -> bool:
+    """Whether the checkpoint ``path`` was saved with a checksum manifest (rdlm's own saves
+    have one since checksums were introduced; earlier ones load unverified)."""
+    meta = _step_metadata(path)
+    return meta is not None and integrity.carries_checksums(meta.custom_metadata)
+
+
+def _step_dirs(checkpoints_dir: Path) -> list[tuple[int, Path]]:
+    """(step, directory) of every finalised step directory, complete or not, newest first
+    (orbax lists only finalised ones; in-progress temporaries never appear)."""
+    if not checkpoints_dir.is_dir():
+        return []
+    found = STEP_NAMES.find_all(epath.Path(checkpoints_dir))
+    return sorted(((m.step, Path(m.path)) for m in found), reverse=True)
 
 
 def _complete_steps(checkpoints_dir: Path) -> list[int]:
-    """Steps with a complete checkpoint under ``checkpoints_dir``, ascending (orbax lists only
-    finalised step directories; in-progress temporaries never appear)."""
-    return sorted(m.step for m in STEP_NAMES.find_all(epath.Path(checkpoints_dir))
-                  if is_complete(Path(m.path)))
+    """Steps with a complete checkpoint under ``checkpoints_dir``, ascending."""
+    return sorted(step for step, path in _step_dirs(checkpoints_dir) if is_complete(path))
+
+
+def _newest_intact(checkpoints_dir: Path, items: Sequence[str] | None, report: Report | None
+                   ) -> tuple[Path | None, list[tuple[int, Path, str]]]:
+    """The newest step directory whose ``items`` are intact (None when no step is), and the
+    newer ones passed over as (step, directory, why), newest first."""
+    skipped = []
+    for step, path in _step_dirs(checkpoints_dir):
+        reason = damage(path, items)
+        if reason is None:
+            return path, skipped
+        skipped.append((step, path, reason))
+        if report is not None:
+            report(f"skipped step {step} ({path}): {reason}")
+    return None, skipped
 
 
 def _interrupted_save_of(path: Path) -> bool:
@@ -70,10 +174,25 @@ def _interrupted_save_of(path: Path) -> bool:
     return any(Path(t.get_final()) == path for t in temporaries)
 
 
-def resolve(path: str | Path) -> Path:
-    """The checkpoint directory meant by ``path``: itself, or the latest complete step of a
-    training run directory (``<run>``) or of its ``<run>/checkpoints`` directory."""
-    path = Path(path).expanduser().absolute()  # orbax wants absolute paths
+def _looks_like_checkpoint(path: Path) -> bool:
+    """A checkpoint directory (complete or damaged) rather than a run or checkpoints directory:
+    it holds an item or orbax's commit record."""
+    return (path / PARAMS).exists() or (path / CONFIG).exists() or \
+        _step_metadata(path) is not None
+
+
+def _refusal(path: Path, reason: str) -> str:
+    """The one-line error for a damaged checkpoint: the path, why, and what to do instead."""
+    return (f"checkpoint {str(path)!r} cannot be loaded: {reason}. Load another checkpoint: "
+            "for a training run, pass the run directory to use its newest intact step (rdlm "
+            "train resumes from it by itself); otherwise restore this one from a copy or write "
+            "it again.")
+
+
+def _checked_path(path: Path) -> Path:
+    """``path`` made absolute (orbax wants absolute paths), after the checks that need no
+    reading: not a temporary, and there."""
+    path = Path(path).expanduser().absolute()
     if ocp.path.step.is_path_temporary(epath.Path(path)):
         raise CheckpointError(f"{str(path)!r} is a half-written checkpoint (an orbax temporary "
                               "directory); load the run directory instead to get its latest "
@@ -85,19 +204,42 @@ def resolve(path: str | Path) -> Path:
                                   "write it again.")
         raise CheckpointError(f"checkpoint path {str(path)!r} does not exist; pass a checkpoint "
                               "directory, a run directory, or its checkpoints/ directory.")
-    if is_complete(path):
+    return path
+
+
+def resolve(path: str | Path, *, items: Sequence[str] | None = LOADED_ITEMS,
+            report: Report | None = None) -> Path:
+    """The checkpoint directory meant by ``path``, with ``items`` verified against its checksums:
+    ``path`` itself, refused by name when damaged; or, for a training run directory (``<run>``)
+    or its ``<run>/checkpoints``, its newest intact step, each newer damaged step passed over
+    with a line to ``report``."""
+    path = _checked_path(path)
+    if _looks_like_checkpoint(path):
+        reason = damage(path, items)
+        if reason is not None:
+            raise CheckpointError(_refusal(path, reason))
         return path
     for root in (path / CHECKPOINTS_DIRNAME, path):
-        steps = _complete_steps(root)
-        if steps:
-            return root / str(steps[-1])
-    if (path / PARAMS).is_dir():
-        raise CheckpointError(f"checkpoint {str(path)!r} is incomplete (orbax has no record of "
-                              "its save finishing): it was interrupted or copied only in part; "
-                              "re-create it, or load an earlier complete checkpoint.")
+        intact, skipped = _newest_intact(root, items, report)
+        if intact is not None:
+            return intact
+        if skipped:
+            why = "; ".join(f"step {step}: {reason}" for step, _, reason in skipped)
+            raise CheckpointError(f"no intact checkpoint in {str(root)!r} ({why}); restore one "
+                                  "from a copy or start the run again.")
     raise CheckpointError(f"no complete checkpoint found at {str(path)!r}: expected a checkpoint "
                           f"directory with {PARAMS}/ inside, or a run directory with "
                           f"{CHECKPOINTS_DIRNAME}/<step>/ inside.")
+
+
+def _loaded_line(path: Path) -> str:
+    """How a loaded checkpoint is named to the user: its step and path, and a note when it
+    carries no checksums."""
+    name = f"step {path.name} from {path}" if path.name.isdigit() else str(path)
+    if not carries_checksums(path):
+        name += (" (saved by an earlier rdlm without checksums: its files could not be "
+                 "verified)")
+    return f"loaded {name}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,15 +271,42 @@ def config_from_json(data: dict[str, Any]) -> Config:
     return from_dict(Config, cleaned)
 
 
+def _seal(final: Path) -> None:
+    """Write the checksum manifest of the save of ``final`` that orbax is finalising. orbax calls
+    this on process 0 once every process has written its files, and before it renames the
+    temporary directory into place, so the manifest goes into the temporary and is committed
+    with the rest; should a later orbax call it after the rename, it goes into ``final``."""
+    temporaries = [Path(t.get())
+                   for t in ocp.path.step.all_temporary_paths(epath.Path(final.parent))
+                   if Path(t.get_final()) == final]
+    target = max(temporaries, key=lambda p: p.stat().st_mtime_ns) if temporaries else final
+    if not target.is_dir():
+        raise CheckpointError(f"cannot write the checksums of checkpoint {str(final)!r}: neither "
+                              "it nor its orbax temporary directory exists.")
+    integrity.write_manifest(target)
+
+
+def _sealing_options(final: Callable[[], Path]) -> ocp.AsyncOptions:
+    """orbax options that seal each save (``final()`` names the checkpoint being saved)."""
+    return ocp.AsyncOptions(post_finalization_callback=lambda: _seal(final()))
+
+
 def save_params(path: str | Path, cfg: Config, params: Any) -> None:
-    """Write a params-only checkpoint (params + config) atomically; refuses to overwrite."""
+    """Write a params-only checkpoint (params + config + checksums) atomically; refuses to
+    overwrite."""
     path = Path(path).expanduser().absolute()
     if path.exists():
         raise CheckpointError(f"{str(path)!r} already exists; choose a new path or delete it first.")
-    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-    checkpointer.save(path, ocp.args.Composite(**{
-        PARAMS: ocp.args.StandardSave(params),
-        CONFIG: ocp.args.JsonSave(to_dict(cfg))}))
+    # Asynchronous only to get orbax's finalisation hook (`_seal`); the save is waited for.
+    checkpointer = ocp.AsyncCheckpointer(ocp.CompositeCheckpointHandler(),
+                                         async_options=_sealing_options(lambda: path))
+    try:
+        checkpointer.save(path, ocp.args.Composite(**{
+            PARAMS: ocp.args.StandardSave(params),
+            CONFIG: ocp.args.JsonSave(to_dict(cfg))}), custom_metadata=integrity.CUSTOM_METADATA)
+        checkpointer.wait_until_finished()
+    finally:
+        checkpointer.close()
 
 
 def load_config(path: str | Path) -> Config:
@@ -173,29 +342,46 @@ def _abstract_with_shardings(abstract_tree: Any, shardings: Any | None) -> Any:
                         abstract_tree, shardings)
 
 
+def short_cause(err: BaseException) -> str:
+    """An orbax or tensorstore error in one short line: theirs run to many lines of specs and
+    source locations, which bury the path and the fix of the message they end up in."""
+    lines = str(err).strip().splitlines()
+    first = lines[0].strip() if lines else ""
+    if len(first) > 160:
+        first = first[:157] + "..."
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
 def _restore_item(ckpt: Path, name: str, abstract_tree: Any) -> Any:
     checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
     try:
         restored = checkpointer.restore(
             ckpt, ocp.args.Composite(**{name: ocp.args.StandardRestore(abstract_tree)}))
     except Exception as err:  # orbax raises many types; the user needs the path and the cause
-        raise CheckpointError(f"could not restore {name!r} from {str(ckpt)!r}: "
-                              f"{type(err).__name__}: {err}. The checkpoint may be corrupt or "
-                              "written for a different model config.") from err
+        raise CheckpointError(f"could not restore {name!r} from {str(ckpt)!r} "
+                              f"({short_cause(err)}); it may be corrupt or written for a "
+                              "different model config: load another checkpoint, or match the "
+                              "model config.") from err
     return restored[name]
 
 
-def load_params(path: str | Path, *, shardings: Any | None = None) -> tuple[Config, Any]:
+def load_params(path: str | Path, *, shardings: Any | None = None, report: Report | None = None
+                ) -> tuple[Config, Any]:
     """(config, params) from a params-only checkpoint, a training checkpoint, or a run directory
-    (its latest complete step). ``shardings``: a pytree of `jax.sharding.Sharding` mirroring the
+    (its newest intact step). ``shardings``: a pytree of `jax.sharding.Sharding` mirroring the
     params (e.g. `rdlm.runtime.sharding.param_shardings`) or one sharding for all; the arrays are read
     straight into it. The tree structure is exactly `rdlm.abstract_params(config.model)`'s.
+    ``report`` (e.g. `say_on_stderr`) gets one line per damaged step passed over and one naming
+    the checkpoint loaded.
     """
     from rdlm.model import abstract_params
-    ckpt = resolve(path)
+    ckpt = resolve(path, report=report)
     cfg = load_config(ckpt)
     target = _abstract_with_shardings(abstract_params(cfg.model), shardings)
-    return cfg, _restore_item(ckpt, PARAMS, target)
+    params = _restore_item(ckpt, PARAMS, target)
+    if report is not None:
+        report(_loaded_line(ckpt))
+    return cfg, params
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,24 +460,47 @@ def read_data_state(ckpt: Path, process_index: int, process_count: int) -> Any |
         "resume with the original process count, or start a new run with init_from=.")
 
 
+def _aside_path(damaged_dir: Path, step: int) -> Path:
+    """A free name for a damaged step under ``damaged_dir``: ``<step>``, else ``<step>-1``, …"""
+    candidate, n = damaged_dir / str(step), 0
+    while candidate.exists():
+        n += 1
+        candidate = damaged_dir / f"{step}-{n}"
+    return candidate
+
+
+def _sync_processes(name: str) -> None:
+    """Wait for every process (no-op in a single-process run)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
 class TrainCheckpointer:
-    """Training checkpoints under ``<run_dir>/checkpoints``: async, atomic, keep last N + every K.
+    """Training checkpoints under ``<run_dir>/checkpoints``: async, atomic, checksummed, keep last
+    N + every K.
 
     ``save`` blocks only while device arrays are copied to host; the write finishes in the
-    background (``wait`` joins it). Saves are always explicit (``should_save`` decides), so the
-    policy lives in one readable place.
+    background (``wait`` joins it), and the checksum manifest is written as orbax commits it.
+    Saves are always explicit (``should_save`` decides), so the policy lives in one readable
+    place. ``set_aside_damaged`` moves damaged steps out of the way of a resumed run.
     """
 
     def __init__(self, run_dir: str | Path, *, save_every: int, keep_last: int, keep_every: int,
                  async_save: bool = True):
         self.directory = Path(run_dir).expanduser().absolute() / CHECKPOINTS_DIRNAME
         self.save_every = save_every
+        self.async_save = async_save
+        self._saving: Path | None = None  # the step directory orbax is writing, for `_seal`
         keep: list[Any] = [ocp.checkpoint_managers.LatestN(n=keep_last)]
         if keep_every:
             keep.append(ocp.checkpoint_managers.EveryNSteps(interval_steps=keep_every))
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(keep),
-            enable_async_checkpointing=async_save,
+            # Always orbax's asynchronous path: only it has the finalisation hook that writes the
+            # checksums inside the commit. ``async_save=False`` waits for each save instead.
+            enable_async_checkpointing=True,
+            async_options=_sealing_options(lambda: self._saving),
             step_name_format=STEP_NAMES,
             create=True,
             cleanup_tmp_directories=True)  # an interrupted save is removed on the next start
@@ -299,9 +508,30 @@ class TrainCheckpointer:
 
     def latest_step(self) -> int | None:
         """The newest step whose checkpoint is complete on disk (a save still being written in
-        the background is not one yet)."""
+        the background is not one yet). File contents are not checked: see `set_aside_damaged`."""
         steps = _complete_steps(self.directory)
         return steps[-1] if steps else None
+
+    def set_aside_damaged(self, report: Report = print) -> int | None:
+        """Before resuming: the newest step whose every file matches its checksums (None when
+        there is none). Each newer step that is damaged (incomplete, an item missing, a checksum
+        mismatch) is moved to ``<run_dir>/damaged-checkpoints/`` with a line to ``report``
+        naming it and why, so that `latest_step` is the intact one and the run can save that
+        step number again."""
+        intact, skipped = _newest_intact(self.directory, None, None)
+        if not skipped:
+            return None if intact is None else int(intact.name)
+        damaged_dir = self.directory.parent / DAMAGED_DIRNAME
+        _sync_processes("rdlm-resume-verdicts")  # every process has read them before any moves
+        for step, path, reason in skipped:
+            aside = _aside_path(damaged_dir, step)
+            if jax.process_index() == 0:
+                aside.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(path, aside)
+            report(f"skipped step {step}: {reason}; moved it to {aside}")
+        _sync_processes("rdlm-resume-moved")
+        self.manager.reload()  # orbax forgets the steps it may have listed
+        return None if intact is None else int(intact.name)
 
     def should_save(self, step: int, last_step: int) -> bool:
         return step == last_step or (self.save_every > 0 and step % self.save_every == 0)
@@ -316,15 +546,24 @@ class TrainCheckpointer:
         }
         if data_iterator is not None and hasattr(data_iterator, "get_state"):
             items[DATA_ITER] = DataStateSave(data_iterator.get_state())
-        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        # orbax writes one save at a time; once the previous one is done, `_saving` is ours.
+        self.manager.wait_until_finished()
+        self._saving = self.directory / str(step)
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True,
+                          custom_metadata=integrity.CUSTOM_METADATA)
+        if not self.async_save:
+            self.manager.wait_until_finished()
 
     def restore(self, step: int, *, abstract_params: Any, abstract_opt_state: Any
                 ) -> tuple[Any, Any, dict[str, int], Any | None]:
-        """(params, opt_state, meta, data-iterator state) of ``step``, into the given shardings."""
+        """(params, opt_state, meta, data-iterator state) of ``step``, into the given shardings;
+        every file of the step is checked against its checksums first."""
         ckpt = self.directory / str(step)
-        if not is_complete(ckpt):
-            raise CheckpointError(f"checkpoint {str(ckpt)!r} is incomplete or missing; the "
-                                  f"complete steps are {_complete_steps(self.directory)}.")
+        reason = damage(ckpt, None) if ckpt.is_dir() else "it is missing"
+        if reason is not None:
+            raise CheckpointError(f"checkpoint {str(ckpt)!r} cannot be resumed from: {reason}. "
+                                  f"The complete steps are {_complete_steps(self.directory)}; "
+                                  "set_aside_damaged() moves damaged ones aside.")
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**{
                 PARAMS: ocp.args.StandardRestore(abstract_params),
@@ -332,9 +571,9 @@ class TrainCheckpointer:
                 TRAIN_META: ocp.args.JsonRestore()}))
         except Exception as err:
             raise CheckpointError(
-                f"could not restore training state from {str(ckpt)!r}: {type(err).__name__}: "
-                f"{err}. If the model or optimizer config changed since it was written, start a "
-                "new run_dir (optionally with init_from= this checkpoint).") from err
+                f"could not restore training state from {str(ckpt)!r} ({short_cause(err)}); if "
+                "the model or optimizer config changed since it was written, start a new "
+                "run_dir (optionally with init_from= this checkpoint).") from err
         data_state = read_data_state(ckpt, jax.process_index(), jax.process_count())
         return restored[PARAMS], restored[OPT_STATE], dict(restored[TRAIN_META]), data_state
 

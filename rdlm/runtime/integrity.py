@@ -1,0 +1,102 @@
+"""Checksums of checkpoint files: a manifest saved inside each checkpoint, checked on load.
+
+Orbax knows when a save finished but not whether the bytes it wrote are still the bytes on disk:
+a flipped block in a tensorstore file restores without error, as different numbers. So every
+checkpoint rdlm writes carries ``integrity.json``, the size and sha256 of each file of its items
+(the subdirectories ``params/``, ``config/``, …), and a reader compares before trusting them.
+
+The files directly in a checkpoint directory are orbax's commit record (``_CHECKPOINT_METADATA``
+and, on some file systems, ``commit_success.txt``); orbax rewrites them while it finalises the
+save, after the manifest is written, and vouches for them itself (a missing or unreadable record
+makes the checkpoint incomplete), so the manifest leaves them out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+MANIFEST = "integrity.json"
+ALGORITHM = "sha256"
+# Saved in orbax's step metadata (``custom_metadata``) when the save starts: a checkpoint that
+# says it carries a manifest but has none lost it, while one without the key predates checksums.
+CUSTOM_METADATA = {"rdlm_integrity": MANIFEST}
+
+# Digests already computed in this process, by file identity and last change: loading the
+# config and then the params of one checkpoint (as `sample` does) hashes each file once. Any
+# write changes a file's ctime, so a changed file is hashed again.
+_DIGESTS: dict[tuple[str, int, int, int, int], str] = {}
+
+
+def carries_checksums(custom_metadata: dict[str, Any] | None) -> bool:
+    """Whether a checkpoint with this orbax custom metadata was saved with a manifest."""
+    return bool(custom_metadata) and custom_metadata.get("rdlm_integrity") == MANIFEST
+
+
+def file_digest(path: Path) -> str:
+    """The sha256 of a file, in hex."""
+    st = path.stat()
+    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _DIGESTS:
+        with open(path, "rb") as f:
+            _DIGESTS[key] = hashlib.file_digest(f, ALGORITHM).hexdigest()
+    return _DIGESTS[key]
+
+
+def item_files(ckpt: Path) -> list[Path]:
+    """The files of a checkpoint's items (every file in its subdirectories), sorted."""
+    return sorted(f for item in ckpt.iterdir() if item.is_dir()
+                  for f in item.rglob("*") if f.is_file())
+
+
+def build_manifest(ckpt: Path) -> dict[str, Any]:
+    """Size and digest of each item file, by its path relative to ``ckpt`` (POSIX form)."""
+    files = {f.relative_to(ckpt).as_posix(): {"bytes": f.stat().st_size, ALGORITHM: file_digest(f)}
+             for f in item_files(ckpt)}
+    return {"algorithm": ALGORITHM, "files": files}
+
+
+def write_manifest(ckpt: Path) -> None:
+    """Write ``ckpt/integrity.json`` whole or not at all (a temporary file renamed into place)."""
+    text = json.dumps(build_manifest(ckpt), indent=1, sort_keys=True)
+    tmp = ckpt / f".{MANIFEST}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, ckpt / MANIFEST)
+
+
+def read_manifest(ckpt: Path) -> dict[str, Any] | None:
+    """The manifest of ``ckpt``; None when it has none. Raises ValueError when it is unreadable."""
+    path = ckpt / MANIFEST
+    if not path.is_file():
+        return None
+    manifest = json.loads(path.read_text())
+    if not isinstance(manifest, dict) or manifest.get("algorithm") != ALGORITHM or \
+            not isinstance(manifest.get("files"), dict):
+        raise ValueError(f"{MANIFEST} is not a {ALGORITHM} manifest")
+    return manifest
+
+
+def first_mismatch(ckpt: Path, manifest: dict[str, Any], items: Iterable[str] | None = None
+                   ) -> str | None:
+    """What differs from the manifest among the files of ``items`` (all items when None): the
+    first missing, resized or changed file, named by its full path; None when all match. Sizes
+    are compared first, so a truncated file is found without reading it."""
+    wanted = None if items is None else set(items)
+    for rel, saved in sorted(manifest["files"].items()):
+        if wanted is not None and rel.split("/", 1)[0] not in wanted:
+            continue
+        path = ckpt / rel
+        if not path.is_file():
+            return f"{path} is missing"
+        size = path.stat().st_size
+        if size != saved["bytes"]:
+            return f"{path} has {size} bytes where {saved['bytes']} were saved"
+        if file_digest(path) != saved[ALGORITHM]:
+            return f"{path} does not match the {ALGORITHM} checksum recorded when it was saved"
+    return None
