@@ -81,6 +81,7 @@ def restore_or_init(cfg: Config, tx: optax.GradientTransformation, shardings: Tr
                      checkpointer: ckpt_lib.TrainCheckpointer, data_iterator: Any,
                      log: Callable[[str], None]) -> TrainState:
     """The latest complete checkpoint of the run, else fresh params (or ``train.init_from``)."""
+    checkpointer.set_aside_damaged(log)  # a damaged newest step: resume before it, saying so
     latest = checkpointer.latest_step()
     if latest is not None:
         saved_cfg = ckpt_lib.load_config(checkpointer.directory / str(latest))
