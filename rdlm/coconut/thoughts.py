@@ -28,7 +28,13 @@ per-row cache offsets when rows' latent blocks start at different positions (que
 different lengths, packed rows) and no cache of r × n_core layers of keys per recurrence step,
 and it differentiates like the ordinary forward. On the short sequences of the reasoning tasks the
 recomputation is cheap; the test `test_coconut.py` checks the result against a step-by-step
-reference that feeds one hidden state at a time.
+reference that feeds one hidden state at a time. (Pass p fills ordinal p of every run at once, so
+a row with two runs of latents in one segment gets its second run's thoughts from a pass in which
+the first run is not complete yet; the rendered sequences have one run per row and segment.)
+
+Answers are generated without recomputation: `rdlm.coconut.generation` runs the generation engine,
+which feeds each thought once, position by position, into the KV cache
+(`rdlm.generation.ThoughtConfig`, the same rules as `thought_inputs`).
 
 Baselines: ``pause`` keeps the ``<latent>`` tokens as ordinary (learned) token embeddings — the
 same sequence and curriculum with nothing fed back ("pause as thought"); ``cot`` and ``nocot``

@@ -1,7 +1,9 @@
 """The generation engine: one block of positions through prelude, core steps and coda, reading and
 writing the KV cache, at a fixed r (`forward_block`) or with per-row adaptive exit
-(`decode_adaptive`); and how a token is chosen from logits. The programs that loop over tokens
-are in `rdlm.generation.programs`.
+(`decode_adaptive`); and how a token is chosen from logits. A block enters as per-position input
+bases (`BlockInput`: token embeddings, or continuous thoughts) and leaves as logits, last hidden
+states and final latent states (`BlockOutput`). The programs that loop over tokens are in
+`rdlm.generation.programs`.
 """
 
 from __future__ import annotations
@@ -251,6 +253,18 @@ def forward_block(params: Params, plan: Plan, cache: KVCache, block: BlockInput,
     return BlockOutput(logits_btv, hidden_btd, state_btd), cache
 
 
+class ExitCarry(NamedTuple):
+    """The recurrence loop of one token under adaptive exit."""
+
+    step: jax.Array
+    state_b1d: jax.Array
+    done_b: jax.Array  # exited (or finished generating)
+    steps_b: jax.Array  # steps each row ran
+    value_b: jax.Array  # the criterion's value at the last evaluation
+    memory: Any  # `ExitState` of the last evaluation
+    write: KVCache  # the token's own core entries
+
+
 def decode_adaptive(params: Params, plan: Plan, cache: KVCache, token_b1: jax.Array,
                     pad_b: jax.Array, pos: jax.Array, num_steps: jax.Array,
                     state_b1d: jax.Array, skip_b: jax.Array
@@ -266,41 +280,38 @@ def decode_adaptive(params: Params, plan: Plan, cache: KVCache, token_b1: jax.Ar
                                       pos, True, pad_b)
     b = token_b1.shape[0]
 
-    def not_finished(carry: tuple) -> jax.Array:
-        step, done_b = carry[0], carry[2]
-        return (step < num_steps) & ~jnp.all(done_b)
+    def not_finished(carry: ExitCarry) -> jax.Array:
+        return (carry.step < num_steps) & ~jnp.all(carry.done_b)
 
-    def body(carry: tuple) -> tuple:
-        step, state, done_b, steps_b, value_b, memory, w = carry
-        active_b = ~done_b
-        state, w = run_core_step(params, cfg, plan.num_slots, cache, w, state, embedded_b1d, ctx,
-                                 step, 0, active_b)
-        steps_b = steps_b + active_b.astype(jnp.int32)
+    def body(carry: ExitCarry) -> ExitCarry:
+        step, active_b = carry.step, ~carry.done_b
+        state, write = run_core_step(params, cfg, plan.num_slots, cache, carry.write,
+                                     carry.state_b1d, embedded_b1d, ctx, step, 0, active_b)
         check = (step + 1) % exit_cfg.check_every == 0
 
-        def check_exit(memory_: Any) -> tuple:
+        def check_exit(memory: Any) -> tuple:
             logits_bv = None
             if exit_cfg.needs_logits:  # the coda on the candidate state; its entries are not kept
                 logits_bv = run_coda(params, cfg, cache, state, ctx, pos, True, write=False)[0][:, 0]
-            value, converged, new_memory = evaluate(exit_cfg, memory_, state[:, 0], logits_bv)
+            value, converged, new_memory = evaluate(exit_cfg, memory, state[:, 0], logits_bv)
             new_memory = jax.tree.map(
                 lambda n, o: jnp.where(active_b.reshape((-1,) + (1,) * (n.ndim - 1)), n, o),
-                new_memory, memory_)
+                new_memory, memory)
             return value, converged, new_memory
 
-        def no_check(memory_: Any) -> tuple:
-            return value_b, jnp.zeros((b,), bool), memory_
+        def no_check(memory: Any) -> tuple:
+            return carry.value_b, jnp.zeros((b,), bool), memory
 
-        value, converged_b, memory = lax.cond(check, check_exit, no_check, memory)
-        value_b = jnp.where(active_b & check, value, value_b)
-        done_b = done_b | (active_b & converged_b & (step + 1 >= exit_cfg.min_steps))
-        return step + 1, state, done_b, steps_b, value_b, memory, w
+        value, converged_b, memory = lax.cond(check, check_exit, no_check, carry.memory)
+        done_b = carry.done_b | (active_b & converged_b & (step + 1 >= exit_cfg.min_steps))
+        return ExitCarry(step + 1, state, done_b, carry.steps_b + active_b.astype(jnp.int32),
+                         jnp.where(active_b & check, value, carry.value_b), memory, write)
 
-    init = (jnp.int32(0), state_b1d, skip_b, jnp.zeros((b,), jnp.int32),
-            jnp.full((b,), jnp.inf, jnp.float32), init_exit_state(state_b1d[:, 0], cfg.vocab_size),
-            block_buffer(plan, b, 1))
-    _, state_b1d, _, steps_b, value_b, _, write = lax.while_loop(not_finished, body, init)
-    cache = kvc.merge_block(cache, write, pos)
-    cache = kvc.set_depth(cache, steps_b[:, None], pos)
-    logits_b1v, _, cache = run_coda(params, cfg, cache, state_b1d, ctx, pos, True)
-    return logits_b1v[:, 0], state_b1d, steps_b, value_b, cache
+    init = ExitCarry(jnp.int32(0), state_b1d, skip_b, jnp.zeros((b,), jnp.int32),
+                     jnp.full((b,), jnp.inf, jnp.float32),
+                     init_exit_state(state_b1d[:, 0], cfg.vocab_size), block_buffer(plan, b, 1))
+    out = lax.while_loop(not_finished, body, init)
+    cache = kvc.merge_block(cache, out.write, pos)
+    cache = kvc.set_depth(cache, out.steps_b[:, None], pos)
+    logits_b1v, _, cache = run_coda(params, cfg, cache, out.state_b1d, ctx, pos, True)
+    return logits_b1v[:, 0], out.state_b1d, out.steps_b, out.value_b, cache

@@ -11,6 +11,9 @@
 - Prompts are left-padded to a common length so every row writes the same cache position at each
   step; padding is masked out and RoPE positions count from each row's first real token, so a row
   computes what it would alone.
+- Continuous thoughts in the prompt (`ThoughtConfig`) are fed once, into the cache: the prefill
+  runs the positions before the earliest thought in parallel, then one position at a time up to
+  the latest thought, then the rest of the prompt as one block (`_prefill_thoughts`).
 - Adaptive exit is per token and per row: a row whose token converged keeps its state (and its
   cache entries) frozen while the other rows continue; the loop stops when all rows are done or at
   ``num_steps``.
@@ -135,6 +138,46 @@ def _first_token(params: Params, plan: Plan, prompt_bt: jax.Array, pad_b: jax.Ar
     return bufs, _is_stop(first_b, plan.stop_tokens), state_b1d, cache
 
 
+class DecodeCarry(NamedTuple):
+    """The token loop's state: ``n`` tokens emitted so far per row."""
+
+    n: jax.Array
+    bufs: dict[str, jax.Array]
+    finished_b: jax.Array
+    state_b1d: jax.Array  # the last token's final state (continuous CoT starts from it)
+    cache: KVCache
+
+
+def _next_token(params: Params, plan: Plan, pad_b: jax.Array, num_steps: jax.Array,
+                sample_key: jax.Array, state_key: jax.Array, carry: DecodeCarry) -> DecodeCarry:
+    """Run the last emitted token through the model and emit the next one, per row."""
+    n = carry.n
+    token_b1 = lax.dynamic_index_in_dim(carry.bufs["tokens"], n - 1, axis=1)
+    pos = plan.prompt_len + n - 1
+    state_b1d = (carry.state_b1d if plan.continuous_cot
+                 else start_state(plan, carry.state_b1d.shape, state_key, pos))
+    if plan.exit is None:
+        out, cache = forward_block(params, plan, carry.cache,
+                                   token_input(params, plan.cfg, token_b1), pad_b, pos, num_steps,
+                                   state_b1d, with_prefix=True)
+        logits_bv, state_b1d = out.logits_btv[:, 0], out.state_btd
+        steps_b = jnp.full((plan.batch,), num_steps, jnp.int32)
+        value_b = jnp.full((plan.batch,), jnp.nan, jnp.float32)
+    else:
+        logits_bv, state_b1d, steps_b, value_b, cache = decode_adaptive(
+            params, plan, carry.cache, token_b1, pad_b, pos, num_steps, state_b1d,
+            carry.finished_b)
+    token_b = choose_tokens(logits_bv, jax.random.fold_in(sample_key, n), plan.sampling)
+    bufs = dict(carry.bufs)
+    bufs["tokens"] = _put_column(bufs["tokens"], token_b, n)
+    bufs["steps"] = _put_column(bufs["steps"], steps_b, n)
+    bufs["exit_values"] = _put_column(bufs["exit_values"], value_b, n)
+    if plan.return_logits:
+        bufs["logits"] = _put_column(bufs["logits"], logits_bv, n)
+    finished_b = carry.finished_b | _is_stop(token_b, plan.stop_tokens)
+    return DecodeCarry(n + 1, bufs, finished_b, state_b1d, cache)
+
+
 def _generate_plain(params: Params, plan: Plan, prompt_bt: jax.Array, pad_b: jax.Array,
                     num_steps: jax.Array, key: jax.Array) -> dict[str, jax.Array]:
     """Prefill, then one token per row per iteration of a ``while_loop``."""
@@ -142,40 +185,29 @@ def _generate_plain(params: Params, plan: Plan, prompt_bt: jax.Array, pad_b: jax
     bufs, finished_b, state_b1d, cache = _first_token(params, plan, prompt_bt, pad_b, num_steps,
                                                       sample_key, state_key)
 
-    def not_finished(carry: tuple) -> jax.Array:
-        n, finished = carry[0], carry[2]
-        return (n < plan.max_new_tokens) & ~jnp.all(finished)
+    def not_finished(carry: DecodeCarry) -> jax.Array:
+        return (carry.n < plan.max_new_tokens) & ~jnp.all(carry.finished_b)
 
-    def body(carry: tuple) -> tuple:
-        n, bufs, finished, state_prev, c = carry
-        token_b1 = lax.dynamic_index_in_dim(bufs["tokens"], n - 1, axis=1)
-        pos = plan.prompt_len + n - 1
-        state_b1d = (state_prev if plan.continuous_cot
-                     else start_state(plan, state_prev.shape, state_key, pos))
-        if plan.exit is None:
-            out, c = forward_block(params, plan, c, token_input(params, plan.cfg, token_b1),
-                                   pad_b, pos, num_steps, state_b1d, with_prefix=True)
-            logits_bv, state_b1d = out.logits_btv[:, 0], out.state_btd
-            steps_b = jnp.full((plan.batch,), num_steps, jnp.int32)
-            value_b = jnp.full((plan.batch,), jnp.nan, jnp.float32)
-        else:
-            logits_bv, state_b1d, steps_b, value_b, c = decode_adaptive(
-                params, plan, c, token_b1, pad_b, pos, num_steps, state_b1d, finished)
-        token_b = choose_tokens(logits_bv, jax.random.fold_in(sample_key, n), plan.sampling)
-        bufs = dict(bufs)
-        bufs["tokens"] = _put_column(bufs["tokens"], token_b, n)
-        bufs["steps"] = _put_column(bufs["steps"], steps_b, n)
-        bufs["exit_values"] = _put_column(bufs["exit_values"], value_b, n)
-        if plan.return_logits:
-            bufs["logits"] = _put_column(bufs["logits"], logits_bv, n)
-        finished = finished | _is_stop(token_b, plan.stop_tokens)
-        return n + 1, bufs, finished, state_b1d, c
+    def body(carry: DecodeCarry) -> DecodeCarry:
+        return _next_token(params, plan, pad_b, num_steps, sample_key, state_key, carry)
 
-    init = (jnp.int32(1), bufs, finished_b, state_b1d, cache)
-    n, bufs, _, _, _ = lax.while_loop(not_finished, body, init)
-    bufs["num_generated"] = n
+    init = DecodeCarry(jnp.int32(1), bufs, finished_b, state_b1d, cache)
+    out = lax.while_loop(not_finished, body, init)
+    bufs = dict(out.bufs)
+    bufs["num_generated"] = out.n
     bufs["core_steps"] = jnp.sum(bufs["steps"])
     return bufs
+
+
+class SpeculativeCarry(NamedTuple):
+    """The rounds loop's state: ``n`` tokens emitted so far (the same for every row)."""
+
+    n: jax.Array
+    bufs: dict[str, jax.Array]
+    next_b: jax.Array  # emitted, not yet run through the model
+    finished_b: jax.Array
+    cache: KVCache
+    accepted: jax.Array  # drafts accepted so far
 
 
 def _generate_speculative(params: Params, plan: Plan, prompt_bt: jax.Array, pad_b: jax.Array,
@@ -191,9 +223,8 @@ def _generate_speculative(params: Params, plan: Plan, prompt_bt: jax.Array, pad_
                                               sample_key, state_key)
     first_b = bufs["tokens"][:, 0]
 
-    def not_finished(carry: tuple) -> jax.Array:
-        n, finished = carry[0], carry[3]
-        return (n < plan.max_new_tokens) & ~jnp.all(finished)
+    def not_finished(carry: SpeculativeCarry) -> jax.Array:
+        return (carry.n < plan.max_new_tokens) & ~jnp.all(carry.finished_b)
 
     def draft(c: KVCache, next_b: jax.Array, pos: jax.Array, round_key: jax.Array
               ) -> tuple[jax.Array, KVCache]:
@@ -212,7 +243,7 @@ def _generate_speculative(params: Params, plan: Plan, prompt_bt: jax.Array, pad_
         _, drafts_bk, c = lax.fori_loop(0, k, one, (next_b, jnp.zeros((b, k), jnp.int32), c))
         return drafts_bk, c
 
-    def body(carry: tuple) -> tuple:
+    def body(carry: SpeculativeCarry) -> SpeculativeCarry:
         n, bufs, next_b, finished, c, accepted = carry
         pos = plan.prompt_len + n - 1  # where next_b (already emitted) goes
         round_key = jax.random.fold_in(sample_key, n)
@@ -246,9 +277,9 @@ def _generate_speculative(params: Params, plan: Plan, prompt_bt: jax.Array, pad_
         emitted_bt = index_t[None] <= n_accept
         finished = finished | jnp.any(emitted_bt & _is_stop(chunk_bt, plan.stop_tokens), 1)
         next_b = jnp.take_along_axis(chunk_bt, jnp.full((b, 1), n_accept), 1)[:, 0]
-        return n + n_accept + 1, bufs, next_b, finished, c, accepted + n_accept
+        return SpeculativeCarry(n + n_accept + 1, bufs, next_b, finished, c, accepted + n_accept)
 
-    init = (jnp.int32(1), bufs, first_b, finished_b, cache, jnp.int32(0))
+    init = SpeculativeCarry(jnp.int32(1), bufs, first_b, finished_b, cache, jnp.int32(0))
     n, bufs, _, _, _, accepted = lax.while_loop(not_finished, body, init)
     rounds = jnp.maximum(n - 1 - accepted, 1)  # each round emits accepted + 1 tokens
     bufs["num_generated"] = jnp.minimum(n, plan.max_new_tokens)
