@@ -263,6 +263,9 @@ class TrainConfig:
     micro_batches: int = 1  # gradient accumulation: batch_size is split into this many parts
     run_dir: str = "runs/default"
     init_from: str = ""  # params-only checkpoint (or run dir) to start a *new* run from
+    # Resume from this complete checkpoint instead of the newest one, deleting the later ones
+    # (e.g. to go back before a divergence); 0 = start afresh. -1: the newest checkpoint.
+    resume_step: int = -1
 
     # Recurrence depth per step: "sampled" (Huginn: r ~ 1 + Poisson(LogNormal) with mean
     # model.mean_recurrence) or "fixed" (r = model.mean_recurrence every step: fixed-depth
@@ -317,6 +320,9 @@ class TrainConfig:
             value = getattr(self, name)
             _require(isinstance(value, int) and value >= 0, f"train.{name}", value,
                      "must be an integer >= 0")
+        _require(isinstance(self.resume_step, int) and self.resume_step >= -1,
+                 "train.resume_step", self.resume_step,
+                 "must be a checkpointed step, 0 (start afresh) or -1 (the newest checkpoint)")
         _require(self.batch_size % self.micro_batches == 0, "train.micro_batches",
                  self.micro_batches, f"must divide train.batch_size={self.batch_size}")
         _require(self.depth in ("sampled", "fixed"), "train.depth", self.depth,

@@ -1,4 +1,9 @@
-"""``python -m rdlm train CONFIG [section.key=value ...]``: the same command on every host."""
+"""``python -m rdlm train CONFIG [section.key=value ...]``: the same command on every host.
+
+Exit status: 0 done (or stopped by SIGTERM / one Ctrl-C, with the step saved); 2 a bad config,
+checkpoint or a run directory in use by another training; 3 the run diverged; 130 aborted by a
+second Ctrl-C. Every failure is one ``error:`` line naming the problem and the fix.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,8 @@ from rdlm.config import Config, ConfigError, load_config
 from rdlm.data.tasks import make_task
 from rdlm.errors import CheckpointError, TrainingDiverged
 from rdlm.train import train
+
+ABORTED = 130  # the shell's status for a process ended by SIGINT
 
 
 def parse_args(argv: list[str], prog: str) -> tuple[argparse.Namespace, Config]:
@@ -32,10 +39,14 @@ def cli(argv: list[str]) -> int:
         return 2
     try:
         result = train(cfg)
-    except (ConfigError, CheckpointError) as err:
+    except (ConfigError, CheckpointError) as err:  # a run dir in use (RunDirLocked) included
         print(f"error: {err}", file=sys.stderr)
         return 2
     except TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:
+        print(f"\nerror: aborted by Ctrl-C without saving; rerun the same command to resume "
+              f"from the last checkpoint in {cfg.train.run_dir}.", file=sys.stderr)
+        return ABORTED
     return 0 if result.status in ("done", "preempted") else 1

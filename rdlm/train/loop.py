@@ -16,13 +16,20 @@ One optimizer step (`rdlm.train.step`):
      ``fold_in(key(seed), step)``: every device and host gets the same r without communicating;
   2. loss and gradients, accumulated over ``train.micro_batches`` with a `lax.scan` (token-weighted,
      so 4 micro-batches give the gradient of the whole batch);
-  3. the optax update; if the loss or the gradient norm is not finite the update is dropped on
-     device (params and optimizer state stay as they were) and counted.
+  3. the optax update, kept only if the loss, the gradient norm and the updated params' norm are
+     finite; a bad update is dropped on device (params and optimizer state stay as they were)
+     and counted. No checkpoint is written while bad steps run in a row, so every checkpoint
+     holds the params of a good step.
+
+One training per run directory: process 0 holds ``<run_dir>/.lock`` (`rdlm.runtime.lock`) from
+before the directory is touched until the last write is done.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import signal
 import time
 from pathlib import Path
@@ -37,6 +44,7 @@ from rdlm.config import Config
 from rdlm.errors import TrainingDiverged
 from rdlm.model import flops as flops_lib
 from rdlm.runtime import checkpoint as ckpt_lib
+from rdlm.runtime import lock as lock_lib
 from rdlm.runtime import sharding as shard_lib
 from rdlm.runtime.distributed import maybe_initialize_distributed
 from rdlm.runtime.hostinfo import device_peak_flops
@@ -79,34 +87,76 @@ class TrainResult:
 
 
 class _Preemption:
-    """SIGTERM → finish the current step, save, exit cleanly. Restores the old handler on exit."""
+    """SIGTERM or Ctrl-C (SIGINT) → finish the current step, save it, exit cleanly; a second
+    Ctrl-C aborts at once (`KeyboardInterrupt`) without saving. Installed for the whole call, so
+    a signal during start-up stops the run after its first step. Restores the old handlers."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
-        self.requested = False
-        self._old = None
+        self.requested: str | None = None  # the first signal's name once one arrived
+        self.interrupts = 0  # Ctrl-Cs so far
+        self._old: dict[int, Any] = {}
 
     def __enter__(self) -> "_Preemption":
         try:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handle)
         except ValueError:  # not the main thread: no signal handling
-            self._old = None
+            pass
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
+        self.requested = self.requested or signal.Signals(signum).name
+        if signum != signal.SIGINT:
+            return
+        self.interrupts += 1
+        if self.interrupts > 1:
+            # Back to Python's own handler, so that a third Ctrl-C interrupts the clean-up too.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        # os.write, not print: a handler that prints while the interrupted code is printing to
+        # the same buffered stream fails with a re-entrant call error.
+        os.write(2, b"\nCtrl-C: stopping after the current step and saving it; "
+                    b"Ctrl-C again aborts without saving.\n")
 
     def agreed(self) -> bool:
-        """True on every process as soon as any process got SIGTERM (one tiny all-gather)."""
+        """True on every process as soon as any process got the signal (one tiny all-gather)."""
         if jax.process_count() == 1:
-            return self.requested
+            return self.requested is not None
         from jax.experimental import multihost_utils
-        flags = multihost_utils.process_allgather(np.int32(self.requested))
+        flags = multihost_utils.process_allgather(np.int32(self.requested is not None))
         return bool(np.any(flags))
 
     def __exit__(self, *exc: Any) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
+
+@contextlib.contextmanager
+def _run_dir_lock(run_dir: Path, note: Callable[[str], None]) -> Iterator[None]:
+    """Process 0 holds ``<run_dir>/.lock`` for the duration; the other processes of a multi-host
+    run share the directory by design and only learn process 0's verdict, so that all of them
+    stop when it is refused instead of waiting for it in the first collective."""
+    held = error = None
+    if jax.process_index() == 0:
+        try:
+            held = lock_lib.acquire(run_dir, note=note)
+        except lock_lib.RunDirLocked as err:
+            error = err
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+        if not ok and error is None:
+            error = lock_lib.RunDirLocked(f"process 0 could not lock train.run_dir {str(run_dir)!r}"
+                                          "; its error names the holder and the fix.")
+    if error is not None:
+        raise error
+    try:
+        yield
+    finally:
+        if held is not None:
+            lock_lib.release(run_dir, held)
 
 
 def train(cfg: Config, *, data_iterator: Iterator[dict[str, np.ndarray]] | None = None,
@@ -117,7 +167,10 @@ def train(cfg: Config, *, data_iterator: Iterator[dict[str, np.ndarray]] | None 
     """Train ``cfg`` up to ``cfg.train.steps``, resuming from ``cfg.train.run_dir`` if it holds a
     checkpoint. ``data_iterator`` (default: `rdlm.data.make_train_iterator`) yields this process's
     rows as numpy dicts; give it ``get_state``/``set_state`` (grain iterators have them) for exact
-    resumption. Raises `TrainingDiverged` after ``train.max_bad_steps`` non-finite steps in a row.
+    resumption. Raises `TrainingDiverged` after ``train.max_bad_steps`` bad steps in a row, and
+    `rdlm.runtime.lock.RunDirLocked` (a `ConfigError`) when another training holds the run
+    directory. SIGTERM or one Ctrl-C saves the current step and returns "preempted"; a second
+    Ctrl-C raises `KeyboardInterrupt` at once.
 
     ``loss_fn``: the objective (default `rdlm.train.step.lm_objective`; the held-out eval still
     measures the LM loss). ``schedule``: phases with optimizer resets (`rdlm.train.stages`).
@@ -135,26 +188,28 @@ def train(cfg: Config, *, data_iterator: Iterator[dict[str, np.ndarray]] | None 
     data_iterator = data_iterator if data_iterator is not None else default_data_iterator(cfg)
     if tc.eval_every and eval_batches is None:
         eval_batches = default_eval_batches(cfg)
-    checkpointer = ckpt_lib.TrainCheckpointer(run_dir, save_every=tc.checkpoint_every,
-                                              keep_last=tc.keep_last, keep_every=tc.keep_every,
-                                              async_save=tc.async_checkpoint)
-    log = MetricsLogger(run_dir, cfg, enabled=jax.process_index() == 0, printer=printer)
-    try:
-        state = restore_or_init(cfg, tx, shardings, checkpointer, data_iterator, log.message)
-        start = int(state.step)
-        log.open(start)
-        end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
-        if start >= tc.steps:
-            log.message(f"nothing to do: step {start} >= train.steps={tc.steps}")
-        if start >= end:
-            return TrainResult(state, [], "done" if start >= tc.steps else "stopped")
-        run = _Run(cfg, mesh, tx, shardings, data_iterator, eval_batches, checkpointer, log,
-                   schedule, loss_fn)
-        with _Preemption() as preemption:
+    note = printer or (lambda text: print(text, flush=True))
+    with _run_dir_lock(run_dir, note), _Preemption() as preemption:
+        checkpointer = ckpt_lib.TrainCheckpointer(run_dir, save_every=tc.checkpoint_every,
+                                                  keep_last=tc.keep_last,
+                                                  keep_every=tc.keep_every,
+                                                  async_save=tc.async_checkpoint)
+        log = MetricsLogger(run_dir, cfg, enabled=jax.process_index() == 0, printer=printer)
+        try:
+            state = restore_or_init(cfg, tx, shardings, checkpointer, data_iterator, log.message)
+            start = int(state.step)
+            log.open(start)
+            end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
+            if start >= tc.steps:
+                log.message(f"nothing to do: step {start} >= train.steps={tc.steps}")
+            if start >= end:
+                return TrainResult(state, [], "done" if start >= tc.steps else "stopped")
+            run = _Run(cfg, mesh, tx, shardings, data_iterator, eval_batches, checkpointer, log,
+                       schedule, loss_fn)
             return _loop(run, state, end, preemption)
-    finally:
-        checkpointer.close()
-        log.close()
+        finally:
+            checkpointer.close()  # the last write finishes before the lock is released
+            log.close()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,18 +265,51 @@ def step_rates(cfg: Config, m: dict[str, Any], dt: float, total_peak: float | No
     return out
 
 
+def divergence_message(streak: int, step: int, max_bad_steps: int, saved_steps: list[int],
+                       directory: Path, params_at_fault: bool) -> str:
+    """What `TrainingDiverged` says: the bad steps, the last good step, and the checkpoint to
+    resume from with a lower learning rate.
+
+    All steps of a streak start from the last good step's params (bad updates are dropped). If
+    only the updates were bad (their params' norm overflowed), those params are fine and a lower
+    lr goes on from them. If the loss or gradient at those params was not finite
+    (``params_at_fault``), the last good update made them finite but useless (a too large lr
+    can: weights ~1e4 that saturate every softmax), and any lr fails on them again: the run has
+    to go back to a checkpoint before them.
+    """
+    last_good = step - streak
+    usable = [s for s in saved_steps if s < last_good or (s == last_good and not params_at_fault)]
+    target = usable[-1] if usable else 0
+    where = f"resume from checkpoint {directory / str(target)}" if usable else "start afresh"
+    if saved_steps[-1:] == usable[-1:]:
+        fix = f"rerun the same command to {where}"
+    else:  # later checkpoints exist: name the one to go back to, the rerun deletes the others
+        fix = f"rerun with train.resume_step={target} to {where}"
+    cause, data_fix = "", ""
+    if params_at_fault:
+        cause = (f"; the loss or gradient at its params was not finite on the next {streak} "
+                 "batches, so those params (a too large lr can leave them finite but useless) "
+                 "or those batches are broken")
+        data_fix = "; if the batches are, fix the data and rerun the same command"
+    return (f"{streak} non-finite steps in a row (train.max_bad_steps={max_bad_steps}), steps "
+            f"{last_good + 1}-{step}; stopping. The last good step is {last_good}{cause}. "
+            f"Lower train.lr (or raise train.warmup_steps) and {fix}{data_fix}.")
+
+
 def check_divergence(m: dict[str, Any], step: int, cfg: Config,
-                     checkpointer: ckpt_lib.TrainCheckpointer) -> None:
-    """`TrainingDiverged` once ``train.max_bad_steps`` steps in a row were non-finite."""
+                     checkpointer: ckpt_lib.TrainCheckpointer, params_at_fault: bool) -> None:
+    """`TrainingDiverged` once ``train.max_bad_steps`` steps in a row were bad."""
     tc = cfg.train
     if m["bad_streak"] < tc.max_bad_steps:
         return
-    good = checkpointer.latest_step()
-    raise TrainingDiverged(
-        f"{m['bad_streak']} non-finite steps in a row (train.max_bad_steps="
-        f"{tc.max_bad_steps}) at step {step}; stopping. The last good checkpoint is "
-        f"{checkpointer.directory / str(good) if good is not None else '(none)'}; lower "
-        "train.lr or raise train.warmup_steps and resume from it.")
+    checkpointer.wait()  # a save of the last good step may still be in flight
+    saved = list(ckpt_lib.list_checkpoints(checkpointer.directory.parent))
+    raise TrainingDiverged(divergence_message(m["bad_streak"], step, tc.max_bad_steps, saved,
+                                              checkpointer.directory, params_at_fault))
+
+
+def _loss_or_gradient_failed(records: list[dict[str, Any]]) -> bool:
+    return any(not (np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"])) for r in records)
 
 
 class _Recorder:
@@ -262,15 +350,17 @@ class _Recorder:
         elapsed = self.clock.last - self.clock.loop_start
         m["eta_s"] = elapsed / done * (tc.steps - step) if done else 0.0
         if not m["finite"]:
-            log.message(f"step {step}: non-finite loss or gradient (loss={m['loss']}, "
-                        f"grad_norm={m['grad_norm']}); update skipped "
+            log.message(f"step {step}: non-finite loss, gradient or updated params "
+                        f"(loss={m['loss']}, grad_norm={m['grad_norm']}, updated "
+                        f"param_norm={m['proposed_param_norm']}); update skipped "
                         f"({m['bad_streak']} in a row, {m['bad_steps']} in total)")
         m.update(schedule.annotations(step))
         m.update(self.side_metrics.pop(step, {}))
         self.history.append({"step": step, **m})
         log.log(step, m, print_line=(step % tc.log_every == 0 or step == tc.steps
                                      or schedule.phase_end(step)))
-        check_divergence(m, step, cfg, self.run.checkpointer)
+        streak = self.history[len(self.history) - m["bad_streak"]:] if m["bad_streak"] else []
+        check_divergence(m, step, cfg, self.run.checkpointer, _loss_or_gradient_failed(streak))
 
 
 class _SideWork:
@@ -325,6 +415,41 @@ def _save(run: _Run, state: TrainState, step: int, clock: _Clock) -> None:
     clock.exclude_since(t0)
 
 
+class _Saver:
+    """Writes the checkpoints the loop asks for (the config's steps, phase ends, preemption),
+    never while bad steps run in a row: their params are the last good step's, but a saved
+    streak would resume as a streak, and the run may be about to stop on it. A save that falls
+    in a streak is made at the next good step instead."""
+
+    def __init__(self, run: _Run, clock: _Clock, recorder: _Recorder):
+        self.run, self.clock, self.recorder = run, clock, recorder
+        self.owed = False
+
+    def __call__(self, state: TrainState, step: int, due: bool) -> bool:
+        """Save ``state`` (after ``step``) if ``due`` or owed and the step was good; saved?"""
+        if not (due or self.owed):
+            return False
+        self.recorder.flush()  # the previous step's verdict, which may stop the run, comes first
+        streak = int(state.bad_streak)  # waits for the step, as the save's copy would
+        if streak:
+            if due and not self.owed:  # once per streak
+                self.run.log.message(f"step {step}: not saved, being one of {streak} bad steps "
+                                     "in a row (the next good step is saved instead)")
+            self.owed = True
+            return False
+        _save(self.run, state, step, self.clock)
+        self.owed = False
+        return True
+
+
+def _stop_message(signal_name: str, step: int, saved: bool,
+                  checkpointer: ckpt_lib.TrainCheckpointer) -> str:
+    if saved:
+        return f"{signal_name}: saved step {step} to {checkpointer.directory}; exiting."
+    return (f"{signal_name}: step {step} is one of a streak of bad steps, so it was not saved; "
+            f"the run resumes from step {checkpointer.latest_step() or 0}; exiting.")
+
+
 def _loop(run: _Run, state: TrainState, end: int, preemption: _Preemption) -> TrainResult:
     cfg, mesh, schedule, checkpointer = run.cfg, run.mesh, run.schedule, run.checkpointer
     tc = cfg.train
@@ -340,6 +465,7 @@ def _loop(run: _Run, state: TrainState, end: int, preemption: _Preemption) -> Tr
     clock = _Clock()
     recorder = _Recorder(run, start, clock)
     side_work = _SideWork(run, clock, recorder)
+    saver = _Saver(run, clock, recorder)
     status = "done" if end == tc.steps else "stopped"
     for step in range(start + 1, end + 1):
         # Asked before every step, the first of a resumed run included: a run resumed exactly
@@ -356,14 +482,12 @@ def _loop(run: _Run, state: TrainState, end: int, preemption: _Preemption) -> Tr
         side_work(step, state.params, batch)
         batch = None
         stop = preemption.agreed()
-        if checkpointer.should_save(step, tc.steps) or schedule.phase_end(step) or stop:
-            # A streak of bad steps means the params did not move: saving them is still "good",
-            # but never save past the point where the guard stops the run.
-            recorder.flush()
-            _save(run, state, step, clock)
+        saved = saver(state, step, checkpointer.should_save(step, tc.steps)
+                      or schedule.phase_end(step) or stop)
         if stop:
             checkpointer.wait()
-            run.log.message(f"SIGTERM: saved step {step} to {checkpointer.directory}; exiting.")
+            run.log.message(_stop_message(preemption.requested or "preempted on another process",
+                                          step, saved, checkpointer))
             status = "preempted"
             break
     recorder.flush()

@@ -77,12 +77,43 @@ def init_state(cfg: Config, tx: optax.GradientTransformation, shardings: TrainSt
 RESUMABLE_MODEL_FIELDS = ("remat", "dtype", "backprop_depth", "mean_recurrence")
 
 
+def resume_step(cfg: Config, checkpointer: ckpt_lib.TrainCheckpointer,
+                log: Callable[[str], None]) -> int | None:
+    """The step to resume from (None: start afresh): the newest complete checkpoint, or
+    ``train.resume_step``, whose later checkpoints are deleted so that the run carries on from
+    it (its new saves would otherwise collide with them, and a restart would pick them again)."""
+    wanted = cfg.train.resume_step
+    saved = list(ckpt_lib.list_checkpoints(checkpointer.directory.parent))
+    latest = saved[-1] if saved else None
+    if wanted < 0 or (latest is None and wanted == 0):
+        return latest
+    if wanted not in saved and wanted != 0:
+        raise ConfigError(f"train.resume_step={wanted}: run_dir {cfg.train.run_dir!r} has no "
+                          f"complete checkpoint of that step; its complete steps are {saved} "
+                          "(0 starts afresh, -1 resumes from the newest).")
+    # The same command runs again after a preemption: checkpoints written since the rollback
+    # carry this resume_step in their config, and must not be rolled back a second time.
+    if latest > wanted and ckpt_lib.load_config(
+            checkpointer.directory / str(latest)).train.resume_step == wanted:
+        log(f"train.resume_step={wanted} was applied before (step {latest} was trained after "
+            f"it); resuming from step {latest}")
+        return latest
+    later = sorted(s for s in checkpointer.manager.all_steps() if s > wanted)
+    for step in later:
+        checkpointer.manager.delete(step)  # every process calls it: it ends in a barrier
+    if later:
+        log(f"train.resume_step={wanted}: deleted the later checkpoints {later} of "
+            f"{checkpointer.directory}")
+    return wanted if wanted in saved else None
+
+
 def restore_or_init(cfg: Config, tx: optax.GradientTransformation, shardings: TrainState,
                      checkpointer: ckpt_lib.TrainCheckpointer, data_iterator: Any,
                      log: Callable[[str], None]) -> TrainState:
-    """The latest complete checkpoint of the run, else fresh params (or ``train.init_from``)."""
+    """The checkpoint `resume_step` picks (the newest complete one by default), else fresh
+    params (or ``train.init_from``)."""
     checkpointer.set_aside_damaged(log)  # a damaged newest step: resume before it, saying so
-    latest = checkpointer.latest_step()
+    latest = resume_step(cfg, checkpointer, log)
     if latest is not None:
         saved_cfg = ckpt_lib.load_config(checkpointer.directory / str(latest))
         changed = {f.name: (getattr(saved_cfg.model, f.name), getattr(cfg.model, f.name))

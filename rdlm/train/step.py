@@ -4,8 +4,9 @@
      ``fold_in(key(seed), step)``: every device and host gets the same r without communicating;
   2. loss and gradients, accumulated over ``train.micro_batches`` with a `lax.scan` (token-weighted,
      so 4 micro-batches give the gradient of the whole batch);
-  3. the optax update; if the loss or the gradient norm is not finite the update is dropped on
-     device (params and optimizer state stay as they were) and counted.
+  3. the optax update, kept only if `update_is_good`: the loss, the gradient norm and the
+     updated params' norm are finite. Otherwise it is dropped on device (params and optimizer
+     state stay as they were) and counted.
 """
 
 from __future__ import annotations
@@ -170,6 +171,21 @@ def loss_and_grads(params: Any, batch: Batch, cfg: Config, loss_fn: LossFn, n_no
     return grads, metrics
 
 
+def update_is_good(loss: jax.Array, grad_norm: jax.Array, new_param_norm: jax.Array
+                   ) -> jax.Array:
+    """The NaN guard's verdict on one update: loss, gradient norm and the norm of the params it
+    would produce are all finite.
+
+    The params' test is on their global L2 norm (float32, like the params), not element by
+    element: a far too large learning rate first makes the weights huge but finite (lr 1e30 on
+    configs/tiny.yaml: |w| = 5e28 after one step), and only the next step's loss is NaN. Such
+    weights are useless, yet they would pass an element-wise test and be checkpointed. Their
+    squares overflow, so the norm is inf as soon as any |w| exceeds ~1.8e19 (or the whole norm
+    does); a weight that large would overflow the next matmul anyway.
+    """
+    return jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(new_param_norm)
+
+
 def train_step(state: TrainState, batch: Batch, cfg: Config, tx: optax.GradientTransformation,
                loss_fn: LossFn | None = None, depth: jax.Array | None = None
                ) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -191,8 +207,9 @@ def train_step(state: TrainState, batch: Batch, cfg: Config, tx: optax.GradientT
     updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
 
-    # NaN guard, on device: a non-finite step leaves params and optimizer state untouched.
-    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    # NaN guard, on device: a bad update leaves params and optimizer state untouched.
+    proposed_param_norm = optax.global_norm(new_params)
+    finite = update_is_good(metrics["loss"], grad_norm, proposed_param_norm)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     bad = (~finite).astype(jnp.int32)
     new_state = TrainState(step=state.step + 1,
@@ -203,7 +220,9 @@ def train_step(state: TrainState, batch: Batch, cfg: Config, tx: optax.GradientT
     metrics = dict(metrics, grad_norm=grad_norm, lr=make_schedule(cfg.train)(state.step),
                    n_no_grad=n_no_grad, n_grad=n_grad, finite=finite,
                    bad_steps=new_state.bad_steps, bad_streak=new_state.bad_streak,
-                   param_norm=optax.global_norm(new_state.params))
+                   proposed_param_norm=proposed_param_norm,
+                   param_norm=jnp.where(finite, proposed_param_norm,
+                                        optax.global_norm(state.params)))
     return new_state, metrics
 
 
@@ -212,7 +231,7 @@ def batch_shardings(mesh: Mesh, keys: tuple[str, ...] = BATCH_KEYS) -> dict[str,
 
 
 # Train-config fields that never reach the compiled step: runs that differ only in these share it.
-_HOST_ONLY_FIELDS = ("run_dir", "init_from", "checkpoint_every", "keep_last", "keep_every",
+_HOST_ONLY_FIELDS = ("run_dir", "init_from", "resume_step", "checkpoint_every", "keep_last", "keep_every",
                      "async_checkpoint", "log_every", "eval_every", "eval_batches", "eval_steps",
                      "telemetry_every", "max_bad_steps", "peak_flops", "progress")
 
