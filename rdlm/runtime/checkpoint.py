@@ -26,6 +26,7 @@ load unverified, with a note.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -33,7 +34,7 @@ import shutil
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -352,11 +353,30 @@ def short_cause(err: BaseException) -> str:
     return f"{type(err).__name__}: {first}" if first else type(err).__name__
 
 
+@contextlib.contextmanager
+def _quiet_closed_event_loops() -> Iterator[None]:
+    """When one read of a restore fails, orbax closes its event loop while tensorstore still
+    completes the other reads, and each completion prints an "Event loop is closed" traceback
+    that says nothing about the checkpoint (the error raised does). Those tracebacks are
+    dropped; after a failure the filter stays, since the last reads finish after the raise."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if not (isinstance(unraisable.exc_value, RuntimeError)
+                and str(unraisable.exc_value) == "Event loop is closed"):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    yield
+    sys.unraisablehook = previous
+
+
 def _restore_item(ckpt: Path, name: str, abstract_tree: Any) -> Any:
     checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
     try:
-        restored = checkpointer.restore(
-            ckpt, ocp.args.Composite(**{name: ocp.args.StandardRestore(abstract_tree)}))
+        with _quiet_closed_event_loops():
+            restored = checkpointer.restore(
+                ckpt, ocp.args.Composite(**{name: ocp.args.StandardRestore(abstract_tree)}))
     except Exception as err:  # orbax raises many types; the user needs the path and the cause
         raise CheckpointError(f"could not restore {name!r} from {str(ckpt)!r} "
                               f"({short_cause(err)}); it may be corrupt or written for a "
@@ -565,10 +585,11 @@ class TrainCheckpointer:
                                   f"The complete steps are {_complete_steps(self.directory)}; "
                                   "set_aside_damaged() moves damaged ones aside.")
         try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(**{
-                PARAMS: ocp.args.StandardRestore(abstract_params),
-                OPT_STATE: ocp.args.StandardRestore(abstract_opt_state),
-                TRAIN_META: ocp.args.JsonRestore()}))
+            with _quiet_closed_event_loops():
+                restored = self.manager.restore(step, args=ocp.args.Composite(**{
+                    PARAMS: ocp.args.StandardRestore(abstract_params),
+                    OPT_STATE: ocp.args.StandardRestore(abstract_opt_state),
+                    TRAIN_META: ocp.args.JsonRestore()}))
         except Exception as err:
             raise CheckpointError(
                 f"could not restore training state from {str(ckpt)!r} ({short_cause(err)}); if "
