@@ -244,5 +244,6 @@ def test_read_errors_are_one_line_naming_the_path_and_the_fix(tmp_path, capfd):
     capfd.readouterr()
     assert sample.cli(["--checkpoint", str(corrupt), "--tokens", "1,2"]) == 2
     err = capfd.readouterr().err  # which read fails first varies: compare the line's form
-    assert err.count("\n") == 1 and err.startswith(f"error: could not restore 'params' from")
+    assert err.count("\n") == 1
+    assert err.startswith(f"error: could not restore 'params' from '{corrupt}'")
     assert err.endswith("load another checkpoint, or match the model config.\n")
