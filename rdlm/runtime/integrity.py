@@ -38,11 +38,18 @@ def carries_checksums(custom_metadata: dict[str, Any] | None) -> bool:
 
 def file_digest(path: Path) -> str:
     """The sha256 of a file, in hex."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, ALGORITHM).hexdigest()
+
+
+def _checked_digest(path: Path) -> str:
+    """`file_digest`, remembered for as long as the file stays unchanged (see `_DIGESTS`).
+    Only reads go through here: a save hashes files no reader has seen, under a temporary name
+    that is gone after the commit, so remembering them would only grow the table."""
     st = path.stat()
     key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     if key not in _DIGESTS:
-        with open(path, "rb") as f:
-            _DIGESTS[key] = hashlib.file_digest(f, ALGORITHM).hexdigest()
+        _DIGESTS[key] = file_digest(path)
     return _DIGESTS[key]
 
 
@@ -97,6 +104,6 @@ def first_mismatch(ckpt: Path, manifest: dict[str, Any], items: Iterable[str] | 
         size = path.stat().st_size
         if size != saved["bytes"]:
             return f"{path} has {size} bytes where {saved['bytes']} were saved"
-        if file_digest(path) != saved[ALGORITHM]:
+        if _checked_digest(path) != saved[ALGORITHM]:
             return f"{path} does not match the {ALGORITHM} checksum recorded when it was saved"
     return None
