@@ -6,6 +6,7 @@ Everything here runs before anything is traced, so a bad option is a ValueError 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -253,5 +254,8 @@ def thought_layout(rows: list[list[int]], thoughts: ThoughtConfig | None) -> dic
     return {"thought_steps": max(first for first, _ in spans) - block, "thought_block": block}
 
 
+@functools.lru_cache(maxsize=64)
 def plan_cache_bytes(plan: Plan) -> int:
+    """The cache size of a plan (memoised: building the shapes costs more host time than a short
+    generation's other checks)."""
     return kvc.cache_bytes(plan.cfg, plan.batch, plan.cache_len, plan.num_slots, plan.track_latest)
