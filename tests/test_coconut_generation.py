@@ -116,3 +116,16 @@ def test_thought_errors():
                       thoughts=ThoughtConfig(cfg.vocab_size))
     with pytest.raises(ValueError, match="prompt_len"):
         rdlm.generate(params, cfg, [[1, 2, 3]], max_new_tokens=1, num_steps=1, prompt_len=2)
+
+
+def test_thoughts_with_speculative_decoding_give_the_plain_greedy_tokens():
+    """The thoughts only change the prefill: greedy self-speculative decoding after them emits
+    exactly what plain decoding does."""
+    cfg = _cfg(2)
+    params = _params(cfg, 6)
+    thoughts_cfg = ThoughtConfig(LATENT, True)
+    plain = rdlm.generate(params, cfg, PROMPTS, max_new_tokens=5, num_steps=2,
+                          thoughts=thoughts_cfg)
+    fast = rdlm.generate(params, cfg, PROMPTS, max_new_tokens=5, num_steps=2,
+                         thoughts=thoughts_cfg, speculative=rdlm.SpeculativeConfig(2, 1))
+    assert fast.rows() == plain.rows()
