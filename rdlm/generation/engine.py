@@ -153,6 +153,7 @@ def prelude_inputs(model: Any, cache: KVCache, block: BlockInput, start: jax.Arr
 def run_prelude(params: Params, cfg: ModelConfig, cache: KVCache, block: BlockInput,
                 ctx: AttentionContext, start: jax.Array | int, with_prefix: bool,
                 pad_b: jax.Array) -> tuple[jax.Array, KVCache]:
+    """(e for the block, cache with the block's prelude entries and shift bases written)."""
     model = _model(params, cfg)
     embedded_btd, kvs = run_blocks(model.prelude, prelude_inputs(model, cache, block, start, pad_b),
                                    ctx, _stage_prefixes(cache.prelude, with_prefix))
