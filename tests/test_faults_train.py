@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -192,9 +194,9 @@ def test_second_training_on_a_held_run_dir_exits_at_once_naming_the_holder(tmp_p
         _read_until(first, f"step {step + 10}/", seen)
         assert checkpoint.list_checkpoints(run_dir)
 
-        first.send_signal(2)  # SIGINT
+        first.send_signal(signal.SIGINT)
         _read_until(first, "Ctrl-C: stopping after the current step", seen)
-        first.send_signal(2)
+        first.send_signal(signal.SIGINT)
         out, _ = first.communicate(timeout=120)
     finally:
         first.kill()
@@ -259,12 +261,27 @@ def test_lock_holders_that_may_be_alive_are_not_taken_over(tmp_path):
 # Ctrl-C behaves like SIGTERM.
 
 
+def test_in_python_a_second_ctrl_c_raises_keyboard_interrupt():
+    """Outside the command line (a notebook), the first Ctrl-C asks for a save and the second is
+    Python's own KeyboardInterrupt; the handlers from before are back afterwards."""
+    from rdlm.train.loop import _Preemption
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        with _Preemption() as preemption:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)  # the handler runs in this thread between bytecodes
+            assert preemption.agreed() and preemption.requested == "SIGINT"
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1.0)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def test_ctrl_c_saves_the_current_step_and_the_run_resumes_exactly(tmp_path, jax_cache):
     run_dir = tmp_path / "run"
     proc, seen = _cli(run_dir, jax_cache, "train.steps=100000", "train.checkpoint_every=0"), []
     try:
         _read_until(proc, "step 3/", seen)
-        proc.send_signal(2)  # SIGINT, what Ctrl-C sends
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
         out, _ = proc.communicate(timeout=120)
     finally:
         proc.kill()

@@ -8,11 +8,15 @@ second Ctrl-C. Every failure is one ``error:`` line naming the problem and the f
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+from typing import Any, Callable
 
 from rdlm.config import Config, ConfigError, load_config
 from rdlm.data.tasks import make_task
 from rdlm.errors import CheckpointError, TrainingDiverged
+from rdlm.runtime import lock as lock_lib
 from rdlm.train import train
 
 ABORTED = 130  # the shell's status for a process ended by SIGINT
@@ -30,6 +34,21 @@ def parse_args(argv: list[str], prog: str) -> tuple[argparse.Namespace, Config]:
     return args, cfg
 
 
+def abort_now(run_dir: str) -> Callable[[int, Any], None]:
+    """The SIGINT handler for a Ctrl-C that `train` does not turn into a save (the second one,
+    or one during start-up): end the process at once, as a kill would — the run resumes from its
+    last checkpoint, and an unfinished save is discarded on the next start — but with one error
+    line and the run directory unlocked. Exiting from here, rather than raising
+    KeyboardInterrupt, keeps the exception out of the checkpoint writer's threads, which would
+    each log a traceback."""
+    def handler(signum: int, frame: Any) -> None:
+        os.write(2, (f"\nerror: aborted by Ctrl-C without saving; rerun the same command to "
+                     f"resume from the last checkpoint in {run_dir}.\n").encode())
+        lock_lib.release_own(run_dir)
+        os._exit(ABORTED)
+    return handler
+
+
 def cli(argv: list[str]) -> int:
     """``python -m rdlm train CONFIG [section.key=value ...]``."""
     try:
@@ -37,6 +56,7 @@ def cli(argv: list[str]) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    previous = signal.signal(signal.SIGINT, abort_now(cfg.train.run_dir))
     try:
         result = train(cfg)
     except (ConfigError, CheckpointError) as err:  # a run dir in use (RunDirLocked) included
@@ -45,8 +65,6 @@ def cli(argv: list[str]) -> int:
     except TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
-    except KeyboardInterrupt:
-        print(f"\nerror: aborted by Ctrl-C without saving; rerun the same command to resume "
-              f"from the last checkpoint in {cfg.train.run_dir}.", file=sys.stderr)
-        return ABORTED
+    finally:
+        signal.signal(signal.SIGINT, previous)
     return 0 if result.status in ("done", "preempted") else 1

@@ -178,3 +178,12 @@ def release(run_dir: str | Path, me: LockInfo) -> None:
     path = lock_path(run_dir)
     if read_lock(path) == me:
         path.unlink(missing_ok=True)
+
+
+def release_own(run_dir: str | Path) -> None:
+    """Remove the lock if this process holds it: for a process about to end abruptly, which no
+    longer has its `LockInfo` at hand."""
+    path = lock_path(run_dir)
+    holder = read_lock(path)
+    if holder is not None and (holder.pid, holder.host) == (os.getpid(), socket.gethostname()):
+        path.unlink(missing_ok=True)

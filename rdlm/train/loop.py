@@ -88,8 +88,9 @@ class TrainResult:
 
 class _Preemption:
     """SIGTERM or Ctrl-C (SIGINT) → finish the current step, save it, exit cleanly; a second
-    Ctrl-C aborts at once (`KeyboardInterrupt`) without saving. Installed for the whole call, so
-    a signal during start-up stops the run after its first step. Restores the old handlers."""
+    Ctrl-C goes to the SIGINT handler from before the call (Python's raises `KeyboardInterrupt`)
+    and aborts without saving. Installed for the whole call, so a signal during start-up stops
+    the run after its first step. Restores the old handlers."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -112,8 +113,12 @@ class _Preemption:
             return
         self.interrupts += 1
         if self.interrupts > 1:
-            # Back to Python's own handler, so that a third Ctrl-C interrupts the clean-up too.
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            # The handler from before the call takes over, for this Ctrl-C and any later one:
+            # Python's raises KeyboardInterrupt (a notebook's cell stops); `rdlm train` exits.
+            previous = self._old.get(signal.SIGINT)
+            previous = previous if callable(previous) else signal.default_int_handler
+            signal.signal(signal.SIGINT, previous)
+            previous(signum, frame)
             raise KeyboardInterrupt
         # os.write, not print: a handler that prints while the interrupted code is printing to
         # the same buffered stream fails with a re-entrant call error.
@@ -170,7 +175,8 @@ def train(cfg: Config, *, data_iterator: Iterator[dict[str, np.ndarray]] | None 
     resumption. Raises `TrainingDiverged` after ``train.max_bad_steps`` bad steps in a row, and
     `rdlm.runtime.lock.RunDirLocked` (a `ConfigError`) when another training holds the run
     directory. SIGTERM or one Ctrl-C saves the current step and returns "preempted"; a second
-    Ctrl-C raises `KeyboardInterrupt` at once.
+    Ctrl-C is left to the SIGINT handler in place before the call (Python's raises
+    `KeyboardInterrupt` at once).
 
     ``loss_fn``: the objective (default `rdlm.train.step.lm_objective`; the held-out eval still
     measures the LM loss). ``schedule``: phases with optimizer resets (`rdlm.train.stages`).
