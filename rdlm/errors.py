@@ -14,3 +14,8 @@ class CheckpointError(RuntimeError):
 
 class TrainingDiverged(RuntimeError):
     """Too many non-finite steps in a row; the last good checkpoint is left untouched."""
+
+
+class RunDirLocked(ConfigError):
+    """``train.run_dir`` is held by another training. A `ConfigError` because the fix is a
+    setting (another run_dir) or stopping the holder: callers report it like a bad config."""

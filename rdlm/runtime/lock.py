@@ -25,16 +25,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from rdlm.errors import ConfigError
+from rdlm.errors import RunDirLocked
 
 LOCK_NAME = ".lock"
 TAKEOVER_NAME = ".lock.takeover"
 _ATTEMPTS = 5  # create / inspect rounds before giving up on a lock that keeps changing hands
-
-
-class RunDirLocked(ConfigError):
-    """``train.run_dir`` is held by another training. A `ConfigError` because the fix is a
-    setting (another run_dir) or stopping the holder: callers report it like a bad config."""
 
 
 @dataclasses.dataclass(frozen=True)
