@@ -25,7 +25,7 @@ from rdlm.data.render import completion_text
 from rdlm.data.tasks import example_at, make_task
 from rdlm.data.tokenizer import load_tokenizer
 from rdlm.model import count_params, init_params
-from rdlm.runtime.hostinfo import host_info
+from rdlm.runtime.hostinfo import results_report
 
 
 def answer_tokens(cfg: Config, cc: CoconutConfig, prompts_from: int = 64) -> int:
@@ -111,9 +111,7 @@ def bench_cli(argv: Sequence[str]) -> int:
               f"{row['tokens_per_s']:>10.0f}{row['compile_s']:>11.1f}", flush=True)
         rows.append(row)
     if args.json:
-        report = {"device": f"{device.platform} {device.device_kind} x{jax.device_count()}",
-                  **host_info(), "jax": jax.__version__,
-                  "command": "python -m rdlm bench coconut " + " ".join(argv), "rows": rows}
+        report = results_report("python -m rdlm bench coconut " + " ".join(argv), rows=rows)
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
     return 0

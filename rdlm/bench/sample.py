@@ -17,7 +17,7 @@ from rdlm.config import MODEL_PRESETS, ModelConfig, load_config
 from rdlm.cli.args import int_list, speculative_arg
 from rdlm.generation import SpeculativeConfig, generate
 from rdlm.model import abstract_params, count_params, init_params
-from rdlm.runtime.hostinfo import host_info
+from rdlm.runtime.hostinfo import results_report
 
 
 def weight_bytes_per_token(cfg: ModelConfig, mean_steps: float) -> float:
@@ -153,9 +153,8 @@ def bench_cli(argv: Sequence[str]) -> int:
                for row in bench_variant(params, cfg, variant, variants[variant], args, bandwidth,
                                         rng)]
     if args.json:
-        report = {"device": f"{device.platform} {device.device_kind} x{jax.device_count()}",
-                  **host_info(), "jax": jax.__version__, "bandwidth_bytes_per_s": bandwidth,
-                  "command": "python -m rdlm bench sample " + " ".join(argv), "rows": results}
+        report = results_report("python -m rdlm bench sample " + " ".join(argv),
+                                bandwidth_bytes_per_s=bandwidth, rows=results)
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
     return 0

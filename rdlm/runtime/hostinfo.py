@@ -15,6 +15,14 @@ def host_info() -> dict[str, Any]:
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
 
 
+def results_report(command: str, **fields: Any) -> dict[str, Any]:
+    """The head of a benchmark's JSON results file: the device, the host, the jax version and
+    the command that made it, followed by ``fields``."""
+    device = jax.devices()[0]
+    return {"device": f"{device.platform} {device.device_kind} x{jax.device_count()}",
+            **host_info(), "jax": jax.__version__, "command": command, **fields}
+
+
 def cpu_model() -> str:
     """The host CPU's model name (Linux), so a results file says which machine made it."""
     try:
