@@ -13,7 +13,7 @@ from rdlm.coconut import Depth, generation, thoughts
 from rdlm.config import model_preset
 from rdlm.data.tokenizer import load_tokenizer
 from rdlm.generation import ThoughtConfig
-from rdlm.model import init_params
+from tests.test_coconut import _params  # fresh params with a non-zero token shift
 
 TOK = load_tokenizer("chars")
 LATENT = TOK.latent_id
@@ -21,15 +21,6 @@ LATENT = TOK.latent_id
 
 def _cfg(token_shift: int):
     return model_preset("tiny", mean_recurrence=2, max_seq_len=64, token_shift=token_shift)
-
-
-def _params(cfg, seed: int):
-    """Fresh params; the token-shift matrices (zero at init) made non-zero so that they count."""
-    params = init_params(cfg, jax.random.key(seed))
-    if cfg.token_shift:
-        shape = params["token_shift"].shape
-        params["token_shift"] = 0.3 * jax.random.normal(jax.random.key(seed + 100), shape)
-    return params
 
 
 def _tokens(question: str, n_latents: int, tail: str = "#") -> list[int]:
