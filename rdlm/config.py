@@ -165,11 +165,13 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if isinstance(value, str):
             # YAML 1.1 reads "3e-4" (no dot) as a string; accept it as the number it means.
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}={value!r} is invalid: expected a number.")
+        if not math.isfinite(value):  # YAML reads .inf and .nan as floats
+            raise ConfigError(f"{where}={value!r} is invalid: expected a finite number.")
         return float(value)
     if annotation is str:
         if not isinstance(value, str):
@@ -419,6 +421,20 @@ class DataConfig:
                      "data.task_args", item, "entries must look like knob=value, e.g. max_hops=4")
 
 
+# The largest r generation and evaluation accept. Without a cache budget the KV cache keeps one
+# slot per core step, so memory and time grow with r; this is 16x Huginn's training mean, past
+# where any published curve still moves. Larger r is a typo more often than an experiment.
+MAX_NUM_STEPS = 1024
+
+
+def check_num_steps(value: Any, where: str = "num_steps") -> int:
+    """``value`` as a number of core steps r in [1, MAX_NUM_STEPS], or `ConfigError`."""
+    _require(isinstance(value, int) and not isinstance(value, bool)
+             and 1 <= value <= MAX_NUM_STEPS, where, value,
+             f"must be an integer in [1, {MAX_NUM_STEPS}] (rdlm.config.MAX_NUM_STEPS)")
+    return value
+
+
 def _positive_number(text: str) -> bool:
     try:
         value = float(text)
@@ -451,10 +467,9 @@ class SampleConfig:
     min_p: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("num_steps", "max_new_tokens"):
-            value = getattr(self, name)
-            _require(isinstance(value, int) and value >= 1, f"sample.{name}", value,
-                     "must be a positive integer")
+        check_num_steps(self.num_steps, "sample.num_steps")
+        _require(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
+                 "sample.max_new_tokens", self.max_new_tokens, "must be a positive integer")
         _require(self.cache_budget is None or self.cache_budget >= 1, "sample.cache_budget",
                  self.cache_budget, "must be >= 1 or null (one slot per step)")
         _require(self.temperature >= 0, "sample.temperature", self.temperature, "must be >= 0")

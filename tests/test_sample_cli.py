@@ -11,11 +11,16 @@ from tokenizers import Tokenizer, models
 
 import rdlm
 from rdlm.bench import sample as bench_sample
-from rdlm.cli import sample
+from rdlm.cli import main
 from rdlm.cli.train import cli as train_cli
 from rdlm.data.tokenizer import CharTokenizer, load_tokenizer
 from rdlm.runtime import checkpoint
 from tests.test_interop_tokenizer import train_bpe
+
+
+def sample_cli(args: list[str]) -> int:
+    """``rdlm sample ARGS`` as the command line runs it (errors become one line, status 2)."""
+    return main(["sample", *args])
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +35,7 @@ def ckpt(tmp_path_factory):
 
 def test_cli_prints_what_generate_returns(ckpt, capsys):
     path, config, params = ckpt
-    status = sample.cli(["--checkpoint", str(path), "--tokens", "1,2,3", "--tokens", "9,8",
+    status = sample_cli(["--checkpoint", str(path), "--tokens", "1,2,3", "--tokens", "9,8",
                          "--cache-budget", "2", "--json"])
     assert status == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -42,31 +47,57 @@ def test_cli_prints_what_generate_returns(ckpt, capsys):
 
 def test_cli_reports_bad_input(ckpt, capsys):
     path, _, _ = ckpt
-    assert sample.cli(["--checkpoint", str(path), "--tokens", "1,999"]) == 2
+    assert sample_cli(["--checkpoint", str(path), "--tokens", "1,999"]) == 2
     assert "outside the vocabulary" in capsys.readouterr().err
     # The checkpoint's own tokenizer ('chars') encodes prompts; it has no capitals.
-    assert sample.cli(["--checkpoint", str(path), "--prompt", "HELLO"]) == 2
+    assert sample_cli(["--checkpoint", str(path), "--prompt", "HELLO"]) == 2
     assert "chars tokenizer cannot encode characters" in capsys.readouterr().err
-    assert sample.cli(["--checkpoint", str(path), "--prompt", "hi", "--tokenizer",
+    assert sample_cli(["--checkpoint", str(path), "--prompt", "hi", "--tokenizer",
                        str(path / "absent.json")]) == 2
     assert "--tokenizer PATH" in capsys.readouterr().err
 
 
 def test_a_tokenizer_without_a_beginning_of_text_token(ckpt, tmp_path, capsys):
+    # As `prepare` encodes documents: a BOS in front only when the tokenizer has one.
     path, _, _ = ckpt
     words = Tokenizer(models.WordLevel({"a": 0, "b": 1}, unk_token="a"))
     words.save(str(tmp_path / "words.json"))
-    common = ["--checkpoint", str(path), "--tokenizer", str(tmp_path / "words.json"), "--prompt", "b"]
-    assert sample.cli(common) == 2
-    err = capsys.readouterr().err
-    assert "no beginning-of-text token, role 'bos'" in err and "--no-bos" in err
-    assert sample.cli([*common, "--no-bos", "--json"]) == 0
-    assert len(json.loads(capsys.readouterr().out)["tokens"]) == 5  # no end-of-text: no stop
+    common = ["--checkpoint", str(path), "--tokenizer", str(tmp_path / "words.json"), "--prompt",
+              "b", "--json"]
+    assert sample_cli(common) == 0
+    auto = json.loads(capsys.readouterr().out)
+    assert sample_cli([*common, "--no-bos"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == auto["tokens"]
+    assert len(auto["tokens"]) == 5  # no end-of-text: no stop
+
+
+def test_prompts_from_a_file_and_stdin_are_echoed_and_empty_ones_refused(ckpt, tmp_path, capsys,
+                                                                       monkeypatch):
+    path, config, params = ckpt
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a=1;?a\n\nb=2;?b\n")
+    assert sample_cli(["--checkpoint", str(path), "--prompt-file", str(prompts)]) == 0
+    out = capsys.readouterr().out
+    tok = CharTokenizer()
+    expected = rdlm.generate(params, config.model, [tok.prompt("a=1;?a"), tok.prompt("b=2;?b")],
+                             max_new_tokens=5, num_steps=3, stop_tokens=tok.stop_ids)
+    lines = [line for line in out.splitlines() if line.startswith("[")]
+    assert lines == [f"[{i}] {p}{tok.decode(ids, skip_special_tokens=True)}"
+                     for i, (p, ids) in enumerate(zip(["a=1;?a", "b=2;?b"], expected.rows()))]
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("a=1;?a\n"))
+    assert sample_cli(["--checkpoint", str(path), "--prompt", "-", "--no-echo", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["tokens"] == expected.rows()[0] and record["prompt"] == ""
+    assert sample_cli(["--checkpoint", str(path), "--prompt", " "]) == 2
+    assert capsys.readouterr().err.startswith("error: prompt 0 is empty")
+    assert sample_cli(["--checkpoint", str(path), "--prompt", "a", "--num-steps", "100000000"]) == 2
+    assert "--num-steps=100000000 is invalid: must be an integer in [1, 1024]" in \
+        capsys.readouterr().err
 
 
 def test_prompt_uses_the_checkpoints_training_tokenizer(ckpt, capsys):
     path, config, params = ckpt
-    assert sample.cli(["--checkpoint", str(path), "--prompt", "a=1;?a\n", "--json"]) == 0
+    assert sample_cli(["--checkpoint", str(path), "--prompt", "a=1;?a\n", "--json"]) == 0
     record = json.loads(capsys.readouterr().out)
     tok = CharTokenizer()
     expected = rdlm.generate(params, config.model, [tok.prompt("a=1;?a\n")], max_new_tokens=5,
@@ -88,7 +119,7 @@ def test_train_then_sample_with_a_gpt2_style_tokenizer(tmp_path, capsys):
                       "train.telemetry_every=0", "train.async_checkpoint=false",
                       "train.progress=lines", f"train.run_dir={run}"]) == 0
     capsys.readouterr()
-    status = sample.cli(["--checkpoint", str(run), "--prompt", "a=1;b=a;?b\n",
+    status = sample_cli(["--checkpoint", str(run), "--prompt", "a=1;b=a;?b\n",
                          "--max-new-tokens", "3", "--num-steps", "2"])
     captured = capsys.readouterr()
     assert status == 0, captured.err
@@ -99,11 +130,11 @@ def test_train_then_sample_with_a_gpt2_style_tokenizer(tmp_path, capsys):
 def test_default_length_shrinks_to_the_context_but_an_explicit_one_does_not(ckpt, capsys):
     path, config, _ = ckpt
     prompt = ",".join(["1"] * (config.model.max_seq_len - 2))  # room for 2 of the default 5
-    assert sample.cli(["--checkpoint", str(path), "--tokens", prompt, "--json"]) == 0
+    assert sample_cli(["--checkpoint", str(path), "--tokens", prompt, "--json"]) == 0
     captured = capsys.readouterr()
     assert len(json.loads(captured.out)["tokens"]) == 2
     assert "generating 2 tokens" in captured.err
-    assert sample.cli(["--checkpoint", str(path), "--tokens", prompt,
+    assert sample_cli(["--checkpoint", str(path), "--tokens", prompt,
                        "--max-new-tokens", "5"]) == 2
     assert "max_seq_len" in capsys.readouterr().err
 

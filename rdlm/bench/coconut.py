@@ -85,7 +85,7 @@ def bench_batch(params: Any, cfg: Config, cc: CoconutConfig, batch: int, new_tok
 
 def bench_cli(argv: Sequence[str]) -> int:
     """``python -m rdlm bench coconut CONFIG [key=value …] [--batches 1,32] [--json PATH]``."""
-    parser = argparse.ArgumentParser(prog="python -m rdlm bench coconut")
+    parser = argparse.ArgumentParser(prog="rdlm bench coconut")
     parser.add_argument("config", help="a coconut YAML config (with a coconut: section)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. coconut.method=pause")
     parser.add_argument("--batches", type=int_list, default=[1, 32])

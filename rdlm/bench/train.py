@@ -146,7 +146,7 @@ def format_bench(report: dict[str, Any]) -> str:
 def bench_cli(argv: list[str]) -> int:
     """``python -m rdlm bench train CONFIG [key=value ...] [--steps N] [--recurrence 4,32,64]
     [--out FILE.json]``."""
-    parser = argparse.ArgumentParser(prog="python -m rdlm bench train")
+    parser = argparse.ArgumentParser(prog="rdlm bench train")
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per r (median)")
@@ -157,7 +157,7 @@ def bench_cli(argv: list[str]) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
+        print(f"error: {err}", file=sys.stderr)
         return 2
     report = bench_train(cfg, tuple(int(r) for r in args.recurrence.split(",") if r),
                          steps=args.steps, warmup=args.warmup)

@@ -16,7 +16,7 @@ from rdlm.train.aot import compile_train_step, topology_devices
 
 def cli(argv: list[str]) -> int:
     """``python -m rdlm aot CONFIG [key=value ...] --topology v5p:4x4x4 [--json FILE]``."""
-    parser = argparse.ArgumentParser(prog="python -m rdlm aot", description=__doc__.split("\n\n")[0].strip("`"))
+    parser = argparse.ArgumentParser(prog="rdlm aot", description=__doc__.split("\n\n")[0].strip("`"))
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.micro_batches=32")
     parser.add_argument("--topology", help="TPU slice, e.g. v5p:4x4x4; omit to compile for the "

@@ -11,7 +11,7 @@ TARGETS = {"train": "rdlm.bench.train", "sample": "rdlm.bench.sample",
 
 def cli(argv: list[str]) -> int:
     if not argv or argv[0] not in TARGETS:
-        print(f"usage: python -m rdlm bench {{{','.join(TARGETS)}}} CONFIG [key=value ...]",
+        print(f"usage: rdlm bench {{{','.join(TARGETS)}}} CONFIG [key=value ...]",
               file=sys.stderr)
         return 2
     return int(importlib.import_module(TARGETS[argv[0]]).bench_cli(argv[1:]) or 0)

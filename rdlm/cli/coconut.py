@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
 from rdlm.coconut import evaluate_method, load_coconut_config, train_coconut
+from rdlm.cli.train import abort_now
 from rdlm.errors import CheckpointError, ConfigError, TrainingDiverged
 from rdlm.runtime import checkpoint as ckpt_lib
 
 
 def cli(argv: list[str]) -> int:
     """``python -m rdlm coconut CONFIG [section.key=value ...] [--eval-only]``."""
-    parser = argparse.ArgumentParser(prog="python -m rdlm coconut",
+    parser = argparse.ArgumentParser(prog="rdlm coconut",
                                      description="continuous-thought curriculum: train + evaluate")
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*")
@@ -24,11 +26,13 @@ def cli(argv: list[str]) -> int:
     try:
         cfg, cc = load_coconut_config(args.config, args.overrides)
     except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
+        print(f"error: {err}", file=sys.stderr)
         return 2
+    # One Ctrl-C saves the step (inside train); a second one ends the process as `rdlm train`'s.
+    previous = signal.signal(signal.SIGINT, abort_now(cfg.train.run_dir))
     try:
         if args.eval_only:
-            _, params = ckpt_lib.load_params(cfg.train.run_dir)
+            _, params = ckpt_lib.load_params(cfg.train.run_dir, report=ckpt_lib.say_on_stderr)
         else:
             params = train_coconut(cfg, cc).params
     except (ConfigError, CheckpointError) as err:  # as `rdlm train` reports them
@@ -37,6 +41,8 @@ def cli(argv: list[str]) -> int:
     except TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
+    finally:
+        signal.signal(signal.SIGINT, previous)
     result = evaluate_method(params, cfg, cc)
     print(f"{cc.method}: accuracy {result['accuracy']:.3f}, generated tokens "
           f"{result['generated_tokens']:.1f} on {result['num_examples']} {cc.eval_split} problems")

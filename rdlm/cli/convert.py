@@ -23,7 +23,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m rdlm convert",
+        prog="rdlm convert",
         description="Convert between the Huginn-0125 Hugging Face format and rdlm's orbax "
                     "checkpoints. Nothing is written unless the whole conversion succeeds.")
     sub = parser.add_subparsers(dest="direction", required=True, metavar="DIRECTION")

@@ -178,7 +178,7 @@ def run(config_path: str | Path = DEFAULT_CONFIG, overrides: list[str] | None = 
 
 
 def cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rdlm demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="rdlm demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG))
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")

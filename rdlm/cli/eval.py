@@ -35,7 +35,7 @@ def _parse_steps(text: str) -> list[int]:
 
 
 def cli(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rdlm eval", description=DESCRIPTION,
+    parser = argparse.ArgumentParser(prog="rdlm eval", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
     parser.add_argument("--task", help="chains | addition | prosqa | prontoqa "

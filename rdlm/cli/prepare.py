@@ -10,7 +10,7 @@ from rdlm.data.prepare import FORMATS, prepare
 
 
 def cli(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rdlm prepare", description=prepare_module.__doc__,
+    parser = argparse.ArgumentParser(prog="rdlm prepare", description=prepare_module.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", help=".txt, .jsonl or .json files")
     parser.add_argument("--tokenizer", required=True,

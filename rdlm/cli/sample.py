@@ -12,27 +12,35 @@ from typing import Any, Sequence
 import jax
 
 from rdlm.cli.args import int_list, speculative_arg
-from rdlm.config import Config
-from rdlm.data.tokenizer import Tokenizer, load_tokenizer
-from rdlm.errors import CheckpointError
+from rdlm.config import Config, check_num_steps
+from rdlm.data.tokenizer import Tokenizer, load_tokenizer, run_tokenizer
+from rdlm.errors import ConfigError
 from rdlm.generation import ExitConfig, GenerateOutput, generate
 from rdlm.runtime import checkpoint
 
 
 def _sample_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m rdlm sample",
+        prog="rdlm sample",
         description="Generate from a checkpoint. Defaults come from the checkpoint's sample "
                     "section.")
     parser.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
     parser.add_argument("--prompt", action="append", default=[],
-                        help="prompt text (repeat for a batch); encoded with the tokenizer")
+                        help="prompt text (repeat for a batch; '-' reads stdin, one prompt per "
+                        "line); encoded with the run's tokenizer")
+    parser.add_argument("--prompt-file", help="a file with one prompt per line ('-': stdin)")
+    parser.add_argument("--chat", action="store_true",
+                        help="wrap each prompt as a user turn of the tokenizer's chat format")
+    parser.add_argument("--system", help="system prompt for --chat")
     parser.add_argument("--no-bos", action="store_true",
-                        help="do not put the beginning-of-text token in front of --prompt text")
+                        help="do not put the beginning-of-text token in front of prompt text "
+                        "(by default it is there when the tokenizer has one, as in `prepare`)")
+    parser.add_argument("--no-echo", action="store_true",
+                        help="print the completion only, not prompt + completion")
     parser.add_argument("--tokens", action="append", type=int_list, default=[],
                         help="prompt as token ids, e.g. 1,2,3 (repeat for a batch)")
-    parser.add_argument("--tokenizer", help="'chars', 'ascii' or a tokenizer.json (default: a tokenizer.json in the "
-                        "checkpoint directory, else the checkpoint's data.tokenizer)")
+    parser.add_argument("--tokenizer", help="'chars', 'ascii' or a tokenizer.json (default: the "
+                        "tokenizer.json kept in the run, else the run's data.tokenizer)")
     parser.add_argument("--num-steps", type=int, help="core iterations per token (the cap "
                         "under --exit)")
     parser.add_argument("--max-new-tokens", type=int)
@@ -60,42 +68,58 @@ def _pick(value: Any, default: Any) -> Any:
     return default if value is None else value
 
 
-def tokenizer_spec(args: argparse.Namespace, config: Config) -> tuple[str, bool]:
-    """(what to load, whether it was asked for): ``--tokenizer``, else a tokenizer.json in the
-    checkpoint directory, else the tokenizer the checkpoint was trained with (``data.tokenizer``)."""
-    if args.tokenizer is not None:
-        return args.tokenizer, True
-    if (Path(args.checkpoint) / "tokenizer.json").is_file():
-        return args.checkpoint, True
-    return config.data.tokenizer, False
-
-
 def load_sample_tokenizer(args: argparse.Namespace, config: Config) -> Tokenizer | None:
-    """The tokenizer for prompts, stop ids and printing; None when only ``--tokens`` are given and
-    the training config's tokenizer file is not on this machine (ids are printed then)."""
-    spec, asked = tokenizer_spec(args, config)
+    """``--tokenizer``, else the run's own (`run_tokenizer`); None when only ``--tokens`` are
+    given and the run's tokenizer is not on this machine (ids are printed then)."""
     try:
-        tokenizer = load_tokenizer(spec)
-    except FileNotFoundError as err:
-        if asked or args.prompt:
-            raise ValueError(f"{err} Pass --tokenizer PATH (the tokenizer.json the model was "
-                             "trained with), or give --tokens 1,2,3.") from None
+        tokenizer = (load_tokenizer(args.tokenizer) if args.tokenizer is not None
+                     else run_tokenizer(args.checkpoint, config.data.tokenizer))
+    except (FileNotFoundError, ConfigError) as err:
+        if args.tokenizer is not None or args.prompt or args.prompt_file:
+            raise ConfigError(f"{err} Pass --tokenizer PATH (the tokenizer.json the model was "
+                              "trained with), or give --tokens 1,2,3.") from None
         print(f"note: {err} Printing token ids; pass --tokenizer PATH for text.", file=sys.stderr)
         return None
     if tokenizer.vocab_size > config.model.vocab_size:
-        raise ValueError(f"the tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} tokens but "
-                         f"the model's vocabulary holds {config.model.vocab_size}: pass the "
-                         "tokenizer the model was trained with (--tokenizer PATH).")
+        raise ConfigError(f"the tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} tokens "
+                          f"but the model's vocabulary holds {config.model.vocab_size}: pass the "
+                          "tokenizer the model was trained with (--tokenizer PATH).")
     return tokenizer
 
 
-def prompt_rows(args: argparse.Namespace, tokenizer: Tokenizer | None) -> list[list[int]]:
-    """``--prompt`` texts as ids (after the beginning-of-text token unless ``--no-bos``), then the
-    ``--tokens`` rows as given."""
-    if args.prompt and not args.no_bos:
-        tokenizer.require("bos", "--prompt", "pass --no-bos to prompt without one")
-    return ([tokenizer.prompt(text, bos=not args.no_bos) for text in args.prompt]
-            + list(args.tokens))
+def prompt_texts(args: argparse.Namespace) -> list[str]:
+    """The text prompts: each ``--prompt`` ('-' = the lines of stdin), then the lines of
+    ``--prompt-file``. An empty prompt is refused: it would sample from nothing."""
+    texts: list[str] = []
+    for text in args.prompt:
+        texts += sys.stdin.read().splitlines() if text == "-" else [text]
+    if args.prompt_file:
+        source = (sys.stdin.read() if args.prompt_file == "-"
+                  else Path(args.prompt_file).read_text(encoding="utf-8"))
+        lines = [line for line in source.splitlines() if line.strip()]
+        if not lines:
+            raise ConfigError(f"--prompt-file {args.prompt_file!r} holds no prompts (one per "
+                              "line).")
+        texts += lines
+    for i, text in enumerate(texts):
+        if not text.strip():
+            raise ConfigError(f"prompt {i} is empty: give it some text, or --tokens ID for a "
+                              "sample that starts from a single token.")
+    return texts
+
+
+def prompt_rows(args: argparse.Namespace, tokenizer: Tokenizer | None,
+                texts: Sequence[str]) -> list[list[int]]:
+    """Text prompts as ids (after the beginning-of-text token when the tokenizer has one, unless
+    ``--no-bos``; as a user turn under ``--chat``), then the ``--tokens`` rows as given."""
+    if texts and tokenizer is None:
+        raise ConfigError("text prompts need a tokenizer: pass --tokenizer PATH.")
+    if args.chat:
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        rows = [tokenizer.chat_prompt([*system, {"role": "user", "content": t}]) for t in texts]
+    else:
+        rows = [tokenizer.prompt(t, bos=False if args.no_bos else None) for t in texts]
+    return rows + list(args.tokens)
 
 
 def _max_new_tokens(args: argparse.Namespace, config: Config, rows: list[list[int]]) -> int:
@@ -130,14 +154,17 @@ def _generate(args: argparse.Namespace, config: Config, params: Any, rows: list[
         key=jax.random.key(args.seed), init_scale=args.init_scale)
 
 
-def print_rows(out: GenerateOutput, tokenizer: Tokenizer | None, as_json: bool) -> None:
-    """One line (or JSON object) per row: the text (or the ids) and the iterations per token."""
+def print_rows(out: GenerateOutput, tokenizer: Tokenizer | None, prompts: Sequence[str],
+               as_json: bool) -> None:
+    """One block (or JSON object) per row: prompt + completion as text (or the ids when there is
+    no tokenizer), then the iterations each token took. ``prompts``: what to echo before each
+    completion ('' for none)."""
     for i, ids in enumerate(out.rows()):
         steps = out.steps[i, :len(ids)].tolist()
         text = (tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None
                 else None)
         if as_json:
-            record = {"row": i, "tokens": ids, "steps": steps}
+            record = {"row": i, "prompt": prompts[i], "tokens": ids, "steps": steps}
             if text is not None:
                 record["text"] = text
             if out.exit_values is not None:
@@ -145,7 +172,7 @@ def print_rows(out: GenerateOutput, tokenizer: Tokenizer | None, as_json: bool) 
                                          for v in out.exit_values[i, :len(ids)]]
             print(json.dumps(record))
             continue
-        print(f"[{i}] {text if text is not None else ' '.join(map(str, ids))}")
+        print(f"[{i}] {prompts[i]}{text if text is not None else ' '.join(map(str, ids))}")
         mean = sum(steps) / max(len(steps), 1)
         print(f"    iterations per token: {steps} (mean {mean:.2f})")
     print(f"cache: {out.cache_bytes / 2**20:.2f} MiB in {out.num_slots} recurrence slots"
@@ -153,21 +180,29 @@ def print_rows(out: GenerateOutput, tokenizer: Tokenizer | None, as_json: bool) 
              if "acceptance_rate" in out.stats else ""), file=sys.stderr)
 
 
+def echoed_prompts(args: argparse.Namespace, tokenizer: Tokenizer | None, texts: Sequence[str]
+                   ) -> list[str]:
+    """What `print_rows` puts before each completion: the prompt text (the ``--tokens`` rows
+    decoded), or nothing under ``--no-echo`` or without a tokenizer."""
+    if args.no_echo or tokenizer is None:
+        return [""] * (len(texts) + len(args.tokens))
+    return list(texts) + [tokenizer.decode(ids, skip_special_tokens=True) for ids in args.tokens]
+
+
 def cli(argv: Sequence[str]) -> int:
-    """``python -m rdlm sample --checkpoint DIR --prompt "…" …``; returns the exit status."""
+    """``rdlm sample --checkpoint DIR --prompt "…" …``; returns the exit status. Errors are
+    raised as `ConfigError`/`CheckpointError` and reported as one line by `rdlm.cli.main`."""
     args = _sample_parser().parse_args(list(argv))
-    if not args.prompt and not args.tokens:
-        print("error: give --prompt TEXT or --tokens 1,2,3", file=sys.stderr)
-        return 2
-    try:
-        config = checkpoint.load_config(args.checkpoint)
-        tokenizer = load_sample_tokenizer(args, config)
-        rows = prompt_rows(args, tokenizer)
-        stop = args.stop if args.stop is not None else (tokenizer.stop_ids if tokenizer else ())
-        config, params = checkpoint.load_params(args.checkpoint, report=checkpoint.say_on_stderr)
-        out = _generate(args, config, params, rows, stop)
-    except (ValueError, CheckpointError) as err:  # ConfigError and MissingTokenError included
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print_rows(out, tokenizer, args.json)
+    if not (args.prompt or args.prompt_file or args.tokens):
+        raise ConfigError("give --prompt TEXT, --prompt-file FILE (or -) or --tokens 1,2,3.")
+    if args.num_steps is not None:
+        check_num_steps(args.num_steps, "--num-steps")
+    config = checkpoint.load_config(args.checkpoint)
+    tokenizer = load_sample_tokenizer(args, config)
+    texts = prompt_texts(args)
+    rows = prompt_rows(args, tokenizer, texts)
+    stop = args.stop if args.stop is not None else (tokenizer.stop_ids if tokenizer else ())
+    config, params = checkpoint.load_params(args.checkpoint, report=checkpoint.say_on_stderr)
+    out = _generate(args, config, params, rows, stop)
+    print_rows(out, tokenizer, echoed_prompts(args, tokenizer, texts), args.json)
     return 0

@@ -52,9 +52,9 @@ def abort_now(run_dir: str) -> Callable[[int, Any], None]:
 def cli(argv: list[str]) -> int:
     """``python -m rdlm train CONFIG [section.key=value ...]``."""
     try:
-        _, cfg = parse_args(argv, "python -m rdlm train")
+        _, cfg = parse_args(argv, "rdlm train")
     except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
+        print(f"error: {err}", file=sys.stderr)
         return 2
     previous = signal.signal(signal.SIGINT, abort_now(cfg.train.run_dir))
     try:

@@ -3,7 +3,8 @@
     python -m rdlm prepare --tokenizer tokenizer.json --output data/ --prefix train \\
         --format npy corpus/*.jsonl
 
-Each document is encoded with the tokenizer and followed by its EOS token (the separator the
+Each document is encoded with the tokenizer, after its BOS token when it has one (generation
+puts the same BOS in front of a prompt) and followed by its EOS token (the separator the
 pipeline uses to start a new segment). Formats: ``npy`` / ``bin`` (flat token stream, read with
 ``data.source=memmap``), ``arrayrecord`` and ``parquet`` (one document per record / row, column
 ``tokens``). A ``<prefix>.meta.json`` records the tokenizer, vocabulary size, EOS id and counts.
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -23,24 +24,52 @@ from rdlm.data.tokenizer import Tokenizer, load_tokenizer
 FORMATS = ("npy", "bin", "arrayrecord", "parquet")
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[:err.start].count(b"\n") + 1
+        raise ValueError(f"input file {str(path)!r} is not UTF-8 text (line {line}, byte "
+                         f"{err.start}: {err.reason}); convert it first, e.g. "
+                         "`iconv -f latin1 -t utf-8`.") from None
+
+
+def _json_records(path: Path, text: str) -> Iterator[tuple[str, Any]]:
+    """(where, record) for a JSON array file or a JSON-lines file; ``where`` names file and
+    line (or array index) for the error messages."""
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{err.lineno}: invalid JSON ({err.msg}).") from None
+        yield from ((f"{path}: record {i}", r) for i, r in enumerate(records))
+        return
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield f"{path}:{number}", json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: invalid JSON ({err.msg} at column {err.colno}); "
+                             "a .jsonl file holds one JSON object per line.") from None
+
+
 def read_documents(path: str | Path, *, text_key: str = "text",
                    txt_documents: str = "paragraph") -> Iterator[str]:
     """Documents of a ``.jsonl``/``.json`` file (field ``text_key``) or a text file (one per
-    paragraph, per line or the whole file)."""
+    paragraph, per line or the whole file). Errors name the file and line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"input file {str(path)!r} does not exist.")
+    text = _read_text(path)
     if path.suffix in (".jsonl", ".json"):
-        text = path.read_text()
-        records = json.loads(text) if text.lstrip().startswith("[") else (
-            json.loads(line) for line in text.splitlines() if line.strip())
-        for i, record in enumerate(records):
-            if text_key not in record:
-                raise KeyError(f"{path}: record {i} has no {text_key!r} field "
-                               f"(fields: {sorted(record)}); set --text-key.")
+        for where, record in _json_records(path, text):
+            if not isinstance(record, dict) or text_key not in record:
+                fields = sorted(record) if isinstance(record, dict) else type(record).__name__
+                raise KeyError(f"{where}: no {text_key!r} field (found: {fields}); set "
+                               "--text-key to the field that holds the text.")
             yield str(record[text_key])
         return
-    text = path.read_text()
     if txt_documents == "file":
         parts = [text]
     elif txt_documents == "line":
@@ -51,11 +80,13 @@ def read_documents(path: str | Path, *, text_key: str = "text",
 
 
 def tokenize_documents(docs: Iterable[str], tok: Tokenizer) -> Iterator[np.ndarray]:
-    """Each document's ids followed by the end-of-text id, the separator the pipeline splits on."""
+    """Each document as `Tokenizer.prompt` encodes a prompt (after the BOS when the tokenizer has
+    one, so that generation starts where training did), followed by the end-of-text id, the
+    separator the pipeline splits on."""
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
     eos = tok.require("eos", "separating documents in prepared shards")
     for doc in docs:
-        yield np.asarray(tok.encode(doc) + [eos], dtype)
+        yield np.asarray(tok.prompt(doc) + [eos], dtype)
 
 
 def write_shards(docs: Iterable[np.ndarray], output: Path, prefix: str, fmt: str,
@@ -133,6 +164,10 @@ def prepare(inputs: Sequence[str], *, tokenizer: str, output: str, prefix: str =
 
     out = Path(output)
     files = write_shards(docs(), out, prefix, fmt, shard_tokens)
+    if not counts["documents"]:
+        raise ValueError(f"no documents in {', '.join(map(repr, inputs))}: the input is empty "
+                         "or only whitespace (a .txt file splits into documents at blank lines; "
+                         "see --txt-documents).")
     meta = {"tokenizer": tokenizer, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
             "format": fmt, "files": files, **counts}
     (out / f"{prefix}.meta.json").write_text(json.dumps(meta, indent=2))

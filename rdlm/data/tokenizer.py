@@ -14,7 +14,7 @@ holds, or None when it holds none. Code that needs a role calls ``tok.require(ro
 `MissingTokenError` naming the role, the spellings looked for and the fix.
 
     tok = load_tokenizer("chars")                     # "ascii", a tokenizer.json, or its directory
-    ids = tok.prompt("The capital of Westphalia is")  # [bos] + encode(text)
+    ids = tok.prompt("The capital of Westphalia is")  # [bos] + encode(text), if it has a bos
     tok.decode(ids, skip_special_tokens=True)         # text without <bos>/<eos>/…
     tok.stop_ids                                      # (eos, end_turn), those that exist
 """
@@ -154,11 +154,13 @@ class Tokenizer:
         return tuple(dict.fromkeys(i for i in (self.eos_id, self.end_turn_id) if i is not None))
 
     # -- prompts ---------------------------------------------------------------------------------
-    def prompt(self, text: str, *, bos: bool = True) -> list[int]:
-        """Ids for a plain-text prompt: ``[bos] + encode(text)`` (the model saw a BOS in front of
-        every document); ``bos=False`` leaves it out."""
+    def prompt(self, text: str, *, bos: bool | None = None) -> list[int]:
+        """Ids for a plain-text prompt: ``[bos] + encode(text)``, as `rdlm prepare` starts every
+        document. ``bos=None`` puts the BOS in front when the tokenizer has one (a GPT-2-style
+        tokenizer has only an end-of-text token, and its documents start without one);
+        ``True`` insists on it, ``False`` leaves it out."""
         ids = self.encode(text)
-        if not bos:
+        if bos is False or (bos is None and self.bos_id is None):
             return ids
         return [self.require("bos", "a prompt", "pass bos=False to prompt without one")] + ids
 
@@ -295,3 +297,25 @@ def load_tokenizer(spec: str | os.PathLike) -> Tokenizer:
     if isinstance(spec, str) and spec in BUILTIN_ALPHABETS:
         return CharTokenizer(BUILTIN_ALPHABETS[spec], name=spec)
     return HFTokenizer(spec)
+
+
+RUN_TOKENIZER = "tokenizer.json"  # the file name a run or export keeps its tokenizer under
+
+
+def run_tokenizer(path: str | os.PathLike, spec: str | os.PathLike) -> Tokenizer:
+    """The tokenizer a model at ``path`` was trained with: the ``tokenizer.json`` kept with it
+    (in ``path``, or in the run directory above a ``<run>/checkpoints/<step>``), else ``spec``,
+    the run's ``data.tokenizer`` (a built-in name or a file on this machine)."""
+    here = Path(path)
+    here = here.parent if here.is_file() else here
+    for folder in (here, here.parent, here.parent.parent):
+        if (folder / RUN_TOKENIZER).is_file():
+            return HFTokenizer(folder / RUN_TOKENIZER)
+    try:
+        return load_tokenizer(spec)
+    except FileNotFoundError as err:
+        raise ConfigError(f"the model at {str(path)!r} keeps no {RUN_TOKENIZER} and the "
+                          f"tokenizer it was trained with ({str(spec)!r}) is not on this machine: "
+                          "copy that tokenizer.json next to the checkpoint or pass the tokenizer "
+                          "explicitly.") from err
+

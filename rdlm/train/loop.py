@@ -41,7 +41,7 @@ import optax
 from jax.sharding import Mesh
 
 from rdlm.config import Config
-from rdlm.errors import TrainingDiverged
+from rdlm.errors import ConfigError, TrainingDiverged
 from rdlm.model import flops as flops_lib
 from rdlm.runtime import checkpoint as ckpt_lib
 from rdlm.runtime import lock as lock_lib
@@ -189,6 +189,9 @@ def train(cfg: Config, *, data_iterator: Iterator[dict[str, np.ndarray]] | None 
     mesh = mesh or shard_lib.make_mesh(cfg.mesh)
     check_layout(cfg, mesh)
     run_dir = Path(tc.run_dir).expanduser().absolute()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"train.run_dir={tc.run_dir!r} is a file; give a directory (new or a "
+                          "run's) for checkpoints and logs.")
     tx = make_optimizer(tc)
     shardings = state_shardings(cfg, tx, mesh)
     data_iterator = data_iterator if data_iterator is not None else default_data_iterator(cfg)

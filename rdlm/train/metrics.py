@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -12,7 +13,11 @@ import numpy as np
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
-from rdlm.config import Config
+import yaml
+
+from rdlm.config import Config, to_dict
+from rdlm.data.tokenizer import BUILTIN_ALPHABETS, RUN_TOKENIZER, load_tokenizer, tokenizer_file
+from rdlm.errors import ConfigError
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -42,6 +47,48 @@ def truncate_jsonl(path: Path, start_step: int) -> list[dict[str, Any]]:
     return kept
 
 
+def flat_hparams(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train.lr": 3e-4, …}``: the scalar leaves TensorBoard's hparams view can show."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flat_hparams(value, name + "."))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[name] = value
+        elif value is not None:
+            flat[name] = str(value)
+    return flat
+
+
+def record_run_inputs(run_dir: Path, cfg: Config) -> str:
+    """Keep what the run needs to be used later in its directory: ``config.yaml`` (the resolved
+    config, rewritten at every start) and, when the data was tokenized with a tokenizer.json, a
+    copy of it, so that sampling, eval and export find it without flags. Returns the YAML."""
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    (run_dir / "config.yaml").write_text(text)
+    spec = cfg.data.tokenizer
+    if spec in BUILTIN_ALPHABETS:
+        return text
+    try:
+        source = tokenizer_file(spec)
+    except FileNotFoundError as err:
+        raise ConfigError(f"data.tokenizer: {err}") from err
+    vocab = load_tokenizer(source).vocab_size
+    if vocab > cfg.model.vocab_size:
+        raise ConfigError(f"data.tokenizer {str(source)!r} has {vocab} tokens but "
+                          f"model.vocab_size={cfg.model.vocab_size}: set model.vocab_size >= "
+                          f"{vocab} (a multiple of 64 or 128 is fastest).")
+    kept = run_dir / RUN_TOKENIZER
+    if not kept.exists():
+        shutil.copyfile(source, kept)
+    elif kept.read_bytes() != source.read_bytes():
+        raise ConfigError(f"data.tokenizer {str(source)!r} differs from the tokenizer this run "
+                          f"was started with ({str(kept)!r}); resume with that one, or start a "
+                          "new train.run_dir for a new tokenizer.")
+    return text
+
+
 class MetricsLogger:
     """metrics.jsonl, TensorBoard event files and a progress bar (or plain lines); process 0.
 
@@ -67,6 +114,10 @@ class MetricsLogger:
                                 purge_step=start_step + 1 if start_step else None)
         self.opened = True
         cfg = self.cfg
+        config_yaml = record_run_inputs(self.run_dir, cfg)
+        if not start_step:
+            self.tb.add_text("config", "```yaml\n" + config_yaml + "```", 0)
+            self.tb.add_hparams(flat_hparams(to_dict(cfg)), {}, name="hparams")
         mode = cfg.train.progress
         # A caller that takes the messages (``printer``) gets lines unless it asks for the bar.
         if mode == "bar" or (mode == "auto" and self.printer is None and sys.stderr.isatty()):
