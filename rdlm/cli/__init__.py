@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("rdlm.cli.bench", "benchmarks: bench train CONFIG | bench sample CONFIG"),
     "demo": ("rdlm.cli.demo", "train configs/demo.yaml, evaluate accuracy vs r, write table + plot"),
     "coconut": ("rdlm.cli.coconut", "continuous-thought curriculum: coconut CONFIG [key=value ...]"),
+    "lm-eval": ("rdlm.cli.lm_eval", "lm-evaluation-harness with --model rdlm (needs rdlm[eval])"),
 }
 
 
