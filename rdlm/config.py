@@ -50,7 +50,19 @@ class ModelConfig:
     mean_recurrence: int = 8  # training mean of r; also sets the "takase" out-projection scale
     backprop_depth: int = 4  # k: at most this many steps get gradient (truncated backprop)
     dtype: str = "float32"  # compute dtype; parameters are always float32
-    remat: bool = True  # jax.checkpoint around each gradient-carrying recurrence step
+    remat: bool = True  # rematerialise in the backward pass (false: store every activation)
+    # What the backward pass recomputes instead of storing, when `remat` is true:
+    #   core (Huginn's "activation checkpointing per iteration"): each gradient-carrying core step
+    #     from its input state; prelude and coda blocks keep their activations
+    #   full: as core, and each prelude and coda block from its input
+    #   save_dots: as full, but keeping the outputs of the weight matmuls
+    #   save_attention_out: as full, but keeping each attention's output (and its softmax
+    #     statistics where the kernel has them), so the attention itself is not recomputed
+    #   save_qkv_attention_out: as save_attention_out, also keeping q, k and v (after RoPE)
+    #   none: nothing (the same as remat: false)
+    remat_policy: str = "core"
+    REMAT_POLICIES: typing.ClassVar[tuple[str, ...]] = (
+        "core", "full", "save_dots", "save_attention_out", "save_qkv_attention_out", "none")
     # Extension, not in Huginn (0 = off): add the embeddings of the previous `token_shift` visible
     # tokens, each through its own d×d matrix (initialised to zero), to a token's input embedding.
     # A token then knows its neighbours before any attention, so binding "c=b" at one position
@@ -83,6 +95,8 @@ class ModelConfig:
                  self.adapter_init, "must be 'normal' (Huginn) or 'identity' ([I; I])")
         _require(isinstance(self.token_shift, int) and 0 <= self.token_shift <= 8,
                  "model.token_shift", self.token_shift, "must be an integer in [0, 8] (0 = off)")
+        _require(self.remat_policy in self.REMAT_POLICIES, "model.remat_policy",
+                 self.remat_policy, f"must be one of {self.REMAT_POLICIES}")
 
     @property
     def head_dim(self) -> int:

@@ -6,7 +6,7 @@ prefix); the kernels that compute attention itself live in `rdlm.model.kernels`.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -19,14 +19,25 @@ from rdlm.config import ModelConfig
 KV = tuple[jax.Array, jax.Array]
 
 
-class AttentionContext(NamedTuple):
-    """What every attention layer of one forward pass shares."""
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionContext:
+    """What every attention layer of one forward pass shares (a pytree: the arrays are its
+    leaves, ``mesh`` is static)."""
 
     rope_cos_bt1f: jax.Array  # f = head_dim / 2 rotation frequencies
     rope_sin_bt1f: jax.Array
     # True where query t may attend to key s; None means plain causal attention (no [b, t, s]
     # mask is built at all).
     mask_b1ts: jax.Array | None
+    # Set when ``mask_b1ts`` is exactly "causal within equal segment ids": the fused kernels
+    # (`rdlm.model.kernels`) then take these ids instead of the [b, t, s] mask, which XLA drops
+    # as dead code when nothing else reads it.
+    segment_ids_bt: jax.Array | None = None
+    # The device mesh the batch is sharded over, if any: the Pallas kernels run per shard
+    # (`shard_map`), since XLA cannot partition a custom kernel by itself.
+    mesh: jax.sharding.Mesh | None = dataclasses.field(default=None,
+                                                      metadata={"static": True})
 
 
 def segment_positions(segment_ids_bt: jax.Array) -> jax.Array:
@@ -51,7 +62,8 @@ def rope_angles(positions_bt: jax.Array, head_dim: int, base: float
 def attention_context(cfg: ModelConfig, batch: int, length: int, *,
                       segment_ids: jax.Array | None = None,
                       positions: jax.Array | None = None,
-                      branch_ids: jax.Array | None = None) -> AttentionContext:
+                      branch_ids: jax.Array | None = None,
+                      mesh: jax.sharding.Mesh | None = None) -> AttentionContext:
     """Causal mask (within a segment when packed) and RoPE angles for a [batch, length] input.
 
     Segment ids mark packed documents (and id 0 conventionally marks padding): a token attends only
@@ -62,6 +74,8 @@ def attention_context(cfg: ModelConfig, batch: int, length: int, *,
     of branch k > 0 sees the trunk and its own branch only. A token's position is the number of
     tokens it sees before it, so every branch computes exactly what it would alone after the trunk
     (several questions about one context, each isolated from the others' answers).
+
+    ``mesh``: the mesh the batch is sharded over (for the kernels' `shard_map`), if any.
     """
     causal_tt = jnp.tril(jnp.ones((length, length), bool))
     if segment_ids is None and branch_ids is None:
@@ -79,7 +93,8 @@ def attention_context(cfg: ModelConfig, batch: int, length: int, *,
         default_positions = mask_bts.sum(-1) - 1
     positions = default_positions if positions is None else positions
     cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_base)
-    return AttentionContext(cos, sin, mask_b1ts)
+    kernel_segments_bt = segment_ids if branch_ids is None else None
+    return AttentionContext(cos, sin, mask_b1ts, kernel_segments_bt, mesh)
 
 
 def previous_positions(batch: int, length: int, num: int, mask_b1ts: jax.Array | None

@@ -7,8 +7,14 @@ runs underneath depends on the backend and the shape:
   the key blocks above the diagonal (`causal_attention`), and, while decoding (few rows), the
   weights-first orientation that XLA:CPU's small-row matmuls prefer, with the weights stored once
   in the loop layout (`to_loop_layout`).
-- GPU: plain causal attention in 16-bit floats goes to cuDNN's fused kernel.
-- TPU: the same XLA paths; a Pallas kernel plugs in at `attention`.
+- GPU: plain causal attention in 16-bit floats goes to cuDNN's fused kernel; causal attention
+  within packed segments to a Pallas flash kernel (`rdlm.model.pallas_attention`), since JAX's
+  cuDNN attention takes padding lengths but not segment ids.
+- TPU: causal attention, plain or within packed segments, goes to the Pallas splash kernel.
+- Everywhere: other masks (branches) and attention over a KV cache use the XLA paths here.
+
+`choose_attention` is the whole decision, a pure function of the target platform, dtype, mask
+kind and shape.
 
 Measured effects of each choice are in docs/performance.md.
 """
@@ -24,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from rdlm.model import pallas_attention
 from rdlm.model.attention import KV
 
 @jax.custom_vjp
@@ -161,25 +168,86 @@ def attend_with_prefix(q_bthe: jax.Array, k_bthe: jax.Array, v_bthe: jax.Array, 
 
 
 
-def _cudnn_attention(q_bthe: jax.Array, mask_b1ts: jax.Array | None) -> bool:
-    """Whether plain causal attention goes to cuDNN's fused kernel: on a GPU, in 16-bit floats,
-    with no mask beyond causality (packed segments and branches take `causal_attention`)."""
-    return (mask_b1ts is None and q_bthe.dtype in (jnp.bfloat16, jnp.float16)
-            and jax.default_backend() == "gpu")
+# What `attention` runs: XLA's blocked causal attention, attention over a KV cache, cuDNN's
+# fused kernel, TPU splash attention or the Pallas GPU flash kernel.
+BLOCKED, CACHE, CUDNN, SPLASH, GPU_FLASH = "blocked", "cache", "cudnn", "splash", "gpu_flash"
+# The mask kinds: none beyond causality; causal within packed segments (ids, no [b, t, s] mask
+# needed); any other mask that only removes keys (branches).
+CAUSAL, SEGMENTS, MASKED = "causal", "segments", "masked"
+
+
+def choose_attention(platform: str, dtype: Any, mask_kind: str, length: int,
+                     with_cache: bool = False, per_shard: bool = True) -> str:
+    """Which kernel computes attention of ``length`` queries on ``platform`` ("cpu", "gpu",
+    "tpu"), in ``dtype``, under a ``mask_kind`` mask; ``with_cache``: over a KV cache too.
+    ``per_shard``: whether a Pallas kernel can be run per shard (there is a mesh, or a single
+    device): XLA cannot partition a Pallas kernel itself and refuses to compile one in a
+    program sharded over several devices.
+
+    - A cache (decoding, verification): `attend_with_prefix` everywhere. Its masks are arbitrary
+      (exited tokens read older slots, cache sharing), which no fused kernel takes, and one
+      decoding step is bound by reading the cache, which XLA's two dots already do once.
+    - TPU: splash attention for causal and segment masks whenever 128 divides the length.
+    - GPU, 16-bit: cuDNN for plain causal attention, the Pallas flash kernel for segments.
+      Float32 stays on XLA (both fused kernels would compute the dots at lower precision).
+    - Otherwise (CPU, branch masks, odd lengths): the blocked XLA attention.
+    """
+    if with_cache:
+        return CACHE
+    if mask_kind not in (CAUSAL, SEGMENTS):
+        return BLOCKED
+    if platform == "tpu" and per_shard and pallas_attention.splash_block(length) is not None:
+        return SPLASH
+    if platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+        if mask_kind == CAUSAL:  # XLA partitions cuDNN's kernel itself
+            return CUDNN
+        if per_shard and pallas_attention.gpu_flash_fits(length):
+            return GPU_FLASH
+    return BLOCKED
+
+
+def target_platform(mesh: jax.sharding.Mesh | None) -> str:
+    """The platform the program is compiled for: the mesh's devices when there is a mesh (a TPU
+    topology compiled ahead of time from a CPU host), else JAX's default backend."""
+    if mesh is not None:
+        return mesh.devices.flat[0].platform
+    return jax.default_backend()
+
+
+def mask_kind(mask_b1ts: jax.Array | None, segment_ids_bt: jax.Array | None) -> str:
+    """`CAUSAL` without a mask, `SEGMENTS` when the mask is exactly "same segment" (the ids are
+    given), `MASKED` for any other mask."""
+    if mask_b1ts is None and segment_ids_bt is None:
+        return CAUSAL
+    return SEGMENTS if segment_ids_bt is not None else MASKED
 
 
 def attention(q_bthe: jax.Array, k_bthe: jax.Array, v_bthe: jax.Array,
-              mask_b1ts: jax.Array | None, kv_prefix: KV | None = None) -> jax.Array:
+              mask_b1ts: jax.Array | None, kv_prefix: KV | None = None, *,
+              segment_ids_bt: jax.Array | None = None,
+              mesh: jax.sharding.Mesh | None = None) -> jax.Array:
     """Attention of a block of queries over its own keys, after ``kv_prefix`` (a cache) if given.
 
     Without a prefix the attention is causal and ``mask_b1ts`` (None: plain causal) may only
-    remove keys; with one, ``mask_b1ts`` covers the cached and the new keys.
+    remove keys; ``segment_ids_bt`` says that the mask is exactly causal within equal ids (the
+    fused kernels take the ids instead of the mask). With a prefix, ``mask_b1ts`` covers the
+    cached and the new keys. ``mesh``: the device mesh the batch is sharded over, if any.
     """
-    if kv_prefix is not None:
+    kind = choose_attention(target_platform(mesh), q_bthe.dtype,
+                            mask_kind(mask_b1ts, segment_ids_bt), q_bthe.shape[1],
+                            with_cache=kv_prefix is not None,
+                            per_shard=mesh is not None or jax.device_count() == 1)
+    if kind == CACHE:
         return attend_with_prefix(q_bthe, k_bthe, v_bthe, kv_prefix, mask_b1ts)
-    if _cudnn_attention(q_bthe, mask_b1ts):
+    if kind == CUDNN:
         return jax.nn.dot_product_attention(q_bthe, k_bthe, v_bthe, is_causal=True,
                                             implementation="cudnn")
+    if kind == SPLASH:
+        return pallas_attention.splash_attention(q_bthe, k_bthe, v_bthe, segment_ids_bt,
+                                                 mesh=mesh)
+    if kind == GPU_FLASH:
+        return pallas_attention.gpu_flash_attention(q_bthe, k_bthe, v_bthe, segment_ids_bt,
+                                                    mesh=mesh)
     return causal_attention(q_bthe, k_bthe, v_bthe, mask_b1ts)
 
 

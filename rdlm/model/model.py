@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,12 +29,14 @@ import numpy as np
 import optax
 from flax import nnx
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from rdlm.config import ModelConfig
 from rdlm.model import recurrence
 from rdlm.model.attention import (KV, AttentionContext, apply_rope, attention_context,
                                   previous_positions, previous_tokens)
 from rdlm.model.kernels import attention, fused_projection, project
+from rdlm.model.pallas_attention import SPLASH_LSE_NAME
 
 Params = dict[str, Any]
 
@@ -89,14 +91,19 @@ class Attention(nnx.Module):
         """
         dtype = x_btd.dtype
         b, t, d = x_btd.shape
-        q_bthe, k_bthe, v_bthe = fused_projection(x_btd, self.wqkv[...])
+        # The names are what the remat policies (`REMAT_SAVES`) may keep for the backward pass.
+        q_bthe, k_bthe, v_bthe = (checkpoint_name(x, name) for x, name in zip(
+            fused_projection(x_btd, self.wqkv[...]), ("q_proj", "k_proj", "v_proj")))
         if self.qk_bias is not None:
             bias = self.qk_bias[...].astype(dtype)
             q_bthe, k_bthe = q_bthe + bias[0], k_bthe + bias[1]
-        q_bthe = apply_rope(q_bthe, ctx.rope_cos_bt1f, ctx.rope_sin_bt1f)
-        k_bthe = apply_rope(k_bthe, ctx.rope_cos_bt1f, ctx.rope_sin_bt1f)
-        out_bthe = attention(q_bthe, k_bthe, v_bthe, ctx.mask_b1ts, kv_prefix)
-        out_btd = project(out_bthe.reshape(b, t, d), self.proj[...])
+        q_bthe = checkpoint_name(apply_rope(q_bthe, ctx.rope_cos_bt1f, ctx.rope_sin_bt1f), "query")
+        k_bthe = checkpoint_name(apply_rope(k_bthe, ctx.rope_cos_bt1f, ctx.rope_sin_bt1f), "key")
+        v_bthe = checkpoint_name(v_bthe, "value")
+        out_bthe = attention(q_bthe, k_bthe, v_bthe, ctx.mask_b1ts, kv_prefix,
+                             segment_ids_bt=ctx.segment_ids_bt, mesh=ctx.mesh)
+        out_bthe = checkpoint_name(out_bthe, "attention_out")
+        out_btd = checkpoint_name(project(out_bthe.reshape(b, t, d), self.proj[...]), "out_proj")
         return out_btd, (k_bthe.transpose(0, 2, 1, 3), v_bthe.transpose(0, 2, 1, 3))
 
 
@@ -109,8 +116,9 @@ class GatedMLP(nnx.Module):
         self.proj = _param(_truncated_normal(rngs, (m, d), out_std), "mlp", "embed")
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
-        gate_btm, up_btm = fused_projection(x_btd, self.fc[...])
-        return project(jax.nn.silu(gate_btm) * up_btm, self.proj[...])
+        gate_btm, up_btm = (checkpoint_name(x, name) for x, name in zip(
+            fused_projection(x_btd, self.fc[...]), ("mlp_gate", "mlp_up")))
+        return checkpoint_name(project(jax.nn.silu(gate_btm) * up_btm, self.proj[...]), "mlp_out")
 
 
 class SandwichBlock(nnx.Module):
@@ -132,12 +140,64 @@ class SandwichBlock(nnx.Module):
         return x_btd, kv
 
 
+# ---------------------------------------------------------------------------------------------
+# Rematerialisation: what each `ModelConfig.remat_policy` keeps for the backward pass.
+
+# The weight matmuls' outputs, by the names the layers give them.
+DOT_NAMES = ("q_proj", "k_proj", "v_proj", "out_proj", "mlp_gate", "mlp_up", "mlp_out", "adapter")
+# Per policy, the named values a rematerialised region keeps (the rest is recomputed).
+REMAT_SAVES: dict[str, tuple[str, ...]] = {
+    "core": (),
+    "full": (),
+    "save_dots": DOT_NAMES,
+    "save_attention_out": ("attention_out", SPLASH_LSE_NAME),
+    "save_qkv_attention_out": ("query", "key", "value", "attention_out", SPLASH_LSE_NAME),
+}
+
+
+class RematPlan(NamedTuple):
+    """Where `jax.checkpoint` goes and what it saves (``policy`` None: only the inputs)."""
+
+    core: bool  # around each gradient-carrying core step
+    blocks: bool  # around each prelude and coda block
+    policy: Callable[..., bool] | None
+
+
+def remat_plan(cfg: ModelConfig) -> RematPlan:
+    """The `RematPlan` of ``cfg.remat`` and ``cfg.remat_policy``."""
+    name = cfg.remat_policy if cfg.remat else "none"
+    if name == "none":
+        return RematPlan(False, False, None)
+    saves = REMAT_SAVES[name]
+    policy = jax.checkpoint_policies.save_only_these_names(*saves) if saves else None
+    return RematPlan(core=True, blocks=name != "core", policy=policy)
+
+
+def _checkpointed_block(block: SandwichBlock, policy: Callable[..., bool] | None
+                        ) -> Callable[[jax.Array, AttentionContext], tuple[jax.Array, KV]]:
+    """``block`` as a function rematerialised in the backward pass (saving what ``policy``
+    allows): its parameters enter as arguments, so their gradients flow through the checkpoint."""
+    graphdef, state = nnx.split(block)
+
+    def apply(state: Any, x_btd: jax.Array, ctx: AttentionContext) -> tuple[jax.Array, KV]:
+        return nnx.merge(graphdef, state)(x_btd, ctx)
+
+    return functools.partial(jax.checkpoint(apply, policy=policy), state)
+
+
 def run_blocks(blocks: nnx.List, x_btd: jax.Array, ctx: AttentionContext,
-               kv_prefixes: list[KV] | None = None) -> tuple[jax.Array, list[KV]]:
-    """A stack of blocks (a handful: unrolled); returns each block's new keys/values."""
+               kv_prefixes: list[KV] | None = None, remat: RematPlan | None = None
+               ) -> tuple[jax.Array, list[KV]]:
+    """A stack of blocks (a handful: unrolled); returns each block's new keys/values.
+
+    ``remat``: rematerialise each block in the backward pass when ``remat.blocks`` (training).
+    """
     kvs = []
     for i, block in enumerate(blocks):
-        x_btd, kv = block(x_btd, ctx, None if kv_prefixes is None else kv_prefixes[i])
+        if remat is not None and remat.blocks and kv_prefixes is None:
+            x_btd, kv = _checkpointed_block(block, remat.policy)(x_btd, ctx)
+        else:
+            x_btd, kv = block(x_btd, ctx, None if kv_prefixes is None else kv_prefixes[i])
         kvs.append(kv)
     return x_btd, kvs
 
@@ -158,7 +218,7 @@ class RecurrentCore(nnx.Module):
                  kv_prefixes: list[KV] | None = None) -> tuple[jax.Array, list[KV]]:
         # State first, then e: the order the published adapter weights expect.
         x_btd = jnp.concatenate([state_btd, embedded_btd.astype(state_btd.dtype)], axis=-1)
-        x_btd = project(x_btd, self.adapter[...])
+        x_btd = checkpoint_name(project(x_btd, self.adapter[...]), "adapter")
         return run_blocks(self.blocks, x_btd, ctx, kv_prefixes)
 
 
@@ -222,15 +282,17 @@ class RecurrentDepthLM(nnx.Module):
 
     def apply_prelude(self, tokens_bt: jax.Array, ctx: AttentionContext,
               kv_prefixes: list[KV] | None = None,
-              previous_kbt: jax.Array | None = None) -> tuple[jax.Array, list[KV]]:
+              previous_kbt: jax.Array | None = None,
+              remat: RematPlan | None = None) -> tuple[jax.Array, list[KV]]:
         """Prelude: e = prelude_blocks(`input_embeddings`)."""
         return run_blocks(self.prelude, self.input_embeddings(tokens_bt, ctx, previous_kbt), ctx,
-                          kv_prefixes)
+                          kv_prefixes, remat)
 
     def apply_coda(self, state_btd: jax.Array, ctx: AttentionContext,
-               kv_prefixes: list[KV] | None = None) -> tuple[jax.Array, list[KV]]:
+               kv_prefixes: list[KV] | None = None,
+               remat: RematPlan | None = None) -> tuple[jax.Array, list[KV]]:
         """Coda: logits = wte^T ln_f(coda_blocks(ln_f(s_r))), in float32, no logit scaling."""
-        x_btd, kvs = run_blocks(self.coda, self.ln_f(state_btd), ctx, kv_prefixes)
+        x_btd, kvs = run_blocks(self.coda, self.ln_f(state_btd), ctx, kv_prefixes, remat)
         x_btd = self.ln_f(x_btd)
         logits_btv = jnp.einsum("btd,vd->btv", x_btd, self.wte[...].astype(self.dtype),
                                 preferred_element_type=jnp.float32)
@@ -348,15 +410,20 @@ def _check_tokens(tokens_bt: jax.Array, cfg: ModelConfig) -> None:
 def _run(params: Params, tokens_bt: jax.Array, cfg: ModelConfig, recur: Any, *,
          key: jax.Array | None, init_scale: float | jax.Array, init_state: jax.Array | None,
          segment_ids: jax.Array | None, positions: jax.Array | None,
-         branch_ids: jax.Array | None = None, constrain: Constrain | None = None
-         ) -> tuple[jax.Array, dict]:
-    """prelude → ``recur(step, consts, s_0)`` → coda; shared by `forward` and `forward_train`."""
+         branch_ids: jax.Array | None = None, constrain: Constrain | None = None,
+         remat: RematPlan | None = None) -> tuple[jax.Array, dict]:
+    """prelude → ``recur(step, consts, s_0)`` → coda; shared by `forward` and `forward_train`.
+
+    ``remat``: the prelude's and coda's share of the training's `RematPlan`.
+    """
     _check_tokens(tokens_bt, cfg)
     model = bind(params, cfg)
     b, t = tokens_bt.shape
+    # The state constraint knows the mesh the batch is sharded over: the attention kernels
+    # that XLA cannot partition run per shard of it.
     ctx = attention_context(cfg, b, t, segment_ids=segment_ids, positions=positions,
-                            branch_ids=branch_ids)
-    embedded_btd, _ = model.apply_prelude(tokens_bt, ctx)
+                            branch_ids=branch_ids, mesh=getattr(constrain, "mesh", None))
+    embedded_btd, _ = model.apply_prelude(tokens_bt, ctx, remat=remat)
     if init_state is None:
         state_btd = initial_state(cfg, embedded_btd.shape, key=key, init_scale=init_scale)
     else:
@@ -367,7 +434,7 @@ def _run(params: Params, tokens_bt: jax.Array, cfg: ModelConfig, recur: Any, *,
     if constrain is not None:
         embedded_btd, state_btd = constrain(embedded_btd), constrain(state_btd)
     state_btd, aux = recur(_step_fn(cfg, constrain), (params["core"], embedded_btd, ctx), state_btd)
-    logits_btv, _ = model.apply_coda(state_btd, ctx)
+    logits_btv, _ = model.apply_coda(state_btd, ctx, remat=remat)
     aux["state"] = state_btd
     return logits_btv, aux
 
@@ -433,7 +500,8 @@ def forward_train(params: Params, tokens_bt: jax.Array, cfg: ModelConfig, *,
                   branch_ids: jax.Array | None = None, constrain: Constrain | None = None
                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """`forward` with truncated backprop: ``n_no_grad`` steps without gradient, then
-    ``n_grad <= cfg.backprop_depth`` steps with gradient (each rematerialised when ``cfg.remat``).
+    ``n_grad <= cfg.backprop_depth`` steps with gradient, rematerialised as ``cfg.remat`` and
+    ``cfg.remat_policy`` say (`remat_plan`).
 
     Both counts may be traced: one compilation serves every sampled depth.
     """
@@ -445,15 +513,18 @@ def forward_train(params: Params, tokens_bt: jax.Array, cfg: ModelConfig, *,
 @functools.partial(jax.jit, static_argnums=(2, 10))
 def _forward_train(params, tokens_bt, cfg, n_no_grad, n_grad, key, init_scale, init_state,
                    segment_ids, branch_ids, constrain):
+    plan = remat_plan(cfg)
+
     def recur(step, consts, state):
         state = recurrence.iterate_no_grad(step, consts, state, n_no_grad)
         state = recurrence.iterate_with_grad(
-            step, consts, state, n_grad, cfg.backprop_depth, remat=cfg.remat,
-            mask_skipped=recurrence.mostly_full_backprop(cfg.mean_recurrence, cfg.backprop_depth))
+            step, consts, state, n_grad, cfg.backprop_depth, remat=plan.core,
+            mask_skipped=recurrence.mostly_full_backprop(cfg.mean_recurrence, cfg.backprop_depth),
+            policy=plan.policy)
         return state, {}
     return _run(params, tokens_bt, cfg, recur, key=key, init_scale=init_scale,
                 init_state=init_state, segment_ids=segment_ids, positions=None,
-                branch_ids=branch_ids, constrain=constrain)
+                branch_ids=branch_ids, constrain=constrain, remat=plan)
 
 
 def lm_loss(params: Params, batch: dict[str, jax.Array], cfg: ModelConfig, *,

@@ -43,7 +43,8 @@ def iterate_no_grad(step: StepFn, consts: Any, state: State, num_steps: int | ja
 
 
 def iterate_with_grad(step: StepFn, consts: Any, state: State, num_steps: int | jax.Array,
-                      max_steps: int, remat: bool = True, mask_skipped: bool = False) -> State:
+                      max_steps: int, remat: bool = True, mask_skipped: bool = False,
+                      policy: Callable[..., bool] | None = None) -> State:
     """Apply ``step`` ``num_steps <= max_steps`` times, differentiably, compiled once for all counts.
 
     A fixed-length ``scan`` of ``max_steps`` iterations. The steps past ``num_steps`` are skipped
@@ -52,9 +53,9 @@ def iterate_with_grad(step: StepFn, consts: Any, state: State, num_steps: int | 
     iteration (docs/performance.md), at the price of computing the skipped
     steps — right when ``num_steps`` is almost always ``max_steps``. With ``remat`` each step is a
     ``jax.checkpoint`` so the backward pass stores one state per step instead of every activation
-    inside it.
+    inside it, plus whatever ``policy`` (a `jax.checkpoint_policies` entry) saves.
     """
-    body = jax.checkpoint(step) if remat else step
+    body = jax.checkpoint(step, policy=policy) if remat else step
 
     def scan_body(s: State, i: jax.Array) -> tuple[State, None]:
         if mask_skipped:

@@ -1,0 +1,215 @@
+"""The attention kernels against reference attention, the backend dispatch, and the remat menu.
+
+The Pallas kernels (TPU splash attention, the GPU flash kernel) run in Pallas' interpreter on
+the CPU: the same kernel bodies, values and gradients, with packed segments, in float32 and
+bfloat16. Shapes are small but span several tiles, so block skipping and the segment masks
+inside tiles are exercised.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import rdlm
+from rdlm.config import ModelConfig
+from rdlm.model import kernels as K
+from rdlm.model import model as M
+from rdlm.model import pallas_attention as P
+from rdlm.runtime import sharding
+
+# The residuals a backward pass keeps (JAX's own tool behind print_saved_residuals).
+from jax._src.ad_checkpoint import saved_residuals  # noqa: E402
+
+B, T, H, E = 2, 256, 2, 24  # head_dim 24: not a power of two, as Huginn's 96 is not
+
+
+def _qkv_probe_segments() -> tuple[list[jax.Array], jax.Array, jax.Array]:
+    q, k, v, probe = (jax.random.normal(jax.random.key(i), (B, T, H, E)) for i in range(4))
+    # Row 0: two documents split inside the second tile; row 1: three, the last one short.
+    starts = jnp.array([[0, 90, T], [0, 130, 250]])
+    seg_bt = (jnp.arange(T)[None, None, :] >= starts[:, :, None]).sum(1).astype(jnp.int32)
+    return [q, k, v], probe, seg_bt
+
+
+def _reference(q, k, v, seg_bt):
+    """Dense float32 attention, causal within segments (XLA's path of jax.nn)."""
+    mask = jnp.tril(jnp.ones((T, T), bool))[None] & (seg_bt[:, :, None] == seg_bt[:, None, :])
+    return jax.nn.dot_product_attention(*(x.astype(jnp.float32) for x in (q, k, v)),
+                                        mask=mask[:, None], implementation="xla")
+
+
+def _value_and_grads(fn, qkv, probe):
+    @jax.jit
+    def run(q, k, v, probe):
+        out, vjp = jax.vjp(fn, q, k, v)
+        return out, vjp(probe.astype(out.dtype))
+    return run(*qkv, probe)
+
+
+@pytest.mark.parametrize("kernel", ["splash", "gpu_flash"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_pallas_kernel_matches_reference_values_and_gradients(kernel, dtype):
+    qkv, probe, seg_bt = _qkv_probe_segments()
+    fn = {"splash": functools.partial(P.splash_attention, block=128, interpret=True),
+          "gpu_flash": functools.partial(P.gpu_flash_attention, interpret=True)}[kernel]
+    got, got_grads = _value_and_grads(lambda q, k, v: fn(q, k, v, seg_bt),
+                                      [x.astype(dtype) for x in qkv], probe)
+    want, want_grads = _value_and_grads(lambda q, k, v: _reference(q, k, v, seg_bt),
+                                        [x.astype(dtype) for x in qkv], probe)
+    assert got.dtype == jnp.dtype(dtype) and got.shape == (B, T, H, E)
+    # float32: the same math in another order; bfloat16: 8-bit mantissas of the inputs to the
+    # second dot (probabilities, values) against the float32 reference.
+    tol = dict(float32=dict(rtol=2e-5, atol=2e-5), bfloat16=dict(rtol=0, atol=3e-2))[dtype]
+    np.testing.assert_allclose(got.astype(jnp.float32), want, **tol)
+    for g, w in zip(got_grads, want_grads):
+        scale = float(jnp.abs(w).max())
+        np.testing.assert_allclose(g.astype(jnp.float32) / scale, w.astype(jnp.float32) / scale,
+                                   **(dict(rtol=0, atol=1e-5) if dtype == "float32"
+                                      else dict(rtol=0, atol=4e-2)))
+
+
+def test_splash_without_segments_is_plain_causal_attention():
+    qkv, _, _ = _qkv_probe_segments()
+    got = jax.jit(lambda q, k, v: P.splash_attention(q, k, v, None, block=128, interpret=True))(
+        *qkv)
+    np.testing.assert_allclose(got, K.causal_attention(*qkv, None), rtol=2e-5, atol=2e-5)
+
+
+def test_splash_refuses_a_tile_that_does_not_cover_the_sequence():
+    qkv, _, _ = _qkv_probe_segments()
+    with pytest.raises(ValueError, match="multiple of 128"):
+        P.splash_attention(*(x[:, :200] for x in qkv), None, interpret=True)
+
+
+def test_splash_tiles_for_huginn_context():
+    assert P.splash_block(4096) == 512 and P.splash_block(384) == 384
+    assert P.splash_block(640) == 128 and P.splash_block(200) is None
+
+
+@pytest.mark.parametrize("platform, dtype, mask, length, cache, per_shard, want", [
+    # CPU: the blocked XLA attention, whatever the mask; a cache: attention over the prefix.
+    ("cpu", "bfloat16", K.CAUSAL, 4096, False, True, K.BLOCKED),
+    ("cpu", "float32", K.SEGMENTS, 4096, False, True, K.BLOCKED),
+    ("cpu", "float32", K.MASKED, 1, True, True, K.CACHE),
+    # TPU: splash for causal and segments when 128 divides the length, in either dtype.
+    ("tpu", "bfloat16", K.CAUSAL, 4096, False, True, K.SPLASH),
+    ("tpu", "float32", K.SEGMENTS, 4096, False, True, K.SPLASH),
+    ("tpu", "bfloat16", K.SEGMENTS, 4000, False, True, K.BLOCKED),
+    ("tpu", "bfloat16", K.MASKED, 4096, False, True, K.BLOCKED),  # branches
+    ("tpu", "bfloat16", K.SEGMENTS, 4096, False, False, K.BLOCKED),  # sharded, no mesh
+    ("tpu", "bfloat16", K.CAUSAL, 1, True, True, K.CACHE),  # decoding
+    # GPU: cuDNN for plain causal 16-bit, the Pallas flash kernel for packed segments.
+    ("gpu", "bfloat16", K.CAUSAL, 4096, False, True, K.CUDNN),
+    ("gpu", "float16", K.CAUSAL, 4096, False, False, K.CUDNN),  # XLA partitions cuDNN itself
+    ("gpu", "bfloat16", K.SEGMENTS, 4096, False, True, K.GPU_FLASH),
+    ("gpu", "bfloat16", K.SEGMENTS, 4096, False, False, K.BLOCKED),
+    ("gpu", "bfloat16", K.SEGMENTS, 100, False, True, K.BLOCKED),
+    ("gpu", "float32", K.SEGMENTS, 4096, False, True, K.BLOCKED),
+    ("gpu", "float32", K.CAUSAL, 4096, False, True, K.BLOCKED),
+    ("gpu", "bfloat16", K.MASKED, 4096, False, True, K.BLOCKED),
+])
+def test_dispatch_picks_the_kernel_for_backend_and_mask(platform, dtype, mask, length, cache,
+                                                        per_shard, want):
+    assert K.choose_attention(platform, dtype, mask, length, with_cache=cache,
+                              per_shard=per_shard) == want
+
+
+def test_mask_kind_follows_the_attention_context():
+    seg_bt = jnp.array([[1, 1, 2, 2]])
+    plain = rdlm.attention_context(rdlm.ModelConfig(), 1, 4)
+    packed = rdlm.attention_context(rdlm.ModelConfig(), 1, 4, segment_ids=seg_bt)
+    branched = rdlm.attention_context(rdlm.ModelConfig(), 1, 4, segment_ids=seg_bt,
+                                      branch_ids=jnp.array([[0, 0, 1, 2]]))
+    assert K.mask_kind(plain.mask_b1ts, plain.segment_ids_bt) == K.CAUSAL
+    assert K.mask_kind(packed.mask_b1ts, packed.segment_ids_bt) == K.SEGMENTS
+    assert K.mask_kind(branched.mask_b1ts, branched.segment_ids_bt) == K.MASKED
+    assert K.target_platform(None) == jax.default_backend()
+
+
+def test_kernel_mesh_axes_follow_the_sharding_rules():
+    assert sharding.DEFAULT_RULES["batch"] == P.BATCH_MESH_AXES
+    assert sharding.DEFAULT_RULES["heads"] == P.HEAD_MESH_AXIS
+
+
+# ---------------------------------------------------------------------------------------------
+# The remat menu.
+
+CFG = ModelConfig(vocab_size=32, d_model=16, n_heads=2, mlp_dim=24, n_prelude=1, n_core=1,
+                  n_coda=1, max_seq_len=16, mean_recurrence=3, backprop_depth=2)
+
+
+def _batch() -> dict[str, jax.Array]:
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, CFG.vocab_size)
+    seg = (jnp.arange(16)[None] >= jnp.array([[5], [11]])).astype(jnp.int32) + 1
+    return {"inputs": tokens, "targets": jnp.roll(tokens, -1, 1), "segment_ids": seg}
+
+
+def _loss_fn(cfg: ModelConfig, n_no_grad: int = 1):
+    return lambda p, batch: rdlm.lm_loss(p, batch, cfg, n_no_grad=n_no_grad, n_grad=2,
+                                         key=jax.random.key(2))[0]
+
+
+def _with(**changes) -> ModelConfig:
+    return ModelConfig(**{**CFG.__dict__, **changes})
+
+
+@pytest.mark.parametrize("name", [n for n in ModelConfig.REMAT_POLICIES if n != "none"])
+def test_every_remat_policy_gives_a_block_stack_the_gradients_of_none(name):
+    """Prelude/coda blocks under each policy: the same values and gradients as storing all."""
+    params = rdlm.init_params(CFG, jax.random.key(0))
+    x_btd = jax.random.normal(jax.random.key(3), (2, 16, CFG.d_model))
+    ctx = rdlm.attention_context(CFG, 2, 16, segment_ids=_batch()["segment_ids"])
+
+    def loss(p, x, plan):
+        blocks = M.bind(p, CFG).prelude
+        y_btd, _ = M.run_blocks(blocks, M.run_blocks(blocks, x, ctx, remat=plan)[0], ctx,
+                                remat=plan)
+        return jnp.sum(jnp.sin(y_btd))
+
+    plan = M.remat_plan(_with(remat_policy=name))
+    plan = plan._replace(blocks=True)  # "core" leaves blocks alone: check its policy on them too
+    want = jax.value_and_grad(loss, argnums=(0, 1))(params, x_btd, None)
+    got = jax.value_and_grad(loss, argnums=(0, 1))(params, x_btd, plan)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_full_remat_of_the_whole_model_gives_the_loss_and_gradients_of_none():
+    """Core steps, prelude and coda all rematerialised: the training loss and every gradient."""
+    params = rdlm.init_params(CFG, jax.random.key(0))
+    batch = _batch()
+    (loss, grads), (want_loss, want_grads) = (
+        jax.jit(jax.value_and_grad(_loss_fn(_with(remat_policy=name), n_no_grad=0)))(
+            params, batch) for name in ("full", "none"))
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
+
+
+def test_remat_policies_store_what_they_say():
+    """Bytes the backward pass keeps: none > core (prelude and coda stored) > full; saving the
+    matmuls or the attention output keeps more than full; remat=false is none."""
+    params = rdlm.init_params(CFG, jax.random.key(0))
+    batch = _batch()
+
+    def saved_bytes(**changes):
+        cfg = ModelConfig(**{**CFG.__dict__, **changes})
+        residuals = saved_residuals(_loss_fn(cfg), params, batch)
+        return sum(a.size * a.dtype.itemsize for a, _ in residuals)
+
+    sizes = {name: saved_bytes(remat_policy=name) for name in ModelConfig.REMAT_POLICIES}
+    assert sizes["none"] > sizes["core"] > sizes["full"]
+    assert sizes["save_dots"] > sizes["save_qkv_attention_out"] > sizes["save_attention_out"] \
+        > sizes["full"]
+    assert saved_bytes(remat=False, remat_policy="full") == sizes["none"]
+    assert M.remat_plan(CFG) == M.RematPlan(core=True, blocks=False, policy=None)  # the default
+
+
+def test_unknown_remat_policy_is_refused_with_the_menu():
+    with pytest.raises(rdlm.ConfigError, match="model.remat_policy='minimal'.*save_dots"):
+        ModelConfig(remat_policy="minimal")
