@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import rdlm
-from rdlm.cli import convert, eval as eval_cli, sample
+from rdlm.cli import convert, eval as eval_cli, main, sample
 from rdlm.runtime import checkpoint
 from rdlm.runtime.checkpoint import CheckpointError
 from rdlm.runtime.integrity import MANIFEST
@@ -149,7 +149,7 @@ def test_sample_says_which_step_it_loaded_and_refuses_a_damaged_one(run, capsys)
     assert sample.cli(["--checkpoint", str(run), *tokens]) == 0
     assert f"loaded step 4 from {step_dir(run, 4)}\n" in capsys.readouterr().err
     flip_bytes(step_dir(run, 4))
-    assert sample.cli(["--checkpoint", str(step_dir(run, 4)), *tokens]) == 2
+    assert main(["sample", "--checkpoint", str(step_dir(run, 4)), *tokens]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: checkpoint '{step_dir(run, 4)}'")
     assert sample.cli(["--checkpoint", str(run), *tokens]) == 0
@@ -242,7 +242,7 @@ def test_read_errors_are_one_line_naming_the_path_and_the_fix(tmp_path, capfd):
     assert message.startswith(f"could not restore 'params' from '{corrupt}'")
     assert "load another checkpoint, or match the model config" in message
     capfd.readouterr()
-    assert sample.cli(["--checkpoint", str(corrupt), "--tokens", "1,2"]) == 2
+    assert main(["sample", "--checkpoint", str(corrupt), "--tokens", "1,2"]) == 2
     err = capfd.readouterr().err  # which read fails first varies: compare the line's form
     assert err.count("\n") == 1
     assert err.startswith(f"error: could not restore 'params' from '{corrupt}'")

@@ -8,13 +8,17 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+from rdlm.config import Config, check_num_steps
 from rdlm.errors import ConfigError
 from rdlm.generation.evaluate import evaluate_accuracy, format_table, read_problems
 from rdlm.runtime.checkpoint import load_params, say_on_stderr
+from rdlm.train.eval import TOKEN_SOURCES, held_out_loss, loss_table, plot_loss_vs_r
 
-DESCRIPTION = """Exact-match accuracy of a checkpoint on a reasoning task, for several numbers of steps r.
+DESCRIPTION = """A checkpoint at several numbers of steps r: held-out loss and perplexity for a
+model trained on text, exact-match accuracy for one trained on a reasoning task.
 
-    python -m rdlm eval --checkpoint runs/demo --task chains --num-steps 1,2,4,8,16,32,64
+    rdlm eval --checkpoint runs/text                       # loss vs r on the test split
+    rdlm eval --checkpoint runs/demo --task chains --num-steps 1,2,4,8,16,32,64
 
 Answers are decoded greedily in batches: prompts are right-padded into one buffer and every new
 token is one full causal forward pass (answers are a few tokens, so a KV cache buys little here),
@@ -29,8 +33,10 @@ def _parse_steps(text: str) -> list[int]:
     except ValueError:
         raise ConfigError(f"--num-steps {text!r} must be comma-separated integers, "
                           "e.g. 1,2,4,8") from None
-    if not steps or min(steps) < 1:
+    if not steps:
         raise ConfigError(f"--num-steps {text!r} must list integers >= 1.")
+    for r in steps:
+        check_num_steps(r, "--num-steps")
     return steps
 
 
@@ -43,6 +49,12 @@ def cli(argv: Sequence[str]) -> int:
     parser.add_argument("--difficulty", type=int, help="task level 1-5 (default: the config's)")
     parser.add_argument("--task-args", nargs="*", default=None, help="knob=value overrides")
     parser.add_argument("--num-steps", default="1,2,4,8,16,32,64", help="comma-separated r")
+    parser.add_argument("--num-batches", type=int, default=8,
+                        help="text models: batches of train.batch_size x train.seq_len tokens")
+    parser.add_argument("--allow-train-data", action="store_true",
+                        help="text models: measure the loss even when the split's files are the "
+                        "training files (data.paths without {split})")
+    parser.add_argument("--plot", help="text models: write the loss-vs-r plot (PNG) here")
     parser.add_argument("--problems", help="JSONL file of your own problems, one "
                         '{"question": ..., "answer": ...} per line (optional "steps": [...]), '
                         "instead of generated ones")
@@ -56,8 +68,10 @@ def cli(argv: Sequence[str]) -> int:
     parser.add_argument("--json", help="write the full result (with predictions) here")
     parser.add_argument("--markdown", help="write the table here")
     args = parser.parse_args(list(argv))
-
+    steps = _parse_steps(args.num_steps)
     cfg, params = load_params(args.checkpoint, report=say_on_stderr)
+    if cfg.data.source in TOKEN_SOURCES:
+        return _text_eval(args, cfg, params, steps)
     changes = {k: v for k, v in (("task", args.task), ("difficulty", args.difficulty),
                                  ("format", args.format)) if v is not None}
     if args.task_args is not None:
@@ -66,7 +80,7 @@ def cli(argv: Sequence[str]) -> int:
         changes["task_args"] = ()  # knobs of another task would not apply
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **changes))
     examples = read_problems(args.problems) if args.problems else None
-    result = evaluate_accuracy(params, cfg, num_steps_list=_parse_steps(args.num_steps),
+    result = evaluate_accuracy(params, cfg, num_steps_list=steps,
                                examples=examples,
                                num_examples=args.num_examples, split=args.split,
                                batch_size=args.batch_size, init_scale=args.init_scale,
@@ -84,4 +98,29 @@ def cli(argv: Sequence[str]) -> int:
              "accuracy_by_reasoning_steps": {
                  str(k): {str(d): a for d, a in v.items()}
                  for k, v in result["accuracy_by_reasoning_steps"].items()}}, indent=2))
+    return 0
+
+
+def _text_eval(args: argparse.Namespace, cfg: Config, params: object, steps: list[int]) -> int:
+    """Held-out loss and perplexity vs r of a model trained on token data."""
+    if args.task or args.problems:
+        raise ConfigError(f"{args.checkpoint!r} is a text model (data.source="
+                          f"{cfg.data.source!r}); a reasoning task needs a model trained on one. "
+                          "Drop --task/--problems to get its held-out loss vs r.")
+    if args.num_batches < 1:
+        raise ConfigError(f"--num-batches={args.num_batches} must be >= 1.")
+    result = held_out_loss(params, cfg, num_steps_list=steps, split=args.split,
+                           num_batches=args.num_batches, allow_train_data=args.allow_train_data)
+    table = loss_table(result)
+    print(f"{result['split']} split, {result['tokens']:,} tokens\n{table}")
+    if args.markdown:
+        Path(args.markdown).write_text(f"checkpoint `{args.checkpoint}`, {result['split']} split, "
+                                       f"{result['tokens']:,} tokens\n\n{table}\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {**result, "checkpoint": str(args.checkpoint),
+             "loss": {str(r): v for r, v in result["loss"].items()},
+             "perplexity": {str(r): v for r, v in result["perplexity"].items()}}, indent=2))
+    if args.plot:
+        plot_loss_vs_r(result, args.plot)
     return 0

@@ -11,9 +11,12 @@ import argparse
 import os
 import signal
 import sys
+import textwrap
 from typing import Any, Callable
 
-from rdlm.config import Config, ConfigError, load_config
+import yaml
+
+from rdlm.config import Config, ConfigError, load_config, to_dict
 from rdlm.data.tasks import make_task
 from rdlm.errors import CheckpointError, TrainingDiverged
 from rdlm.runtime import lock as lock_lib
@@ -56,6 +59,8 @@ def cli(argv: list[str]) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    print(f"config (kept as {cfg.train.run_dir}/config.yaml):\n"
+          + textwrap.indent(yaml.safe_dump(to_dict(cfg), sort_keys=False), "  "), flush=True)
     previous = signal.signal(signal.SIGINT, abort_now(cfg.train.run_dir))
     try:
         result = train(cfg)

@@ -21,6 +21,8 @@ run would have seen.
 
 from __future__ import annotations
 
+import itertools
+
 import atexit
 import weakref
 from typing import Any, Callable
@@ -340,14 +342,20 @@ def _close_iterators() -> None:
 
 
 def make_eval_batches(cfg: Config, *, num_batches: int, split: str = "test",
-                      process_index: int = 0, process_count: int = 1) -> list[Batch]:
+                      process_index: int = 0, process_count: int = 1,
+                      repeat: bool = True) -> list[Batch]:
     """The first ``num_batches`` batches of a held-out split, in a fixed order (no shuffling):
-    the same rows for every run and every call, so eval losses are comparable."""
+    the same rows for every run and every call, so eval losses are comparable. ``repeat=False``
+    reads the split once, returning fewer batches when it is smaller (none: `ConfigError`)."""
     if num_batches < 1:
         raise ValueError(f"num_batches={num_batches} must be >= 1.")
     it = iter(make_dataset(cfg, split=split, process_index=process_index,
-                           process_count=process_count, shuffle=False))
-    batches = [next(it) for _ in range(num_batches)]
+                           process_count=process_count, shuffle=False, repeat=repeat))
+    batches = list(itertools.islice(it, num_batches))
+    if not batches:
+        raise ConfigError(f"the {split} split holds less than one batch (train.batch_size="
+                          f"{cfg.train.batch_size} x train.seq_len={cfg.train.seq_len} tokens); "
+                          "hold out more text or evaluate with a smaller train.batch_size.")
     it.close()
     _LIVE_ITERATORS.add(it)  # so that its teardown stays quiet too
     return batches

@@ -13,13 +13,15 @@ pipeline uses to start a new segment). Formats: ``npy`` / ``bin`` (flat token st
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from rdlm.data.sources import BIN_DTYPE_SUFFIX, encode_doc
-from rdlm.data.tokenizer import Tokenizer, load_tokenizer
+from rdlm.data.tokenizer import RUN_TOKENIZER, Tokenizer, load_tokenizer, train_bpe_tokenizer
+from rdlm.errors import ConfigError
 
 FORMATS = ("npy", "bin", "arrayrecord", "parquet")
 
@@ -145,30 +147,75 @@ def _write_one(docs: list[np.ndarray], path: Path, fmt: str) -> None:
     tmp.rename(path)
 
 
+def held_out(doc: str, fraction: float) -> bool:
+    """Whether ``doc`` goes to the test split: by a hash of its text, so the split stays the
+    same when files are reordered or more are added."""
+    return zlib.crc32(doc.encode("utf-8")) % 1_000_000 < fraction * 1_000_000
+
+
+def resolve_tokenizer(spec: str, train_docs: Callable[[], Iterable[str]], output: Path
+                      ) -> tuple[Tokenizer, str]:
+    """(tokenizer, where it is): ``bpe:N`` trains an N-token byte-level BPE on ``train_docs()``
+    into ``<output>/tokenizer.json``; anything else is loaded (`load_tokenizer`)."""
+    if not spec.startswith("bpe:"):
+        return load_tokenizer(spec), spec
+    try:
+        vocab_size = int(spec.removeprefix("bpe:"))
+    except ValueError:
+        raise ConfigError(f"--tokenizer {spec!r}: expected bpe:VOCAB_SIZE, e.g. bpe:2048.") from None
+    path = output / RUN_TOKENIZER
+    return train_bpe_tokenizer(train_docs(), vocab_size, path), str(path)
+
+
 def prepare(inputs: Sequence[str], *, tokenizer: str, output: str, prefix: str = "train",
             fmt: str = "npy", shard_tokens: int = 50_000_000, text_key: str = "text",
-            txt_documents: str = "paragraph") -> dict:
-    """Tokenize ``inputs`` into shards under ``output``; returns (and writes) the metadata."""
+            txt_documents: str = "paragraph", test_fraction: float = 0.0) -> dict:
+    """Tokenize ``inputs`` into shards under ``output``; returns (and writes) the metadata.
+
+    ``tokenizer="bpe:N"`` first trains a tokenizer on the (training) documents and saves it as
+    ``<output>/tokenizer.json``. ``test_fraction > 0`` sends that share of the documents (by a
+    hash of each) to shards named ``test-*`` and the rest to ``train-*``, so that
+    ``data.paths: [<output>/{split}-*.npy]`` trains on one and evaluates on the other."""
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r} is invalid: must be one of {FORMATS}.")
-    tok = load_tokenizer(tokenizer)
-    counts = {"documents": 0, "tokens": 0}
-
-    def docs() -> Iterator[np.ndarray]:
-        for path in inputs:
-            for doc in tokenize_documents(read_documents(path, text_key=text_key,
-                                                         txt_documents=txt_documents), tok):
-                counts["documents"] += 1
-                counts["tokens"] += len(doc)
-                yield doc
-
+    if not 0.0 <= test_fraction < 1.0:
+        raise ConfigError(f"--test-fraction={test_fraction} must be in [0, 1).")
     out = Path(output)
-    files = write_shards(docs(), out, prefix, fmt, shard_tokens)
-    if not counts["documents"]:
+    read = lambda: (d for path in inputs for d in read_documents(  # noqa: E731
+        path, text_key=text_key, txt_documents=txt_documents))
+    tok, tokenizer = resolve_tokenizer(
+        tokenizer, lambda: (d for d in read() if not held_out(d, test_fraction)), out)
+    splits = {"train" if test_fraction else prefix: False}
+    if test_fraction:
+        splits["test"] = True
+    meta: dict[str, Any] = {}
+    for name, is_test in splits.items():
+        docs = (d for d in read() if not test_fraction or held_out(d, test_fraction) == is_test)
+        meta[name] = _write_split(tokenizer, tok, docs, out, name, fmt, shard_tokens)
+    total = sum(m["documents"] for m in meta.values())
+    if not total:
         raise ValueError(f"no documents in {', '.join(map(repr, inputs))}: the input is empty "
                          "or only whitespace (a .txt file splits into documents at blank lines; "
                          "see --txt-documents).")
-    meta = {"tokenizer": tokenizer, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
-            "format": fmt, "files": files, **counts}
-    (out / f"{prefix}.meta.json").write_text(json.dumps(meta, indent=2))
+    if test_fraction and not meta["test"]["documents"]:
+        raise ValueError(f"--test-fraction={test_fraction} held out none of the {total} "
+                         "documents: raise it, or split the text into more documents.")
+    return meta[prefix] if not test_fraction else meta
+
+
+def _write_split(tokenizer: str, tok: Tokenizer, docs: Iterable[str], out: Path, prefix: str,
+                 fmt: str, shard_tokens: int) -> dict[str, Any]:
+    counts = {"documents": 0, "tokens": 0}
+
+    def counted() -> Iterator[np.ndarray]:
+        for doc in tokenize_documents(docs, tok):
+            counts["documents"] += 1
+            counts["tokens"] += len(doc)
+            yield doc
+
+    files = write_shards(counted(), out, prefix, fmt, shard_tokens)
+    meta = {"tokenizer": tokenizer, "vocab_size": tok.vocab_size, "bos_id": tok.bos_id,
+            "eos_id": tok.eos_id, "format": fmt, "files": files, **counts}
+    if files:
+        (out / f"{prefix}.meta.json").write_text(json.dumps(meta, indent=2))
     return meta

@@ -267,7 +267,8 @@ class HFTokenizer(Tokenizer):
         try:
             self._tok = tokenizers.Tokenizer.from_file(str(file))
         except Exception as err:  # the tokenizers library raises a plain Exception for bad files
-            raise ValueError(f"{str(file)!r} is not a valid tokenizer.json: {err}") from err
+            raise ConfigError(f"{str(file)!r} is not a valid tokenizer.json ({err}); give the "
+                              "tokenizer.json the `tokenizers` library saved.") from err
         self.name = str(file)
         self.path = file
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
@@ -319,3 +320,28 @@ def run_tokenizer(path: str | os.PathLike, spec: str | os.PathLike) -> Tokenizer
                           "copy that tokenizer.json next to the checkpoint or pass the tokenizer "
                           "explicitly.") from err
 
+
+
+# The special tokens a tokenizer trained by rdlm gets, in Huginn-0125's spellings (the first of
+# each role in `SPECIAL_TOKENS`), so its ids 0-2 are pad, bos and eos.
+TRAINED_SPECIALS = ("<|pad|>", "<|begin_text|>", "<|end_text|>")
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, path: str | os.PathLike
+                        ) -> HFTokenizer:
+    """A byte-level BPE ``tokenizer.json`` trained on ``texts`` (offline, with `tokenizers`),
+    saved at ``path``: every byte is encodable, and pad/bos/eos are `TRAINED_SPECIALS`."""
+    if vocab_size < 256 + len(TRAINED_SPECIALS):
+        raise ConfigError(f"a BPE vocabulary of {vocab_size} is too small: it needs the 256 byte "
+                          f"tokens and {len(TRAINED_SPECIALS)} specials; use e.g. bpe:2048.")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(TRAINED_SPECIALS),
+                                  show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+    return HFTokenizer(path)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +13,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from rdlm.config import Config
+from rdlm.errors import ConfigError
 from rdlm.model import forward, token_loss_sums
 from rdlm.train.step import Batch, global_batch
 
@@ -59,3 +63,72 @@ def run_eval(eval_fn: Callable, params: Any, eval_batches: list[dict[str, np.nda
             total, count = total + float(s), count + float(n)
         out[f"eval/loss_r{r}"] = total / max(count, 1.0)
     return out
+
+
+TOKEN_SOURCES = ("memmap", "arrayrecord", "parquet")  # data.source values that hold text
+LOSS_STEPS = (1, 2, 4, 8, 16, 32, 64)  # the r of `rdlm eval`'s loss-vs-r table by default
+
+
+def check_held_out(cfg: Config, split: str, allow_train_data: bool = False) -> list[str]:
+    """The files of ``split``; `ConfigError` when they are the training files (``data.paths``
+    without ``{split}``), unless ``allow_train_data``: a loss measured on what the model was
+    trained on says nothing about held-out text."""
+    from rdlm.data.sources import expand_paths  # the data layer loads grain: only when used
+    files = expand_paths(cfg.data.paths, split)
+    if not allow_train_data and split != "train" and files == expand_paths(cfg.data.paths, "train"):
+        raise ConfigError(f"data.paths={list(cfg.data.paths)!r} gives the same files for split "
+                          f"{split!r} as for training: put '{{split}}' in the paths (e.g. "
+                          "data/{split}-*.npy, written by `rdlm prepare --prefix test`), or pass "
+                          "--allow-train-data to measure the training loss on purpose.")
+    return files
+
+
+def held_out_loss(params: Any, cfg: Config, *, num_steps_list: Sequence[int] = LOSS_STEPS,
+                  split: str = "test", num_batches: int = 8, allow_train_data: bool = False,
+                  mesh: Mesh | None = None) -> dict[str, Any]:
+    """Mean token loss and perplexity of ``split`` at each r: the loss-vs-r curve of a text
+    model. The same batches (``train.batch_size`` × ``train.seq_len`` tokens, in file order; at
+    most ``num_batches``, each token read once) for every r; one compilation serves every r."""
+    from rdlm.data import make_eval_batches
+    from rdlm.runtime.sharding import make_mesh
+    if cfg.data.source not in TOKEN_SOURCES:
+        raise ConfigError(f"held-out loss needs token data (data.source in {TOKEN_SOURCES}); this "
+                          f"run trained on data.source={cfg.data.source!r}: use its task "
+                          "accuracy (`rdlm eval --task …`) instead.")
+    check_held_out(cfg, split, allow_train_data)
+    mesh = mesh or make_mesh(cfg.mesh)
+    batches = make_eval_batches(cfg, num_batches=num_batches, split=split, repeat=False)
+    tokens = int(sum(np.asarray(b.get("loss_mask", np.ones_like(b["targets"]))).sum()
+                     for b in batches))
+    losses = run_eval(make_eval_fn(cfg, mesh), params, batches,
+                      dataclasses.replace(cfg, train=dataclasses.replace(
+                          cfg.train, eval_steps=tuple(num_steps_list))), mesh)
+    loss = {int(k.rsplit("_r", 1)[1]): v for k, v in losses.items()}
+    return {"split": split, "tokens": tokens, "num_batches": num_batches,
+            "loss": loss, "perplexity": {r: math.exp(min(v, 700.0)) for r, v in loss.items()}}
+
+
+def loss_table(result: dict[str, Any]) -> str:
+    """Markdown table of `held_out_loss`: r, loss, perplexity."""
+    lines = ["| r | loss | perplexity |", "|---:|---:|---:|"]
+    lines += [f"| {r} | {loss:.4f} | {result['perplexity'][r]:.2f} |"
+              for r, loss in result["loss"].items()]
+    return "\n".join(lines)
+
+
+def plot_loss_vs_r(result: dict[str, Any], path: str | Path, title: str = "") -> None:
+    """Held-out loss against r (log-2 axis), as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rs = list(result["loss"])
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(rs, [result["loss"][r] for r in rs], marker="o")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("recurrence steps r")
+    ax.set_ylabel(f"{result['split']} loss (nats/token)")
+    ax.set_title(title or f"held-out loss vs r ({result['tokens']:,} tokens)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -49,7 +49,7 @@ from rdlm.runtime import sharding as shard_lib
 from rdlm.runtime.distributed import maybe_initialize_distributed
 from rdlm.runtime.hostinfo import device_peak_flops
 from rdlm.train.eval import latent_telemetry, make_eval_fn, run_eval
-from rdlm.train.metrics import MetricsLogger, plain, plain_dict
+from rdlm.train.metrics import MetricsLogger, closing_summary, plain, plain_dict
 from rdlm.train.optim import make_optimizer
 from rdlm.train.stages import SINGLE_PHASE, Schedule
 from rdlm.train.state import TrainState, restore_or_init, state_shardings
@@ -367,7 +367,8 @@ class _Recorder:
         m.update(self.side_metrics.pop(step, {}))
         self.history.append({"step": step, **m})
         log.log(step, m, print_line=(step % tc.log_every == 0 or step == tc.steps
-                                     or schedule.phase_end(step)))
+                                     or schedule.phase_end(step)
+                                     or any(k.startswith("eval/") for k in m)))
         streak = self.history[len(self.history) - m["bad_streak"]:] if m["bad_streak"] else []
         check_divergence(m, step, cfg, self.run.checkpointer, _loss_or_gradient_failed(streak))
 
@@ -388,7 +389,8 @@ class _SideWork:
         cfg = self.run.cfg
         tc = cfg.train
         wants_telemetry = self.telemetry_fn is not None and step % tc.telemetry_every == 0
-        wants_eval = self.eval_fn is not None and step % tc.eval_every == 0
+        # The last step too, so that a run always ends with a held-out number.
+        wants_eval = self.eval_fn is not None and (step % tc.eval_every == 0 or step == tc.steps)
         if not (wants_telemetry or wants_eval):
             return
         jax.block_until_ready(params)
@@ -467,6 +469,7 @@ def _loop(run: _Run, state: TrainState, end: int, preemption: _Preemption) -> Tr
                     f"{jax.devices()[0].device_kind} device(s), {jax.process_count()} "
                     f"process(es); steps {start} → {tc.steps}"
                     + (f" (this call stops after step {end})" if end < tc.steps else ""))
+    began = time.perf_counter()
     data = iter(run.data_iterator)
     batch: Batch | None = global_batch(next(data), cfg, mesh)
     step_fn = make_train_step(cfg, mesh, batch_keys=tuple(batch), loss_fn=run.loss_fn)
@@ -501,4 +504,9 @@ def _loop(run: _Run, state: TrainState, end: int, preemption: _Preemption) -> Tr
             break
     recorder.flush()
     checkpointer.wait()
+    saved = checkpointer.latest_step()
+    run.log.message(closing_summary(recorder.history, status,
+                                    None if saved is None else f"{checkpointer.directory}/{saved}",
+                                    time.perf_counter() - began))
     return TrainResult(state, recorder.history, status)
+

@@ -172,9 +172,30 @@ def format_line(step: int, total: int, m: dict[str, float]) -> str:
                      ("eta_s", "eta {:.0f}s")):
         if key in m:
             parts.append(fmt.format(m[key]))
+    evals = [f"r{k.rsplit('_r', 1)[1]} {v:.4f}" for k, v in m.items() if k.startswith("eval/loss_r")]
+    if evals:
+        parts.append("eval " + " ".join(evals))
     return " | ".join(parts)
 
 
 
 def plain_dict(d: dict[str, jax.Array]) -> dict[str, float]:
     return {k: plain(v) for k, v in jax.device_get(d).items()}
+
+
+def closing_summary(history: list[dict[str, Any]], status: str, checkpoint: str | None,
+                    wall_s: float) -> str:
+    """The run's last word: final loss, the last held-out eval, where the checkpoint is, and
+    the wall time of this call."""
+    if not history:
+        return f"{status}: no steps run"
+    last = history[-1]
+    evals = next(({k: v for k, v in h.items() if k.startswith("eval/")}
+                  for h in reversed(history) if any(k.startswith("eval/") for k in h)), {})
+    parts = [f"{status} at step {last['step']}", f"loss {last['loss']:.4f}"]
+    if evals:
+        parts.append("eval " + ", ".join(f"r={k.rsplit('_r', 1)[1]} {v:.4f}"
+                                         for k, v in evals.items()))
+    parts.append(f"checkpoint {checkpoint}" if checkpoint else "no checkpoint saved")
+    parts.append(f"{wall_s:.0f} s")
+    return " | ".join(parts)
