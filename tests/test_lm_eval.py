@@ -3,8 +3,11 @@ generation, rolling log-likelihood) written here, run by `lm_eval.simple_evaluat
 random-init checkpoint, and every per-request result checked against rdlm's own forward and
 `rdlm.generate`."""
 
+import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -282,3 +285,35 @@ def test_command_line_names_the_model():
 def test_one_token_stop_strings_become_stop_tokens():
     tok = load_tokenizer("chars")
     assert stop_token_ids(tok, ["\n", "e.", "É"]) == (*tok.stop_ids, tok.encode("\n")[0])
+
+
+def test_data_parallel_over_two_devices_gives_the_same_numbers(model, tiny_run):
+    """With two (host) devices the batch is split over the "data" axis; same results."""
+    pairs = [("2+3=", " 5"), ("a b c d", " e"), ("is 7 odd?", " yes")]
+    code = (
+        "import json, os\n"
+        "os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2 "
+        "--xla_backend_optimization_level=0'\n"
+        "from lm_eval.api.instance import Instance\n"
+        "from rdlm.lm_eval import RDLM\n"
+        f"lm = RDLM(checkpoint={str(tiny_run[0])!r}, num_steps={R}, batch_size=3)\n"
+        f"reqs = [Instance('loglikelihood', {{}}, p, i) for i, p in enumerate({pairs!r})]\n"
+        "print(json.dumps({'devices': lm.mesh.size, 'batch': lm.batch_size,\n"
+        "                  'out': lm.loglikelihood(reqs)}))\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert (result["devices"], result["batch"]) == (2, 4)  # rounded up to split evenly
+    want = model.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)])
+    np.testing.assert_allclose([o[0] for o in result["out"]], [w[0] for w in want], rtol=1e-5,
+                               atol=1e-4)
+    assert [o[1] for o in result["out"]] == [w[1] for w in want]
+
+
+def test_without_lm_eval_the_import_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval.api.model", None)  # as if not installed
+    spec = importlib.util.spec_from_file_location("rdlm_lm_eval_copy",
+                                                  sys.modules["rdlm.lm_eval"].__file__)
+    with pytest.raises(ImportError, match=r"pip install 'rdlm\[eval\]'"):
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
