@@ -1,13 +1,16 @@
 """``rdlm.generate``: prompts in, tokens out, with every inference feature of SPEC §1.
 
     out = rdlm.generate(params, cfg, [[1, 2, 3]], max_new_tokens=32, num_steps=32, exit="kl")
+    out = rdlm.generate(params, cfg, ["The capital of"], tokenizer=tok, max_new_tokens=32,
+                        num_steps=32)
+    out.texts  # each completion, decoded
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import jax
 import numpy as np
@@ -21,6 +24,9 @@ from rdlm.model import Params
 from rdlm.runtime import sharding
 from jax.sharding import NamedSharding, PartitionSpec
 
+if TYPE_CHECKING:  # the tokenizer's module (and its `tokenizers` dependency) loads only if used
+    from rdlm.data.tokenizer import Tokenizer
+
 
 @dataclasses.dataclass
 class GenerateOutput:
@@ -30,7 +36,9 @@ class GenerateOutput:
     ``PAD_ID``. ``steps`` [batch, max_new_tokens]: core iterations that produced each token's
     distribution (the first token comes from the prefill at the full r; 0 after the stop).
     ``exit_values``: the exit criterion's value at the step each token stopped (adaptive exit
-    only). ``logits`` [batch, max_new_tokens, vocab] with ``return_logits=True``.
+    only). ``logits`` [batch, max_new_tokens, vocab] with ``return_logits=True``. ``texts``: each
+    row's completion decoded by the ``tokenizer`` of the call (special tokens skipped, cut before
+    the stop token); None without one.
     """
 
     tokens: np.ndarray
@@ -41,6 +49,7 @@ class GenerateOutput:
     cache_bytes: int
     num_slots: int
     stats: dict[str, float]
+    texts: list[str] | None = None
 
     def rows(self) -> list[list[int]]:
         """Each row's generated tokens up to and including its stop token."""
@@ -111,14 +120,19 @@ def generate(params: Params, cfg: ModelConfig, prompt_tokens: Any, *, max_new_to
              cache_budget: int | None = None, continuous_cot: bool = False,
              speculative: SpeculativeConfig | bool | None = None, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
-             stop_tokens: Sequence[int] = (), key: jax.Array | None = None,
+             stop_tokens: Sequence[int] | None = None, key: jax.Array | None = None,
              prompt_lengths: Any = None, init_scale: float = 0.0, return_logits: bool = False,
              thoughts: ThoughtConfig | None = None, prompt_len: int | None = None,
-             mesh: jax.sharding.Mesh | None = None) -> GenerateOutput:
+             mesh: jax.sharding.Mesh | None = None, tokenizer: "Tokenizer | None" = None,
+             bos: bool = True) -> GenerateOutput:
     """Generate ``max_new_tokens`` tokens after each prompt with ``num_steps`` core iterations.
 
     - ``prompt_tokens``: a list of token-id lists (lengths may differ), or a padded array with
-      ``prompt_lengths``.
+      ``prompt_lengths``; with a ``tokenizer``, texts too (a string, or strings among the id
+      lists), each encoded as ``tokenizer.prompt(text, bos=bos)``.
+    - ``tokenizer`` (`rdlm.data.tokenizer.Tokenizer`): encodes text prompts, stops at its
+      end-of-text / end-of-turn ids unless ``stop_tokens`` is given, and decodes every row's
+      completion into ``out.texts``.
     - ``exit``: adaptive exit per token and row, an `ExitConfig` or ``"kl"``, ``"kl:5e-4"``,
       ``"argmax-stability:3"`` …; the cap is ``num_steps``. The prompt never exits early.
     - ``cache_budget``: recurrence slots per core layer (step i uses slot i mod budget); None keeps
@@ -126,7 +140,8 @@ def generate(params: Params, cfg: ModelConfig, prompt_tokens: Any, *, max_new_to
     - ``continuous_cot``: each generated token starts from the previous token's final state.
     - ``speculative``: a `SpeculativeConfig` (or True for the defaults).
     - ``temperature`` 0 is greedy; otherwise ``key`` is required; ``top_k``/``top_p``/``min_p``
-      filter the distribution. ``stop_tokens`` end a row (the stop token is kept).
+      filter the distribution. ``stop_tokens`` end a row (the stop token is kept); None: the
+      tokenizer's stop ids, or none without a tokenizer.
     - ``init_scale``: 0 (default) starts every token from the zero state (deterministic); a
       positive value draws s_0 from ``key`` as in training.
     - ``thoughts``: prompt positions holding ``thoughts.token_id`` are continuous thoughts, each
@@ -135,6 +150,9 @@ def generate(params: Params, cfg: ModelConfig, prompt_tokens: Any, *, max_new_to
       compile once for batches whose longest prompts differ.
     - ``mesh``: shard params with `rdlm.runtime.sharding.param_shardings` and the batch over "data".
     """
+    prompt_tokens = encode_texts(prompt_tokens, tokenizer, bos, cfg)
+    if stop_tokens is None:
+        stop_tokens = tokenizer.stop_ids if tokenizer is not None else ()
     rows = prompt_rows(prompt_tokens, prompt_lengths, cfg)
     sampling = SamplingConfig(temperature=float(temperature), top_k=top_k, top_p=top_p,
                               min_p=min_p)
@@ -150,5 +168,42 @@ def generate(params: Params, cfg: ModelConfig, prompt_tokens: Any, *, max_new_to
     params, prompt_bt, pad_b = _place(params, cfg, prompt_bt, pad_b, mesh)
     key = _default_key() if key is None else key
     raw = generate_jit(params, prompt_bt, pad_b, np.int32(num_steps), key, plan=plan)
-    return _finish(raw, plan)
+    return with_texts(_finish(raw, plan), tokenizer, plan.stop_tokens)
+
+
+def _is_text(prompt: Any) -> bool:
+    return isinstance(prompt, str)
+
+
+def encode_texts(prompts: Any, tokenizer: "Tokenizer | None", bos: bool,
+                 cfg: ModelConfig) -> Any:
+    """Text prompts (one string, or strings among the id lists) as id lists; anything else as
+    it is. Raises ValueError for text without a tokenizer or a tokenizer larger than the model's
+    vocabulary."""
+    if _is_text(prompts):
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)) or not any(_is_text(p) for p in prompts):
+        return prompts
+    if tokenizer is None:
+        raise ValueError("prompts are text but no tokenizer was given: pass tokenizer="
+                         "rdlm.data.tokenizer.load_tokenizer(...) (a built-in name or a "
+                         "tokenizer.json), or token-id lists.")
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(f"the tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} tokens, "
+                         f"more than the model's vocab_size={cfg.vocab_size}.")
+    return [tokenizer.prompt(p, bos=bos) if _is_text(p) else p for p in prompts]
+
+
+def with_texts(out: GenerateOutput, tokenizer: "Tokenizer | None",
+               stop_tokens: Sequence[int]) -> GenerateOutput:
+    """``out`` with each row's completion decoded (cut before its stop token, special tokens
+    skipped); unchanged without a tokenizer."""
+    if tokenizer is None:
+        return out
+    texts = []
+    for ids in out.rows():
+        if ids and ids[-1] in stop_tokens:
+            ids = ids[:-1]
+        texts.append(tokenizer.decode(ids, skip_special_tokens=True))
+    return dataclasses.replace(out, texts=texts)
 
