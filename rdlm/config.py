@@ -509,6 +509,17 @@ class Config:
     seed: int = 0
 
 
+def _override_value(raw: str) -> Any:
+    """A ``key=value`` override's value as YAML reads it (numbers, true, [a, b]), or the text
+    itself where YAML cannot read it (a path with braces such as data/{split}-*.npy)."""
+    if not raw.strip():
+        return ""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
                 cls: type = Config) -> Any:
     """Read a YAML config and apply dotted overrides such as ``"model.d_model=128"``.
@@ -540,5 +551,5 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
             if not isinstance(child, dict):
                 raise ConfigError(f"override {item!r}: {key!r} is a value, not a section.")
             node = child
-        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        node[keys[-1]] = _override_value(raw)
     return from_dict(cls, data)

@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
-from rdlm.config import Config
-from rdlm.errors import CheckpointError, ConfigError
-from rdlm.interop.huginn import CODE_FILES, HuginnFormatError, load_huginn, save_huginn
+from rdlm.config import Config, DataConfig
+from rdlm.data.tokenizer import RUN_TOKENIZER, load_tokenizer
+from rdlm.interop.hf_files import generation_config, model_card, run_summary, tokenizer_config
+from rdlm.interop.huginn import CODE_FILES, load_huginn, save_huginn
 from rdlm.model import count_params
 from rdlm.runtime import checkpoint
+from rdlm.runtime.rundir import find_in_run
+from rdlm.train.metrics import read_metrics
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -98,36 +102,62 @@ def huginn_to_rdlm(args: argparse.Namespace) -> None:
         raise FileExistsError(f"{args.output!r} already exists; choose a new path.")
     compute = _auto_compute_dtype(args.input) if args.compute_dtype == "auto" else args.compute_dtype
     cfg, params = load_huginn(args.input, dtype=args.param_dtype, compute_dtype=compute)
-    checkpoint.save_params(Path(args.output).expanduser().absolute(), Config(model=cfg), params)
+    output = Path(args.output).expanduser().absolute()
+    tokenizer = Path(args.input) / RUN_TOKENIZER
+    data = DataConfig(tokenizer=str(output / RUN_TOKENIZER)) if tokenizer.is_file() else DataConfig()
+    checkpoint.save_params(output, Config(model=cfg, data=data), params)
+    if tokenizer.is_file():  # kept with the checkpoint: sample, eval and export find it there
+        shutil.copyfile(tokenizer, output / RUN_TOKENIZER)
     print(f"wrote {args.output}: {count_params(cfg):,} parameters "
           f"({cfg.n_prelude}/{cfg.n_core}/{cfg.n_coda} layers, d={cfg.d_model}, "
-          f"vocab={cfg.vocab_size}, model.dtype={cfg.dtype})")
+          f"vocab={cfg.vocab_size}, model.dtype={cfg.dtype})"
+          + (", with its tokenizer.json" if tokenizer.is_file() else ""))
+
+
+def _run_files(args: argparse.Namespace, config: Config) -> tuple[dict[str, Path], dict[str, str]]:
+    """(files to copy, texts to write) beside the weights: the tokenizer (``--tokenizer``, else
+    the run's own tokenizer.json), its tokenizer_config.json and generation_config.json, and a
+    model card from the run's config and metrics."""
+    files = _tokenizer_files(args.tokenizer)
+    if not files:
+        kept = find_in_run(args.input, RUN_TOKENIZER)
+        if kept is not None:
+            files = {RUN_TOKENIZER: kept}
+    tok = load_tokenizer(files[RUN_TOKENIZER]) if files else None
+    if tok is None:
+        print(f"note: no tokenizer.json for this run (data.tokenizer={config.data.tokenizer!r}); "
+              "the export has none. Pass --tokenizer PATH to include one.", file=sys.stderr)
+    metrics = find_in_run(args.input, "metrics.jsonl")
+    summary = run_summary(read_metrics(metrics)) if metrics else {}
+    texts = {"README.md": model_card(config, summary, tok)}
+    if tok is not None:
+        texts["generation_config.json"] = json.dumps(generation_config(tok), indent=2) + "\n"
+        if "tokenizer_config.json" not in files:
+            texts["tokenizer_config.json"] = json.dumps(
+                tokenizer_config(tok, config.model.max_seq_len), indent=2) + "\n"
+    return files, texts
 
 
 def rdlm_to_huginn(args: argparse.Namespace) -> None:
     if args.code_from and args.code_repo:
         raise ValueError("give --code-from or --code-repo, not both.")
-    extra = {**_tokenizer_files(args.tokenizer), **_code_files(args.code_from)}
     if Path(args.output).exists() and not args.overwrite:
         raise FileExistsError(f"{args.output!r} already exists; pass --overwrite to replace it.")
     # Orbax restores need absolute paths.
     config, params = checkpoint.load_params(Path(args.input).expanduser().absolute(),
                                             report=checkpoint.say_on_stderr)
+    files, texts = _run_files(args, config)
     out = save_huginn(config.model, params, args.output, max_shard_size=args.max_shard_size,
                       dtype=args.dtype, code_repo=args.code_repo,
                       include_lm_head=args.include_lm_head, overwrite=args.overwrite,
-                      extra_files=extra)
+                      extra_files={**files, **_code_files(args.code_from)}, extra_texts=texts)
     print(f"wrote {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
 
 
 def cli(argv: list[str] | None = None) -> int:
+    """``rdlm convert DIRECTION IN OUT``; errors are reported by `rdlm.cli.main` as one line."""
     args = _parser().parse_args(argv)
-    try:
-        (huginn_to_rdlm if args.direction == "huginn-to-rdlm" else rdlm_to_huginn)(args)
-    except (HuginnFormatError, CheckpointError, ConfigError, FileExistsError,
-            FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    (huginn_to_rdlm if args.direction == "huginn-to-rdlm" else rdlm_to_huginn)(args)
     return 0
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import tokenizers
 
 from rdlm.errors import ConfigError
+from rdlm.runtime.rundir import find_in_run
 
 # Role -> spellings, most specific first; the first one a vocabulary holds gives the role's id.
 SPECIAL_TOKENS: dict[str, tuple[str, ...]] = {
@@ -307,11 +308,9 @@ def run_tokenizer(path: str | os.PathLike, spec: str | os.PathLike) -> Tokenizer
     """The tokenizer a model at ``path`` was trained with: the ``tokenizer.json`` kept with it
     (in ``path``, or in the run directory above a ``<run>/checkpoints/<step>``), else ``spec``,
     the run's ``data.tokenizer`` (a built-in name or a file on this machine)."""
-    here = Path(path)
-    here = here.parent if here.is_file() else here
-    for folder in (here, here.parent, here.parent.parent):
-        if (folder / RUN_TOKENIZER).is_file():
-            return HFTokenizer(folder / RUN_TOKENIZER)
+    kept = find_in_run(path, RUN_TOKENIZER)
+    if kept is not None:
+        return HFTokenizer(kept)
     try:
         return load_tokenizer(spec)
     except FileNotFoundError as err:

@@ -258,7 +258,8 @@ def save_huginn(cfg: ModelConfig, params: Any, path: str | os.PathLike, *,
                 max_shard_size: int | str = "5GB", dtype: str = "float32",
                 code_repo: str | None = None, include_lm_head: bool = False,
                 include_freqs_cis: bool = True, overwrite: bool = False,
-                extra_files: Mapping[str, str | os.PathLike] | None = None) -> Path:
+                extra_files: Mapping[str, str | os.PathLike] | None = None,
+                extra_texts: Mapping[str, str] | None = None) -> Path:
     """Write ``params`` as a Huginn-0125-format checkpoint directory that the original PyTorch
     code (``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)``) loads.
 
@@ -269,7 +270,8 @@ def save_huginn(cfg: ModelConfig, params: Any, path: str | os.PathLike, *,
       ``include_freqs_cis`` writes the RoPE buffer the PyTorch model expects in its state dict.
     - ``extra_files``: ``{name: source}`` copied into the directory too (``tokenizer.json``, or
       the two ``raven_*_minimal.py`` files of the release, which make the directory loadable
-      offline with ``trust_remote_code=True``).
+      offline with ``trust_remote_code=True``); ``extra_texts``: ``{name: text}`` written there
+      (``tokenizer_config.json``, ``generation_config.json``, a model card).
 
     The directory is assembled under a temporary name beside ``path`` and renamed into place, so an
     interrupted save leaves no partial checkpoint. In a multi-process run every process must call
@@ -301,6 +303,8 @@ def save_huginn(cfg: ModelConfig, params: Any, path: str | os.PathLike, *,
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
             for name, source in extra.items():
                 shutil.copyfile(source, tmp / name)
+            for name, text in (extra_texts or {}).items():
+                (tmp / name).write_text(text)
             _commit_dir(tmp, final, overwrite)
     finally:
         if writer and tmp.exists():

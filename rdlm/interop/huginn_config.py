@@ -40,7 +40,7 @@ _REQUIRED = ("n_embd", "n_heads", "intermediate_size", "vocab_size", "n_layers_i
              "n_layers_in_recurrent_block", "n_layers_in_coda")
 
 
-class HuginnFormatError(ValueError):
+class HuginnFormatError(ConfigError):
     """A checkpoint or config does not match the Huginn-0125 format; the message lists every problem."""
 
     def __init__(self, where: str, problems: Sequence[str]):
