@@ -390,16 +390,18 @@ class RDLM(TemplateLM):
     # -- log-likelihood --------------------------------------------------------------------------
     def score(self, rows: Sequence[ScoreRow]) -> list[tuple[float, bool]]:
         """(log-probability, greedy) of each row, in batches of similar length."""
-        results: list[tuple[float, bool] | None] = [None] * len(rows)
+        pending = []
         for indices in batches_by_length([len(r.inputs) for r in rows], self.batch_size):
             chunk = [rows[i] for i in indices]
             length = bucket_length(max(len(r.inputs) for r in chunk), self.max_length)
             arrays = pack_rows(chunk, self.batch_size, length)
-            logp_b, greedy_b = score_batch(
+            # Dispatched, not waited for: the host packs the next batch while this one runs.
+            pending.append((indices, score_batch(
                 self.params, *(self._on_mesh(arrays[k]) for k in
                                ("tokens", "segment_ids", "targets", "score_mask")),
-                np.int32(self.num_steps), cfg=self.cfg, constrain=self.constrain)
-            logp_b, greedy_b = jax.device_get((logp_b, greedy_b))
+                np.int32(self.num_steps), cfg=self.cfg, constrain=self.constrain)))
+        results: list[tuple[float, bool] | None] = [None] * len(rows)
+        for indices, (logp_b, greedy_b) in jax.device_get(pending):
             for j, i in enumerate(indices):
                 results[i] = (float(logp_b[j]), bool(greedy_b[j]))
         return results  # type: ignore[return-value]
