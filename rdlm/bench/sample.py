@@ -61,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--speculative", type=speculative_arg, default=SpeculativeConfig(),
                         help="K or K:DRAFT_STEPS of the speculative runs (default 4:4)")
     parser.add_argument("--variants", default="full,shared,exit",
-                        help="comma list of: full (one slot per step), shared, exit, speculative")
+                        help="comma list of: full (one slot per step), shared, exit, "
+                             "exit-continuous (exit with depth-continuous batching), speculative")
     parser.add_argument("--json", help="also write the rows as JSON to this file")
     return parser
 
@@ -73,6 +74,7 @@ def variant_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         "full": dict(cache_budget=max_r),  # one slot per step for every r
         "shared": dict(cache_budget=args.budget),
         "exit": dict(cache_budget=max_r, exit=args.exit),
+        "exit-continuous": dict(cache_budget=max_r, exit=args.exit, continuous_batching=True),
         "speculative": dict(cache_budget=max_r, speculative=args.speculative),
     }
 
@@ -101,8 +103,9 @@ def timed_row(params: Any, cfg: ModelConfig, prompts: list[list[int]], r: int, n
         line += f"{achieved / 1e9:>13.2f}{achieved / bandwidth:>10.0%}"
     else:
         line += f"{'':>13}{'':>10}"
-    if "acceptance_rate" in out.stats:
-        row["acceptance_rate"] = out.stats["acceptance_rate"]
+    for stat in ("acceptance_rate", "row_utilization"):
+        if stat in out.stats:
+            row[stat] = out.stats[stat]
     return row, line
 
 
@@ -125,9 +128,29 @@ def bench_variant(params: Any, cfg: ModelConfig, variant: str, options: dict[str
             line = f"{variant:<12}{line}{compile_s:>11.1f}"
             if "acceptance_rate" in row:
                 line += f"  (drafts accepted {row['acceptance_rate']:.0%})"
+            if "row_utilization" in row:
+                line += f"  (rows busy {row['row_utilization']:.0%})"
             print(line, flush=True)
             rows.append(row)
     return rows
+
+
+def add_conversion(rows: list[dict[str, Any]]) -> list[str]:
+    """Each adaptive-exit row's conversion ratio, (tokens/s ÷ full tokens/s at the same batch and
+    r) ÷ (r ÷ mean iterations): the share of the iterations it saves that reaches throughput
+    (1: all of it). Sets ``row["conversion"]`` and returns one printed line per row."""
+    full = {(r["batch"], r["num_steps"]): r for r in rows if r["variant"] == "full"}
+    lines = []
+    for row in rows:
+        base = full.get((row["batch"], row["num_steps"]))
+        if not row["variant"].startswith("exit") or base is None:
+            continue
+        speedup = row["tokens_per_s"] / base["tokens_per_s"]
+        saving = row["num_steps"] / row["mean_iterations"]
+        row["conversion"] = speedup / saving
+        lines.append(f"{row['variant']:<16}{row['batch']:>6}{row['num_steps']:>5}"
+                     f"{speedup:>10.2f}x{saving:>10.2f}x{row['conversion']:>12.2f}")
+    return lines
 
 
 def bench_cli(argv: Sequence[str]) -> int:
@@ -152,6 +175,12 @@ def bench_cli(argv: Sequence[str]) -> int:
     results = [row for variant in chosen
                for row in bench_variant(params, cfg, variant, variants[variant], args, bandwidth,
                                         rng)]
+    conversion = add_conversion(results)
+    if conversion:
+        print("\nconversion of the iterations saved into throughput (needs the full variant):")
+        print(f"{'variant':<16}{'batch':>6}{'r':>5}{'speed-up':>11}{'r/mean it':>11}"
+              f"{'conversion':>12}")
+        print("\n".join(conversion))
     if args.json:
         report = results_report("python -m rdlm bench sample " + " ".join(argv),
                                 bandwidth_bytes_per_s=bandwidth, rows=results)

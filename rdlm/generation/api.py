@@ -17,8 +17,10 @@ import numpy as np
 
 from rdlm.config import ModelConfig
 from rdlm.generation.exits import ExitConfig
+from rdlm.generation.continuous import Queue, continuous_jit
 from rdlm.generation.plan import (PAD_ID, Plan, SamplingConfig, SpeculativeConfig, ThoughtConfig,
-                                  left_pad, make_plan, plan_cache_bytes, prompt_rows)
+                                  continuous_plan, left_pad, make_plan, plan_cache_bytes,
+                                  prompt_bucket, prompt_rows)
 from rdlm.generation.programs import generate_jit
 from rdlm.model import Params
 from rdlm.runtime import sharding
@@ -124,7 +126,8 @@ def generate(params: Params, cfg: ModelConfig, prompt_tokens: Any, *, max_new_to
              prompt_lengths: Any = None, init_scale: float = 0.0, return_logits: bool = False,
              thoughts: ThoughtConfig | None = None, prompt_len: int | None = None,
              mesh: jax.sharding.Mesh | None = None, tokenizer: "Tokenizer | None" = None,
-             bos: bool = True) -> GenerateOutput:
+             bos: bool = True, continuous_batching: bool = False,
+             batch_size: int | None = None) -> GenerateOutput:
     """Generate ``max_new_tokens`` tokens after each prompt with ``num_steps`` core iterations.
 
     - ``prompt_tokens``: a list of token-id lists (lengths may differ), or a padded array with
@@ -149,6 +152,11 @@ def generate(params: Params, cfg: ModelConfig, prompt_tokens: Any, *, max_new_to
     - ``prompt_len``: left-pad every prompt to this length (default: the longest); fix it to
       compile once for batches whose longest prompts differ.
     - ``mesh``: shard params with `rdlm.runtime.sharding.param_shardings` and the batch over "data".
+    - ``continuous_batching``: depth-continuous batching (`rdlm.generation.continuous`): each of
+      ``batch_size`` rows (default: one per prompt) runs its own token at its own iteration, a row
+      whose token exits goes on to its next token at once, and a row whose sequence is done takes
+      the next prompt. Outputs come in prompt order; one compilation serves every r and exit
+      threshold. ``prompt_len`` defaults to a power-of-two bucket of the longest prompt.
     """
     prompt_tokens = encode_texts(prompt_tokens, tokenizer, bos, cfg)
     if stop_tokens is None:
@@ -159,16 +167,54 @@ def generate(params: Params, cfg: ModelConfig, prompt_tokens: Any, *, max_new_to
     if key is None and (not sampling.greedy or init_scale != 0):
         raise ValueError("sampling with temperature > 0 or a random initial state "
                          "(init_scale > 0) needs key=jax.random.key(...).")
+    if continuous_batching and prompt_len is None:
+        prompt_len = prompt_bucket(max(len(r) for r in rows), max_new_tokens, cfg.max_seq_len)
+    elif batch_size is not None and not continuous_batching:
+        raise ValueError("batch_size sets the rows of continuous_batching=True; without it "
+                         "every prompt is one row of the batch.")
     plan = make_plan(cfg, rows, max_new_tokens=max_new_tokens, num_steps=num_steps, exit=exit,
                      cache_budget=cache_budget, continuous_cot=continuous_cot,
                      speculative=speculative, sampling=sampling, stop_tokens=stop_tokens,
                      init_scale=init_scale, return_logits=return_logits, thoughts=thoughts,
                      prompt_len=prompt_len)
+    key = _default_key() if key is None else key
+    if continuous_batching:
+        if mesh is not None:
+            raise ValueError("continuous_batching runs on one device: leave mesh=None.")
+        threshold = None if plan.exit is None else plan.exit.value
+        plan = continuous_plan(plan, len(rows), batch_size)
+        out = _generate_continuous(params, plan, rows, num_steps, threshold, key)
+        return with_texts(out, tokenizer, plan.stop_tokens)
     prompt_bt, pad_b = left_pad(rows, plan.prompt_len)
     params, prompt_bt, pad_b = _place(params, cfg, prompt_bt, pad_b, mesh)
-    key = _default_key() if key is None else key
     raw = generate_jit(params, prompt_bt, pad_b, np.int32(num_steps), key, plan=plan)
     return with_texts(_finish(raw, plan), tokenizer, plan.stop_tokens)
+
+
+def _generate_continuous(params: Params, plan: Plan, rows: list[list[int]], num_steps: int,
+                         threshold: float | None, key: jax.Array) -> GenerateOutput:
+    """The depth-continuous program over the queue of prompts, outputs in prompt order."""
+    queue_qt = np.full((plan.queue, plan.prompt_len), PAD_ID, np.int32)
+    lengths_q = np.ones((plan.queue,), np.int32)  # the padding slots are never prefilled
+    for i, row in enumerate(rows):
+        queue_qt[i, :len(row)] = row
+        lengths_q[i] = len(row)
+    queue = Queue(queue_qt, lengths_q, np.int32(len(rows)))
+    raw = jax.device_get(continuous_jit(params, queue, np.int32(num_steps),
+                                        np.float32(0.0 if threshold is None else threshold),
+                                        key, plan=plan))
+    n, n_new = len(rows), plan.max_new_tokens
+    lengths = np.asarray(raw["lengths"])[:n].astype(np.int64)
+    tokens = np.asarray(raw["tokens"])[:n, :n_new]
+    steps = np.asarray(raw["steps"])[:n, :n_new]
+    exit_values = np.asarray(raw["exit_values"])[:n, :n_new] if plan.exit is not None else None
+    logits = np.asarray(raw["logits"])[:n, :n_new] if plan.return_logits else None
+    iterations = int(raw["iterations"])
+    stats = {"core_steps": float(steps.sum()), "iterations": iterations,
+             "row_utilization": int(raw["busy"]) / max(iterations * plan.batch, 1)}
+    return GenerateOutput(tokens=tokens, steps=steps, lengths=lengths, exit_values=exit_values,
+                          logits=logits, cache_bytes=plan_cache_bytes(plan),
+                          num_slots=plan.num_slots, stats=stats)
 
 
 def _is_text(prompt: Any) -> bool:

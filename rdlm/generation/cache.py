@@ -197,3 +197,106 @@ def set_depth(cache: KVCache, depth_bt: jax.Array, start: jax.Array | int) -> KV
     """Record how many core steps the positions ``start …`` ran."""
     return cache._replace(depth_bt=lax.dynamic_update_slice(
         cache.depth_bt, depth_bt.astype(jnp.int32), (0, start)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-row positions (depth-continuous batching, `rdlm.generation.continuous`): every row is at its
+# own position and recurrence step, so reads gather and writes scatter, one row at a time. A
+# write aimed past the end of an axis is dropped: that is how a row that must not write is left
+# out, without reading its old entry back.
+
+
+def row_index(position_b: jax.Array, write_b: jax.Array, length: int) -> jax.Array:
+    """Each row's position where it writes, else ``length`` (out of range: the write is
+    dropped)."""
+    return jnp.where(write_b, position_b, length)
+
+
+def write_rows(buf_bhte: jax.Array, new_bh1e: jax.Array, position_b: jax.Array,
+               write_b: jax.Array, rows_b: jax.Array | None = None) -> jax.Array:
+    """``buf[rows_b[i], :, position_b[i]] = new[i, :, 0]`` for the ``i`` in ``write_b``
+    (``rows_b`` None: every row of ``buf`` in order)."""
+    _, _, t, _ = buf_bhte.shape
+    rows_b = jnp.arange(new_bh1e.shape[0]) if rows_b is None else rows_b
+    where_b = row_index(position_b, write_b, t)
+    return buf_bhte.at[rows_b, :, where_b].set(new_bh1e[:, :, 0].astype(buf_bhte.dtype),
+                                               mode="drop")
+
+
+def write_stage_rows(stage: Stage, kvs: list[KV], position_b: jax.Array, write_b: jax.Array,
+                     rows_b: jax.Array | None = None) -> Stage:
+    """Every prelude (or coda) layer's keys/values of one token per row (of ``rows_b``)."""
+    return tuple(tuple(write_rows(buf, new, position_b, write_b, rows_b)
+                       for buf, new in zip(layer_kv, new_kv))
+                 for layer_kv, new_kv in zip(stage, kvs))
+
+
+def gather_stage(stage: Stage, rows_k: jax.Array) -> Stage:
+    """The cache rows ``rows_k`` of every prelude (or coda) layer."""
+    return jax.tree.map(lambda buf_bhte: buf_bhte[rows_k], stage)
+
+
+def read_core_rows(cache: KVCache, layer: int, step_b: jax.Array, num_slots: int) -> KV:
+    """`read_core` with each row at its own recurrence step: row b reads slot
+    ``step_b[b] mod num_slots`` where a position ran past that step, its latest entry
+    elsewhere."""
+    b = step_b.shape[0]
+    slot_b = slot_of_step(step_b, num_slots)
+    kv = tuple(buf_sbhte[slot_b, jnp.arange(b)] for buf_sbhte in cache.core[layer])
+    if cache.core_latest is None:
+        return kv
+    ran_past_b1t1 = (cache.depth_bt > step_b[:, None])[:, None, :, None]
+    return tuple(jnp.where(ran_past_b1t1, slot_bhte, latest_bhte)
+                 for slot_bhte, latest_bhte in zip(kv, cache.core_latest[layer]))
+
+
+def write_core_rows(block: KVCache, layer: int, step_b: jax.Array, num_slots: int, kv: KV,
+                    active_b: jax.Array) -> KVCache:
+    """Store core ``layer``'s keys/values of each active row's current step in a one-position
+    block buffer (slot ``step_b mod num_slots``; and as the latest entry, when tracked)."""
+    b = step_b.shape[0]
+    slot_b = row_index(slot_of_step(step_b, num_slots), active_b, num_slots)
+    core = _replace_layer(block.core, layer, [
+        buf.at[slot_b, jnp.arange(b)].set(new.astype(buf.dtype), mode="drop")
+        for buf, new in zip(block.core[layer], kv)])
+    latest = block.core_latest
+    if latest is not None:
+        keep_b111 = active_b[:, None, None, None]
+        latest = _replace_layer(latest, layer, [jnp.where(keep_b111, new.astype(buf.dtype), buf)
+                                                for buf, new in zip(latest[layer], kv)])
+    return block._replace(core=core, core_latest=latest)
+
+
+def merge_rows(cache: KVCache, block: KVCache, position_b: jax.Array, write_b: jax.Array,
+               depth_b: jax.Array) -> KVCache:
+    """Copy each written row's one-position block buffer (every slot, and the latest entry) to
+    its position, and record the steps it ran there."""
+    b, t = cache.depth_bt.shape
+    where_b = row_index(position_b, write_b, t)
+    rows_b = jnp.arange(b)
+
+    def place(buf_sbhte: jax.Array, new_sbh1e: jax.Array) -> jax.Array:
+        # Advanced indices on axes 1 and 3 put the row axis first: [b, s, h, e].
+        return buf_sbhte.at[:, rows_b, :, where_b].set(
+            new_sbh1e[:, :, :, 0].swapaxes(0, 1).astype(buf_sbhte.dtype), mode="drop")
+
+    core = jax.tree.map(place, cache.core, block.core)
+    latest = cache.core_latest
+    if latest is not None:
+        latest = jax.tree.map(lambda buf, new: write_rows(buf, new, position_b, write_b),
+                              latest, block.core_latest)
+    depth_bt = cache.depth_bt.at[rows_b, where_b].set(depth_b.astype(jnp.int32), mode="drop")
+    return cache._replace(core=core, core_latest=latest, depth_bt=depth_bt)
+
+
+# The batch axis of each field of a cache: the core's arrays lead with the slot.
+_BATCH_AXIS = KVCache(prelude=0, core=1, coda=0, core_latest=0, depth_bt=0, shift_bases_btd=0)
+
+
+def put_row(cache: KVCache, row_cache: KVCache, row: jax.Array) -> KVCache:
+    """``cache`` with row ``row`` replaced by the one-row cache ``row_cache`` (same length)."""
+    fields = [None if old is None else
+              jax.tree.map(lambda buf, new, a=axis: lax.dynamic_update_slice_in_dim(
+                  buf, new.astype(buf.dtype), row, a), old, new)
+              for axis, old, new in zip(_BATCH_AXIS, cache, row_cache)]
+    return KVCache(*fields)

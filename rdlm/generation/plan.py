@@ -105,6 +105,9 @@ class Plan:
     # positions run as one block.
     thought_steps: int = 0
     thought_block: int = 0
+    # Depth-continuous batching (`rdlm.generation.continuous`): prompt slots in the queue, which
+    # ``batch`` rows work through; 0 for the lockstep programs.
+    queue: int = 0
 
     @property
     def prefill_len(self) -> int:
@@ -259,3 +262,35 @@ def plan_cache_bytes(plan: Plan) -> int:
     """The cache size of a plan (memoised: building the shapes costs more host time than a short
     generation's other checks)."""
     return kvc.cache_bytes(plan.cfg, plan.batch, plan.cache_len, plan.num_slots, plan.track_latest)
+
+
+def _power_of_two_at_least(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def continuous_plan(plan: Plan, num_prompts: int, batch_size: int | None) -> Plan:
+    """``plan`` (made for every prompt) as a depth-continuous program: ``batch_size`` rows
+    (default: one per prompt) and a queue padded to rows × a power of two, so that the
+    compilations stay few however many prompts come; the exit threshold becomes data."""
+    if plan.speculative is not None:
+        raise ValueError("continuous_batching runs every row at its own position and step; "
+                         "speculative decoding verifies a block of positions shared by the "
+                         "batch: choose one.")
+    if plan.thoughts is not None:
+        raise ValueError("continuous_batching does not take continuous thoughts in the prompt "
+                         "(thoughts=...): their prefill runs position by position for the batch.")
+    if plan.cfg.token_shift:
+        raise ValueError("continuous_batching does not support model.token_shift yet: generate "
+                         "without continuous_batching.")
+    rows = num_prompts if batch_size is None else _positive_int("batch_size", batch_size)
+    rows = min(rows, num_prompts)
+    queue = rows * _power_of_two_at_least(-(-num_prompts // rows))
+    exit_cfg = None if plan.exit is None else dataclasses.replace(plan.exit, threshold=None)
+    return dataclasses.replace(plan, batch=rows, queue=queue, exit=exit_cfg)
+
+
+def prompt_bucket(longest: int, max_new_tokens: int, max_seq_len: int) -> int:
+    """The prompt length of a depth-continuous program: the next power of two (at least 8), so
+    that calls with different prompts share a compilation; no more than the context allows."""
+    return max(longest, min(max(8, _power_of_two_at_least(longest)),
+                            max_seq_len - max_new_tokens))

@@ -1,0 +1,317 @@
+"""Depth-continuous batching: every row at its own (token, iteration), and a queue of prompts.
+
+    queue of prompts ─▶ B rows ─▶ lax.while_loop, each iteration:
+        refill   idle rows take the next prompts (prefill of one row at the full r, first token)
+        advance  rows with a new token run it through the prelude and restart the core
+        iterate  every running row runs one core step; a row whose token converged (exit
+                 criterion) or reached r runs the coda, writes the token's cache entries and
+                 samples its next token
+
+In the lockstep programs (`rdlm.generation.programs`) a batched token step lasts until its
+slowest row has exited, so the iterations that adaptive exit saves on the other rows are idle
+rows, not throughput. Here a row that exits goes on to its next token at once, and a row that
+finishes its sequence takes the next prompt, so every iteration advances every busy row.
+
+- Each row holds its prompt from position 0 of its cache row (no padding) and decodes at its own
+  position; the mask, RoPE and cache reads and writes are per row (`rdlm.generation.rows`). The
+  cache rule is the engine's: step i uses slot ``i mod num_slots``; a position that stopped
+  earlier is read at its latest entry. A token's own core entries go to a one-position block
+  buffer, merged into the cache when the token is done.
+- Given the same exit decisions a row computes what the lockstep engine computes for it; with
+  zero initial states greedy tokens are the same.
+- ``num_steps`` and the exit threshold are data: one compilation serves every r and threshold
+  (with a fixed ``cache_budget``). The static shape is (rows, prompt bucket, new tokens, queue
+  length), the queue padded to rows × a power of two.
+- Random initial states and sampling keys derive from (prompt, position) and (prompt, token
+  index), so a prompt draws the same numbers whatever row and iteration it runs in.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from rdlm.generation import cache as kvc
+from rdlm.generation.cache import KVCache
+from rdlm.generation.engine import forward_block, token_input
+from rdlm.generation.exits import ExitState, evaluate, init_exit_state
+from rdlm.generation.plan import PAD_ID, Plan
+from rdlm.generation.programs import _is_stop
+from rdlm.generation.rows import (CodaRows, choose_rows, coda_rows, core_step_rows,
+                                  prelude_rows, row_context, row_keys, start_states)
+from rdlm.model import Params
+from rdlm.model.kernels import to_loop_layout
+
+
+class Queue(NamedTuple):
+    """The prompts, right-padded: [queue, prompt_len] ids, each length, and how many are real."""
+
+    prompts_qt: jax.Array
+    lengths_q: jax.Array
+    count: jax.Array
+
+
+class RowCarry(NamedTuple):
+    """The loop's state: per row, its prompt, its current token and where that token is."""
+
+    cache: KVCache
+    block: KVCache  # the current token's own core entries, one position per row
+    embedded_b1d: jax.Array  # the current token's prelude output e
+    state_b1d: jax.Array
+    step_b: jax.Array  # core steps the current token has run
+    position_b: jax.Array  # the current token's cache position (a prompt's last, at first)
+    memory: ExitState | None  # the exit criterion's memory (None at fixed r)
+    value_b: jax.Array  # the criterion's value at the last evaluation
+    token_b: jax.Array  # the last token emitted
+    prompt_b: jax.Array  # the prompt the row serves
+    emitted_b: jax.Array  # tokens emitted for it
+    running_b: jax.Array  # in the core loop
+    pending_b: jax.Array  # emitted a token that has yet to enter the prelude
+    next_prompt: jax.Array  # the queue's head
+    out: dict[str, jax.Array]  # per prompt: tokens, steps, exit values, lengths (, logits)
+    iterations: jax.Array  # core iterations of the loop
+    busy: jax.Array  # row-iterations that ran a core step
+
+
+class Keys(NamedTuple):
+    sample: jax.Array
+    state: jax.Array
+
+
+def _where_rows(rows_b: jax.Array, new: Any, old: Any) -> Any:
+    """Per row: ``new`` where ``rows_b``, else ``old`` (pytrees with a leading row axis)."""
+    return jax.tree.map(lambda n, o: jnp.where(rows_b.reshape((-1,) + (1,) * (o.ndim - 1)),
+                                               n.astype(o.dtype), o), new, old)
+
+
+def _outputs(plan: Plan) -> dict[str, jax.Array]:
+    q, n = plan.queue, plan.out_len
+    out = {"tokens": jnp.full((q, n), PAD_ID, jnp.int32), "steps": jnp.zeros((q, n), jnp.int32),
+           "exit_values": jnp.full((q, n), jnp.nan, jnp.float32),
+           "lengths": jnp.zeros((q,), jnp.int32)}
+    if plan.return_logits:
+        out["logits"] = jnp.zeros((q, n, plan.cfg.vocab_size), jnp.float32)
+    return out
+
+
+def _emit(plan: Plan, c: RowCarry, rows_b: jax.Array, token_b: jax.Array, steps_b: jax.Array,
+          value_b: jax.Array, logits_bv: jax.Array) -> RowCarry:
+    """The rows in ``rows_b`` emit ``token_b``: it is recorded for their prompts; a row whose
+    sequence is complete (stop token, or ``max_new_tokens``) becomes idle, the others pending."""
+    prompt_w = jnp.where(rows_b, c.prompt_b, plan.queue)  # out of range: not written
+    n_b = c.emitted_b
+    out = dict(c.out)
+    out["tokens"] = out["tokens"].at[prompt_w, n_b].set(token_b, mode="drop")
+    out["steps"] = out["steps"].at[prompt_w, n_b].set(steps_b, mode="drop")
+    out["exit_values"] = out["exit_values"].at[prompt_w, n_b].set(value_b, mode="drop")
+    if plan.return_logits:
+        out["logits"] = out["logits"].at[prompt_w, n_b].set(logits_bv, mode="drop")
+    emitted_b = n_b + rows_b.astype(jnp.int32)
+    out["lengths"] = out["lengths"].at[prompt_w].set(emitted_b, mode="drop")
+    complete_b = _is_stop(token_b, plan.stop_tokens) | (emitted_b >= plan.max_new_tokens)
+    return c._replace(
+        out=out, emitted_b=emitted_b, token_b=jnp.where(rows_b, token_b, c.token_b),
+        position_b=c.position_b + rows_b.astype(jnp.int32), running_b=c.running_b & ~rows_b,
+        pending_b=c.pending_b | (rows_b & ~complete_b))
+
+
+def _prefill(params: Params, plan: Plan, prompts_bt: jax.Array, lengths_b: jax.Array,
+             prompt_b: jax.Array, num_steps: jax.Array, keys: Keys
+             ) -> tuple[KVCache, jax.Array, jax.Array]:
+    """Prompts from position 0 of a fresh cache, at the full r (no exit): the cache, and the
+    logits and final state of each prompt's last position."""
+    cfg = plan.cfg
+    b, length = prompts_bt.shape
+    cache = kvc.init_cache(cfg, b, plan.cache_len, plan.num_slots, plan.track_latest)
+    state_btd = start_states(plan, row_keys(keys.state, prompt_b, jnp.zeros_like(prompt_b)),
+                             length)
+    # Padding follows each prompt, so causality alone keeps it out of the real positions.
+    out, cache = forward_block(params, plan, cache, token_input(params, cfg, prompts_bt),
+                               jnp.zeros((b,), jnp.int32), 0, num_steps, state_btd,
+                               with_prefix=False)
+    rows_b, last_b = jnp.arange(b), lengths_b - 1
+    return cache, out.logits_btv[rows_b, last_b], out.state_btd[rows_b, last_b][:, None]
+
+
+def _start(params: Params, plan: Plan, queue: Queue, num_steps: jax.Array,
+           keys: Keys) -> RowCarry:
+    """The first ``batch`` prompts prefilled together, each row's first token emitted."""
+    cfg, b = plan.cfg, plan.batch
+    prompt_b = jnp.arange(b, dtype=jnp.int32)
+    lengths_b = queue.lengths_q[:b]
+    cache, logits_bv, state_b1d = _prefill(params, plan, queue.prompts_qt[:b], lengths_b,
+                                           prompt_b, num_steps, keys)
+    dtype = jnp.dtype(cfg.dtype)
+    zeros_b = jnp.zeros((b,), jnp.int32)
+    memory = None if plan.exit is None else init_exit_state(state_b1d[:, 0], cfg.vocab_size)
+    c = RowCarry(
+        cache=cache, block=kvc.init_cache(cfg, b, 1, plan.num_slots, plan.track_latest),
+        embedded_b1d=jnp.zeros((b, 1, cfg.d_model), dtype), state_b1d=state_b1d, step_b=zeros_b,
+        position_b=lengths_b - 1, memory=memory, value_b=jnp.full((b,), jnp.inf, jnp.float32),
+        token_b=zeros_b, prompt_b=prompt_b, emitted_b=zeros_b,
+        running_b=jnp.zeros((b,), bool), pending_b=jnp.zeros((b,), bool),
+        next_prompt=jnp.int32(b), out=_outputs(plan), iterations=jnp.int32(0),
+        busy=jnp.int32(0))
+    token_b = choose_rows(logits_bv, row_keys(keys.sample, prompt_b, zeros_b), plan.sampling)
+    return _emit(plan, c, jnp.ones((b,), bool), token_b, jnp.full((b,), num_steps, jnp.int32),
+                 jnp.full((b,), jnp.nan, jnp.float32), logits_bv)
+
+
+def _idle(c: RowCarry) -> jax.Array:
+    return ~(c.running_b | c.pending_b)
+
+
+def _refill(params: Params, plan: Plan, queue: Queue, num_steps: jax.Array, keys: Keys,
+            c: RowCarry) -> RowCarry:
+    """Idle rows take the next prompts, one at a time: a prefill of one row (its cache row
+    replaced) and its first token."""
+    def wanted(c: RowCarry) -> jax.Array:
+        return jnp.any(_idle(c)) & (c.next_prompt < queue.count)
+
+    def one(c: RowCarry) -> RowCarry:
+        row, q = jnp.argmax(_idle(c)), c.next_prompt
+        tokens_1t = lax.dynamic_slice_in_dim(queue.prompts_qt, q, 1)
+        length_1 = lax.dynamic_slice_in_dim(queue.lengths_q, q, 1)
+        row_cache, logits_1v, state_11d = _prefill(params, plan, tokens_1t, length_1, q[None],
+                                                   num_steps, keys)
+        here_b = jnp.arange(plan.batch) == row
+        c = c._replace(
+            cache=kvc.put_row(c.cache, row_cache, row),
+            state_b1d=_where_rows(here_b, jnp.broadcast_to(state_11d, c.state_b1d.shape),
+                                  c.state_b1d),
+            prompt_b=jnp.where(here_b, q, c.prompt_b), emitted_b=jnp.where(here_b, 0, c.emitted_b),
+            position_b=jnp.where(here_b, length_1 - 1, c.position_b), next_prompt=q + 1)
+        token_1 = choose_rows(logits_1v, row_keys(keys.sample, q[None], jnp.zeros((1,), jnp.int32)),
+                              plan.sampling)
+        b = plan.batch
+        return _emit(plan, c, here_b, jnp.broadcast_to(token_1, (b,)),
+                     jnp.full((b,), num_steps, jnp.int32), jnp.full((b,), jnp.nan, jnp.float32),
+                     jnp.broadcast_to(logits_1v, (b, logits_1v.shape[-1])))
+
+    return lax.while_loop(wanted, one, c)
+
+
+def advance_rows(batch: int) -> int:
+    """How many pending rows enter the prelude per iteration: a quarter of the rows. Running the
+    prelude for every row whenever one of them has a new token would cost half a core step
+    (two of four layers at the usual shapes) at nearly every iteration of a large batch, where
+    some row finishes a token almost always; a row beyond the quarter waits one iteration."""
+    return max(1, -(-batch // 4))
+
+
+def _advance(params: Params, plan: Plan, keys: Keys, c: RowCarry) -> RowCarry:
+    """Pending rows (up to `advance_rows`) run their new token through the prelude and restart
+    the core at step 0, from s_0 or, under continuous CoT, from the previous token's final
+    state."""
+    cfg, b = plan.cfg, plan.batch
+    k = advance_rows(b)
+    if k == b:
+        rows_b = c.pending_b
+        embedded_b1d, cache = prelude_rows(params, cfg, c.cache, c.token_b, c.position_b, rows_b)
+    else:
+        rows_k = jnp.nonzero(c.pending_b, size=k, fill_value=0)[0]
+        valid_k = jnp.arange(k) < jnp.sum(c.pending_b.astype(jnp.int32))
+        embedded_k1d, cache = prelude_rows(params, cfg, c.cache, c.token_b[rows_k],
+                                           c.position_b[rows_k], valid_k, rows_k)
+        target_k = jnp.where(valid_k, rows_k, b)  # out of range: dropped
+        rows_b = jnp.zeros((b,), bool).at[target_k].set(True, mode="drop")
+        embedded_b1d = c.embedded_b1d.at[target_k].set(embedded_k1d, mode="drop")
+    start_b1d = (c.state_b1d if plan.continuous_cot else
+                 start_states(plan, row_keys(keys.state, c.prompt_b, c.position_b), 1))
+    memory = c.memory
+    if memory is not None:
+        memory = _where_rows(rows_b, init_exit_state(start_b1d[:, 0], cfg.vocab_size), memory)
+    return c._replace(
+        cache=cache, embedded_b1d=_where_rows(rows_b, embedded_b1d, c.embedded_b1d),
+        state_b1d=_where_rows(rows_b, start_b1d, c.state_b1d),
+        step_b=jnp.where(rows_b, 0, c.step_b), memory=memory,
+        value_b=jnp.where(rows_b, jnp.inf, c.value_b), running_b=c.running_b | rows_b,
+        pending_b=c.pending_b & ~rows_b)
+
+
+def _converged(plan: Plan, value_b: jax.Array, threshold: jax.Array) -> jax.Array:
+    if plan.exit.criterion == "argmax-stability":  # the value counts agreeing evaluations
+        return value_b >= threshold
+    return value_b < threshold
+
+
+def _iterate(params: Params, plan: Plan, num_steps: jax.Array, threshold: jax.Array, keys: Keys,
+             c: RowCarry) -> RowCarry:
+    """One core step of every running row; rows whose token is done run the coda and emit."""
+    cfg, exit_cfg = plan.cfg, plan.exit
+    active_b = c.running_b
+    ctx = row_context(cfg, c.position_b, plan.cache_len)
+    state_b1d, block = core_step_rows(params, cfg, plan.num_slots, c.cache, c.block, c.state_b1d,
+                                      c.embedded_b1d, ctx, c.step_b, active_b)
+    step_b = c.step_b + active_b.astype(jnp.int32)
+
+    def coda(state: jax.Array) -> CodaRows:
+        return coda_rows(params, cfg, c.cache, state, ctx)
+
+    coda_out, fresh_b, memory, value_b = None, jnp.zeros_like(active_b), c.memory, c.value_b
+    done_b = active_b & (step_b >= num_steps)
+    if exit_cfg is not None:
+        check_b = active_b & (step_b % exit_cfg.check_every == 0)
+        blank = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(coda, state_b1d))
+
+        def check(memory: ExitState) -> tuple:
+            # The coda on the candidate states; the finishing rows keep its entries.
+            out = coda(state_b1d) if exit_cfg.needs_logits else blank
+            value, _, new_memory = evaluate(exit_cfg, memory, state_b1d[:, 0],
+                                            out.logits_bv if exit_cfg.needs_logits else None)
+            return value, _where_rows(check_b, new_memory, memory), out
+
+        def no_check(memory: ExitState) -> tuple:
+            return c.value_b, memory, blank
+
+        value, memory, coda_out = lax.cond(jnp.any(check_b), check, no_check, c.memory)
+        value_b = jnp.where(check_b, value, c.value_b)
+        converged_b = check_b & _converged(plan, value, threshold) & (step_b >= exit_cfg.min_steps)
+        done_b = done_b | (active_b & converged_b)
+        fresh_b = check_b if exit_cfg.needs_logits else fresh_b
+
+    c = c._replace(block=block, state_b1d=state_b1d, step_b=step_b, memory=memory,
+                   value_b=value_b, iterations=c.iterations + 1,
+                   busy=c.busy + jnp.sum(active_b.astype(jnp.int32)))
+
+    def finish(c: RowCarry) -> RowCarry:
+        out = coda_out
+        if out is None:
+            out = coda(c.state_b1d)
+        else:  # rows that stopped at the cap on a step without a check need the coda run
+            out = lax.cond(jnp.all(fresh_b | ~done_b), lambda: out, lambda: coda(c.state_b1d))
+        cache = kvc.merge_rows(c.cache, c.block, c.position_b, done_b, c.step_b)
+        cache = cache._replace(coda=kvc.write_stage_rows(cache.coda, out.kvs, c.position_b,
+                                                         done_b))
+        token_b = choose_rows(out.logits_bv, row_keys(keys.sample, c.prompt_b, c.emitted_b),
+                              plan.sampling)
+        value_b = (c.value_b if exit_cfg is not None
+                   else jnp.full_like(c.value_b, jnp.nan))
+        return _emit(plan, c._replace(cache=cache), done_b, token_b, c.step_b, value_b,
+                     out.logits_bv)
+
+    return lax.cond(jnp.any(done_b), finish, lambda c: c, c)
+
+
+def _generate_rows(params: Params, queue: Queue, num_steps: jax.Array, threshold: jax.Array,
+                   key: jax.Array, plan: Plan) -> dict[str, jax.Array]:
+    params = to_loop_layout(params)
+    keys = Keys(*jax.random.split(key))
+
+    def more(c: RowCarry) -> jax.Array:
+        return jnp.any(~_idle(c)) | (jnp.any(_idle(c)) & (c.next_prompt < queue.count))
+
+    def body(c: RowCarry) -> RowCarry:
+        c = _refill(params, plan, queue, num_steps, keys, c)
+        c = lax.cond(jnp.any(c.pending_b), lambda c: _advance(params, plan, keys, c),
+                     lambda c: c, c)
+        return _iterate(params, plan, num_steps, threshold, keys, c)
+
+    c = lax.while_loop(more, body, _start(params, plan, queue, num_steps, keys))
+    return {**c.out, "iterations": c.iterations, "busy": c.busy}
+
+
+continuous_jit = jax.jit(_generate_rows, static_argnames=("plan",))

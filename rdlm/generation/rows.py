@@ -1,0 +1,101 @@
+"""The generation engine with every row at its own position and recurrence step, for
+depth-continuous batching (`rdlm.generation.continuous`): one token per row through the prelude,
+one core step or the coda, each row reading the cache below its own position and writing at it.
+
+The arithmetic is the engine's (`rdlm.generation.engine`): the same layers, the same cache rule
+(slot ``step mod num_slots``, the latest entry of a position that stopped earlier); only the
+positions differ per row, so the mask, RoPE, the cache reads and the writes are per row.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from rdlm.config import ModelConfig
+from rdlm.generation import cache as kvc
+from rdlm.generation.cache import KVCache
+from rdlm.generation.engine import _after_reads, _model, choose_tokens
+from rdlm.generation.plan import Plan, SamplingConfig
+from rdlm.model import AttentionContext, KV, Params, initial_state, rope_angles, run_blocks
+
+
+def row_context(cfg: ModelConfig, position_b: jax.Array, cache_len: int) -> AttentionContext:
+    """Mask and RoPE of one query per row at ``position_b``: it sees the row's cached positions
+    below it and itself. Prompts start at position 0 of their row (no padding)."""
+    b = position_b.shape[0]
+    cos_b11f, sin_b11f = rope_angles(position_b[:, None], cfg.head_dim, cfg.rope_base)
+    prefix_bs = jnp.arange(cache_len)[None] < position_b[:, None]
+    mask_bs = jnp.concatenate([prefix_bs, jnp.ones((b, 1), bool)], axis=-1)
+    return AttentionContext(cos_b11f, sin_b11f, mask_bs[:, None, None, :])
+
+
+def prelude_rows(params: Params, cfg: ModelConfig, cache: KVCache, token_k: jax.Array,
+                 position_k: jax.Array, write_k: jax.Array, rows_k: jax.Array | None = None
+                 ) -> tuple[jax.Array, KVCache]:
+    """The prelude of one token for each of the cache rows ``rows_k`` (None: every row, in
+    order): (e [k, 1, d], cache with the entries of the tokens in ``write_k`` written)."""
+    model = _model(params, cfg)
+    ctx = row_context(cfg, position_k, cache.depth_bt.shape[1])
+    prefixes = cache.prelude if rows_k is None else kvc.gather_stage(cache.prelude, rows_k)
+    bases_k1d = model.token_bases(token_k[:, None])
+    embedded_k1d, kvs = run_blocks(model.prelude, bases_k1d, ctx, list(prefixes))
+    embedded_k1d, kvs = _after_reads(embedded_k1d, kvs)
+    return embedded_k1d, cache._replace(
+        prelude=kvc.write_stage_rows(cache.prelude, kvs, position_k, write_k, rows_k))
+
+
+def core_step_rows(params: Params, cfg: ModelConfig, num_slots: int, cache: KVCache,
+                   block: KVCache, state_b1d: jax.Array, embedded_b1d: jax.Array,
+                   ctx: AttentionContext, step_b: jax.Array, active_b: jax.Array
+                   ) -> tuple[jax.Array, KVCache]:
+    """Recurrence step ``step_b[b]`` of each row's current token. The cache is only read; the
+    token's own entries go to ``block`` (merged when the token is done), for the reason
+    `rdlm.generation.engine.run_core_step` gives. Inactive rows keep their state and entries."""
+    prefixes = [kvc.read_core_rows(cache, layer, step_b, num_slots) for layer in range(cfg.n_core)]
+    new_b1d, kvs = _model(params, cfg).core(state_b1d, embedded_b1d, ctx, prefixes)
+    for layer, kv in enumerate(kvs):
+        block = kvc.write_core_rows(block, layer, step_b, num_slots, kv, active_b)
+    return jnp.where(active_b[:, None, None], new_b1d, state_b1d), block
+
+
+class CodaRows(NamedTuple):
+    logits_bv: jax.Array  # float32
+    kvs: list[KV]  # the coda's entries of each row's token, to write once the token is done
+
+
+def coda_rows(params: Params, cfg: ModelConfig, cache: KVCache, state_b1d: jax.Array,
+              ctx: AttentionContext) -> CodaRows:
+    """The coda of each row's candidate state: logits, and the entries it would write."""
+    model = _model(params, cfg)
+    x_b1d, kvs = run_blocks(model.coda, model.ln_f(state_b1d), ctx, list(cache.coda))
+    hidden_b1d, kvs = _after_reads(model.ln_f(x_b1d), kvs)
+    logits_b1v = jnp.einsum("btd,vd->btv", hidden_b1d, model.wte[...].astype(hidden_b1d.dtype),
+                            preferred_element_type=jnp.float32)
+    return CodaRows(logits_b1v[:, 0], list(kvs))
+
+
+def row_keys(key: jax.Array, prompt_b: jax.Array, index_b: jax.Array) -> jax.Array:
+    """One key per row from (prompt, index): a prompt draws the same numbers whatever row and
+    iteration it runs in."""
+    return jax.vmap(lambda p, i: jax.random.fold_in(jax.random.fold_in(key, p), i))(prompt_b,
+                                                                                     index_b)
+
+
+def choose_rows(logits_bv: jax.Array, keys_b: jax.Array, sampling: SamplingConfig) -> jax.Array:
+    """`choose_tokens` with a key per row."""
+    if sampling.greedy:
+        return choose_tokens(logits_bv, keys_b[0], sampling)
+    return jax.vmap(lambda logits_v, k: choose_tokens(logits_v[None], k, sampling)[0])(
+        logits_bv, keys_b)
+
+
+def start_states(plan: Plan, keys_b: jax.Array, length: int) -> jax.Array:
+    """s_0 of ``length`` positions per row [b, length, d]: zero, or drawn from each row's key."""
+    b, d = keys_b.shape[0], plan.cfg.d_model
+    if plan.init_scale == 0:
+        return jnp.zeros((b, length, d), jnp.dtype(plan.cfg.dtype))
+    return jax.vmap(lambda k: initial_state(plan.cfg, (length, d), key=k,
+                                            init_scale=plan.init_scale))(keys_b)

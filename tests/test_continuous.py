@@ -1,0 +1,82 @@
+"""Depth-continuous batching (`rdlm.generation.continuous`): every row at its own token and
+iteration, a queue of prompts; greedy output equals the lockstep engine's given the same exit
+decisions (tiny config, zero initial state)."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+import rdlm
+import rdlm.generation as S
+from rdlm.generation.continuous import continuous_jit
+
+CFG = rdlm.model_preset("tiny")
+PROMPTS = [[5, 9, 13, 2, 40, 7], [33, 1, 8], [60, 61, 62, 63, 0, 12, 3, 19, 4], [7, 7],
+           [21, 22, 23, 24]]
+
+
+@pytest.fixture(scope="module")
+def params():
+    p = rdlm.init_params(CFG, jax.random.key(0))
+    leaves, tree = jax.tree.flatten(p)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    return jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape)
+                                     for x, k in zip(leaves, keys)])
+
+
+def both(params, **kwargs):
+    """The lockstep engine over every prompt at once, and 2 rows working through the queue."""
+    kwargs = {"max_new_tokens": 6, "num_steps": 8, "return_logits": True, **kwargs}
+    return (S.generate(params, CFG, PROMPTS, **kwargs),
+            S.generate(params, CFG, PROMPTS, continuous_batching=True, batch_size=2, **kwargs))
+
+
+def assert_same(ref, out):
+    np.testing.assert_array_equal(out.lengths, ref.lengths)
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    np.testing.assert_array_equal(out.steps, ref.steps)
+    for row, n in enumerate(ref.lengths):
+        np.testing.assert_allclose(out.logits[row, :n], ref.logits[row, :n], atol=2e-5)
+
+
+def test_fixed_r_with_stop_tokens_equals_lockstep_and_rows_take_the_next_prompt(params):
+    ref, out = both(params, stop_tokens=(36,))
+    assert ref.lengths.min() < 6 and ref.lengths.max() == 6  # some prompts stop early
+    assert_same(ref, out)
+    # Five prompts through two rows: after the first two, rows refill as sequences end.
+    assert out.stats["iterations"] >= 8 * (ref.lengths.sum() - len(PROMPTS)) / 2
+    assert 0.5 < out.stats["row_utilization"] <= 1.0
+
+
+def test_adaptive_exit_with_shared_cache_and_continuous_cot_equals_lockstep(params):
+    options = dict(exit="kl:1e-2", cache_budget=2, continuous_cot=True)
+    ref, out = both(params, **options)
+    assert (ref.steps[:, 1:] < 8).any() and len(np.unique(ref.steps[:, 1:])) > 1  # exits vary
+    assert_same(ref, out)
+    np.testing.assert_allclose(out.exit_values, ref.exit_values, rtol=1e-3, atol=1e-6)
+    # Every iteration advances every busy row: fewer iterations than lockstep token steps
+    # would take on two rows, each waiting for the slower.
+    assert out.stats["row_utilization"] > 0.8
+    # One compilation for every r and exit threshold.
+    before = continuous_jit._cache_size()
+    for r, exit in ((3, "kl:1e-2"), (12, "kl:1e-9"), (5, "kl:0.5")):
+        o = S.generate(params, CFG, PROMPTS, max_new_tokens=6, num_steps=r, return_logits=True,
+                       continuous_batching=True, batch_size=2, exit=exit, cache_budget=2,
+                       continuous_cot=True)
+        assert o.steps[:, 1:].max() <= r and (o.steps[:, 0] == r).all()
+        if exit == "kl:1e-9":
+            assert (o.steps == r).all()
+    assert continuous_jit._cache_size() == before
+
+
+def test_options_it_cannot_combine_are_refused(params):
+    with pytest.raises(ValueError, match="speculative decoding"):
+        S.generate(params, CFG, PROMPTS, max_new_tokens=4, num_steps=4,
+                   continuous_batching=True, speculative=True)
+    with pytest.raises(ValueError, match="batch_size sets the rows of continuous_batching"):
+        S.generate(params, CFG, PROMPTS, max_new_tokens=4, num_steps=4, batch_size=2)
+    with pytest.raises(ValueError, match="batch_size=0"):
+        S.generate(params, CFG, PROMPTS, max_new_tokens=4, num_steps=4,
+                   continuous_batching=True, batch_size=0)
