@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -30,6 +31,50 @@ def test_aot_reports_memory_and_flops_for_local_devices(tmp_path, capsys):
 def test_aot_unknown_topology_is_a_clear_error(capsys):
     assert aot.cli(["configs/tiny.yaml", *SMALL, "--topology", "v5p:nonsense"]) == 2
     assert "cannot describe TPU topology 'v5p:nonsense'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is not None, reason="libtpu is installed")
+def test_aot_without_libtpu_says_how_to_install_it(capsys):
+    assert aot.cli(["configs/tiny.yaml", *SMALL, "--topology", "v5p:2x2x1"]) == 2
+    err = capsys.readouterr().err
+    assert "needs libtpu, which is not installed" in err and 'pip install "jax[tpu]==' in err
+
+
+def test_aot_that_does_not_fit_names_the_memory_and_settings_that_use_less(tmp_path, capsys):
+    out = tmp_path / "aot.json"
+    assert aot.cli(["configs/tiny.yaml", *SMALL, "--hbm-gib", "1e-4", "--json", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "error: does not fit: peak" in err and "temporaries" in err
+    assert "model.remat_policy=full" in err  # the default policy keeps prelude/coda activations
+    report = json.loads(out.read_text())
+    assert report["fits"] is False and report["toolchain"]["jax"] and report["machine"]
+
+
+def test_biggest_arrays_of_a_lowered_train_step():
+    """What a refused program's message names: the largest arrays of the traced step, largest
+    first (here the [vocab, d] embedding's gradient and optimizer moments and the logits)."""
+    from rdlm.config import load_config
+    from rdlm.runtime import sharding as shard_lib
+    from rdlm.train import aot as aot_lib
+    from rdlm.train.step import make_train_step
+    from rdlm.train.optim import make_optimizer
+    from rdlm.train.state import abstract_state, state_shardings
+    import jax
+    cfg = load_config("configs/tiny.yaml", SMALL)
+    mesh = shard_lib.make_mesh(cfg.mesh, devices=jax.devices())
+    tx = make_optimizer(cfg.train)
+    state = abstract_state(cfg, tx, state_shardings(cfg, tx, mesh))
+    batch = aot_lib.abstract_batch(cfg, mesh)
+    text = make_train_step(cfg, mesh, batch_keys=tuple(batch)).lower(state, batch).as_text()
+    biggest = aot_lib.largest_arrays(text, n=3)
+    sizes = [size for _, _, size in biggest]
+    assert len(biggest) == 3 and sizes == sorted(sizes, reverse=True)
+    logits = 2 * 16 * cfg.model.vocab_size * 4  # [batch, seq, vocab] float32
+    assert sizes[0] >= logits
+    message = aot_lib.does_not_fit_message("RESOURCE_EXHAUSTED: Ran out of memory on HBM.\nmore",
+                                           cfg, 1, text)
+    assert message.startswith("the train step does not fit in device memory: RESOURCE_EXHAUSTED")
+    assert biggest[0][1] in message and "Settings that use less" in message
 
 
 def test_bench_one_compilation_serves_every_depth(tmp_path, capsys):
