@@ -88,7 +88,10 @@ def _stack(rows: list[Batch]) -> Batch:
 def tokenizer_for(data: DataConfig) -> Tokenizer:
     """``data.tokenizer``, checked for the end-of-text token every source needs (it ends a rendered
     example and separates the documents of a token stream)."""
-    tok = load_tokenizer(data.tokenizer)
+    try:
+        tok = load_tokenizer(data.tokenizer)
+    except FileNotFoundError as err:
+        raise ConfigError(f"data.tokenizer={data.tokenizer!r}: {err}") from None
     tok.require("eos", f"data.source={data.source!r}")
     return tok
 
@@ -199,7 +202,8 @@ def make_dataset(cfg: Config, *, split: str = "train", process_index: int = 0,
     tok = tokenizer_for(data)
     if tok.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is invalid: the "
-                          f"{data.tokenizer!r} tokenizer has {tok.vocab_size} tokens.")
+                          f"{data.tokenizer!r} tokenizer has {tok.vocab_size} tokens; set "
+                          f"model.vocab_size >= {tok.vocab_size} (a multiple of 64 is fastest).")
     rows = rows_per_process(cfg, process_count)
     source, transform = _indexed(cfg, split, tok)
 

@@ -90,13 +90,14 @@ def held_out_loss(params: Any, cfg: Config, *, num_steps_list: Sequence[int] = L
     model. The same batches (``train.batch_size`` × ``train.seq_len`` tokens, in file order; at
     most ``num_batches``, each token read once) for every r; one compilation serves every r."""
     from rdlm.data import make_eval_batches
-    from rdlm.runtime.sharding import make_mesh
+    from rdlm.runtime.sharding import make_mesh, param_shardings
     if cfg.data.source not in TOKEN_SOURCES:
         raise ConfigError(f"held-out loss needs token data (data.source in {TOKEN_SOURCES}); this "
                           f"run trained on data.source={cfg.data.source!r}: use its task "
                           "accuracy (`rdlm eval --task …`) instead.")
     check_held_out(cfg, split, allow_train_data)
     mesh = mesh or make_mesh(cfg.mesh)
+    params = jax.device_put(params, param_shardings(cfg.model, mesh))  # as training laid them out
     batches = make_eval_batches(cfg, num_batches=num_batches, split=split, repeat=False)
     tokens = int(sum(np.asarray(b.get("loss_mask", np.ones_like(b["targets"]))).sum()
                      for b in batches))

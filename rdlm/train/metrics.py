@@ -16,7 +16,7 @@ from tqdm import tqdm
 import yaml
 
 from rdlm.config import Config, to_dict
-from rdlm.data.tokenizer import BUILTIN_ALPHABETS, RUN_TOKENIZER, load_tokenizer, tokenizer_file
+from rdlm.data.tokenizer import BUILTIN_ALPHABETS, RUN_TOKENIZER, tokenizer_file
 from rdlm.errors import ConfigError
 
 
@@ -74,11 +74,6 @@ def record_run_inputs(run_dir: Path, cfg: Config) -> str:
         source = tokenizer_file(spec)
     except FileNotFoundError as err:
         raise ConfigError(f"data.tokenizer: {err}") from err
-    vocab = load_tokenizer(source).vocab_size
-    if vocab > cfg.model.vocab_size:
-        raise ConfigError(f"data.tokenizer {str(source)!r} has {vocab} tokens but "
-                          f"model.vocab_size={cfg.model.vocab_size}: set model.vocab_size >= "
-                          f"{vocab} (a multiple of 64 or 128 is fastest).")
     kept = run_dir / RUN_TOKENIZER
     if not kept.exists():
         shutil.copyfile(source, kept)
