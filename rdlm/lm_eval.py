@@ -19,6 +19,7 @@ Importing this module imports lm-eval (the ``eval`` extra); ``import rdlm`` neve
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -47,7 +48,7 @@ from rdlm.runtime import sharding
 MODEL_NAME = "rdlm"
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's default when a task gives none
-SHORTEST_BUCKET = 16  # sequences are padded to a power of two at least this long
+SHORTEST_BUCKET = 16  # the shortest padded length (see `bucket_length`)
 # lm-eval's generation keywords that rdlm maps onto `rdlm.generate` (anything else is refused,
 # so that a task asking for, say, beam search is not silently run greedily).
 GEN_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_k", "top_p", "min_p")
@@ -182,14 +183,16 @@ def load_model(checkpoint: str, dtype: str | None, tokenizer: str | None
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "constrain"))
-def score_batch(params: Params, tokens_bt: jax.Array, segment_ids_bt: jax.Array,
-                targets_bt: jax.Array, score_mask_bt: jax.Array, num_steps: jax.Array, *,
-                cfg: ModelConfig, constrain: Callable | None = None
-                ) -> tuple[jax.Array, jax.Array]:
+def score_batch(params: Params, tokens_bt: jax.Array, targets_bt: jax.Array,
+                score_mask_bt: jax.Array, num_steps: jax.Array, *, cfg: ModelConfig,
+                constrain: Callable | None = None) -> tuple[jax.Array, jax.Array]:
     """(summed log-probability of the scored targets [batch], whether each is the argmax
-    [batch]) after ``num_steps`` core iterations from the zero state."""
+    [batch]) after ``num_steps`` core iterations from the zero state.
+
+    Rows are right-padded, so the plain causal mask is enough: a real token never sees the
+    padding after it (no segment ids, whose [batch, length, length] mask costs time)."""
     logits_btv, _ = forward(params, tokens_bt, cfg, num_steps=num_steps, init_scale=0.0,
-                            segment_ids=segment_ids_bt, constrain=constrain)
+                            constrain=constrain)
     logp_btv = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
     target_logp_bt = jnp.take_along_axis(logp_btv, targets_bt[..., None], axis=-1)[..., 0]
     scored_bt = score_mask_bt.astype(bool)
@@ -199,11 +202,13 @@ def score_batch(params: Params, tokens_bt: jax.Array, segment_ids_bt: jax.Array,
 
 
 def bucket_length(n: int, cap: int) -> int:
-    """The padded length of an n-token row: the next power of two (at least `SHORTEST_BUCKET`),
-    at most ``cap``; few distinct lengths mean few compilations."""
+    """The padded length of an n-token row: the next of 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, …
+    (four steps per doubling), at most ``cap``. Few distinct lengths mean few compilations (four
+    per doubling of the longest row), and a row is padded by less than a quarter of its length
+    (two steps per doubling padded 27% more tokens than exact lengths on varied requests)."""
     length = SHORTEST_BUCKET
     while length < n:
-        length *= 2
+        length += (1 << (length.bit_length() - 1)) // 4
     return max(min(length, cap), n)
 
 
@@ -225,16 +230,14 @@ def score_row(context: Sequence[int], continuation: Sequence[int], max_length: i
 
 
 def pack_rows(rows: Sequence[ScoreRow], batch: int, length: int) -> dict[str, np.ndarray]:
-    """Right-padded [batch, length] arrays; padding (and filler rows past ``len(rows)``) is
-    segment 0 and scores nothing."""
+    """Right-padded [batch, length] arrays; padding (and filler rows past ``len(rows)``)
+    scores nothing."""
     arrays = {name: np.zeros((batch, length), np.int32)
-              for name in ("tokens", "segment_ids", "targets", "score_mask")}
-    arrays["segment_ids"][len(rows):, 0] = 1  # a filler row sees one token, not none
+              for name in ("tokens", "targets", "score_mask")}
     for i, row in enumerate(rows):
         n = len(row.inputs)
         arrays["tokens"][i, :n] = row.inputs
         arrays["targets"][i, :n] = row.targets
-        arrays["segment_ids"][i, :n] = 1
         arrays["score_mask"][i, n - row.num_scored:n] = 1
     return arrays
 
@@ -319,6 +322,18 @@ class RDLM(TemplateLM):
         self.generation_stats = {"tokens": 0, "core_steps": 0}
         self._sampled_batches = 0  # folded into the key of each sampled batch
 
+    def at(self, num_steps: int, exit: str | None = None) -> "RDLM":
+        """This model at another r (and exit spec), sharing the loaded params and the compiled
+        programs: an r sweep loads the checkpoint once."""
+        options = parse_options({**dataclasses.asdict(self.options), "num_steps": num_steps,
+                                 "exit": exit})
+        other = copy.copy(self)
+        other.options, other.num_steps = options, options.num_steps
+        other.exit = None if exit is None else ExitConfig.parse(exit)
+        other.generation_stats = {"tokens": 0, "core_steps": 0}
+        other._sampled_batches = 0
+        return other
+
     # -- lm-eval's construction hooks: model_args win over the command line's --batch_size, and
     # the keys every backend gets (device, max_batch_size) are dropped.
     @classmethod
@@ -398,7 +413,7 @@ class RDLM(TemplateLM):
             # Dispatched, not waited for: the host packs the next batch while this one runs.
             pending.append((indices, score_batch(
                 self.params, *(self._on_mesh(arrays[k]) for k in
-                               ("tokens", "segment_ids", "targets", "score_mask")),
+                               ("tokens", "targets", "score_mask")),
                 np.int32(self.num_steps), cfg=self.cfg, constrain=self.constrain)))
         results: list[tuple[float, bool] | None] = [None] * len(rows)
         for indices, (logp_b, greedy_b) in jax.device_get(pending):

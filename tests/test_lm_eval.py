@@ -28,7 +28,7 @@ import rdlm  # noqa: E402
 from rdlm.cli.lm_eval import with_model  # noqa: E402
 from rdlm.config import Config, ConfigError, model_preset  # noqa: E402
 from rdlm.data.tokenizer import HFTokenizer, load_tokenizer  # noqa: E402
-from rdlm.lm_eval import RDLM, score_batch, stop_token_ids  # noqa: E402
+from rdlm.lm_eval import RDLM, bucket_length, score_batch, stop_token_ids  # noqa: E402
 from rdlm.runtime.checkpoint import load_params, save_params  # noqa: E402
 from tests.test_interop_tokenizer import SPECIALS, train_bpe  # noqa: E402
 
@@ -187,7 +187,8 @@ def test_one_compiled_program_serves_every_r(model, tiny_run):
     requests = [Instance("loglikelihood", {}, ("2+3=", " 5"), 0)]
     model.loglikelihood(requests)  # compiled (if not already) at r = 2
     compiled = score_batch._cache_size()
-    deeper = RDLM(checkpoint=str(path), num_steps=5, batch_size=4)
+    deeper = model.at(5)  # the same params, another r
+    assert RDLM(checkpoint=str(path), num_steps=5, batch_size=4).options == deeper.options
     got = deeper.loglikelihood(requests)[0]
     assert score_batch._cache_size() == compiled
     want = direct_scores(params, cfg, [(tok.prompt("2+3="), tok.encode(" 5"))], 5)[0]
@@ -317,3 +318,11 @@ def test_without_lm_eval_the_import_says_how_to_install_it(monkeypatch):
                                                   sys.modules["rdlm.lm_eval"].__file__)
     with pytest.raises(ImportError, match=r"pip install 'rdlm\[eval\]'"):
         spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
+def test_length_buckets_pad_less_than_a_quarter_of_a_row():
+    lengths = [bucket_length(n, 256) for n in range(1, 257)]
+    assert sorted(set(lengths)) == [16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160,
+                                    192, 224, 256]
+    assert all(n <= b < max(16, 1.25 * n) + 1 for n, b in zip(range(1, 257), lengths))
+    assert bucket_length(40, 36) == 40  # capped at max_length, never below the row
