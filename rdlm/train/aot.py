@@ -221,7 +221,7 @@ def does_not_fit_message(xla_error: str, cfg: Config, dp: int, program_text: str
 
 def over_budget_message(report: AotReport, cfg: Config, dp: int) -> str:
     """For a program XLA compiled but whose peak exceeds the HBM of the table (or --hbm-gib)."""
-    gib = lambda b: f"{b / 2**30:,.2f} GiB"
+    gib = lambda b: f"{b / 2**30:,.2f} GiB" if b >= 2**30 else f"{b / 2**20:,.1f} MiB"
     return (f"peak {gib(report.peak_bytes)} > HBM {gib(report.hbm_bytes or 0)} per device "
             f"(arguments {gib(report.argument_bytes)}, temporaries {gib(report.temp_bytes)}). "
             f"Settings that use less: {'; '.join(fit_suggestions(cfg, dp))}.")
