@@ -185,8 +185,8 @@ def choose_attention(platform: str, dtype: Any, mask_kind: str, length: int,
     program sharded over several devices.
 
     - A cache (decoding, verification): `attend_with_prefix` everywhere. Its masks are arbitrary
-      (exited tokens read older slots, cache sharing), which no fused kernel takes, and one
-      decoding step is bound by reading the cache, which XLA's two dots already do once.
+      (exited tokens read older slots, cache sharing), which no fused kernel takes, and its two
+      dots read the cache once (docs/performance.md weighs a ragged TPU kernel).
     - TPU: splash attention for causal and segment masks whenever 128 divides the length.
     - GPU, 16-bit: cuDNN for plain causal attention, the Pallas flash kernel for segments.
       Float32 stays on XLA (both fused kernels would compute the dots at lower precision).
