@@ -154,6 +154,19 @@ def _huginn_dtype(path: Path) -> str:
     return "bfloat16" if torch_dtype == "bfloat16" else "float32"
 
 
+def model_tokenizer(path: Path, tokenizer: str | None, trained_with: str | Path) -> Tokenizer:
+    """model_args ``tokenizer``, else the tokenizer.json kept with the checkpoint, else the one
+    it was trained with (`run_tokenizer`); a missing one names the model_arg that fixes it."""
+    try:
+        if tokenizer:
+            return load_tokenizer(tokenizer)
+        return run_tokenizer(path, trained_with)
+    except (FileNotFoundError, ConfigError) as err:
+        given = f"model_args tokenizer={tokenizer!r}: " if tokenizer else ""
+        raise ConfigError(f"{given}{err} (model_args tokenizer=PATH gives a tokenizer.json, "
+                          "tokenizer=chars or ascii a built-in one)") from None
+
+
 def load_model(checkpoint: str, dtype: str | None, tokenizer: str | None
                ) -> tuple[ModelConfig, Params, Tokenizer]:
     """(model config with the compute dtype, float32 params, tokenizer) of ``checkpoint``."""
@@ -164,13 +177,12 @@ def load_model(checkpoint: str, dtype: str | None, tokenizer: str | None
     if is_huginn_dir(path):
         from rdlm.interop import load_huginn
         cfg, params = load_huginn(path, compute_dtype=dtype or _huginn_dtype(path))
-        tok = load_tokenizer(tokenizer) if tokenizer else run_tokenizer(path, path)
+        tok = model_tokenizer(path, tokenizer, trained_with=path)
     else:
         from rdlm.runtime import checkpoint as ckpt
         config, params = ckpt.load_params(path, report=ckpt.say_on_stderr)
         cfg = config.model if dtype is None else dataclasses.replace(config.model, dtype=dtype)
-        tok = (load_tokenizer(tokenizer) if tokenizer
-               else run_tokenizer(path, config.data.tokenizer))
+        tok = model_tokenizer(path, tokenizer, trained_with=config.data.tokenizer)
     if tok.vocab_size > cfg.vocab_size:
         raise ConfigError(f"the tokenizer {tok.name!r} has {tok.vocab_size} tokens but the "
                           f"model's vocabulary holds {cfg.vocab_size}: pass the tokenizer the "

@@ -326,3 +326,18 @@ def test_length_buckets_pad_less_than_a_quarter_of_a_row():
                                     192, 224, 256]
     assert all(n <= b < max(16, 1.25 * n) + 1 for n, b in zip(range(1, 257), lengths))
     assert bucket_length(40, 36) == 40  # capped at max_length, never below the row
+
+
+def test_huginn_layout_directory_gives_the_same_numbers(model, tiny_run, tmp_path):
+    """The checkpoint as a Hugging Face directory in Huginn-0125's layout (`rdlm convert`)."""
+    from rdlm.interop import save_huginn
+    _, cfg, params = tiny_run
+    save_huginn(cfg, params, tmp_path / "hf")
+    with pytest.raises(ConfigError, match="keeps no tokenizer.json.*model_args tokenizer=PATH"):
+        RDLM(checkpoint=str(tmp_path / "hf"))  # no tokenizer.json beside the weights
+    hf = RDLM(checkpoint=str(tmp_path / "hf"), num_steps=R, batch_size=4, tokenizer="chars")
+    assert hf.cfg.dtype == "float32" and hf.num_steps == R
+    requests = [Instance("loglikelihood", {}, pair, i)
+                for i, pair in enumerate([("2+3=", " 5"), ("a b c d", " e")])]
+    np.testing.assert_allclose([s for s, _ in hf.loglikelihood(requests)],
+                               [s for s, _ in model.loglikelihood(requests)], rtol=1e-6, atol=1e-5)
