@@ -30,7 +30,7 @@ _LAZY = {
 }
 # The library's own layers; the command line (rdlm.cli) and benchmarks (rdlm.bench) sit on top of
 # it and are imported by name, never through the library.
-_SUBPACKAGES = ("coconut", "data", "generation", "interop", "model", "runtime", "train")
+_SUBPACKAGES = ("coconut", "data", "generation", "interop", "lm_eval", "model", "runtime", "train")
 
 
 def __getattr__(name: str) -> Any:
