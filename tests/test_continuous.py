@@ -80,3 +80,15 @@ def test_options_it_cannot_combine_are_refused(params):
     with pytest.raises(ValueError, match="batch_size=0"):
         S.generate(params, CFG, PROMPTS, max_new_tokens=4, num_steps=4,
                    continuous_batching=True, batch_size=0)
+
+
+def test_evaluation_with_continuous_batching_gives_the_same_predictions():
+    from rdlm.generation.evaluate import evaluate_accuracy
+    cfg = rdlm.load_config("configs/tiny.yaml")
+    params = rdlm.init_params(cfg.model, jax.random.key(0))
+    kwargs = dict(num_steps_list=[2, 1], num_examples=5, batch_size=2)
+    base = evaluate_accuracy(params, cfg, "chains", **kwargs)
+    before = continuous_jit._cache_size()
+    rows = evaluate_accuracy(params, cfg, "chains", continuous_batching=True, **kwargs)
+    assert rows["predictions"] == base["predictions"]
+    assert continuous_jit._cache_size() - before == 1  # one compilation for every r

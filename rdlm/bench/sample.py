@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--variants", default="full,shared,exit",
                         help="comma list of: full (one slot per step), shared, exit, "
                              "exit-continuous (exit with depth-continuous batching), speculative")
+    parser.add_argument("--decode-rate", action="store_true",
+                        help="also time the prefill alone, and report tokens/s and the conversion "
+                             "ratio of the decoding after it")
     parser.add_argument("--json", help="also write the rows as JSON to this file")
     return parser
 
@@ -79,13 +82,28 @@ def variant_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     }
 
 
-HEADER = (f"{'variant':<12}{'batch':>6}{'r':>5}{'tokens/s':>11}{'mean it':>9}"
+HEADER = (f"{'variant':<16}{'batch':>6}{'r':>5}{'tokens/s':>11}{'mean it':>9}"
           f"{'cache MiB':>11}{'weight GB/s':>13}{'of bound':>10}{'compile s':>11}")
 
 
+def prefill_seconds(params: Any, cfg: ModelConfig, prompts: list[list[int]], r: int,
+                    max_r: int) -> float:
+    """Seconds of a call that only prefills and emits the first token (best of two after a
+    compilation): what every variant spends before decoding, all at the full r."""
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        generate(params, cfg, prompts, num_steps=r, max_new_tokens=1, cache_budget=max_r)
+        times.append(time.perf_counter() - start)
+    return min(times[1:])
+
+
 def timed_row(params: Any, cfg: ModelConfig, prompts: list[list[int]], r: int, new_tokens: int,
-              options: dict[str, Any], bandwidth: float) -> tuple[dict[str, Any], str]:
-    """One timed `generate` call: its JSON row and its printed line (without the compile time)."""
+              options: dict[str, Any], bandwidth: float, prefill_s: float | None = None
+              ) -> tuple[dict[str, Any], str]:
+    """One timed `generate` call: its JSON row and its printed line (without the compile time).
+    With ``prefill_s``, also the decoding rate: the tokens after the first over the time after
+    the prefill, and their mean iterations."""
     batch = len(prompts)
     start = time.perf_counter()
     out = generate(params, cfg, prompts, num_steps=r, max_new_tokens=new_tokens, **options)
@@ -93,6 +111,12 @@ def timed_row(params: Any, cfg: ModelConfig, prompts: list[list[int]], r: int, n
     tokens_per_s = batch * new_tokens / seconds
     row = {"batch": batch, "num_steps": r, "tokens_per_s": tokens_per_s, "seconds": seconds,
            "mean_iterations": out.mean_steps, "cache_bytes": out.cache_bytes}
+    if prefill_s is not None and new_tokens > 1:
+        decoded = np.arange(new_tokens)[None] < out.lengths[:, None]
+        decoded[:, 0] = False
+        row.update(prefill_seconds=prefill_s,
+                   decode_tokens_per_s=int(decoded.sum()) / max(seconds - prefill_s, 1e-9),
+                   decode_mean_iterations=float(out.steps[decoded].mean()))
     line = (f"{batch:>6}{r:>5}{tokens_per_s:>11.1f}{out.mean_steps:>9.2f}"
             f"{out.cache_bytes / 2**20:>11.2f}")
     if batch == 1:
@@ -110,22 +134,23 @@ def timed_row(params: Any, cfg: ModelConfig, prompts: list[list[int]], r: int, n
 
 
 def bench_variant(params: Any, cfg: ModelConfig, variant: str, options: dict[str, Any],
-                  args: argparse.Namespace, bandwidth: float, rng: np.random.Generator
-                  ) -> list[dict[str, Any]]:
+                  args: argparse.Namespace, bandwidth: float, prompts_by_batch: dict[int, list],
+                  prefill: dict[tuple[int, int], float]) -> list[dict[str, Any]]:
     """Every batch size and r of one variant, printed as they finish."""
     device = jax.devices()[0]
     rows = []
     for batch in args.batches:
-        prompts = rng.integers(0, cfg.vocab_size, (batch, args.prompt_len)).tolist()
+        prompts = prompts_by_batch[batch]
         start = time.perf_counter()
         generate(params, cfg, prompts, num_steps=min(args.steps), max_new_tokens=args.new_tokens,
                  **options)
         compile_s = time.perf_counter() - start
         for r in args.steps:
-            row, line = timed_row(params, cfg, prompts, r, args.new_tokens, options, bandwidth)
+            row, line = timed_row(params, cfg, prompts, r, args.new_tokens, options, bandwidth,
+                                  prefill.get((batch, r)))
             row = {"variant": variant, **row, "compile_s": compile_s,
                    "device": device.device_kind}
-            line = f"{variant:<12}{line}{compile_s:>11.1f}"
+            line = f"{variant:<16}{line}{compile_s:>11.1f}"
             if "acceptance_rate" in row:
                 line += f"  (drafts accepted {row['acceptance_rate']:.0%})"
             if "row_utilization" in row:
@@ -148,8 +173,15 @@ def add_conversion(rows: list[dict[str, Any]]) -> list[str]:
         speedup = row["tokens_per_s"] / base["tokens_per_s"]
         saving = row["num_steps"] / row["mean_iterations"]
         row["conversion"] = speedup / saving
-        lines.append(f"{row['variant']:<16}{row['batch']:>6}{row['num_steps']:>5}"
-                     f"{speedup:>10.2f}x{saving:>10.2f}x{row['conversion']:>12.2f}")
+        line = (f"{row['variant']:<16}{row['batch']:>6}{row['num_steps']:>5}"
+                f"{speedup:>10.2f}x{saving:>10.2f}x{row['conversion']:>12.2f}")
+        if "decode_tokens_per_s" in row and "decode_tokens_per_s" in base:
+            # The same after the prefill, which runs at the full r in every variant.
+            speedup = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+            saving = row["num_steps"] / row["decode_mean_iterations"]
+            row["decode_conversion"] = speedup / saving
+            line += f"{speedup:>10.2f}x{saving:>10.2f}x{row['decode_conversion']:>12.2f}"
+        lines.append(line)
     return lines
 
 
@@ -172,14 +204,25 @@ def bench_cli(argv: Sequence[str]) -> int:
     print(f"measured streaming-read bandwidth: {bandwidth / 1e9:.1f} GB/s")
     print(HEADER)
     rng = np.random.default_rng(0)
+    prompts_by_batch = {batch: rng.integers(0, cfg.vocab_size, (batch, args.prompt_len)).tolist()
+                        for batch in args.batches}
+    prefill = {}
+    if args.decode_rate:
+        prefill = {(batch, r): prefill_seconds(params, cfg, prompts_by_batch[batch], r,
+                                               max(args.steps))
+                   for batch in args.batches for r in args.steps}
+        print("prefill + first token, seconds: " + ", ".join(
+            f"batch {b} r {r}: {s:.2f}" for (b, r), s in prefill.items()), flush=True)
     results = [row for variant in chosen
                for row in bench_variant(params, cfg, variant, variants[variant], args, bandwidth,
-                                        rng)]
+                                        prompts_by_batch, prefill)]
     conversion = add_conversion(results)
     if conversion:
-        print("\nconversion of the iterations saved into throughput (needs the full variant):")
-        print(f"{'variant':<16}{'batch':>6}{'r':>5}{'speed-up':>11}{'r/mean it':>11}"
-              f"{'conversion':>12}")
+        print("\nconversion of the iterations saved into throughput, (tokens/s ÷ full tokens/s) ÷ "
+              "(r ÷ mean iterations); whole call" + (", then decoding only (after the prefill)"
+                                                   if prefill else "") + ":")
+        head = f"{'speed-up':>11}{'r/mean it':>11}{'conversion':>12}"
+        print(f"{'variant':<16}{'batch':>6}{'r':>5}" + head * (2 if prefill else 1))
         print("\n".join(conversion))
     if args.json:
         report = results_report("python -m rdlm bench sample " + " ".join(argv),

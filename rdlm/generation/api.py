@@ -84,6 +84,11 @@ def _finish(raw: dict[str, jax.Array], plan: Plan) -> GenerateOutput:
         exit_values = np.asarray(raw["exit_values"])[:, :n_new].copy()
         exit_values[after] = np.nan
     stats = {"core_steps": float(raw["core_steps"]) if plan.speculative else float(steps.sum())}
+    if plan.exit is not None and n_new > 1:
+        # The share of row-iterations that ran a step: each token's loop lasts as long as its
+        # slowest row (the decoded tokens only; the prefill never exits).
+        longest = steps[:, 1:].max(0).sum()
+        stats["row_utilization"] = float(steps[:, 1:].sum()) / max(plan.batch * longest, 1)
     if plan.speculative is not None:
         rounds = max(int(raw["rounds"]), 1)
         stats.update(accepted_drafts=int(raw["accepted_drafts"]), rounds=int(raw["rounds"]),

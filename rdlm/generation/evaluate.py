@@ -38,16 +38,43 @@ SHORTCUTS = {"chains": CHAIN_SHORTCUTS, "prosqa": PROSQA_SHORTCUTS, "prontoqa": 
 def greedy_answers(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *,
                    num_steps: int, max_new_tokens: int, eos_id: int | None,
                    prompt_len: int | None = None, cache_budget: int | None = None,
-                   init_scale: float = 0.0, key: jax.Array | None = None) -> list[list[int]]:
+                   init_scale: float = 0.0, key: jax.Array | None = None,
+                   batch_size: int | None = None) -> list[list[int]]:
     """Each prompt's greedy continuation up to (not including) ``eos_id`` (None: never stops),
     from the generation engine (`rdlm.generate`). Fixing ``prompt_len`` and a ``cache_budget``
-    >= every r compiles once for every batch and r (``num_steps`` is data in the program)."""
+    >= every r compiles once for every batch and r (``num_steps`` is data in the program).
+
+    ``batch_size``: decode every prompt with depth-continuous batching on that many rows (a row
+    whose answer ends takes the next prompt; `rdlm.generation.continuous`) instead of one batch
+    of all of them."""
     out = generate(params, cfg, [list(p) for p in prompts], max_new_tokens=max_new_tokens,
                    num_steps=num_steps, cache_budget=cache_budget,
                    stop_tokens=() if eos_id is None else (eos_id,),
-                   prompt_len=prompt_len, init_scale=init_scale, key=key)
+                   prompt_len=prompt_len, init_scale=init_scale, key=key,
+                   continuous_batching=batch_size is not None, batch_size=batch_size)
     return [row[:-1] if eos_id is not None and row and row[-1] == eos_id else row
             for row in out.rows()]
+
+
+def _decode_batches(params: Params, cfg: ModelConfig, prompts: list[list[int]], *,
+                    rs: list[int], batch_size: int, **options: Any):
+    """(r, answers) for consecutive batches of the prompts, each at every r (the last batch
+    padded with copies of its first prompt, so that every batch has one shape)."""
+    for lo in range(0, len(prompts), batch_size):
+        chunk = prompts[lo:lo + batch_size]
+        rows = len(chunk) if len(prompts) <= batch_size else batch_size
+        batch = chunk + [chunk[0]] * (rows - len(chunk))
+        for r in rs:
+            yield r, greedy_answers(params, cfg, batch, num_steps=r, **options)[:len(chunk)]
+
+
+def _decode_continuous(params: Params, cfg: ModelConfig, prompts: list[list[int]], *,
+                       rs: list[int], batch_size: int, **options: Any):
+    """(r, answers) for every prompt at once at each r, ``batch_size`` rows working through
+    them (depth-continuous batching)."""
+    for r in rs:
+        yield r, greedy_answers(params, cfg, prompts, num_steps=r, batch_size=batch_size,
+                                **options)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,13 +86,18 @@ def evaluate_accuracy(params: Params, cfg: Config, task: Task | str | None = Non
                       num_examples: int = 256, split: str = "test", fmt: str | None = None,
                       batch_size: int = 64, max_new_tokens: int | None = None,
                       init_scale: float = 0.0, seed: int = 0,
-                      tokenizer: Tokenizer | None = None) -> dict[str, Any]:
+                      tokenizer: Tokenizer | None = None,
+                      continuous_batching: bool = False) -> dict[str, Any]:
     """Exact-match accuracy for each r in ``num_steps_list``.
 
     ``task``: a `Task`, a task name (difficulty and knobs from ``cfg.data``), or None for
     ``cfg.data.task``; ``examples`` overrides the generated held-out problems. ``fmt``: ``nocot``
     (default: ``cfg.data.format``) or ``cot`` — the answer is read after the answer mark either
-    way. ``init_scale > 0`` draws random initial states from ``seed``.
+    way. ``init_scale > 0`` draws random initial states from ``seed``. ``continuous_batching``:
+    ``batch_size`` rows work through every problem in one call per r, a row taking the next
+    problem as soon as its answer ends (`rdlm.generation.continuous`); worth it when answers
+    differ in length (chains of thought), not for short answers of one length, where the
+    batched prefill of the lockstep engine is cheaper than prefilling rows one at a time.
 
     Returns ``{"accuracy": {r: float}, "predictions": {r: [str]}, "answers": [str],
     "num_examples", "task", "split", "format", "seconds", "shortcuts"}`` (accuracies of answer
@@ -101,16 +133,12 @@ def evaluate_accuracy(params: Params, cfg: Config, task: Task | str | None = Non
     # One prompt length, one batch shape and one cache slot per step of the largest r: a single
     # compilation serves every batch and every r.
     prompt_len, budget = max(len(p) for p in prompts), max(predictions)
-    for lo in range(0, len(examples), batch_size):
-        chunk = prompts[lo:lo + batch_size]
-        rows = len(chunk) if len(prompts) <= batch_size else batch_size
-        batch = chunk + [chunk[0]] * (rows - len(chunk))
-        for r in predictions:
-            answers = greedy_answers(params, cfg.model, batch, num_steps=r,
-                                     max_new_tokens=max_new_tokens, eos_id=tok.eos_id,
-                                     prompt_len=prompt_len, cache_budget=budget,
-                                     init_scale=init_scale, key=key)
-            predictions[r] += [parse_answer(tok.decode(a)) for a in answers[:len(chunk)]]
+    decode = _decode_continuous if continuous_batching else _decode_batches
+    for r, answers in decode(params, cfg.model, prompts, rs=list(predictions),
+                             batch_size=batch_size, max_new_tokens=max_new_tokens,
+                             eos_id=tok.eos_id, prompt_len=prompt_len, cache_budget=budget,
+                             init_scale=init_scale, key=key):
+        predictions[r] += [parse_answer(tok.decode(a)) for a in answers]
     answers = [e.answer for e in examples]
     accuracy = {r: float(np.mean([p == a for p, a in zip(preds, answers)]))
                 for r, preds in predictions.items()}
