@@ -32,6 +32,7 @@ from rdlm.train.eval import held_out_loss
 NAME = "e0_language_modelling"
 CONFIG = common.ROOT / "configs" / "text-small.yaml"
 STEPS = (1, 2, 4, 8, 16, 32, 64)
+TIE_NATS = 0.01  # a loss difference below this is called a tie
 # Pure-Python standard-library modules without side effects on import, in a fixed order.
 MODULES = (
     "abc argparse ast asyncio base64 bdb binascii bisect builtins bz2 calendar cmd code codecs "
@@ -142,9 +143,14 @@ def held_out_prompts(data: Path, count: int, words: int = 5) -> list[str]:
     tok = load_tokenizer(data / "tokenizer.json")
     import numpy as np
     stream = np.load(next(iter(sorted(data.glob("test-*.npy")))))
-    text = tok.decode(stream[:4000].tolist(), skip_special_tokens=True)
-    lines = [ln.strip() for ln in text.splitlines() if len(ln.strip().split()) >= 6]
-    return [" ".join(ln.split()[:words]) for ln in lines[:count]]
+    # Past the first page: every pydoc page opens with the same boilerplate paragraph, which
+    # the training pages hold too.
+    start = min(len(stream) // 3, 20_000)
+    text = tok.decode(stream[start:start + 8000].tolist(), skip_special_tokens=True)
+    lines = [ln.strip() for ln in text.splitlines() if len(ln.strip().split()) >= 6
+             and "automatically" not in ln]
+    picked = lines[::max(1, len(lines) // count)][:count]
+    return [" ".join(ln.split()[:words]) for ln in picked]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -195,14 +201,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     best_r = min(rec, key=rec.get)
     falls = rec[mean_r] < rec[1]
     blows_up = max(rec[r] for r in steps if r >= mean_r) > rec[mean_r] + 0.05
-    beats = rec[mean_r] < twin[1]
+    margin = twin[1] - rec[mean_r]
+    # One seed per model: differences this small are not distinguishable from a reseed.
+    beats = "beats" if margin > TIE_NATS else ("loses to" if margin < -TIE_NATS else
+                                                f"ties with (within {TIE_NATS} nats)")
     verdict = (f"Loss {'falls' if falls else 'does not fall'} from r = 1 ({rec[1]:.3f}) to the "
                f"training mean r = {mean_r} ({rec[mean_r]:.3f}); past it the loss "
                f"{'rises by more than 0.05 nats' if blows_up else 'stays within 0.05 nats'} "
                f"(r = {steps[-1]}: {rec[steps[-1]]:.3f}; best r = {best_r}). The recurrent model "
-               f"{'beats' if beats else 'does not beat'} its fixed-depth twin "
-               f"({rec[mean_r]:.3f} vs {twin[1]:.3f} at equal parameters; the twin's training "
-               "step costs less compute).")
+               f"{beats} its fixed-depth twin at equal parameters ({rec[mean_r]:.3f} vs "
+               f"{twin[1]:.3f}, margin {margin:+.3f} nats, one seed each; the twin's step costs "
+               f"about 1/{rec_cfg.model.effective_depth / (rec_cfg.model.n_prelude + rec_cfg.model.n_core + rec_cfg.model.n_coda):.1f} "
+               "of the recurrent one's compute at the mean r). The twin's column beyond r = 1 "
+               "runs a model trained at r = 1 deeper, for reference.")
     common.write_report(
         args, NAME, "E0 — language modelling on real text",
         claim="Held-out loss falls as r grows towards the training mean and does not blow up "
