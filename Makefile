@@ -28,7 +28,7 @@ test: $(STAMP)
 # Every experiment on its real setting (hours on a 2-core CPU; minutes on a GPU). The shared
 # recurrent run trains once into runs/experiments/ and is reused; reports go to
 # experiments/results/<name>.{md,json,png}.
-EXPERIMENTS := e1_test_time_scaling e2_fixed_depth_baselines e3_easy_to_hard e4_adaptive_exit \
+EXPERIMENTS := e0_language_modelling e1_test_time_scaling e2_fixed_depth_baselines e3_easy_to_hard e4_adaptive_exit \
 	e5_cache_sharing e6_continuous_cot e7_latent_trajectories coconut_prosqa
 experiments: $(STAMP)
 	cd experiments && for e in $(EXPERIMENTS); do JAX_PLATFORMS=cpu ../$(PY) $$e.py || exit 1; done
