@@ -62,6 +62,8 @@ def cli(argv: Sequence[str]) -> int:
     parser.add_argument("--split", default="test", choices=("train", "validation", "test"))
     parser.add_argument("--format", choices=("nocot", "cot"), help="default: the config's")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--continuous-batching", action="store_true",
+                        help="task models: rows work through the problems at their own pace")
     parser.add_argument("--init-scale", type=float, default=0.0,
                         help="0 = zero initial state (deterministic); 1 = Huginn's random state")
     parser.add_argument("--seed", type=int, default=0)
@@ -84,7 +86,7 @@ def cli(argv: Sequence[str]) -> int:
                                examples=examples,
                                num_examples=args.num_examples, split=args.split,
                                batch_size=args.batch_size, init_scale=args.init_scale,
-                               seed=args.seed)
+                               seed=args.seed, continuous_batching=args.continuous_batching)
     table = format_table(result)
     print(table)
     print(f"({result['seconds']:.1f} s)")

@@ -51,6 +51,11 @@ def _sample_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache-budget", type=int, help="recurrence slots per core layer")
     parser.add_argument("--continuous-cot", action="store_true", default=None)
     parser.add_argument("--speculative", type=speculative_arg, metavar="K[:DRAFT_STEPS]")
+    parser.add_argument("--continuous-batching", action="store_true",
+                        help="each row at its own (token, iteration); a row that finishes takes "
+                        "the next prompt (docs/sampling.md)")
+    parser.add_argument("--batch-size", type=int,
+                        help="rows decoded at once under --continuous-batching (default: all)")
     parser.add_argument("--temperature", type=float)
     parser.add_argument("--top-k", type=int)
     parser.add_argument("--top-p", type=float)
@@ -151,7 +156,8 @@ def _generate(args: argparse.Namespace, config: Config, params: Any, rows: list[
         speculative=args.speculative, temperature=_pick(args.temperature, defaults.temperature),
         top_k=_pick(args.top_k, defaults.top_k), top_p=_pick(args.top_p, defaults.top_p),
         min_p=_pick(args.min_p, defaults.min_p), stop_tokens=stop,
-        key=jax.random.key(args.seed), init_scale=args.init_scale)
+        key=jax.random.key(args.seed), init_scale=args.init_scale,
+        continuous_batching=args.continuous_batching, batch_size=args.batch_size)
 
 
 def print_rows(out: GenerateOutput, tokenizer: Tokenizer | None, prompts: Sequence[str],

@@ -131,13 +131,14 @@ def generate(params: Params, cfg: ModelConfig, prompt_tokens: Any, *, max_new_to
              prompt_lengths: Any = None, init_scale: float = 0.0, return_logits: bool = False,
              thoughts: ThoughtConfig | None = None, prompt_len: int | None = None,
              mesh: jax.sharding.Mesh | None = None, tokenizer: "Tokenizer | None" = None,
-             bos: bool = True, continuous_batching: bool = False,
+             bos: bool | None = None, continuous_batching: bool = False,
              batch_size: int | None = None) -> GenerateOutput:
     """Generate ``max_new_tokens`` tokens after each prompt with ``num_steps`` core iterations.
 
     - ``prompt_tokens``: a list of token-id lists (lengths may differ), or a padded array with
       ``prompt_lengths``; with a ``tokenizer``, texts too (a string, or strings among the id
-      lists), each encoded as ``tokenizer.prompt(text, bos=bos)``.
+      lists), each encoded as ``tokenizer.prompt(text, bos=bos)`` (None: a BOS in front when
+      the tokenizer has one, as `rdlm prepare` starts every document).
     - ``tokenizer`` (`rdlm.data.tokenizer.Tokenizer`): encodes text prompts, stops at its
       end-of-text / end-of-turn ids unless ``stop_tokens`` is given, and decodes every row's
       completion into ``out.texts``.
@@ -226,7 +227,7 @@ def _is_text(prompt: Any) -> bool:
     return isinstance(prompt, str)
 
 
-def encode_texts(prompts: Any, tokenizer: "Tokenizer | None", bos: bool,
+def encode_texts(prompts: Any, tokenizer: "Tokenizer | None", bos: bool | None,
                  cfg: ModelConfig) -> Any:
     """Text prompts (one string, or strings among the id lists) as id lists; anything else as
     it is. Raises ValueError for text without a tokenizer or a tokenizer larger than the model's
