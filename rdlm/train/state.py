@@ -74,7 +74,7 @@ def init_state(cfg: Config, tx: optax.GradientTransformation, shardings: TrainSt
 
 # Model fields that change how training runs, not what the parameters are: a run may resume
 # with other values (e.g. turn on remat to fit memory, or raise the mean depth mid-run).
-RESUMABLE_MODEL_FIELDS = ("remat", "dtype", "backprop_depth", "mean_recurrence")
+RESUMABLE_MODEL_FIELDS = ("remat", "remat_policy", "dtype", "backprop_depth", "mean_recurrence")
 
 
 def resume_step(cfg: Config, checkpointer: ckpt_lib.TrainCheckpointer,
