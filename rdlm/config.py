@@ -520,6 +520,30 @@ def _override_value(raw: str) -> Any:
         return raw
 
 
+# The configs that ship inside the package (the repository's configs/ links here), so that
+# `rdlm train tiny` and `rdlm demo` work after `pip install`, outside a checkout.
+BUNDLED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def bundled_configs() -> list[str]:
+    """Names of the shipped configs (``tiny``, ``demo``, …)."""
+    return sorted(p.stem for p in BUNDLED_CONFIGS.glob("*.yaml"))
+
+
+def config_path(path: str | Path) -> Path:
+    """The YAML file ``path`` names: the file itself; else a shipped config, by name (``tiny``)
+    or as ``configs/<name>.yaml`` from any directory. `ConfigError` when neither exists."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    shipped = BUNDLED_CONFIGS / (path.name if path.suffix in (".yaml", ".yml")
+                                 else f"{path.name}.yaml")
+    if (len(path.parts) == 1 or path.parent.name == "configs") and shipped.is_file():
+        return shipped
+    raise ConfigError(f"config file {str(path)!r} does not exist; give a YAML file or a shipped "
+                      f"config by name: {bundled_configs()}.")
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
                 cls: type = Config) -> Any:
     """Read a YAML config and apply dotted overrides such as ``"model.d_model=128"``.
@@ -529,9 +553,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
     """
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist.")
+        path = config_path(path)
         try:
             loaded = yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:

@@ -27,7 +27,7 @@ from rdlm.runtime.checkpoint import finished_step
 from rdlm.runtime.hostinfo import machine
 from rdlm.train import train
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+DEFAULT_CONFIG = "demo"  # the shipped configs/demo.yaml (`rdlm.config.config_path`)
 DEFAULT_STEPS = (1, 2, 4, 8, 16, 32, 64)
 
 
