@@ -13,6 +13,7 @@ from rdlm.runtime import checkpoint
 from rdlm.cli import main
 from rdlm.interop import load_huginn
 from tests.test_interop_huginn import huginn_tensors, write_checkpoint
+from tests.test_interop_tokenizer import SPECIALS, train_bpe
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,7 @@ def hf_dir(tmp_path_factory):
 def test_round_trip_through_orbax(tmp_path, hf_dir, capsys):
     tok = tmp_path / "tok"
     tok.mkdir()
-    (tok / "tokenizer.json").write_text("{}")
+    train_bpe(tok / "tokenizer.json", SPECIALS)
     for name in ("raven_config_minimal.py", "raven_modeling_minimal.py"):
         (tok / name).write_text("# the released modelling code\n")
     assert main(["convert", "huginn-to-rdlm", str(hf_dir), str(tmp_path / "ckpt")]) == 0
@@ -34,7 +35,10 @@ def test_round_trip_through_orbax(tmp_path, hf_dir, capsys):
         np.testing.assert_array_equal(a, b)
     assert main(["convert", "rdlm-to-huginn", str(tmp_path / "ckpt"), str(tmp_path / "back"),
                  "--max-shard-size", "30KB", "--tokenizer", str(tok), "--code-from", str(tok)]) == 0
-    assert {"tokenizer.json", "raven_modeling_minimal.py"} <= set(os.listdir(tmp_path / "back"))
+    assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json", "README.md",
+            "raven_modeling_minimal.py"} <= set(os.listdir(tmp_path / "back"))
+    generation = json.loads((tmp_path / "back" / "generation_config.json").read_text())
+    assert generation["bos_token_id"] == rdlm.data.load_tokenizer(tok).bos_id
     assert "model.safetensors.index.json" in os.listdir(tmp_path / "back")
     auto_map = json.loads((tmp_path / "back" / "config.json").read_text())["auto_map"]
     assert auto_map["AutoConfig"] == "raven_config_minimal.RavenConfig"
@@ -51,7 +55,8 @@ def test_relative_paths(tmp_path, hf_dir, monkeypatch):
     os.symlink(hf_dir, "hf")
     assert main(["convert", "huginn-to-rdlm", "hf", "ckpt"]) == 0
     assert main(["convert", "rdlm-to-huginn", "ckpt", "back", "--dtype", "bfloat16"]) == 0
-    assert sorted(os.listdir("back")) == ["config.json", "model.safetensors"]
+    # No tokenizer kept with this checkpoint: the weights, the config and the model card.
+    assert sorted(os.listdir("back")) == ["README.md", "config.json", "model.safetensors"]
     assert main(["convert", "rdlm-to-huginn", "ckpt", "hub", "--code-repo",
                  "tomg-group-umd/huginn-0125"]) == 0
     auto_map = json.loads(open("hub/config.json").read())["auto_map"]
@@ -64,12 +69,12 @@ def test_errors_are_one_message_and_write_nothing(tmp_path, hf_dir, capsys):
     write_checkpoint(broken, {k: v for k, v in huginn_tensors().items() if "coda" not in k},
                      config=dict(json.loads((hf_dir / "config.json").read_text()),
                                  norm_class_name="LayerNorm"))
-    assert main(["convert", "huginn-to-rdlm", str(broken), str(tmp_path / "out")]) == 1
+    assert main(["convert", "huginn-to-rdlm", str(broken), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "norm_class_name='LayerNorm'" in err and "missing tensors" in err
     assert "Traceback" not in err
     assert not (tmp_path / "out").exists()
-    assert main(["convert", "rdlm-to-huginn", str(tmp_path / "nothing"), str(tmp_path / "o")]) == 1
+    assert main(["convert", "rdlm-to-huginn", str(tmp_path / "nothing"), str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     with pytest.raises(SystemExit):

@@ -106,8 +106,8 @@ def test_huginn_sized_vocab_falls_back_to_spec_ids(tmp_path):
     small_tok = load_tokenizer(tmp_path / "small.json")
     assert small_tok.bos_id is None and small_tok.pad_id is None and small_tok.stop_ids == ()
     with pytest.raises(MissingTokenError, match="beginning-of-text.*bos=False"):
-        small_tok.prompt("a")
-    assert small_tok.prompt("a", bos=False) == [0]
+        small_tok.prompt("a", bos=True)
+    assert small_tok.prompt("a") == small_tok.prompt("a", bos=False) == [0]  # none to put
     assert small_tok.pad_batch([[1], [1, 1]])[0].tolist() == [[0, 1], [1, 1]]
 
 
