@@ -551,6 +551,13 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
     Override values are parsed as YAML scalars (``true``, ``3e-4``, ``[1, 2]``). An unknown key,
     in the file or in an override, raises `ConfigError` naming the key and the closest valid one.
     """
+    return from_dict(cls, config_data(path, overrides))
+
+
+def config_data(path: str | Path | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The plain nested dict of a YAML config (a file or a shipped name) with the dotted
+    overrides applied, before any checking: what `load_config` and the Coconut loader build
+    their dataclasses from."""
     data: dict[str, Any] = {}
     if path is not None:
         path = config_path(path)
@@ -574,4 +581,4 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
                 raise ConfigError(f"override {item!r}: {key!r} is a value, not a section.")
             node = child
         node[keys[-1]] = _override_value(raw)
-    return from_dict(cls, data)
+    return data

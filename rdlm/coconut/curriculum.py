@@ -17,10 +17,9 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import yaml
 
 from rdlm.coconut.thoughts import Batch, Depth, coconut_loss, latent_ordinals
-from rdlm.config import Config, ConfigError, ModelConfig, from_dict
+from rdlm.config import Config, ConfigError, ModelConfig, config_data, from_dict
 from rdlm.data.render import prompt_tokens, render
 from rdlm.data.tasks import Example, example_at, make_task
 from rdlm.data.tokenizer import Tokenizer, load_tokenizer
@@ -100,21 +99,7 @@ class CoconutConfig:
 def load_coconut_config(path: str | Path | None, overrides: Sequence[str] = ()
                         ) -> tuple[Config, CoconutConfig]:
     """A YAML file with the usual sections plus ``coconut:``; dotted overrides for all of them."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist.")
-        data = yaml.safe_load(path.read_text()) or {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like section.key=value.")
-        dotted, raw = item.split("=", 1)
-        *sections, key = dotted.strip().split(".")
-        node = data
-        for section in sections:
-            node = node.setdefault(section, {})
-        node[key] = yaml.safe_load(raw) if raw.strip() else ""
+    data = config_data(path, overrides)
     cc = from_dict(CoconutConfig, data.pop("coconut", {}), "coconut")
     return from_dict(Config, data), cc
 
