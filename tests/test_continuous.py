@@ -11,6 +11,7 @@ import pytest
 import rdlm
 import rdlm.generation as S
 from rdlm.generation.continuous import continuous_jit
+from tests.test_sample import perturbed_params
 
 CFG = rdlm.model_preset("tiny")
 PROMPTS = [[5, 9, 13, 2, 40, 7], [33, 1, 8], [60, 61, 62, 63, 0, 12, 3, 19, 4], [7, 7],
@@ -19,11 +20,7 @@ PROMPTS = [[5, 9, 13, 2, 40, 7], [33, 1, 8], [60, 61, 62, 63, 0, 12, 3, 19, 4], 
 
 @pytest.fixture(scope="module")
 def params():
-    p = rdlm.init_params(CFG, jax.random.key(0))
-    leaves, tree = jax.tree.flatten(p)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    return jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape)
-                                     for x, k in zip(leaves, keys)])
+    return perturbed_params(CFG)
 
 
 def both(params, **kwargs):

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 import pytest
 import tokenizers
 
 import rdlm
 from rdlm.data.tokenizer import HFTokenizer, load_tokenizer
+from tests.test_sample import perturbed_params
 
 CFG = rdlm.model_preset("tiny")
 TEXTS = ["a=1;b=a;?b", "hello world", "x+y="]
@@ -16,11 +16,7 @@ TEXTS = ["a=1;b=a;?b", "hello world", "x+y="]
 
 @pytest.fixture(scope="module")
 def params():
-    p = rdlm.init_params(CFG, jax.random.key(0))
-    leaves, tree = jax.tree.flatten(p)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    return jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape)
-                                     for x, k in zip(leaves, keys)])
+    return perturbed_params(CFG)
 
 
 def gen(params, prompts, **kwargs):

@@ -19,14 +19,18 @@ CFG = rdlm.model_preset("tiny")
 PROMPTS = [[5, 9, 13, 2, 40, 7], [33, 1, 8], [60, 61, 62, 63, 0, 12, 3, 19, 4]]
 
 
-@pytest.fixture(scope="module")
-def params():
-    # Perturbed so that biases and norms are not at their trivial init values.
-    p = rdlm.init_params(CFG, jax.random.key(0))
+def perturbed_params(cfg):
+    """Random init, perturbed so that biases and norms are not at their trivial init values."""
+    p = rdlm.init_params(cfg, jax.random.key(0))
     leaves, tree = jax.tree.flatten(p)
     keys = jax.random.split(jax.random.key(1), len(leaves))
     return jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape)
                                      for x, k in zip(leaves, keys)])
+
+
+@pytest.fixture(scope="module")
+def params():
+    return perturbed_params(CFG)
 
 
 def gen(params, prompts=PROMPTS, **kwargs):
