@@ -32,6 +32,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from rdlm.errors import ConfigError
+
 DEFAULT_THRESHOLDS: dict[str, float] = {
     "kl": 1e-3,
     "minp-kl": 1e-5,
@@ -62,20 +64,20 @@ class ExitConfig:
         if self.criterion not in DEFAULT_THRESHOLDS:
             close = difflib.get_close_matches(self.criterion, DEFAULT_THRESHOLDS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"unknown exit criterion {self.criterion!r}{hint}; valid criteria: "
+            raise ConfigError(f"unknown exit criterion {self.criterion!r}{hint}; valid criteria: "
                              f"{sorted(DEFAULT_THRESHOLDS)}.")
         value = self.value
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-            raise ValueError(f"exit threshold {value!r} for {self.criterion!r} must be a positive "
+            raise ConfigError(f"exit threshold {value!r} for {self.criterion!r} must be a positive "
                              "number.")
         if self.criterion == "argmax-stability" and float(value) != int(value):
-            raise ValueError(f"argmax-stability takes a whole number of steps, got {value!r}.")
+            raise ConfigError(f"argmax-stability takes a whole number of steps, got {value!r}.")
         for name in ("min_steps", "check_every"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
-                raise ValueError(f"exit {name}={v!r} must be a positive integer.")
+                raise ConfigError(f"exit {name}={v!r} must be a positive integer.")
         if not 0.0 < self.min_p < 1.0:
-            raise ValueError(f"exit min_p={self.min_p!r} must be in (0, 1).")
+            raise ConfigError(f"exit min_p={self.min_p!r} must be in (0, 1).")
 
     @property
     def value(self) -> float:
@@ -95,7 +97,7 @@ class ExitConfig:
             try:
                 threshold = float(raw)
             except ValueError:
-                raise ValueError(f"exit threshold {raw!r} in {spec!r} is not a number.") from None
+                raise ConfigError(f"exit threshold {raw!r} in {spec!r} is not a number.") from None
         return cls(criterion=name.strip(), threshold=threshold, **kwargs)
 
 
