@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -51,18 +50,25 @@ def latent_telemetry(params: Any, tokens_bt: jax.Array, cfg: Config, num_steps: 
 
 
 
-def run_eval(eval_fn: Callable, params: Any, eval_batches: list[dict[str, np.ndarray]],
-             cfg: Config, mesh: Mesh) -> dict[str, float]:
-    """Mean token loss over ``eval_batches`` at each r in ``train.eval_steps``."""
+def mean_losses(eval_fn: Callable, params: Any, eval_batches: list[dict[str, np.ndarray]],
+                cfg: Config, mesh: Mesh, steps: Sequence[int]) -> dict[int, float]:
+    """``{r: mean token loss over eval_batches}`` for each r in ``steps``."""
     out = {}
     batches = [global_batch(b, cfg, mesh) for b in eval_batches]
-    for r in cfg.train.eval_steps:
+    for r in steps:
         total = count = 0.0
         for b in batches:
             s, n = eval_fn(params, b, jnp.int32(r))
             total, count = total + float(s), count + float(n)
-        out[f"eval/loss_r{r}"] = total / max(count, 1.0)
+        out[int(r)] = total / max(count, 1.0)
     return out
+
+
+def run_eval(eval_fn: Callable, params: Any, eval_batches: list[dict[str, np.ndarray]],
+             cfg: Config, mesh: Mesh) -> dict[str, float]:
+    """Mean token loss over ``eval_batches`` at each r in ``train.eval_steps``, as metrics."""
+    losses = mean_losses(eval_fn, params, eval_batches, cfg, mesh, cfg.train.eval_steps)
+    return {f"eval/loss_r{r}": v for r, v in losses.items()}
 
 
 TOKEN_SOURCES = ("memmap", "arrayrecord", "parquet")  # data.source values that hold text
@@ -101,10 +107,7 @@ def held_out_loss(params: Any, cfg: Config, *, num_steps_list: Sequence[int] = L
     batches = make_eval_batches(cfg, num_batches=num_batches, split=split, repeat=False)
     tokens = int(sum(np.asarray(b.get("loss_mask", np.ones_like(b["targets"]))).sum()
                      for b in batches))
-    losses = run_eval(make_eval_fn(cfg, mesh), params, batches,
-                      dataclasses.replace(cfg, train=dataclasses.replace(
-                          cfg.train, eval_steps=tuple(num_steps_list))), mesh)
-    loss = {int(k.rsplit("_r", 1)[1]): v for k, v in losses.items()}
+    loss = mean_losses(make_eval_fn(cfg, mesh), params, batches, cfg, mesh, num_steps_list)
     return {"split": split, "tokens": tokens, "num_batches": num_batches,
             "loss": loss, "perplexity": {r: math.exp(min(v, 700.0)) for r, v in loss.items()}}
 
