@@ -71,8 +71,31 @@ class ModelConfig:
     # Extension, not in Huginn ("normal" = Huginn): "identity" starts the adapter as [I; I], so
     # that x = s + e at init — each step then continues the previous step's residual stream
     # instead of reading it through a random matrix, and a value carried in the state looks like
-    # the same value in e. Still trained; only the starting point differs.
+    # the same value in e. Still trained; only the starting point differs. "embedding" starts it
+    # as [0; I], x = e whatever the state: a retrofitted model (`rdlm convert llama-to-rdlm`) then
+    # computes exactly its original network at r = 1, from any s_0.
     adapter_init: str = "normal"
+    # The block that prelude, core and coda are made of:
+    #   huginn (SPEC §1): sandwich norms, fused q/k/v with `qk_bias`, interleaved RoPE, embeddings
+    #     scaled by sqrt(d_model), the final norm before and after the coda
+    #   llama: pre-norm blocks, grouped-query attention (`n_kv_heads`), rotate-half RoPE with
+    #     optional scaling, optional q/k/v/out biases (`attn_bias`), no embedding scale, the final
+    #     norm after the coda only: what Llama-family checkpoints compute, so that
+    #     `rdlm convert llama-to-rdlm` can put their layers into prelude, core and coda
+    block: str = "huginn"
+    BLOCKS: typing.ClassVar[tuple[str, ...]] = ("huginn", "llama")
+    n_kv_heads: int = 0  # key/value heads of grouped-query attention (0: n_heads); llama only
+    attn_bias: bool = False  # biases on the q, k, v and output projections; llama only
+    tie_embeddings: bool = True  # the embedding is the output head (false: a separate lm_head)
+    # RoPE frequency scaling, as in a checkpoint's `rope_scaling`: none; linear (every frequency
+    # divided by the factor); llama3 (low frequencies divided, high kept, a smooth ramp between,
+    # set by the two freq factors and the pretraining context length).
+    rope_scaling: str = "none"
+    ROPE_SCALINGS: typing.ClassVar[tuple[str, ...]] = ("none", "linear", "llama3")
+    rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_heads", "mlp_dim", "n_core", "max_seq_len",
@@ -91,16 +114,45 @@ class ModelConfig:
         _require(self.rope_base > 1, "model.rope_base", self.rope_base, "must be > 1")
         _require(0 < self.norm_eps < 1, "model.norm_eps", self.norm_eps, "must be in (0, 1)")
         _require(self.dtype in DTYPES, "model.dtype", self.dtype, f"must be one of {DTYPES}")
-        _require(self.adapter_init in ("normal", "identity"), "model.adapter_init",
-                 self.adapter_init, "must be 'normal' (Huginn) or 'identity' ([I; I])")
+        _require(self.adapter_init in ("normal", "identity", "embedding"), "model.adapter_init",
+                 self.adapter_init,
+                 "must be 'normal' (Huginn), 'identity' ([I; I]) or 'embedding' ([0; I])")
         _require(isinstance(self.token_shift, int) and 0 <= self.token_shift <= 8,
                  "model.token_shift", self.token_shift, "must be an integer in [0, 8] (0 = off)")
         _require(self.remat_policy in self.REMAT_POLICIES, "model.remat_policy",
                  self.remat_policy, f"must be one of {self.REMAT_POLICIES}")
+        _require(self.block in self.BLOCKS, "model.block", self.block,
+                 f"must be one of {self.BLOCKS}")
+        _require(isinstance(self.n_kv_heads, int) and self.n_kv_heads >= 0
+                 and (self.n_kv_heads == 0 or self.n_heads % self.n_kv_heads == 0),
+                 "model.n_kv_heads", self.n_kv_heads,
+                 f"must be 0 (= n_heads) or a divisor of model.n_heads={self.n_heads}")
+        if self.block == "huginn":
+            _require(self.kv_heads == self.n_heads, "model.n_kv_heads", self.n_kv_heads,
+                     "grouped-query attention needs model.block=llama (Huginn's block has one "
+                     "key/value head per query head); set it to 0")
+            _require(not self.attn_bias, "model.attn_bias", self.attn_bias,
+                     "needs model.block=llama (Huginn's block has q/k biases only: qk_bias)")
+        else:
+            _require(not self.qk_bias, "model.qk_bias", self.qk_bias,
+                     "is the Huginn block's q/k bias; the llama block takes model.attn_bias "
+                     "instead: set model.qk_bias=false")
+        _require(self.rope_scaling in self.ROPE_SCALINGS, "model.rope_scaling", self.rope_scaling,
+                 f"must be one of {self.ROPE_SCALINGS}")
+        _require(self.rope_scaling_factor > 0, "model.rope_scaling_factor",
+                 self.rope_scaling_factor, "must be > 0")
+        _require(0 < self.rope_low_freq_factor < self.rope_high_freq_factor,
+                 "model.rope_low_freq_factor", self.rope_low_freq_factor,
+                 f"must be > 0 and < model.rope_high_freq_factor={self.rope_high_freq_factor}")
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: ``n_kv_heads``, or one per query head when it is 0."""
+        return self.n_kv_heads or self.n_heads
 
     @property
     def effective_depth(self) -> float:

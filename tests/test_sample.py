@@ -116,7 +116,7 @@ def _reference_adaptive(params, prompt, new_tokens, depths, num_steps, budget):
     kv = {}  # (stage, layer, step or None, position) -> (k [1, h, 1, e], v)
 
     def ctx_for(pos):
-        cos, sin = rdlm.model.rope_angles(jnp.asarray([[pos]]), CFG.head_dim, CFG.rope_base)
+        cos, sin = rdlm.model.rope_angles(jnp.asarray([[pos]]), CFG)
         return rdlm.AttentionContext(cos, sin, jnp.ones((1, 1, 1, pos + 1), bool))
 
     def prefix(stage, layer, step, pos):

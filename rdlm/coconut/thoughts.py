@@ -122,14 +122,13 @@ def hidden_states(params: Params, x_btd: jax.Array, cfg: ModelConfig, ctx: Atten
     if depth.max_grad:
         state_btd = recurrence.iterate_with_grad(step, consts, state_btd, depth.n_grad,
                                                  depth.max_grad, remat=cfg.remat)
-    x_btd, _ = run_blocks(model.coda, model.ln_f(state_btd), ctx)
+    x_btd, _ = run_blocks(model.coda, model.coda_input(state_btd), ctx)
     return model.ln_f(x_btd)
 
 
 def head_logits(params: Params, hidden_btd: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """The tied head, float32 logits (as `RecurrentDepthLM.decode`)."""
-    wte = params["wte"].astype(hidden_btd.dtype)
-    return jnp.einsum("btd,vd->btv", hidden_btd, wte, preferred_element_type=jnp.float32)
+    """The output head's float32 logits (`RecurrentDepthLM.head`)."""
+    return bind(params, cfg).head(hidden_btd)
 
 
 def fill_thought_bases(params: Params, tokens_bt: jax.Array, cfg: ModelConfig,

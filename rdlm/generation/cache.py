@@ -58,7 +58,7 @@ def cache_shapes(cfg: ModelConfig, batch: int, length: int, num_slots: int,
                  track_latest: bool) -> KVCache:
     """Shapes and dtypes of a cache (`jax.ShapeDtypeStruct` leaves); allocates nothing."""
     dtype = jnp.dtype(cfg.dtype)
-    bhte = (batch, cfg.n_heads, length, cfg.head_dim)
+    bhte = (batch, cfg.kv_heads, length, cfg.head_dim)
 
     def stage(layers: int, *lead: int) -> Stage:
         sds = jax.ShapeDtypeStruct((*lead, *bhte), dtype)

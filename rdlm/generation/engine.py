@@ -71,7 +71,7 @@ def block_context(cfg: ModelConfig, pad_b: jax.Array, start: jax.Array | int, le
     b = pad_b.shape[0]
     index_t = start + jnp.arange(length)
     positions_bt = jnp.maximum(index_t[None, :] - pad_b[:, None], 0)
-    cos_bt1f, sin_bt1f = rope_angles(positions_bt, cfg.head_dim, cfg.rope_base)
+    cos_bt1f, sin_bt1f = rope_angles(positions_bt, cfg)
     real_key_bt = index_t[None, :] >= pad_b[:, None]
     causal_tt = jnp.tril(jnp.ones((length, length), bool))
     block_btt = causal_tt[None] & (real_key_bt[:, None, :] | jnp.eye(length, dtype=bool)[None])
@@ -99,7 +99,7 @@ class BlockInput(NamedTuple):
 
 class BlockOutput(NamedTuple):
     logits_btv: jax.Array  # float32
-    hidden_btd: jax.Array  # ln_f(coda(ln_f(s_r))): what the tied head multiplies by wte^T
+    hidden_btd: jax.Array  # ln_f(coda(ln_f(s_r))): what the head multiplies (`model.head`)
     state_btd: jax.Array  # s_r
 
 
@@ -205,11 +205,10 @@ def run_coda(params: Params, cfg: ModelConfig, cache: KVCache, state_btd: jax.Ar
     """(logits float32, last hidden state, cache): the coda of `RecurrentDepthLM.apply_coda`,
     keeping the hidden state that a continuous thought feeds back."""
     model = _model(params, cfg)
-    x_btd, kvs = run_blocks(model.coda, model.ln_f(state_btd), ctx,
+    x_btd, kvs = run_blocks(model.coda, model.coda_input(state_btd), ctx,
                             _stage_prefixes(cache.coda, with_prefix))
     hidden_btd, kvs = _after_reads(model.ln_f(x_btd), kvs)
-    logits_btv = jnp.einsum("btd,vd->btv", hidden_btd, model.wte[...].astype(hidden_btd.dtype),
-                            preferred_element_type=jnp.float32)
+    logits_btv = model.head(hidden_btd)
     if write:
         cache = cache._replace(coda=kvc.write_stage(cache.coda, kvs, start))
     return logits_btv, hidden_btd, cache

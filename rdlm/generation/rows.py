@@ -26,7 +26,7 @@ def row_context(cfg: ModelConfig, position_b: jax.Array, cache_len: int) -> Atte
     """Mask and RoPE of one query per row at ``position_b``: it sees the row's cached positions
     below it and itself. Prompts start at position 0 of their row (no padding)."""
     b = position_b.shape[0]
-    cos_b11f, sin_b11f = rope_angles(position_b[:, None], cfg.head_dim, cfg.rope_base)
+    cos_b11f, sin_b11f = rope_angles(position_b[:, None], cfg)
     prefix_bs = jnp.arange(cache_len)[None] < position_b[:, None]
     mask_bs = jnp.concatenate([prefix_bs, jnp.ones((b, 1), bool)], axis=-1)
     return AttentionContext(cos_b11f, sin_b11f, mask_bs[:, None, None, :])
@@ -70,10 +70,9 @@ def coda_rows(params: Params, cfg: ModelConfig, cache: KVCache, state_b1d: jax.A
               ctx: AttentionContext) -> CodaRows:
     """The coda of each row's candidate state: logits, and the entries it would write."""
     model = _model(params, cfg)
-    x_b1d, kvs = run_blocks(model.coda, model.ln_f(state_b1d), ctx, list(cache.coda))
+    x_b1d, kvs = run_blocks(model.coda, model.coda_input(state_b1d), ctx, list(cache.coda))
     hidden_b1d, kvs = _after_reads(model.ln_f(x_b1d), kvs)
-    logits_b1v = jnp.einsum("btd,vd->btv", hidden_b1d, model.wte[...].astype(hidden_b1d.dtype),
-                            preferred_element_type=jnp.float32)
+    logits_b1v = model.head(hidden_b1d)
     return CodaRows(logits_b1v[:, 0], list(kvs))
 
 

@@ -279,9 +279,15 @@ def save_huginn(cfg: ModelConfig, params: Any, path: str | os.PathLike, *,
     """
     if dtype not in TORCH_DTYPE_NAMES:
         raise ValueError(f"dtype={dtype!r} is invalid: use one of {sorted(TORCH_DTYPE_NAMES)}.")
-    if getattr(cfg, "model", cfg).token_shift:
+    model_cfg = getattr(cfg, "model", cfg)
+    if model_cfg.token_shift:
         raise ValueError("model.token_shift is an rdlm extension that the Huginn-0125 format "
                          "cannot hold; only models trained with token_shift=0 can be exported.")
+    if model_cfg.block != "huginn" or not model_cfg.tie_embeddings:
+        raise ValueError(f"the Huginn-0125 format holds Huginn's block with a tied head, not "
+                         f"model.block={model_cfg.block!r}, "
+                         f"tie_embeddings={model_cfg.tie_embeddings}; export a llama-block "
+                         "model with `rdlm convert rdlm-to-llama` instead.")
     max_bytes = parse_size(max_shard_size)
     final = Path(path)
     if final.exists() and not overwrite:

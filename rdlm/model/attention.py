@@ -51,11 +51,27 @@ def segment_positions(segment_ids_bt: jax.Array) -> jax.Array:
     return index_bt - start_bt
 
 
-def rope_angles(positions_bt: jax.Array, head_dim: int, base: float
-                ) -> tuple[jax.Array, jax.Array]:
+def rope_frequencies(cfg: ModelConfig) -> jax.Array:
+    """The head_dim / 2 rotation frequencies, after ``cfg.rope_scaling``."""
+    e = cfg.head_dim
+    inv_freq_f = 1.0 / (cfg.rope_base ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e))
+    if cfg.rope_scaling == "linear":
+        return inv_freq_f / cfg.rope_scaling_factor
+    if cfg.rope_scaling == "llama3":
+        # Wavelengths longer than the pretraining context / low_freq_factor are stretched by the
+        # factor, those shorter than context / high_freq_factor kept, and the band between
+        # interpolated linearly in context / wavelength.
+        wavelen_f = 2 * jnp.pi / inv_freq_f
+        ramp_f = ((cfg.rope_original_max_len / wavelen_f - cfg.rope_low_freq_factor)
+                  / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor))
+        ramp_f = jnp.clip(ramp_f, 0.0, 1.0)
+        return (1 - ramp_f) * inv_freq_f / cfg.rope_scaling_factor + ramp_f * inv_freq_f
+    return inv_freq_f
+
+
+def rope_angles(positions_bt: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
     """cos/sin of the rotation angles, float32, shaped to broadcast over heads."""
-    inv_freq_f = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    angle_btf = positions_bt.astype(jnp.float32)[..., None] * inv_freq_f
+    angle_btf = positions_bt.astype(jnp.float32)[..., None] * rope_frequencies(cfg)
     return jnp.cos(angle_btf)[:, :, None, :], jnp.sin(angle_btf)[:, :, None, :]
 
 
@@ -92,7 +108,7 @@ def attention_context(cfg: ModelConfig, batch: int, length: int, *,
         mask_b1ts = mask_bts[:, None]
         default_positions = mask_bts.sum(-1) - 1
     positions = default_positions if positions is None else positions
-    cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_base)
+    cos, sin = rope_angles(positions, cfg)
     kernel_segments_bt = segment_ids if branch_ids is None else None
     return AttentionContext(cos, sin, mask_b1ts, kernel_segments_bt, mesh)
 
@@ -125,6 +141,14 @@ def previous_tokens(tokens_bt: jax.Array, num: int, mask_b1ts: jax.Array | None)
     ids_kbt = jax.vmap(lambda w: jnp.take_along_axis(tokens_bt, jnp.maximum(w, 0), axis=1))(
         where_kbt)
     return jnp.where(where_kbt >= 0, ids_kbt, -1)
+
+
+def apply_rope_half(x_bthe: jax.Array, cos_bt1f: jax.Array, sin_bt1f: jax.Array) -> jax.Array:
+    """Rotate the pairs (i, i + head_dim/2) of the head dimension ("rotate half", the Llama
+    layout), in float32."""
+    x1, x2 = jnp.split(x_bthe.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos_bt1f - x2 * sin_bt1f, x2 * cos_bt1f + x1 * sin_bt1f], -1)
+    return rotated.astype(x_bthe.dtype)
 
 
 def apply_rope(x_bthe: jax.Array, cos_bt1f: jax.Array, sin_bt1f: jax.Array) -> jax.Array:

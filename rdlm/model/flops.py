@@ -14,9 +14,9 @@ from rdlm.model.recurrence import expected_depth
 
 
 def block_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Forward FLOPs of one sandwich block for one token with ``seq_len`` keys."""
-    d, m = cfg.d_model, cfg.mlp_dim
-    matmuls = 2 * (3 * d * d + d * d + 2 * d * m + m * d)  # Wqkv, proj, fc, mlp proj
+    """Forward FLOPs of one block (either family) for one token with ``seq_len`` keys."""
+    d, m, kv = cfg.d_model, cfg.mlp_dim, cfg.kv_heads * cfg.head_dim
+    matmuls = 2 * (d * d + 2 * d * kv + d * d + 2 * d * m + m * d)  # q, k/v, proj, fc, mlp proj
     attention = 2 * 2 * seq_len * d  # q·k over seq_len keys, then p·v
     return float(matmuls + attention)
 

@@ -122,21 +122,42 @@ def causal_attention(q_bthe: jax.Array, k_bthe: jax.Array, v_bthe: jax.Array,
     t = q_bthe.shape[1]
     n = max(1, min(CAUSAL_BLOCKS, t // CAUSAL_BLOCK_MIN_ROWS))
     bounds = [round(i * t / n) for i in range(n + 1)]
-    q_bhte = q_bthe.transpose(0, 2, 1, 3) * jnp.asarray(1.0 / math.sqrt(q_bthe.shape[-1]), dtype)
-    k_bhse, v_bhse = k_bthe.transpose(0, 2, 1, 3), v_bthe.transpose(0, 2, 1, 3)
+    q_bkgte = grouped_queries(q_bthe * jnp.asarray(1.0 / math.sqrt(q_bthe.shape[-1]), dtype),
+                              k_bthe.shape[2])
+    k_bkse, v_bkse = k_bthe.transpose(0, 2, 1, 3), v_bthe.transpose(0, 2, 1, 3)
     outs = []
     for lo, hi in zip(bounds[:-1], bounds[1:]):
-        logits_bhts = jnp.einsum("bhte,bhse->bhts", q_bhte[:, :, lo:hi], k_bhse[:, :, :hi],
-                                 preferred_element_type=jnp.float32)
+        logits_bkgts = jnp.einsum("bkgte,bkse->bkgts", q_bkgte[..., lo:hi, :],
+                                  k_bkse[:, :, :hi], preferred_element_type=jnp.float32)
         visible_ts = jnp.arange(lo, hi)[:, None] >= jnp.arange(hi)[None, :]
         if mask_b1ts is not None:
-            visible_ts = visible_ts & mask_b1ts[:, :, lo:hi, :hi]
-        logits_bhts = jnp.where(visible_ts, logits_bhts, MASKED_LOGIT)
-        weights_bhts = jnp.exp(logits_bhts - logits_bhts.max(-1, keepdims=True))
-        out_bhte = jnp.einsum("bhts,bhse->bhte", weights_bhts.astype(dtype), v_bhse[:, :, :hi],
-                              preferred_element_type=jnp.float32)
-        outs.append((out_bhte / weights_bhts.sum(-1, keepdims=True)).astype(dtype))
-    return jnp.concatenate(outs, axis=2).transpose(0, 2, 1, 3)
+            visible_ts = visible_ts & mask_b1ts[:, :, None, lo:hi, :hi]
+        logits_bkgts = jnp.where(visible_ts, logits_bkgts, MASKED_LOGIT)
+        weights_bkgts = jnp.exp(logits_bkgts - logits_bkgts.max(-1, keepdims=True))
+        out_bkgte = jnp.einsum("bkgts,bkse->bkgte", weights_bkgts.astype(dtype),
+                               v_bkse[:, :, :hi], preferred_element_type=jnp.float32)
+        outs.append((out_bkgte / weights_bkgts.sum(-1, keepdims=True)).astype(dtype))
+    return ungrouped(jnp.concatenate(outs, axis=3))
+
+
+def grouped_queries(q_bthe: jax.Array, kv_heads: int) -> jax.Array:
+    """[b, t, h, e] queries as [b, kv_heads, h / kv_heads, t, e]: grouped-query attention, in
+    which each key/value head serves a group of consecutive query heads, without copying keys
+    or values per query head (one group per head when kv_heads = h)."""
+    b, t, h, e = q_bthe.shape
+    return q_bthe.transpose(0, 2, 1, 3).reshape(b, kv_heads, h // kv_heads, t, e)
+
+
+def ungrouped(out_bkgte: jax.Array) -> jax.Array:
+    """The inverse of `grouped_queries`, for the attention output: [b, t, h, e]."""
+    b, k, g, t, e = out_bkgte.shape
+    return out_bkgte.reshape(b, k * g, t, e).transpose(0, 2, 1, 3)
+
+
+def repeat_kv(x_bthe: jax.Array, heads: int) -> jax.Array:
+    """Keys or values with each of their heads repeated for its group of query heads, for the
+    fused kernels that take equal head counts."""
+    return jnp.repeat(x_bthe, heads // x_bthe.shape[2], axis=2)
 
 
 def attend_with_prefix(q_bthe: jax.Array, k_bthe: jax.Array, v_bthe: jax.Array, prefix: KV,
@@ -150,21 +171,21 @@ def attend_with_prefix(q_bthe: jax.Array, k_bthe: jax.Array, v_bthe: jax.Array, 
     step, which was half of batch-16 decoding time on CPU.
     """
     dtype = q_bthe.dtype
-    keys_bhse, values_bhse = (x.astype(dtype) for x in prefix)
-    s, t = keys_bhse.shape[2], q_bthe.shape[1]
-    q_bhte = q_bthe.transpose(0, 2, 1, 3)
-    k_bhue, v_bhue = k_bthe.transpose(0, 2, 1, 3), v_bthe.transpose(0, 2, 1, 3)
+    keys_bkse, values_bkse = (x.astype(dtype) for x in prefix)
+    s, t = keys_bkse.shape[2], q_bthe.shape[1]
+    q_bkgte = grouped_queries(q_bthe, k_bthe.shape[2])
+    k_bkue, v_bkue = k_bthe.transpose(0, 2, 1, 3), v_bthe.transpose(0, 2, 1, 3)
     scores = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
-    logits_bhts = jnp.concatenate([scores("bhte,bhse->bhts", q_bhte, keys_bhse),
-                                   scores("bhte,bhue->bhtu", q_bhte, k_bhue)], axis=-1)
-    logits_bhts = logits_bhts * (1.0 / math.sqrt(q_bthe.shape[-1]))
+    logits_bkgts = jnp.concatenate([scores("bkgte,bkse->bkgts", q_bkgte, keys_bkse),
+                                    scores("bkgte,bkue->bkgtu", q_bkgte, k_bkue)], axis=-1)
+    logits_bkgts = logits_bkgts * (1.0 / math.sqrt(q_bthe.shape[-1]))
     if mask_b1ts is None:
         mask_b1ts = (jnp.arange(s + t)[None, :] <= jnp.arange(t)[:, None] + s)[None, None]
-    logits_bhts = jnp.where(mask_b1ts, logits_bhts, MASKED_LOGIT)
-    probs_bhts = jax.nn.softmax(logits_bhts, axis=-1).astype(dtype)
-    out_bhte = (jnp.einsum("bhts,bhse->bhte", probs_bhts[..., :s], values_bhse)
-                + jnp.einsum("bhtu,bhue->bhte", probs_bhts[..., s:], v_bhue))
-    return out_bhte.transpose(0, 2, 1, 3)
+    logits_bkgts = jnp.where(mask_b1ts[:, :, None], logits_bkgts, MASKED_LOGIT)
+    probs_bkgts = jax.nn.softmax(logits_bkgts, axis=-1).astype(dtype)
+    out_bkgte = (jnp.einsum("bkgts,bkse->bkgte", probs_bkgts[..., :s], values_bkse)
+                 + jnp.einsum("bkgtu,bkue->bkgte", probs_bkgts[..., s:], v_bkue))
+    return ungrouped(out_bkgte)
 
 
 
@@ -242,11 +263,14 @@ def attention(q_bthe: jax.Array, k_bthe: jax.Array, v_bthe: jax.Array,
     if kind == CUDNN:
         return jax.nn.dot_product_attention(q_bthe, k_bthe, v_bthe, is_causal=True,
                                             implementation="cudnn")
+    heads = q_bthe.shape[2]
     if kind == SPLASH:
-        return pallas_attention.splash_attention(q_bthe, k_bthe, v_bthe, segment_ids_bt,
+        return pallas_attention.splash_attention(q_bthe, repeat_kv(k_bthe, heads),
+                                                 repeat_kv(v_bthe, heads), segment_ids_bt,
                                                  mesh=mesh)
     if kind == GPU_FLASH:
-        return pallas_attention.gpu_flash_attention(q_bthe, k_bthe, v_bthe, segment_ids_bt,
+        return pallas_attention.gpu_flash_attention(q_bthe, repeat_kv(k_bthe, heads),
+                                                    repeat_kv(v_bthe, heads), segment_ids_bt,
                                                     mesh=mesh)
     return causal_attention(q_bthe, k_bthe, v_bthe, mask_b1ts)
 
@@ -256,8 +280,9 @@ def attention(q_bthe: jax.Array, k_bthe: jax.Array, v_bthe: jax.Array,
 # memory traffic than the matmul itself at batch 1). Laying them out once before the loops, behind
 # an optimization barrier so that the two transposes cannot cancel, turns the per-step transpose
 # into a free re-interpretation. [d,3,h,e] → [3,h,e,d]; [d,2,m] → [2,m,d]; the unfused projections
-# [in, out] → [out, in].
-_LOOP_ORDER = {"wqkv": (1, 2, 3, 0), "fc": (1, 2, 0), "proj": (1, 0), "adapter": (1, 0)}
+# [in, out] → [out, in] ([d,h,e] → [h,e,d]).
+_LOOP_ORDER = {"wqkv": (1, 2, 3, 0), "wkv": (1, 2, 3, 0), "wq": (1, 2, 0), "fc": (1, 2, 0),
+               "proj": (1, 0), "adapter": (1, 0)}
 
 
 def _map_named(params: Any, fn: Any) -> Any:

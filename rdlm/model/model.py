@@ -33,8 +33,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 from rdlm.config import ModelConfig
 from rdlm.model import recurrence
-from rdlm.model.attention import (KV, AttentionContext, apply_rope, attention_context,
-                                  previous_positions, previous_tokens)
+from rdlm.model.attention import (KV, AttentionContext, apply_rope, apply_rope_half,
+                                  attention_context, previous_positions, previous_tokens)
 from rdlm.model.kernels import attention, fused_projection, project
 from rdlm.model.pallas_attention import SPLASH_LSE_NAME
 
@@ -121,6 +121,71 @@ class GatedMLP(nnx.Module):
         return checkpoint_name(project(jax.nn.silu(gate_btm) * up_btm, self.proj[...]), "mlp_out")
 
 
+class LlamaAttention(nnx.Module):
+    """Grouped-query attention of the llama block: separate q and fused k/v projections with
+    ``kv_heads`` key/value heads, optional q/k/v/out biases, rotate-half RoPE."""
+
+    def __init__(self, cfg: ModelConfig, out_std: float, *, rngs: nnx.Rngs):
+        d, h, kvh, e = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.wq = _param(_truncated_normal(rngs, (d, h, e), cfg.init_std),
+                         "embed", "heads", "head_dim")
+        self.wkv = _param(_truncated_normal(rngs, (d, 2, kvh, e), cfg.init_std),
+                          "embed", None, "kv_heads", "head_dim")
+        self.proj = _param(_truncated_normal(rngs, (d, d), out_std), "heads", "embed")
+        if cfg.attn_bias:
+            self.q_bias = _param(jnp.zeros((h, e), jnp.float32), "heads", "head_dim")
+            self.kv_bias = _param(jnp.zeros((2, kvh, e), jnp.float32), None, "kv_heads",
+                                  "head_dim")
+            self.proj_bias = _param(jnp.zeros((d,), jnp.float32), "norm")
+        else:
+            self.q_bias = self.kv_bias = self.proj_bias = None
+
+    def __call__(self, x_btd: jax.Array, ctx: AttentionContext,
+                 kv_prefix: KV | None = None) -> tuple[jax.Array, KV]:
+        """As `Attention.__call__`; the keys and values returned have ``kv_heads`` heads."""
+        dtype = x_btd.dtype
+        b, t, d = x_btd.shape
+        wq = self.wq[...]
+        q_bthe = project(x_btd, wq.reshape(d, -1)).reshape(b, t, *wq.shape[1:])
+        k_bthe, v_bthe = fused_projection(x_btd, self.wkv[...])
+        if self.q_bias is not None:
+            kv_bias = self.kv_bias[...].astype(dtype)
+            q_bthe = q_bthe + self.q_bias[...].astype(dtype)
+            k_bthe, v_bthe = k_bthe + kv_bias[0], v_bthe + kv_bias[1]
+        q_bthe, k_bthe, v_bthe = (checkpoint_name(x, name) for x, name in zip(
+            (q_bthe, k_bthe, v_bthe), ("q_proj", "k_proj", "v_proj")))
+        q_bthe = checkpoint_name(apply_rope_half(q_bthe, ctx.rope_cos_bt1f, ctx.rope_sin_bt1f),
+                                 "query")
+        k_bthe = checkpoint_name(apply_rope_half(k_bthe, ctx.rope_cos_bt1f, ctx.rope_sin_bt1f),
+                                 "key")
+        v_bthe = checkpoint_name(v_bthe, "value")
+        out_bthe = attention(q_bthe, k_bthe, v_bthe, ctx.mask_b1ts, kv_prefix,
+                             segment_ids_bt=ctx.segment_ids_bt, mesh=ctx.mesh)
+        out_bthe = checkpoint_name(out_bthe, "attention_out")
+        out_btd = project(out_bthe.reshape(b, t, d), self.proj[...])
+        if self.proj_bias is not None:
+            out_btd = out_btd + self.proj_bias[...].astype(dtype)
+        out_btd = checkpoint_name(out_btd, "out_proj")
+        return out_btd, (k_bthe.transpose(0, 2, 1, 3), v_bthe.transpose(0, 2, 1, 3))
+
+
+class LlamaBlock(nnx.Module):
+    """x = x + attn(norm_1(x)); x = x + mlp(norm_2(x)): the pre-norm block of Llama-family
+    checkpoints (`ModelConfig.block` = "llama")."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        out_std = cfg.init_std / math.sqrt(2 * cfg.effective_depth)
+        self.norm_1, self.norm_2 = RMSNorm(cfg), RMSNorm(cfg)
+        self.attn = LlamaAttention(cfg, out_std, rngs=rngs)
+        self.mlp = GatedMLP(cfg, out_std, rngs=rngs)
+
+    def __call__(self, x_btd: jax.Array, ctx: AttentionContext,
+                 kv_prefix: KV | None = None) -> tuple[jax.Array, KV]:
+        attn_btd, kv = self.attn(self.norm_1(x_btd), ctx, kv_prefix)
+        x_btd = x_btd + attn_btd
+        return x_btd + self.mlp(self.norm_2(x_btd)), kv
+
+
 class SandwichBlock(nnx.Module):
     """x = norm2(x + attn(norm1(x))); x = norm4(x + mlp(norm3(x)))."""
 
@@ -138,6 +203,14 @@ class SandwichBlock(nnx.Module):
         x_btd = self.norm_2(x_btd + attn_btd)
         x_btd = self.norm_4(x_btd + self.mlp(self.norm_3(x_btd)))
         return x_btd, kv
+
+
+Block = SandwichBlock | LlamaBlock
+
+
+def make_block(cfg: ModelConfig, *, rngs: nnx.Rngs) -> Block:
+    """One block of ``cfg.block``'s family."""
+    return (LlamaBlock if cfg.block == "llama" else SandwichBlock)(cfg, rngs=rngs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,7 +246,7 @@ def remat_plan(cfg: ModelConfig) -> RematPlan:
     return RematPlan(core=True, blocks=name != "core", policy=policy)
 
 
-def _checkpointed_block(block: SandwichBlock, policy: Callable[..., bool] | None
+def _checkpointed_block(block: Block, policy: Callable[..., bool] | None
                         ) -> Callable[[jax.Array, AttentionContext], tuple[jax.Array, KV]]:
     """``block`` as a function rematerialised in the backward pass (saving what ``policy``
     allows): its parameters enter as arguments, so their gradients flow through the checkpoint."""
@@ -209,10 +282,12 @@ class RecurrentCore(nnx.Module):
         d = cfg.d_model
         if cfg.adapter_init == "identity":  # x = s + e at init (an rdlm extension)
             adapter = jnp.concatenate([jnp.eye(d), jnp.eye(d)], axis=0)
+        elif cfg.adapter_init == "embedding":  # x = e at init, whatever the state (retrofit)
+            adapter = jnp.concatenate([jnp.zeros((d, d)), jnp.eye(d)], axis=0)
         else:
             adapter = _truncated_normal(rngs, (2 * d, d), cfg.init_std)
         self.adapter = _param(adapter, "adapter_in", "embed")
-        self.blocks = nnx.List([SandwichBlock(cfg, rngs=rngs) for _ in range(cfg.n_core)])
+        self.blocks = nnx.List([make_block(cfg, rngs=rngs) for _ in range(cfg.n_core)])
 
     def __call__(self, state_btd: jax.Array, embedded_btd: jax.Array, ctx: AttentionContext,
                  kv_prefixes: list[KV] | None = None) -> tuple[jax.Array, list[KV]]:
@@ -223,16 +298,20 @@ class RecurrentCore(nnx.Module):
 
 
 class RecurrentDepthLM(nnx.Module):
-    """Prelude, recurrent core and coda; the embedding doubles as the (tied) output head."""
+    """Prelude, recurrent core and coda; the embedding doubles as the output head unless
+    ``cfg.tie_embeddings`` is false."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.wte = _param(_truncated_normal(rngs, (cfg.vocab_size, cfg.d_model), cfg.init_std),
                           "vocab", "embed")
-        self.prelude = nnx.List([SandwichBlock(cfg, rngs=rngs) for _ in range(cfg.n_prelude)])
+        self.prelude = nnx.List([make_block(cfg, rngs=rngs) for _ in range(cfg.n_prelude)])
         self.core = RecurrentCore(cfg, rngs=rngs)
-        self.coda = nnx.List([SandwichBlock(cfg, rngs=rngs) for _ in range(cfg.n_coda)])
+        self.coda = nnx.List([make_block(cfg, rngs=rngs) for _ in range(cfg.n_coda)])
         self.ln_f = RMSNorm(cfg)
+        self.lm_head = (None if cfg.tie_embeddings else _param(
+            _truncated_normal(rngs, (cfg.d_model, cfg.vocab_size), cfg.init_std),
+            "embed", "vocab"))
         # Zero-initialised: a fresh model computes exactly what it would without the extension.
         self.token_shift = (_param(jnp.zeros((cfg.token_shift, cfg.d_model, cfg.d_model),
                                              jnp.float32), None, "embed", None)
@@ -243,9 +322,12 @@ class RecurrentDepthLM(nnx.Module):
         return jnp.dtype(self.cfg.dtype)
 
     def token_bases(self, tokens_bt: jax.Array) -> jax.Array:
-        """``wte[tokens] * sqrt(d)``: a token's own input, before the token shift."""
-        scale = jnp.asarray(math.sqrt(self.cfg.d_model), self.dtype)
-        return jnp.take(self.wte[...], tokens_bt, axis=0).astype(self.dtype) * scale
+        """``wte[tokens] * sqrt(d)`` (the llama block: unscaled): a token's own input, before
+        the token shift."""
+        embedded_btd = jnp.take(self.wte[...], tokens_bt, axis=0).astype(self.dtype)
+        if self.cfg.block == "llama":
+            return embedded_btd
+        return embedded_btd * jnp.asarray(math.sqrt(self.cfg.d_model), self.dtype)
 
     def add_shift(self, x_btd: jax.Array, prev_kbtd: jax.Array) -> jax.Array:
         """``x + Σ_k prev_k · W_k``: the token shift of the k-th previous inputs (zero: none)."""
@@ -291,12 +373,27 @@ class RecurrentDepthLM(nnx.Module):
     def apply_coda(self, state_btd: jax.Array, ctx: AttentionContext,
                kv_prefixes: list[KV] | None = None,
                remat: RematPlan | None = None) -> tuple[jax.Array, list[KV]]:
-        """Coda: logits = wte^T ln_f(coda_blocks(ln_f(s_r))), in float32, no logit scaling."""
-        x_btd, kvs = run_blocks(self.coda, self.ln_f(state_btd), ctx, kv_prefixes, remat)
-        x_btd = self.ln_f(x_btd)
-        logits_btv = jnp.einsum("btd,vd->btv", x_btd, self.wte[...].astype(self.dtype),
-                                preferred_element_type=jnp.float32)
-        return logits_btv, kvs
+        """Coda: logits = wte^T ln_f(coda_blocks(ln_f(s_r))), in float32, no logit scaling.
+
+        The llama block has no norm before the coda (its blocks are pre-norm), and an untied
+        model multiplies by ``lm_head`` instead of wte^T.
+        """
+        x_btd, kvs = run_blocks(self.coda, self.coda_input(state_btd), ctx, kv_prefixes, remat)
+        return self.head(self.ln_f(x_btd)), kvs
+
+    def coda_input(self, state_btd: jax.Array) -> jax.Array:
+        """What the coda reads of s_r: ``ln_f(s_r)``, or s_r itself for the (pre-norm) llama
+        block."""
+        return state_btd if self.cfg.block == "llama" else self.ln_f(state_btd)
+
+    def head(self, hidden_btd: jax.Array) -> jax.Array:
+        """Float32 logits of the last hidden state: ``h wte^T`` (tied), or ``h lm_head``."""
+        if self.lm_head is not None:
+            return jnp.einsum("btd,dv->btv", hidden_btd,
+                              self.lm_head[...].astype(hidden_btd.dtype),
+                              preferred_element_type=jnp.float32)
+        return jnp.einsum("btd,vd->btv", hidden_btd, self.wte[...].astype(hidden_btd.dtype),
+                          preferred_element_type=jnp.float32)
 
 
 # ---------------------------------------------------------------------------------------------

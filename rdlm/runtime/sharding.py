@@ -42,6 +42,7 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "vocab": "tensor",
     "embed": "fsdp",
     "heads": "tensor",
+    "kv_heads": "tensor",  # grouped-query attention's key/value heads (the llama block)
     "head_dim": None,
     "mlp": "tensor",
     "norm": None,
