@@ -1,6 +1,7 @@
 """Synthetic reasoning tasks: determinism, disjoint splits, correct answers, shortcuts, rendering."""
 
 import collections
+import re
 import subprocess
 import sys
 
@@ -135,7 +136,7 @@ def test_addition_answers(level):
 
 
 @pytest.mark.parametrize("level,notation", [(1, "words"), (3, "words"), (5, "words"),
-                                            (1, "symbols"), (5, "symbols")])
+                                            (1, "symbols"), (5, "symbols"), (5, "paper")])
 def test_prosqa_structure_and_answers(level, notation):
     task = make_task("prosqa", level, [f"notation={notation}"])
     p = task.params
@@ -148,15 +149,16 @@ def test_prosqa_structure_and_answers(level, notation):
         assert p.min_hops <= len(e.steps) <= p.max_hops
         # The steps walk a shortest path: the i-th names a node at distance i from the entity.
         dist = tasks.prosqa_distances(e.question)
-        walked = [step.rstrip(".").rsplit(" ", 1)[1] if notation == "words" else step[-1]
+        walked = [step.rstrip(".").rsplit(" ", 1)[1] if notation != "symbols" else step[-1]
                   for step in e.steps]
         assert [dist[n] for n in walked] == list(range(1, len(e.steps) + 1))
-        assert walked[-1] == e.answer
+        assert walked[-1] == (e.answer.rstrip(".").rsplit(" ", 1)[1] if notation == "paper"
+                              else e.answer)
         if notation == "symbols":  # the steps are stated facts, each from the previous node
             steps = tasks.parse_prosqa(";".join(e.steps) + f";{graph.entity}?x|y").edges
             assert set(steps) <= set(graph.edges)
             assert [a for a, _ in steps] == [graph.entity, *walked[:-1]]
-        assert e.answer in graph.options and len(set(graph.options)) == 2
+        assert walked[-1] in graph.options and len(set(graph.options)) == 2
         if notation == "symbols":  # one character per node, facts joined by ";"
             assert all(len(n) == 1 for n in names | set(graph.options))
             assert e.question.count(";") == p.num_edges
@@ -181,6 +183,24 @@ def test_prosqa_notations_write_the_same_graph():
         make_task("prosqa", 1, ["notation=symbols", "num_nodes=27", "num_edges=30"])
     with pytest.raises(ConfigError, match="notation"):
         make_task("prosqa", 1, ["notation=emoji"])
+
+
+def test_prosqa_paper_notation_is_the_papers_surface_form():
+    import random
+    words, paper = make_task("prosqa", 2), make_task("prosqa", 2, ["notation=paper"])
+    e, w = paper.generate(random.Random(3)), words.generate(random.Random(3))
+    assert re.fullmatch(r"(Every [a-z]+pus is a [a-z]+pus\. |[A-Z][a-z]+ is a [a-z]+pus\. )+"
+                        r"Is [A-Z][a-z]+ a [a-z]+pus or [a-z]+pus\?", e.question), e.question
+    entity = tasks.parse_prosqa(e.question).entity
+    assert all(re.fullmatch(rf"{entity} is a [a-z]+pus\.", s) for s in e.steps)
+    assert e.answer == e.steps[-1] and tasks.solve_prosqa(e.question) == e.answer
+    assert len(e.steps) == len(w.steps)  # the same graph as the words notation draws
+    # A question as the paper's files write it, with "or a": parsed and solved the same way.
+    given = ("Every wumpus is a yumpus. Every yumpus is a hilpus. Every zumpus is a sterpus. "
+             "Sally is a wumpus. Is Sally a sterpus or a hilpus?")
+    assert tasks.solve_prosqa(given) == "Sally is a hilpus."
+    assert {name: f(given) for name, f in tasks.PROSQA_SHORTCUTS.items()}["first_option"] == (
+        "Sally is a sterpus.")
 
 
 def test_prosqa_full_setting_matches_the_paper():

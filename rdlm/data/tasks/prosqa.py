@@ -13,7 +13,7 @@ import typing
 from typing import Any, Callable, Sequence
 
 from rdlm.data.tasks.base import MAX_ATTEMPTS, Example, positive_knobs, require_knob
-from rdlm.data.tasks.words import CONCEPTS, ENTITIES
+from rdlm.data.tasks.words import CONCEPTS, ENTITIES, PAPER_CONCEPTS, PAPER_ENTITIES
 
 
 # How a ProsQA-style problem is written. ``words``: "every bex is a tor." facts, "is tom a bex or
@@ -22,8 +22,11 @@ from rdlm.data.tasks.words import CONCEPTS, ENTITIES
 # question "t?b|x" (is t a b or an x?), the steps the path's facts "t>b", "b>x" — the same
 # graphs in a fifth of the tokens, one token per node, and every step a lookup of the node just
 # written ("which facts start at b?") that the token shift hands to the next step's target
-# position: the form small models learn within CPU budgets (docs/data.md).
-PROSQA_NOTATIONS = ("words", "symbols")
+# position: the form small models learn within CPU budgets (docs/data.md). ``paper``: the surface
+# form of the paper's data files, "Every wumpus is a yumpus.", "Sally is a zumpus.", "Is Sally a
+# hilpus or sterpus?", steps "Sally is a wumpus." and the answer "Sally is a sterpus.", so that
+# a model trained on generated problems can be scored on the published test file.
+PROSQA_NOTATIONS = ("words", "symbols", "paper")
 SYMBOL_NODES = string.ascii_lowercase
 
 
@@ -84,9 +87,13 @@ class ProsQATask:
         depth = rng.choice(depths)
         target = rng.choice(sorted(n for n, d in dist.items() if d == depth))
         other = rng.choice(sorted(n for n, d in decoy_dist.items() if d == depth))
-        words = p.notation == "words"
-        names = ([rng.choice(ENTITIES)] + rng.sample(CONCEPTS, p.num_nodes - 1) if words
-                 else rng.sample(SYMBOL_NODES, p.num_nodes))
+        words = p.notation != "symbols"
+        if p.notation == "paper":
+            names = [rng.choice(PAPER_ENTITIES)] + rng.sample(PAPER_CONCEPTS, p.num_nodes - 1)
+        elif words:
+            names = [rng.choice(ENTITIES)] + rng.sample(CONCEPTS, p.num_nodes - 1)
+        else:
+            names = rng.sample(SYMBOL_NODES, p.num_nodes)
         facts = [_isa(names, i, j, p.notation) for i, j in edges]
         if p.shuffle_facts:
             rng.shuffle(facts)
@@ -96,6 +103,10 @@ class ProsQATask:
         while path[-1] != 0:
             path.append(parent[path[-1]])
         path.reverse()  # entity … target
+        if p.notation == "paper":
+            steps = tuple(_isa(names, 0, n, p.notation) for n in path[1:])
+            question = " ".join(facts) + f" Is {names[0]} a {options[0]} or {options[1]}?"
+            return Example(question, steps, _isa(names, 0, target, p.notation))
         if words:  # "tom is a bex.", "tom is a tor.": what the entity is, one hop further each
             steps = tuple(_isa(names, 0, n, p.notation) for n in path[1:])
             question = " ".join(facts) + f" is {names[0]} a {options[0]} or {options[1]}?"
@@ -109,7 +120,8 @@ def _isa(names: list[str], i: int, j: int, notation: str) -> str:
     """The fact "node i is a node j" (node 0 is the entity, every other node a concept)."""
     if notation == "symbols":
         return f"{names[i]}>{names[j]}"
-    return f"{names[0]} is a {names[j]}." if i == 0 else f"every {names[i]} is a {names[j]}."
+    every = "Every" if notation == "paper" else "every"
+    return f"{names[0]} is a {names[j]}." if i == 0 else f"{every} {names[i]} is a {names[j]}."
 
 
 def _local_dag(rng: random.Random, nodes: list[int], num_edges: int, max_hops: int
@@ -158,8 +170,18 @@ class ProsQAGraph(typing.NamedTuple):
     edges: list[tuple[str, str]]  # (a, b): "every a is a b" (or "entity is a b")
 
 
+# The paper's question: "… Is Sally a hilpus or sterpus?" (also "… or a sterpus?").
+_PAPER_QUERY = re.compile(r"(.*?)\s*\bIs (\w+) an? (\w+) or (?:an? )?(\w+)\?\s*$", re.S)
+
+
 def parse_prosqa(question: str) -> ProsQAGraph:
-    """The entity, the two options and the stated edges of a question in either notation."""
+    """The entity, the two options and the stated edges of a question in any notation."""
+    paper = _PAPER_QUERY.fullmatch(question)
+    if paper:  # "Every a is a b. Sally is a c. … Is Sally a x or y?"
+        facts, entity, first, second = paper.groups()
+        edges = [re.fullmatch(r"(?:Every |every )?(\w+) is an? (\w+)", f.strip()).groups()
+                 for f in facts.split(".") if f.strip()]
+        return ProsQAGraph(entity, [first, second], edges)
     if " is " in question:  # words: "every a is a b. … is tom a x or y?"
         facts, query = question.rsplit(" is ", 1)
         entity, options = query.split(" a ", 1)
@@ -183,12 +205,21 @@ def prosqa_distances(question: str) -> dict[str, int]:
 
 
 def solve_prosqa(question: str) -> str:
-    """Independent solver: parse the facts and search the graph from the entity."""
+    """Independent solver: parse the facts and search the graph from the entity. The answer is
+    written as the question's notation writes it: the option, or "Sally is a sterpus." for the
+    paper's form."""
     dist = prosqa_distances(question)
     reachable = [o for o in prosqa_options(question) if o in dist]
     if len(reachable) != 1:
         raise ValueError(f"{len(reachable)} reachable options in {question!r}")
-    return reachable[0]
+    return _as_answer(question, reachable[0])
+
+
+def _as_answer(question: str, option: str) -> str:
+    """``option`` written as an answer in the question's notation."""
+    if _PAPER_QUERY.fullmatch(question):
+        return f"{parse_prosqa(question).entity} is a {option}."
+    return option
 
 
 def _prefer(score: Callable[[str, str], float]) -> Callable[[str], str]:
@@ -196,12 +227,13 @@ def _prefer(score: Callable[[str, str], float]) -> Callable[[str], str]:
     on a tie)."""
     def pick(question: str) -> str:
         first, second = parse_prosqa(question).options
-        return second if score(question, second) > score(question, first) else first
+        return _as_answer(question,
+                          second if score(question, second) > score(question, first) else first)
     return pick
 
 
 PROSQA_SHORTCUTS: dict[str, Callable[[str], str]] = {
-    "first_option": lambda q: parse_prosqa(q).options[0],
+    "first_option": lambda q: _as_answer(q, parse_prosqa(q).options[0]),
     "more_incoming_edges": _prefer(lambda q, o: sum(b == o for _, b in parse_prosqa(q).edges)),
     "fewer_outgoing_edges": _prefer(lambda q, o: -sum(a == o for a, _ in parse_prosqa(q).edges)),
     "mentioned_later": _prefer(lambda q, o: max(
