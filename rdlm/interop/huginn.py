@@ -29,15 +29,15 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from rdlm.config import DTYPES, ModelConfig
+from rdlm.interop.hf_io import (commit_dir, existing_files, place, resolve_shardings, to_host,
+                                write_shards)
 from rdlm.interop.huginn_config import (ARCHITECTURE, CODE_FILES, CODE_REPO, CONFIG_FILE,
                                         MODEL_TYPE, HuginnFormatError, config_from_huginn,
                                         huginn_config, parse_config)
 from rdlm.interop.huginn_layout import FREQS_CIS, LM_HEAD, WTE, Entry, freqs_cis, key_map
-from rdlm.interop.safetensors_io import (INDEX_FILE, SINGLE_FILE, ST_DTYPES, TORCH_DTYPE_NAMES,
-                                         OutTensor, TensorInfo, parse_size, plan_shards,
-                                         read_json, read_tensor, same_values, scan_files,
-                                         write_safetensors)
-from rdlm.runtime import sharding as rdlm_sharding
+from rdlm.interop.safetensors_io import (ST_DTYPES, TORCH_DTYPE_NAMES, OutTensor, TensorInfo,
+                                         parse_size, read_json, read_tensor, same_values,
+                                         scan_files)
 
 __all__ = ["ARCHITECTURE", "CODE_FILES", "CODE_REPO", "MODEL_TYPE", "HuginnFormatError",
            "config_from_huginn", "huginn_config", "key_map", "load_huginn", "read_config",
@@ -79,30 +79,6 @@ def _check_tensors(entries: list[Entry], tensors: Mapping[str, TensorInfo], cfg:
 def _source(name: str, tensors: Mapping[str, TensorInfo]) -> str:
     """Where a tensor is read from: the embedding may be stored only under the tied head's name."""
     return LM_HEAD if name == WTE and WTE not in tensors else name
-
-
-def _place(array: np.ndarray, sharding: jax.sharding.Sharding | None) -> jax.Array:
-    if sharding is None:
-        return jax.device_put(array)
-    # Works for shardings that span several hosts: each process supplies only its own shards.
-    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
-
-
-def _resolve_shardings(cfg: ModelConfig, entries: list[Entry], treedef: Any, shardings: Any,
-                       mesh: Any) -> list[Any]:
-    if shardings is not None and mesh is not None:
-        raise ValueError("give shardings= or mesh=, not both.")
-    if mesh is not None:
-        shardings = rdlm_sharding.param_shardings(cfg, mesh)
-    if shardings is None:
-        return [None] * len(entries)
-    if isinstance(shardings, jax.sharding.Sharding):
-        return [shardings] * len(entries)
-    leaves, tree = jax.tree.flatten(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
-    if tree != treedef:
-        raise ValueError("shardings must mirror the params pytree of the checkpoint's config "
-                         f"(rdlm.abstract_params(cfg)); got structure {tree}.")
-    return leaves
 
 
 def read_config(path: str | os.PathLike, *, dtype: str = "float32") -> ModelConfig:
@@ -160,22 +136,16 @@ def load_huginn(path: str | os.PathLike, *, dtype: Any = "float32", compute_dtyp
     if problems:
         raise HuginnFormatError(str(directory), problems)
 
-    placements = _resolve_shardings(cfg, entries, treedef, shardings, mesh)
+    placements = resolve_shardings(cfg, len(entries), treedef, shardings, mesh)
     leaves = []
     for entry, sharding in zip(entries, placements):
         name = _source(entry.name, tensors)
         hf_array = read_tensor(tensors[name], name)
         array = np.ascontiguousarray(entry.to_rdlm(hf_array.astype(target, copy=False)))
         del hf_array
-        leaves.append(_place(array, sharding))
+        leaves.append(place(array, sharding))
         del array
     return cfg, jax.tree.unflatten(treedef, leaves)
-
-
-def _to_host(leaf: Any) -> np.ndarray:
-    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-        return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
-    return np.asarray(jax.device_get(leaf))
 
 
 def _check_params(cfg: ModelConfig, entries: list[Entry], treedef: Any, params: Any) -> list[Any]:
@@ -195,24 +165,12 @@ def _check_params(cfg: ModelConfig, entries: list[Entry], treedef: Any, params: 
     return leaves
 
 
-def _commit_dir(tmp: Path, final: Path, overwrite: bool) -> None:
-    if final.exists():
-        if not overwrite:
-            raise FileExistsError(f"{str(final)!r} exists; pass overwrite=True to replace it.")
-        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
-
 def _out_tensors(cfg: ModelConfig, entries: list[Entry], leaves: list[Any], out_dtype: np.dtype,
                  include_lm_head: bool, include_freqs_cis: bool) -> list[OutTensor]:
     """What the directory holds, in the PyTorch model's module order (wte, prelude, adapter, core,
     coda, ln_f: for readability); each tensor is fetched from the devices only when written."""
     def fetch(entry: Entry, leaf: Any) -> Callable[[], np.ndarray]:
-        return lambda: entry.to_hf(_to_host(leaf)).astype(out_dtype)
+        return lambda: entry.to_hf(to_host(leaf)).astype(out_dtype)
 
     tensors = [OutTensor(e.name, e.hf_shape, out_dtype, fetch(e, leaf))
                for e, leaf in zip(entries, leaves)]
@@ -226,32 +184,6 @@ def _out_tensors(cfg: ModelConfig, entries: list[Entry], leaves: list[Any], out_
         table = freqs_cis(cfg)
         tensors.append(OutTensor(FREQS_CIS, table.shape, table.dtype, lambda: table))
     return tensors
-
-
-def _write_shards(directory: Path | None, tensors: list[OutTensor], max_bytes: int) -> None:
-    """The safetensors files (and the index, when sharded) into ``directory``; a process that does
-    not write (``directory`` None) still gathers every tensor, in the writer's order."""
-    shards = plan_shards(tensors, max_bytes)
-    names = ([SINGLE_FILE] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    for shard, name in zip(shards, names):
-        if directory is not None:
-            write_safetensors(directory / name, shard)
-        else:
-            for t in shard:
-                t.fetch()
-    if directory is not None and len(shards) > 1:
-        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)},
-                 "weight_map": {t.name: n for s, n in zip(shards, names) for t in s}}
-        (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-
-
-def _existing_files(extra_files: Mapping[str, str | os.PathLike] | None) -> dict[str, Path]:
-    extra = {name: Path(source) for name, source in (extra_files or {}).items()}
-    absent = [str(source) for source in extra.values() if not source.is_file()]
-    if absent:
-        raise FileNotFoundError(f"extra files do not exist: {absent}.")
-    return extra
 
 
 def save_huginn(cfg: ModelConfig, params: Any, path: str | os.PathLike, *,
@@ -296,14 +228,14 @@ def save_huginn(cfg: ModelConfig, params: Any, path: str | os.PathLike, *,
     leaves = _check_params(cfg, entries, treedef, params)
     tensors = _out_tensors(cfg, entries, leaves, ST_DTYPES[TORCH_DTYPE_NAMES[dtype]],
                            include_lm_head, include_freqs_cis)
-    extra = _existing_files(extra_files)
+    extra = existing_files(extra_files)
     writer = jax.process_index() == 0
     tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         if writer:
             final.parent.mkdir(parents=True, exist_ok=True)
             tmp.mkdir()
-        _write_shards(tmp if writer else None, tensors, max_bytes)
+        write_shards(tmp if writer else None, tensors, max_bytes)
         if writer:
             config = huginn_config(cfg, torch_dtype=dtype, code_repo=code_repo)
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
@@ -311,7 +243,7 @@ def save_huginn(cfg: ModelConfig, params: Any, path: str | os.PathLike, *,
                 shutil.copyfile(source, tmp / name)
             for name, text in (extra_texts or {}).items():
                 (tmp / name).write_text(text)
-            _commit_dir(tmp, final, overwrite)
+            commit_dir(tmp, final, overwrite)
     finally:
         if writer and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

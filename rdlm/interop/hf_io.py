@@ -1,0 +1,96 @@
+"""What every Hugging Face checkpoint directory needs, whatever its layout: placing each tensor
+read into its sharding, gathering each tensor to write back to host memory, writing the
+safetensors shards (and their index), and committing a directory atomically. The layouts
+(`huginn`, `llama`) say which tensors go where; this module moves them."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from rdlm.config import ModelConfig
+from rdlm.interop.safetensors_io import (INDEX_FILE, SINGLE_FILE, OutTensor, plan_shards,
+                                         write_safetensors)
+from rdlm.runtime import sharding as rdlm_sharding
+
+
+def place(array: np.ndarray, sharding: jax.sharding.Sharding | None) -> jax.Array:
+    """``array`` on the devices: the default device, or straight into ``sharding``."""
+    if sharding is None:
+        return jax.device_put(array)
+    # Works for shardings that span several hosts: each process supplies only its own shards.
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def resolve_shardings(cfg: ModelConfig, count: int, treedef: Any, shardings: Any,
+                      mesh: Any) -> list[Any]:
+    """One sharding (or None) per params leaf, from ``shardings`` (a pytree mirroring the params,
+    or one sharding for all) or ``mesh`` (`rdlm.runtime.sharding.param_shardings`)."""
+    if shardings is not None and mesh is not None:
+        raise ValueError("give shardings= or mesh=, not both.")
+    if mesh is not None:
+        shardings = rdlm_sharding.param_shardings(cfg, mesh)
+    if shardings is None:
+        return [None] * count
+    if isinstance(shardings, jax.sharding.Sharding):
+        return [shardings] * count
+    leaves, tree = jax.tree.flatten(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    if tree != treedef:
+        raise ValueError("shardings must mirror the params pytree of the checkpoint's config "
+                         f"(rdlm.abstract_params(cfg)); got structure {tree}.")
+    return leaves
+
+
+def to_host(leaf: Any) -> np.ndarray:
+    """A params leaf as one host array, gathered from every process when it spans several."""
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+    return np.asarray(jax.device_get(leaf))
+
+
+def commit_dir(tmp: Path, final: Path, overwrite: bool) -> None:
+    """Rename the finished ``tmp`` to ``final`` (replacing it only with ``overwrite``)."""
+    if final.exists():
+        if not overwrite:
+            raise FileExistsError(f"{str(final)!r} exists; pass overwrite=True to replace it.")
+        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def existing_files(extra_files: Mapping[str, str | os.PathLike] | None) -> dict[str, Path]:
+    """``{name: source}`` as paths, every source checked to exist before anything is written."""
+    extra = {name: Path(source) for name, source in (extra_files or {}).items()}
+    absent = [str(source) for source in extra.values() if not source.is_file()]
+    if absent:
+        raise FileNotFoundError(f"extra files do not exist: {absent}.")
+    return extra
+
+
+def write_shards(directory: Path | None, tensors: list[OutTensor], max_bytes: int) -> None:
+    """The safetensors files (and the index, when sharded) into ``directory``; a process that does
+    not write (``directory`` None) still gathers every tensor, in the writer's order."""
+    shards = plan_shards(tensors, max_bytes)
+    names = ([SINGLE_FILE] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for shard, name in zip(shards, names):
+        if directory is not None:
+            write_safetensors(directory / name, shard)
+        else:
+            for t in shard:
+                t.fetch()
+    if directory is not None and len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)},
+                 "weight_map": {t.name: n for s, n in zip(shards, names) for t in s}}
+        (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
