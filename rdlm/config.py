@@ -339,6 +339,12 @@ class TrainConfig:
     # model.mean_recurrence) or "fixed" (r = model.mean_recurrence every step: fixed-depth
     # baselines, e.g. r = 1 for a plain transformer with the same parameters).
     depth: str = "sampled"
+    # Recurrence curriculum (0 = off): the mean r (or the fixed r) rises linearly from
+    # recurrence_curriculum_start at step 0 to model.mean_recurrence at step
+    # recurrence_curriculum_steps, rounded up to a whole number of steps, then stays there
+    # (McLeish et al. 2025 retrofit pretrained models this way). backprop_depth is unchanged.
+    recurrence_curriculum_steps: int = 0
+    recurrence_curriculum_start: int = 1
     # Scale of the random initial state s_0 in training (1 = Huginn's TruncNormal, 0 = zero state).
     init_scale: float = 1.0
 
@@ -395,6 +401,12 @@ class TrainConfig:
                  self.micro_batches, f"must divide train.batch_size={self.batch_size}")
         _require(self.depth in ("sampled", "fixed"), "train.depth", self.depth,
                  "must be 'sampled' or 'fixed'")
+        _require(isinstance(self.recurrence_curriculum_steps, int)
+                 and self.recurrence_curriculum_steps >= 0, "train.recurrence_curriculum_steps",
+                 self.recurrence_curriculum_steps, "must be an integer >= 0 (0 = off)")
+        _require(isinstance(self.recurrence_curriculum_start, int)
+                 and self.recurrence_curriculum_start >= 1, "train.recurrence_curriculum_start",
+                 self.recurrence_curriculum_start, "must be a positive integer")
         _require(self.optimizer in ("adamw", "huginn"), "train.optimizer", self.optimizer,
                  "must be 'adamw' or 'huginn'")
         _require(self.schedule in ("constant", "cosine", "trapezoid"), "train.schedule",
@@ -559,6 +571,14 @@ class Config:
     sample: SampleConfig = SampleConfig()
     mesh: MeshConfig = MeshConfig()
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        # The curriculum climbs to the model's mean; starting above it would need a longer
+        # gradient scan than the one compiled (DepthPolicy.max_grad).
+        _require(not self.train.recurrence_curriculum_steps
+                 or self.train.recurrence_curriculum_start <= self.model.mean_recurrence,
+                 "train.recurrence_curriculum_start", self.train.recurrence_curriculum_start,
+                 f"must be <= model.mean_recurrence={self.model.mean_recurrence}")
 
 
 def _override_value(raw: str) -> Any:

@@ -104,13 +104,15 @@ def iterate_collect(step: StepFn, consts: Any, state: State, num_steps: int) -> 
 DEPTH_SIGMA = 0.5
 
 
-def sample_depth(key: jax.Array, mean_recurrence: int, backprop_depth: int
+def sample_depth(key: jax.Array, mean_recurrence: int | jax.Array, backprop_depth: int
                  ) -> tuple[jax.Array, jax.Array]:
     """Draw one recurrence count and split it into (n_no_grad, n_grad).
 
     rate ~ LogNormal(mu, 0.5) with mu = ln(mean) - 0.5**2 / 2, p = Poisson(rate) + 1;
     n_no_grad = max(p - k, 0), n_grad = min(k, p). Mean of p is mean + 1 (~33 for 32).
     Derive ``key`` from (seed, step) so every device and host draws the same r without talking.
+    ``mean_recurrence`` may be traced (a recurrence curriculum): nothing here depends on its value
+    at compile time.
     """
     k_rate, k_poisson = jax.random.split(key)
     mu = jnp.log(jnp.float32(mean_recurrence)) - DEPTH_SIGMA**2 / 2

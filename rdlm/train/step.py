@@ -2,6 +2,7 @@
 
   1. draw the recurrence count (n_no_grad, n_grad) by the objective's `DepthPolicy` from
      ``fold_in(key(seed), step)``: every device and host gets the same r without communicating;
+     a recurrence curriculum sets the mean from the step number;
   2. loss and gradients, accumulated over ``train.micro_batches`` with a `lax.scan` (token-weighted,
      so 4 micro-batches give the gradient of the whole batch);
   3. the optax update, kept only if `update_is_good`: the loss, the gradient norm and the
@@ -50,31 +51,55 @@ FORWARD_PASSES = "forward_passes"
 class DepthPolicy:
     """The recurrence of a training step: ``sampled`` from the Huginn law around
     ``mean_recurrence`` with truncated backprop ``backprop_depth``, or ``fixed`` at
-    r = mean_recurrence, the last min(k, r) steps with gradient."""
+    r = mean_recurrence, the last min(k, r) steps with gradient.
+
+    With ``curriculum_steps`` > 0 the mean (or the fixed r) climbs from ``curriculum_start`` to
+    ``mean_recurrence`` over the first ``curriculum_steps`` optimizer steps (`mean_at`). The mean
+    is computed from the traced step number, so one compiled step serves the whole curriculum,
+    and a resumed run draws what the uninterrupted one drew."""
 
     mean_recurrence: int
     backprop_depth: int
     fixed: bool = False
+    curriculum_steps: int = 0
+    curriculum_start: int = 1
 
     @classmethod
     def of(cls, cfg: Config) -> "DepthPolicy":
-        """The policy of ``cfg.model`` and ``cfg.train.depth`` (what `rdlm train` runs)."""
+        """The policy of ``cfg.model`` and ``cfg.train`` (what `rdlm train` runs)."""
+        tc = cfg.train
         return cls(cfg.model.mean_recurrence, cfg.model.backprop_depth,
-                   fixed=cfg.train.depth == "fixed")
+                   fixed=tc.depth == "fixed", curriculum_steps=tc.recurrence_curriculum_steps,
+                   curriculum_start=tc.recurrence_curriculum_start)
 
     @property
     def max_grad(self) -> int:
-        """The static bound of n_grad: the length of the gradient scan."""
+        """The static bound of n_grad: the length of the gradient scan (the curriculum never
+        goes above ``mean_recurrence``, so it needs no longer one)."""
         if self.fixed:
             return min(self.backprop_depth, self.mean_recurrence)
         return self.backprop_depth
 
-    def draw(self, key: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """(n_no_grad, n_grad) of the step whose depth key is ``key``."""
+    def mean_at(self, step: jax.Array | int | None) -> jax.Array:
+        """int32 mean recurrence of the step after ``step`` optimizer steps (None: the full
+        mean): ``start + ceil((mean - start) · min(step, N) / N)``, rounded up as McLeish et al.
+        (2025) do, so that every step of the ramp has a whole mean and a fixed r."""
+        if not self.curriculum_steps or step is None:
+            return jnp.int32(self.mean_recurrence)
+        n = self.curriculum_steps
+        done = jnp.minimum(jnp.asarray(step, jnp.int32), n).astype(jnp.float32)
+        climb = jnp.ceil((self.mean_recurrence - self.curriculum_start) * done / n)
+        return jnp.int32(self.curriculum_start) + climb.astype(jnp.int32)
+
+    def draw(self, key: jax.Array, step: jax.Array | int | None = None
+             ) -> tuple[jax.Array, jax.Array]:
+        """(n_no_grad, n_grad) of the step whose depth key is ``key``, taken after ``step``
+        optimizer steps (which places it on the curriculum)."""
+        mean = self.mean_at(step)
+        k = self.backprop_depth
         if self.fixed:
-            r, k = self.mean_recurrence, self.backprop_depth
-            return jnp.int32(max(r - k, 0)), jnp.int32(min(k, r))
-        return sample_depth(key, self.mean_recurrence, self.backprop_depth)
+            return jnp.maximum(mean - k, 0), jnp.minimum(mean, k)
+        return sample_depth(key, mean, k)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,8 +222,11 @@ def train_step(state: TrainState, batch: Batch, cfg: Config, tx: optax.GradientT
     key = step_key(cfg.seed, state.step)
     depth_key, noise_key = jax.random.split(key)
     loss_fn = lm_objective(cfg) if loss_fn is None else loss_fn
+    drawn: dict[str, jax.Array] = {}  # the depth policy's current mean
     if depth is None:
-        n_no_grad, n_grad = depth_policy(loss_fn, cfg).draw(depth_key)
+        policy = depth_policy(loss_fn, cfg)
+        n_no_grad, n_grad = policy.draw(depth_key, state.step)
+        drawn["mean_recurrence"] = policy.mean_at(state.step)
     else:
         n_no_grad, n_grad = depth[0], depth[1]
     grads, metrics = loss_and_grads(state.params, batch, cfg, loss_fn, n_no_grad, n_grad,
@@ -217,9 +245,9 @@ def train_step(state: TrainState, batch: Batch, cfg: Config, tx: optax.GradientT
                            opt_state=keep(new_opt_state, state.opt_state),
                            bad_steps=state.bad_steps + bad,
                            bad_streak=(state.bad_streak + 1) * bad)
-    metrics = dict(metrics, grad_norm=grad_norm, lr=make_schedule(cfg.train)(state.step),
-                   n_no_grad=n_no_grad, n_grad=n_grad, finite=finite,
-                   bad_steps=new_state.bad_steps, bad_streak=new_state.bad_streak,
+    metrics = dict(metrics, **drawn, grad_norm=grad_norm,
+                   lr=make_schedule(cfg.train)(state.step), n_no_grad=n_no_grad, n_grad=n_grad,
+                   finite=finite, bad_steps=new_state.bad_steps, bad_streak=new_state.bad_streak,
                    proposed_param_norm=proposed_param_norm,
                    param_norm=jnp.where(finite, proposed_param_norm,
                                         optax.global_norm(state.params)))
