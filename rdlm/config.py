@@ -345,6 +345,14 @@ class TrainConfig:
     # (McLeish et al. 2025 retrofit pretrained models this way). backprop_depth is unchanged.
     recurrence_curriculum_steps: int = 0
     recurrence_curriculum_start: int = 1
+    # Parts of the model whose parameters stay as they are (bitwise; the optimizer keeps no
+    # moments for them); () trains everything. embeddings: wte (also the output head when
+    # model.tie_embeddings) and token_shift; prelude; adapter: the core's input adapter; core: the
+    # recurrent blocks; coda; head: the final norm ln_f and lm_head. Retrofitting a pretrained
+    # model may train only the new adapter and core: [embeddings, prelude, coda, head].
+    freeze: tuple[str, ...] = ()
+    FREEZABLE: typing.ClassVar[tuple[str, ...]] = (
+        "embeddings", "prelude", "adapter", "core", "coda", "head")
     # Scale of the random initial state s_0 in training (1 = Huginn's TruncNormal, 0 = zero state).
     init_scale: float = 1.0
 
@@ -407,6 +415,10 @@ class TrainConfig:
         _require(isinstance(self.recurrence_curriculum_start, int)
                  and self.recurrence_curriculum_start >= 1, "train.recurrence_curriculum_start",
                  self.recurrence_curriculum_start, "must be a positive integer")
+        _require(all(p in self.FREEZABLE for p in self.freeze), "train.freeze", self.freeze,
+                 f"every entry must be one of {self.FREEZABLE}")
+        _require(len(set(self.freeze)) < len(self.FREEZABLE), "train.freeze", self.freeze,
+                 "leaves nothing to train")
         _require(self.optimizer in ("adamw", "huginn"), "train.optimizer", self.optimizer,
                  "must be 'adamw' or 'huginn'")
         _require(self.schedule in ("constant", "cosine", "trapezoid"), "train.schedule",

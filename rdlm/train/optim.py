@@ -6,7 +6,7 @@ Two optimizers share one structure (clip → adaptive scaling → weight decay �
   ``m̂ / (√v̂ + ε)``, which is bounded and scale-invariant, so no ε is needed — followed by a
   per-tensor cap on the update's RMS, so one tensor's spike cannot take a giant step.
 Weight decay is decoupled (applied to the weights, scaled by the schedule's lr as in AdamW) and
-skips norm weights and the q/k bias.
+skips norm weights and the q/k bias. ``train.freeze`` leaves parts of the model out of the chain.
 """
 
 from __future__ import annotations
@@ -53,6 +53,38 @@ def decay_mask(params: Any) -> Any:
         names = [getattr(k, "key", None) for k in path]
         return leaf.ndim >= 2 and "qk_bias" not in names
     return jax.tree_util.tree_map_with_path(wants_decay, params)
+
+
+# The top-level entries of the params tree, by the `TrainConfig.FREEZABLE` part they belong to
+# ("core" holds the adapter and the recurrent blocks, told apart one level down).
+_PARTS = {"wte": "embeddings", "token_shift": "embeddings", "prelude": "prelude",
+          "coda": "coda", "ln_f": "head", "lm_head": "head"}
+
+
+def param_part(path: tuple[Any, ...]) -> str:
+    """The freezable part (`TrainConfig.FREEZABLE`) of the parameter at ``path``."""
+    names = [getattr(k, "key", None) for k in path]
+    if names[0] == "core":
+        return "adapter" if names[1] == "adapter" else "core"
+    if names[0] not in _PARTS:
+        raise ValueError(f"parameter {'/'.join(map(str, names))} belongs to no part of "
+                         f"train.freeze; add its top-level name to rdlm.train.optim._PARTS.")
+    return _PARTS[names[0]]
+
+
+def freeze_labels(params: Any, freeze: tuple[str, ...]) -> Any:
+    """"frozen" or "trained" for every leaf of ``params`` (the labels of `make_optimizer`)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "frozen" if param_part(path) in freeze else "trained", params)
+
+
+def stop_frozen(params: Any, freeze: tuple[str, ...]) -> Any:
+    """``params`` with the gradient cut at the frozen parts: their gradients are zeros that XLA
+    never computes (no backward pass through a frozen prelude whose inputs need none)."""
+    if not freeze:
+        return params
+    return jax.tree.map(lambda p, label: jax.lax.stop_gradient(p) if label == "frozen" else p,
+                        params, freeze_labels(params, freeze))
 
 
 class ScaleByAdamAtan2State(NamedTuple):
@@ -109,4 +141,10 @@ def make_optimizer(tcfg: TrainConfig) -> optax.GradientTransformation:
     if tcfg.weight_decay > 0:
         parts.append(optax.add_decayed_weights(tcfg.weight_decay, mask=decay_mask))
     parts.append(optax.scale_by_learning_rate(make_schedule(tcfg)))
-    return optax.chain(*parts)
+    tx = optax.chain(*parts)
+    if not tcfg.freeze:
+        return tx
+    # Frozen parts get a zero update, and the chain (clipping norm, moments, weight decay) sees
+    # only the trained ones: no moments are kept for what never moves.
+    return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()},
+                                 lambda params: freeze_labels(params, tcfg.freeze))

@@ -38,10 +38,12 @@ def state_shardings(cfg: Config, tx: optax.GradientTransformation, mesh: Mesh) -
     p_shardings = shard_lib.param_shardings(cfg.model, mesh)
     rep = shard_lib.replicated(mesh)
     abstract_opt = jax.eval_shape(tx.init, abstract_params(cfg.model))
+    # A frozen part (train.freeze) has no moments: its place holds an empty MaskedNode.
+    masked = optax.transforms.MaskedNode
     opt_shardings = optax.tree_utils.tree_map_params(
-        tx, lambda _, s: s, abstract_opt, p_shardings,
+        tx, lambda x, s: x if isinstance(x, masked) else s, abstract_opt, p_shardings,
         transform_non_params=lambda _: rep,
-        is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+        is_leaf=lambda x: isinstance(x, (jax.ShapeDtypeStruct, masked)))
     return TrainState(step=rep, params=p_shardings, opt_state=opt_shardings, bad_steps=rep,
                       bad_streak=rep)
 
@@ -128,6 +130,12 @@ def restore_or_init(cfg: Config, tx: optax.GradientTransformation, shardings: Tr
                 "from those weights.")
         for name, (old, new) in changed.items():
             log(f"resuming with model.{name}={new!r} (the checkpoint trained with {old!r})")
+        if saved_cfg.train.freeze != cfg.train.freeze:  # the optimizer state differs in shape
+            raise ConfigError(
+                f"train.freeze={list(cfg.train.freeze)}: run_dir {cfg.train.run_dir!r} was "
+                f"trained with train.freeze={list(saved_cfg.train.freeze)}, and its optimizer "
+                "state holds moments for the trained parts only; resume with that value, or "
+                "start a new train.run_dir with train.init_from= this one.")
         target = abstract_state(cfg, tx, shardings)
         params, opt_state, meta, data_state = checkpointer.restore(
             latest, abstract_params=target.params, abstract_opt_state=target.opt_state)

@@ -4,7 +4,7 @@
      ``fold_in(key(seed), step)``: every device and host gets the same r without communicating;
      a recurrence curriculum sets the mean from the step number;
   2. loss and gradients, accumulated over ``train.micro_batches`` with a `lax.scan` (token-weighted,
-     so 4 micro-batches give the gradient of the whole batch);
+     so 4 micro-batches give the gradient of the whole batch), none for the ``train.freeze`` parts;
   3. the optax update, kept only if `update_is_good`: the loss, the gradient norm and the
      updated params' norm are finite. Otherwise it is dropped on device (params and optimizer
      state stay as they were) and counted.
@@ -27,7 +27,7 @@ from rdlm.config import Config, ConfigError, DataConfig, MeshConfig, SampleConfi
 from rdlm.model import lm_loss
 from rdlm.model.recurrence import sample_depth
 from rdlm.runtime import sharding as shard_lib
-from rdlm.train.optim import make_optimizer, make_schedule
+from rdlm.train.optim import make_optimizer, make_schedule, stop_frozen
 from rdlm.train.state import TrainState, state_shardings
 
 Batch = dict[str, jax.Array]
@@ -166,7 +166,8 @@ def loss_and_grads(params: Any, batch: Batch, cfg: Config, loss_fn: LossFn, n_no
     def micro(mb: Batch, mb_key: jax.Array) -> tuple[Any, dict[str, jax.Array]]:
         weight = _token_count(mb) / total_tokens
         def weighted_loss(p: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
-            loss, metrics = loss_fn(p, mb, n_no_grad, n_grad, mb_key)
+            loss, metrics = loss_fn(stop_frozen(p, cfg.train.freeze), mb, n_no_grad, n_grad,
+                                    mb_key)
             return loss * weight, metrics
         (loss_w, metrics), grads = jax.value_and_grad(weighted_loss, has_aux=True)(params)
         out = {"loss": loss_w, "accuracy": metrics["accuracy"] * weight}
