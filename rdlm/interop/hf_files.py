@@ -93,3 +93,31 @@ def model_card(cfg: Config, summary: dict[str, Any], tok: Tokenizer | None) -> s
               json.dumps({"model": json.loads(json.dumps(m.__dict__, default=str))}, indent=1),
               "```", ""]
     return "\n".join(lines)
+
+
+def _span(start: int, count: int) -> str:
+    return "none" if count == 0 else f"{start}–{start + count - 1}"
+
+
+def fixed_depth_card(cfg: Config, tok: Tokenizer | None) -> str:
+    """``README.md`` of a fixed-depth Llama export (`rdlm convert rdlm-to-llama`): the layers it
+    is made of, and how to load it."""
+    m = cfg.model
+    layers = m.n_prelude + m.n_core + m.n_coda
+    lines = ["---", "library_name: transformers", "tags: [llama, rdlm]", "---", "",
+             "# Llama-architecture model exported by rdlm", "",
+             f"A fixed-depth `LlamaForCausalLM` of {layers} layers: rdlm's prelude (layers "
+             f"{_span(0, m.n_prelude)}), recurrent core ({_span(m.n_prelude, m.n_core)}) and "
+             f"coda ({_span(m.n_prelude + m.n_core, m.n_coda)}) written consecutively. Its "
+             "core adapter was still [0; I], so this network is what the rdlm model computes at "
+             "every number of recurrence steps.", "", "| | |", "|---|---|",
+             f"| layers | {layers} |",
+             f"| width / heads / key-value heads / MLP | {m.d_model} / {m.n_heads} / "
+             f"{m.kv_heads} / {m.mlp_dim} |",
+             f"| vocabulary | {m.vocab_size} |", f"| context | {m.max_seq_len} |",
+             f"| tokenizer | {tok.name.rsplit('/', 1)[-1] if tok else cfg.data.tokenizer} |", "",
+             "## Use", "", "```python",
+             "from transformers import AutoModelForCausalLM, AutoTokenizer",
+             "model = AutoModelForCausalLM.from_pretrained(PATH)",
+             "tokenizer = AutoTokenizer.from_pretrained(PATH)", "```", ""]
+    return "\n".join(lines)
