@@ -63,14 +63,75 @@ LOCAL_DOCS = {
 
 def write_local_tasks(folder: Path) -> list[str]:
     """The local tasks' YAML files and JSON-lines data in ``folder``; returns their names."""
+    _write_tasks(folder, LOCAL_DOCS)
+    return list(LOCAL_DOCS)
+
+
+def write_text_tasks(folder: Path, data: Path, count: int = 200) -> list[str]:
+    """Three offline tasks on the held-out documents of a prepared data folder (what
+    `rdlm prepare --test-fraction` wrote: ``test-*.npy`` and ``tokenizer.json``), text the model
+    never trained on:
+
+    - ``text_cloze`` (multiple choice): the first words of a held-out line, and its next two
+      words among three distractors, each the two words after another line's context;
+    - ``text_next_words`` (generation, exact match): the same contexts, the next two words
+      generated greedily up to the end of the line;
+    - ``text_rolling``: word perplexity of held-out paragraphs.
+    """
+    import random
+
+    import numpy as np
+
+    from rdlm.data.tokenizer import load_tokenizer
+    tok = load_tokenizer(data / "tokenizer.json")
+    stream = np.concatenate([np.load(p) for p in sorted(data.glob("test-*.npy"))])
+    text = tok.decode(stream.tolist(), skip_special_tokens=True)
+    items = []
+    for line in text.splitlines():
+        words = line.split()
+        # Lines long enough for a context and two words after it, without pydoc's boilerplate.
+        if len(words) >= 8 and "automatically" not in line and "|" not in line:
+            cut = len(words) - 2 if len(words) < 12 else 6
+            items.append((" ".join(words[:cut]), " " + " ".join(words[cut:cut + 2])))
+    rng = random.Random(0)
+    rng.shuffle(items)
+    items = list(dict(items).items())[:count]  # one item per distinct context
+    docs_mc = []
+    for i, (context, answer) in enumerate(items):
+        distractors = [items[(i + k * 37) % len(items)][1] for k in (1, 2, 3)]
+        choices = [answer] + [d for d in distractors if d != answer]
+        docs_mc.append({"question": context, "choices": choices, "answer": 0})
+    paragraphs = [p.strip() for p in text.split("\n\n") if 200 <= len(p.strip()) <= 1200]
+    tasks = {
+        "text_cloze": ("multiple_choice", docs_mc,
+                       'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\n'
+                       'doc_to_target: "{{answer}}"\nmetric_list:\n  - metric: acc\n'),
+        "text_next_words": ("generate_until",
+                            [{"question": c, "answer": a} for c, a in items[:count // 2]],
+                            'doc_to_text: "{{question}}"\ndoc_to_target: "{{answer}}"\n'
+                            'generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: 6\n'
+                            '  do_sample: false\nfilter_list:\n  - name: two_words\n'
+                            '    filter:\n      - function: regex\n'
+                            '        regex_pattern: "^(\\\\s*\\\\S+\\\\s+\\\\S+)"\n'
+                            '      - function: take_first\n'
+                            'metric_list:\n  - metric: exact_match\n'),
+        "text_rolling": ("loglikelihood_rolling",
+                         [{"text": p} for p in paragraphs[:40]],
+                         'doc_to_text: ""\ndoc_to_target: "{{text}}"\n'
+                         "metric_list:\n  - metric: word_perplexity\n"),
+    }
+    _write_tasks(folder, tasks)
+    return list(tasks)
+
+
+def _write_tasks(folder: Path, tasks: dict[str, tuple[str, list, str]]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    for name, (output_type, docs, body) in LOCAL_DOCS.items():
-        data = folder / f"{name}.jsonl"
-        data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    for name, (output_type, docs, body) in tasks.items():
+        path = folder / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(d) + "\n" for d in docs))
         (folder / f"{name}.yaml").write_text(
             f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-            f"    test: {data}\ntest_split: test\noutput_type: {output_type}\n{body}")
-    return list(LOCAL_DOCS)
+            f"    test: {path}\ntest_split: test\noutput_type: {output_type}\n{body}")
 
 
 def tiny_checkpoint(folder: Path) -> Path:
@@ -171,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="+", default=[])
     parser.add_argument("--local-tasks", action="store_true",
                         help="write and run three small offline tasks")
+    parser.add_argument("--text-tasks", metavar="DATA_DIR",
+                        help="write and run three offline tasks on the held-out documents of "
+                             "a prepared data folder (test-*.npy, tokenizer.json)")
     parser.add_argument("--include-path", help="folder of extra task YAMLs")
     parser.add_argument("--num-steps", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--exit", help="adaptive exit for a second run per r, e.g. kl:1e-3")
@@ -184,8 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="lm_eval_r_sweep")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
-    if not args.tasks and not args.local_tasks:
-        parser.error("give --tasks NAME ... or --local-tasks")
+    if not args.tasks and not args.local_tasks and not args.text_tasks:
+        parser.error("give --tasks NAME ..., --local-tasks or --text-tasks DATA_DIR")
 
     import rdlm.lm_eval  # noqa: F401  (registers the model; needs the eval extra)
     from lm_eval.tasks import TaskManager
@@ -195,13 +259,21 @@ def main(argv: list[str] | None = None) -> int:
         tasks, include, note = list(args.tasks), args.include_path, None
         if args.local_tasks:
             tasks += write_local_tasks(Path(tmp) / "tasks")
+        if args.text_tasks:
+            tasks += write_text_tasks(Path(tmp) / "tasks", Path(args.text_tasks))
+            note = (f"Tasks written from the held-out documents of `{args.text_tasks}` (text the "
+                    "model never trained on; `write_text_tasks`): text_cloze picks a line's next "
+                    "two words among four (chance 0.25), text_next_words generates them "
+                    "greedily (exact match), text_rolling is the word perplexity of held-out "
+                    "paragraphs. The exit changes only generation.")
+        if args.local_tasks or args.text_tasks:
             include = [p for p in (include, str(Path(tmp) / "tasks")) if p]
         checkpoint = args.checkpoint
         if checkpoint is None:
             checkpoint = str(tiny_checkpoint(Path(tmp)))
             note = ("The model is a random-init `tiny` preset (no training): this run shows the "
                     "sweep's plumbing, its numbers mean nothing.")
-        only_local = args.local_tasks and not args.tasks and not args.include_path
+        only_local = not args.tasks and not args.include_path
         manager = TaskManager(include_path=include, include_defaults=not only_local)
         # One cache slot per step of the largest r is exactly the uncompressed cache at every r,
         # and one generation program then serves them all.
