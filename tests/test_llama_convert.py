@@ -229,3 +229,79 @@ def test_export_refuses_a_model_whose_adapter_reads_the_state(good_dir, tmp_path
     assert main(["convert", "rdlm-to-llama", str(tmp_path / "huginn"), str(tmp_path / "o")]) == 2
     _assert_one_error(capsys, "model.block='huginn'", "rdlm-to-huginn")
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# analyze-layers
+
+
+def reference_influence(model, tokens):
+    """Block influence straight from transformers: its hidden_states are the embeddings and each
+    layer's input; the last layer's output (before the final norm) comes from a hook."""
+    outputs = []
+    hook = model.model.layers[-1].register_forward_hook(
+        lambda mod, inp, out: outputs.append(out[0] if isinstance(out, tuple) else out))
+    with torch.no_grad():
+        states = list(model(torch.tensor([tokens]), output_hidden_states=True).hidden_states)
+    hook.remove()
+    h = [s[0].double().numpy() for s in states[:-1]] + [outputs[0][0].double().numpy()]
+    cos = [np.sum(a * b, -1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+           for a, b in zip(h[:-1], h[1:])]
+    return np.array([1 - c.mean() for c in cos]), h
+
+
+def test_analyze_layers_matches_transformers_hidden_states(tmp_path, capsys):
+    source, model = hf_checkpoint(tmp_path / "hf", seed=4, num_hidden_layers=6)
+    (tmp_path / "text.txt").write_text(" ".join(CORPUS))
+    out = tmp_path / "analysis"
+    assert main(["analyze-layers", str(source), "--text", str(tmp_path / "text.txt"),
+                 "--tokens", "40", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "layers.json").read_text())
+    assert (out / "layers.png").stat().st_size > 0 and (out / "layers.txt").is_file()
+    tok = rdlm.data.load_tokenizer(source)
+    tokens = tok.prompt(" ".join(CORPUS))[:40]
+    assert report["tokens"] == 40 and report["layers"] == 6
+    expected, h = reference_influence(model, tokens)
+    np.testing.assert_allclose(report["block_influence"], expected, atol=1e-5)
+    # d(h_1, h_3): two layers on from layer 1.
+    cos = np.sum(h[1] * h[3], -1) / np.linalg.norm(h[1], axis=-1) / np.linalg.norm(h[3], axis=-1)
+    np.testing.assert_allclose(report["angular_distance"][1][1],
+                               np.mean(np.arccos(np.clip(cos, -1, 1))) / np.pi, atol=1e-5)
+    # The table prints every layer's influence and the split it suggests.
+    for i, value in enumerate(expected):
+        assert f"{i:>5}  {value:>9.4f}" in printed
+    split = report["suggested_split"]
+    assert split["prelude"] >= 1 and split["coda"] >= 1 and sum(
+        split[k] for k in ("prelude", "core", "coda")) == 6
+    assert f"--prelude {split['prelude']} --core {split['core']}" in printed
+
+
+def test_suggested_split_rules():
+    from rdlm.interop.layer_analysis import suggest_split
+
+    influence = [0.9, 0.30, 0.05, 0.04, 0.06, 0.35, 0.04, 0.8]
+    # Inner layers 1..6, median 0.055: the runs at or below it are [2, 3] and [6].
+    assert suggest_split(influence)[0] == (2, 2, 4)
+    assert suggest_split(influence, core=3)[0] == (2, 3, 3)
+    assert suggest_split(influence, core=1)[0] == (3, 1, 4)
+    assert suggest_split([0.5, 0.2])[0] == (0, 2, 0)
+    with pytest.raises(rdlm.ConfigError, match="core=7 is invalid"):
+        suggest_split(influence, core=7)
+
+
+def test_analyze_layers_refuses_a_trained_adapter(good_dir, tmp_path, capsys):
+    cfg, params = load_llama(good_dir, prelude=1, core=2)
+    (tmp_path / "text.txt").write_text("the core block")
+    checkpoint.save_params(tmp_path / "converted", rdlm.Config(model=cfg), params)
+    shutil.copyfile(good_dir / "tokenizer.json", tmp_path / "converted" / "tokenizer.json")
+    assert main(["analyze-layers", str(tmp_path / "converted"), "--text",
+                 str(tmp_path / "text.txt"), "--out", str(tmp_path / "a")]) == 0
+    assert (tmp_path / "a" / "layers.json").is_file()
+    params["core"]["adapter"] = params["core"]["adapter"].at[3, 3].set(0.1)
+    checkpoint.save_params(tmp_path / "trained", rdlm.Config(model=cfg), params)
+    capsys.readouterr()
+    assert main(["analyze-layers", str(tmp_path / "trained"), "--text",
+                 str(tmp_path / "text.txt"), "--out", str(tmp_path / "b")]) == 2
+    _assert_one_error(capsys, "not a fixed-depth network", "no longer [0; I]")
+    assert not (tmp_path / "b").exists()
