@@ -84,6 +84,13 @@ def test_fixed_curriculum_on_a_frozen_llama_compiles_once_and_logs_the_mean(tmp_
     assert {k for k in before if k.startswith("['core']")} == moved
     moments = optax.tree_utils.tree_get(result.state.opt_state, "mu")
     assert len(jax.tree.leaves(moments)) == len(moved)
+    # A run started from these params with other maths of the same shapes is told so.
+    messages: list[str] = []
+    train(tiny_cfg(*LLAMA, f"train.run_dir={tmp_path / 'next'}", f"train.init_from={tmp_path}",
+                   "model.rope_base=10000"), data_iterator=StepBatches(8, 64), stop_after=0,
+          printer=messages.append)
+    assert "training with model.rope_base=10000.0; train.init_from's params were made with " \
+        "50000.0" in messages
 
 
 def test_a_frozen_curriculum_run_stopped_and_resumed_is_bitwise_the_uninterrupted_one(tmp_path):

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from rdlm.config import Config, ConfigError
+from rdlm.config import Config, ConfigError, ModelConfig
 from rdlm.model import abstract_params, init_params
 from rdlm.runtime import checkpoint as ckpt_lib
 from rdlm.runtime import sharding as shard_lib
@@ -109,6 +109,12 @@ def resume_step(cfg: Config, checkpointer: ckpt_lib.TrainCheckpointer,
     return wanted if wanted in saved else None
 
 
+def model_changes(old: ModelConfig, new: ModelConfig) -> dict[str, tuple[Any, Any]]:
+    """{field: (old value, new value)} of the model fields that differ."""
+    return {f.name: (getattr(old, f.name), getattr(new, f.name))
+            for f in dataclasses.fields(new) if getattr(old, f.name) != getattr(new, f.name)}
+
+
 def restore_or_init(cfg: Config, tx: optax.GradientTransformation, shardings: TrainState,
                      checkpointer: ckpt_lib.TrainCheckpointer, data_iterator: Any,
                      log: Callable[[str], None]) -> TrainState:
@@ -118,9 +124,7 @@ def restore_or_init(cfg: Config, tx: optax.GradientTransformation, shardings: Tr
     latest = resume_step(cfg, checkpointer, log)
     if latest is not None:
         saved_cfg = ckpt_lib.load_config(checkpointer.directory / str(latest))
-        changed = {f.name: (getattr(saved_cfg.model, f.name), getattr(cfg.model, f.name))
-                   for f in dataclasses.fields(cfg.model)
-                   if getattr(saved_cfg.model, f.name) != getattr(cfg.model, f.name)}
+        changed = model_changes(saved_cfg.model, cfg.model)
         fixed = [name for name in changed if name not in RESUMABLE_MODEL_FIELDS]
         if fixed:
             diff = ", ".join(f"model.{n} {changed[n][0]!r} → {changed[n][1]!r}" for n in fixed)
@@ -155,4 +159,9 @@ def restore_or_init(cfg: Config, tx: optax.GradientTransformation, shardings: Tr
                               f"another shape ({init_cfg.model}); make the model config match.")
         _, params = ckpt_lib.load_params(cfg.train.init_from, shardings=shardings.params)
         log(f"initialised params from {cfg.train.init_from}")
+        # Same shapes, other maths (RoPE, the norm's epsilon, ...) may be meant (a longer
+        # context) or a slip (a retrofit config that does not match its conversion): say so.
+        for name, (old, new) in model_changes(init_cfg.model, cfg.model).items():
+            log(f"training with model.{name}={new!r}; train.init_from's params were made with "
+                f"{old!r}")
     return init_state(cfg, tx, shardings, params)
