@@ -305,3 +305,34 @@ def test_analyze_layers_refuses_a_trained_adapter(good_dir, tmp_path, capsys):
                  str(tmp_path / "text.txt"), "--out", str(tmp_path / "b")]) == 2
     _assert_one_error(capsys, "not a fixed-depth network", "no longer [0; I]")
     assert not (tmp_path / "b").exists()
+
+
+def test_transformers4_config_spelling_and_defaults():
+    from rdlm.interop import config_from_llama
+
+    # The keys of a Llama-3.1-style config.json as transformers 4 wrote them.
+    hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128,
+          "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 6,
+          "num_attention_heads": 8, "num_key_value_heads": 2, "rope_theta": 500000.0,
+          "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                           "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+          "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
+          "pretraining_tp": 1, "torch_dtype": "bfloat16"}
+    cfg = config_from_llama(hf, prelude=2, core=3, dtype="bfloat16")
+    assert (cfg.rope_base, cfg.rope_scaling, cfg.rope_scaling_factor,
+            cfg.rope_original_max_len) == (500000.0, "llama3", 8.0, 8192)
+    assert (cfg.n_prelude, cfg.n_core, cfg.n_coda, cfg.kv_heads) == (2, 3, 1, 2)
+    assert cfg.tie_embeddings and not cfg.attn_bias and cfg.adapter_init == "embedding"
+    linear = config_from_llama({**hf, "rope_scaling": {"type": "linear", "factor": 2.0}},
+                               prelude=0, core=6)
+    assert (linear.rope_scaling, linear.rope_scaling_factor, linear.n_coda) == ("linear", 2.0, 0)
+    with pytest.raises(rdlm.ConfigError, match="'dynamic' is not supported"):
+        config_from_llama({**hf, "rope_scaling": {"type": "dynamic", "factor": 2.0}},
+                          prelude=0, core=6)
+
+
+def test_bfloat16_parameters(good_dir):
+    cfg, params = load_llama(good_dir, prelude=1, core=2, dtype="bfloat16",
+                             compute_dtype="bfloat16")
+    assert cfg.dtype == "bfloat16"
+    assert {str(x.dtype) for x in jax.tree.leaves(params)} == {"bfloat16"}
