@@ -87,6 +87,16 @@ def stop_frozen(params: Any, freeze: tuple[str, ...]) -> Any:
                         params, freeze_labels(params, freeze))
 
 
+def apply_updates(params: Any, updates: Any, freeze: tuple[str, ...]) -> Any:
+    """`optax.apply_updates`, with the frozen parts' arrays passed through as they were: their
+    update is zero, but p + 0 would still turn a -0.0 into +0.0."""
+    new = optax.apply_updates(params, updates)
+    if not freeze:
+        return new
+    return jax.tree.map(lambda n, p, label: p if label == "frozen" else n, new, params,
+                        freeze_labels(params, freeze))
+
+
 class ScaleByAdamAtan2State(NamedTuple):
     count: jax.Array
     mu: Any

@@ -27,7 +27,7 @@ from rdlm.config import Config, ConfigError, DataConfig, MeshConfig, SampleConfi
 from rdlm.model import lm_loss
 from rdlm.model.recurrence import sample_depth
 from rdlm.runtime import sharding as shard_lib
-from rdlm.train.optim import make_optimizer, make_schedule, stop_frozen
+from rdlm.train.optim import apply_updates, make_optimizer, make_schedule, stop_frozen
 from rdlm.train.state import TrainState, state_shardings
 
 Batch = dict[str, jax.Array]
@@ -234,7 +234,7 @@ def train_step(state: TrainState, batch: Batch, cfg: Config, tx: optax.GradientT
                                     noise_key)
     grad_norm = optax.global_norm(grads)
     updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
+    new_params = apply_updates(state.params, updates, cfg.train.freeze)
 
     # NaN guard, on device: a bad update leaves params and optimizer state untouched.
     proposed_param_norm = optax.global_norm(new_params)
