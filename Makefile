@@ -29,7 +29,7 @@ test: $(STAMP)
 # recurrent run trains once into runs/experiments/ and is reused; reports go to
 # experiments/results/<name>.{md,json,png}.
 EXPERIMENTS := e0_language_modelling e1_test_time_scaling e2_fixed_depth_baselines e3_easy_to_hard e4_adaptive_exit \
-	e5_cache_sharing e6_continuous_cot e7_latent_trajectories coconut_prosqa
+	e5_cache_sharing e6_continuous_cot e7_latent_trajectories e8_retrofit coconut_prosqa
 experiments: $(STAMP)
 	cd experiments && for e in $(EXPERIMENTS); do JAX_PLATFORMS=cpu ../$(PY) $$e.py || exit 1; done
 

@@ -12,7 +12,8 @@ import pytest
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 SCRIPTS = ["e1_test_time_scaling", "e2_fixed_depth_baselines", "e3_easy_to_hard",
-           "e4_adaptive_exit", "e5_cache_sharing", "e6_continuous_cot", "e7_latent_trajectories"]
+           "e4_adaptive_exit", "e5_cache_sharing", "e6_continuous_cot", "e7_latent_trajectories",
+           "e8_retrofit"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
