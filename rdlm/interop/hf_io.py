@@ -10,16 +10,32 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
 from rdlm.config import ModelConfig
+from rdlm.errors import ConfigError
 from rdlm.interop.safetensors_io import (INDEX_FILE, SINGLE_FILE, OutTensor, plan_shards,
                                          write_safetensors)
 from rdlm.runtime import sharding as rdlm_sharding
+
+
+class FormatError(ConfigError):
+    """A checkpoint or config does not match what a layout can hold; the message lists every
+    problem (``problems``), found before anything was read or written."""
+
+    def __init__(self, where: str, problems: Sequence[str]):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{where}: {len(self.problems)} problem(s):\n{lines}")
+
+
+def is_int(value: Any) -> bool:
+    """An int in a config.json, not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def place(array: np.ndarray, sharding: jax.sharding.Sharding | None) -> jax.Array:
@@ -94,3 +110,36 @@ def write_shards(directory: Path | None, tensors: list[OutTensor], max_bytes: in
         index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)},
                  "weight_map": {t.name: n for s, n in zip(shards, names) for t in s}}
         (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def write_hf_dir(final: Path, tensors: list[OutTensor], max_bytes: int,
+                 config: Callable[[], dict[str, Any]],
+                 extra_files: Mapping[str, Path], extra_texts: Mapping[str, str] | None,
+                 overwrite: bool, config_file: str = "config.json") -> Path:
+    """A Hugging Face directory at ``final``: the tensors' shards, ``config()`` as config.json,
+    ``extra_files`` copied and ``extra_texts`` written beside them.
+
+    Assembled under a temporary name beside ``final`` and renamed into place, so an interrupted
+    save leaves no partial checkpoint. In a multi-process run every process calls this (the
+    tensors are gathered collectively) and process 0 writes.
+    """
+    writer = jax.process_index() == 0
+    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        if writer:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir()
+        write_shards(tmp if writer else None, tensors, max_bytes)
+        if writer:
+            (tmp / config_file).write_text(json.dumps(config(), indent=2) + "\n")
+            for name, source in extra_files.items():
+                shutil.copyfile(source, tmp / name)
+            for name, text in (extra_texts or {}).items():
+                (tmp / name).write_text(text)
+            commit_dir(tmp, final, overwrite)
+    finally:
+        if writer and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"write_hf_dir:{final}")
+    return final

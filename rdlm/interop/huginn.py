@@ -17,20 +17,16 @@ params leaves and tensors), `safetensors_io` (the files); this module loads and 
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
 from rdlm.config import DTYPES, ModelConfig
-from rdlm.interop.hf_io import (commit_dir, existing_files, place, resolve_shardings, to_host,
-                                write_shards)
+from rdlm.interop.hf_io import (existing_files, place, resolve_shardings, to_host,
+                                write_hf_dir)
 from rdlm.interop.huginn_config import (ARCHITECTURE, CODE_FILES, CODE_REPO, CONFIG_FILE,
                                         MODEL_TYPE, HuginnFormatError, config_from_huginn,
                                         huginn_config, parse_config)
@@ -228,25 +224,5 @@ def save_huginn(cfg: ModelConfig, params: Any, path: str | os.PathLike, *,
     leaves = _check_params(cfg, entries, treedef, params)
     tensors = _out_tensors(cfg, entries, leaves, ST_DTYPES[TORCH_DTYPE_NAMES[dtype]],
                            include_lm_head, include_freqs_cis)
-    extra = existing_files(extra_files)
-    writer = jax.process_index() == 0
-    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        if writer:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            tmp.mkdir()
-        write_shards(tmp if writer else None, tensors, max_bytes)
-        if writer:
-            config = huginn_config(cfg, torch_dtype=dtype, code_repo=code_repo)
-            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-            for name, source in extra.items():
-                shutil.copyfile(source, tmp / name)
-            for name, text in (extra_texts or {}).items():
-                (tmp / name).write_text(text)
-            commit_dir(tmp, final, overwrite)
-    finally:
-        if writer and tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(f"save_huginn:{final}")
-    return final
+    return write_hf_dir(final, tensors, max_bytes, lambda: huginn_config(cfg, torch_dtype=dtype, code_repo=code_repo),
+                        existing_files(extra_files), extra_texts, overwrite, CONFIG_FILE)

@@ -5,9 +5,10 @@ original PyTorch code."""
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 from rdlm.config import ConfigError, ModelConfig
+from rdlm.interop.hf_io import FormatError, is_int
 
 ARCHITECTURE = "RavenForCausalLM"
 MODEL_TYPE = "huginn_raven"
@@ -40,17 +41,8 @@ _REQUIRED = ("n_embd", "n_heads", "intermediate_size", "vocab_size", "n_layers_i
              "n_layers_in_recurrent_block", "n_layers_in_coda")
 
 
-class HuginnFormatError(ConfigError):
+class HuginnFormatError(FormatError):
     """A checkpoint or config does not match the Huginn-0125 format; the message lists every problem."""
-
-    def __init__(self, where: str, problems: Sequence[str]):
-        self.problems = list(problems)
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"{where}: {len(self.problems)} problem(s):\n{lines}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def config_from_huginn(hf: Mapping[str, Any], *, dtype: str = "float32") -> ModelConfig:
@@ -89,9 +81,9 @@ def parse_config(hf: Mapping[str, Any], dtype: str) -> tuple[ModelConfig | None,
     for key in _REQUIRED:
         if key not in hf:
             problems.append(f"config.json lacks {key!r}.")
-        elif not _is_int(hf[key]):
+        elif not is_int(hf[key]):
             problems.append(f"{key}={hf[key]!r} must be an integer.")
-    if any(key not in hf or not _is_int(hf[key]) for key in _REQUIRED):
+    if any(key not in hf or not is_int(hf[key]) for key in _REQUIRED):
         return None, problems
 
     d, heads = hf["n_embd"], hf["n_heads"]
@@ -110,7 +102,7 @@ def parse_config(hf: Mapping[str, Any], dtype: str) -> tuple[ModelConfig | None,
     expect("num_hidden_layers", n_layers, "prelude + recurrent + coda layers")
     vocab = hf["vocab_size"]
     padded = hf.get("padded_vocab_size", vocab)
-    if not _is_int(padded) or padded < vocab:
+    if not is_int(padded) or padded < vocab:
         problems.append(f"padded_vocab_size={padded!r} must be an integer >= vocab_size={vocab}.")
         padded = vocab
     init_values = hf.get("init_values")

@@ -18,20 +18,16 @@ refused and says so.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
 from rdlm.config import DTYPES, ModelConfig
-from rdlm.interop.hf_io import (commit_dir, existing_files, place, resolve_shardings, to_host,
-                                write_shards)
+from rdlm.interop.hf_io import (existing_files, place, resolve_shardings, to_host,
+                                write_hf_dir)
 from rdlm.interop.llama_config import (CONFIG_FILE, LlamaFormatError, config_from_llama,
                                        llama_config, parse_config)
 from rdlm.interop.llama_layout import (ADAPTER, DERIVED_SUFFIX, LM_HEAD, WTE, Entry,
@@ -289,25 +285,5 @@ def save_llama(cfg: ModelConfig, params: Any, path: str | os.PathLike, *,
     tensors = _out_tensors([e for e in entries if e.names],
                            [leaf for e, leaf in zip(entries, leaves) if e.names],
                            ST_DTYPES[TORCH_DTYPE_NAMES[dtype]])
-    extra = existing_files(extra_files)
-    writer = jax.process_index() == 0
-    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        if writer:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            tmp.mkdir()
-        write_shards(tmp if writer else None, tensors, max_bytes)
-        if writer:
-            config = llama_config(cfg, torch_dtype=dtype, token_ids=token_ids)
-            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-            for name, source in extra.items():
-                shutil.copyfile(source, tmp / name)
-            for name, text in (extra_texts or {}).items():
-                (tmp / name).write_text(text)
-            commit_dir(tmp, final, overwrite)
-    finally:
-        if writer and tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(f"save_llama:{final}")
-    return final
+    return write_hf_dir(final, tensors, max_bytes, lambda: llama_config(cfg, torch_dtype=dtype, token_ids=token_ids),
+                        existing_files(extra_files), extra_texts, overwrite, CONFIG_FILE)

@@ -10,9 +10,10 @@ Both spellings of RoPE settings are read: ``rope_theta`` + ``rope_scaling`` (tra
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 from rdlm.config import ConfigError, ModelConfig
+from rdlm.interop.hf_io import FormatError, is_int
 
 CONFIG_FILE = "config.json"
 ARCHITECTURE = "LlamaForCausalLM"
@@ -39,18 +40,9 @@ _DEFAULTS: dict[str, Any] = {"max_position_embeddings": 2048, "rms_norm_eps": 1e
                              "rope_theta": 10_000.0}
 
 
-class LlamaFormatError(ConfigError):
+class LlamaFormatError(FormatError):
     """A checkpoint or config does not match what the llama block can hold; the message lists
     every problem."""
-
-    def __init__(self, where: str, problems: Sequence[str]):
-        self.problems = list(problems)
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"{where}: {len(self.problems)} problem(s):\n{lines}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:
@@ -75,7 +67,7 @@ def _check_architecture(hf: Mapping[str, Any], problems: list[str]) -> None:
         problems.append(f"model_type={model_type!r} is not supported: only "
                         f"{sorted(set(ARCHITECTURES.values()))} can be converted.")
     window = hf.get("sliding_window")
-    if window is not None and not (_is_int(window) and _is_int(hf.get("max_position_embeddings"))
+    if window is not None and not (is_int(window) and is_int(hf.get("max_position_embeddings"))
                                    and window >= hf["max_position_embeddings"]):
         problems.append(f"sliding_window={window!r} is not supported: rdlm's llama block attends "
                         "to the whole context (a checkpoint without a sliding window, or with one "
@@ -127,10 +119,10 @@ def rope_settings(hf: Mapping[str, Any], problems: list[str]) -> dict[str, Any]:
 def check_split(n_layers: int, prelude: Any, core: Any) -> list[str]:
     """Problems with putting ``prelude`` layers before a core of ``core`` layers, the rest after."""
     problems = []
-    if not _is_int(prelude) or prelude < 0:
+    if not is_int(prelude) or prelude < 0:
         problems.append(f"prelude={prelude!r} must be an integer >= 0 (the layers before the "
                         "recurrent core).")
-    if not _is_int(core) or core < 1:
+    if not is_int(core) or core < 1:
         problems.append(f"core={core!r} must be an integer >= 1 (the layers iterated r times).")
     if not problems and prelude + core > n_layers:
         problems.append(f"prelude {prelude} + core {core} = {prelude + core} layers, but the "
@@ -153,13 +145,13 @@ def parse_config(hf: Mapping[str, Any], prelude: Any, core: Any, dtype: str = "f
     for key in _REQUIRED:
         if key not in hf:
             problems.append(f"config.json lacks {key!r}.")
-        elif not _is_int(hf[key]) or hf[key] < 1:
+        elif not is_int(hf[key]) or hf[key] < 1:
             problems.append(f"{key}={hf[key]!r} must be a positive integer.")
-    if any(key not in hf or not _is_int(hf[key]) or hf[key] < 1 for key in _REQUIRED):
+    if any(key not in hf or not is_int(hf[key]) or hf[key] < 1 for key in _REQUIRED):
         return None, problems
     d, heads = hf["hidden_size"], hf["num_attention_heads"]
     kv_heads = hf.get("num_key_value_heads") or heads
-    kv_ok = _is_int(kv_heads) and heads % kv_heads == 0
+    kv_ok = is_int(kv_heads) and heads % kv_heads == 0
     if not kv_ok:
         problems.append(f"num_key_value_heads={kv_heads!r} must divide num_attention_heads="
                         f"{heads}.")
