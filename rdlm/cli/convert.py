@@ -47,24 +47,13 @@ def _parser() -> argparse.ArgumentParser:
                                          "write an rdlm params checkpoint (rdlm.runtime.checkpoint).")
     to_rdlm.add_argument("input", help="directory with config.json and model*.safetensors")
     to_rdlm.add_argument("output", help="new checkpoint directory (must not exist)")
-    to_rdlm.add_argument("--compute-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                         help="model.dtype of the checkpoint's config; auto: bfloat16 when "
-                              "config.json's torch_dtype is bfloat16, else float32")
-    to_rdlm.add_argument("--param-dtype", choices=("float32", "bfloat16"), default="float32",
-                         help="dtype of the stored parameters (default float32)")
+    _to_rdlm_args(to_rdlm)
 
     to_hf = sub.add_parser("rdlm-to-huginn", help="orbax checkpoint -> Hugging Face directory",
                            description="Read an rdlm checkpoint (params-only, training step or "
                                        "run directory) and write config.json + safetensors that "
                                        "the original PyTorch code loads.")
-    to_hf.add_argument("input", help="rdlm checkpoint or run directory")
-    to_hf.add_argument("output", help="new Hugging Face directory (must not exist)")
-    to_hf.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                       help="dtype of the written tensors (the release uses bfloat16)")
-    to_hf.add_argument("--max-shard-size", default="5GB",
-                       help="split into model-0000k-of-0000n.safetensors above this (default 5GB)")
-    to_hf.add_argument("--tokenizer", metavar="PATH",
-                       help="tokenizer.json, or a directory whose tokenizer files are copied along")
+    _to_hf_args(to_hf, "the release uses bfloat16", "")
     to_hf.add_argument("--include-lm-head", action="store_true",
                        help="also write the tied head as lm_head.weight (a second copy)")
     to_hf.add_argument("--code-from", metavar="DIR",
@@ -76,6 +65,29 @@ def _parser() -> argparse.ArgumentParser:
     to_hf.add_argument("--overwrite", action="store_true", help="replace an existing output")
     _llama_parsers(sub)
     return parser
+
+
+def _to_rdlm_args(parser: argparse.ArgumentParser) -> None:
+    """The dtype options of a Hugging Face -> rdlm conversion."""
+    parser.add_argument("--compute-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="model.dtype of the checkpoint's config; auto: bfloat16 when "
+                             "config.json's torch_dtype/dtype is bfloat16, else float32")
+    parser.add_argument("--param-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="dtype of the stored parameters (default float32)")
+
+
+def _to_hf_args(parser: argparse.ArgumentParser, dtype_note: str, tokenizer_note: str) -> None:
+    """Input, output, dtype, shards and tokenizer of an rdlm -> Hugging Face export."""
+    parser.add_argument("input", help="rdlm checkpoint or run directory")
+    parser.add_argument("output", help="new Hugging Face directory (must not exist)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help=f"dtype of the written tensors ({dtype_note})")
+    parser.add_argument("--max-shard-size", default="5GB",
+                        help="split into model-0000k-of-0000n.safetensors above this "
+                             "(default 5GB)")
+    parser.add_argument("--tokenizer", metavar="PATH",
+                        help="tokenizer.json, or a directory whose tokenizer files are copied "
+                             f"along{tokenizer_note}")
 
 
 def _llama_parsers(sub: argparse._SubParsersAction) -> None:
@@ -91,26 +103,14 @@ def _llama_parsers(sub: argparse._SubParsersAction) -> None:
                          help="layers before the recurrent core")
     to_rdlm.add_argument("--core", type=int, required=True, metavar="M",
                          help="layers of the recurrent core (iterated r times)")
-    to_rdlm.add_argument("--compute-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                         help="model.dtype of the checkpoint's config; auto: bfloat16 when "
-                              "config.json's torch_dtype/dtype is bfloat16, else float32")
-    to_rdlm.add_argument("--param-dtype", choices=("float32", "bfloat16"), default="float32",
-                         help="dtype of the stored parameters (default float32)")
+    _to_rdlm_args(to_rdlm)
 
     to_hf = sub.add_parser(
         "rdlm-to-llama", help="llama-block checkpoint with a [0; I] adapter -> LlamaForCausalLM",
         description="Write prelude, core and coda as the consecutive layers of one fixed-depth "
                     "LlamaForCausalLM. Only a model whose adapter is still [0; I] is such a "
                     "network (it then computes the same at every r); others are refused.")
-    to_hf.add_argument("input", help="rdlm checkpoint or run directory")
-    to_hf.add_argument("output", help="new Hugging Face directory (must not exist)")
-    to_hf.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                       help="dtype of the written tensors (float32: exact)")
-    to_hf.add_argument("--max-shard-size", default="5GB",
-                       help="split into model-0000k-of-0000n.safetensors above this (default 5GB)")
-    to_hf.add_argument("--tokenizer", metavar="PATH",
-                       help="tokenizer.json, or a directory whose tokenizer files are copied "
-                            "along (default: the files kept with the checkpoint)")
+    _to_hf_args(to_hf, "float32: exact", " (default: the files kept with the checkpoint)")
     to_hf.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
 
