@@ -19,3 +19,9 @@ class TrainingDiverged(RuntimeError):
 class RunDirLocked(ConfigError):
     """``train.run_dir`` is held by another training. A `ConfigError` because the fix is a
     setting (another run_dir) or stopping the holder: callers report it like a bad config."""
+
+
+class StorageError(ConfigError):
+    """An object store (``gs://``, ``s3://``) cannot be reached, has no such bucket, or refuses
+    the credentials at hand. A `ConfigError` because the fix is a setting: the URL, the
+    endpoint, or the credentials, which the message names."""

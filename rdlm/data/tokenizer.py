@@ -31,6 +31,7 @@ import tokenizers
 
 from rdlm.errors import ConfigError
 from rdlm.runtime.rundir import find_in_run
+from rdlm.runtime.storage import StoragePath, as_path, is_remote
 
 # Role -> spellings, most specific first; the first one a vocabulary holds gives the role's id.
 SPECIAL_TOKENS: dict[str, tuple[str, ...]] = {
@@ -266,7 +267,8 @@ class HFTokenizer(Tokenizer):
     def __init__(self, path: str | os.PathLike):
         file = tokenizer_file(path)
         try:
-            self._tok = tokenizers.Tokenizer.from_file(str(file))
+            # read as text: the file may be in a bucket, which `from_file` cannot open
+            self._tok = tokenizers.Tokenizer.from_str(file.read_text())
         except Exception as err:  # the tokenizers library raises a plain Exception for bad files
             raise ConfigError(f"{str(file)!r} is not a valid tokenizer.json ({err}); give the "
                               "tokenizer.json the `tokenizers` library saved.") from err
@@ -284,9 +286,10 @@ class HFTokenizer(Tokenizer):
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
 
-def tokenizer_file(path: str | os.PathLike) -> Path:
-    """The ``tokenizer.json`` meant by ``path``: the file itself or the one in a directory."""
-    path = Path(path)
+def tokenizer_file(path: str | os.PathLike) -> StoragePath:
+    """The ``tokenizer.json`` meant by ``path``: the file itself or the one in a directory (on
+    disk or in a bucket)."""
+    path = as_path(path) if is_remote(path) else Path(path)
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"no tokenizer.json at {str(file)!r}: give the file, a directory "

@@ -29,10 +29,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import shutil
 import sys
 import warnings
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import jax
@@ -42,7 +40,8 @@ from etils import epath
 
 from rdlm.config import Config, from_dict, to_dict
 from rdlm.errors import CheckpointError, ConfigError
-from rdlm.runtime import integrity
+from rdlm.runtime import integrity, storage
+from rdlm.runtime.storage import StoragePath, as_path
 from rdlm.runtime.steps import (  # noqa: F401 (the locating half of the API, re-exported)
     CHECKPOINTS_DIRNAME, PARAMS, CONFIG, OPT_STATE, TRAIN_META, DATA_ITER, STEP_NAMES,
     DAMAGED_DIRNAME, Report, say_on_stderr, damage, is_complete, carries_checksums, resolve,
@@ -77,30 +76,31 @@ def config_from_json(data: dict[str, Any]) -> Config:
     return from_dict(Config, cleaned)
 
 
-def _seal(final: Path) -> None:
+def _seal(final: StoragePath) -> None:
     """Write the checksum manifest of the save of ``final`` that orbax is finalising. orbax calls
     this on process 0 once every process has written its files, and before it renames the
     temporary directory into place, so the manifest goes into the temporary and is committed
     with the rest; should a later orbax call it after the rename, it goes into ``final``."""
-    temporaries = [Path(t.get())
+    temporaries = [as_path(t.get())
                    for t in ocp.path.step.all_temporary_paths(epath.Path(final.parent))
-                   if Path(t.get_final()) == final]
-    target = max(temporaries, key=lambda p: p.stat().st_mtime_ns) if temporaries else final
+                   if as_path(t.get_final()) == final]
+    target = max(temporaries, key=storage.modified_ns) if temporaries else final
     if not target.is_dir():
         raise CheckpointError(f"cannot write the checksums of checkpoint {str(final)!r}: neither "
                               "it nor its orbax temporary directory exists.")
     integrity.write_manifest(target)
 
 
-def _sealing_options(final: Callable[[], Path]) -> ocp.AsyncOptions:
+def _sealing_options(final: Callable[[], StoragePath]) -> ocp.AsyncOptions:
     """orbax options that seal each save (``final()`` names the checkpoint being saved)."""
     return ocp.AsyncOptions(post_finalization_callback=lambda: _seal(final()))
 
 
-def save_params(path: str | Path, cfg: Config, params: Any) -> None:
+def save_params(path: str | StoragePath, cfg: Config, params: Any) -> None:
     """Write a params-only checkpoint (params + config + checksums) atomically; refuses to
-    overwrite."""
-    path = Path(path).expanduser().absolute()
+    overwrite. ``path`` may be a bucket URL."""
+    storage.check_access(str(path), "the checkpoint path")
+    path = as_path(path)
     if path.exists():
         raise CheckpointError(f"{str(path)!r} already exists; choose a new path or delete it first.")
     # Asynchronous only to get orbax's finalisation hook (`_seal`); the save is waited for.
@@ -115,7 +115,7 @@ def save_params(path: str | Path, cfg: Config, params: Any) -> None:
         checkpointer.close()
 
 
-def load_config(path: str | Path) -> Config:
+def load_config(path: str | StoragePath) -> Config:
     """The `Config` saved with a checkpoint (any of the paths `resolve` accepts)."""
     ckpt = resolve(path)
     # Read as a file, not restored: an orbax restore is a barrier across processes, and any one
@@ -176,7 +176,7 @@ def _quiet_closed_event_loops() -> Iterator[None]:
     sys.unraisablehook = previous
 
 
-def _restore_item(ckpt: Path, name: str, abstract_tree: Any) -> Any:
+def _restore_item(ckpt: StoragePath, name: str, abstract_tree: Any) -> Any:
     checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
     try:
         with _quiet_closed_event_loops():
@@ -190,7 +190,7 @@ def _restore_item(ckpt: Path, name: str, abstract_tree: Any) -> Any:
     return restored[name]
 
 
-def load_params(path: str | Path, *, shardings: Any | None = None, report: Report | None = None
+def load_params(path: str | StoragePath, *, shardings: Any | None = None, report: Report | None = None
                 ) -> tuple[Config, Any]:
     """(config, params) from a params-only checkpoint, a training checkpoint, or a run directory
     (its newest intact step). ``shardings``: a pytree of `jax.sharding.Sharding` mirroring the
@@ -213,7 +213,8 @@ def load_params(path: str | Path, *, shardings: Any | None = None, report: Repor
 # Training checkpoints.
 
 
-def _data_state_file(item_dir: Path, process_index: int, process_count: int) -> Path:
+def _data_state_file(item_dir: StoragePath, process_index: int, process_count: int
+                     ) -> StoragePath:
     # grain's own orbax handler's file name and content, so grain can restore a same-size run.
     return item_dir / f"process_{process_index}-of-{process_count}.json"
 
@@ -241,11 +242,12 @@ class DataStateHandler(ocp.CheckpointHandler):
     """
 
     def save(self, directory: epath.Path, args: "DataStateSave") -> None:
-        path = _data_state_file(Path(directory), jax.process_index(), jax.process_count())
+        path = _data_state_file(as_path(directory), jax.process_index(), jax.process_count())
         path.write_text(json.dumps(_encode_state(args.state)))
 
     def restore(self, directory: epath.Path, args: Any = None) -> Any:
-        return read_data_state(Path(directory).parent, jax.process_index(), jax.process_count())
+        return read_data_state(as_path(directory).parent, jax.process_index(),
+                               jax.process_count())
 
 
 @ocp.args.register_with_handler(DataStateHandler, for_save=True)
@@ -262,7 +264,7 @@ class DataStateRestore(ocp.args.CheckpointArgs):
     pass
 
 
-def read_data_state(ckpt: Path, process_index: int, process_count: int) -> Any | None:
+def read_data_state(ckpt: StoragePath, process_index: int, process_count: int) -> Any | None:
     """This process's saved data-iterator state, or None when the checkpoint has none.
 
     When the checkpoint was written with a different number of processes, a state that every
@@ -285,7 +287,7 @@ def read_data_state(ckpt: Path, process_index: int, process_count: int) -> Any |
         "resume with the original process count, or start a new run with init_from=.")
 
 
-def _aside_path(damaged_dir: Path, step: int) -> Path:
+def _aside_path(damaged_dir: StoragePath, step: int) -> StoragePath:
     """A free name for a damaged step under ``damaged_dir``: ``<step>``, else ``<step>-1``, …"""
     candidate, n = damaged_dir / str(step), 0
     while candidate.exists():
@@ -311,12 +313,12 @@ class TrainCheckpointer:
     place. ``set_aside_damaged`` moves damaged steps out of the way of a resumed run.
     """
 
-    def __init__(self, run_dir: str | Path, *, save_every: int, keep_last: int, keep_every: int,
+    def __init__(self, run_dir: str | StoragePath, *, save_every: int, keep_last: int, keep_every: int,
                  async_save: bool = True):
-        self.directory = Path(run_dir).expanduser().absolute() / CHECKPOINTS_DIRNAME
+        self.directory = as_path(run_dir) / CHECKPOINTS_DIRNAME
         self.save_every = save_every
         self.async_save = async_save
-        self._saving: Path | None = None  # the step directory orbax is writing, for `_seal`
+        self._saving: StoragePath | None = None  # the step directory orbax is writing, for `_seal`
         keep: list[Any] = [ocp.checkpoint_managers.LatestN(n=keep_last)]
         if keep_every:
             keep.append(ocp.checkpoint_managers.EveryNSteps(interval_steps=keep_every))
@@ -352,7 +354,7 @@ class TrainCheckpointer:
             aside = _aside_path(damaged_dir, step)
             if jax.process_index() == 0:
                 aside.parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(path, aside)
+                storage.move_tree(path, aside)
             report(f"skipped step {step}: {reason}; moved it to {aside}")
         _sync_processes("rdlm-resume-moved")
         self.manager.reload()  # orbax forgets the steps it may have listed
@@ -411,12 +413,12 @@ class TrainCheckpointer:
         self.manager.close()
 
 
-def list_checkpoints(run_dir: str | Path) -> Iterable[int]:
+def list_checkpoints(run_dir: str | StoragePath) -> Iterable[int]:
     """Complete steps of a run directory, ascending (for scripts and tests)."""
-    return complete_steps(Path(run_dir).expanduser().absolute() / CHECKPOINTS_DIRNAME)
+    return complete_steps(as_path(run_dir) / CHECKPOINTS_DIRNAME)
 
 
-def finished_step(run_dir: Path) -> int | None:
+def finished_step(run_dir: str | StoragePath) -> int | None:
     """The step of the newest complete checkpoint in ``run_dir``, or None."""
     steps = list(list_checkpoints(run_dir))
     return steps[-1] if steps else None

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Iterable
+
+from rdlm.runtime import storage
+from rdlm.runtime.storage import StoragePath
 
 MANIFEST = "integrity.json"
 ALGORITHM = "sha256"
@@ -27,8 +29,8 @@ CUSTOM_METADATA = {"rdlm_integrity": MANIFEST}
 
 # Digests already computed in this process, by file identity and last change: loading the
 # config and then the params of one checkpoint (as `sample` does) hashes each file once. Any
-# write changes a file's ctime, so a changed file is hashed again.
-_DIGESTS: dict[tuple[str, int, int, int, int], str] = {}
+# write changes a file's ctime, so a changed file is hashed again (an object's update time).
+_DIGESTS: dict[tuple[Any, ...], str] = {}
 
 
 def carries_checksums(custom_metadata: dict[str, Any] | None) -> bool:
@@ -36,48 +38,51 @@ def carries_checksums(custom_metadata: dict[str, Any] | None) -> bool:
     return bool(custom_metadata) and custom_metadata.get("rdlm_integrity") == MANIFEST
 
 
-def file_digest(path: Path) -> str:
+def file_digest(path: StoragePath) -> str:
     """The sha256 of a file, in hex."""
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         return hashlib.file_digest(f, ALGORITHM).hexdigest()
 
 
-def _checked_digest(path: Path) -> str:
+def _identity(path: StoragePath) -> tuple[Any, ...]:
+    """What changes whenever the file's bytes may have changed."""
+    if isinstance(path, Path):
+        st = path.stat()
+        return (str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    st = path.stat()  # an object is replaced whole, with a new update time
+    return (str(path), st.length, st.mtime)
+
+
+def _checked_digest(path: StoragePath) -> str:
     """`file_digest`, remembered for as long as the file stays unchanged (see `_DIGESTS`).
     Only reads go through here: a save hashes files no reader has seen, under a temporary name
     that is gone after the commit, so remembering them would only grow the table."""
-    st = path.stat()
-    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    key = _identity(path)
     if key not in _DIGESTS:
         _DIGESTS[key] = file_digest(path)
     return _DIGESTS[key]
 
 
-def item_files(ckpt: Path) -> list[Path]:
+def item_files(ckpt: StoragePath) -> list[StoragePath]:
     """The files of a checkpoint's items (every file in its subdirectories), sorted."""
     return sorted(f for item in ckpt.iterdir() if item.is_dir()
-                  for f in item.rglob("*") if f.is_file())
+                  for f in storage.files_under(item))
 
 
-def build_manifest(ckpt: Path) -> dict[str, Any]:
+def build_manifest(ckpt: StoragePath) -> dict[str, Any]:
     """Size and digest of each item file, by its path relative to ``ckpt`` (POSIX form)."""
-    files = {f.relative_to(ckpt).as_posix(): {"bytes": f.stat().st_size, ALGORITHM: file_digest(f)}
+    files = {f.relative_to(ckpt).as_posix(): {"bytes": storage.size(f), ALGORITHM: file_digest(f)}
              for f in item_files(ckpt)}
     return {"algorithm": ALGORITHM, "files": files}
 
 
-def write_manifest(ckpt: Path) -> None:
-    """Write ``ckpt/integrity.json`` whole or not at all (a temporary file renamed into place)."""
+def write_manifest(ckpt: StoragePath) -> None:
+    """Write ``ckpt/integrity.json`` whole or not at all."""
     text = json.dumps(build_manifest(ckpt), indent=1, sort_keys=True)
-    tmp = ckpt / f".{MANIFEST}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, ckpt / MANIFEST)
+    storage.write_atomically(ckpt / MANIFEST, text.encode())
 
 
-def read_manifest(ckpt: Path) -> dict[str, Any] | None:
+def read_manifest(ckpt: StoragePath) -> dict[str, Any] | None:
     """The manifest of ``ckpt``; None when it has none. Raises ValueError when it is unreadable."""
     path = ckpt / MANIFEST
     if not path.is_file():
@@ -89,7 +94,7 @@ def read_manifest(ckpt: Path) -> dict[str, Any] | None:
     return manifest
 
 
-def first_mismatch(ckpt: Path, manifest: dict[str, Any], items: Iterable[str] | None = None
+def first_mismatch(ckpt: StoragePath, manifest: dict[str, Any], items: Iterable[str] | None = None
                    ) -> str | None:
     """What differs from the manifest among the files of ``items`` (all items when None): the
     first missing, resized or changed file, named by its full path; None when all match. Sizes
@@ -101,7 +106,7 @@ def first_mismatch(ckpt: Path, manifest: dict[str, Any], items: Iterable[str] | 
         path = ckpt / rel
         if not path.is_file():
             return f"{path} is missing"
-        size = path.stat().st_size
+        size = storage.size(path)
         if size != saved["bytes"]:
             return f"{path} has {size} bytes where {saved['bytes']} were saved"
         if _checked_digest(path) != saved[ALGORITHM]:

@@ -4,11 +4,15 @@ Two trainings on one run directory destroy each other's work (the second one's s
 the first one's in-flight checkpoint as an interrupted save, and both append to metrics.jsonl),
 so `rdlm.train.train` takes this lock before it touches the directory and releases it on the way
 out. The lock is a small JSON file (pid, host, start time, the pid's start tick, the command)
-created with ``O_CREAT | O_EXCL``, which is atomic on local and network POSIX file systems.
+created only if absent: ``O_CREAT | O_EXCL``, atomic on local and network POSIX file systems,
+or on a bucket a conditional upload that the store refuses once the object exists (GCS
+``ifGenerationMatch=0``, S3 ``If-None-Match: *``), so two hosts can never both create it.
 
 A lock whose holder is provably gone — same host, and the pid no longer runs, is a zombie, or
 now belongs to a later process — is stale and taken over with a note. A holder on another host
-cannot be checked from here: the error says so and names the file to delete.
+cannot be checked from here: the error says so and names the file to delete. On a bucket that
+is the common case (a pod's hosts come and go), so a training killed without its ``finally``
+(SIGKILL, a lost VM) leaves a lock that a person removes, as the error says.
 
 On a multi-host run only process 0 takes the lock: the processes of one run share the directory
 by design (`rdlm.train.loop` shares process 0's verdict with the others).
@@ -26,6 +30,8 @@ from pathlib import Path
 from typing import Callable
 
 from rdlm.errors import RunDirLocked
+from rdlm.runtime import storage
+from rdlm.runtime.storage import StoragePath, as_path
 
 LOCK_NAME = ".lock"
 TAKEOVER_NAME = ".lock.takeover"
@@ -46,8 +52,8 @@ class LockInfo:
         return f"pid {self.pid} on host {self.host}, since {self.started}"
 
 
-def lock_path(run_dir: str | Path) -> Path:
-    return Path(run_dir).expanduser().absolute() / LOCK_NAME
+def lock_path(run_dir: str | StoragePath) -> StoragePath:
+    return as_path(run_dir) / LOCK_NAME
 
 
 def _proc_stat(pid: int) -> tuple[str, int] | None:
@@ -96,7 +102,7 @@ def is_stale(holder: LockInfo, host: str) -> bool:
     return holder.host == host and not is_running(holder.pid, holder.pid_start)
 
 
-def read_lock(path: Path) -> LockInfo | None:
+def read_lock(path: StoragePath) -> LockInfo | None:
     """The holder recorded in ``path``; None when there is no lock file or it is not complete
     yet (its writer creates it, then writes it)."""
     try:
@@ -106,27 +112,17 @@ def read_lock(path: Path) -> LockInfo | None:
         return None
 
 
-def _create(path: Path, me: LockInfo) -> bool:
+def _create(path: StoragePath, me: LockInfo) -> bool:
     """Create the lock file holding ``me``; False when it exists already."""
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        return False
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(dataclasses.asdict(me)))
-        f.flush()
-        os.fsync(f.fileno())
-    return True
+    return storage.create_exclusive(path, json.dumps(dataclasses.asdict(me)).encode())
 
 
-def _remove_stale(path: Path, holder: LockInfo) -> bool:
+def _remove_stale(path: StoragePath, holder: LockInfo) -> bool:
     """Delete the lock of ``holder`` if it is still the one there. A second guard file makes the
     check-and-delete exclusive: two processes that both found the same stale lock must not let
     the slower one delete the lock the faster one has just created."""
     guard = path.with_name(TAKEOVER_NAME)
-    try:
-        fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
+    if not storage.create_exclusive(guard, b""):
         return False  # another process is taking over right now
     try:
         if read_lock(path) != holder:
@@ -134,21 +130,20 @@ def _remove_stale(path: Path, holder: LockInfo) -> bool:
         path.unlink()
         return True
     finally:
-        os.close(fd)
         guard.unlink()
 
 
-def held_message(run_dir: Path, holder: LockInfo) -> str:
+def held_message(run_dir: StoragePath, holder: LockInfo) -> str:
     path = run_dir / LOCK_NAME
     return (f"train.run_dir {str(run_dir)!r} is in use by another training: {holder.describe()} "
             f"(lock file {path}). Wait for it to finish or stop it, or choose another "
             f"train.run_dir; if that process is gone (e.g. its host died), delete {path}.")
 
 
-def acquire(run_dir: str | Path, note: Callable[[str], None] = print) -> LockInfo:
+def acquire(run_dir: str | StoragePath, note: Callable[[str], None] = print) -> LockInfo:
     """Take ``<run_dir>/.lock`` for this process (creating the directory), or raise
     `RunDirLocked` naming the holder and the fix. A stale lock is taken over with a ``note``."""
-    run_dir = Path(run_dir).expanduser().absolute()
+    run_dir = as_path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path, me = run_dir / LOCK_NAME, this_process()
     for _ in range(_ATTEMPTS):
@@ -168,14 +163,14 @@ def acquire(run_dir: str | Path, note: Callable[[str], None] = print) -> LockInf
         f"(and {run_dir / TAKEOVER_NAME} if it exists).")
 
 
-def release(run_dir: str | Path, me: LockInfo) -> None:
+def release(run_dir: str | StoragePath, me: LockInfo) -> None:
     """Remove the lock if it is still ``me``'s (never another process's)."""
     path = lock_path(run_dir)
     if read_lock(path) == me:
         path.unlink(missing_ok=True)
 
 
-def release_own(run_dir: str | Path) -> None:
+def release_own(run_dir: str | StoragePath) -> None:
     """Remove the lock if this process holds it: for a process about to end abruptly, which no
     longer has its `LockInfo` at hand."""
     path = lock_path(run_dir)

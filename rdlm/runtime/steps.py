@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import orbax.checkpoint as ocp
@@ -15,6 +14,7 @@ from etils import epath
 
 from rdlm.errors import CheckpointError
 from rdlm.runtime import integrity
+from rdlm.runtime.storage import StoragePath, as_path, is_remote
 
 CHECKPOINTS_DIRNAME = "checkpoints"
 PARAMS, CONFIG, OPT_STATE, TRAIN_META, DATA_ITER = (
@@ -45,7 +45,7 @@ class _NoMissingMetadataWarning(logging.Filter):
         return not record.getMessage().startswith("Metadata file does not exist")
 
 
-def _step_metadata(path: Path) -> Any | None:
+def _step_metadata(path: StoragePath) -> Any | None:
     """orbax's step metadata of a checkpoint directory (its commit record), or None when it is
     missing or unreadable."""
     absl_logger, quiet = logging.getLogger("absl"), _NoMissingMetadataWarning()
@@ -58,7 +58,7 @@ def _step_metadata(path: Path) -> Any | None:
         absl_logger.removeFilter(quiet)
 
 
-def _structural_damage(path: Path) -> str | None:
+def _structural_damage(path: StoragePath) -> str | None:
     """Why ``path`` is not a complete checkpoint, from its layout alone (no file contents
     read); None when it is one."""
     if not ocp.path.step.is_path_finalized(epath.Path(path)):
@@ -75,7 +75,7 @@ def _structural_damage(path: Path) -> str | None:
     return None
 
 
-def damage(path: Path, items: Sequence[str] | None = LOADED_ITEMS) -> str | None:
+def damage(path: StoragePath, items: Sequence[str] | None = LOADED_ITEMS) -> str | None:
     """Why the checkpoint directory ``path`` cannot be trusted, or None when it can: incomplete
     (see `is_complete`), or a file of ``items`` (all items when None) missing or different from
     the checksums saved with it. Checkpoints saved before rdlm wrote checksums are judged by
@@ -92,7 +92,7 @@ def damage(path: Path, items: Sequence[str] | None = LOADED_ITEMS) -> str | None
     return None if mismatch is None else f"it is corrupt: {mismatch}"
 
 
-def is_complete(path: Path) -> bool:
+def is_complete(path: StoragePath) -> bool:
     """True for a finished checkpoint directory of this format: finalised by orbax, with the
     commit time orbax records in its step metadata just before finalising (a directory copied
     only in part has none), a params item, and the checksum manifest if it was saved with one.
@@ -100,29 +100,29 @@ def is_complete(path: Path) -> bool:
     return _structural_damage(path) is None
 
 
-def carries_checksums(path: Path) -> bool:
+def carries_checksums(path: StoragePath) -> bool:
     """Whether the checkpoint ``path`` was saved with a checksum manifest (rdlm's own saves
     have one since checksums were introduced; earlier ones load unverified)."""
     meta = _step_metadata(path)
     return meta is not None and integrity.carries_checksums(meta.custom_metadata)
 
 
-def _step_dirs(checkpoints_dir: Path) -> list[tuple[int, Path]]:
+def _step_dirs(checkpoints_dir: StoragePath) -> list[tuple[int, StoragePath]]:
     """(step, directory) of every finalised step directory, complete or not, newest first
     (orbax lists only finalised ones; in-progress temporaries never appear)."""
     if not checkpoints_dir.is_dir():
         return []
     found = STEP_NAMES.find_all(epath.Path(checkpoints_dir))
-    return sorted(((m.step, Path(m.path)) for m in found), reverse=True)
+    return sorted(((m.step, as_path(m.path)) for m in found), reverse=True)
 
 
-def complete_steps(checkpoints_dir: Path) -> list[int]:
+def complete_steps(checkpoints_dir: StoragePath) -> list[int]:
     """Steps with a complete checkpoint under ``checkpoints_dir``, ascending."""
     return sorted(step for step, path in _step_dirs(checkpoints_dir) if is_complete(path))
 
 
-def newest_intact(checkpoints_dir: Path, items: Sequence[str] | None, report: Report | None
-                   ) -> tuple[Path | None, list[tuple[int, Path, str]]]:
+def newest_intact(checkpoints_dir: StoragePath, items: Sequence[str] | None, report: Report | None
+                   ) -> tuple[StoragePath | None, list[tuple[int, StoragePath, str]]]:
     """The newest step directory whose ``items`` are intact (None when no step is), and the
     newer ones passed over as (step, directory, why), newest first."""
     skipped = []
@@ -136,22 +136,22 @@ def newest_intact(checkpoints_dir: Path, items: Sequence[str] | None, report: Re
     return None, skipped
 
 
-def _interrupted_save_of(path: Path) -> bool:
+def _interrupted_save_of(path: StoragePath) -> bool:
     """Whether an unfinished orbax save of ``path`` lies beside it."""
     if not path.parent.is_dir():
         return False
     temporaries = ocp.path.step.all_temporary_paths(epath.Path(path.parent))
-    return any(Path(t.get_final()) == path for t in temporaries)
+    return any(as_path(t.get_final()) == path for t in temporaries)
 
 
-def _looks_like_checkpoint(path: Path) -> bool:
+def _looks_like_checkpoint(path: StoragePath) -> bool:
     """A checkpoint directory (complete or damaged) rather than a run or checkpoints directory:
     it holds an item or orbax's commit record."""
     return (path / PARAMS).exists() or (path / CONFIG).exists() or \
         _step_metadata(path) is not None
 
 
-def _refusal(path: Path, reason: str) -> str:
+def _refusal(path: StoragePath, reason: str) -> str:
     """The one-line error for a damaged checkpoint: the path, why, and what to do instead."""
     return (f"checkpoint {str(path)!r} cannot be loaded: {reason}. Load another checkpoint: "
             "for a training run, pass the run directory to use its newest intact step (rdlm "
@@ -159,11 +159,14 @@ def _refusal(path: Path, reason: str) -> str:
             "it again.")
 
 
-def _checked_path(path: Path) -> Path:
-    """``path`` made absolute (orbax wants absolute paths), after the checks that need no
-    reading: not a temporary, and there."""
-    path = Path(path).expanduser().absolute()
-    if ocp.path.step.is_path_temporary(epath.Path(path)):
+def _checked_path(path: StoragePath) -> Path:
+    """``path`` made absolute (orbax wants absolute paths) or a bucket URL, after the checks
+    that need no reading: not a temporary, and there."""
+    path = as_path(path)
+    # On GCS orbax marks a finished save with a commit file, so every folder without one (a
+    # run directory too) counts as "temporary" there: only a checkpoint-looking one is.
+    if ocp.path.step.is_path_temporary(epath.Path(path)) and \
+            (not is_remote(path) or _looks_like_checkpoint(path)):
         raise CheckpointError(f"{str(path)!r} is a half-written checkpoint (an orbax temporary "
                               "directory); load the run directory instead to get its latest "
                               "complete step.")
@@ -177,8 +180,8 @@ def _checked_path(path: Path) -> Path:
     return path
 
 
-def resolve(path: str | Path, *, items: Sequence[str] | None = LOADED_ITEMS,
-            report: Report | None = None) -> Path:
+def resolve(path: str | StoragePath, *, items: Sequence[str] | None = LOADED_ITEMS,
+            report: Report | None = None) -> StoragePath:
     """The checkpoint directory meant by ``path``, with ``items`` verified against its checksums:
     ``path`` itself, refused by name when damaged; or, for a training run directory (``<run>``)
     or its ``<run>/checkpoints``, its newest intact step, each newer damaged step passed over
@@ -202,7 +205,7 @@ def resolve(path: str | Path, *, items: Sequence[str] | None = LOADED_ITEMS,
                           f"{CHECKPOINTS_DIRNAME}/<step>/ inside.")
 
 
-def loaded_line(path: Path) -> str:
+def loaded_line(path: StoragePath) -> str:
     """How a loaded checkpoint is named to the user: its step and path, and a note when it
     carries no checksums."""
     name = f"step {path.name} from {path}" if path.name.isdigit() else str(path)

@@ -32,7 +32,6 @@ import dataclasses
 import os
 import signal
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import jax
@@ -46,6 +45,7 @@ from rdlm.model import flops as flops_lib
 from rdlm.runtime import checkpoint as ckpt_lib
 from rdlm.runtime import lock as lock_lib
 from rdlm.runtime import sharding as shard_lib
+from rdlm.runtime import storage
 from rdlm.runtime.distributed import maybe_initialize_distributed
 from rdlm.runtime.hostinfo import device_peak_flops
 from rdlm.train.eval import latent_telemetry, make_eval_fn, run_eval
@@ -139,7 +139,7 @@ class _Preemption:
 
 
 @contextlib.contextmanager
-def _run_dir_lock(run_dir: Path, note: Callable[[str], None]) -> Iterator[None]:
+def _run_dir_lock(run_dir: storage.StoragePath, note: Callable[[str], None]) -> Iterator[None]:
     """Process 0 holds ``<run_dir>/.lock`` for the duration; the other processes of a multi-host
     run share the directory by design and only learn process 0's verdict, so that all of them
     stop when it is refused instead of waiting for it in the first collective."""
@@ -188,7 +188,8 @@ def train(cfg: Config, *, data_iterator: Iterator[dict[str, np.ndarray]] | None 
     tc = cfg.train
     mesh = mesh or shard_lib.make_mesh(cfg.mesh)
     check_layout(cfg, mesh)
-    run_dir = Path(tc.run_dir).expanduser().absolute()
+    storage.check_access(tc.run_dir, "train.run_dir")  # before any step: one clear error
+    run_dir = storage.as_path(tc.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"train.run_dir={tc.run_dir!r} is a file; give a directory (new or a "
                           "run's) for checkpoints and logs.")
@@ -275,7 +276,7 @@ def step_rates(cfg: Config, m: dict[str, Any], dt: float, total_peak: float | No
 
 
 def divergence_message(streak: int, step: int, max_bad_steps: int, saved_steps: list[int],
-                       directory: Path, params_at_fault: bool) -> str:
+                       directory: storage.StoragePath, params_at_fault: bool) -> str:
     """What `TrainingDiverged` says: the bad steps, the last good step, and the checkpoint to
     resume from with a lower learning rate.
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import shutil
 import sys
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -18,12 +16,14 @@ import yaml
 from rdlm.config import Config, to_dict
 from rdlm.data.tokenizer import BUILTIN_ALPHABETS, RUN_TOKENIZER, tokenizer_file
 from rdlm.errors import ConfigError
+from rdlm.runtime import storage
+from rdlm.runtime.storage import StoragePath
 
 
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+def read_metrics(path: str | StoragePath) -> list[dict[str, Any]]:
     """The step records of a metrics.jsonl ([] if there is none), skipping a line that a killed
     writer left half-written."""
-    path = Path(path)
+    path = storage.as_path(path)
     if not path.exists():
         return []
     records = []
@@ -37,7 +37,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def truncate_jsonl(path: Path, start_step: int) -> list[dict[str, Any]]:
+def truncate_jsonl(path: StoragePath, start_step: int) -> list[dict[str, Any]]:
     """Keep the records of steps <= start_step: a resumed run re-logs the steps after its
     checkpoint, and a SIGKILL may have left half a line at the end. Returns the kept records."""
     if not path.exists():
@@ -61,7 +61,7 @@ def flat_hparams(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def record_run_inputs(run_dir: Path, cfg: Config) -> str:
+def record_run_inputs(run_dir: StoragePath, cfg: Config) -> str:
     """Keep what the run needs to be used later in its directory: ``config.yaml`` (the resolved
     config, rewritten at every start) and, when the data was tokenized with a tokenizer.json, a
     copy of it, so that sampling, eval and export find it without flags. Returns the YAML."""
@@ -76,7 +76,7 @@ def record_run_inputs(run_dir: Path, cfg: Config) -> str:
         raise ConfigError(f"data.tokenizer: {err}") from err
     kept = run_dir / RUN_TOKENIZER
     if not kept.exists():
-        shutil.copyfile(source, kept)
+        storage.copy_file(source, kept)
     elif kept.read_bytes() != source.read_bytes():
         raise ConfigError(f"data.tokenizer {str(source)!r} differs from the tokenizer this run "
                           f"was started with ({str(kept)!r}); resume with that one, or start a "
@@ -89,7 +89,7 @@ class MetricsLogger:
 
     Messages before `open` (restore, init) go straight to ``printer`` (default: stdout)."""
 
-    def __init__(self, run_dir: Path, cfg: Config, enabled: bool,
+    def __init__(self, run_dir: StoragePath, cfg: Config, enabled: bool,
                  printer: Callable[[str], None] | None = None):
         self.enabled = enabled
         self.printer = printer
@@ -103,7 +103,7 @@ class MetricsLogger:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         truncate_jsonl(self.run_dir / "metrics.jsonl", start_step)
-        self.jsonl = open(self.run_dir / "metrics.jsonl", "a")
+        self.jsonl = storage.AppendedText(self.run_dir / "metrics.jsonl")
         # purge_step hides events a killed run wrote past the checkpoint we resume from.
         self.tb = SummaryWriter(str(self.run_dir / "tensorboard"),
                                 purge_step=start_step + 1 if start_step else None)
