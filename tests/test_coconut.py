@@ -27,9 +27,9 @@ TOK = load_tokenizer("chars")
 LATENT = TOK.latent_id
 
 
-def _cfg(mean_recurrence: int = 3, token_shift: int = 0):
+def _cfg(mean_recurrence: int = 3, token_shift: int = 0, **block):
     return model_preset("tiny", mean_recurrence=mean_recurrence, max_seq_len=64,
-                        token_shift=token_shift)
+                        token_shift=token_shift, **block)
 
 
 def _params(cfg, seed: int):
@@ -57,7 +57,7 @@ def reference_hidden(params, tokens: list[int], cfg, num_steps: int, state0_td,
     ctx = attention_context(cfg, 1, t_len)
     depth = Depth(jnp.int32(num_steps), jnp.int32(0), 0)
     full_pass = jax.jit(lambda x: thoughts.hidden_states(params, x, cfg, ctx, state0_td[None], depth))
-    wte = np.asarray(params["wte"]) * np.sqrt(cfg.d_model)
+    wte = np.asarray(params["wte"]) * (1.0 if cfg.block == "llama" else np.sqrt(cfg.d_model))
 
     def base(t: int) -> np.ndarray:
         return np.asarray(hidden[t - 1]) if tokens[t] == LATENT else wte[tokens[t]]
@@ -80,12 +80,16 @@ def reference_hidden(params, tokens: list[int], cfg, num_steps: int, state0_td,
     return jnp.stack(hidden)
 
 
-@pytest.mark.parametrize("mean_r,num_steps,init_scale,token_shift,sees",
-                         [(1, 1, 0.0, 0, False), (3, 3, 1.0, 0, False), (2, 2, 0.0, 2, False),
-                          (2, 2, 0.0, 2, True)])
+LLAMA = {"block": "llama", "qk_bias": False, "n_kv_heads": 2, "tie_embeddings": False}
+
+
+@pytest.mark.parametrize("mean_r,num_steps,init_scale,token_shift,sees,block",
+                         [(1, 1, 0.0, 0, False, {}), (3, 3, 1.0, 0, False, {}),
+                          (2, 2, 0.0, 2, False, {}), (2, 2, 0.0, 2, True, {}),
+                          (3, 3, 1.0, 0, False, LLAMA)])
 def test_substitution_matches_step_by_step_reference(mean_r, num_steps, init_scale, token_shift,
-                                                     sees):
-    cfg = _cfg(mean_r, token_shift)
+                                                     sees, block):
+    cfg = _cfg(mean_r, token_shift, **block)
     params = _params(cfg, 0)
     tokens = _tokens("x=1;y", 3)
     key = jax.random.key(5)

@@ -28,6 +28,15 @@ def test_aot_reports_memory_and_flops_for_local_devices(tmp_path, capsys):
     assert report["xla_flops"] > 0 and report["model_flops"] > 0
 
 
+def test_aot_compiles_the_llama_block(tmp_path, capsys):
+    out = tmp_path / "aot.json"
+    llama = ["model.block=llama", "model.qk_bias=false", "model.n_kv_heads=1",
+             "model.tie_embeddings=false"]
+    assert aot.cli(["configs/tiny.yaml", *SMALL, *llama, "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["xla_flops"] > 0 and report["model_flops"] > 0
+
+
 def test_aot_unknown_topology_is_a_clear_error(capsys):
     assert aot.cli(["configs/tiny.yaml", *SMALL, "--topology", "v5p:nonsense"]) == 2
     assert "cannot describe TPU topology 'v5p:nonsense'" in capsys.readouterr().err
