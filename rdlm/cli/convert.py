@@ -24,7 +24,7 @@ from rdlm.interop.hf_files import (fixed_depth_card, generation_config, model_ca
 from rdlm.interop.huginn import CODE_FILES, load_huginn, save_huginn
 from rdlm.interop.llama import load_llama, save_llama
 from rdlm.model import count_params
-from rdlm.runtime import checkpoint
+from rdlm.runtime import checkpoint, storage
 from rdlm.runtime.rundir import find_in_run
 from rdlm.train.metrics import read_metrics
 
@@ -146,16 +146,16 @@ def _auto_compute_dtype(input_dir: str) -> str:
 
 
 def huginn_to_rdlm(args: argparse.Namespace) -> None:
-    if Path(args.output).exists():
+    if storage.as_path(args.output).exists():
         raise FileExistsError(f"{args.output!r} already exists; choose a new path.")
     compute = _auto_compute_dtype(args.input) if args.compute_dtype == "auto" else args.compute_dtype
     cfg, params = load_huginn(args.input, dtype=args.param_dtype, compute_dtype=compute)
-    output = Path(args.output).expanduser().absolute()
+    output = storage.as_path(args.output)  # a folder or a bucket
     tokenizer = Path(args.input) / RUN_TOKENIZER
     data = DataConfig(tokenizer=str(output / RUN_TOKENIZER)) if tokenizer.is_file() else DataConfig()
     checkpoint.save_params(output, Config(model=cfg, data=data), params)
     if tokenizer.is_file():  # kept with the checkpoint: sample, eval and export find it there
-        shutil.copyfile(tokenizer, output / RUN_TOKENIZER)
+        storage.copy_file(tokenizer, output / RUN_TOKENIZER)
     print(f"wrote {args.output}: {count_params(cfg):,} parameters "
           f"({cfg.n_prelude}/{cfg.n_core}/{cfg.n_coda} layers, d={cfg.d_model}, "
           f"vocab={cfg.vocab_size}, model.dtype={cfg.dtype})"
@@ -191,9 +191,7 @@ def rdlm_to_huginn(args: argparse.Namespace) -> None:
         raise ValueError("give --code-from or --code-repo, not both.")
     if Path(args.output).exists() and not args.overwrite:
         raise FileExistsError(f"{args.output!r} already exists; pass --overwrite to replace it.")
-    # Orbax restores need absolute paths.
-    config, params = checkpoint.load_params(Path(args.input).expanduser().absolute(),
-                                            report=checkpoint.say_on_stderr)
+    config, params = checkpoint.load_params(args.input, report=checkpoint.say_on_stderr)
     files, texts = _run_files(args, config)
     out = save_huginn(config.model, params, args.output, max_shard_size=args.max_shard_size,
                       dtype=args.dtype, code_repo=args.code_repo,

@@ -13,15 +13,15 @@ indices by grain and cost nothing here.
 from __future__ import annotations
 
 import bisect
-import glob
+import io
 import json
-from pathlib import Path
 from typing import Sequence
 
 import grain
 import numpy as np
 
 from rdlm.errors import ConfigError
+from rdlm.runtime import storage
 from rdlm.data.tasks import Example, Task, check_split, example_at
 
 
@@ -58,12 +58,14 @@ class ExampleListSource:
 
 
 def expand_paths(patterns: Sequence[str], split: str) -> list[str]:
-    """Files matching ``patterns`` (``{split}`` replaced by the split), sorted: a stable order."""
+    """Files matching ``patterns`` (``{split}`` replaced by the split), sorted: a stable order.
+    Patterns may name a bucket (``gs://…``, ``s3://…``)."""
     files: list[str] = []
     for pattern in patterns:
         pattern = pattern.replace("{split}", split)
-        matched = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
-        files += [f for f in matched if Path(f).is_file()]
+        storage.check_access(pattern, "data.paths")
+        matched = storage.glob(pattern) if any(c in pattern for c in "*?[") else [pattern]
+        files += [f for f in matched if storage.as_path(f).is_file()]
     if not files:
         raise ConfigError(f"data.paths={tuple(patterns)!r} matched no files for split {split!r}.")
     return files
@@ -75,13 +77,55 @@ def expand_paths(patterns: Sequence[str], split: str) -> list[str]:
 BIN_DTYPE_SUFFIX = ".json"  # a `.bin` file's dtype is in `<file>.json` ({"dtype": "uint16"})
 
 
-def open_token_file(path: str) -> np.ndarray:
+class RemoteTokens:
+    """A 1-D token array in a bucket: each slice is one ranged read, so a worker fetches only
+    the windows it serves (the counterpart of a memmap, which object stores do not offer)."""
+
+    def __init__(self, path: str, dtype: np.dtype, offset: int, length: int):
+        self.path, self.dtype, self.offset, self.length = path, np.dtype(dtype), offset, length
+        self.ndim = 1
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, window: slice) -> np.ndarray:
+        start, stop, _ = window.indices(self.length)
+        size = self.dtype.itemsize
+        data = storage.read_range(storage.as_path(self.path), self.offset + start * size,
+                                  self.offset + max(start, stop) * size)
+        return np.frombuffer(data, self.dtype)
+
+
+_NPY_HEADER_BYTES = 1 << 16  # a .npy header is far shorter than this
+
+
+def _remote_token_file(path: str, dtype: str) -> RemoteTokens:
+    file = storage.as_path(path)
+    total = storage.size(file)
+    if not path.endswith(".npy"):
+        return RemoteTokens(path, np.dtype(dtype), 0, total // np.dtype(dtype).itemsize)
+    head = io.BytesIO(storage.read_range(file, 0, min(total, _NPY_HEADER_BYTES)))
+    version = np.lib.format.read_magic(head)
+    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                   else np.lib.format.read_array_header_2_0)
+    shape, _, npy_dtype = read_header(head)
+    if len(shape) != 1:
+        raise ValueError(f"token file {path!r} must hold a 1-D integer array, got shape "
+                         f"{list(shape)}.")
+    return RemoteTokens(path, npy_dtype, head.tell(), shape[0])
+
+
+def open_token_file(path: str) -> np.ndarray | RemoteTokens:
     """A 1-D token array backed by the file (nothing is read until indexed)."""
-    if path.endswith(".npy"):
+    meta_path = storage.as_path(path + BIN_DTYPE_SUFFIX)
+    dtype = "uint16"
+    if not path.endswith(".npy") and meta_path.is_file():
+        dtype = json.loads(meta_path.read_text())["dtype"]
+    if storage.is_remote(path):
+        array = _remote_token_file(path, dtype)
+    elif path.endswith(".npy"):
         array = np.load(path, mmap_mode="r")
     else:
-        meta_path = Path(path + BIN_DTYPE_SUFFIX)
-        dtype = json.loads(meta_path.read_text())["dtype"] if meta_path.is_file() else "uint16"
         array = np.memmap(path, dtype=np.dtype(dtype), mode="r")
     if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
         raise ValueError(f"token file {path!r} must hold a 1-D integer array, got "
@@ -119,6 +163,12 @@ class ArrayRecordDocSource:
     """ArrayRecord files whose records are little-endian int32 token ids (`encode_doc`)."""
 
     def __init__(self, paths: Sequence[str]):
+        remote = [p for p in paths if storage.is_remote(p)]
+        if remote:
+            raise ConfigError(f"data.paths: ArrayRecord files are read from local disk only "
+                              f"({remote[0]!r} is in a bucket); copy them to each host, or "
+                              "store the tokens as .npy/.bin or parquet, which rdlm reads from "
+                              "buckets.")
         self._source = grain.sources.ArrayRecordDataSource(list(paths))
 
     def __len__(self) -> int:
@@ -145,7 +195,10 @@ class ParquetDocSource:
         import pyarrow.parquet as pq
         self.columns = []
         for path in paths:
-            table = pq.read_table(path, columns=None, memory_map=True)
+            # a bucket's file is read whole into memory: object stores cannot be memory-mapped
+            table = (pq.read_table(storage.as_path(path).open("rb"))
+                     if storage.is_remote(path) else
+                     pq.read_table(path, columns=None, memory_map=True))
             if token_column not in table.column_names:
                 raise ConfigError(f"data.token_column={token_column!r} is not a column of "
                                   f"{path!r}; columns: {table.column_names}.")

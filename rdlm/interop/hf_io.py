@@ -21,6 +21,7 @@ from rdlm.errors import ConfigError
 from rdlm.interop.safetensors_io import (INDEX_FILE, SINGLE_FILE, OutTensor, plan_shards,
                                          write_safetensors)
 from rdlm.runtime import sharding as rdlm_sharding
+from rdlm.runtime.storage import as_path, copy_file
 
 
 class FormatError(ConfigError):
@@ -87,7 +88,7 @@ def commit_dir(tmp: Path, final: Path, overwrite: bool) -> None:
 
 def existing_files(extra_files: Mapping[str, str | os.PathLike] | None) -> dict[str, Path]:
     """``{name: source}`` as paths, every source checked to exist before anything is written."""
-    extra = {name: Path(source) for name, source in (extra_files or {}).items()}
+    extra = {name: as_path(source) for name, source in (extra_files or {}).items()}
     absent = [str(source) for source in extra.values() if not source.is_file()]
     if absent:
         raise FileNotFoundError(f"extra files do not exist: {absent}.")
@@ -133,7 +134,7 @@ def write_hf_dir(final: Path, tensors: list[OutTensor], max_bytes: int,
         if writer:
             (tmp / config_file).write_text(json.dumps(config(), indent=2) + "\n")
             for name, source in extra_files.items():
-                shutil.copyfile(source, tmp / name)
+                copy_file(source, tmp / name)  # a run's files may be in a bucket
             for name, text in (extra_texts or {}).items():
                 (tmp / name).write_text(text)
             commit_dir(tmp, final, overwrite)

@@ -100,6 +100,7 @@ def save_params(path: str | StoragePath, cfg: Config, params: Any) -> None:
     """Write a params-only checkpoint (params + config + checksums) atomically; refuses to
     overwrite. ``path`` may be a bucket URL."""
     storage.check_access(str(path), "the checkpoint path")
+    storage.require_array_store(str(path), "the checkpoint path")
     path = as_path(path)
     if path.exists():
         raise CheckpointError(f"{str(path)!r} already exists; choose a new path or delete it first.")
@@ -315,6 +316,7 @@ class TrainCheckpointer:
 
     def __init__(self, run_dir: str | StoragePath, *, save_every: int, keep_last: int, keep_every: int,
                  async_save: bool = True):
+        storage.require_array_store(str(run_dir), "train.run_dir")
         self.directory = as_path(run_dir) / CHECKPOINTS_DIRNAME
         self.save_every = save_every
         self.async_save = async_save

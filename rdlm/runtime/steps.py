@@ -14,7 +14,7 @@ from etils import epath
 
 from rdlm.errors import CheckpointError
 from rdlm.runtime import integrity
-from rdlm.runtime.storage import StoragePath, as_path, is_remote
+from rdlm.runtime.storage import StoragePath, as_path, check_access, is_remote
 
 CHECKPOINTS_DIRNAME = "checkpoints"
 PARAMS, CONFIG, OPT_STATE, TRAIN_META, DATA_ITER = (
@@ -162,6 +162,7 @@ def _refusal(path: StoragePath, reason: str) -> str:
 def _checked_path(path: StoragePath) -> Path:
     """``path`` made absolute (orbax wants absolute paths) or a bucket URL, after the checks
     that need no reading: not a temporary, and there."""
+    check_access(str(path), "the checkpoint path")
     path = as_path(path)
     # On GCS orbax marks a finished save with a commit file, so every folder without one (a
     # run directory too) counts as "temporary" there: only a checkpoint-looking one is.

@@ -111,6 +111,39 @@ def files_under(folder: StoragePath) -> list[StoragePath]:
     return [epath.Path(f"{scheme}://{name}") for name in fs.find(key)]
 
 
+def read_range(path: StoragePath, start: int, stop: int) -> bytes:
+    """Bytes ``[start, stop)`` of a file: one ranged read, however large the file."""
+    if isinstance(path, Path):
+        with open(path, "rb") as f:
+            f.seek(start)
+            return f.read(stop - start)
+    fs, key = _fs_and_key(path)
+    return fs.cat_file(key, start=start, end=stop)
+
+
+def glob(pattern: str) -> list[str]:
+    """The files and folders matching a glob pattern (``*``, ``?``, ``[…]``), local or in a
+    bucket, sorted."""
+    if not is_remote(pattern):
+        import glob as glob_lib
+        return sorted(glob_lib.glob(pattern))
+    fs, key = fsspec.core.url_to_fs(pattern)
+    scheme = pattern.split("://", 1)[0]
+    return sorted(f"{scheme}://{name}" for name in fs.glob(key))
+
+
+def require_array_store(url: str, setting: str) -> None:
+    """Raise `StorageError` when orbax cannot write checkpoint arrays at ``url``. orbax 0.12.8
+    builds tensorstore specs for local paths and ``gs://`` only (its S3 support is an open pull
+    request, google/orbax#2739), although tensorstore itself has an s3 driver; data, logs and
+    exports work on ``s3://``."""
+    if os.fspath(url).startswith("s3://"):
+        raise StorageError(
+            f"{setting}={os.fspath(url)!r}: checkpoints cannot be written to s3:// (orbax-checkpoint "
+            "0.12.8 writes arrays to local paths and gs:// only); put checkpoints on gs:// or on "
+            "a mounted file system (e.g. mountpoint-s3 or s3fs-fuse), and keep s3:// for data.")
+
+
 def write_atomically(path: StoragePath, data: bytes) -> None:
     """Write ``path`` whole or not at all. A local file is written under a temporary name,
     synced and renamed into place; an object store makes an upload visible only once complete."""

@@ -1,0 +1,270 @@
+"""Run directories, checkpoints, data shards and conversion on object storage, against real local
+servers that this module starts once (fake-gcs-server for ``gs://``, moto for ``s3://``, both on
+127.0.0.1): nothing here reaches the internet.
+
+- training on ``gs://`` is SIGKILLed, resumed from the bucket, and lands on the same bits as an
+  uninterrupted run;
+- two JAX processes with private temporary directories train into the bucket, and one process
+  with 8 devices resumes from it;
+- token shards are read from both stores, a checkpoint in the bucket is sampled from and
+  converted to and from Hugging Face files;
+- the lock is created only if absent on both stores;
+- an unreachable endpoint, a missing bucket, absent credentials and checkpoints on ``s3://``
+  each end in one ``error:`` line naming the URL and the setting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from rdlm.bench import emulators
+from rdlm.cli import main
+from rdlm.runtime import checkpoint, storage
+from rdlm.runtime import lock as lock_lib
+from tests.test_train_multihost import (REPO, _assert_same_params, _free_port, _run,
+                                        subprocess_env)
+from tests.test_faults_train import TINY, quiet, tiny_cfg
+from rdlm.train import read_metrics, train
+
+
+@pytest.fixture(scope="session")
+def stores() -> dict[str, emulators.Server]:
+    """Both servers for the whole session, their settings in this process's environment (and
+    so in the subprocesses' too)."""
+    with contextlib.ExitStack() as stack:
+        servers = {scheme: stack.enter_context(emulators.serve(scheme)) for scheme in ("gs", "s3")}
+        saved = dict(os.environ)
+        for server in servers.values():
+            os.environ.update(server.environment())
+        try:
+            yield servers
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def jax_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("jax-cache")
+
+
+def _params(result) -> list[np.ndarray]:
+    return [np.asarray(x) for x in jax.tree.leaves(result.state.params)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Training into a bucket.
+
+
+def test_sigkilled_training_resumes_from_the_bucket_to_the_same_bits(stores, tmp_path, jax_cache):
+    run = f"{stores['gs'].root}/killed"
+    cmd = [sys.executable, "-m", "rdlm", "train", str(TINY), "train.batch_size=8",
+           "train.seq_len=64", "train.schedule=constant", "train.warmup_steps=2", "train.lr=0.003",
+           "train.log_every=1", "train.progress=lines", "train.eval_every=0",
+           "train.telemetry_every=0", f"train.run_dir={run}", "train.steps=100000",
+           "train.checkpoint_every=2"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=subprocess_env(1, jax_cache),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    seen: list[str] = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith("step 4/") and checkpoint.list_checkpoints(run):
+                break
+        else:
+            raise AssertionError("training ended early:\n" + "".join(seen[-40:]))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    saved = list(checkpoint.list_checkpoints(run))
+    assert saved and saved[-1] >= 2, saved
+    assert storage.as_path(f"{run}/{lock_lib.LOCK_NAME}").exists()  # a kill keeps its lock
+    assert not list(tmp_path.iterdir()), "the run wrote to the local disk"
+
+    steps = saved[-1] + 2
+    notes: list[str] = []
+    resumed = train(tiny_cfg(f"train.run_dir={run}", f"train.steps={steps}",
+                             "train.checkpoint_every=0"), printer=notes.append)
+    assert any("took over the lock" in n for n in notes), notes  # same host, holder gone
+    assert resumed.history[0]["step"] == saved[-1] + 1
+    straight = train(tiny_cfg(f"train.run_dir={tmp_path / 'straight'}", f"train.steps={steps}",
+                              "train.checkpoint_every=0"), printer=quiet)
+    for a, b in zip(_params(resumed), _params(straight)):
+        np.testing.assert_array_equal(a, b)
+    # A bucket's log is uploaded every 30 s and at the end: the kill may have lost the records
+    # of its last 30 s, never those of the resumed steps, and no record is doubled.
+    logged = {r["step"]: r["loss"] for r in read_metrics(f"{run}/metrics.jsonl")}
+    expected = {h["step"]: h["loss"] for h in straight.history}
+    assert set(range(saved[-1] + 1, steps + 1)) <= set(logged)
+    assert all(logged[k] == expected[k] for k in logged)
+    assert not storage.as_path(f"{run}/{lock_lib.LOCK_NAME}").exists()
+    assert any(storage.as_path(f"{run}/tensorboard").iterdir())
+
+
+def test_two_hosts_without_a_shared_disk_train_into_the_bucket(stores, tmp_path):
+    """2 processes × 4 devices, each in its own private directory, checkpoint into the bucket;
+    one process with 8 devices resumes from it to the numbers of an uninterrupted run."""
+    run = f"{stores['gs'].root}/two-hosts"
+    port = _free_port()
+    homes = [tmp_path / f"host{i}" for i in range(2)]
+    procs = []
+    for i, home in enumerate(homes):
+        home.mkdir()
+        env = {**subprocess_env(4), "TMPDIR": str(home), "HOME": str(home)}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "tests.test_train_multihost", "worker", run, "3", "2x2x2",
+             str(home / "multi3.npz"), str(i), "2", str(port)],
+            cwd=home, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-4000:]
+    assert '"processes": 2' in outputs[0]
+    assert checkpoint.list_checkpoints(run) == [3]
+    ckpt = storage.as_path(f"{run}/checkpoints/3")
+    # Each process wrote its own data-iterator state into the bucket, not onto its disk.
+    assert sorted(p.name for p in (ckpt / "data_iter").iterdir()) == [
+        "process_0-of-2.json", "process_1-of-2.json"]
+    for home in homes:
+        assert {p.name for p in home.iterdir()} <= {"multi3.npz"}, list(home.iterdir())
+
+    out = _run([f"{run},{tmp_path / 'straight8'}", "6,6", "2x2x2",
+                f"{tmp_path / 'resumed.npz'},{tmp_path / 'straight8.npz'}"], subprocess_env(8))
+    assert '"processes": 1' in out and '"devices": 8' in out
+    # Steps 1-3 summed over two hosts in gloo's order: equal to float32 rounding.
+    _assert_same_params(dict(np.load(tmp_path / "resumed.npz")),
+                        dict(np.load(tmp_path / "straight8.npz")), exact=False, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data, sampling and conversion.
+
+
+@pytest.mark.parametrize("scheme", ["gs", "s3"])
+def test_token_shards_are_read_from_a_bucket(stores, tmp_path, scheme):
+    from rdlm.data.sources import ParquetDocSource, TokenWindowSource, expand_paths
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    local = tmp_path / "data"
+    local.mkdir()
+    np.save(local / "train-0.npy", rng.integers(0, 500, 1000).astype(np.uint16))
+    rng.integers(0, 70000, 777).astype(np.uint32).tofile(local / "train-1.bin")
+    (local / "train-1.bin.json").write_text('{"dtype": "uint32"}')
+    docs = [list(range(n)) for n in (3, 7, 5)]
+    pq.write_table(pa.table({"tokens": docs}), local / "docs.parquet")
+    bucket = f"{stores[scheme].root}/shards"
+    for f in local.iterdir():
+        storage.copy_file(f, storage.as_path(f"{bucket}/{f.name}"))
+
+    remote_files = [f for f in expand_paths([f"{bucket}/train-*"], "train")
+                    if not f.endswith(".json")]
+    assert remote_files == [f"{bucket}/train-0.npy", f"{bucket}/train-1.bin"]
+    local_files = [str(local / "train-0.npy"), str(local / "train-1.bin")]
+    remote, expected = TokenWindowSource(remote_files, 64), TokenWindowSource(local_files, 64)
+    assert len(remote) == len(expected) == 999 // 64 + 776 // 64
+    for i in range(len(expected)):
+        np.testing.assert_array_equal(remote[i], expected[i])
+    parquet = ParquetDocSource([f"{bucket}/docs.parquet"])
+    assert [parquet[i].tolist() for i in range(3)] == docs
+
+
+def test_sample_and_convert_with_a_checkpoint_in_the_bucket(stores, tmp_path, capsys):
+    from tests.test_interop_huginn import huginn_tensors, write_checkpoint
+    from rdlm.interop import load_huginn
+
+    hf = write_checkpoint(tmp_path / "hf", huginn_tensors(seed=3))
+    ckpt = f"{stores['gs'].root}/converted"
+    assert main(["convert", "huginn-to-rdlm", str(hf), ckpt]) == 0
+    config, params = checkpoint.load_params(ckpt)
+    _, reference = load_huginn(hf)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference)):
+        np.testing.assert_array_equal(a, b)
+    assert main(["convert", "rdlm-to-huginn", ckpt, str(tmp_path / "back")]) == 0
+    _, back = load_huginn(tmp_path / "back")
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(reference)):
+        np.testing.assert_array_equal(a, b)
+
+    local = tmp_path / "local-ckpt"
+    checkpoint.save_params(local, config, params)
+    capsys.readouterr()
+    args = ["--tokens", "1,2,3", "--max-new-tokens", "4", "--num-steps", "2"]
+    assert main(["sample", "--checkpoint", ckpt, *args]) == 0
+    from_bucket = capsys.readouterr().out
+    assert main(["sample", "--checkpoint", str(local), *args]) == 0
+    assert from_bucket.strip() and from_bucket == capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# The lock, and the errors.
+
+
+@pytest.mark.parametrize("scheme", ["gs", "s3"])
+def test_lock_object_is_created_only_if_absent(stores, scheme):
+    path = storage.as_path(f"{stores[scheme].root}/locks/{scheme}/.lock")
+    assert storage.create_exclusive(path, b"first")
+    assert not storage.create_exclusive(path, b"second")
+    assert path.read_bytes() == b"first"
+
+    run = f"{stores[scheme].root}/held"
+    holder = lock_lib.LockInfo(pid=1, host="another-host", started="2026-01-01T00:00:00Z")
+    storage.as_path(run).mkdir(parents=True, exist_ok=True)
+    assert storage.create_exclusive(lock_lib.lock_path(run), _lock_bytes(holder))
+    with pytest.raises(lock_lib.RunDirLocked, match="another-host"):
+        lock_lib.acquire(run, note=quiet)
+
+
+def _lock_bytes(info: lock_lib.LockInfo) -> bytes:
+    import dataclasses
+    import json
+    return json.dumps(dataclasses.asdict(info)).encode()
+
+
+def _train_error(monkeypatch, capsys, run_dir: str, **env: str) -> str:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    t0 = time.monotonic()
+    assert main(["train", str(TINY), f"train.run_dir={run_dir}", "train.steps=1"]) == 2
+    assert time.monotonic() - t0 < 30
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "step 1/" not in err
+    return lines[0]
+
+
+def test_storage_errors_are_one_line_naming_the_url_and_the_setting(stores, monkeypatch, capsys):
+    gs, s3 = stores["gs"], stores["s3"]
+    line = _train_error(monkeypatch, capsys, f"{gs.root}/run",
+                        STORAGE_EMULATOR_HOST=f"http://127.0.0.1:{emulators.free_port()}")
+    assert f"train.run_dir='{gs.root}/run'" in line and "STORAGE_EMULATOR_HOST" in line, line
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gs.endpoint)
+
+    line = _train_error(monkeypatch, capsys, "gs://no-such-bucket/run")
+    assert "gs://no-such-bucket does not exist" in line and "train.run_dir" in line, line
+
+    line = _train_error(monkeypatch, capsys, "s3://no-such-bucket/run")
+    assert "s3://no-such-bucket does not exist" in line, line
+
+    line = _train_error(monkeypatch, capsys, f"{s3.root}/run")
+    assert "checkpoints cannot be written to s3://" in line and "train.run_dir" in line, line
+
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    import fsspec
+    fsspec.filesystem("s3").clear_instance_cache()  # credentials are read when a client starts
+    line = _train_error(monkeypatch, capsys, f"{s3.root}/run")
+    assert "no credentials" in line and "AWS_ACCESS_KEY_ID" in line, line
