@@ -6,7 +6,7 @@ import importlib
 import sys
 
 TARGETS = {"train": "rdlm.bench.train", "sample": "rdlm.bench.sample",
-           "coconut": "rdlm.bench.coconut"}
+           "coconut": "rdlm.bench.coconut", "storage": "rdlm.bench.storage"}
 
 
 def cli(argv: list[str]) -> int:
