@@ -8,7 +8,9 @@ inside tiles are exercised.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -213,3 +215,153 @@ def test_remat_policies_store_what_they_say():
 def test_unknown_remat_policy_is_refused_with_the_menu():
     with pytest.raises(rdlm.ConfigError, match="model.remat_policy='minimal'.*save_dots"):
         ModelConfig(remat_policy="minimal")
+
+
+# ---------------------------------------------------------------------------------------------
+# The generation engine's prefill: left-padded prompts as segments, on the fused kernels.
+
+from rdlm.generation import cache as kvc  # noqa: E402
+from rdlm.generation import engine as G  # noqa: E402
+from rdlm.generation import programs  # noqa: E402
+from rdlm.generation.plan import left_pad, make_plan  # noqa: E402
+
+# head_dim 24 (not a power of two, as Huginn's 96 is not); 128 prompt positions: one splash tile,
+# two GPU flash tiles.
+GEN_CFG = rdlm.model_preset("tiny", d_model=48, n_heads=2, mlp_dim=64, max_seq_len=160)
+GEN_ROWS = [[(7 * i) % 60 + 1 for i in range(128)], [5, 9, 13] * 30, [33]]  # pads 0, 38, 127
+GEN_LEN, GEN_STEPS = 128, 3
+
+
+def _dense_block_mask(pad_b, start, length):
+    """The engine's block mask as it was built before segment ids: causal over real keys, and
+    each padding query sees itself."""
+    index_t = start + jnp.arange(length)
+    real_key_bt = index_t[None, :] >= pad_b[:, None]
+    causal_tt = jnp.tril(jnp.ones((length, length), bool))
+    return causal_tt[None] & (real_key_bt[:, None, :] | jnp.eye(length, dtype=bool)[None])
+
+
+@pytest.mark.parametrize("start, with_prefix", [(0, False), (0, True), (5, True)])
+def test_block_mask_is_causal_within_the_block_segments(start, with_prefix):
+    pad_b = jnp.array([0, 3, 9, 12])
+    ctx = G.block_context(CFG, pad_b, start, 12, 20, with_prefix)
+    block_b1tt = ctx.mask_b1ts[..., -12:]
+    np.testing.assert_array_equal(block_b1tt[:, 0], _dense_block_mask(pad_b, start, 12))
+    if with_prefix:  # over a cache: the mask covers cached keys too, so no ids
+        assert ctx.segment_ids_bt is None
+        assert K.mask_kind(ctx.mask_b1ts, ctx.segment_ids_bt) == K.MASKED
+        return
+    seg_bt = ctx.segment_ids_bt
+    same_bt1t = seg_bt[:, :, None] == seg_bt[:, None, :]
+    np.testing.assert_array_equal(block_b1tt[:, 0], jnp.tril(jnp.ones((12, 12), bool)) & same_bt1t)
+    assert K.mask_kind(ctx.mask_b1ts, seg_bt) == K.SEGMENTS
+
+
+def _prefill(params, cfg, num_steps=GEN_STEPS):
+    """The engine's prefill of `GEN_ROWS` (left-padded to `GEN_LEN`): last logits [b, t, V] and
+    the cache, as `rdlm.generation.programs` runs it."""
+    plan = make_plan(cfg, GEN_ROWS, max_new_tokens=2, num_steps=num_steps, prompt_len=GEN_LEN)
+    prompt_bt, pad_b = left_pad(GEN_ROWS, GEN_LEN)
+
+    def run(params, prompt_bt, pad_b):
+        params = K.to_loop_layout(params)
+        cache = kvc.init_cache(cfg, plan.batch, plan.cache_len, plan.num_slots, plan.track_latest)
+        state_btd = jnp.zeros((plan.batch, GEN_LEN, cfg.d_model), jnp.dtype(cfg.dtype))
+        out, cache = G.forward_block(params, plan, cache, G.token_input(params, cfg, prompt_bt),
+                                     pad_b, 0, num_steps, state_btd, with_prefix=False)
+        return out.logits_btv, cache
+
+    return run, (params, jnp.asarray(prompt_bt), jnp.asarray(pad_b))
+
+
+def _spy_attention(monkeypatch):
+    """Record what `kernels.attention` asks `choose_attention` while a program is traced."""
+    calls, choose = [], K.choose_attention
+
+    def spy(platform, dtype, kind, length, with_cache=False, per_shard=True):
+        chosen = choose(platform, dtype, kind, length, with_cache=with_cache, per_shard=per_shard)
+        calls.append((kind, length, with_cache, chosen))
+        return chosen
+
+    monkeypatch.setattr(K, "choose_attention", spy)
+    return calls
+
+
+def test_padded_prefill_asks_for_segment_attention_and_keeps_its_numbers(monkeypatch):
+    """On the CPU the prefill still runs the blocked kernel over the same mask: logits and
+    cache bitwise as with the dense mask alone; the kernels are asked for SEGMENTS."""
+    params = rdlm.init_params(GEN_CFG, jax.random.key(0))
+    run, args = _prefill(params, GEN_CFG)
+    calls = _spy_attention(monkeypatch)
+    logits, cache = jax.jit(run)(*args)
+    layers = GEN_CFG.n_prelude + GEN_CFG.n_core + GEN_CFG.n_coda
+    assert calls == [(K.SEGMENTS, GEN_LEN, False, K.BLOCKED)] * layers
+
+    engine_context = G.block_context
+
+    def dense_context(cfg, pad_b, start, length, cache_len, with_prefix):
+        ctx = engine_context(cfg, pad_b, start, length, cache_len, with_prefix)
+        return dataclasses.replace(ctx, segment_ids_bt=None,
+                                   mask_b1ts=_dense_block_mask(pad_b, start, length)[:, None])
+
+    monkeypatch.setattr(G, "block_context", dense_context)
+    run, args = _prefill(params, GEN_CFG)  # a new function: traced afresh
+    want_logits, want_cache = jax.jit(run)(*args)
+    assert calls[-1][0] == K.MASKED
+    np.testing.assert_array_equal(logits, want_logits)
+    for got, want in zip(jax.tree.leaves(cache), jax.tree.leaves(want_cache)):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.skipif(jax.device_count() != 1, reason="the Pallas kernels run unsharded on one "
+                    "device only")
+@pytest.mark.parametrize("platform, dtype, kernel", [("tpu", "float32", K.SPLASH),
+                                                     ("gpu", "bfloat16", K.GPU_FLASH)])
+def test_padded_prefill_on_the_fused_kernels_matches_the_blocked_kernel(monkeypatch, platform,
+                                                                        dtype, kernel):
+    """The prefill traced for a TPU (splash) or a GPU (Pallas flash), both kernels in Pallas'
+    interpreter: the logits and the cache's keys/values of the CPU's blocked kernel, the
+    padding rows (one prompt is all padding but its last token) included."""
+    cfg = dataclasses.replace(GEN_CFG, dtype=dtype)
+    params = rdlm.init_params(cfg, jax.random.key(0))
+    run, args = _prefill(params, cfg)
+    want_logits, want_cache = jax.jit(run)(*args)
+
+    monkeypatch.setattr(K, "target_platform", lambda mesh: platform)
+    monkeypatch.setattr(P, "splash_attention",
+                        functools.partial(P.splash_attention, interpret=True))
+    monkeypatch.setattr(P, "gpu_flash_attention",
+                        functools.partial(P.gpu_flash_attention, interpret=True))
+    calls = _spy_attention(monkeypatch)
+    run, args = _prefill(params, cfg)
+    logits, cache = jax.jit(run)(*args)
+    assert {c[3] for c in calls} == {kernel}
+    # float32: the same math in another order, through 3 recurrence steps of 4 layers (measured
+    # within 3e-7 of the largest entry); bfloat16: one rounding step of an 8-bit mantissa apart.
+    tol = dict(float32=dict(rtol=0, atol=1e-5), bfloat16=dict(rtol=0, atol=1e-2))[dtype]
+    for got, want in zip(jax.tree.leaves((logits, cache)), jax.tree.leaves((want_logits,
+                                                                             want_cache))):
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        scale = max(float(np.abs(want).max()), 1.0)
+        np.testing.assert_allclose(got / scale, want / scale, **tol)
+
+
+def test_padded_prefill_lowers_to_splash_for_a_tpu():
+    """The whole generation program exported for TPU from the CPU (`jax.export`, no libtpu):
+    the prompt's attention is the segmented splash kernel (a Mosaic custom call); decoding
+    stays on the XLA attention over the cache."""
+    params = rdlm.init_params(GEN_CFG, jax.random.key(0))
+    plan = make_plan(GEN_CFG, GEN_ROWS, max_new_tokens=2, num_steps=GEN_STEPS,
+                     prompt_len=GEN_LEN)
+    prompt_bt, pad_b = left_pad(GEN_ROWS, GEN_LEN)
+    program = jax.jit(functools.partial(programs._generate_program, plan=plan))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(K, "target_platform", lambda mesh: "tpu")
+        calls = _spy_attention(patch)
+        exported = jax.export.export(program, platforms=["tpu"])(
+            params, prompt_bt, pad_b, np.int32(GEN_STEPS), jax.random.key(0))
+    kernels = set(re.findall(r'kernel_name = "([^"]+)"', exported.mlir_module()))
+    assert kernels == {"splash_mha_fwd_segmented_no_residuals"}
+    assert {(kind, chosen) for kind, _, cache, chosen in calls if not cache} == {
+        (K.SEGMENTS, K.SPLASH)}
+    assert {(kind, chosen) for kind, _, cache, chosen in calls if cache} == {(K.MASKED, K.CACHE)}

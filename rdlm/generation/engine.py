@@ -61,26 +61,45 @@ def choose_tokens(logits_bv: jax.Array, key: jax.Array, sampling: SamplingConfig
 # One block of positions through prelude / core step / coda, reading and writing the cache.
 
 
+# The segment id that a block's real (non-padding) positions share; a padding position's id is
+# its own index (>= 0), so no two padding positions share one (`block_segments`).
+PROMPT_SEGMENT = -1
+
+
+def block_segments(pad_b: jax.Array, index_t: jax.Array) -> jax.Array:
+    """[b, t] segment ids of positions ``index_t`` of left-padded rows: the real positions share
+    `PROMPT_SEGMENT`, each padding position is a segment of its own.
+
+    "Causal within equal ids" is then exactly the engine's block mask (real positions see the
+    real positions before them, a padding position sees itself only, so no softmax row is
+    empty), which the fused kernels take as ids instead of a [b, t, s] mask."""
+    return jnp.where(index_t[None, :] >= pad_b[:, None], PROMPT_SEGMENT, index_t[None, :])
+
+
 def block_context(cfg: ModelConfig, pad_b: jax.Array, start: jax.Array | int, length: int,
                   cache_len: int, with_prefix: bool) -> AttentionContext:
     """Mask and RoPE for queries at cache positions ``start … start+length-1``.
 
-    Keys are the cache (positions < start, not padding) followed by the block itself (causal).
-    A padding query attends to itself only, so no softmax row is empty.
+    Keys are the cache (positions < start, not padding) followed by the block itself, causal
+    within `block_segments`. Without a prefix (a prompt's prefill) the context carries the
+    segment ids too, so that `rdlm.model.kernels.attention` can pick splash attention on TPU or
+    the Pallas flash kernel on GPU; the blocked CPU kernel reads the same mask as before.
     """
     b = pad_b.shape[0]
     index_t = start + jnp.arange(length)
     positions_bt = jnp.maximum(index_t[None, :] - pad_b[:, None], 0)
     cos_bt1f, sin_bt1f = rope_angles(positions_bt, cfg)
-    real_key_bt = index_t[None, :] >= pad_b[:, None]
+    segment_bt = block_segments(pad_b, index_t)
     causal_tt = jnp.tril(jnp.ones((length, length), bool))
-    block_btt = causal_tt[None] & (real_key_bt[:, None, :] | jnp.eye(length, dtype=bool)[None])
-    mask_bts = block_btt
-    if with_prefix:
-        index_s = jnp.arange(cache_len)
-        prefix_bs = (index_s[None] >= pad_b[:, None]) & (index_s[None] < start)
-        mask_bts = jnp.concatenate(
-            [jnp.broadcast_to(prefix_bs[:, None, :], (b, length, cache_len)), block_btt], -1)
+    block_btt = causal_tt[None] & (segment_bt[:, :, None] == segment_bt[:, None, :])
+    if not with_prefix:
+        return AttentionContext(cos_bt1f, sin_bt1f, block_btt[:, None], segment_bt)
+    # Over a cache the mask covers cached keys too, which no segment ids express: no ids, so
+    # attention stays on `attend_with_prefix`.
+    index_s = jnp.arange(cache_len)
+    prefix_bs = (index_s[None] >= pad_b[:, None]) & (index_s[None] < start)
+    mask_bts = jnp.concatenate(
+        [jnp.broadcast_to(prefix_bs[:, None, :], (b, length, cache_len)), block_btt], -1)
     return AttentionContext(cos_bt1f, sin_bt1f, mask_bts[:, None])
 
 
