@@ -6,12 +6,12 @@ import argparse
 import json
 import signal
 import sys
-from pathlib import Path
 
 from rdlm.coconut import evaluate_method, load_coconut_config, train_coconut
 from rdlm.cli.train import abort_now
 from rdlm.errors import CheckpointError, ConfigError, TrainingDiverged
 from rdlm.runtime import checkpoint as ckpt_lib
+from rdlm.runtime import storage
 
 
 def cli(argv: list[str]) -> int:
@@ -28,6 +28,8 @@ def cli(argv: list[str]) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.json:
+        storage.check_access(args.json, "--json")  # before training: one clear error
     # One Ctrl-C saves the step (inside train); a second one ends the process as `rdlm train`'s.
     previous = signal.signal(signal.SIGINT, abort_now(cfg.train.run_dir))
     try:
@@ -47,5 +49,6 @@ def cli(argv: list[str]) -> int:
     print(f"{cc.method}: accuracy {result['accuracy']:.3f}, generated tokens "
           f"{result['generated_tokens']:.1f} on {result['num_examples']} {cc.eval_split} problems")
     if args.json:
-        Path(args.json).write_text(json.dumps({k: v for k, v in result.items()}, indent=1))
+        storage.as_path(args.json).write_text(json.dumps({k: v for k, v in result.items()},
+                                                         indent=1))
     return 0

@@ -4,6 +4,7 @@ Trains ``configs/demo.yaml`` (or resumes it, or reuses the finished checkpoint),
 exact-match accuracy on held-out problems for several numbers of recurrence steps r, writes a table
 (`results.md`, `results.json`) and a plot (`accuracy_vs_r.png`) into the run directory, and prints a
 few solved problems with the core iterations each answer token used under KL adaptive exit.
+``train.run_dir`` may be a bucket (``gs://…``): the table, JSON and plot go there too.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from rdlm.data.tasks import example_at, make_task
 from rdlm.data.tokenizer import load_tokenizer
 from rdlm.generation import generate
 from rdlm.generation.evaluate import evaluate_accuracy
-from rdlm.runtime import checkpoint
+from rdlm.runtime import checkpoint, storage
 from rdlm.runtime.checkpoint import finished_step
 from rdlm.runtime.hostinfo import machine
+from rdlm.runtime.storage import StoragePath
 from rdlm.train import train
 
 DEFAULT_CONFIG = "demo"  # the shipped configs/demo.yaml (`rdlm.config.config_path`)
@@ -52,7 +54,7 @@ def accuracy_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_accuracy(result: dict[str, Any], path: Path, title: str) -> None:
+def plot_accuracy(result: dict[str, Any], path: StoragePath, title: str) -> None:
     # deferred: matplotlib takes most of a second to load and only this plot needs it
     import matplotlib
     matplotlib.use("Agg")
@@ -78,7 +80,8 @@ def plot_accuracy(result: dict[str, Any], path: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with path.open("wb") as f:  # a file object: matplotlib cannot write to a bucket by name
+        fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
 
 
@@ -105,7 +108,8 @@ def show_examples(params: Any, cfg: Config, num: int, num_steps: int) -> list[di
 def train_or_reuse(cfg: Config, config_path: str | Path) -> float:
     """Train the run, resume it, or reuse its finished checkpoint; returns this call's seconds.
     A preempted run (SIGTERM) is saved and the demo stops: a partial model's numbers would mislead."""
-    run_dir = Path(cfg.train.run_dir)
+    storage.check_access(cfg.train.run_dir, "train.run_dir")  # before the resume point is read
+    run_dir = storage.as_path(cfg.train.run_dir)
     done = finished_step(run_dir)
     start = time.perf_counter()
     if done is not None and done >= cfg.train.steps:
@@ -120,8 +124,8 @@ def train_or_reuse(cfg: Config, config_path: str | Path) -> float:
     return time.perf_counter() - start
 
 
-def write_results(run_dir: Path, summary: dict[str, Any], result: dict[str, Any], cfg: Config,
-                  config_path: str | Path) -> str:
+def write_results(run_dir: StoragePath, summary: dict[str, Any], result: dict[str, Any],
+                  cfg: Config, config_path: str | Path) -> str:
     """results.json, accuracy_vs_r.png and results.md in the run directory; returns the table."""
     table = accuracy_table(result)
     (run_dir / "results.json").write_text(json.dumps(summary, indent=1, default=str))
@@ -152,9 +156,9 @@ def run(config_path: str | Path = DEFAULT_CONFIG, overrides: list[str] | None = 
         show: int = 4) -> dict[str, Any]:
     """Train (or resume / reuse), evaluate, write the table and plot; returns the results."""
     cfg = load_config(config_path, overrides or [])
-    run_dir = Path(cfg.train.run_dir)
+    run_dir = storage.as_path(cfg.train.run_dir)
     train_seconds = train_or_reuse(cfg, config_path)
-    saved_cfg, params = checkpoint.load_params(run_dir.resolve())
+    saved_cfg, params = checkpoint.load_params(run_dir)
     cfg = saved_cfg if isinstance(saved_cfg, Config) else cfg
     print(f"[demo] evaluating r = {list(num_steps_list)} on {num_examples} held-out problems…",
           flush=True)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from pathlib import Path
 from typing import Sequence
 
 from rdlm.config import Config, check_num_steps
 from rdlm.errors import ConfigError
 from rdlm.generation.evaluate import evaluate_accuracy, format_table, read_problems
+from rdlm.runtime import storage
 from rdlm.runtime.checkpoint import load_params, say_on_stderr
 from rdlm.train.eval import TOKEN_SOURCES, held_out_loss, loss_table, plot_loss_vs_r
 
@@ -71,6 +71,10 @@ def cli(argv: Sequence[str]) -> int:
     parser.add_argument("--markdown", help="write the table here")
     args = parser.parse_args(list(argv))
     steps = _parse_steps(args.num_steps)
+    for setting, output in (("--json", args.json), ("--markdown", args.markdown),
+                            ("--plot", args.plot)):  # files or bucket URLs
+        if output:
+            storage.check_access(output, setting)  # before the evaluation: one clear error
     cfg, params = load_params(args.checkpoint, report=say_on_stderr)
     if cfg.data.source in TOKEN_SOURCES:
         return _text_eval(args, cfg, params, steps)
@@ -91,9 +95,9 @@ def cli(argv: Sequence[str]) -> int:
     print(table)
     print(f"({result['seconds']:.1f} s)")
     if args.markdown:
-        Path(args.markdown).write_text(f"checkpoint `{args.checkpoint}`\n\n{table}\n")
+        storage.as_path(args.markdown).write_text(f"checkpoint `{args.checkpoint}`\n\n{table}\n")
     if args.json:
-        Path(args.json).write_text(json.dumps(
+        storage.as_path(args.json).write_text(json.dumps(
             {**result, "checkpoint": str(args.checkpoint),
              "accuracy": {str(k): v for k, v in result["accuracy"].items()},
              "predictions": {str(k): v for k, v in result["predictions"].items()},
@@ -116,10 +120,11 @@ def _text_eval(args: argparse.Namespace, cfg: Config, params: object, steps: lis
     table = loss_table(result)
     print(f"{result['split']} split, {result['tokens']:,} tokens\n{table}")
     if args.markdown:
-        Path(args.markdown).write_text(f"checkpoint `{args.checkpoint}`, {result['split']} split, "
-                                       f"{result['tokens']:,} tokens\n\n{table}\n")
+        storage.as_path(args.markdown).write_text(
+            f"checkpoint `{args.checkpoint}`, {result['split']} split, {result['tokens']:,} "
+            f"tokens\n\n{table}\n")
     if args.json:
-        Path(args.json).write_text(json.dumps(
+        storage.as_path(args.json).write_text(json.dumps(
             {**result, "checkpoint": str(args.checkpoint),
              "loss": {str(r): v for r, v in result["loss"].items()},
              "perplexity": {str(r): v for r, v in result["perplexity"].items()}}, indent=2))

@@ -24,6 +24,7 @@ from rdlm.data.render import prompt_tokens, render
 from rdlm.data.tasks import Example, example_at, make_task
 from rdlm.data.tokenizer import Tokenizer, load_tokenizer
 from rdlm.runtime import checkpoint as ckpt_lib
+from rdlm.runtime import storage
 from rdlm.runtime.distributed import maybe_initialize_distributed
 from rdlm.train.loop import train
 from rdlm.train.metrics import read_metrics
@@ -318,7 +319,9 @@ def train_coconut(cfg: Config, cc: CoconutConfig, *, stop_after: int | None = No
                           "nothing to train; set one of them > 0.")
     schedule = StageSchedule(tuple(stage_plan(cc, budget)))
     cfg = run_config(cfg, schedule)
-    run_dir = Path(cfg.train.run_dir).expanduser().absolute()
+    # A folder or a bucket, checked before the resume point is read from it.
+    storage.check_access(cfg.train.run_dir, "train.run_dir")
+    run_dir = storage.as_path(cfg.train.run_dir)
     tok = load_tokenizer(cfg.data.tokenizer)
     data = CurriculumBatches(training_examples(cfg, cc), tok, cc, schedule,
                              cfg.train.batch_size, cfg.train.seq_len, cfg.seed)

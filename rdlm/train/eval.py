@@ -14,6 +14,7 @@ from jax.sharding import Mesh
 from rdlm.config import Config
 from rdlm.errors import ConfigError
 from rdlm.model import forward, token_loss_sums
+from rdlm.runtime import storage
 from rdlm.train.step import Batch, global_batch
 
 
@@ -121,7 +122,7 @@ def loss_table(result: dict[str, Any]) -> str:
 
 
 def plot_loss_vs_r(result: dict[str, Any], path: str | Path, title: str = "") -> None:
-    """Held-out loss against r (log-2 axis), as a PNG."""
+    """Held-out loss against r (log-2 axis), as a PNG at ``path`` (a file or a bucket URL)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -134,5 +135,6 @@ def plot_loss_vs_r(result: dict[str, Any], path: str | Path, title: str = "") ->
     ax.set_title(title or f"held-out loss vs r ({result['tokens']:,} tokens)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with storage.as_path(path).open("wb") as f:  # matplotlib cannot write to a bucket by name
+        fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
