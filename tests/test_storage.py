@@ -8,6 +8,8 @@ servers that this module starts once (fake-gcs-server for ``gs://``, moto for ``
   with 8 devices resumes from it;
 - token shards are read from both stores, a checkpoint in the bucket is sampled from and
   converted to and from Hugging Face files;
+- shards and a tokenizer prepared into the bucket train a run there, which is exported to
+  Hugging Face files there, and nothing is uploaded when prepare fails;
 - the lock is created only if absent on both stores;
 - an unreachable endpoint, a missing bucket, absent credentials and checkpoints on ``s3://``
   each end in one ``error:`` line naming the URL and the setting.
@@ -16,6 +18,7 @@ servers that this module starts once (fake-gcs-server for ``gs://``, moto for ``
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -23,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+import fsspec
 import jax
 import numpy as np
 import pytest
@@ -31,7 +35,7 @@ from rdlm.bench import emulators
 from rdlm.cli import main
 from rdlm.runtime import checkpoint, storage
 from rdlm.runtime import lock as lock_lib
-from tests.test_train_multihost import (_assert_same_params, _free_port, _run,
+from tests.test_train_multihost import (BASE_OVERRIDES, _assert_same_params, _free_port, _run,
                                         subprocess_env)
 from tests.test_faults_train import TINY, quiet, tiny_cfg
 from rdlm.train import read_metrics, train
@@ -46,6 +50,7 @@ def stores() -> dict[str, emulators.Server]:
         saved = dict(os.environ)
         for server in servers.values():
             os.environ.update(server.environment())
+        fsspec.config.set_conf_env(fsspec.config.conf)  # read at import, before these were set
         try:
             yield servers
         finally:
@@ -210,6 +215,57 @@ def test_sample_and_convert_with_a_checkpoint_in_the_bucket(stores, tmp_path, ca
     assert from_bucket.strip() and from_bucket == capsys.readouterr().out
 
 
+def test_prepare_train_and_export_all_in_the_bucket(stores, tmp_path, jax_cache, capsys):
+    from rdlm.interop import load_huginn
+
+    root = f"{stores['gs'].root}/pipeline"
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"document {i}: " + "abc def ghi " * (1 + i % 5)
+                                   for i in range(40)))
+    assert main(["prepare", str(corpus), "--tokenizer", "bpe:260", "--output", f"{root}/data",
+                 "--shard-tokens", "1000"]) == 0
+    meta = json.loads(storage.as_path(f"{root}/data/train.meta.json").read_text())
+    assert meta["tokenizer"] == f"{root}/data/tokenizer.json" and len(meta["files"]) > 1
+    assert sorted(storage.as_path(f"{root}/data").iterdir()) == sorted(
+        storage.as_path(f"{root}/data/{name}")
+        for name in [*meta["files"], "tokenizer.json", "train.meta.json"])
+
+    run = f"{root}/run"  # its own process: see the resumed run above
+    trained = subprocess.run(
+        [sys.executable, "-m", "rdlm", "train", str(TINY), *BASE_OVERRIDES, "train.steps=2",
+         "data.source=memmap", f"data.paths={root}/data/{{split}}-*.npy",
+         f"data.tokenizer={meta['tokenizer']}", "model.vocab_size=260", f"train.run_dir={run}"],
+        cwd=tmp_path, env=subprocess_env(1, jax_cache), capture_output=True, text=True,
+        timeout=300)
+    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
+    assert checkpoint.list_checkpoints(run) == [2]
+
+    hf = f"{root}/hf"
+    assert main(["convert", "rdlm-to-huginn", run, hf]) == 0
+    names = {f.name for f in storage.as_path(hf).iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= names, names
+    local = tmp_path / "hf"
+    local.mkdir()
+    for name in names:
+        storage.copy_file(storage.as_path(f"{hf}/{name}"), local / name)
+    assert (local / "tokenizer.json").read_bytes() == storage.as_path(
+        meta["tokenizer"]).read_bytes()  # the run's, from the bucket
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 load_huginn(local)[1], checkpoint.load_params(run)[1])
+
+    # Errors: one line naming the URL and the setting; nothing uploaded when prepare fails.
+    capsys.readouterr()
+    assert main(["prepare", str(corpus), "--tokenizer", "chars", "--output",
+                 "gs://no-such-bucket/data"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --output='gs://no-such-bucket/data'") and err.count("\n") == 1
+    (tmp_path / "empty.txt").write_text("\n")
+    assert main(["prepare", str(tmp_path / "empty.txt"), "--tokenizer", "bpe:260", "--output",
+                 f"{root}/empty"]) == 2
+    assert "no documents" in capsys.readouterr().err
+    assert not storage.glob(f"{root}/empty*")
+
+
 # ---------------------------------------------------------------------------------------------
 # The lock, and the errors.
 
@@ -268,7 +324,6 @@ def test_storage_errors_are_one_line_naming_the_url_and_the_setting(stores, monk
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
     monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
-    import fsspec
     fsspec.filesystem("s3").clear_instance_cache()  # credentials are read when a client starts
     line = _train_error(monkeypatch, capsys, f"{s3.root}/run")
     assert "no credentials" in line and "AWS_ACCESS_KEY_ID" in line, line

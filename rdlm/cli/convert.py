@@ -6,13 +6,16 @@ Huginn-0125 and for Llama-family models retrofitted with recurrence.
         --tokenizer path/to/huginn-0125
     python -m rdlm convert llama-to-rdlm  path/to/tinyllama  ckpt/tinyllama --prelude 4 --core 14
     python -m rdlm convert rdlm-to-llama  ckpt/tinyllama  out/tinyllama-hf
+
+Checkpoints (rdlm's side) and the Hugging Face directories written may be bucket URLs
+(``gs://…``; ``s3://…`` except for rdlm checkpoints); a Hugging Face directory is assembled
+locally and uploaded with config.json last.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,7 @@ from rdlm.interop.llama import load_llama, save_llama
 from rdlm.model import count_params
 from rdlm.runtime import checkpoint, storage
 from rdlm.runtime.rundir import find_in_run
+from rdlm.runtime.storage import StoragePath
 from rdlm.train.metrics import read_metrics
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -114,10 +118,10 @@ def _llama_parsers(sub: argparse._SubParsersAction) -> None:
     to_hf.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
 
-def _tokenizer_files(path: str | None) -> dict[str, Path]:
+def _tokenizer_files(path: str | None) -> dict[str, StoragePath]:
     if path is None:
         return {}
-    source = Path(path)
+    source = storage.as_given(path)
     if source.is_file():
         return {"tokenizer.json": source}
     files = {name: source / name for name in TOKENIZER_FILES if (source / name).is_file()}
@@ -126,10 +130,10 @@ def _tokenizer_files(path: str | None) -> dict[str, Path]:
     return files
 
 
-def _code_files(directory: str | None) -> dict[str, Path]:
+def _code_files(directory: str | None) -> dict[str, StoragePath]:
     if directory is None:
         return {}
-    files = {name: Path(directory) / name for name in CODE_FILES}
+    files = {name: storage.as_given(directory) / name for name in CODE_FILES}
     absent = [str(f) for f in files.values() if not f.is_file()]
     if absent:
         raise FileNotFoundError(f"--code-from: {absent} do not exist.")
@@ -162,7 +166,8 @@ def huginn_to_rdlm(args: argparse.Namespace) -> None:
           + (", with its tokenizer.json" if tokenizer.is_file() else ""))
 
 
-def _run_files(args: argparse.Namespace, config: Config) -> tuple[dict[str, Path], dict[str, str]]:
+def _run_files(args: argparse.Namespace, config: Config
+               ) -> tuple[dict[str, StoragePath], dict[str, str]]:
     """(files to copy, texts to write) beside the weights: the tokenizer (``--tokenizer``, else
     the run's own tokenizer.json), its tokenizer_config.json and generation_config.json, and a
     model card from the run's config and metrics."""
@@ -189,7 +194,7 @@ def _run_files(args: argparse.Namespace, config: Config) -> tuple[dict[str, Path
 def rdlm_to_huginn(args: argparse.Namespace) -> None:
     if args.code_from and args.code_repo:
         raise ValueError("give --code-from or --code-repo, not both.")
-    if Path(args.output).exists() and not args.overwrite:
+    if storage.as_path(args.output).exists() and not args.overwrite:
         raise FileExistsError(f"{args.output!r} already exists; pass --overwrite to replace it.")
     config, params = checkpoint.load_params(args.input, report=checkpoint.say_on_stderr)
     files, texts = _run_files(args, config)
@@ -201,20 +206,20 @@ def rdlm_to_huginn(args: argparse.Namespace) -> None:
 
 
 def llama_to_rdlm(args: argparse.Namespace) -> None:
-    if Path(args.output).exists():
+    if storage.as_path(args.output).exists():
         raise FileExistsError(f"{args.output!r} already exists; choose a new path.")
     compute = _auto_compute_dtype(args.input) if args.compute_dtype == "auto" else args.compute_dtype
     # Checks config.json, the split, every tensor and the tokenizer before anything is written.
     cfg, params = load_llama(args.input, prelude=args.prelude, core=args.core,
                              dtype=args.param_dtype, compute_dtype=compute)
-    output = Path(args.output).expanduser().absolute()
+    output = storage.as_path(args.output)  # a folder or a bucket
     kept = {name: Path(args.input) / name for name in LLAMA_KEPT_FILES
             if (Path(args.input) / name).is_file()}
     has_tokenizer = RUN_TOKENIZER in kept
     data = DataConfig(tokenizer=str(output / RUN_TOKENIZER)) if has_tokenizer else DataConfig()
     checkpoint.save_params(output, Config(model=cfg, data=data), params)
     for name, source in kept.items():  # sample, eval and rdlm-to-llama find them there
-        shutil.copyfile(source, output / name)
+        storage.copy_file(source, output / name)
     if not has_tokenizer:
         print(f"note: {args.input} has no tokenizer.json (a tokenizer.model alone is not read); "
               "pass --tokenizer to sample and eval.", file=sys.stderr)
@@ -225,7 +230,7 @@ def llama_to_rdlm(args: argparse.Namespace) -> None:
           + (", with its tokenizer" if has_tokenizer else ""))
 
 
-def _token_ids(files: dict[str, Path], tok: Tokenizer | None) -> dict[str, Any]:
+def _token_ids(files: dict[str, StoragePath], tok: Tokenizer | None) -> dict[str, Any]:
     """bos/eos/pad ids for config.json: the original generation_config.json's when it travelled
     with the checkpoint (it may list several stop ids), else the tokenizer's roles."""
     ids = generation_config(tok)
@@ -237,14 +242,13 @@ def _token_ids(files: dict[str, Path], tok: Tokenizer | None) -> dict[str, Any]:
 
 
 def rdlm_to_llama(args: argparse.Namespace) -> None:
-    if Path(args.output).exists() and not args.overwrite:
+    if storage.as_path(args.output).exists() and not args.overwrite:
         raise FileExistsError(f"{args.output!r} already exists; pass --overwrite to replace it.")
-    config, params = checkpoint.load_params(Path(args.input).expanduser().absolute(),
-                                            report=checkpoint.say_on_stderr)
+    config, params = checkpoint.load_params(args.input, report=checkpoint.say_on_stderr)
     files = _tokenizer_files(args.tokenizer)
     if not files:
         found = {name: find_in_run(args.input, name) for name in LLAMA_KEPT_FILES}
-        files = {name: Path(str(path)) for name, path in found.items() if path is not None}
+        files = {name: path for name, path in found.items() if path is not None}
     if RUN_TOKENIZER not in files:
         files = {}  # settings without the tokenizer they belong to would mislead
     tok = load_tokenizer(files[RUN_TOKENIZER]) if files else None
@@ -268,6 +272,7 @@ DIRECTIONS = {"huginn-to-rdlm": huginn_to_rdlm, "rdlm-to-huginn": rdlm_to_huginn
 def cli(argv: list[str] | None = None) -> int:
     """``rdlm convert DIRECTION IN OUT``; errors are reported by `rdlm.cli.main` as one line."""
     args = _parser().parse_args(argv)
+    storage.check_access(args.output, "OUTPUT")  # before anything is read: one clear error
     DIRECTIONS[args.direction](args)
     return 0
 

@@ -8,6 +8,10 @@ puts the same BOS in front of a prompt) and followed by its EOS token (the separ
 pipeline uses to start a new segment). Formats: ``npy`` / ``bin`` (flat token stream, read with
 ``data.source=memmap``), ``arrayrecord`` and ``parquet`` (one document per record / row, column
 ``tokens``). A ``<prefix>.meta.json`` records the tokenizer, vocabulary size, EOS id and counts.
+
+``--output`` may be a bucket (``gs://…``, ``s3://…``): the files are written into a local
+temporary folder and uploaded once all are done, the meta files last, so a bucket holds a
+split's meta file only when every one of its shards is there.
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ import numpy as np
 from rdlm.data.sources import BIN_DTYPE_SUFFIX, encode_doc
 from rdlm.data.tokenizer import RUN_TOKENIZER, Tokenizer, load_tokenizer, train_bpe_tokenizer
 from rdlm.errors import ConfigError
+from rdlm.runtime import storage
 
 FORMATS = ("npy", "bin", "arrayrecord", "parquet")
+META_SUFFIX = ".meta.json"  # <prefix>.meta.json: written last, it marks a split complete
 
 
 def _read_text(path: Path) -> str:
@@ -153,18 +159,20 @@ def held_out(doc: str, fraction: float) -> bool:
     return zlib.crc32(doc.encode("utf-8")) % 1_000_000 < fraction * 1_000_000
 
 
-def resolve_tokenizer(spec: str, train_docs: Callable[[], Iterable[str]], output: Path
-                      ) -> tuple[Tokenizer, str]:
+def resolve_tokenizer(spec: str, train_docs: Callable[[], Iterable[str]], output: Path,
+                      final: storage.StoragePath | None = None) -> tuple[Tokenizer, str]:
     """(tokenizer, where it is): ``bpe:N`` trains an N-token byte-level BPE on ``train_docs()``
-    into ``<output>/tokenizer.json``; anything else is loaded (`load_tokenizer`)."""
+    into ``<output>/tokenizer.json``, named by where that folder's files end up (``final``, e.g.
+    the bucket ``output`` is staged for; default ``output``); anything else is loaded
+    (`load_tokenizer`)."""
     if not spec.startswith("bpe:"):
         return load_tokenizer(spec), spec
     try:
         vocab_size = int(spec.removeprefix("bpe:"))
     except ValueError:
         raise ConfigError(f"--tokenizer {spec!r}: expected bpe:VOCAB_SIZE, e.g. bpe:2048.") from None
-    path = output / RUN_TOKENIZER
-    return train_bpe_tokenizer(train_docs(), vocab_size, path), str(path)
+    tok = train_bpe_tokenizer(train_docs(), vocab_size, output / RUN_TOKENIZER)
+    return tok, str((output if final is None else final) / RUN_TOKENIZER)
 
 
 def prepare(inputs: Sequence[str], *, tokenizer: str, output: str, prefix: str = "train",
@@ -175,31 +183,35 @@ def prepare(inputs: Sequence[str], *, tokenizer: str, output: str, prefix: str =
     ``tokenizer="bpe:N"`` first trains a tokenizer on the (training) documents and saves it as
     ``<output>/tokenizer.json``. ``test_fraction > 0`` sends that share of the documents (by a
     hash of each) to shards named ``test-*`` and the rest to ``train-*``, so that
-    ``data.paths: [<output>/{split}-*.npy]`` trains on one and evaluates on the other."""
+    ``data.paths: [<output>/{split}-*.npy]`` trains on one and evaluates on the other.
+    ``output`` may be a bucket URL (see the module's doc)."""
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r} is invalid: must be one of {FORMATS}.")
     if not 0.0 <= test_fraction < 1.0:
         raise ConfigError(f"--test-fraction={test_fraction} must be in [0, 1).")
-    out = Path(output)
+    storage.check_access(output, "--output")  # before any input is read: one clear error
+    out = storage.as_given(output)
     read = lambda: (d for path in inputs for d in read_documents(  # noqa: E731
         path, text_key=text_key, txt_documents=txt_documents))
-    tok, tokenizer = resolve_tokenizer(
-        tokenizer, lambda: (d for d in read() if not held_out(d, test_fraction)), out)
     splits = {"train" if test_fraction else prefix: False}
     if test_fraction:
         splits["test"] = True
-    meta: dict[str, Any] = {}
-    for name, is_test in splits.items():
-        docs = (d for d in read() if not test_fraction or held_out(d, test_fraction) == is_test)
-        meta[name] = _write_split(tokenizer, tok, docs, out, name, fmt, shard_tokens)
-    total = sum(m["documents"] for m in meta.values())
-    if not total:
-        raise ValueError(f"no documents in {', '.join(map(repr, inputs))}: the input is empty "
-                         "or only whitespace (a .txt file splits into documents at blank lines; "
-                         "see --txt-documents).")
-    if test_fraction and not meta["test"]["documents"]:
-        raise ValueError(f"--test-fraction={test_fraction} held out none of the {total} "
-                         "documents: raise it, or split the text into more documents.")
+    # An error below leaves the bucket untouched: the staged files are uploaded only at the end.
+    with storage.staged(out, last=(f"*{META_SUFFIX}",)) as folder:
+        tok, tokenizer = resolve_tokenizer(
+            tokenizer, lambda: (d for d in read() if not held_out(d, test_fraction)), folder, out)
+        meta: dict[str, Any] = {}
+        for name, is_test in splits.items():
+            docs = (d for d in read() if not test_fraction or held_out(d, test_fraction) == is_test)
+            meta[name] = _write_split(tokenizer, tok, docs, folder, name, fmt, shard_tokens)
+        total = sum(m["documents"] for m in meta.values())
+        if not total:
+            raise ValueError(f"no documents in {', '.join(map(repr, inputs))}: the input is empty "
+                             "or only whitespace (a .txt file splits into documents at blank "
+                             "lines; see --txt-documents).")
+        if test_fraction and not meta["test"]["documents"]:
+            raise ValueError(f"--test-fraction={test_fraction} held out none of the {total} "
+                             "documents: raise it, or split the text into more documents.")
     return meta[prefix] if not test_fraction else meta
 
 
@@ -217,5 +229,5 @@ def _write_split(tokenizer: str, tok: Tokenizer, docs: Iterable[str], out: Path,
     meta = {"tokenizer": tokenizer, "vocab_size": tok.vocab_size, "bos_id": tok.bos_id,
             "eos_id": tok.eos_id, "format": fmt, "files": files, **counts}
     if files:
-        (out / f"{prefix}.meta.json").write_text(json.dumps(meta, indent=2))
+        (out / f"{prefix}{META_SUFFIX}").write_text(json.dumps(meta, indent=2))
     return meta

@@ -1,13 +1,14 @@
 """What every Hugging Face checkpoint directory needs, whatever its layout: placing each tensor
 read into its sharding, gathering each tensor to write back to host memory, writing the
-safetensors shards (and their index), and committing a directory atomically. The layouts
-(`huginn`, `llama`) say which tensors go where; this module moves them."""
+safetensors shards (and their index), and committing a directory atomically, on disk or in a
+bucket. The layouts (`huginn`, `llama`) say which tensors go where; this module moves them."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -21,7 +22,7 @@ from rdlm.errors import ConfigError
 from rdlm.interop.safetensors_io import (INDEX_FILE, SINGLE_FILE, OutTensor, plan_shards,
                                          write_safetensors)
 from rdlm.runtime import sharding as rdlm_sharding
-from rdlm.runtime.storage import as_path, copy_file
+from rdlm.runtime.storage import StoragePath, as_path, copy_file, upload_tree
 
 
 class FormatError(ConfigError):
@@ -73,11 +74,26 @@ def to_host(leaf: Any) -> np.ndarray:
     return np.asarray(jax.device_get(leaf))
 
 
-def commit_dir(tmp: Path, final: Path, overwrite: bool) -> None:
-    """Rename the finished ``tmp`` to ``final`` (replacing it only with ``overwrite``)."""
+def assembly_dir(final: StoragePath) -> Path:
+    """Where the directory ``final`` is put together: beside it on disk, so that committing it is
+    a rename; for a bucket in a local temporary folder, committed by an upload."""
+    name = f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    return final.with_name(name) if isinstance(final, Path) else Path(tempfile.gettempdir()) / name
+
+
+def commit_dir(tmp: Path, final: StoragePath, overwrite: bool, last: str) -> None:
+    """Put the finished ``tmp`` at ``final`` (replacing it only with ``overwrite``): a rename on
+    disk; in a bucket an upload with the file ``last`` (config.json) after all the others, so a
+    reader that finds it finds every file."""
+    if final.exists() and not overwrite:
+        raise FileExistsError(f"{str(final)!r} exists; pass overwrite=True to replace it.")
+    if not isinstance(final, Path):
+        if final.exists():  # the old config.json goes first: the old files never look whole
+            (final / last).unlink(missing_ok=True)
+            final.rmtree()
+        upload_tree(tmp, final, last=(last,))
+        return
     if final.exists():
-        if not overwrite:
-            raise FileExistsError(f"{str(final)!r} exists; pass overwrite=True to replace it.")
         old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
         os.replace(final, old)
         os.replace(tmp, final)
@@ -86,7 +102,8 @@ def commit_dir(tmp: Path, final: Path, overwrite: bool) -> None:
         os.replace(tmp, final)
 
 
-def existing_files(extra_files: Mapping[str, str | os.PathLike] | None) -> dict[str, Path]:
+def existing_files(extra_files: Mapping[str, str | os.PathLike] | None
+                   ) -> dict[str, StoragePath]:
     """``{name: source}`` as paths, every source checked to exist before anything is written."""
     extra = {name: as_path(source) for name, source in (extra_files or {}).items()}
     absent = [str(source) for source in extra.values() if not source.is_file()]
@@ -113,22 +130,23 @@ def write_shards(directory: Path | None, tensors: list[OutTensor], max_bytes: in
         (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def write_hf_dir(final: Path, tensors: list[OutTensor], max_bytes: int,
+def write_hf_dir(final: StoragePath, tensors: list[OutTensor], max_bytes: int,
                  config: Callable[[], dict[str, Any]],
-                 extra_files: Mapping[str, Path], extra_texts: Mapping[str, str] | None,
-                 overwrite: bool, config_file: str = "config.json") -> Path:
+                 extra_files: Mapping[str, StoragePath], extra_texts: Mapping[str, str] | None,
+                 overwrite: bool, config_file: str = "config.json") -> StoragePath:
     """A Hugging Face directory at ``final``: the tensors' shards, ``config()`` as config.json,
     ``extra_files`` copied and ``extra_texts`` written beside them.
 
-    Assembled under a temporary name beside ``final`` and renamed into place, so an interrupted
-    save leaves no partial checkpoint. In a multi-process run every process calls this (the
-    tensors are gathered collectively) and process 0 writes.
+    Assembled under a temporary name beside ``final`` and renamed into place (in a bucket:
+    assembled locally and uploaded, config.json last), so an interrupted save leaves no partial
+    checkpoint. In a multi-process run every process calls this (the tensors are gathered
+    collectively) and process 0 writes.
     """
     writer = jax.process_index() == 0
-    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = assembly_dir(final)
     try:
         if writer:
-            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp.parent.mkdir(parents=True, exist_ok=True)
             tmp.mkdir()
         write_shards(tmp if writer else None, tensors, max_bytes)
         if writer:
@@ -137,7 +155,7 @@ def write_hf_dir(final: Path, tensors: list[OutTensor], max_bytes: int,
                 copy_file(source, tmp / name)  # a run's files may be in a bucket
             for name, text in (extra_texts or {}).items():
                 (tmp / name).write_text(text)
-            commit_dir(tmp, final, overwrite)
+            commit_dir(tmp, final, overwrite, config_file)
     finally:
         if writer and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

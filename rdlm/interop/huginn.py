@@ -34,6 +34,7 @@ from rdlm.interop.huginn_layout import FREQS_CIS, LM_HEAD, WTE, Entry, freqs_cis
 from rdlm.interop.safetensors_io import (ST_DTYPES, TORCH_DTYPE_NAMES, OutTensor, TensorInfo,
                                          parse_size, read_json, read_tensor, same_values,
                                          scan_files)
+from rdlm.runtime.storage import StoragePath, as_given
 
 __all__ = ["ARCHITECTURE", "CODE_FILES", "CODE_REPO", "MODEL_TYPE", "HuginnFormatError",
            "config_from_huginn", "huginn_config", "key_map", "load_huginn", "read_config",
@@ -187,7 +188,7 @@ def save_huginn(cfg: ModelConfig, params: Any, path: str | os.PathLike, *,
                 code_repo: str | None = None, include_lm_head: bool = False,
                 include_freqs_cis: bool = True, overwrite: bool = False,
                 extra_files: Mapping[str, str | os.PathLike] | None = None,
-                extra_texts: Mapping[str, str] | None = None) -> Path:
+                extra_texts: Mapping[str, str] | None = None) -> StoragePath:
     """Write ``params`` as a Huginn-0125-format checkpoint directory that the original PyTorch
     code (``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)``) loads.
 
@@ -202,8 +203,9 @@ def save_huginn(cfg: ModelConfig, params: Any, path: str | os.PathLike, *,
       (``tokenizer_config.json``, ``generation_config.json``, a model card).
 
     The directory is assembled under a temporary name beside ``path`` and renamed into place, so an
-    interrupted save leaves no partial checkpoint. In a multi-process run every process must call
-    this (parameters are gathered collectively); process 0 writes.
+    interrupted save leaves no partial checkpoint (a bucket URL: assembled locally and uploaded,
+    config.json last). In a multi-process run every process must call this (parameters are
+    gathered collectively); process 0 writes.
     """
     if dtype not in TORCH_DTYPE_NAMES:
         raise ValueError(f"dtype={dtype!r} is invalid: use one of {sorted(TORCH_DTYPE_NAMES)}.")
@@ -217,7 +219,7 @@ def save_huginn(cfg: ModelConfig, params: Any, path: str | os.PathLike, *,
                          f"tie_embeddings={model_cfg.tie_embeddings}; export a llama-block "
                          "model with `rdlm convert rdlm-to-llama` instead.")
     max_bytes = parse_size(max_shard_size)
-    final = Path(path)
+    final = as_given(path)  # a folder or a bucket
     if final.exists() and not overwrite:
         raise FileExistsError(f"{str(final)!r} exists; pass overwrite=True to replace it.")
     entries, treedef = key_map(cfg)

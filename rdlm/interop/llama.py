@@ -35,6 +35,7 @@ from rdlm.interop.llama_layout import (ADAPTER, DERIVED_SUFFIX, LM_HEAD, WTE, En
 from rdlm.interop.safetensors_io import (ST_DTYPES, TORCH_DTYPE_NAMES, OutTensor, TensorInfo,
                                          parse_size, read_json, read_tensor, same_values,
                                          scan_files)
+from rdlm.runtime.storage import StoragePath, as_given
 
 __all__ = ["LlamaFormatError", "config_from_llama", "fixed_depth_problems", "llama_config",
            "load_llama", "read_llama_config", "save_llama", "tokenizer_problems"]
@@ -254,7 +255,7 @@ def save_llama(cfg: ModelConfig, params: Any, path: str | os.PathLike, *,
                max_shard_size: int | str = "5GB", dtype: str = "float32",
                overwrite: bool = False, token_ids: Mapping[str, Any] | None = None,
                extra_files: Mapping[str, str | os.PathLike] | None = None,
-               extra_texts: Mapping[str, str] | None = None) -> Path:
+               extra_texts: Mapping[str, str] | None = None) -> StoragePath:
     """Write a llama-block model whose adapter is still [0; I] as the fixed-depth
     ``LlamaForCausalLM`` it computes (prelude, core and coda as consecutive layers), loadable with
     ``transformers.AutoModelForCausalLM.from_pretrained(path)``.
@@ -264,14 +265,14 @@ def save_llama(cfg: ModelConfig, params: Any, path: str | os.PathLike, *,
     exact); ``max_shard_size``: as `rdlm.interop.save_huginn`; ``token_ids``: bos/eos/pad ids for
     config.json; ``extra_files`` ``{name: source}`` copied and ``extra_texts`` ``{name: text}``
     written beside the weights (tokenizer files, generation_config.json, a model card). The
-    directory is assembled under a temporary name and renamed into place; in a multi-process run
-    every process calls this and process 0 writes.
+    directory is assembled under a temporary name and renamed into place (or uploaded to a bucket
+    URL, config.json last); in a multi-process run every process calls this and process 0 writes.
     """
     if dtype not in TORCH_DTYPE_NAMES:
         raise ValueError(f"dtype={dtype!r} is invalid: use one of {sorted(TORCH_DTYPE_NAMES)}.")
     cfg = getattr(cfg, "model", cfg)
     max_bytes = parse_size(max_shard_size)
-    final = Path(path)
+    final = as_given(path)  # a folder or a bucket
     if final.exists() and not overwrite:
         raise FileExistsError(f"{str(final)!r} exists; pass overwrite=True to replace it.")
     if cfg.block != "llama":

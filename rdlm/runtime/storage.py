@@ -24,13 +24,16 @@ setting to fix, before any step runs.
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
 import os
 import shutil
 import socket
+import tempfile
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Union
+from typing import Iterator, Sequence, Union
 
 import fsspec
 from etils import epath
@@ -64,6 +67,12 @@ def as_path(path: str | os.PathLike) -> StoragePath:
             _share_gcs_emulator()
         return epath.Path(text)
     return Path(text).expanduser().absolute()
+
+
+def as_given(path: str | os.PathLike) -> StoragePath:
+    """``path`` as written: a `pathlib.Path` for a local path (a relative one stays relative, as
+    in messages and meta files that name it), an `epath.Path` for a bucket URL."""
+    return as_path(path) if is_remote(path) else Path(path)
 
 
 def _share_gcs_emulator() -> None:
@@ -195,11 +204,43 @@ def move_tree(source: StoragePath, target: StoragePath) -> None:
 
 
 def copy_file(source: StoragePath, target: StoragePath) -> None:
-    """Copy one file between any two places (local, bucket)."""
+    """Copy one file between any two places (local, bucket). A file goes to or from a bucket
+    in chunks, never whole in memory (safetensors shards run to gigabytes)."""
     if isinstance(source, Path) and isinstance(target, Path):
         shutil.copyfile(source, target)
+    elif isinstance(source, Path):
+        fs, key = _fs_and_key(target)
+        fs.put_file(os.fspath(source), key)
+    elif isinstance(target, Path):
+        fs, key = _fs_and_key(source)
+        fs.get_file(key, os.fspath(target))
     else:
         target.write_bytes(source.read_bytes())
+
+
+def upload_tree(local: Path, target: StoragePath, last: Sequence[str] = ()) -> None:
+    """Copy every file below the folder ``local`` to the same place below ``target``; the files
+    whose names match a pattern of ``last`` (``"*.meta.json"``, ``"config.json"``) after all the
+    others. Each object appears whole, so a reader that waits for those files, which mark a
+    folder complete, never sees part of it."""
+    files = sorted(f for f in local.rglob("*") if f.is_file())
+    marks = [f for f in files if any(fnmatch.fnmatch(f.name, p) for p in last)]
+    for f in [*(f for f in files if f not in marks), *marks]:
+        copy_file(f, target / f.relative_to(local).as_posix())
+
+
+@contextlib.contextmanager
+def staged(target: StoragePath, last: Sequence[str] = ()) -> Iterator[Path]:
+    """A local folder to write the files of the folder ``target`` into, for writers that take
+    only local files (numpy, pyarrow, tokenizers): ``target`` itself when it is local; for a
+    bucket a temporary folder, uploaded with `upload_tree` (``last`` last) when the block ends
+    without an error and removed in any case, so an interrupted write leaves nothing there."""
+    if isinstance(target, Path):
+        yield target
+        return
+    with tempfile.TemporaryDirectory(prefix="rdlm-staged-") as folder:
+        yield Path(folder)
+        upload_tree(Path(folder), target, last)
 
 
 class AppendedText:
