@@ -40,8 +40,9 @@ from rdlm.generation.engine import forward_block, token_input
 from rdlm.generation.exits import ExitState, evaluate, init_exit_state
 from rdlm.generation.plan import PAD_ID, Plan
 from rdlm.generation.programs import _is_stop
-from rdlm.generation.rows import (CodaRows, choose_rows, coda_rows, core_step_rows,
-                                  prelude_rows, row_context, row_keys, start_states)
+from rdlm.generation.rows import (CodaRows, choose_rows, coda_of_rows, coda_rows,
+                                  core_step_rows, gathered_or_whole, prelude_rows, put_rows,
+                                  row_context, row_keys, start_states)
 from rdlm.model import Params
 from rdlm.model.kernels import to_loop_layout
 
@@ -194,31 +195,33 @@ def _refill(params: Params, plan: Plan, queue: Queue, num_steps: jax.Array, keys
     return lax.while_loop(wanted, one, c)
 
 
-def advance_rows(batch: int) -> int:
-    """How many pending rows enter the prelude per iteration: a quarter of the rows. Running the
-    prelude for every row whenever one of them has a new token would cost half a core step
-    (two of four layers at the usual shapes) at nearly every iteration of a large batch, where
-    some row finishes a token almost always; a row beyond the quarter waits one iteration."""
+def few_rows(batch: int) -> int:
+    """Up to how many rows the token-boundary work (coda, prelude) gathers into a pass of their
+    own, rather than one over the whole batch (`rdlm.generation.rows.gathered_or_whole`): a
+    quarter of the rows. Running it for every row whenever one of them finishes a token would
+    cost about a core step (the coda and the prelude, two of four layers each at the usual
+    shapes) at nearly every iteration of a large batch, where some row finishes a token almost
+    always."""
     return max(1, -(-batch // 4))
 
 
 def _advance(params: Params, plan: Plan, keys: Keys, c: RowCarry) -> RowCarry:
-    """Pending rows (up to `advance_rows`) run their new token through the prelude and restart
-    the core at step 0, from s_0 or, under continuous CoT, from the previous token's final
-    state."""
-    cfg, b = plan.cfg, plan.batch
-    k = advance_rows(b)
-    if k == b:
-        rows_b = c.pending_b
-        embedded_b1d, cache = prelude_rows(params, cfg, c.cache, c.token_b, c.position_b, rows_b)
-    else:
-        rows_k = jnp.nonzero(c.pending_b, size=k, fill_value=0)[0]
-        valid_k = jnp.arange(k) < jnp.sum(c.pending_b.astype(jnp.int32))
-        embedded_k1d, cache = prelude_rows(params, cfg, c.cache, c.token_b[rows_k],
-                                           c.position_b[rows_k], valid_k, rows_k)
-        target_k = jnp.where(valid_k, rows_k, b)  # out of range: dropped
-        rows_b = jnp.zeros((b,), bool).at[target_k].set(True, mode="drop")
-        embedded_b1d = c.embedded_b1d.at[target_k].set(embedded_k1d, mode="drop")
+    """Every pending row runs its new token through the prelude and restarts the core at step
+    0, from s_0 or, under continuous CoT, from the previous token's final state. None waits:
+    a pending row is an idle row."""
+    cfg = plan.cfg
+    rows_b = c.pending_b
+
+    def gathered(rows_k: jax.Array, valid_k: jax.Array) -> tuple[jax.Array, kvc.Stage]:
+        embedded_k1d, prelude = prelude_rows(params, cfg, c.cache.prelude, c.token_b[rows_k],
+                                             c.position_b[rows_k], valid_k, rows_k)
+        return put_rows(c.embedded_b1d, rows_k, valid_k, embedded_k1d), prelude
+
+    def whole() -> tuple[jax.Array, kvc.Stage]:
+        return prelude_rows(params, cfg, c.cache.prelude, c.token_b, c.position_b, rows_b)
+
+    embedded_b1d, prelude = gathered_or_whole(rows_b, few_rows(plan.batch), gathered, whole)
+    cache = c.cache._replace(prelude=prelude)
     start_b1d = (c.state_b1d if plan.continuous_cot else
                  start_states(plan, row_keys(keys.state, c.prompt_b, c.position_b), 1))
     memory = c.memory
@@ -249,19 +252,21 @@ def _iterate(params: Params, plan: Plan, num_steps: jax.Array, threshold: jax.Ar
     step_b = c.step_b + active_b.astype(jnp.int32)
 
     def coda(state: jax.Array) -> CodaRows:
-        return coda_rows(params, cfg, c.cache, state, ctx)
+        return coda_rows(params, cfg, c.cache.coda, state, ctx)
 
     coda_out, fresh_b, memory, value_b = None, jnp.zeros_like(active_b), c.memory, c.value_b
     done_b = active_b & (step_b >= num_steps)
     if exit_cfg is not None:
         check_b = active_b & (step_b % exit_cfg.check_every == 0)
-        blank = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(coda, state_b1d))
+        blank = (jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                              jax.eval_shape(coda, state_b1d))
+                 if exit_cfg.needs_logits else None)
 
         def check(memory: ExitState) -> tuple:
             # The coda on the candidate states; the finishing rows keep its entries.
-            out = coda(state_b1d) if exit_cfg.needs_logits else blank
+            out = coda(state_b1d) if exit_cfg.needs_logits else None
             value, _, new_memory = evaluate(exit_cfg, memory, state_b1d[:, 0],
-                                            out.logits_bv if exit_cfg.needs_logits else None)
+                                            None if out is None else out.logits_bv)
             return value, _where_rows(check_b, new_memory, memory), out
 
         def no_check(memory: ExitState) -> tuple:
@@ -278,20 +283,30 @@ def _iterate(params: Params, plan: Plan, num_steps: jax.Array, threshold: jax.Ar
                    busy=c.busy + jnp.sum(active_b.astype(jnp.int32)))
 
     def finish(c: RowCarry) -> RowCarry:
-        out = coda_out
-        if out is None:
-            out = coda(c.state_b1d)
-        else:  # rows that stopped at the cap on a step without a check need the coda run
-            out = lax.cond(jnp.all(fresh_b | ~done_b), lambda: out, lambda: coda(c.state_b1d))
         cache = kvc.merge_rows(c.cache, c.block, c.position_b, done_b, c.step_b)
-        cache = cache._replace(coda=kvc.write_stage_rows(cache.coda, out.kvs, c.position_b,
-                                                         done_b))
-        token_b = choose_rows(out.logits_bv, row_keys(keys.sample, c.prompt_b, c.emitted_b),
+        # The check's coda (every row's candidate state) serves the rows it evaluated; the
+        # others that finished (fixed r, the latent criteria, a cap reached between checks)
+        # run it now, and only they.
+        late_b = done_b & ~fresh_b
+
+        def late() -> tuple[jax.Array, kvc.Stage]:
+            return coda_of_rows(params, cfg, cache.coda, c.state_b1d, c.position_b, late_b,
+                                few_rows(plan.batch))
+
+        if coda_out is None:
+            logits_bv, coda = late()
+        else:
+            logits_bv, coda = lax.cond(jnp.any(late_b), late,
+                                       lambda: (coda_out.logits_bv, cache.coda))
+            coda = kvc.write_stage_rows(coda, coda_out.kvs, c.position_b, done_b & fresh_b)
+            logits_bv = jnp.where(fresh_b[:, None], coda_out.logits_bv, logits_bv)
+        cache = cache._replace(coda=coda)
+        token_b = choose_rows(logits_bv, row_keys(keys.sample, c.prompt_b, c.emitted_b),
                               plan.sampling)
         value_b = (c.value_b if exit_cfg is not None
                    else jnp.full_like(c.value_b, jnp.nan))
         return _emit(plan, c._replace(cache=cache), done_b, token_b, c.step_b, value_b,
-                     out.logits_bv)
+                     logits_bv)
 
     return lax.cond(jnp.any(done_b), finish, lambda c: c, c)
 

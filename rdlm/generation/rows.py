@@ -9,10 +9,11 @@ positions differ per row, so the mask, RoPE, the cache reads and the writes are 
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from rdlm.config import ModelConfig
 from rdlm.generation import cache as kvc
@@ -32,19 +33,19 @@ def row_context(cfg: ModelConfig, position_b: jax.Array, cache_len: int) -> Atte
     return AttentionContext(cos_b11f, sin_b11f, mask_bs[:, None, None, :])
 
 
-def prelude_rows(params: Params, cfg: ModelConfig, cache: KVCache, token_k: jax.Array,
+def prelude_rows(params: Params, cfg: ModelConfig, prelude: kvc.Stage, token_k: jax.Array,
                  position_k: jax.Array, write_k: jax.Array, rows_k: jax.Array | None = None
-                 ) -> tuple[jax.Array, KVCache]:
+                 ) -> tuple[jax.Array, kvc.Stage]:
     """The prelude of one token for each of the cache rows ``rows_k`` (None: every row, in
-    order): (e [k, 1, d], cache with the entries of the tokens in ``write_k`` written)."""
+    order): (e [k, 1, d], the cached prelude entries ``prelude`` with those of the tokens in
+    ``write_k`` written)."""
     model = _model(params, cfg)
-    ctx = row_context(cfg, position_k, cache.depth_bt.shape[1])
-    prefixes = cache.prelude if rows_k is None else kvc.gather_stage(cache.prelude, rows_k)
+    ctx = row_context(cfg, position_k, prelude[0][0].shape[2])
+    prefixes = prelude if rows_k is None else kvc.gather_stage(prelude, rows_k)
     bases_k1d = model.token_bases(token_k[:, None])
     embedded_k1d, kvs = run_blocks(model.prelude, bases_k1d, ctx, list(prefixes))
     embedded_k1d, kvs = _after_reads(embedded_k1d, kvs)
-    return embedded_k1d, cache._replace(
-        prelude=kvc.write_stage_rows(cache.prelude, kvs, position_k, write_k, rows_k))
+    return embedded_k1d, kvc.write_stage_rows(prelude, kvs, position_k, write_k, rows_k)
 
 
 def core_step_rows(params: Params, cfg: ModelConfig, num_slots: int, cache: KVCache,
@@ -66,14 +67,70 @@ class CodaRows(NamedTuple):
     kvs: list[KV]  # the coda's entries of each row's token, to write once the token is done
 
 
-def coda_rows(params: Params, cfg: ModelConfig, cache: KVCache, state_b1d: jax.Array,
-              ctx: AttentionContext) -> CodaRows:
-    """The coda of each row's candidate state: logits, and the entries it would write."""
+def coda_rows(params: Params, cfg: ModelConfig, coda: kvc.Stage, state_k1d: jax.Array,
+              ctx: AttentionContext, rows_k: jax.Array | None = None) -> CodaRows:
+    """The coda of the candidate states of the cache rows ``rows_k`` (None: every row, in
+    order) over the cached coda entries ``coda``: logits, and the entries it would write."""
     model = _model(params, cfg)
-    x_b1d, kvs = run_blocks(model.coda, model.coda_input(state_b1d), ctx, list(cache.coda))
-    hidden_b1d, kvs = _after_reads(model.ln_f(x_b1d), kvs)
-    logits_b1v = model.head(hidden_b1d)
-    return CodaRows(logits_b1v[:, 0], list(kvs))
+    prefixes = coda if rows_k is None else kvc.gather_stage(coda, rows_k)
+    x_k1d, kvs = run_blocks(model.coda, model.coda_input(state_k1d), ctx, list(prefixes))
+    hidden_k1d, kvs = _after_reads(model.ln_f(x_k1d), kvs)
+    logits_k1v = model.head(hidden_k1d)
+    return CodaRows(logits_k1v[:, 0], list(kvs))
+
+
+def gathered_or_whole(rows_b: jax.Array, chunk: int, gathered: Callable, whole: Callable
+                      ) -> Any:
+    """Work on the rows in ``rows_b``: ``gathered(rows_k, valid_k)`` over ``chunk`` gathered
+    rows when they are no more (``valid_k``: which of the ``chunk`` are real), else ``whole()``
+    over the whole batch (a row outside ``rows_b`` computed and discarded). Both return the
+    same structure.
+
+    The token-boundary work (the coda of the rows that finished a token, the prelude of their
+    next one) is needed by a few rows at nearly every iteration of a large batch. A pass over a
+    few gathered rows costs less than one over the whole batch, though not in proportion: on a
+    CPU a few-row matmul reads all of the weights too (docs/performance.md). When many rows
+    need it at once, one whole-batch pass is cheaper than several gathered ones."""
+    b = rows_b.shape[0]
+    if chunk >= b:
+        return whole()
+    count = jnp.sum(rows_b.astype(jnp.int32))
+
+    def few() -> Any:
+        rows_k = jnp.nonzero(rows_b, size=chunk, fill_value=0)[0]
+        return gathered(rows_k, jnp.arange(chunk) < count)
+
+    return lax.cond(count <= chunk, few, whole)
+
+
+def put_rows(x_b: jax.Array, rows_k: jax.Array, valid_k: jax.Array, new_k: jax.Array
+             ) -> jax.Array:
+    """``x_b`` with rows ``rows_k`` set to ``new_k`` where ``valid_k``."""
+    target_k = jnp.where(valid_k, rows_k, x_b.shape[0])  # out of range: dropped
+    return x_b.at[target_k].set(new_k.astype(x_b.dtype), mode="drop")
+
+
+def coda_of_rows(params: Params, cfg: ModelConfig, coda: kvc.Stage, state_b1d: jax.Array,
+                 position_b: jax.Array, rows_b: jax.Array, chunk: int
+                 ) -> tuple[jax.Array, kvc.Stage]:
+    """The coda of the candidate states of the rows in ``rows_b`` (`gathered_or_whole`):
+    (logits [b, V], meaningful in those rows; the cached coda entries ``coda`` with theirs
+    written)."""
+    cache_len = coda[0][0].shape[2]
+
+    def gathered(rows_k: jax.Array, valid_k: jax.Array) -> tuple[jax.Array, kvc.Stage]:
+        position_k = position_b[rows_k]
+        out = coda_rows(params, cfg, coda, state_b1d[rows_k],
+                        row_context(cfg, position_k, cache_len), rows_k)
+        logits_bv = put_rows(jnp.zeros((rows_b.shape[0], cfg.vocab_size), jnp.float32),
+                             rows_k, valid_k, out.logits_bv)
+        return logits_bv, kvc.write_stage_rows(coda, out.kvs, position_k, valid_k, rows_k)
+
+    def whole() -> tuple[jax.Array, kvc.Stage]:
+        out = coda_rows(params, cfg, coda, state_b1d, row_context(cfg, position_b, cache_len))
+        return out.logits_bv, kvc.write_stage_rows(coda, out.kvs, position_b, rows_b)
+
+    return gathered_or_whole(rows_b, chunk, gathered, whole)
 
 
 def row_keys(key: jax.Array, prompt_b: jax.Array, index_b: jax.Array) -> jax.Array:

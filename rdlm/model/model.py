@@ -35,7 +35,7 @@ from rdlm.config import ModelConfig
 from rdlm.model import recurrence
 from rdlm.model.attention import (KV, AttentionContext, apply_rope, apply_rope_half,
                                   attention_context, previous_positions, previous_tokens)
-from rdlm.model.kernels import attention, fused_projection, project
+from rdlm.model.kernels import attention, fused_projection, output_logits, project
 from rdlm.model.pallas_attention import SPLASH_LSE_NAME
 
 Params = dict[str, Any]
@@ -388,12 +388,8 @@ class RecurrentDepthLM(nnx.Module):
 
     def head(self, hidden_btd: jax.Array) -> jax.Array:
         """Float32 logits of the last hidden state: ``h wte^T`` (tied), or ``h lm_head``."""
-        if self.lm_head is not None:
-            return jnp.einsum("btd,dv->btv", hidden_btd,
-                              self.lm_head[...].astype(hidden_btd.dtype),
-                              preferred_element_type=jnp.float32)
-        return jnp.einsum("btd,vd->btv", hidden_btd, self.wte[...].astype(hidden_btd.dtype),
-                          preferred_element_type=jnp.float32)
+        w_vd = self.wte[...] if self.lm_head is None else self.lm_head[...].T
+        return output_logits(hidden_btd, w_vd)
 
 
 # ---------------------------------------------------------------------------------------------
