@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,6 +18,7 @@ from rdlm.config import MODEL_PRESETS, ModelConfig, load_config
 from rdlm.cli.args import int_list, speculative_arg
 from rdlm.generation import SpeculativeConfig, generate
 from rdlm.model import abstract_params, count_params, init_params
+from rdlm.runtime import checkpoint
 from rdlm.runtime.hostinfo import results_report
 
 
@@ -50,7 +52,9 @@ def _bench_config(spec: str, overrides: Sequence[str]) -> ModelConfig:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m rdlm bench sample")
-    parser.add_argument("config", help="YAML config or model preset name (e.g. bench-28m)")
+    parser.add_argument("config", nargs="?",
+                        help="YAML config or model preset name (e.g. bench-28m), random init; "
+                             "not with --checkpoint")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.dtype=bfloat16")
     parser.add_argument("--steps", type=int_list, default=[4, 16, 32])
     parser.add_argument("--batches", type=int_list, default=[1, 16])
@@ -66,8 +70,30 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--decode-rate", action="store_true",
                         help="also time the prefill alone, and report tokens/s and the conversion "
                              "ratio of the decoding after it")
+    parser.add_argument("--checkpoint",
+                        help="a trained checkpoint or run directory instead of a random init")
+    parser.add_argument("--prompt-file",
+                        help="prompts from a token file (.npy, e.g. a prepared data folder's "
+                             "held-out split): consecutive windows of --prompt-len tokens, "
+                             "instead of random ids")
     parser.add_argument("--json", help="also write the rows as JSON to this file")
     return parser
+
+
+def bench_prompts(cfg: ModelConfig, batch: int, length: int, prompt_file: str | None
+                  ) -> list[list[int]]:
+    """``batch`` prompts of ``length`` ids: random (seed 0), or consecutive windows of a token
+    file, where a trained model meets text like its training data (and its tokens exit at
+    the depths that text asks for)."""
+    if prompt_file is None:
+        rng = np.random.default_rng(0)
+        return rng.integers(0, cfg.vocab_size, (batch, length)).tolist()
+    tokens = np.load(prompt_file, mmap_mode="r")
+    if tokens.ndim != 1 or len(tokens) < batch * length:
+        raise ValueError(f"--prompt-file {prompt_file}: need a 1-D token array of at least "
+                         f"{batch * length} ids for {batch} prompts of {length}, got shape "
+                         f"{tokens.shape}.")
+    return np.asarray(tokens[:batch * length], np.int64).reshape(batch, length).tolist()
 
 
 def variant_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -186,11 +212,19 @@ def add_conversion(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def bench_cli(argv: Sequence[str]) -> int:
-    """``python -m rdlm bench sample CONFIG [key=value …] [--quick] [--json PATH]``."""
+    """``python -m rdlm bench sample (CONFIG [key=value …] | --checkpoint DIR) [--json PATH]``."""
     parser = _parser()
     args = parser.parse_intermixed_args(list(argv))  # flags before or after the overrides
-    cfg = _bench_config(args.config, args.overrides)
-    params = init_params(cfg, jax.random.key(0))
+    if (args.config is None) == (args.checkpoint is None):
+        parser.error("give a config or preset (random init), or --checkpoint, not both")
+    if args.checkpoint is not None:
+        if args.overrides:
+            parser.error("--checkpoint takes its model from the checkpoint: no overrides")
+        config, params = checkpoint.load_params(args.checkpoint)
+        cfg = config.model
+    else:
+        cfg = _bench_config(args.config, args.overrides)
+        params = init_params(cfg, jax.random.key(0))
     variants = variant_options(args)
     chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in chosen:
@@ -199,12 +233,12 @@ def bench_cli(argv: Sequence[str]) -> int:
     device = jax.devices()[0]
     print(f"device: {device.platform} {device.device_kind} x{jax.device_count()}; model "
           f"{count_params(cfg):,} parameters, {cfg.dtype}; prompt "
-          f"{args.prompt_len} tokens, {args.new_tokens} greedy new tokens, zero initial state")
+          f"{args.prompt_len} tokens ({args.prompt_file or 'random ids'}), {args.new_tokens} "
+          "greedy new tokens, zero initial state")
     bandwidth = memory_bandwidth()
     print(f"measured streaming-read bandwidth: {bandwidth / 1e9:.1f} GB/s")
     print(HEADER)
-    rng = np.random.default_rng(0)
-    prompts_by_batch = {batch: rng.integers(0, cfg.vocab_size, (batch, args.prompt_len)).tolist()
+    prompts_by_batch = {batch: bench_prompts(cfg, batch, args.prompt_len, args.prompt_file)
                         for batch in args.batches}
     prefill = {}
     if args.decode_rate:
@@ -226,6 +260,11 @@ def bench_cli(argv: Sequence[str]) -> int:
         print("\n".join(conversion))
     if args.json:
         report = results_report("python -m rdlm bench sample " + " ".join(argv),
+                                model=args.checkpoint or args.config,
+                                parameters=count_params(cfg),
+                                prompts=args.prompt_file or "random ids",
+                                # A shared host's load moves tokens/s by tens of percent.
+                                load_average=os.getloadavg(),
                                 bandwidth_bytes_per_s=bandwidth, rows=results)
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
