@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -31,12 +32,14 @@ import jax
 import numpy as np
 import pytest
 
+import rdlm
+
 from rdlm.bench import emulators
 from rdlm.cli import main
 from rdlm.runtime import checkpoint, storage
 from rdlm.runtime import lock as lock_lib
-from tests.test_train_multihost import (BASE_OVERRIDES, _assert_same_params, _free_port, _run,
-                                        subprocess_env)
+from tests.test_train_multihost import (BASE_OVERRIDES, REPO, StepBatches, _assert_same_params,
+                                        _free_port, _run, params_to_numpy, subprocess_env)
 from tests.test_faults_train import TINY, quiet, tiny_cfg
 from rdlm.train import read_metrics, train
 
@@ -84,7 +87,10 @@ def test_sigkilled_training_resumes_from_the_bucket_to_the_same_bits(stores, tmp
     try:
         for line in proc.stdout:
             seen.append(line)
-            if line.startswith("step 4/") and checkpoint.list_checkpoints(run):
+            # Past step 4 with a checkpoint in the bucket (an asynchronous save may land a few
+            # steps after the step it holds).
+            logged = re.match(r"step (\d+)/", line)
+            if logged and int(logged.group(1)) >= 4 and checkpoint.list_checkpoints(run):
                 break
         else:
             raise AssertionError("training ended early:\n" + "".join(seen[-40:]))
@@ -151,8 +157,22 @@ def test_two_hosts_without_a_shared_disk_train_into_the_bucket(stores, tmp_path)
                 f"{tmp_path / 'resumed.npz'},{tmp_path / 'straight8.npz'}"], subprocess_env(8))
     assert '"processes": 1' in out and '"devices": 8' in out
     # Steps 1-3 summed over two hosts in gloo's order: equal to float32 rounding.
-    _assert_same_params(dict(np.load(tmp_path / "resumed.npz")),
-                        dict(np.load(tmp_path / "straight8.npz")), exact=False, rtol=1e-6)
+    straight8 = dict(np.load(tmp_path / "straight8.npz"))
+    _assert_same_params(dict(np.load(tmp_path / "resumed.npz")), straight8, exact=False,
+                        rtol=1e-6)
+
+    # The 2-process checkpoint loads in this 1-device process too, as the model's params tree.
+    cfg3, params3 = checkpoint.load_params(f"{run}/checkpoints/3")
+    assert cfg3.mesh.fsdp == 2 and jax.tree.structure(params3) == jax.tree.structure(
+        rdlm.abstract_params(cfg3.model))
+    # 1 device, same config and data: equal to the 8-device run up to reduction order.
+    cfg = rdlm.load_config(REPO / "configs/tiny.yaml", [
+        *BASE_OVERRIDES, f"train.run_dir={tmp_path / 'one'}", "train.steps=6",
+        "train.checkpoint_every=0", "mesh.data=1"])
+    result = train(cfg, data_iterator=StepBatches(8, 64))
+    _assert_same_params(params_to_numpy(result.state.params), straight8, exact=False, rtol=2e-5)
+    for h in result.history:
+        np.testing.assert_allclose(h["loss"], straight8[f"loss/{h['step']}"], rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
