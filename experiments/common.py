@@ -216,6 +216,16 @@ def generate_answers(params: Any, cfg: Config, examples: Sequence[Any], *, num_s
             "cache_bytes": cache_bytes}
 
 
+def loss_vs_r_axes(ax: Any, steps: Sequence[int], title: str) -> None:
+    """Labels of a held-out-loss-vs-r plot: r on a log-2 axis with a tick at each r."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(steps, [str(r) for r in steps])
+    ax.set_xlabel("recurrence steps r at test time")
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+
+
 def save_figure(fig: Any, args: argparse.Namespace, name: str) -> Path:
     """``<out>/<name>.png``, and the figure closed."""
     out = Path(args.out)

@@ -192,12 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"r = {mean_r})")
     ax.axhline(twin[1], color="gray", ls="--", label="fixed-depth twin (r = 1)")
     ax.axvline(mean_r, color="gray", ls=":", lw=1)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(steps, [str(r) for r in steps])
-    ax.set_xlabel("recurrence steps r at test time")
-    ax.set_ylabel("held-out loss (nats/token)")
-    ax.set_title("E0: held-out loss vs r on real text")
-    ax.legend(fontsize=8)
+    common.loss_vs_r_axes(ax, steps, "E0: held-out loss vs r on real text")
     plot = common.save_figure(fig, args, NAME)
 
     best_r = min(rec, key=rec.get)

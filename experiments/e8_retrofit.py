@@ -176,12 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for label, curve in loss.items():
         ax.plot(steps, [curve[r] for r in steps], marker="o", label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(steps, [str(r) for r in steps])
-    ax.set_xlabel("recurrence steps r at test time")
-    ax.set_ylabel("held-out loss (nats/token)")
-    ax.set_title("E8: retrofitted recurrence vs continued fixed-depth training")
-    ax.legend(fontsize=8)
+    common.loss_vs_r_axes(ax, steps, "E8: retrofitted recurrence vs continued fixed-depth "
+                          "training")
     plot = common.save_figure(fig, args, NAME)
     common.write_report(
         args, NAME, "E8 — retrofitted recurrence on real text",

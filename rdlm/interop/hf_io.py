@@ -19,7 +19,7 @@ from jax.experimental import multihost_utils
 
 from rdlm.config import ModelConfig
 from rdlm.errors import ConfigError
-from rdlm.interop.safetensors_io import (INDEX_FILE, SINGLE_FILE, OutTensor, plan_shards,
+from rdlm.interop.safetensors_io import (INDEX_FILE, SINGLE_FILE, ST_DTYPES, OutTensor, plan_shards,
                                          write_safetensors)
 from rdlm.runtime import sharding as rdlm_sharding
 from rdlm.runtime.storage import StoragePath, as_path, copy_file, upload_tree
@@ -38,6 +38,21 @@ class FormatError(ConfigError):
 def is_int(value: Any) -> bool:
     """An int in a config.json, not a bool."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def tensor_problems(tensors: Mapping[str, Any], shape_of: Mapping[str, tuple[int, ...]],
+                    shape_hint: str = "", dtype_hint: str = "") -> list[str]:
+    """Each named tensor (a `TensorInfo`: shape, dtype, file) whose shape is not what the config
+    implies, or whose dtype cannot be converted; ``*_hint`` end those messages."""
+    problems = []
+    for name, info in tensors.items():
+        if name in shape_of and info.shape != shape_of[name]:
+            problems.append(f"{name} has shape {list(info.shape)} in {info.file.name}, but "
+                            f"config.json implies {list(shape_of[name])}{shape_hint}.")
+        if name in shape_of and info.dtype not in ST_DTYPES:
+            problems.append(f"{name} has dtype {info.dtype}; only {sorted(ST_DTYPES)} "
+                            f"floating-point tensors can be converted{dtype_hint}.")
+    return problems
 
 
 def place(array: np.ndarray, sharding: jax.sharding.Sharding | None) -> jax.Array:

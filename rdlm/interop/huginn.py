@@ -25,8 +25,8 @@ import jax
 import numpy as np
 
 from rdlm.config import DTYPES, ModelConfig
-from rdlm.interop.hf_io import (existing_files, place, resolve_shardings, to_host,
-                                write_hf_dir)
+from rdlm.interop.hf_io import (existing_files, place, resolve_shardings, tensor_problems,
+                                to_host, write_hf_dir)
 from rdlm.interop.huginn_config import (ARCHITECTURE, CODE_FILES, CODE_REPO, CONFIG_FILE,
                                         MODEL_TYPE, HuginnFormatError, config_from_huginn,
                                         huginn_config, parse_config)
@@ -58,13 +58,7 @@ def _check_tensors(entries: list[Entry], tensors: Mapping[str, TensorInfo], cfg:
                         f"{_limited(unexpected)}.")
     shape_of = dict(expected)
     shape_of[LM_HEAD] = (cfg.vocab_size, cfg.d_model)
-    for name, info in tensors.items():
-        if name in shape_of and info.shape != shape_of[name]:
-            problems.append(f"{name} has shape {list(info.shape)} in {info.file.name}, but "
-                            f"config.json implies {list(shape_of[name])}.")
-        if name in shape_of and info.dtype not in ST_DTYPES:
-            problems.append(f"{name} has dtype {info.dtype}; only {sorted(ST_DTYPES)} "
-                            "floating-point tensors can be converted.")
+    problems += tensor_problems(tensors, shape_of)
     both = [tensors.get(WTE), tensors.get(LM_HEAD)]
     comparable = all(t is not None and t.shape == shape_of[LM_HEAD] and t.dtype in ST_DTYPES
                      for t in both)
