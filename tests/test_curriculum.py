@@ -20,7 +20,7 @@ from rdlm.train import train
 from rdlm.train.optim import apply_updates, freeze_labels, param_part
 from rdlm.train.step import DepthPolicy, make_train_step
 from tests.test_train import read_jsonl, tiny_cfg
-from tests.test_train_multihost import StepBatches, params_to_numpy
+from tests.multihost import StepBatches, params_to_numpy
 
 # The llama block with an untied head, every part but the adapter and the core frozen: the
 # retrofit recipe of configs/retrofit-llama.yaml at the tiny size.

@@ -21,7 +21,7 @@ from rdlm.runtime import checkpoint
 from rdlm.runtime.checkpoint import CheckpointError
 from rdlm.runtime.integrity import MANIFEST
 from rdlm.train import train
-from tests.test_train_multihost import BASE_OVERRIDES, REPO, StepBatches
+from tests.multihost import BASE_OVERRIDES, REPO, StepBatches
 
 V0 = Path(__file__).parent / "data" / "checkpoints-v0"
 

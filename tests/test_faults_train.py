@@ -27,7 +27,7 @@ from rdlm.errors import TrainingDiverged
 from rdlm.runtime import checkpoint
 from rdlm.runtime import lock as lock_lib
 from rdlm.train import read_metrics, train
-from tests.test_train_multihost import BASE_OVERRIDES, REPO, StepBatches, subprocess_env
+from tests.multihost import BASE_OVERRIDES, REPO, StepBatches, subprocess_env
 
 TINY = REPO / "configs/tiny.yaml"
 HOST = socket.gethostname()

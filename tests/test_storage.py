@@ -38,7 +38,7 @@ from rdlm.bench import emulators
 from rdlm.cli import main
 from rdlm.runtime import checkpoint, storage
 from rdlm.runtime import lock as lock_lib
-from tests.test_train_multihost import (BASE_OVERRIDES, REPO, StepBatches, _assert_same_params,
+from tests.multihost import (BASE_OVERRIDES, REPO, StepBatches, _assert_same_params,
                                         _free_port, _run, params_to_numpy, subprocess_env)
 from tests.test_faults_train import TINY, quiet, tiny_cfg
 from rdlm.train import read_metrics, train
@@ -138,7 +138,7 @@ def test_two_hosts_without_a_shared_disk_train_into_the_bucket(stores, tmp_path)
         home.mkdir()
         env = {**subprocess_env(4), "TMPDIR": str(home), "HOME": str(home)}
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "tests.test_train_multihost", "worker", run, "3", "2x2x2",
+            [sys.executable, "-m", "tests.multihost", "worker", run, "3", "2x2x2",
              str(home / "multi3.npz"), str(i), "2", str(port)],
             cwd=home, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = [p.communicate(timeout=300)[0] for p in procs]

@@ -31,7 +31,7 @@ from rdlm.train.step import DepthPolicy, lm_objective, loss_and_grads, make_trai
 import dataclasses
 
 from rdlm.config import ConfigError, TrainConfig
-from tests.test_train_multihost import BASE_OVERRIDES, REPO, StepBatches, subprocess_env
+from tests.multihost import BASE_OVERRIDES, REPO, StepBatches, subprocess_env
 
 TINY = REPO / "configs/tiny.yaml"
 

@@ -1,12 +1,10 @@
-"""Sharded and multi-process training on fake CPU devices.
-
-- two JAX processes on localhost (4 fake CPU devices each, gloo collectives) train, checkpoint,
-  and the run resumes on ONE process with 8 devices: tests/test_storage.py runs that with the
-  run dir in a bucket and no disk shared between the processes (the worker lives here);
-- a run on 8 fake devices (data × fsdp × tensor = 2 × 2 × 2) matches the 1-device run.
+"""Helpers of the sharded and multi-process training tests, on fake CPU devices: a data
+iterator with known batches, the run settings they share, and the worker that trains a run in a
+process of its own (tests/test_storage.py: two JAX processes × 4 devices with gloo collectives
+train into a bucket, one process × 8 devices resumes; the other tests reuse the pieces).
 
 The device count is fixed when JAX starts, so the sharded runs are subprocesses of this file
-(``python -m tests.test_train_multihost worker …``); several runs share one worker process.
+(``python -m tests.multihost worker …``); several runs share one worker process.
 """
 
 from __future__ import annotations
@@ -137,7 +135,7 @@ def _free_port() -> int:
 
 
 def _run(args: list[str], env: dict[str, str], timeout: int = 240) -> str:
-    proc = subprocess.run([sys.executable, "-m", "tests.test_train_multihost", "worker", *args],
+    proc = subprocess.run([sys.executable, "-m", "tests.multihost", "worker", *args],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
