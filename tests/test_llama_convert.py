@@ -277,6 +277,22 @@ def test_analyze_layers_matches_transformers_hidden_states(tmp_path, capsys):
     assert f"--prelude {split['prelude']} --core {split['core']}" in printed
 
 
+def test_analyze_layers_reads_a_long_text_in_context_windows(tmp_path):
+    source, model = hf_checkpoint(tmp_path / "hf", seed=5, num_hidden_layers=3,
+                                  max_position_embeddings=16)
+    from rdlm.cli.analyze_layers import load_network
+    from rdlm.interop.layer_analysis import analyze_layers
+    cfg, params, _ = load_network(str(source))
+    tokens = rdlm.data.load_tokenizer(source).prompt(" ".join(CORPUS))[:40]
+    analysis = analyze_layers(params, cfg, tokens)
+    assert analysis.tokens == 40 and cfg.max_seq_len == 16
+    # Windows of 16, 16 and 8 tokens, each a text of its own: the influence averages over all.
+    windows = [reference_influence(model, tokens[i:i + 16]) for i in (0, 16, 32)]
+    weights = np.array([16, 16, 8]) / 40
+    expected = sum(w * influence for w, (influence, _) in zip(weights, windows))
+    np.testing.assert_allclose(analysis.influence, expected, atol=1e-5)
+
+
 def test_suggested_split_rules():
     from rdlm.interop.layer_analysis import suggest_split
 

@@ -34,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
                                        "checkpoint converted from one (adapter still [0; I])")
     parser.add_argument("--text", required=True, metavar="FILE", help="a UTF-8 text file")
     parser.add_argument("--tokens", type=int, default=512, metavar="N",
-                        help="analyse the first N tokens of the text (default 512)")
+                        help="analyse the first N tokens of the text, in windows of the "
+                             "model's context (default 512)")
     parser.add_argument("--core", type=int, metavar="M",
                         help="suggest the best window of M core layers instead of the plateau")
     parser.add_argument("--tokenizer", metavar="PATH",
@@ -87,7 +88,7 @@ def cli(argv: list[str] | None = None) -> int:
     if tok.vocab_size > cfg.vocab_size:
         raise ConfigError(f"the tokenizer {tok.name!r} has {tok.vocab_size} tokens, the model "
                           f"{cfg.vocab_size}: pass the model's own tokenizer (--tokenizer PATH).")
-    ids = tok.prompt(text)[:min(args.tokens, cfg.max_seq_len)]
+    ids = tok.prompt(text)[:args.tokens]
     if len(ids) < 2:
         raise ConfigError(f"{args.text} holds {len(ids)} token(s); give a longer text.")
     analysis = analyze_layers(params, cfg, ids, core=args.core)

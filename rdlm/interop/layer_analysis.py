@@ -141,12 +141,21 @@ def stack_blocks(params: Any, cfg: ModelConfig) -> list[Any]:
 def hidden_states(params: Any, cfg: ModelConfig, tokens_t: Sequence[int]) -> np.ndarray:
     """[L + 1, tokens, d] float32: the embeddings and each layer's output of the fixed-depth
     network that prelude, core (once) and coda form — what a converted checkpoint computed.
-    ``cfg`` must be the llama block (no embedding scale, no norm between the layers)."""
+    ``cfg`` must be the llama block (no embedding scale, no norm between the layers). A text
+    longer than the model's context is read in consecutive windows of ``cfg.max_seq_len``."""
     if cfg.block != "llama" or cfg.token_shift:
         raise ConfigError(f"layer analysis runs the llama block's fixed-depth stack; "
                           f"model.block={cfg.block!r}, token_shift={cfg.token_shift} is not one.")
-    tokens = jnp.asarray(np.asarray(tokens_t, np.int32)[None])
-    x_btd = jnp.take(jnp.asarray(params["wte"]), tokens, axis=0).astype(cfg.dtype)
+    ids_t = np.asarray(tokens_t, np.int32)
+    windows = [_window_states(params, cfg, ids_t[i:i + cfg.max_seq_len])
+               for i in range(0, len(ids_t), cfg.max_seq_len)]
+    return np.concatenate(windows, axis=1)
+
+
+def _window_states(params: Any, cfg: ModelConfig, ids_t: np.ndarray) -> np.ndarray:
+    """`hidden_states` of one window that fits the context."""
+    x_btd = jnp.take(jnp.asarray(params["wte"]), jnp.asarray(ids_t[None]), axis=0)
+    x_btd = x_btd.astype(cfg.dtype)
     states = [np.asarray(x_btd[0], np.float32)]
     for block_params in stack_blocks(params, cfg):
         x_btd = _apply_block(cfg, block_params, x_btd)
