@@ -21,6 +21,7 @@ import rdlm
 from rdlm.config import ModelConfig
 from rdlm.model import kernels as K
 from rdlm.model import model as M
+from rdlm.model import remat as R
 from rdlm.model import pallas_attention as P
 from rdlm.runtime import sharding
 
@@ -173,7 +174,7 @@ def test_every_remat_policy_gives_a_block_stack_the_gradients_of_none(name):
                                 remat=plan)
         return jnp.sum(jnp.sin(y_btd))
 
-    plan = M.remat_plan(_with(remat_policy=name))
+    plan = R.remat_plan(_with(remat_policy=name))
     plan = plan._replace(blocks=True)  # "core" leaves blocks alone: check its policy on them too
     want = jax.value_and_grad(loss, argnums=(0, 1))(params, x_btd, None)
     got = jax.value_and_grad(loss, argnums=(0, 1))(params, x_btd, plan)
@@ -209,7 +210,7 @@ def test_remat_policies_store_what_they_say():
     assert sizes["save_dots"] > sizes["save_qkv_attention_out"] > sizes["save_attention_out"] \
         > sizes["full"]
     assert saved_bytes(remat=False, remat_policy="full") == sizes["none"]
-    assert M.remat_plan(CFG) == M.RematPlan(core=True, blocks=False, policy=None)  # the default
+    assert R.remat_plan(CFG) == R.RematPlan(core=True, blocks=False, policy=None)  # the default
 
 
 def test_unknown_remat_policy_is_refused_with_the_menu():

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +36,7 @@ from rdlm.model import recurrence
 from rdlm.model.attention import (KV, AttentionContext, apply_rope, apply_rope_half,
                                   attention_context, previous_positions, previous_tokens)
 from rdlm.model.kernels import attention, fused_projection, output_logits, project
-from rdlm.model.pallas_attention import SPLASH_LSE_NAME
+from rdlm.model.remat import RematPlan, checkpointed_block, remat_plan
 
 Params = dict[str, Any]
 
@@ -91,7 +91,8 @@ class Attention(nnx.Module):
         """
         dtype = x_btd.dtype
         b, t, d = x_btd.shape
-        # The names are what the remat policies (`REMAT_SAVES`) may keep for the backward pass.
+        # The names are what the remat policies (`rdlm.model.remat.REMAT_SAVES`) may keep for
+        # the backward pass.
         q_bthe, k_bthe, v_bthe = (checkpoint_name(x, name) for x, name in zip(
             fused_projection(x_btd, self.wqkv[...]), ("q_proj", "k_proj", "v_proj")))
         if self.qk_bias is not None:
@@ -213,51 +214,6 @@ def make_block(cfg: ModelConfig, *, rngs: nnx.Rngs) -> Block:
     return (LlamaBlock if cfg.block == "llama" else SandwichBlock)(cfg, rngs=rngs)
 
 
-# ---------------------------------------------------------------------------------------------
-# Rematerialisation: what each `ModelConfig.remat_policy` keeps for the backward pass.
-
-# The weight matmuls' outputs, by the names the layers give them.
-DOT_NAMES = ("q_proj", "k_proj", "v_proj", "out_proj", "mlp_gate", "mlp_up", "mlp_out", "adapter")
-# Per policy, the named values a rematerialised region keeps (the rest is recomputed).
-REMAT_SAVES: dict[str, tuple[str, ...]] = {
-    "core": (),
-    "full": (),
-    "save_dots": DOT_NAMES,
-    "save_attention_out": ("attention_out", SPLASH_LSE_NAME),
-    "save_qkv_attention_out": ("query", "key", "value", "attention_out", SPLASH_LSE_NAME),
-}
-
-
-class RematPlan(NamedTuple):
-    """Where `jax.checkpoint` goes and what it saves (``policy`` None: only the inputs)."""
-
-    core: bool  # around each gradient-carrying core step
-    blocks: bool  # around each prelude and coda block
-    policy: Callable[..., bool] | None
-
-
-def remat_plan(cfg: ModelConfig) -> RematPlan:
-    """The `RematPlan` of ``cfg.remat`` and ``cfg.remat_policy``."""
-    name = cfg.remat_policy if cfg.remat else "none"
-    if name == "none":
-        return RematPlan(False, False, None)
-    saves = REMAT_SAVES[name]
-    policy = jax.checkpoint_policies.save_only_these_names(*saves) if saves else None
-    return RematPlan(core=True, blocks=name != "core", policy=policy)
-
-
-def _checkpointed_block(block: Block, policy: Callable[..., bool] | None
-                        ) -> Callable[[jax.Array, AttentionContext], tuple[jax.Array, KV]]:
-    """``block`` as a function rematerialised in the backward pass (saving what ``policy``
-    allows): its parameters enter as arguments, so their gradients flow through the checkpoint."""
-    graphdef, state = nnx.split(block)
-
-    def apply(state: Any, x_btd: jax.Array, ctx: AttentionContext) -> tuple[jax.Array, KV]:
-        return nnx.merge(graphdef, state)(x_btd, ctx)
-
-    return functools.partial(jax.checkpoint(apply, policy=policy), state)
-
-
 def run_blocks(blocks: nnx.List, x_btd: jax.Array, ctx: AttentionContext,
                kv_prefixes: list[KV] | None = None, remat: RematPlan | None = None
                ) -> tuple[jax.Array, list[KV]]:
@@ -268,7 +224,7 @@ def run_blocks(blocks: nnx.List, x_btd: jax.Array, ctx: AttentionContext,
     kvs = []
     for i, block in enumerate(blocks):
         if remat is not None and remat.blocks and kv_prefixes is None:
-            x_btd, kv = _checkpointed_block(block, remat.policy)(x_btd, ctx)
+            x_btd, kv = checkpointed_block(block, remat.policy)(x_btd, ctx)
         else:
             x_btd, kv = block(x_btd, ctx, None if kv_prefixes is None else kv_prefixes[i])
         kvs.append(kv)
