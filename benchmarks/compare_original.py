@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 import rdlm  # noqa: E402
 from rdlm.bench.train import bench_train  # noqa: E402
 from rdlm.cli.startup import with_malloc_tunables  # noqa: E402
-from rdlm.config import load_config  # noqa: E402
+from rdlm.config_files import load_config  # noqa: E402
 from rdlm.interop import save_huginn  # noqa: E402
 from rdlm.runtime.hostinfo import host_info  # noqa: E402
 

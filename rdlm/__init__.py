@@ -14,7 +14,8 @@ checkpoints load when first used (``rdlm.train``, ``rdlm.coconut``, ``rdlm.data`
 import importlib
 from typing import Any
 
-from rdlm.config import Config, MeshConfig, ModelConfig, load_config, model_preset
+from rdlm.config import Config, MeshConfig, ModelConfig, model_preset
+from rdlm.config_files import load_config
 from rdlm.errors import ConfigError
 from rdlm.generation import ExitConfig, GenerateOutput, SpeculativeConfig, generate
 from rdlm.model import (AttentionContext, abstract_params, attention_context, bind, core_step,

@@ -14,7 +14,8 @@ import pytest
 
 import rdlm
 from rdlm.cli.train import parse_args
-from rdlm.config import ConfigError, bundled_configs
+from rdlm.config import ConfigError
+from rdlm.config_files import bundled_configs
 from rdlm.runtime import sharding as shard_lib
 from rdlm.train import train
 from rdlm.train.optim import apply_updates, freeze_labels, param_part

@@ -13,7 +13,8 @@ import pytest
 
 import rdlm
 from rdlm.cli import main
-from rdlm.config import ConfigError, bundled_configs
+from rdlm.config import ConfigError
+from rdlm.config_files import bundled_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -62,7 +62,7 @@ def test_aot_that_does_not_fit_names_the_memory_and_settings_that_use_less(tmp_p
 def test_biggest_arrays_of_a_lowered_train_step():
     """What a refused program's message names: the largest arrays of the traced step, largest
     first (here the [vocab, d] embedding's gradient and optimizer moments and the logits)."""
-    from rdlm.config import load_config
+    from rdlm.config_files import load_config
     from rdlm.runtime import sharding as shard_lib
     from rdlm.train import aot as aot_lib
     from rdlm.train.step import make_train_step

@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rdlm.config import MODEL_PRESETS, ModelConfig, load_config
+from rdlm.config import MODEL_PRESETS, ModelConfig
+from rdlm.config_files import load_config
 from rdlm.cli.args import int_list, speculative_arg
 from rdlm.generation import SpeculativeConfig, generate
 from rdlm.model import abstract_params, count_params, init_params

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from rdlm.config import Config, ConfigError, load_config
+from rdlm.config import Config, ConfigError
+from rdlm.config_files import load_config
 from rdlm.model import flops as flops_lib
 from rdlm.runtime import sharding as shard_lib
 from rdlm.runtime.distributed import maybe_initialize_distributed

@@ -17,7 +17,8 @@ from importlib import metadata
 
 import jax
 
-from rdlm.config import ConfigError, load_config
+from rdlm.config import ConfigError
+from rdlm.config_files import load_config
 from rdlm.runtime import sharding as shard_lib
 from rdlm.train.aot import (DoesNotFit, compile_train_step, over_budget_message,
                             topology_devices)

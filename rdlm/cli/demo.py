@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from rdlm.config import Config, load_config, to_dict
+from rdlm.config import Config, to_dict
+from rdlm.config_files import load_config
 from rdlm.data.render import completion_text, prompt_tokens
 from rdlm.data.tasks import example_at, make_task
 from rdlm.data.tokenizer import load_tokenizer
@@ -29,7 +30,7 @@ from rdlm.runtime.hostinfo import machine
 from rdlm.runtime.storage import StoragePath
 from rdlm.train import train
 
-DEFAULT_CONFIG = "demo"  # the shipped configs/demo.yaml (`rdlm.config.config_path`)
+DEFAULT_CONFIG = "demo"  # the shipped configs/demo.yaml (`rdlm.config_files.config_path`)
 DEFAULT_STEPS = (1, 2, 4, 8, 16, 32, 64)
 
 

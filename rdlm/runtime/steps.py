@@ -159,7 +159,7 @@ def _refusal(path: StoragePath, reason: str) -> str:
             "it again.")
 
 
-def _checked_path(path: StoragePath) -> Path:
+def _checked_path(path: StoragePath) -> StoragePath:
     """``path`` made absolute (orbax wants absolute paths) or a bucket URL, after the checks
     that need no reading: not a temporary, and there."""
     check_access(str(path), "the checkpoint path")
