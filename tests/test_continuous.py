@@ -23,11 +23,12 @@ def params():
     return perturbed_params(CFG)
 
 
-def both(params, **kwargs):
+def both(params, boundary_wait=None, **kwargs):
     """The lockstep engine over every prompt at once, and 2 rows working through the queue."""
     kwargs = {"max_new_tokens": 6, "num_steps": 8, "return_logits": True, **kwargs}
     return (S.generate(params, CFG, PROMPTS, **kwargs),
-            S.generate(params, CFG, PROMPTS, continuous_batching=True, batch_size=2, **kwargs))
+            S.generate(params, CFG, PROMPTS, continuous_batching=True, batch_size=2,
+                       boundary_wait=boundary_wait, **kwargs))
 
 
 def assert_same(ref, out):
@@ -49,12 +50,12 @@ def test_fixed_r_with_stop_tokens_equals_lockstep_and_rows_take_the_next_prompt(
 
 def test_adaptive_exit_with_shared_cache_and_continuous_cot_equals_lockstep(params):
     options = dict(exit="kl:1e-2", cache_budget=2, continuous_cot=True)
-    ref, out = both(params, **options)
+    ref, out = both(params, boundary_wait=0, **options)
     assert (ref.steps[:, 1:] < 8).any() and len(np.unique(ref.steps[:, 1:])) > 1  # exits vary
     assert_same(ref, out)
     np.testing.assert_allclose(out.exit_values, ref.exit_values, rtol=1e-3, atol=1e-6)
-    # Every iteration advances every busy row: fewer iterations than lockstep token steps
-    # would take on two rows, each waiting for the slower.
+    # Without a wait every iteration advances every busy row: fewer iterations than lockstep
+    # token steps would take on two rows, each waiting for the slower.
     assert out.stats["row_utilization"] > 0.8
     # One compilation for every r and exit threshold.
     before = continuous_jit._cache_size()
@@ -68,12 +69,42 @@ def test_adaptive_exit_with_shared_cache_and_continuous_cot_equals_lockstep(para
     assert continuous_jit._cache_size() == before
 
 
+def test_finished_rows_wait_for_one_boundary_pass_and_compute_the_same(params):
+    """Rows whose token is done wait (their state, steps and block buffer untouched by the
+    others' steps) until the wait is spent, then finish together: the same tokens, logits
+    and exit values as the lockstep engine whatever the wait, with fewer boundary passes."""
+    options = dict(exit="kl:1e-2", cache_budget=2, continuous_cot=True, max_new_tokens=6,
+                   num_steps=8, return_logits=True)
+    ref = S.generate(params, CFG, PROMPTS, **options)
+    runs = {wait: S.generate(params, CFG, PROMPTS, continuous_batching=True, batch_size=3,
+                             boundary_wait=wait, **options) for wait in (0, 1, 10_000)}
+    for out in runs.values():
+        assert_same(ref, out)
+        np.testing.assert_allclose(out.exit_values, ref.exit_values, rtol=1e-3, atol=1e-6)
+    passes = [runs[w].stats["boundary_passes"] for w in (0, 1, 10_000)]
+    busy = [runs[w].stats["row_utilization"] for w in (0, 1, 10_000)]
+    tokens_after_first = int(ref.lengths.sum()) - len(PROMPTS)
+    # No wait: a pass at every iteration where some row finished, rows almost always busy.
+    # An endless wait: a pass only when no row is left iterating (lockstep, three rows).
+    assert passes[0] > passes[1] > passes[2] and passes[0] <= tokens_after_first
+    assert busy[0] > busy[2]
+    # One compilation for every wait.
+    before = continuous_jit._cache_size()
+    S.generate(params, CFG, PROMPTS, continuous_batching=True, batch_size=3, boundary_wait=2,
+               **options)
+    assert continuous_jit._cache_size() == before
+
+
 def test_options_it_cannot_combine_are_refused(params):
     with pytest.raises(ValueError, match="speculative decoding"):
         S.generate(params, CFG, PROMPTS, max_new_tokens=4, num_steps=4,
                    continuous_batching=True, speculative=True)
-    with pytest.raises(ValueError, match="batch_size sets the rows of continuous_batching"):
-        S.generate(params, CFG, PROMPTS, max_new_tokens=4, num_steps=4, batch_size=2)
+    for option in (dict(batch_size=2), dict(boundary_wait=4)):
+        with pytest.raises(ValueError, match="options of continuous_batching=True"):
+            S.generate(params, CFG, PROMPTS, max_new_tokens=4, num_steps=4, **option)
+    with pytest.raises(ValueError, match="boundary_wait=-1 must be"):
+        S.generate(params, CFG, PROMPTS, max_new_tokens=4, num_steps=4,
+                   continuous_batching=True, boundary_wait=-1)
     with pytest.raises(ValueError, match="batch_size=0"):
         S.generate(params, CFG, PROMPTS, max_new_tokens=4, num_steps=4,
                    continuous_batching=True, batch_size=0)

@@ -157,3 +157,31 @@ def test_bench_runs_on_a_preset(capsys, tmp_path):
                       4 * (rdlm.count_params(rdlm.model_preset("tiny"))
                            - sum(x.size for x in jax.tree.leaves(
                                rdlm.abstract_params(rdlm.model_preset("tiny"))["core"]))))
+
+
+def test_bench_alternates_rounds_and_compares_within_each(capsys, tmp_path):
+    out = tmp_path / "bench.json"
+    status = bench_sample.bench_cli(["tiny", "--steps", "4", "--batches", "3", "--prompt-len", "4",
+                                     "--new-tokens", "3", "--variants",
+                                     "full,exit,exit-continuous@0", "--rounds", "2",
+                                     "--json", str(out)])
+    assert status == 0
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    # Each round times every variant, back to back.
+    assert [(r["round"], r["variant"]) for r in rows] == [
+        (k, v) for k in (0, 1) for v in ("full", "exit", "exit-continuous@0")]
+    for row in rows[1:3] + rows[4:6]:
+        base = rows[0] if row["round"] == 0 else rows[3]
+        expected = (row["tokens_per_s"] / base["tokens_per_s"]) / (4 / row["mean_iterations"])
+        assert np.isclose(row["conversion"], expected)
+    wait0 = [r for r in rows if r["variant"] == "exit-continuous@0"]
+    assert all("boundary_passes" in r and "row_utilization" in r for r in wait0)
+    median = {e["variant"]: e for e in report["median"]}
+    assert median["exit"]["rounds"] == 2
+    assert np.isclose(median["exit"]["conversion"],
+                      np.median([r["conversion"] for r in rows if r["variant"] == "exit"]))
+    assert "median over 2 rounds" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench_sample.bench_cli(["tiny", "--variants", "exit-continuous@soon"])
+    assert "unknown variant 'exit-continuous@soon'" in capsys.readouterr().err

@@ -67,7 +67,13 @@ def _parser() -> argparse.ArgumentParser:
                         help="K or K:DRAFT_STEPS of the speculative runs (default 4:4)")
     parser.add_argument("--variants", default="full,shared,exit",
                         help="comma list of: full (one slot per step), shared, exit, "
-                             "exit-continuous (exit with depth-continuous batching), speculative")
+                             "exit-continuous (exit with depth-continuous batching; "
+                             "exit-continuous@W with boundary_wait=W), speculative")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="time every variant this many times, alternating (variants of one "
+                             "batch and r back to back in each round), and report the median: "
+                             "the conversion ratio compares runs of the same round, so that a "
+                             "shared host's load moves both sides alike")
     parser.add_argument("--decode-rate", action="store_true",
                         help="also time the prefill alone, and report tokens/s and the conversion "
                              "ratio of the decoding after it")
@@ -97,19 +103,26 @@ def bench_prompts(cfg: ModelConfig, batch: int, length: int, prompt_file: str | 
     return np.asarray(tokens[:batch * length], np.int64).reshape(batch, length).tolist()
 
 
-def variant_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """`generate` options of each variant; every one compiles once for all r."""
+def variant_options(args: argparse.Namespace, name: str) -> dict[str, Any]:
+    """`generate` options of one variant; every one compiles once for all r. Raises KeyError
+    for an unknown name."""
     max_r = max(args.steps)
-    return {
+    base, _, wait = name.partition("@")
+    options = {
         "full": dict(cache_budget=max_r),  # one slot per step for every r
         "shared": dict(cache_budget=args.budget),
         "exit": dict(cache_budget=max_r, exit=args.exit),
         "exit-continuous": dict(cache_budget=max_r, exit=args.exit, continuous_batching=True),
         "speculative": dict(cache_budget=max_r, speculative=args.speculative),
-    }
+    }[base if (base == "exit-continuous" or not wait) else name]
+    if wait:
+        if not wait.isdigit():
+            raise KeyError(name)
+        options = {**options, "boundary_wait": int(wait)}
+    return options
 
 
-HEADER = (f"{'variant':<16}{'batch':>6}{'r':>5}{'tokens/s':>11}{'mean it':>9}"
+HEADER = (f"{'variant':<20}{'batch':>6}{'r':>5}{'tokens/s':>11}{'mean it':>9}"
           f"{'cache MiB':>11}{'weight GB/s':>13}{'of bound':>10}{'compile s':>11}")
 
 
@@ -154,53 +167,63 @@ def timed_row(params: Any, cfg: ModelConfig, prompts: list[list[int]], r: int, n
         line += f"{achieved / 1e9:>13.2f}{achieved / bandwidth:>10.0%}"
     else:
         line += f"{'':>13}{'':>10}"
-    for stat in ("acceptance_rate", "row_utilization"):
+    for stat in ("acceptance_rate", "row_utilization", "boundary_passes"):
         if stat in out.stats:
             row[stat] = out.stats[stat]
     return row, line
 
 
-def bench_variant(params: Any, cfg: ModelConfig, variant: str, options: dict[str, Any],
-                  args: argparse.Namespace, bandwidth: float, prompts_by_batch: dict[int, list],
-                  prefill: dict[tuple[int, int], float]) -> list[dict[str, Any]]:
-    """Every batch size and r of one variant, printed as they finish."""
+def bench_variants(params: Any, cfg: ModelConfig, options: dict[str, dict[str, Any]],
+                   args: argparse.Namespace, bandwidth: float, prompts_by_batch: dict[int, list],
+                   prefill: dict[tuple[int, int], float]) -> list[dict[str, Any]]:
+    """Every variant, batch size and r, ``args.rounds`` times, printed as they finish: each
+    variant compiled first, then in each round the variants of one batch and r back to back."""
     device = jax.devices()[0]
+    compile_s = {}
+    for variant, opts in options.items():
+        for batch in args.batches:
+            start = time.perf_counter()
+            generate(params, cfg, prompts_by_batch[batch], num_steps=min(args.steps),
+                     max_new_tokens=args.new_tokens, **opts)
+            compile_s[variant, batch] = time.perf_counter() - start
     rows = []
-    for batch in args.batches:
-        prompts = prompts_by_batch[batch]
-        start = time.perf_counter()
-        generate(params, cfg, prompts, num_steps=min(args.steps), max_new_tokens=args.new_tokens,
-                 **options)
-        compile_s = time.perf_counter() - start
-        for r in args.steps:
-            row, line = timed_row(params, cfg, prompts, r, args.new_tokens, options, bandwidth,
-                                  prefill.get((batch, r)))
-            row = {"variant": variant, **row, "compile_s": compile_s,
-                   "device": device.device_kind}
-            line = f"{variant:<16}{line}{compile_s:>11.1f}"
-            if "acceptance_rate" in row:
-                line += f"  (drafts accepted {row['acceptance_rate']:.0%})"
-            if "row_utilization" in row:
-                line += f"  (rows busy {row['row_utilization']:.0%})"
-            print(line, flush=True)
-            rows.append(row)
+    for round_ in range(args.rounds):
+        for batch in args.batches:
+            for r in args.steps:
+                for variant, opts in options.items():
+                    row, line = timed_row(params, cfg, prompts_by_batch[batch], r,
+                                          args.new_tokens, opts, bandwidth,
+                                          prefill.get((batch, r)))
+                    row = {"variant": variant, "round": round_, **row,
+                           "compile_s": compile_s[variant, batch], "device": device.device_kind}
+                    line = f"{variant:<20}{line}{compile_s[variant, batch]:>11.1f}"
+                    if "acceptance_rate" in row:
+                        line += f"  (drafts accepted {row['acceptance_rate']:.0%})"
+                    if "row_utilization" in row:
+                        line += f"  (rows busy {row['row_utilization']:.0%})"
+                    if "boundary_passes" in row:
+                        line += f"  (boundary passes {row['boundary_passes']})"
+                    print(line + (f"  [round {round_ + 1}]" if args.rounds > 1 else ""),
+                          flush=True)
+                    rows.append(row)
     return rows
 
 
 def add_conversion(rows: list[dict[str, Any]]) -> list[str]:
-    """Each adaptive-exit row's conversion ratio, (tokens/s ÷ full tokens/s at the same batch and
-    r) ÷ (r ÷ mean iterations): the share of the iterations it saves that reaches throughput
-    (1: all of it). Sets ``row["conversion"]`` and returns one printed line per row."""
-    full = {(r["batch"], r["num_steps"]): r for r in rows if r["variant"] == "full"}
+    """Each adaptive-exit row's conversion ratio, (tokens/s ÷ full tokens/s at the same batch,
+    r and round) ÷ (r ÷ mean iterations): the share of the iterations it saves that reaches
+    throughput (1: all of it). Sets ``row["conversion"]`` and returns one printed line per row."""
+    full = {(r["batch"], r["num_steps"], r.get("round", 0)): r for r in rows
+            if r["variant"] == "full"}
     lines = []
     for row in rows:
-        base = full.get((row["batch"], row["num_steps"]))
+        base = full.get((row["batch"], row["num_steps"], row.get("round", 0)))
         if not row["variant"].startswith("exit") or base is None:
             continue
         speedup = row["tokens_per_s"] / base["tokens_per_s"]
         saving = row["num_steps"] / row["mean_iterations"]
         row["conversion"] = speedup / saving
-        line = (f"{row['variant']:<16}{row['batch']:>6}{row['num_steps']:>5}"
+        line = (f"{row['variant']:<20}{row['batch']:>6}{row['num_steps']:>5}"
                 f"{speedup:>10.2f}x{saving:>10.2f}x{row['conversion']:>12.2f}")
         if "decode_tokens_per_s" in row and "decode_tokens_per_s" in base:
             # The same after the prefill, which runs at the full r in every variant.
@@ -210,6 +233,25 @@ def add_conversion(rows: list[dict[str, Any]]) -> list[str]:
             line += f"{speedup:>10.2f}x{saving:>10.2f}x{row['decode_conversion']:>12.2f}"
         lines.append(line)
     return lines
+
+
+def median_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per variant, batch and r: the median over rounds of tokens/s and of the conversion
+    ratios (each computed within its round)."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["variant"], row["batch"], row["num_steps"]), []).append(row)
+    summary = []
+    for (variant, batch, r), group in groups.items():
+        entry = {"variant": variant, "batch": batch, "num_steps": r, "rounds": len(group),
+                 "mean_iterations": group[0]["mean_iterations"]}
+        for key in ("tokens_per_s", "decode_tokens_per_s", "conversion", "decode_conversion",
+                    "row_utilization", "boundary_passes"):
+            values = [row[key] for row in group if key in row]
+            if values:
+                entry[key] = float(np.median(values))
+        summary.append(entry)
+    return summary
 
 
 def bench_cli(argv: Sequence[str]) -> int:
@@ -226,11 +268,15 @@ def bench_cli(argv: Sequence[str]) -> int:
     else:
         cfg = _bench_config(args.config, args.overrides)
         params = init_params(cfg, jax.random.key(0))
-    variants = variant_options(args)
-    chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
-    for v in chosen:
-        if v not in variants:
-            parser.error(f"unknown variant {v!r}; choose from {sorted(variants)}")
+    variants = {}
+    for v in (v.strip() for v in args.variants.split(",") if v.strip()):
+        try:
+            variants[v] = variant_options(args, v)
+        except KeyError:
+            parser.error(f"unknown variant {v!r}; choose from full, shared, exit, "
+                         "exit-continuous[@WAIT], speculative")
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: give 1 or more")
     device = jax.devices()[0]
     print(f"device: {device.platform} {device.device_kind} x{jax.device_count()}; model "
           f"{count_params(cfg):,} parameters, {cfg.dtype}; prompt "
@@ -248,17 +294,25 @@ def bench_cli(argv: Sequence[str]) -> int:
                    for batch in args.batches for r in args.steps}
         print("prefill + first token, seconds: " + ", ".join(
             f"batch {b} r {r}: {s:.2f}" for (b, r), s in prefill.items()), flush=True)
-    results = [row for variant in chosen
-               for row in bench_variant(params, cfg, variant, variants[variant], args, bandwidth,
-                                        prompts_by_batch, prefill)]
+    results = bench_variants(params, cfg, variants, args, bandwidth, prompts_by_batch, prefill)
     conversion = add_conversion(results)
     if conversion:
         print("\nconversion of the iterations saved into throughput, (tokens/s ÷ full tokens/s) ÷ "
               "(r ÷ mean iterations); whole call" + (", then decoding only (after the prefill)"
                                                    if prefill else "") + ":")
         head = f"{'speed-up':>11}{'r/mean it':>11}{'conversion':>12}"
-        print(f"{'variant':<16}{'batch':>6}{'r':>5}" + head * (2 if prefill else 1))
+        print(f"{'variant':<20}{'batch':>6}{'r':>5}" + head * (2 if prefill else 1))
         print("\n".join(conversion))
+    summary = median_summary(results) if args.rounds > 1 else None
+    if summary:
+        print(f"\nmedian over {args.rounds} rounds:")
+        print(f"{'variant':<20}{'batch':>6}{'r':>5}{'tokens/s':>11}{'decode tok/s':>14}"
+              f"{'conversion':>12}{'decoding':>10}")
+        for e in summary:
+            print(f"{e['variant']:<20}{e['batch']:>6}{e['num_steps']:>5}"
+                  f"{e['tokens_per_s']:>11.1f}{e.get('decode_tokens_per_s', float('nan')):>14.1f}"
+                  f"{e.get('conversion', float('nan')):>12.2f}"
+                  f"{e.get('decode_conversion', float('nan')):>10.2f}")
     if args.json:
         report = results_report("python -m rdlm bench sample " + " ".join(argv),
                                 model=args.checkpoint or args.config,
@@ -266,7 +320,8 @@ def bench_cli(argv: Sequence[str]) -> int:
                                 prompts=args.prompt_file or "random ids",
                                 # A shared host's load moves tokens/s by tens of percent.
                                 load_average=os.getloadavg(),
-                                bandwidth_bytes_per_s=bandwidth, rows=results)
+                                bandwidth_bytes_per_s=bandwidth, rows=results,
+                                **({"median": summary} if summary else {}))
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
     return 0

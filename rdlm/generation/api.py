@@ -17,7 +17,7 @@ import numpy as np
 
 from rdlm.config import ModelConfig
 from rdlm.generation.exits import ExitConfig
-from rdlm.generation.continuous import Queue, continuous_jit
+from rdlm.generation.continuous import Queue, continuous_jit, default_boundary_wait
 from rdlm.generation.plan import (PAD_ID, Plan, SamplingConfig, SpeculativeConfig, ThoughtConfig,
                                   continuous_plan, left_pad, make_plan, plan_cache_bytes,
                                   prompt_bucket, prompt_rows)
@@ -132,7 +132,8 @@ def generate(params: Params, cfg: ModelConfig, prompt_tokens: Any, *, max_new_to
              thoughts: ThoughtConfig | None = None, prompt_len: int | None = None,
              mesh: jax.sharding.Mesh | None = None, tokenizer: "Tokenizer | None" = None,
              bos: bool | None = None, continuous_batching: bool = False,
-             batch_size: int | None = None) -> GenerateOutput:
+             batch_size: int | None = None, boundary_wait: int | None = None
+             ) -> GenerateOutput:
     """Generate ``max_new_tokens`` tokens after each prompt with ``num_steps`` core iterations.
 
     - ``prompt_tokens``: a list of token-id lists (lengths may differ), or a padded array with
@@ -163,6 +164,9 @@ def generate(params: Params, cfg: ModelConfig, prompt_tokens: Any, *, max_new_to
       whose token exits goes on to its next token at once, and a row whose sequence is done takes
       the next prompt. Outputs come in prompt order; one compilation serves every r and exit
       threshold. ``prompt_len`` defaults to a power-of-two bucket of the longest prompt.
+      ``boundary_wait``: row-iterations that rows whose token is done wait, in all, so that
+      their coda, sampling and next prelude run in one pass (None: `default_boundary_wait`,
+      about one pass's cost; 0: each row at once).
     """
     prompt_tokens = encode_texts(prompt_tokens, tokenizer, bos, cfg)
     if stop_tokens is None:
@@ -175,9 +179,9 @@ def generate(params: Params, cfg: ModelConfig, prompt_tokens: Any, *, max_new_to
                          "(init_scale > 0) needs key=jax.random.key(...).")
     if continuous_batching and prompt_len is None:
         prompt_len = prompt_bucket(max(len(r) for r in rows), max_new_tokens, cfg.max_seq_len)
-    elif batch_size is not None and not continuous_batching:
-        raise ValueError("batch_size sets the rows of continuous_batching=True; without it "
-                         "every prompt is one row of the batch.")
+    elif not continuous_batching and (batch_size is not None or boundary_wait is not None):
+        raise ValueError("batch_size and boundary_wait are options of continuous_batching=True; "
+                         "without it every prompt is one row of the batch, in lockstep.")
     plan = make_plan(cfg, rows, max_new_tokens=max_new_tokens, num_steps=num_steps, exit=exit,
                      cache_budget=cache_budget, continuous_cot=continuous_cot,
                      speculative=speculative, sampling=sampling, stop_tokens=stop_tokens,
@@ -189,7 +193,12 @@ def generate(params: Params, cfg: ModelConfig, prompt_tokens: Any, *, max_new_to
             raise ValueError("continuous_batching runs on one device: leave mesh=None.")
         threshold = None if plan.exit is None else plan.exit.value
         plan = continuous_plan(plan, len(rows), batch_size)
-        out = _generate_continuous(params, plan, rows, num_steps, threshold, key)
+        if boundary_wait is None:
+            boundary_wait = default_boundary_wait(cfg, plan.batch)
+        elif not isinstance(boundary_wait, int) or boundary_wait < 0:
+            raise ValueError(f"boundary_wait={boundary_wait!r} must be a whole number of "
+                             "row-iterations, 0 or more.")
+        out = _generate_continuous(params, plan, rows, num_steps, threshold, boundary_wait, key)
         return with_texts(out, tokenizer, plan.stop_tokens)
     prompt_bt, pad_b = left_pad(rows, plan.prompt_len)
     params, prompt_bt, pad_b = _place(params, cfg, prompt_bt, pad_b, mesh)
@@ -198,7 +207,8 @@ def generate(params: Params, cfg: ModelConfig, prompt_tokens: Any, *, max_new_to
 
 
 def _generate_continuous(params: Params, plan: Plan, rows: list[list[int]], num_steps: int,
-                         threshold: float | None, key: jax.Array) -> GenerateOutput:
+                         threshold: float | None, boundary_wait: int, key: jax.Array
+                         ) -> GenerateOutput:
     """The depth-continuous program over the queue of prompts, outputs in prompt order."""
     queue_qt = np.full((plan.queue, plan.prompt_len), PAD_ID, np.int32)
     lengths_q = np.ones((plan.queue,), np.int32)  # the padding slots are never prefilled
@@ -208,7 +218,7 @@ def _generate_continuous(params: Params, plan: Plan, rows: list[list[int]], num_
     queue = Queue(queue_qt, lengths_q, np.int32(len(rows)))
     raw = jax.device_get(continuous_jit(params, queue, np.int32(num_steps),
                                         np.float32(0.0 if threshold is None else threshold),
-                                        key, plan=plan))
+                                        np.int32(boundary_wait), key, plan=plan))
     n, n_new = len(rows), plan.max_new_tokens
     lengths = np.asarray(raw["lengths"])[:n].astype(np.int64)
     tokens = np.asarray(raw["tokens"])[:n, :n_new]
@@ -217,7 +227,8 @@ def _generate_continuous(params: Params, plan: Plan, rows: list[list[int]], num_
     logits = np.asarray(raw["logits"])[:n, :n_new] if plan.return_logits else None
     iterations = int(raw["iterations"])
     stats = {"core_steps": float(steps.sum()), "iterations": iterations,
-             "row_utilization": int(raw["busy"]) / max(iterations * plan.batch, 1)}
+             "row_utilization": int(raw["busy"]) / max(iterations * plan.batch, 1),
+             "boundary_passes": int(raw["boundaries"])}
     return GenerateOutput(tokens=tokens, steps=steps, lengths=lengths, exit_values=exit_values,
                           logits=logits, cache_bytes=plan_cache_bytes(plan),
                           num_slots=plan.num_slots, stats=stats)

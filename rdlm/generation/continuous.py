@@ -4,8 +4,9 @@
         refill   idle rows take the next prompts (prefill of one row at the full r, first token)
         advance  rows with a new token run it through the prelude and restart the core
         iterate  every running row runs one core step; a row whose token converged (exit
-                 criterion) or reached r runs the coda, writes the token's cache entries and
-                 samples its next token
+                 criterion) or reached r stops and waits
+        finish   the waiting rows run the coda, write their tokens' cache entries and sample
+                 their next tokens together, once they have waited long enough (below)
 
 In the lockstep programs (`rdlm.generation.programs`) a batched token step lasts until its
 slowest row has exited, so the iterations that adaptive exit saves on the other rows are idle
@@ -19,7 +20,15 @@ finishes its sequence takes the next prompt, so every iteration advances every b
   buffer, merged into the cache when the token is done.
 - Given the same exit decisions a row computes what the lockstep engine computes for it; with
   zero initial states greedy tokens are the same.
-- ``num_steps`` and the exit threshold are data: one compilation serves every r and threshold
+- The token-boundary work (the coda of the finished tokens, the prelude of the next ones) reads
+  the weights of three stages whether one row needs it or all of them; where decoding is bound
+  by weight reads (small batches, on any hardware) running it at every iteration for the one
+  or two rows that just finished costs about a core step each time. So finished rows wait, and
+  run it together once the row-iterations they have spent waiting reach ``boundary_wait`` (or
+  no row is left iterating): the rent-or-buy rule, waiting until the idle rows have cost about
+  what one boundary pass costs (`default_boundary_wait`). 0 finishes every row at once.
+- ``num_steps``, the exit threshold and ``boundary_wait`` are data: one compilation serves every
+  r, threshold and wait
   (with a fixed ``cache_budget``). The static shape is (rows, prompt bucket, new tokens, queue
   length), the queue padded to rows × a power of two.
 - Random initial states and sampling keys derive from (prompt, position) and (prompt, token
@@ -28,6 +37,7 @@ finishes its sequence takes the next prompt, so every iteration advances every b
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -43,7 +53,8 @@ from rdlm.generation.programs import _is_stop
 from rdlm.generation.rows import (CodaRows, choose_rows, coda_of_rows, coda_rows,
                                   core_step_rows, gathered_or_whole, prelude_rows, put_rows,
                                   row_context, row_keys, start_states)
-from rdlm.model import Params
+from rdlm.config import ModelConfig
+from rdlm.model import Params, abstract_params
 from rdlm.model.kernels import to_loop_layout
 
 
@@ -70,11 +81,14 @@ class RowCarry(NamedTuple):
     prompt_b: jax.Array  # the prompt the row serves
     emitted_b: jax.Array  # tokens emitted for it
     running_b: jax.Array  # in the core loop
+    waiting_b: jax.Array  # its token is done (converged or at r), its boundary work not yet run
+    waited: jax.Array  # row-iterations spent waiting by the rows waiting now
     pending_b: jax.Array  # emitted a token that has yet to enter the prelude
     next_prompt: jax.Array  # the queue's head
     out: dict[str, jax.Array]  # per prompt: tokens, steps, exit values, lengths (, logits)
     iterations: jax.Array  # core iterations of the loop
     busy: jax.Array  # row-iterations that ran a core step
+    boundaries: jax.Array  # token-boundary passes run (coda, sampling) after the first tokens
 
 
 class Keys(NamedTuple):
@@ -116,7 +130,7 @@ def _emit(plan: Plan, c: RowCarry, rows_b: jax.Array, token_b: jax.Array, steps_
     return c._replace(
         out=out, emitted_b=emitted_b, token_b=jnp.where(rows_b, token_b, c.token_b),
         position_b=c.position_b + rows_b.astype(jnp.int32), running_b=c.running_b & ~rows_b,
-        pending_b=c.pending_b | (rows_b & ~complete_b))
+        waiting_b=c.waiting_b & ~rows_b, pending_b=c.pending_b | (rows_b & ~complete_b))
 
 
 def _prefill(params: Params, plan: Plan, prompts_bt: jax.Array, lengths_b: jax.Array,
@@ -153,16 +167,16 @@ def _start(params: Params, plan: Plan, queue: Queue, num_steps: jax.Array,
         embedded_b1d=jnp.zeros((b, 1, cfg.d_model), dtype), state_b1d=state_b1d, step_b=zeros_b,
         position_b=lengths_b - 1, memory=memory, value_b=jnp.full((b,), jnp.inf, jnp.float32),
         token_b=zeros_b, prompt_b=prompt_b, emitted_b=zeros_b,
-        running_b=jnp.zeros((b,), bool), pending_b=jnp.zeros((b,), bool),
-        next_prompt=jnp.int32(b), out=_outputs(plan), iterations=jnp.int32(0),
-        busy=jnp.int32(0))
+        running_b=jnp.zeros((b,), bool), waiting_b=jnp.zeros((b,), bool), waited=jnp.int32(0),
+        pending_b=jnp.zeros((b,), bool), next_prompt=jnp.int32(b), out=_outputs(plan),
+        iterations=jnp.int32(0), busy=jnp.int32(0), boundaries=jnp.int32(0))
     token_b = choose_rows(logits_bv, row_keys(keys.sample, prompt_b, zeros_b), plan.sampling)
     return _emit(plan, c, jnp.ones((b,), bool), token_b, jnp.full((b,), num_steps, jnp.int32),
                  jnp.full((b,), jnp.nan, jnp.float32), logits_bv)
 
 
 def _idle(c: RowCarry) -> jax.Array:
-    return ~(c.running_b | c.pending_b)
+    return ~(c.running_b | c.waiting_b | c.pending_b)
 
 
 def _refill(params: Params, plan: Plan, queue: Queue, num_steps: jax.Array, keys: Keys,
@@ -193,6 +207,21 @@ def _refill(params: Params, plan: Plan, queue: Queue, num_steps: jax.Array, keys
                      jnp.broadcast_to(logits_1v, (b, logits_1v.shape[-1])))
 
     return lax.while_loop(wanted, one, c)
+
+
+def default_boundary_wait(cfg: ModelConfig, batch: int) -> int:
+    """Row-iterations finished rows wait, in all, before their token-boundary work runs: about
+    what one boundary pass costs, counted in the row-iterations of core steps it would buy.
+
+    Where decoding is bound by weight reads, a core step of the batch costs the core's weights
+    and serves ``batch`` rows, so a row-iteration costs core/batch; the boundary pass reads the
+    other weights (prelude, coda, head), whatever the number of rows it serves. Waiting until
+    the idle rows have cost as much as the pass (rent or buy) keeps the total within twice the
+    best schedule in hindsight. One row never waits: nothing would share its pass."""
+    shapes = abstract_params(cfg)
+    size = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+    core = size(shapes["core"])
+    return 0 if batch <= 1 else round(batch * (size(shapes) - core) / core)
 
 
 def few_rows(batch: int) -> int:
@@ -241,9 +270,11 @@ def _converged(plan: Plan, value_b: jax.Array, threshold: jax.Array) -> jax.Arra
     return value_b < threshold
 
 
-def _iterate(params: Params, plan: Plan, num_steps: jax.Array, threshold: jax.Array, keys: Keys,
-             c: RowCarry) -> RowCarry:
-    """One core step of every running row; rows whose token is done run the coda and emit."""
+def _iterate(params: Params, plan: Plan, num_steps: jax.Array, threshold: jax.Array,
+             boundary_wait: jax.Array, keys: Keys, c: RowCarry) -> RowCarry:
+    """One core step of every running row; rows whose token is done stop and wait, and the
+    waiting rows run the coda and emit once they have waited ``boundary_wait`` row-iterations
+    in all, or no row is left iterating."""
     cfg, exit_cfg = plan.cfg, plan.exit
     active_b = c.running_b
     ctx = row_context(cfg, c.position_b, plan.cache_len)
@@ -278,16 +309,20 @@ def _iterate(params: Params, plan: Plan, num_steps: jax.Array, threshold: jax.Ar
         done_b = done_b | (active_b & converged_b)
         fresh_b = check_b if exit_cfg.needs_logits else fresh_b
 
+    waiting_b = c.waiting_b | done_b
     c = c._replace(block=block, state_b1d=state_b1d, step_b=step_b, memory=memory,
-                   value_b=value_b, iterations=c.iterations + 1,
+                   value_b=value_b, running_b=c.running_b & ~done_b, waiting_b=waiting_b,
+                   iterations=c.iterations + 1,
                    busy=c.busy + jnp.sum(active_b.astype(jnp.int32)))
 
     def finish(c: RowCarry) -> RowCarry:
-        cache = kvc.merge_rows(c.cache, c.block, c.position_b, done_b, c.step_b)
-        # The check's coda (every row's candidate state) serves the rows it evaluated; the
-        # others that finished (fixed r, the latent criteria, a cap reached between checks)
-        # run it now, and only they.
-        late_b = done_b & ~fresh_b
+        # A waiting row's state, step count, value and block buffer stayed as they were when
+        # its token finished: the other rows' steps leave inactive rows alone.
+        cache = kvc.merge_rows(c.cache, c.block, c.position_b, waiting_b, c.step_b)
+        # The check's coda (every row's candidate state) serves the rows that finished at this
+        # evaluation; the others (fixed r, the latent criteria, a cap reached between checks,
+        # rows that finished at an earlier iteration and waited) run it now, and only they.
+        late_b = waiting_b & ~(done_b & fresh_b)
 
         def late() -> tuple[jax.Array, kvc.Stage]:
             return coda_of_rows(params, cfg, cache.coda, c.state_b1d, c.position_b, late_b,
@@ -305,14 +340,19 @@ def _iterate(params: Params, plan: Plan, num_steps: jax.Array, threshold: jax.Ar
                               plan.sampling)
         value_b = (c.value_b if exit_cfg is not None
                    else jnp.full_like(c.value_b, jnp.nan))
-        return _emit(plan, c._replace(cache=cache), done_b, token_b, c.step_b, value_b,
-                     logits_bv)
+        c = c._replace(cache=cache, waited=jnp.int32(0), boundaries=c.boundaries + 1)
+        return _emit(plan, c, waiting_b, token_b, c.step_b, value_b, logits_bv)
 
-    return lax.cond(jnp.any(done_b), finish, lambda c: c, c)
+    def wait(c: RowCarry) -> RowCarry:
+        return c._replace(waited=c.waited + jnp.sum(waiting_b.astype(jnp.int32)))
+
+    due = (c.waited >= boundary_wait) | ~jnp.any(c.running_b)
+    return lax.cond(jnp.any(waiting_b) & due, finish, wait, c)
 
 
 def _generate_rows(params: Params, queue: Queue, num_steps: jax.Array, threshold: jax.Array,
-                   key: jax.Array, plan: Plan) -> dict[str, jax.Array]:
+                   boundary_wait: jax.Array, key: jax.Array, plan: Plan
+                   ) -> dict[str, jax.Array]:
     params = to_loop_layout(params)
     keys = Keys(*jax.random.split(key))
 
@@ -323,10 +363,10 @@ def _generate_rows(params: Params, queue: Queue, num_steps: jax.Array, threshold
         c = _refill(params, plan, queue, num_steps, keys, c)
         c = lax.cond(jnp.any(c.pending_b), lambda c: _advance(params, plan, keys, c),
                      lambda c: c, c)
-        return _iterate(params, plan, num_steps, threshold, keys, c)
+        return _iterate(params, plan, num_steps, threshold, boundary_wait, keys, c)
 
     c = lax.while_loop(more, body, _start(params, plan, queue, num_steps, keys))
-    return {**c.out, "iterations": c.iterations, "busy": c.busy}
+    return {**c.out, "iterations": c.iterations, "busy": c.busy, "boundaries": c.boundaries}
 
 
 continuous_jit = jax.jit(_generate_rows, static_argnames=("plan",))
