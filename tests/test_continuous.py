@@ -4,7 +4,10 @@ decisions (tiny config, zero initial state)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -93,6 +96,25 @@ def test_finished_rows_wait_for_one_boundary_pass_and_compute_the_same(params):
     S.generate(params, CFG, PROMPTS, continuous_batching=True, batch_size=3, boundary_wait=2,
                **options)
     assert continuous_jit._cache_size() == before
+
+
+@pytest.mark.parametrize("layers", [(1, 2, 1), (0, 1, 0)], ids=["stages", "core-only"])
+def test_token_shift_equals_lockstep(layers):
+    """With ``model.token_shift`` each row's new token sees its own predecessors' bases, read
+    from the row's cache at its own position (the demo's model: every layer in the core)."""
+    n_prelude, n_core, n_coda = layers
+    cfg = dataclasses.replace(CFG, token_shift=2, n_prelude=n_prelude, n_core=n_core,
+                              n_coda=n_coda)
+    params = perturbed_params(cfg)  # the shift matrices too: not zero
+    options = dict(max_new_tokens=6, num_steps=6, exit="kl:1e-2", return_logits=True)
+    ref = S.generate(params, cfg, PROMPTS, **options)
+    out = S.generate(params, cfg, PROMPTS, continuous_batching=True, batch_size=2, **options)
+    assert len(np.unique(ref.steps[:, 1:])) > 1  # rows at different depths
+    assert_same(ref, out)
+    # Without the shift the tokens differ: the test sees it.
+    no_shift = S.generate({**params, "token_shift": jnp.zeros_like(params["token_shift"])}, cfg,
+                          PROMPTS, continuous_batching=True, batch_size=2, **options)
+    assert not np.array_equal(no_shift.logits, out.logits)
 
 
 def test_options_it_cannot_combine_are_refused(params):

@@ -194,7 +194,7 @@ def generate(params: Params, cfg: ModelConfig, prompt_tokens: Any, *, max_new_to
         threshold = None if plan.exit is None else plan.exit.value
         plan = continuous_plan(plan, len(rows), batch_size)
         if boundary_wait is None:
-            boundary_wait = default_boundary_wait(cfg, plan.batch)
+            boundary_wait = default_boundary_wait(cfg, plan.batch, plan.exit)
         elif not isinstance(boundary_wait, int) or boundary_wait < 0:
             raise ValueError(f"boundary_wait={boundary_wait!r} must be a whole number of "
                              "row-iterations, 0 or more.")

@@ -47,7 +47,7 @@ from jax import lax
 from rdlm.generation import cache as kvc
 from rdlm.generation.cache import KVCache
 from rdlm.generation.engine import forward_block, token_input
-from rdlm.generation.exits import ExitState, evaluate, init_exit_state
+from rdlm.generation.exits import ExitConfig, ExitState, evaluate, init_exit_state
 from rdlm.generation.plan import PAD_ID, Plan
 from rdlm.generation.programs import _is_stop
 from rdlm.generation.rows import (CodaRows, choose_rows, coda_of_rows, coda_rows,
@@ -209,7 +209,7 @@ def _refill(params: Params, plan: Plan, queue: Queue, num_steps: jax.Array, keys
     return lax.while_loop(wanted, one, c)
 
 
-def default_boundary_wait(cfg: ModelConfig, batch: int) -> int:
+def default_boundary_wait(cfg: ModelConfig, batch: int, exit_cfg: ExitConfig | None) -> int:
     """Row-iterations finished rows wait, in all, before their token-boundary work runs: about
     what one boundary pass costs, counted in the row-iterations of core steps it would buy.
 
@@ -217,11 +217,16 @@ def default_boundary_wait(cfg: ModelConfig, batch: int) -> int:
     and serves ``batch`` rows, so a row-iteration costs core/batch; the boundary pass reads the
     other weights (prelude, coda, head), whatever the number of rows it serves. Waiting until
     the idle rows have cost as much as the pass (rent or buy) keeps the total within twice the
-    best schedule in hindsight. One row never waits: nothing would share its pass."""
+    best schedule in hindsight. No wait for one row (nothing would share its pass) nor under a
+    distribution criterion (KL, entropy…): its check has just run the coda and the head of every
+    row, so a row finishing at once needs only the prelude, and one that waited would need the
+    coda again."""
+    if batch <= 1 or (exit_cfg is not None and exit_cfg.needs_logits):
+        return 0
     shapes = abstract_params(cfg)
     size = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
     core = size(shapes["core"])
-    return 0 if batch <= 1 else round(batch * (size(shapes) - core) / core)
+    return round(batch * (size(shapes) - core) / core)
 
 
 def few_rows(batch: int) -> int:
@@ -241,16 +246,19 @@ def _advance(params: Params, plan: Plan, keys: Keys, c: RowCarry) -> RowCarry:
     cfg = plan.cfg
     rows_b = c.pending_b
 
-    def gathered(rows_k: jax.Array, valid_k: jax.Array) -> tuple[jax.Array, kvc.Stage]:
-        embedded_k1d, prelude = prelude_rows(params, cfg, c.cache.prelude, c.token_b[rows_k],
-                                             c.position_b[rows_k], valid_k, rows_k)
-        return put_rows(c.embedded_b1d, rows_k, valid_k, embedded_k1d), prelude
+    def gathered(rows_k: jax.Array, valid_k: jax.Array) -> tuple:
+        embedded_k1d, *written = prelude_rows(params, cfg, c.cache.prelude,
+                                              c.cache.shift_bases_btd, c.token_b[rows_k],
+                                              c.position_b[rows_k], valid_k, rows_k)
+        return put_rows(c.embedded_b1d, rows_k, valid_k, embedded_k1d), *written
 
-    def whole() -> tuple[jax.Array, kvc.Stage]:
-        return prelude_rows(params, cfg, c.cache.prelude, c.token_b, c.position_b, rows_b)
+    def whole() -> tuple:
+        return prelude_rows(params, cfg, c.cache.prelude, c.cache.shift_bases_btd, c.token_b,
+                            c.position_b, rows_b)
 
-    embedded_b1d, prelude = gathered_or_whole(rows_b, few_rows(plan.batch), gathered, whole)
-    cache = c.cache._replace(prelude=prelude)
+    embedded_b1d, prelude, shift_btd = gathered_or_whole(rows_b, few_rows(plan.batch), gathered,
+                                                         whole)
+    cache = c.cache._replace(prelude=prelude, shift_bases_btd=shift_btd)
     start_b1d = (c.state_b1d if plan.continuous_cot else
                  start_states(plan, row_keys(keys.state, c.prompt_b, c.position_b), 1))
     memory = c.memory

@@ -279,9 +279,6 @@ def continuous_plan(plan: Plan, num_prompts: int, batch_size: int | None) -> Pla
     if plan.thoughts is not None:
         raise ValueError("continuous_batching does not take continuous thoughts in the prompt "
                          "(thoughts=...): their prefill runs position by position for the batch.")
-    if plan.cfg.token_shift:
-        raise ValueError("continuous_batching does not support model.token_shift yet: generate "
-                         "without continuous_batching.")
     rows = num_prompts if batch_size is None else _positive_int("batch_size", batch_size)
     rows = min(rows, num_prompts)
     queue = rows * _power_of_two_at_least(-(-num_prompts // rows))

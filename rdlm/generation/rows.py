@@ -33,19 +33,32 @@ def row_context(cfg: ModelConfig, position_b: jax.Array, cache_len: int) -> Atte
     return AttentionContext(cos_b11f, sin_b11f, mask_bs[:, None, None, :])
 
 
-def prelude_rows(params: Params, cfg: ModelConfig, prelude: kvc.Stage, token_k: jax.Array,
-                 position_k: jax.Array, write_k: jax.Array, rows_k: jax.Array | None = None
-                 ) -> tuple[jax.Array, kvc.Stage]:
+def prelude_rows(params: Params, cfg: ModelConfig, prelude: kvc.Stage,
+                 shift_btd: jax.Array | None, token_k: jax.Array, position_k: jax.Array,
+                 write_k: jax.Array, rows_k: jax.Array | None = None
+                 ) -> tuple[jax.Array, kvc.Stage, jax.Array | None]:
     """The prelude of one token for each of the cache rows ``rows_k`` (None: every row, in
-    order): (e [k, 1, d], the cached prelude entries ``prelude`` with those of the tokens in
-    ``write_k`` written)."""
+    order): (e [k, 1, d], the cached prelude entries ``prelude`` and, with ``model.token_shift``,
+    the cached shift bases ``shift_btd``, with those of the tokens in ``write_k`` written)."""
     model = _model(params, cfg)
-    ctx = row_context(cfg, position_k, prelude[0][0].shape[2])
+    ctx = row_context(cfg, position_k, prelude[0][0].shape[2] if prelude else 0)
     prefixes = prelude if rows_k is None else kvc.gather_stage(prelude, rows_k)
     bases_k1d = model.token_bases(token_k[:, None])
-    embedded_k1d, kvs = run_blocks(model.prelude, bases_k1d, ctx, list(prefixes))
-    embedded_k1d, kvs = _after_reads(embedded_k1d, kvs)
-    return embedded_k1d, kvc.write_stage_rows(prelude, kvs, position_k, write_k, rows_k)
+    inputs_k1d = bases_k1d
+    if shift_btd is not None:
+        # Each row's predecessors at its own positions (prompts start at position 0 of a row:
+        # nothing before it, as the token shift treats a missing predecessor).
+        back_kj = position_k[:, None] - jnp.arange(1, cfg.token_shift + 1)
+        rows = jnp.arange(token_k.shape[0]) if rows_k is None else rows_k
+        found_kjd = shift_btd[rows[:, None], jnp.maximum(back_kj, 0)]
+        previous_jkd = jnp.where((back_kj >= 0)[..., None], found_kjd, 0).swapaxes(0, 1)
+        inputs_k1d = model.add_shift(bases_k1d, previous_jkd[:, :, None])
+    embedded_k1d, kvs = run_blocks(model.prelude, inputs_k1d, ctx, list(prefixes))
+    embedded_k1d, kvs, bases_k1d = _after_reads(embedded_k1d, kvs, bases_k1d)
+    if shift_btd is not None:
+        shift_btd = kvc.write_rows(shift_btd[:, None], bases_k1d[:, None], position_k, write_k,
+                                   rows_k)[:, 0]
+    return embedded_k1d, kvc.write_stage_rows(prelude, kvs, position_k, write_k, rows_k), shift_btd
 
 
 def core_step_rows(params: Params, cfg: ModelConfig, num_slots: int, cache: KVCache,
@@ -116,7 +129,7 @@ def coda_of_rows(params: Params, cfg: ModelConfig, coda: kvc.Stage, state_b1d: j
     """The coda of the candidate states of the rows in ``rows_b`` (`gathered_or_whole`):
     (logits [b, V], meaningful in those rows; the cached coda entries ``coda`` with theirs
     written)."""
-    cache_len = coda[0][0].shape[2]
+    cache_len = coda[0][0].shape[2] if coda else 0  # no coda layers: no attention
 
     def gathered(rows_k: jax.Array, valid_k: jax.Array) -> tuple[jax.Array, kvc.Stage]:
         position_k = position_b[rows_k]
