@@ -160,17 +160,22 @@ def test_bench_runs_on_a_preset(capsys, tmp_path):
 
 
 def test_bench_alternates_rounds_and_compares_within_each(capsys, tmp_path):
+    """Two rounds of a queue of 6 prompts on 3 rows: lockstep batch after batch, continuous as
+    one queue."""
     out = tmp_path / "bench.json"
     status = bench_sample.bench_cli(["tiny", "--steps", "4", "--batches", "3", "--prompt-len", "4",
                                      "--new-tokens", "3", "--variants",
                                      "full,exit,exit-continuous@0", "--rounds", "2",
-                                     "--json", str(out)])
+                                     "--queue", "6", "--json", str(out)])
     assert status == 0
     report = json.loads(out.read_text())
     rows = report["rows"]
     # Each round times every variant, back to back.
     assert [(r["round"], r["variant"]) for r in rows] == [
         (k, v) for k in (0, 1) for v in ("full", "exit", "exit-continuous@0")]
+    assert all(r["queue"] == 6 and np.isclose(r["tokens_per_s"], 6 * 3 / r["seconds"])
+               for r in rows)
+    assert all(0 < r["row_utilization"] <= 1 for r in rows if r["variant"] != "full")
     for row in rows[1:3] + rows[4:6]:
         base = rows[0] if row["round"] == 0 else rows[3]
         expected = (row["tokens_per_s"] / base["tokens_per_s"]) / (4 / row["mean_iterations"])
@@ -185,3 +190,6 @@ def test_bench_alternates_rounds_and_compares_within_each(capsys, tmp_path):
     with pytest.raises(SystemExit):
         bench_sample.bench_cli(["tiny", "--variants", "exit-continuous@soon"])
     assert "unknown variant 'exit-continuous@soon'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_sample.bench_cli(["tiny", "--batches", "4", "--queue", "6"])
+    assert "--queue 6 must be a multiple of every batch" in capsys.readouterr().err

@@ -17,7 +17,7 @@ import numpy as np
 from rdlm.config import MODEL_PRESETS, ModelConfig
 from rdlm.config_files import load_config
 from rdlm.cli.args import int_list, speculative_arg
-from rdlm.generation import SpeculativeConfig, generate
+from rdlm.generation import GenerateOutput, SpeculativeConfig, generate
 from rdlm.model import abstract_params, count_params, init_params
 from rdlm.runtime import checkpoint
 from rdlm.runtime.hostinfo import results_report
@@ -69,6 +69,11 @@ def _parser() -> argparse.ArgumentParser:
                         help="comma list of: full (one slot per step), shared, exit, "
                              "exit-continuous (exit with depth-continuous batching; "
                              "exit-continuous@W with boundary_wait=W), speculative")
+    parser.add_argument("--queue", type=int, default=None,
+                        help="prompts per timed call, a multiple of each batch (default: one "
+                             "batch): the lockstep variants run them batch after batch, "
+                             "exit-continuous as one queue over that many rows, where a row "
+                             "that finishes its sequence takes the next prompt")
     parser.add_argument("--rounds", type=int, default=1,
                         help="time every variant this many times, alternating (variants of one "
                              "batch and r back to back in each round), and report the median: "
@@ -126,6 +131,36 @@ HEADER = (f"{'variant':<20}{'batch':>6}{'r':>5}{'tokens/s':>11}{'mean it':>9}"
           f"{'cache MiB':>11}{'weight GB/s':>13}{'of bound':>10}{'compile s':>11}")
 
 
+def run_queue(params: Any, cfg: ModelConfig, prompts: list[list[int]], batch: int, r: int,
+              new_tokens: int, options: dict[str, Any]) -> GenerateOutput:
+    """``prompts`` on ``batch`` rows: one depth-continuous call, or lockstep batch after batch
+    (their outputs joined; rows busy counted over every batch)."""
+    if options.get("continuous_batching"):
+        return generate(params, cfg, prompts, num_steps=r, max_new_tokens=new_tokens,
+                        batch_size=batch, **options)
+    outs = [generate(params, cfg, prompts[i:i + batch], num_steps=r, max_new_tokens=new_tokens,
+                     **options) for i in range(0, len(prompts), batch)]
+    if len(outs) == 1:
+        return outs[0]
+    stats = {"core_steps": sum(o.stats["core_steps"] for o in outs)}
+    if all("row_utilization" in o.stats for o in outs):
+        # Busy row-iterations over row-iterations, each batch's token loop as long as its
+        # slowest row.
+        stats["row_utilization"] = (sum(float(o.steps[:, 1:].sum()) for o in outs) /
+                                    max(sum(batch * o.steps[:, 1:].max(0).sum() for o in outs),
+                                        1))
+    for key in ("accepted_drafts", "rounds"):
+        if key in outs[0].stats:
+            stats[key] = sum(o.stats[key] for o in outs)
+    if "rounds" in stats:
+        stats["acceptance_rate"] = float(np.mean([o.stats["acceptance_rate"] for o in outs]))
+    join = lambda name: np.concatenate([getattr(o, name) for o in outs])
+    return GenerateOutput(tokens=join("tokens"), steps=join("steps"), lengths=join("lengths"),
+                          exit_values=None if outs[0].exit_values is None else
+                          join("exit_values"), logits=None, cache_bytes=outs[0].cache_bytes,
+                          num_slots=outs[0].num_slots, stats=stats)
+
+
 def prefill_seconds(params: Any, cfg: ModelConfig, prompts: list[list[int]], r: int,
                     max_r: int) -> float:
     """Seconds of a call that only prefills and emits the first token (best of two after a
@@ -138,19 +173,19 @@ def prefill_seconds(params: Any, cfg: ModelConfig, prompts: list[list[int]], r: 
     return min(times[1:])
 
 
-def timed_row(params: Any, cfg: ModelConfig, prompts: list[list[int]], r: int, new_tokens: int,
-              options: dict[str, Any], bandwidth: float, prefill_s: float | None = None
-              ) -> tuple[dict[str, Any], str]:
-    """One timed `generate` call: its JSON row and its printed line (without the compile time).
-    With ``prefill_s``, also the decoding rate: the tokens after the first over the time after
-    the prefill, and their mean iterations."""
-    batch = len(prompts)
+def timed_row(params: Any, cfg: ModelConfig, prompts: list[list[int]], batch: int, r: int,
+              new_tokens: int, options: dict[str, Any], bandwidth: float,
+              prefill_s: float | None = None) -> tuple[dict[str, Any], str]:
+    """``prompts`` on ``batch`` rows, timed (`run_queue`): its JSON row and its printed line
+    (without the compile time). With ``prefill_s`` (of every prompt), also the decoding rate:
+    the tokens after the first over the time after the prefill, and their mean iterations."""
     start = time.perf_counter()
-    out = generate(params, cfg, prompts, num_steps=r, max_new_tokens=new_tokens, **options)
+    out = run_queue(params, cfg, prompts, batch, r, new_tokens, options)
     seconds = time.perf_counter() - start
-    tokens_per_s = batch * new_tokens / seconds
-    row = {"batch": batch, "num_steps": r, "tokens_per_s": tokens_per_s, "seconds": seconds,
-           "mean_iterations": out.mean_steps, "cache_bytes": out.cache_bytes}
+    tokens_per_s = len(prompts) * new_tokens / seconds
+    row = {"batch": batch, "queue": len(prompts), "num_steps": r, "tokens_per_s": tokens_per_s,
+           "seconds": seconds, "mean_iterations": out.mean_steps,
+           "cache_bytes": out.cache_bytes}
     if prefill_s is not None and new_tokens > 1:
         decoded = np.arange(new_tokens)[None] < out.lengths[:, None]
         decoded[:, 0] = False
@@ -162,7 +197,8 @@ def timed_row(params: Any, cfg: ModelConfig, prompts: list[list[int]], r: int, n
     if batch == 1:
         # Recurrence steps actually run per token (drafts and verification included).
         steps_run = out.stats["core_steps"]
-        achieved = weight_bytes_per_token(cfg, steps_run / new_tokens) * tokens_per_s
+        achieved = (weight_bytes_per_token(cfg, steps_run / (len(prompts) * new_tokens)) *
+                    tokens_per_s)
         row.update(weight_bytes_per_s=achieved, bandwidth_bytes_per_s=bandwidth)
         line += f"{achieved / 1e9:>13.2f}{achieved / bandwidth:>10.0%}"
     else:
@@ -183,15 +219,15 @@ def bench_variants(params: Any, cfg: ModelConfig, options: dict[str, dict[str, A
     for variant, opts in options.items():
         for batch in args.batches:
             start = time.perf_counter()
-            generate(params, cfg, prompts_by_batch[batch], num_steps=min(args.steps),
-                     max_new_tokens=args.new_tokens, **opts)
+            run_queue(params, cfg, prompts_by_batch[batch], batch, min(args.steps),
+                      args.new_tokens, opts)
             compile_s[variant, batch] = time.perf_counter() - start
     rows = []
     for round_ in range(args.rounds):
         for batch in args.batches:
             for r in args.steps:
                 for variant, opts in options.items():
-                    row, line = timed_row(params, cfg, prompts_by_batch[batch], r,
+                    row, line = timed_row(params, cfg, prompts_by_batch[batch], batch, r,
                                           args.new_tokens, opts, bandwidth,
                                           prefill.get((batch, r)))
                     row = {"variant": variant, "round": round_, **row,
@@ -285,12 +321,19 @@ def bench_cli(argv: Sequence[str]) -> int:
     bandwidth = memory_bandwidth()
     print(f"measured streaming-read bandwidth: {bandwidth / 1e9:.1f} GB/s")
     print(HEADER)
-    prompts_by_batch = {batch: bench_prompts(cfg, batch, args.prompt_len, args.prompt_file)
+    for batch in args.batches:
+        if args.queue is not None and (args.queue < batch or args.queue % batch):
+            parser.error(f"--queue {args.queue} must be a multiple of every batch "
+                         f"(batch {batch})")
+    prompts_by_batch = {batch: bench_prompts(cfg, args.queue or batch, args.prompt_len,
+                                             args.prompt_file)
                         for batch in args.batches}
     prefill = {}
     if args.decode_rate:
-        prefill = {(batch, r): prefill_seconds(params, cfg, prompts_by_batch[batch], r,
+        # Every batch of the queue prefills once, at the full r.
+        prefill = {(batch, r): prefill_seconds(params, cfg, prompts_by_batch[batch][:batch], r,
                                                max(args.steps))
+                               * (len(prompts_by_batch[batch]) // batch)
                    for batch in args.batches for r in args.steps}
         print("prefill + first token, seconds: " + ", ".join(
             f"batch {b} r {r}: {s:.2f}" for (b, r), s in prefill.items()), flush=True)
