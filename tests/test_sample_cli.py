@@ -193,3 +193,25 @@ def test_bench_alternates_rounds_and_compares_within_each(capsys, tmp_path):
     with pytest.raises(SystemExit):
         bench_sample.bench_cli(["tiny", "--batches", "4", "--queue", "6"])
     assert "--queue 6 must be a multiple of every batch" in capsys.readouterr().err
+
+
+def test_conversion_ceiling_counts_the_check_and_the_boundary_pass():
+    from rdlm.generation import ExitConfig
+    cfg = rdlm.model_preset("bench-28m")
+    sizes = {k: sum(x.size for x in jax.tree.leaves(v))
+             for k, v in rdlm.abstract_params(cfg).items()}
+    core, coda, head = sizes["core"], sizes["coda"], sizes["wte"]
+    boundary = sizes["prelude"] + coda + head
+    # Without exits there is nothing to convert and nothing lost: 1.
+    assert np.isclose(bench_sample.conversion_ceiling(cfg, ExitConfig("latent-diff"), 32, 32), 1)
+    # A latent criterion loses only the boundary pass, which every token pays anyway.
+    expected = (32 * core + boundary) / (10 * core + boundary) / 3.2
+    assert np.isclose(bench_sample.conversion_ceiling(cfg, ExitConfig("latent-diff"), 32, 10),
+                      expected)
+    # KL checks the coda and head at every step (or every check_every-th).
+    for every in (1, 4):
+        expected = ((32 * core + boundary) / (10 * (core + (coda + head) / every) + boundary)
+                    / 3.2)
+        assert np.isclose(bench_sample.conversion_ceiling(
+            cfg, ExitConfig("kl", check_every=every), 32, 10), expected)
+    assert bench_sample.conversion_ceiling(cfg, ExitConfig("kl"), 32, 10) < 0.62

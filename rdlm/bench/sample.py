@@ -17,7 +17,8 @@ import numpy as np
 from rdlm.config import MODEL_PRESETS, ModelConfig
 from rdlm.config_files import load_config
 from rdlm.cli.args import int_list, speculative_arg
-from rdlm.generation import GenerateOutput, SpeculativeConfig, generate
+from rdlm.generation import ExitConfig, GenerateOutput, SpeculativeConfig, generate
+from rdlm.generation.exits import as_exit_config
 from rdlm.model import abstract_params, count_params, init_params
 from rdlm.runtime import checkpoint
 from rdlm.runtime.hostinfo import results_report
@@ -30,6 +31,24 @@ def weight_bytes_per_token(cfg: ModelConfig, mean_steps: float) -> float:
     size = lambda tree: sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
     core = size(shapes["core"])
     return size(shapes) - core + mean_steps * core
+
+
+def conversion_ceiling(cfg: ModelConfig, exit_cfg: ExitConfig, r: int, mean_steps: float
+                       ) -> float:
+    """The conversion ratio of a schedule that wastes no row-iteration, counting weight reads
+    (or FLOPs: the same ratio): a token at fixed r costs r core steps and one boundary pass
+    (prelude, coda, head); under adaptive exit ``mean_steps`` core steps, each with the
+    criterion's check (the coda and the head for a distribution criterion, every
+    ``check_every`` steps), and the pass. What adaptive exit can convert, whatever the
+    scheduling or the hardware."""
+    shapes = abstract_params(cfg)
+    size = lambda name: sum(math.prod(x.shape) for x in jax.tree.leaves(shapes.get(name, {})))
+    head = size("lm_head") or size("wte")
+    core, boundary = size("core"), size("prelude") + size("coda") + head
+    check = (size("coda") + head) / exit_cfg.check_every if exit_cfg.needs_logits else 0.0
+    full = r * core + boundary
+    adaptive = mean_steps * (core + check) + boundary
+    return (full / adaptive) / (r / mean_steps)
 
 
 def memory_bandwidth(num_bytes: int = 256 * 2**20, repeats: int = 5) -> float:
@@ -245,10 +264,13 @@ def bench_variants(params: Any, cfg: ModelConfig, options: dict[str, dict[str, A
     return rows
 
 
-def add_conversion(rows: list[dict[str, Any]]) -> list[str]:
+def add_conversion(rows: list[dict[str, Any]], cfg: ModelConfig, exit_cfg: ExitConfig
+                   ) -> list[str]:
     """Each adaptive-exit row's conversion ratio, (tokens/s ÷ full tokens/s at the same batch,
     r and round) ÷ (r ÷ mean iterations): the share of the iterations it saves that reaches
-    throughput (1: all of it). Sets ``row["conversion"]`` and returns one printed line per row."""
+    throughput (1: all of it), and its `conversion_ceiling` (at the decoded tokens' mean
+    iterations when timed). Sets ``row["conversion"]``, ``row["ceiling"]`` and returns one
+    printed line per row."""
     full = {(r["batch"], r["num_steps"], r.get("round", 0)): r for r in rows
             if r["variant"] == "full"}
     lines = []
@@ -267,7 +289,10 @@ def add_conversion(rows: list[dict[str, Any]]) -> list[str]:
             saving = row["num_steps"] / row["decode_mean_iterations"]
             row["decode_conversion"] = speedup / saving
             line += f"{speedup:>10.2f}x{saving:>10.2f}x{row['decode_conversion']:>12.2f}"
-        lines.append(line)
+        row["ceiling"] = conversion_ceiling(cfg, exit_cfg, row["num_steps"],
+                                            row.get("decode_mean_iterations",
+                                                    row["mean_iterations"]))
+        lines.append(line + f"{row['ceiling']:>9.2f}")
     return lines
 
 
@@ -282,7 +307,7 @@ def median_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         entry = {"variant": variant, "batch": batch, "num_steps": r, "rounds": len(group),
                  "mean_iterations": group[0]["mean_iterations"]}
         for key in ("tokens_per_s", "decode_tokens_per_s", "conversion", "decode_conversion",
-                    "row_utilization", "boundary_passes"):
+                    "ceiling", "row_utilization", "boundary_passes"):
             values = [row[key] for row in group if key in row]
             if values:
                 entry[key] = float(np.median(values))
@@ -338,24 +363,27 @@ def bench_cli(argv: Sequence[str]) -> int:
         print("prefill + first token, seconds: " + ", ".join(
             f"batch {b} r {r}: {s:.2f}" for (b, r), s in prefill.items()), flush=True)
     results = bench_variants(params, cfg, variants, args, bandwidth, prompts_by_batch, prefill)
-    conversion = add_conversion(results)
+    conversion = add_conversion(results, cfg, as_exit_config(args.exit))
     if conversion:
         print("\nconversion of the iterations saved into throughput, (tokens/s ÷ full tokens/s) ÷ "
               "(r ÷ mean iterations); whole call" + (", then decoding only (after the prefill)"
-                                                   if prefill else "") + ":")
+                                                   if prefill else "") +
+              "; the ceiling of a schedule that wastes no row-iteration (weight reads):")
         head = f"{'speed-up':>11}{'r/mean it':>11}{'conversion':>12}"
-        print(f"{'variant':<20}{'batch':>6}{'r':>5}" + head * (2 if prefill else 1))
+        print(f"{'variant':<20}{'batch':>6}{'r':>5}" + head * (2 if prefill else 1) +
+              f"{'ceiling':>9}")
         print("\n".join(conversion))
     summary = median_summary(results) if args.rounds > 1 else None
     if summary:
         print(f"\nmedian over {args.rounds} rounds:")
         print(f"{'variant':<20}{'batch':>6}{'r':>5}{'tokens/s':>11}{'decode tok/s':>14}"
-              f"{'conversion':>12}{'decoding':>10}")
+              f"{'conversion':>12}{'decoding':>10}{'ceiling':>9}")
         for e in summary:
             print(f"{e['variant']:<20}{e['batch']:>6}{e['num_steps']:>5}"
                   f"{e['tokens_per_s']:>11.1f}{e.get('decode_tokens_per_s', float('nan')):>14.1f}"
                   f"{e.get('conversion', float('nan')):>12.2f}"
-                  f"{e.get('decode_conversion', float('nan')):>10.2f}")
+                  f"{e.get('decode_conversion', float('nan')):>10.2f}"
+                  f"{e.get('ceiling', float('nan')):>9.2f}")
     if args.json:
         report = results_report("python -m rdlm bench sample " + " ".join(argv),
                                 model=args.checkpoint or args.config,
