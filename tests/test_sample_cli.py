@@ -215,3 +215,24 @@ def test_conversion_ceiling_counts_the_check_and_the_boundary_pass():
         assert np.isclose(bench_sample.conversion_ceiling(
             cfg, ExitConfig("kl", check_every=every), 32, 10), expected)
     assert bench_sample.conversion_ceiling(cfg, ExitConfig("kl"), 32, 10) < 0.62
+
+
+def test_bench_takes_prompts_from_a_task_checkpoints_problems(tmp_path, capsys):
+    """The demo's kind of model is benchmarked on its own held-out problems."""
+    config = rdlm.load_config("configs/tiny.yaml")
+    cfg = config.model
+    params = rdlm.init_params(cfg, jax.random.key(0))
+    path = tmp_path / "ckpt"
+    checkpoint.save_params(path, config, params)
+    expected = bench_sample.task_tokens(config, 2 * 8)
+    assert expected[0] == load_tokenizer(config.data.tokenizer).bos_id
+    assert bench_sample.bench_prompts(cfg, 2, 8, None, expected) == \
+        expected[:16].reshape(2, 8).tolist()
+    out = tmp_path / "bench.json"
+    assert bench_sample.bench_cli(["--checkpoint", str(path), "--task-prompts", "--steps", "2",
+                                   "--batches", "2", "--prompt-len", "8", "--new-tokens", "2",
+                                   "--variants", "full", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["prompts"] == "held-out problems of the checkpoint's task"
+    with pytest.raises(SystemExit):
+        bench_sample.bench_cli(["tiny", "--task-prompts"])
+    assert "--task-prompts takes the task of --checkpoint" in capsys.readouterr().err

@@ -14,9 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rdlm.config import MODEL_PRESETS, ModelConfig
+from rdlm.config import MODEL_PRESETS, Config, ModelConfig
 from rdlm.config_files import load_config
 from rdlm.cli.args import int_list, speculative_arg
+from rdlm.data.render import completion_text, prompt_tokens
+from rdlm.data.tasks import example_at, make_task
+from rdlm.data.tokenizer import load_tokenizer
 from rdlm.generation import ExitConfig, GenerateOutput, SpeculativeConfig, generate
 from rdlm.generation.exits import as_exit_config
 from rdlm.model import abstract_params, count_params, init_params
@@ -107,19 +110,38 @@ def _parser() -> argparse.ArgumentParser:
                         help="prompts from a token file (.npy, e.g. a prepared data folder's "
                              "held-out split): consecutive windows of --prompt-len tokens, "
                              "instead of random ids")
+    parser.add_argument("--task-prompts", action="store_true",
+                        help="with --checkpoint of a task model (the demo's): prompts from its "
+                             "task's held-out problems, rendered (question and answer) one "
+                             "after another, in windows of --prompt-len tokens")
     parser.add_argument("--json", help="also write the rows as JSON to this file")
     return parser
 
 
-def bench_prompts(cfg: ModelConfig, batch: int, length: int, prompt_file: str | None
-                  ) -> list[list[int]]:
+def task_tokens(config: Config, count: int) -> np.ndarray:
+    """Held-out problems of ``config``'s task, each rendered as question then answer, one after
+    another, until there are ``count`` ids."""
+    task = make_task(config.data.task, config.data.difficulty, config.data.task_args)
+    tok = load_tokenizer(config.data.tokenizer)
+    ids: list[int] = []
+    index = 0
+    while len(ids) < count:
+        example = example_at(task, "test", index)
+        ids += prompt_tokens(example, tok) + tok.encode(completion_text(example))
+        index += 1
+    return np.asarray(ids, np.int64)
+
+
+def bench_prompts(cfg: ModelConfig, batch: int, length: int, prompt_file: str | None,
+                  tokens: np.ndarray | None = None) -> list[list[int]]:
     """``batch`` prompts of ``length`` ids: random (seed 0), or consecutive windows of a token
-    file, where a trained model meets text like its training data (and its tokens exit at
-    the depths that text asks for)."""
-    if prompt_file is None:
+    file (or of ``tokens``), where a trained model meets text like its training data (and its
+    tokens exit at the depths that text asks for)."""
+    if prompt_file is None and tokens is None:
         rng = np.random.default_rng(0)
         return rng.integers(0, cfg.vocab_size, (batch, length)).tolist()
-    tokens = np.load(prompt_file, mmap_mode="r")
+    if tokens is None:
+        tokens = np.load(prompt_file, mmap_mode="r")
     if tokens.ndim != 1 or len(tokens) < batch * length:
         raise ValueError(f"--prompt-file {prompt_file}: need a 1-D token array of at least "
                          f"{batch * length} ids for {batch} prompts of {length}, got shape "
@@ -338,10 +360,15 @@ def bench_cli(argv: Sequence[str]) -> int:
                          "exit-continuous[@WAIT], speculative")
     if args.rounds < 1:
         parser.error(f"--rounds {args.rounds}: give 1 or more")
+    if args.task_prompts and (args.checkpoint is None or args.prompt_file):
+        parser.error("--task-prompts takes the task of --checkpoint's config, without "
+                     "--prompt-file")
+    prompt_source = ("held-out problems of the checkpoint's task" if args.task_prompts
+                     else args.prompt_file or "random ids")
     device = jax.devices()[0]
     print(f"device: {device.platform} {device.device_kind} x{jax.device_count()}; model "
           f"{count_params(cfg):,} parameters, {cfg.dtype}; prompt "
-          f"{args.prompt_len} tokens ({args.prompt_file or 'random ids'}), {args.new_tokens} "
+          f"{args.prompt_len} tokens ({prompt_source}), {args.new_tokens} "
           "greedy new tokens, zero initial state")
     bandwidth = memory_bandwidth()
     print(f"measured streaming-read bandwidth: {bandwidth / 1e9:.1f} GB/s")
@@ -350,8 +377,10 @@ def bench_cli(argv: Sequence[str]) -> int:
         if args.queue is not None and (args.queue < batch or args.queue % batch):
             parser.error(f"--queue {args.queue} must be a multiple of every batch "
                          f"(batch {batch})")
+    most = max(args.queue or b for b in args.batches) * args.prompt_len
+    tokens = task_tokens(config, most) if args.task_prompts else None
     prompts_by_batch = {batch: bench_prompts(cfg, args.queue or batch, args.prompt_len,
-                                             args.prompt_file)
+                                             args.prompt_file, tokens)
                         for batch in args.batches}
     prefill = {}
     if args.decode_rate:
@@ -388,7 +417,7 @@ def bench_cli(argv: Sequence[str]) -> int:
         report = results_report("python -m rdlm bench sample " + " ".join(argv),
                                 model=args.checkpoint or args.config,
                                 parameters=count_params(cfg),
-                                prompts=args.prompt_file or "random ids",
+                                prompts=prompt_source,
                                 # A shared host's load moves tokens/s by tens of percent.
                                 load_average=os.getloadavg(),
                                 bandwidth_bytes_per_s=bandwidth, rows=results,
