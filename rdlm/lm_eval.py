@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import json
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 try:
@@ -42,13 +40,14 @@ except ImportError as err:  # the optional extra is missing (or broken)
 from rdlm.config import ConfigError, MeshConfig, ModelConfig
 from rdlm.data.tokenizer import Tokenizer, load_tokenizer, run_tokenizer
 from rdlm.generation import ExitConfig, generate
-from rdlm.model import Params, forward
+from rdlm.generation.scoring import (ScoreRow, batches_by_length, bucket_length, pack_rows,
+                                     score_batch, score_row)
+from rdlm.model import Params
 from rdlm.runtime import sharding
 
 MODEL_NAME = "rdlm"
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's default when a task gives none
-SHORTEST_BUCKET = 16  # the shortest padded length (see `bucket_length`)
 # lm-eval's generation keywords that rdlm maps onto `rdlm.generate` (anything else is refused,
 # so that a task asking for, say, beam search is not silently run greedily).
 GEN_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_k", "top_p", "min_p")
@@ -188,78 +187,6 @@ def load_model(checkpoint: str, dtype: str | None, tokenizer: str | None
                           f"model's vocabulary holds {cfg.vocab_size}: pass the tokenizer the "
                           "model was trained with (model_args tokenizer=PATH).")
     return cfg, params, tok
-
-
-# ---------------------------------------------------------------------------------------------
-# Log-likelihood: one jitted program per (batch, length) bucket, r traced.
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "constrain"))
-def score_batch(params: Params, tokens_bt: jax.Array, targets_bt: jax.Array,
-                score_mask_bt: jax.Array, num_steps: jax.Array, *, cfg: ModelConfig,
-                constrain: Callable | None = None) -> tuple[jax.Array, jax.Array]:
-    """(summed log-probability of the scored targets [batch], whether each is the argmax
-    [batch]) after ``num_steps`` core iterations from the zero state.
-
-    Rows are right-padded, so the plain causal mask is enough: a real token never sees the
-    padding after it (no segment ids, whose [batch, length, length] mask costs time)."""
-    logits_btv, _ = forward(params, tokens_bt, cfg, num_steps=num_steps, init_scale=0.0,
-                            constrain=constrain)
-    logp_btv = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
-    target_logp_bt = jnp.take_along_axis(logp_btv, targets_bt[..., None], axis=-1)[..., 0]
-    scored_bt = score_mask_bt.astype(bool)
-    greedy_bt = jnp.argmax(logits_btv, axis=-1) == targets_bt
-    return (jnp.where(scored_bt, target_logp_bt, 0.0).sum(-1),
-            jnp.all(greedy_bt | ~scored_bt, axis=-1))
-
-
-def bucket_length(n: int, cap: int) -> int:
-    """The padded length of an n-token row: the next of 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, …
-    (four steps per doubling), at most ``cap``. Few distinct lengths mean few compilations (four
-    per doubling of the longest row), and a row is padded by less than a quarter of its length
-    (two steps per doubling padded 27% more tokens than exact lengths on varied requests)."""
-    length = SHORTEST_BUCKET
-    while length < n:
-        length += (1 << (length.bit_length() - 1)) // 4
-    return max(min(length, cap), n)
-
-
-@dataclasses.dataclass(frozen=True)
-class ScoreRow:
-    """One scored sequence: the model reads ``inputs`` and the last ``num_scored`` of the next
-    tokens ``targets`` count."""
-
-    inputs: tuple[int, ...]
-    targets: tuple[int, ...]
-    num_scored: int
-
-
-def score_row(context: Sequence[int], continuation: Sequence[int], max_length: int) -> ScoreRow:
-    """Context + continuation as a row of at most ``max_length`` inputs, cut on the left (as
-    lm-eval's own models do: the continuation is kept whole when it fits)."""
-    whole = (list(context) + list(continuation))[-(max_length + 1):]
-    return ScoreRow(tuple(whole[:-1]), tuple(whole[1:]), min(len(continuation), len(whole) - 1))
-
-
-def pack_rows(rows: Sequence[ScoreRow], batch: int, length: int) -> dict[str, np.ndarray]:
-    """Right-padded [batch, length] arrays; padding (and filler rows past ``len(rows)``)
-    scores nothing."""
-    arrays = {name: np.zeros((batch, length), np.int32)
-              for name in ("tokens", "targets", "score_mask")}
-    for i, row in enumerate(rows):
-        n = len(row.inputs)
-        arrays["tokens"][i, :n] = row.inputs
-        arrays["targets"][i, :n] = row.targets
-        arrays["score_mask"][i, n - row.num_scored:n] = 1
-    return arrays
-
-
-def batches_by_length(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
-    """Indices of rows in batches of similar length, longest first (a memory problem shows at
-    once, and each batch pads little)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    for start in range(0, len(order), batch_size):
-        yield order[start:start + batch_size]
 
 
 # ---------------------------------------------------------------------------------------------

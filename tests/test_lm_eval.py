@@ -28,7 +28,8 @@ import rdlm  # noqa: E402
 from rdlm.cli.lm_eval import with_model  # noqa: E402
 from rdlm.config import Config, ConfigError, model_preset  # noqa: E402
 from rdlm.data.tokenizer import HFTokenizer, load_tokenizer  # noqa: E402
-from rdlm.lm_eval import RDLM, bucket_length, score_batch, stop_token_ids  # noqa: E402
+from rdlm.generation.scoring import bucket_length, score_batch  # noqa: E402
+from rdlm.lm_eval import RDLM, stop_token_ids  # noqa: E402
 from rdlm.runtime.checkpoint import load_params, save_params  # noqa: E402
 from tests.test_interop_tokenizer import SPECIALS, train_bpe  # noqa: E402
 
