@@ -69,6 +69,9 @@ class EvalOptions:
     exit: str | None = None  # adaptive exit for generation, as `rdlm sample --exit`
     cache_budget: int | None = None  # recurrence slots per core layer in generation
     continuous_cot: bool = False
+    # Generation with depth-continuous batching: batch_size rows work through all of a task's
+    # requests, each row at its own token and iteration (`rdlm.generation.continuous`).
+    continuous_batching: bool = False
     batch_size: int = DEFAULT_BATCH_SIZE
     dtype: str | None = None  # compute dtype; None: the checkpoint's own
     max_length: int | None = None  # None: model.max_seq_len
@@ -78,7 +81,8 @@ class EvalOptions:
 
 
 _FIELD_TYPES = {"num_steps": int, "cache_budget": int, "batch_size": int, "max_length": int,
-                "seed": int, "continuous_cot": bool, "add_bos": bool}
+                "seed": int, "continuous_cot": bool, "continuous_batching": bool,
+                "add_bos": bool}
 _POSITIVE = ("num_steps", "cache_budget", "batch_size", "max_length")
 
 
@@ -258,6 +262,10 @@ class RDLM(TemplateLM):
         self.params = (params if self.mesh.size == 1 else
                        jax.device_put(params, sharding.param_shardings(cfg, self.mesh)))
         self.constrain = sharding.state_constraint(self.mesh)
+        if self.options.continuous_batching and self.mesh.size > 1:
+            raise ConfigError(f"model_args continuous_batching=true runs generation on one "
+                              f"device, and this process sees {self.mesh.size}: make one visible "
+                              "(e.g. CUDA_VISIBLE_DEVICES=0) or leave continuous_batching off.")
         self.generation_stats = {"tokens": 0, "core_steps": 0}
         self._sampled_batches = 0  # folded into the key of each sampled batch
 
@@ -416,9 +424,14 @@ class RDLM(TemplateLM):
         prompts = [self.tok_encode(c)[-room:] for c in contexts]
         stop = stop_token_ids(self.tokenizer, settings["until"])
         texts: list[str | None] = [None] * len(prompts)
-        for indices in batches_by_length(list(map(len, prompts)), self.batch_size):
+        # Depth-continuous: every request in one queue over batch_size rows; lockstep: batches
+        # of similar lengths, padded to one shape.
+        batches = ([list(range(len(prompts)))] if self.options.continuous_batching else
+                   batches_by_length(list(map(len, prompts)), self.batch_size))
+        for indices in batches:
             rows = [prompts[i] for i in indices]
-            rows += [rows[-1]] * (self.batch_size - len(rows))  # one shape for every batch
+            if not self.options.continuous_batching:
+                rows += [rows[-1]] * (self.batch_size - len(rows))  # one shape for every batch
             out = self._generate(rows, max_new, stop, settings)
             for j, i in enumerate(indices):
                 ids = out.rows()[j]
@@ -436,15 +449,18 @@ class RDLM(TemplateLM):
         if settings["temperature"] > 0:
             self._sampled_batches += 1
             key = jax.random.fold_in(jax.random.key(self.options.seed), self._sampled_batches)
-        prompt_len = bucket_length(max(map(len, rows)), self.max_length - max_new)
+        if self.options.continuous_batching:  # a queue over batch_size rows, one device
+            layout = dict(continuous_batching=True, batch_size=self.batch_size)
+        else:  # one padded batch, split over the mesh
+            layout = dict(prompt_len=bucket_length(max(map(len, rows)), self.max_length - max_new),
+                          mesh=None if self.mesh.size == 1 else self.mesh)
         return generate(self.params, self.cfg, rows, max_new_tokens=max_new,
                         num_steps=self.num_steps, exit=self.exit,
                         cache_budget=self.options.cache_budget,
                         continuous_cot=self.options.continuous_cot,
                         temperature=settings["temperature"], top_k=settings["top_k"],
                         top_p=settings["top_p"], min_p=settings["min_p"], stop_tokens=stop,
-                        key=key, prompt_len=prompt_len,
-                        mesh=None if self.mesh.size == 1 else self.mesh)
+                        key=key, **layout)
 
     @property
     def mean_steps(self) -> float:

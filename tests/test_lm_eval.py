@@ -342,3 +342,17 @@ def test_huginn_layout_directory_gives_the_same_numbers(model, tiny_run, tmp_pat
                 for i, pair in enumerate([("2+3=", " 5"), ("a b c d", " e")])]
     np.testing.assert_allclose([s for s, _ in hf.loglikelihood(requests)],
                                [s for s, _ in model.loglikelihood(requests)], rtol=1e-6, atol=1e-5)
+
+
+def test_continuous_batching_generates_what_lockstep_batches_do(tiny_run):
+    """model_args continuous_batching=true: the requests of a task go through one queue of
+    batch_size rows, with the same greedy continuations as the lockstep batches."""
+    path, _, _ = tiny_run
+    requests = [Instance("generate_until", {}, (context, {"until": ["zz"], "max_gen_toks": 5}), i)
+                for i, context in enumerate(["abc", "2+3=", "hello there", "x", "a b c d e"])]
+    options = dict(checkpoint=str(path), num_steps=6, exit="latent-diff:0.5", batch_size=2)
+    lockstep = RDLM(**options)
+    continuous = RDLM(continuous_batching="true", **options)
+    assert continuous.generate_until(requests) == lockstep.generate_until(requests)
+    assert continuous.generation_stats == lockstep.generation_stats
+    assert continuous.mean_steps < 6  # the exit stopped tokens early, in both

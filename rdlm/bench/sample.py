@@ -22,7 +22,7 @@ from rdlm.data.tasks import example_at, make_task
 from rdlm.data.tokenizer import load_tokenizer
 from rdlm.generation import ExitConfig, GenerateOutput, SpeculativeConfig, generate
 from rdlm.generation.exits import as_exit_config
-from rdlm.model import abstract_params, count_params, init_params
+from rdlm.model import abstract_params, count_params, group_sizes, init_params
 from rdlm.runtime import checkpoint
 from rdlm.runtime.hostinfo import results_report
 
@@ -44,11 +44,10 @@ def conversion_ceiling(cfg: ModelConfig, exit_cfg: ExitConfig, r: int, mean_step
     criterion's check (the coda and the head for a distribution criterion, every
     ``check_every`` steps), and the pass. What adaptive exit can convert, whatever the
     scheduling or the hardware."""
-    shapes = abstract_params(cfg)
-    size = lambda name: sum(math.prod(x.shape) for x in jax.tree.leaves(shapes.get(name, {})))
-    head = size("lm_head") or size("wte")
-    core, boundary = size("core"), size("prelude") + size("coda") + head
-    check = (size("coda") + head) / exit_cfg.check_every if exit_cfg.needs_logits else 0.0
+    sizes = group_sizes(cfg)
+    head = sizes.get("lm_head") or sizes["wte"]
+    core, boundary = sizes["core"], sizes["prelude"] + sizes["coda"] + head
+    check = (sizes["coda"] + head) / exit_cfg.check_every if exit_cfg.needs_logits else 0.0
     full = r * core + boundary
     adaptive = mean_steps * (core + check) + boundary
     return (full / adaptive) / (r / mean_steps)

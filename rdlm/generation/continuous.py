@@ -23,7 +23,7 @@ finishes its sequence takes the next prompt, so every iteration advances every b
 - The token-boundary work (the coda of the finished tokens, the prelude of the next ones) reads
   the weights of three stages whether one row needs it or all of them; where decoding is bound
   by weight reads (small batches, on any hardware) running it at every iteration for the one
-  or two rows that just finished costs about a core step each time. So finished rows wait, and
+  or two rows that just finished costs a good part of a core step each time. So finished rows wait, and
   run it together once the row-iterations they have spent waiting reach ``boundary_wait`` (or
   no row is left iterating): the rent-or-buy rule, waiting until the idle rows have cost about
   what one boundary pass costs (`default_boundary_wait`). 0 finishes every row at once.
@@ -37,7 +37,6 @@ finishes its sequence takes the next prompt, so every iteration advances every b
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -54,7 +53,7 @@ from rdlm.generation.rows import (CodaRows, choose_rows, coda_of_rows, coda_rows
                                   core_step_rows, gathered_or_whole, prelude_rows, put_rows,
                                   row_context, row_keys, start_states)
 from rdlm.config import ModelConfig
-from rdlm.model import Params, abstract_params
+from rdlm.model import Params, group_sizes
 from rdlm.model.kernels import to_loop_layout
 
 
@@ -223,10 +222,8 @@ def default_boundary_wait(cfg: ModelConfig, batch: int, exit_cfg: ExitConfig | N
     coda again."""
     if batch <= 1 or (exit_cfg is not None and exit_cfg.needs_logits):
         return 0
-    shapes = abstract_params(cfg)
-    size = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
-    core = size(shapes["core"])
-    return round(batch * (size(shapes) - core) / core)
+    sizes = group_sizes(cfg)
+    return round(batch * (sum(sizes.values()) - sizes["core"]) / sizes["core"])
 
 
 def few_rows(batch: int) -> int:

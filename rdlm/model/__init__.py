@@ -5,14 +5,14 @@ the core step (`recurrence`) and FLOP accounting (`flops`). The pure API works o
 from rdlm.model import flops, recurrence
 from rdlm.model.attention import KV, AttentionContext, attention_context, rope_angles
 from rdlm.model.model import (Params, RecurrentDepthLM, abstract_params, bind, core_step,
-                              count_params, forward, forward_train, init_params, initial_state,
-                              lm_loss, masked_token_loss, param_axes, run_blocks,
+                              count_params, forward, forward_train, group_sizes, init_params,
+                              initial_state, lm_loss, masked_token_loss, param_axes, run_blocks,
                               token_loss_sums)
 from rdlm.model.recurrence import expected_depth, sample_depth
 
 __all__ = [
     "KV", "AttentionContext", "Params", "RecurrentDepthLM", "abstract_params", "attention_context",
     "bind", "core_step", "count_params", "expected_depth", "flops", "forward", "forward_train",
-    "init_params", "initial_state", "lm_loss", "masked_token_loss", "param_axes", "recurrence",
-    "rope_angles", "run_blocks", "sample_depth", "token_loss_sums",
+    "group_sizes", "init_params", "initial_state", "lm_loss", "masked_token_loss", "param_axes",
+    "recurrence", "rope_angles", "run_blocks", "sample_depth", "token_loss_sums",
 ]

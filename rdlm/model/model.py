@@ -392,7 +392,14 @@ def param_axes(cfg: ModelConfig) -> Params:
 
 def count_params(cfg: ModelConfig) -> int:
     """Number of parameters (tied embedding counted once), without allocating any."""
-    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(abstract_params(cfg)))
+    return sum(group_sizes(cfg).values())
+
+
+def group_sizes(cfg: ModelConfig) -> dict[str, int]:
+    """Parameters per top-level group ("wte", "prelude", "core", "coda", "ln_f", …), without
+    allocating any."""
+    return {name: sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
+            for name, tree in abstract_params(cfg).items()}
 
 
 def initial_state(cfg: ModelConfig, shape: tuple[int, ...], *, key: jax.Array | None,
