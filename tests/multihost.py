@@ -61,12 +61,16 @@ class StepBatches:
         self.index = int(state["index"])
 
 
-def subprocess_env(num_devices: int) -> dict[str, str]:
+def subprocess_env(num_devices: int, cache_dir: Path | str | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env["JAX_PLATFORMS"] = "cpu"
     env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={num_devices} "
                         "--xla_backend_optimization_level=0")
     env["PYTHONPATH"] = str(REPO)
+    if cache_dir is not None:
+        env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
+        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+        env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
     return env
 
 

@@ -53,6 +53,12 @@ def assert_params_usable(run_dir: Path) -> None:
         assert np.isfinite(float(optax.global_norm(params))), step
 
 
+@pytest.fixture(scope="module")
+def jax_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One persistent compilation cache for this module's subprocesses: they compile once."""
+    return tmp_path_factory.mktemp("jax-cache")
+
+
 # ---------------------------------------------------------------------------------------------
 # The NaN guard keeps no poisoned weights.
 
@@ -141,10 +147,10 @@ def test_finite_but_useless_params_send_the_rerun_back_with_resume_step(tmp_path
 # One training per run directory.
 
 
-def _cli(run_dir: Path, *overrides: str) -> subprocess.Popen:
+def _cli(run_dir: Path, cache: Path, *overrides: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "rdlm", "train", str(TINY), *BASE_OVERRIDES,
            f"train.run_dir={run_dir}", *overrides]
-    return subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(1), stdout=subprocess.PIPE,
+    return subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(1, cache), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1)
 
 
@@ -156,13 +162,13 @@ def _read_until(proc: subprocess.Popen, prefix: str, seen: list[str]) -> str:
     raise AssertionError(f"process ended before printing {prefix!r}:\n" + "".join(seen[-40:]))
 
 
-def test_second_training_on_a_held_run_dir_exits_at_once_naming_the_holder(tmp_path):
+def test_second_training_on_a_held_run_dir_exits_at_once_naming_the_holder(tmp_path, jax_cache):
     """A trains; B on the same run dir stops before compiling anything, with one error line
     naming A's pid and host, and leaves A's run alone. Then A is aborted by a double Ctrl-C: one
     error line, no traceback, and the lock is released."""
     run_dir = tmp_path / "run"
     # Lines every 10 steps: the pipe must not fill while B runs.
-    first, seen = _cli(run_dir, "train.steps=100000", "train.checkpoint_every=2",
+    first, seen = _cli(run_dir, jax_cache, "train.steps=100000", "train.checkpoint_every=2",
                        "train.log_every=10"), []
     try:
         _read_until(first, "step 10/", seen)
@@ -170,7 +176,7 @@ def test_second_training_on_a_held_run_dir_exits_at_once_naming_the_holder(tmp_p
         second = subprocess.run(
             [sys.executable, "-m", "rdlm", "train", str(TINY), *BASE_OVERRIDES,
              f"train.run_dir={run_dir}", "train.steps=100"],
-            cwd=REPO, env=subprocess_env(1), capture_output=True, text=True,
+            cwd=REPO, env=subprocess_env(1, jax_cache), capture_output=True, text=True,
             timeout=120)
         elapsed = time.monotonic() - t0
         assert second.returncode == 2, second.stdout + second.stderr
@@ -270,9 +276,9 @@ def test_in_python_a_second_ctrl_c_raises_keyboard_interrupt():
     assert signal.getsignal(signal.SIGINT) is before
 
 
-def test_ctrl_c_saves_the_current_step_and_the_run_resumes_exactly(tmp_path):
+def test_ctrl_c_saves_the_current_step_and_the_run_resumes_exactly(tmp_path, jax_cache):
     run_dir = tmp_path / "run"
-    proc, seen = _cli(run_dir, "train.steps=100000", "train.checkpoint_every=0"), []
+    proc, seen = _cli(run_dir, jax_cache, "train.steps=100000", "train.checkpoint_every=0"), []
     try:
         _read_until(proc, "step 3/", seen)
         proc.send_signal(signal.SIGINT)  # what Ctrl-C sends

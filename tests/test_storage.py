@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import fsspec
 import jax
@@ -60,6 +61,11 @@ def stores() -> dict[str, emulators.Server]:
             os.environ.update(saved)
 
 
+@pytest.fixture(scope="module")
+def jax_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("jax-cache")
+
+
 def _params(result) -> list[np.ndarray]:
     return [np.asarray(x) for x in jax.tree.leaves(result.state.params)]
 
@@ -68,14 +74,14 @@ def _params(result) -> list[np.ndarray]:
 # Training into a bucket.
 
 
-def test_sigkilled_training_resumes_from_the_bucket_to_the_same_bits(stores, tmp_path):
+def test_sigkilled_training_resumes_from_the_bucket_to_the_same_bits(stores, tmp_path, jax_cache):
     run = f"{stores['gs'].root}/killed"
     cmd = [sys.executable, "-m", "rdlm", "train", str(TINY), "train.batch_size=8",
            "train.seq_len=64", "train.schedule=constant", "train.warmup_steps=2", "train.lr=0.003",
            "train.log_every=1", "train.progress=lines", "train.eval_every=0",
            "train.telemetry_every=0", f"train.run_dir={run}", "train.steps=100000",
            "train.checkpoint_every=2"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=subprocess_env(1),
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=subprocess_env(1, jax_cache),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     seen: list[str] = []
     try:
@@ -101,7 +107,7 @@ def test_sigkilled_training_resumes_from_the_bucket_to_the_same_bits(stores, tmp
     # The resumed run is a process of its own too: tensorboardX uploads its bucket event files
     # once more at interpreter exit, which must come while the store is still up.
     resumed = subprocess.run([*cmd[:-2], f"train.steps={steps}", "train.checkpoint_every=0"],
-                             cwd=tmp_path, env=subprocess_env(1), capture_output=True,
+                             cwd=tmp_path, env=subprocess_env(1, jax_cache), capture_output=True,
                              text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "took over the lock" in resumed.stdout + resumed.stderr  # same host, holder gone
@@ -229,7 +235,7 @@ def test_sample_and_convert_with_a_checkpoint_in_the_bucket(stores, tmp_path, ca
     assert from_bucket.strip() and from_bucket == capsys.readouterr().out
 
 
-def test_prepare_train_and_export_all_in_the_bucket(stores, tmp_path, capsys):
+def test_prepare_train_and_export_all_in_the_bucket(stores, tmp_path, jax_cache, capsys):
     from rdlm.interop import load_huginn
 
     root = f"{stores['gs'].root}/pipeline"
@@ -249,7 +255,7 @@ def test_prepare_train_and_export_all_in_the_bucket(stores, tmp_path, capsys):
         [sys.executable, "-m", "rdlm", "train", str(TINY), *BASE_OVERRIDES, "train.steps=2",
          "data.source=memmap", f"data.paths={root}/data/{{split}}-*.npy",
          f"data.tokenizer={meta['tokenizer']}", "model.vocab_size=260", f"train.run_dir={run}"],
-        cwd=tmp_path, env=subprocess_env(1), capture_output=True, text=True,
+        cwd=tmp_path, env=subprocess_env(1, jax_cache), capture_output=True, text=True,
         timeout=300)
     assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
     assert checkpoint.list_checkpoints(run) == [2]

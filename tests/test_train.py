@@ -195,11 +195,11 @@ def test_nan_guard_skips_counts_and_stops_with_last_good_checkpoint(tmp_path):
 # The command line, killed and preempted, resumes to the uninterrupted run bit for bit.
 
 
-def _cli(run_dir: Path, steps: int) -> subprocess.Popen:
+def _cli(run_dir: Path, steps: int, cache: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "rdlm", "train", str(TINY), *BASE_OVERRIDES,
            f"train.run_dir={run_dir}", f"train.steps={steps}", "train.checkpoint_every=1",
            "train.keep_last=2"]
-    return subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(1), stdout=subprocess.PIPE,
+    return subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(1, cache), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1)
 
 
@@ -213,11 +213,11 @@ def _read_until(proc: subprocess.Popen, prefix: str, seen: list[str]) -> str:
 
 def test_sigkill_during_async_save_then_sigterm_then_exact_resume(tmp_path):
     steps = 40
-    run_dir = tmp_path / "run"
+    run_dir, cache = tmp_path / "run", tmp_path / "jax-cache"
     ckpt_dir = run_dir / "checkpoints"
 
     # 1. SIGKILL while an asynchronous checkpoint is being written.
-    proc, seen = _cli(run_dir, steps), []
+    proc, seen = _cli(run_dir, steps, cache), []
     _read_until(proc, "step 3/", seen)
     caught_mid_save, deadline = False, time.time() + 30
     while time.time() < deadline and proc.poll() is None:
@@ -234,7 +234,7 @@ def test_sigkill_during_async_save_then_sigterm_then_exact_resume(tmp_path):
     assert cfg_saved.train.run_dir == str(run_dir)
 
     # 2. Restart: resumes from the latest complete step; SIGTERM saves and exits cleanly.
-    proc, seen = _cli(run_dir, steps), []
+    proc, seen = _cli(run_dir, steps, cache), []
     resumed = _read_until(proc, "resumed from", seen)
     assert resumed.strip().endswith(f"(step {killed_at[-1]})")
     _read_until(proc, "step ", seen)
