@@ -4,16 +4,45 @@ Test programs are tiny, so XLA's backend optimisation buys nothing and costs mos
 compile time; level 0 keeps `make test` fast on a 2-core CI machine.
 """
 
+import gc
 import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# No persistent XLA compilation cache in the test workers: writing an entry serialises the
-# compiled executable, and XLA:CPU's serialisation crashed a worker (segfault in
-# `executable.serialize()` while a training test compiled its step, among the hundreds of
-# programs a worker compiles); reading entries left half-written by a killed run crashed it
-# too. The tests that kill and restart a training process give its processes a private cache
-# of their own (`tests.multihost.subprocess_env`): a handful of programs, compiled once
-# instead of at every restart.
-os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+# One persistent XLA compilation cache for the run, shared by both xdist workers and by the
+# processes the tests start: many tests compile the same small programs (the tiny model's train
+# step, its generation programs), and a cache hit skips XLA. Entries are keyed by the program,
+# the flags and the devices, so a changed program compiles afresh. The cache belongs to this run
+# only (xdist gives every worker the run's id; the processes inherit the variable): an entry
+# half-written by a run that was killed, or by another run at the same time, crashed XLA when a
+# later run read it.
+_CACHES = Path(tempfile.gettempdir()) / f"rdlm-tests-xla-cache-{os.getuid()}"
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    for _old in _CACHES.glob("*") if _CACHES.is_dir() else ():
+        if time.time() - _old.stat().st_mtime > 6 * 3600:  # runs long finished
+            shutil.rmtree(_old, ignore_errors=True)
+    _run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(_CACHES / _run)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+
+
+import jax  # noqa: E402  (after the environment above, which JAX reads at import)
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop each test module's compiled programs when it ends. Every XLA:CPU executable keeps a
+    few memory mappings of its code until it is freed, and the jit caches keep every one: a
+    worker that ran ~470 tests held Linux's default limit of 65,530 mappings
+    (vm.max_map_count), and XLA crashed (segfault) compiling or serialising the next program.
+    With this a worker stays near the mappings of one module's programs."""
+    yield
+    jax.clear_caches()
+    gc.collect()
