@@ -22,14 +22,13 @@ The text is E0's (pydoc pages and licence texts, its BPE and held-out split; bui
 from __future__ import annotations
 
 import dataclasses
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import common
 import e0_language_modelling as e0
+from rdlm.cli import main as cli_main
 from rdlm.model.flops import train_flops_per_token
 from rdlm.runtime import checkpoint
 from rdlm.runtime.sharding import request_cpu_devices
@@ -52,9 +51,11 @@ SMOKE = e0.SMOKE + ["model.n_kv_heads=1"]
 
 
 def sh(*argv: str) -> None:
-    """Run an rdlm command as a user would, failing loudly."""
+    """Run an rdlm command as a user would (its CLI entry point, in this process), failing
+    loudly."""
     print("[e8] rdlm " + " ".join(argv), flush=True)
-    subprocess.run([sys.executable, "-m", "rdlm", *argv], check=True)
+    if cli_main(list(argv)) != 0:
+        raise SystemExit(f"error: `rdlm {' '.join(argv)}` failed (its error line is above)")
 
 
 def curriculum_flops(cfg: Any, steps: int) -> float:

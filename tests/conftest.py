@@ -1,7 +1,8 @@
 """Tests run on the CPU backend whatever the machine has, with cheap XLA compilation.
 
-Test programs are tiny, so XLA's backend optimisation buys nothing and costs most of the
-compile time; level 0 keeps `make test` fast on a 2-core CI machine.
+Test programs are tiny, so XLA's backend optimisation and its CPU fusion emitters buy nothing
+and cost most of the compile time (`tests.multihost.CHEAP_COMPILE`); without them `make test`
+stays fast on a 2-core CI machine.
 """
 
 import gc
@@ -28,8 +29,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = str(_CACHES / _run)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+from tests.multihost import CHEAP_COMPILE  # noqa: E402  (numpy only: JAX is not started)
+
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {CHEAP_COMPILE}".strip()
 
 
 import jax  # noqa: E402  (after the environment above, which JAX reads at import)

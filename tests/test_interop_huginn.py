@@ -17,6 +17,7 @@ from safetensors.numpy import save_file
 import rdlm
 from rdlm.interop import HuginnFormatError, huginn, load_huginn, save_huginn
 from tests import huginn_reference
+from tests.multihost import xla_flags
 
 D, H, M, V, T = 32, 4, 48, 96, 32
 LAYERS = {"prelude": 1, "core_block": 2, "coda": 1}
@@ -401,9 +402,7 @@ def test_load_onto_an_eight_device_mesh(checkpoint):
     import subprocess
     import sys
     pytest.importorskip("rdlm.runtime.sharding")
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=8 "
-                         "--xla_backend_optimization_level=0")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(8))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run([sys.executable, "-c", _SHARDED_LOAD, str(checkpoint)], env=env,
                           cwd=root, capture_output=True, text=True, timeout=300)

@@ -30,6 +30,7 @@ from rdlm.config import Config, ConfigError, model_preset  # noqa: E402
 from rdlm.data.tokenizer import HFTokenizer, load_tokenizer  # noqa: E402
 from rdlm.generation.scoring import bucket_length, score_batch  # noqa: E402
 from rdlm.lm_eval import RDLM, stop_token_ids  # noqa: E402
+from tests.multihost import xla_flags  # noqa: E402
 from rdlm.runtime.checkpoint import load_params, save_params  # noqa: E402
 from tests.test_interop_tokenizer import SPECIALS, train_bpe  # noqa: E402
 
@@ -294,8 +295,7 @@ def test_data_parallel_over_two_devices_gives_the_same_numbers(model, tiny_run):
     pairs = [("2+3=", " 5"), ("a b c d", " e"), ("is 7 odd?", " yes")]
     code = (
         "import json, os\n"
-        "os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2 "
-        "--xla_backend_optimization_level=0'\n"
+        f"os.environ['XLA_FLAGS'] = '{xla_flags(2)}'\n"
         "from lm_eval.api.instance import Instance\n"
         "from rdlm.lm_eval import RDLM\n"
         f"lm = RDLM(checkpoint={str(tiny_run[0])!r}, num_steps={R}, batch_size=3)\n"

@@ -11,6 +11,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from tests.multihost import xla_flags
+
 SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     import rdlm
@@ -39,8 +41,7 @@ SCRIPT = textwrap.dedent("""
 def test_sharded_generation_equals_single_device():
     env = dict(os.environ)
     env["JAX_PLATFORMS"] = "cpu"
-    env["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=8 "
-                        "--xla_backend_optimization_level=0")
+    env["XLA_FLAGS"] = xla_flags(8)
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=root,
                             capture_output=True, text=True, timeout=600)

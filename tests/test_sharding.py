@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
 import rdlm
 from rdlm.runtime import sharding
 from rdlm.config import ConfigError, MeshConfig
+from tests.multihost import xla_flags
 
 
 class FakeMesh:
@@ -161,7 +161,11 @@ for shape in ((2, 4, 1), (1, 8, 1), (2, 2, 2)):
     mesh_cfg = MeshConfig(**dict(zip(("data", "fsdp", "tensor"), shape)))
     hlo, params, loss = run(mesh_cfg, jax.devices())
     rows_per_device = B // (shape[0] * shape[1])
-    assert carried_states(hlo) == {(rows_per_device, T, d)}, (shape, carried_states(hlo))
+    # The state [s; e] may be carried concatenated (2d wide), as XLA's CPU pipeline does
+    # without its fusion emitters: split by the batch, whole along d_model either way.
+    carried = carried_states(hlo)
+    assert (rows_per_device, T, d) in carried, (shape, carried)
+    assert carried <= {(rows_per_device, T, d), (rows_per_device, T, 2 * d)}, (shape, carried)
     np.testing.assert_allclose(loss, single_loss, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(single_params)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
@@ -175,9 +179,7 @@ def test_train_step_keeps_the_state_sharded_by_batch_and_the_numbers():
     import sys
     from pathlib import Path
 
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=8 "
-                         "--xla_backend_optimization_level=0")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(8))
     result = subprocess.run([sys.executable, "-c", _CONSTRAINED_STEP], env=env,
                             capture_output=True, text=True, timeout=600,
                             cwd=Path(__file__).resolve().parents[1])
