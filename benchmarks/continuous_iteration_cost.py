@@ -1,7 +1,7 @@
 """What one loop iteration costs in lockstep and in depth-continuous adaptive-exit decoding.
 
-    python benchmarks/continuous_iteration_cost.py [--preset bench-28m] [--batch 16]
-        [--exit latent-diff] [--new-tokens 16] [--waits 0,18,1000000]
+    python benchmarks/continuous_iteration_cost.py [--preset bench-28m | --checkpoint RUN]
+        [--batch 16] [--exit latent-diff] [--new-tokens 16] [--waits 0,18,1000000]
 
 The same prompts (random ids, one per row, no queue) are generated at r = 32 with adaptive
 exit, lockstep and depth-continuous at several ``boundary_wait``s; each call is timed (best of
@@ -23,6 +23,7 @@ import numpy as np
 
 import rdlm
 from rdlm.generation import generate
+from rdlm.runtime.checkpoint import load_params
 
 
 def best_time(call, repeats: int = 3):
@@ -38,14 +39,19 @@ def best_time(call, repeats: int = 3):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="bench-28m")
+    parser.add_argument("--preset", default="bench-28m", help="a model preset, random init")
+    parser.add_argument("--checkpoint", help="a trained run or checkpoint instead (runs/demo)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--exit", default="latent-diff")
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--waits", default="0,18,1000000")
     args = parser.parse_args()
-    cfg = rdlm.model_preset(args.preset)
-    params = rdlm.init_params(cfg, jax.random.key(0))
+    if args.checkpoint:
+        saved, params = load_params(args.checkpoint)
+        cfg, args.preset = saved.model, args.checkpoint
+    else:
+        cfg = rdlm.model_preset(args.preset)
+        params = rdlm.init_params(cfg, jax.random.key(0))
     prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, 32)).tolist()
     r = 32
 

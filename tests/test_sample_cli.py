@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -215,6 +216,14 @@ def test_conversion_ceiling_counts_the_check_and_the_boundary_pass():
         assert np.isclose(bench_sample.conversion_ceiling(
             cfg, ExitConfig("kl", check_every=every), 32, 10), expected)
     assert bench_sample.conversion_ceiling(cfg, ExitConfig("kl"), 32, 10) < 0.62
+    # Without prelude and coda layers (the demo's model) the head alone is the boundary pass.
+    bare = dataclasses.replace(rdlm.model_preset("tiny"), n_prelude=0, n_coda=0)
+    sizes = {k: sum(x.size for x in jax.tree.leaves(v))
+             for k, v in rdlm.abstract_params(bare).items()}
+    assert "prelude" not in sizes and "coda" not in sizes
+    expected = (32 * sizes["core"] + sizes["wte"]) / (10 * sizes["core"] + sizes["wte"]) / 3.2
+    assert np.isclose(bench_sample.conversion_ceiling(bare, ExitConfig("latent-diff"), 32, 10),
+                      expected)
 
 
 def test_bench_takes_prompts_from_a_task_checkpoints_problems(tmp_path, capsys):

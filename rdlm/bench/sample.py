@@ -46,8 +46,9 @@ def conversion_ceiling(cfg: ModelConfig, exit_cfg: ExitConfig, r: int, mean_step
     scheduling or the hardware."""
     sizes = group_sizes(cfg)
     head = sizes.get("lm_head") or sizes["wte"]
-    core, boundary = sizes["core"], sizes["prelude"] + sizes["coda"] + head
-    check = (sizes["coda"] + head) / exit_cfg.check_every if exit_cfg.needs_logits else 0.0
+    coda = sizes.get("coda", 0)  # a model may have no prelude or coda layers (the demo's)
+    core, boundary = sizes["core"], sizes.get("prelude", 0) + coda + head
+    check = (coda + head) / exit_cfg.check_every if exit_cfg.needs_logits else 0.0
     full = r * core + boundary
     adaptive = mean_steps * (core + check) + boundary
     return (full / adaptive) / (r / mean_steps)
