@@ -49,6 +49,21 @@ def test_fixed_r_with_stop_tokens_equals_lockstep_and_rows_take_the_next_prompt(
     # Five prompts through two rows: after the first two, rows refill as sequences end.
     assert out.stats["iterations"] >= 8 * (ref.lengths.sum() - len(PROMPTS)) / 2
     assert 0.5 < out.stats["row_utilization"] <= 1.0
+    # Rows fell idle one at a time; the prompts were prefilled two at a time (2, 2, 1 + padding).
+    assert out.stats["prefills"] == 3
+
+
+def test_staged_prefills_past_the_last_prompt_are_never_taken(params):
+    """9 prompts on 8 rows, stop tokens ending rows at different iterations: two prefills of 8
+    (the second holds one prompt and 7 padding slots), each prompt's output the lockstep
+    engine's."""
+    prompts = (PROMPTS * 2)[:9]
+    kwargs = dict(max_new_tokens=5, num_steps=4, return_logits=True, stop_tokens=(36,))
+    ref = S.generate(params, CFG, prompts, **kwargs)
+    assert len(set(ref.lengths)) > 1
+    out = S.generate(params, CFG, prompts, continuous_batching=True, batch_size=8, **kwargs)
+    assert_same(ref, out)
+    assert out.stats["prefills"] == 2
 
 
 def test_adaptive_exit_with_shared_cache_and_continuous_cot_equals_lockstep(params):

@@ -162,12 +162,12 @@ def test_bench_runs_on_a_preset(capsys, tmp_path):
 
 def test_bench_alternates_rounds_and_compares_within_each(capsys, tmp_path):
     """Two rounds of a queue of 6 prompts on 3 rows: lockstep batch after batch, continuous as
-    one queue."""
+    one queue; the decoding rate leaves out each schedule's own prefills."""
     out = tmp_path / "bench.json"
     status = bench_sample.bench_cli(["tiny", "--steps", "4", "--batches", "3", "--prompt-len", "4",
                                      "--new-tokens", "3", "--variants",
                                      "full,exit,exit-continuous@0", "--rounds", "2",
-                                     "--queue", "6", "--json", str(out)])
+                                     "--queue", "6", "--decode-rate", "--json", str(out)])
     assert status == 0
     report = json.loads(out.read_text())
     rows = report["rows"]
@@ -183,11 +183,19 @@ def test_bench_alternates_rounds_and_compares_within_each(capsys, tmp_path):
         assert np.isclose(row["conversion"], expected)
     wait0 = [r for r in rows if r["variant"] == "exit-continuous@0"]
     assert all("boundary_passes" in r and "row_utilization" in r for r in wait0)
+    # Prefills timed once per schedule: lockstep's two batches, continuous's refills.
+    prefill = {r["variant"]: r["prefill_seconds"] for r in rows}
+    assert prefill["full"] == prefill["exit"] != prefill["exit-continuous@0"]
+    for row in rows:  # 6 prompts × 2 tokens after the first (no stop token)
+        assert 0 < row["prefill_seconds"] < row["seconds"]
+        assert np.isclose(row["decode_tokens_per_s"], 12 / (row["seconds"] - row["prefill_seconds"]))
+    printed = capsys.readouterr().out
+    assert "lockstep batch 3 r 4:" in printed and "continuous batch 3 r 4:" in printed
     median = {e["variant"]: e for e in report["median"]}
     assert median["exit"]["rounds"] == 2
     assert np.isclose(median["exit"]["conversion"],
                       np.median([r["conversion"] for r in rows if r["variant"] == "exit"]))
-    assert "median over 2 rounds" in capsys.readouterr().out
+    assert "median over 2 rounds" in printed
     with pytest.raises(SystemExit):
         bench_sample.bench_cli(["tiny", "--variants", "exit-continuous@soon"])
     assert "unknown variant 'exit-continuous@soon'" in capsys.readouterr().err

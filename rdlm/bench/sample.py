@@ -102,8 +102,9 @@ def _parser() -> argparse.ArgumentParser:
                              "the conversion ratio compares runs of the same round, so that a "
                              "shared host's load moves both sides alike")
     parser.add_argument("--decode-rate", action="store_true",
-                        help="also time the prefill alone, and report tokens/s and the conversion "
-                             "ratio of the decoding after it")
+                        help="also time the queue's prefills alone (as each schedule runs them: "
+                             "lockstep batches, or depth-continuous refills), and report "
+                             "tokens/s and the conversion ratio of the decoding after them")
     parser.add_argument("--checkpoint",
                         help="a trained checkpoint or run directory instead of a random init")
     parser.add_argument("--prompt-file",
@@ -202,14 +203,21 @@ def run_queue(params: Any, cfg: ModelConfig, prompts: list[list[int]], batch: in
                           num_slots=outs[0].num_slots, stats=stats)
 
 
-def prefill_seconds(params: Any, cfg: ModelConfig, prompts: list[list[int]], r: int,
-                    max_r: int) -> float:
-    """Seconds of a call that only prefills and emits the first token (best of two after a
-    compilation): what every variant spends before decoding, all at the full r."""
+def schedule(options: dict[str, Any]) -> str:
+    """How a variant runs a queue's prefills: "lockstep" (batch after batch) or "continuous"
+    (``batch`` prompts staged at a time, each copied into a row as one falls idle)."""
+    return "continuous" if options.get("continuous_batching") else "lockstep"
+
+
+def prefill_seconds(params: Any, cfg: ModelConfig, prompts: list[list[int]], batch: int,
+                    r: int, options: dict[str, Any]) -> float:
+    """Seconds of the variant's call on the whole queue that emits only the first token of
+    each prompt (best of two after a compilation): its prefills, all at the full r, as its
+    schedule runs them, which the decoding rate leaves out."""
     times = []
     for _ in range(3):
         start = time.perf_counter()
-        generate(params, cfg, prompts, num_steps=r, max_new_tokens=1, cache_budget=max_r)
+        run_queue(params, cfg, prompts, batch, r, 1, options)
         times.append(time.perf_counter() - start)
     return min(times[1:])
 
@@ -244,7 +252,7 @@ def timed_row(params: Any, cfg: ModelConfig, prompts: list[list[int]], batch: in
         line += f"{achieved / 1e9:>13.2f}{achieved / bandwidth:>10.0%}"
     else:
         line += f"{'':>13}{'':>10}"
-    for stat in ("acceptance_rate", "row_utilization", "boundary_passes"):
+    for stat in ("acceptance_rate", "row_utilization", "boundary_passes", "prefills"):
         if stat in out.stats:
             row[stat] = out.stats[stat]
     return row, line
@@ -252,7 +260,7 @@ def timed_row(params: Any, cfg: ModelConfig, prompts: list[list[int]], batch: in
 
 def bench_variants(params: Any, cfg: ModelConfig, options: dict[str, dict[str, Any]],
                    args: argparse.Namespace, bandwidth: float, prompts_by_batch: dict[int, list],
-                   prefill: dict[tuple[int, int], float]) -> list[dict[str, Any]]:
+                   prefill: dict[tuple[str, int, int], float]) -> list[dict[str, Any]]:
     """Every variant, batch size and r, ``args.rounds`` times, printed as they finish: each
     variant compiled first, then in each round the variants of one batch and r back to back."""
     device = jax.devices()[0]
@@ -270,7 +278,7 @@ def bench_variants(params: Any, cfg: ModelConfig, options: dict[str, dict[str, A
                 for variant, opts in options.items():
                     row, line = timed_row(params, cfg, prompts_by_batch[batch], batch, r,
                                           args.new_tokens, opts, bandwidth,
-                                          prefill.get((batch, r)))
+                                          prefill.get((schedule(opts), batch, r)))
                     row = {"variant": variant, "round": round_, **row,
                            "compile_s": compile_s[variant, batch], "device": device.device_kind}
                     line = f"{variant:<20}{line}{compile_s[variant, batch]:>11.1f}"
@@ -279,7 +287,8 @@ def bench_variants(params: Any, cfg: ModelConfig, options: dict[str, dict[str, A
                     if "row_utilization" in row:
                         line += f"  (rows busy {row['row_utilization']:.0%})"
                     if "boundary_passes" in row:
-                        line += f"  (boundary passes {row['boundary_passes']})"
+                        line += (f"  (boundary passes {row['boundary_passes']}, "
+                                 f"prefills {row['prefills']})")
                     print(line + (f"  [round {round_ + 1}]" if args.rounds > 1 else ""),
                           flush=True)
                     rows.append(row)
@@ -306,7 +315,7 @@ def add_conversion(rows: list[dict[str, Any]], cfg: ModelConfig, exit_cfg: ExitC
         line = (f"{row['variant']:<20}{row['batch']:>6}{row['num_steps']:>5}"
                 f"{speedup:>10.2f}x{saving:>10.2f}x{row['conversion']:>12.2f}")
         if "decode_tokens_per_s" in row and "decode_tokens_per_s" in base:
-            # The same after the prefill, which runs at the full r in every variant.
+            # The same after each variant's own prefills, which run at the full r in all.
             speedup = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
             saving = row["num_steps"] / row["decode_mean_iterations"]
             row["decode_conversion"] = speedup / saving
@@ -329,7 +338,7 @@ def median_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         entry = {"variant": variant, "batch": batch, "num_steps": r, "rounds": len(group),
                  "mean_iterations": group[0]["mean_iterations"]}
         for key in ("tokens_per_s", "decode_tokens_per_s", "conversion", "decode_conversion",
-                    "ceiling", "row_utilization", "boundary_passes"):
+                    "ceiling", "row_utilization", "boundary_passes", "prefills"):
             values = [row[key] for row in group if key in row]
             if values:
                 entry[key] = float(np.median(values))
@@ -384,13 +393,17 @@ def bench_cli(argv: Sequence[str]) -> int:
                         for batch in args.batches}
     prefill = {}
     if args.decode_rate:
-        # Every batch of the queue prefills once, at the full r.
-        prefill = {(batch, r): prefill_seconds(params, cfg, prompts_by_batch[batch][:batch], r,
-                                               max(args.steps))
-                               * (len(prompts_by_batch[batch]) // batch)
-                   for batch in args.batches for r in args.steps}
-        print("prefill + first token, seconds: " + ", ".join(
-            f"batch {b} r {r}: {s:.2f}" for (b, r), s in prefill.items()), flush=True)
+        # The queue's prefills, at the full r, once per schedule (lockstep batch after batch;
+        # a depth-continuous call stages them, copying each into a row as one falls idle).
+        for opts in variants.values():
+            for batch in args.batches:
+                for r in args.steps:
+                    if (schedule(opts), batch, r) not in prefill:
+                        prefill[schedule(opts), batch, r] = prefill_seconds(
+                            params, cfg, prompts_by_batch[batch], batch, r, opts)
+        print("prefill + first tokens of the queue, seconds: " + ", ".join(
+            f"{kind} batch {b} r {r}: {s:.2f}" for (kind, b, r), s in prefill.items()),
+            flush=True)
     results = bench_variants(params, cfg, variants, args, bandwidth, prompts_by_batch, prefill)
     conversion = add_conversion(results, cfg, as_exit_config(args.exit))
     if conversion:

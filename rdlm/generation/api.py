@@ -211,7 +211,7 @@ def _generate_continuous(params: Params, plan: Plan, rows: list[list[int]], num_
                          ) -> GenerateOutput:
     """The depth-continuous program over the queue of prompts, outputs in prompt order."""
     queue_qt = np.full((plan.queue, plan.prompt_len), PAD_ID, np.int32)
-    lengths_q = np.ones((plan.queue,), np.int32)  # the padding slots are never prefilled
+    lengths_q = np.ones((plan.queue,), np.int32)  # padding slots: staged at most, never taken
     for i, row in enumerate(rows):
         queue_qt[i, :len(row)] = row
         lengths_q[i] = len(row)
@@ -228,7 +228,7 @@ def _generate_continuous(params: Params, plan: Plan, rows: list[list[int]], num_
     iterations = int(raw["iterations"])
     stats = {"core_steps": float(steps.sum()), "iterations": iterations,
              "row_utilization": int(raw["busy"]) / max(iterations * plan.batch, 1),
-             "boundary_passes": int(raw["boundaries"])}
+             "boundary_passes": int(raw["boundaries"]), "prefills": int(raw["prefills"])}
     return GenerateOutput(tokens=tokens, steps=steps, lengths=lengths, exit_values=exit_values,
                           logits=logits, cache_bytes=plan_cache_bytes(plan),
                           num_slots=plan.num_slots, stats=stats)

@@ -293,10 +293,17 @@ def merge_rows(cache: KVCache, block: KVCache, position_b: jax.Array, write_b: j
 _BATCH_AXIS = KVCache(prelude=0, core=1, coda=0, core_latest=0, depth_bt=0, shift_bases_btd=0)
 
 
-def put_row(cache: KVCache, row_cache: KVCache, row: jax.Array) -> KVCache:
-    """``cache`` with row ``row`` replaced by the one-row cache ``row_cache`` (same length)."""
+def put_row(cache: KVCache, rows: KVCache, src: jax.Array, row: jax.Array) -> KVCache:
+    """``cache`` with row ``row`` from position 0 set to row ``src`` of ``rows``, a cache of as
+    many or fewer positions (a prompt's prefill); the row's later positions keep what they
+    held, which no query reads before writing it (a row reads the positions below its own)."""
+    def put(buf: jax.Array, new: jax.Array, axis: int) -> jax.Array:
+        piece = lax.dynamic_slice_in_dim(new, src, 1, axis).astype(buf.dtype)
+        start = [jnp.int32(0)] * buf.ndim
+        start[axis] = row
+        return lax.dynamic_update_slice(buf, piece, start)
+
     fields = [None if old is None else
-              jax.tree.map(lambda buf, new, a=axis: lax.dynamic_update_slice_in_dim(
-                  buf, new.astype(buf.dtype), row, a), old, new)
-              for axis, old, new in zip(_BATCH_AXIS, cache, row_cache)]
+              jax.tree.map(lambda buf, new, a=axis: put(buf, new, a), old, new)
+              for axis, old, new in zip(_BATCH_AXIS, cache, rows)]
     return KVCache(*fields)

@@ -1,7 +1,8 @@
 """Depth-continuous batching: every row at its own (token, iteration), and a queue of prompts.
 
     queue of prompts ─▶ B rows ─▶ lax.while_loop, each iteration:
-        refill   idle rows take the next prompts (prefill of one row at the full r, first token)
+        refill   idle rows take the next prompts: a copy of the prompt's prefill, staged with
+                 the next ``batch`` prompts' (one prefill at the full r), and its first token
         advance  rows with a new token run it through the prelude and restart the core
         iterate  every running row runs one core step; a row whose token converged (exit
                  criterion) or reached r stops and waits
@@ -88,6 +89,11 @@ class RowCarry(NamedTuple):
     iterations: jax.Array  # core iterations of the loop
     busy: jax.Array  # row-iterations that ran a core step
     boundaries: jax.Array  # token-boundary passes run (coda, sampling) after the first tokens
+    staged: KVCache  # the prefills of the next prompts, ``batch`` of them, their positions only
+    staged_logits_bv: jax.Array  # their last positions' logits and final states
+    staged_state_b1d: jax.Array
+    stage_base: jax.Array  # the queue index of the first staged prompt
+    prefills: jax.Array  # batched prefills run
 
 
 class Keys(NamedTuple):
@@ -135,11 +141,11 @@ def _emit(plan: Plan, c: RowCarry, rows_b: jax.Array, token_b: jax.Array, steps_
 def _prefill(params: Params, plan: Plan, prompts_bt: jax.Array, lengths_b: jax.Array,
              prompt_b: jax.Array, num_steps: jax.Array, keys: Keys
              ) -> tuple[KVCache, jax.Array, jax.Array]:
-    """Prompts from position 0 of a fresh cache, at the full r (no exit): the cache, and the
-    logits and final state of each prompt's last position."""
+    """Prompts from position 0 of a fresh cache of their positions only, at the full r (no
+    exit): the cache, and the logits and final state of each prompt's last position."""
     cfg = plan.cfg
     b, length = prompts_bt.shape
-    cache = kvc.init_cache(cfg, b, plan.cache_len, plan.num_slots, plan.track_latest)
+    cache = kvc.init_cache(cfg, b, length, plan.num_slots, plan.track_latest)
     state_btd = start_states(plan, row_keys(keys.state, prompt_b, jnp.zeros_like(prompt_b)),
                              length)
     # Padding follows each prompt, so causality alone keeps it out of the real positions.
@@ -150,28 +156,41 @@ def _prefill(params: Params, plan: Plan, prompts_bt: jax.Array, lengths_b: jax.A
     return cache, out.logits_btv[rows_b, last_b], out.state_btd[rows_b, last_b][:, None]
 
 
+def _stage(params: Params, plan: Plan, queue: Queue, base: jax.Array, num_steps: jax.Array,
+           keys: Keys, c: RowCarry) -> RowCarry:
+    """Prefill the ``batch`` prompts from queue index ``base`` together, for the rows that
+    will take them (past the real prompts, padding: computed, never taken)."""
+    b = plan.batch
+    prompt_b = base + jnp.arange(b, dtype=jnp.int32)
+    staged, logits_bv, state_b1d = _prefill(
+        params, plan, lax.dynamic_slice_in_dim(queue.prompts_qt, base, b),
+        lax.dynamic_slice_in_dim(queue.lengths_q, base, b), prompt_b, num_steps, keys)
+    return c._replace(staged=staged, staged_logits_bv=logits_bv, staged_state_b1d=state_b1d,
+                      stage_base=base, prefills=c.prefills + 1)
+
+
 def _start(params: Params, plan: Plan, queue: Queue, num_steps: jax.Array,
            keys: Keys) -> RowCarry:
-    """The first ``batch`` prompts prefilled together, each row's first token emitted."""
+    """Every row idle over an empty cache, the first ``batch`` prompts staged."""
     cfg, b = plan.cfg, plan.batch
-    prompt_b = jnp.arange(b, dtype=jnp.int32)
-    lengths_b = queue.lengths_q[:b]
-    cache, logits_bv, state_b1d = _prefill(params, plan, queue.prompts_qt[:b], lengths_b,
-                                           prompt_b, num_steps, keys)
-    dtype = jnp.dtype(cfg.dtype)
-    zeros_b = jnp.zeros((b,), jnp.int32)
-    memory = None if plan.exit is None else init_exit_state(state_b1d[:, 0], cfg.vocab_size)
+    zeros_b, no_b = jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool)
+    state_b1d = jnp.zeros((b, 1, cfg.d_model), jnp.dtype(cfg.dtype))
+    staged = jax.eval_shape(lambda: _prefill(params, plan, queue.prompts_qt[:b],
+                                             queue.lengths_q[:b], zeros_b, num_steps, keys))
+    staged_cache, staged_logits_bv, _ = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                                     staged)
     c = RowCarry(
-        cache=cache, block=kvc.init_cache(cfg, b, 1, plan.num_slots, plan.track_latest),
-        embedded_b1d=jnp.zeros((b, 1, cfg.d_model), dtype), state_b1d=state_b1d, step_b=zeros_b,
-        position_b=lengths_b - 1, memory=memory, value_b=jnp.full((b,), jnp.inf, jnp.float32),
-        token_b=zeros_b, prompt_b=prompt_b, emitted_b=zeros_b,
-        running_b=jnp.zeros((b,), bool), waiting_b=jnp.zeros((b,), bool), waited=jnp.int32(0),
-        pending_b=jnp.zeros((b,), bool), next_prompt=jnp.int32(b), out=_outputs(plan),
-        iterations=jnp.int32(0), busy=jnp.int32(0), boundaries=jnp.int32(0))
-    token_b = choose_rows(logits_bv, row_keys(keys.sample, prompt_b, zeros_b), plan.sampling)
-    return _emit(plan, c, jnp.ones((b,), bool), token_b, jnp.full((b,), num_steps, jnp.int32),
-                 jnp.full((b,), jnp.nan, jnp.float32), logits_bv)
+        cache=kvc.init_cache(cfg, b, plan.cache_len, plan.num_slots, plan.track_latest),
+        block=kvc.init_cache(cfg, b, 1, plan.num_slots, plan.track_latest),
+        embedded_b1d=state_b1d, state_b1d=state_b1d, step_b=zeros_b, position_b=zeros_b,
+        memory=None if plan.exit is None else init_exit_state(state_b1d[:, 0], cfg.vocab_size),
+        value_b=jnp.full((b,), jnp.inf, jnp.float32), token_b=zeros_b, prompt_b=zeros_b,
+        emitted_b=zeros_b, running_b=no_b, waiting_b=no_b, waited=jnp.int32(0), pending_b=no_b,
+        next_prompt=jnp.int32(0), out=_outputs(plan), iterations=jnp.int32(0),
+        busy=jnp.int32(0), boundaries=jnp.int32(0), staged=staged_cache,
+        staged_logits_bv=staged_logits_bv, staged_state_b1d=state_b1d, stage_base=jnp.int32(0),
+        prefills=jnp.int32(0))
+    return _stage(params, plan, queue, jnp.int32(0), num_steps, keys, c)
 
 
 def _idle(c: RowCarry) -> jax.Array:
@@ -180,27 +199,34 @@ def _idle(c: RowCarry) -> jax.Array:
 
 def _refill(params: Params, plan: Plan, queue: Queue, num_steps: jax.Array, keys: Keys,
             c: RowCarry) -> RowCarry:
-    """Idle rows take the next prompts, one at a time: a prefill of one row (its cache row
-    replaced) and its first token."""
+    """Idle rows take the next prompts, one at a time: each copies its prompt's staged prefill
+    into its cache row and emits the first token. Once the staged prompts are all taken, the
+    next ``batch`` are prefilled together: a prefill runs the whole recurrence over the prompt,
+    and one of a single row costs nearly what one of all rows does where weight reads bound it
+    (and twice as much per row on a CPU), while rows fall idle one at a time."""
+    b = plan.batch
+
     def wanted(c: RowCarry) -> jax.Array:
         return jnp.any(_idle(c)) & (c.next_prompt < queue.count)
 
     def one(c: RowCarry) -> RowCarry:
-        row, q = jnp.argmax(_idle(c)), c.next_prompt
-        tokens_1t = lax.dynamic_slice_in_dim(queue.prompts_qt, q, 1)
-        length_1 = lax.dynamic_slice_in_dim(queue.lengths_q, q, 1)
-        row_cache, logits_1v, state_11d = _prefill(params, plan, tokens_1t, length_1, q[None],
-                                                   num_steps, keys)
-        here_b = jnp.arange(plan.batch) == row
+        q = c.next_prompt
+        c = lax.cond(q - c.stage_base >= b,
+                     lambda c: _stage(params, plan, queue, q, num_steps, keys, c),
+                     lambda c: c, c)
+        row, slot = jnp.argmax(_idle(c)), q - c.stage_base
+        state_11d = lax.dynamic_slice_in_dim(c.staged_state_b1d, slot, 1)
+        logits_1v = lax.dynamic_slice_in_dim(c.staged_logits_bv, slot, 1)
+        here_b = jnp.arange(b) == row
         c = c._replace(
-            cache=kvc.put_row(c.cache, row_cache, row),
+            cache=kvc.put_row(c.cache, c.staged, slot, row),
             state_b1d=_where_rows(here_b, jnp.broadcast_to(state_11d, c.state_b1d.shape),
                                   c.state_b1d),
             prompt_b=jnp.where(here_b, q, c.prompt_b), emitted_b=jnp.where(here_b, 0, c.emitted_b),
-            position_b=jnp.where(here_b, length_1 - 1, c.position_b), next_prompt=q + 1)
+            position_b=jnp.where(here_b, queue.lengths_q[q] - 1, c.position_b),
+            next_prompt=q + 1)
         token_1 = choose_rows(logits_1v, row_keys(keys.sample, q[None], jnp.zeros((1,), jnp.int32)),
                               plan.sampling)
-        b = plan.batch
         return _emit(plan, c, here_b, jnp.broadcast_to(token_1, (b,)),
                      jnp.full((b,), num_steps, jnp.int32), jnp.full((b,), jnp.nan, jnp.float32),
                      jnp.broadcast_to(logits_1v, (b, logits_1v.shape[-1])))
@@ -371,7 +397,8 @@ def _generate_rows(params: Params, queue: Queue, num_steps: jax.Array, threshold
         return _iterate(params, plan, num_steps, threshold, boundary_wait, keys, c)
 
     c = lax.while_loop(more, body, _start(params, plan, queue, num_steps, keys))
-    return {**c.out, "iterations": c.iterations, "busy": c.busy, "boundaries": c.boundaries}
+    return {**c.out, "iterations": c.iterations, "busy": c.busy, "boundaries": c.boundaries,
+            "prefills": c.prefills}
 
 
 continuous_jit = jax.jit(_generate_rows, static_argnames=("plan",))
