@@ -187,8 +187,9 @@ def test_bench_alternates_rounds_and_compares_within_each(capsys, tmp_path):
     prefill = {r["variant"]: r["prefill_seconds"] for r in rows}
     assert prefill["full"] == prefill["exit"] != prefill["exit-continuous@0"]
     for row in rows:  # 6 prompts × 2 tokens after the first (no stop token)
-        assert 0 < row["prefill_seconds"] < row["seconds"]
-        assert np.isclose(row["decode_tokens_per_s"], 12 / (row["seconds"] - row["prefill_seconds"]))
+        assert row["prefill_seconds"] > 0  # (timed apart: on a loaded host it may exceed a call)
+        assert np.isclose(row["decode_tokens_per_s"],
+                          12 / max(row["seconds"] - row["prefill_seconds"], 1e-9))
     printed = capsys.readouterr().out
     assert "lockstep batch 3 r 4:" in printed and "continuous batch 3 r 4:" in printed
     median = {e["variant"]: e for e in report["median"]}
