@@ -176,10 +176,12 @@ HEADER = (f"{'variant':<20}{'batch':>6}{'r':>5}{'tokens/s':>11}{'mean it':>9}"
 def run_queue(params: Any, cfg: ModelConfig, prompts: list[list[int]], batch: int, r: int,
               new_tokens: int, options: dict[str, Any]) -> GenerateOutput:
     """``prompts`` on ``batch`` rows: one depth-continuous call, or lockstep batch after batch
-    (their outputs joined; rows busy counted over every batch)."""
+    (their outputs joined; rows busy counted over every batch). Both prefill the longest
+    prompt's length (the continuous program's default rounds it up to a power of two, to share
+    compilations between calls)."""
     if options.get("continuous_batching"):
         return generate(params, cfg, prompts, num_steps=r, max_new_tokens=new_tokens,
-                        batch_size=batch, **options)
+                        batch_size=batch, prompt_len=max(map(len, prompts)), **options)
     outs = [generate(params, cfg, prompts[i:i + batch], num_steps=r, max_new_tokens=new_tokens,
                      **options) for i in range(0, len(prompts), batch)]
     if len(outs) == 1:

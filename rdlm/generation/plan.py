@@ -260,8 +260,13 @@ def thought_layout(rows: list[list[int]], thoughts: ThoughtConfig | None) -> dic
 @functools.lru_cache(maxsize=64)
 def plan_cache_bytes(plan: Plan) -> int:
     """The cache size of a plan (memoised: building the shapes costs more host time than a short
-    generation's other checks)."""
-    return kvc.cache_bytes(plan.cfg, plan.batch, plan.cache_len, plan.num_slots, plan.track_latest)
+    generation's other checks); a depth-continuous plan's includes the staging cache of the next
+    prompts' prefills, ``batch`` × the prompt length (`rdlm.generation.continuous`)."""
+    size = kvc.cache_bytes(plan.cfg, plan.batch, plan.cache_len, plan.num_slots, plan.track_latest)
+    if plan.queue:
+        size += kvc.cache_bytes(plan.cfg, plan.batch, plan.prompt_len, plan.num_slots,
+                                plan.track_latest)
+    return size
 
 
 def _power_of_two_at_least(n: int) -> int:
