@@ -46,6 +46,26 @@ def test_cli_prints_what_generate_returns(ckpt, capsys):
     assert [r["steps"] for r in rows] == [[3] * 5, [3] * 5]
 
 
+def test_cli_continuous_batching_prints_the_queue_in_order_and_its_schedule(ckpt, capsys):
+    """Three prompts through 2 depth-continuous rows: the rows come back in prompt order, as
+    `generate` returns them, and the schedule's numbers go to stderr."""
+    path, config, params = ckpt
+    prompts = [[1, 2, 3], [9, 8], [4, 5, 6, 7]]
+    args = [a for ids in prompts for a in ("--tokens", ",".join(map(str, ids)))]
+    status = sample_cli(["--checkpoint", str(path), *args, "--exit", "kl",
+                         "--continuous-batching", "--batch-size", "2", "--json"])
+    assert status == 0
+    captured = capsys.readouterr()
+    rows = [json.loads(line) for line in captured.out.splitlines()]
+    expected = rdlm.generate(params, config.model, prompts, max_new_tokens=5, num_steps=3,
+                             exit="kl", continuous_batching=True, batch_size=2)
+    assert [r["tokens"] for r in rows] == expected.rows()
+    assert [r["steps"] for r in rows] == [s[:len(t)].tolist()
+                                          for s, t in zip(expected.steps, expected.rows())]
+    assert f"{expected.stats['prefills']} prefills" in captured.err
+    assert f"over {expected.stats['iterations']} iterations" in captured.err
+
+
 def test_cli_reports_bad_input(ckpt, capsys):
     path, _, _ = ckpt
     assert sample_cli(["--checkpoint", str(path), "--tokens", "1,999"]) == 2

@@ -181,9 +181,13 @@ def print_rows(out: GenerateOutput, tokenizer: Tokenizer | None, prompts: Sequen
         print(f"[{i}] {prompts[i]}{text if text is not None else ' '.join(map(str, ids))}")
         mean = sum(steps) / max(len(steps), 1)
         print(f"    iterations per token: {steps} (mean {mean:.2f})")
+    stats = out.stats
     print(f"cache: {out.cache_bytes / 2**20:.2f} MiB in {out.num_slots} recurrence slots"
-          + (f"; speculative acceptance {out.stats['acceptance_rate']:.2f}"
-             if "acceptance_rate" in out.stats else ""), file=sys.stderr)
+          + (f"; speculative acceptance {stats['acceptance_rate']:.2f}"
+             if "acceptance_rate" in stats else "")
+          + (f"; rows busy {stats['row_utilization']:.0%} over {stats['iterations']} "
+             f"iterations, {stats['boundary_passes']} boundary passes, {stats['prefills']} "
+             "prefills" if "prefills" in stats else ""), file=sys.stderr)
 
 
 def echoed_prompts(args: argparse.Namespace, tokenizer: Tokenizer | None, texts: Sequence[str]
