@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The accelerator measurements the docs wait for (docs/performance.md "What waits for a device",
+# "Depth-continuous batching"), in one run of about ten minutes on one GPU:
+#
+#   bash benchmarks/device_checks.sh OUT_DIR
+#
+# Every report names the device it ran on; keep the JSON and text files in results/ with the
+# device in their names (…-h100.json). MODEL and TRAIN_CONFIG swap the models, e.g.
+# MODEL=tiny TRAIN_CONFIG=configs/tiny.yaml to try the script on a CPU in a minute.
+set -euo pipefail
+out=${1:?usage: bash benchmarks/device_checks.sh OUT_DIR}
+py=${PYTHON:-python}
+model=${MODEL:-bench-28m}
+train_config=${TRAIN_CONFIG:-configs/bench-1b.yaml}
+mkdir -p "$out"
+
+run() {  # run NAME COMMAND…: the command's output to the screen and to OUT_DIR/NAME.txt
+  local name=$1
+  shift
+  echo "== $name: $*"
+  "$@" 2>&1 | tee "$out/$name.txt"
+}
+
+# Depth-continuous batching against lockstep exit: a queue of 128 prompts on 16 and 64 rows,
+# each schedule's own prefills left out of the decoding rate, the variants alternating.
+for criterion in latent-diff kl; do
+  run "bench-sample-continuous-queue-$model-$criterion" \
+    "$py" -m rdlm bench sample "$model" --exit "$criterion" \
+    --variants full,exit,exit-continuous --batches 16,64 --queue 128 --prompt-len 32 \
+    --new-tokens 32 --steps 32 --decode-rate --rounds 2 \
+    --json "$out/bench-sample-continuous-queue-$model-$criterion.json"
+done
+
+# Decoding tokens/s at r = 32, batch 1 and 64, against the measured memory bandwidth.
+run "bench-sample-$model" "$py" -m rdlm bench sample "$model" --variants full,exit,shared \
+  --batches 1,64 --steps 32 --new-tokens 32 --prompt-len 32 --json "$out/bench-sample-$model.json"
+
+# A training step's MFU at r = 8 (and 32), one compilation for both.
+run "bench-train-$(basename "$train_config" .yaml)" "$py" -m rdlm bench train "$train_config" \
+  --recurrence 8,32 --steps 3 --warmup 1 --out "$out/bench-train-$(basename "$train_config" .yaml).json"
