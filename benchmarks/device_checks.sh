@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The accelerator measurements the docs wait for (docs/performance.md "What waits for a device",
-# "Depth-continuous batching"), in one run of about ten minutes on one GPU:
+# "Depth-continuous batching"), in one run meant to fit in ten minutes on one GPU (not yet run
+# on one):
 #
 #   bash benchmarks/device_checks.sh OUT_DIR
 #
