@@ -50,7 +50,7 @@ PRETRAIN_STEPS, RETROFIT_STEPS = 500, 300
 SMOKE = e0.SMOKE + ["model.n_kv_heads=1"]
 
 
-def sh(*argv: str) -> None:
+def run_rdlm(*argv: str) -> None:
     """Run an rdlm command as a user would (its CLI entry point, in this process), failing
     loudly."""
     print("[e8] rdlm " + " ".join(argv), flush=True)
@@ -104,8 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if path.exists():
                 import shutil
                 shutil.rmtree(path)
-        sh("convert", "rdlm-to-llama", pretrain.train.run_dir, str(hf_dir))
-        sh("convert", "llama-to-rdlm", str(hf_dir), str(converted), "--prelude", "2", "--core", "2")
+        run_rdlm("convert", "rdlm-to-llama", pretrain.train.run_dir, str(hf_dir))
+        run_rdlm("convert", "llama-to-rdlm", str(hf_dir), str(converted), "--prelude", "2", "--core", "2")
 
     identity = runs / f"e8-converted-identity{tag}"
     if args.fresh or not identity.exists():

@@ -157,29 +157,25 @@ def _prefill(params: Params, plan: Plan, prompts_bt: jax.Array, lengths_b: jax.A
 
 
 def _stage(params: Params, plan: Plan, queue: Queue, base: jax.Array, num_steps: jax.Array,
-           keys: Keys, c: RowCarry) -> RowCarry:
-    """Prefill the ``batch`` prompts from queue index ``base`` together, for the rows that
-    will take them (past the real prompts, padding: computed, never taken)."""
+           keys: Keys) -> tuple[KVCache, jax.Array, jax.Array]:
+    """`_prefill` of the ``batch`` prompts from queue index ``base`` together, for the rows
+    that will take them (past the real prompts, padding: computed, never taken)."""
     b = plan.batch
-    prompt_b = base + jnp.arange(b, dtype=jnp.int32)
-    staged, logits_bv, state_b1d = _prefill(
-        params, plan, lax.dynamic_slice_in_dim(queue.prompts_qt, base, b),
-        lax.dynamic_slice_in_dim(queue.lengths_q, base, b), prompt_b, num_steps, keys)
-    return c._replace(staged=staged, staged_logits_bv=logits_bv, staged_state_b1d=state_b1d,
-                      stage_base=base, prefills=c.prefills + 1)
+    return _prefill(params, plan, lax.dynamic_slice_in_dim(queue.prompts_qt, base, b),
+                    lax.dynamic_slice_in_dim(queue.lengths_q, base, b),
+                    base + jnp.arange(b, dtype=jnp.int32), num_steps, keys)
 
 
 def _start(params: Params, plan: Plan, queue: Queue, num_steps: jax.Array,
            keys: Keys) -> RowCarry:
-    """Every row idle over an empty cache, the first ``batch`` prompts staged."""
+    """Every row idle over an empty cache, the first ``batch`` prompts staged: the first
+    refill hands them out."""
     cfg, b = plan.cfg, plan.batch
     zeros_b, no_b = jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool)
     state_b1d = jnp.zeros((b, 1, cfg.d_model), jnp.dtype(cfg.dtype))
-    staged = jax.eval_shape(lambda: _prefill(params, plan, queue.prompts_qt[:b],
-                                             queue.lengths_q[:b], zeros_b, num_steps, keys))
-    staged_cache, staged_logits_bv, _ = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                                     staged)
-    c = RowCarry(
+    staged, staged_logits_bv, staged_state_b1d = _stage(params, plan, queue, jnp.int32(0),
+                                                        num_steps, keys)
+    return RowCarry(
         cache=kvc.init_cache(cfg, b, plan.cache_len, plan.num_slots, plan.track_latest),
         block=kvc.init_cache(cfg, b, 1, plan.num_slots, plan.track_latest),
         embedded_b1d=state_b1d, state_b1d=state_b1d, step_b=zeros_b, position_b=zeros_b,
@@ -187,10 +183,9 @@ def _start(params: Params, plan: Plan, queue: Queue, num_steps: jax.Array,
         value_b=jnp.full((b,), jnp.inf, jnp.float32), token_b=zeros_b, prompt_b=zeros_b,
         emitted_b=zeros_b, running_b=no_b, waiting_b=no_b, waited=jnp.int32(0), pending_b=no_b,
         next_prompt=jnp.int32(0), out=_outputs(plan), iterations=jnp.int32(0),
-        busy=jnp.int32(0), boundaries=jnp.int32(0), staged=staged_cache,
-        staged_logits_bv=staged_logits_bv, staged_state_b1d=state_b1d, stage_base=jnp.int32(0),
-        prefills=jnp.int32(0))
-    return _stage(params, plan, queue, jnp.int32(0), num_steps, keys, c)
+        busy=jnp.int32(0), boundaries=jnp.int32(0), staged=staged,
+        staged_logits_bv=staged_logits_bv, staged_state_b1d=staged_state_b1d,
+        stage_base=jnp.int32(0), prefills=jnp.int32(1))
 
 
 def _idle(c: RowCarry) -> jax.Array:
@@ -209,11 +204,14 @@ def _refill(params: Params, plan: Plan, queue: Queue, num_steps: jax.Array, keys
     def wanted(c: RowCarry) -> jax.Array:
         return jnp.any(_idle(c)) & (c.next_prompt < queue.count)
 
+    def restage(c: RowCarry) -> RowCarry:
+        staged, logits_bv, state_b1d = _stage(params, plan, queue, c.next_prompt, num_steps, keys)
+        return c._replace(staged=staged, staged_logits_bv=logits_bv, staged_state_b1d=state_b1d,
+                          stage_base=c.next_prompt, prefills=c.prefills + 1)
+
     def one(c: RowCarry) -> RowCarry:
         q = c.next_prompt
-        c = lax.cond(q - c.stage_base >= b,
-                     lambda c: _stage(params, plan, queue, q, num_steps, keys, c),
-                     lambda c: c, c)
+        c = lax.cond(q - c.stage_base >= b, restage, lambda c: c, c)
         row, slot = jnp.argmax(_idle(c)), q - c.stage_base
         state_11d = lax.dynamic_slice_in_dim(c.staged_state_b1d, slot, 1)
         logits_1v = lax.dynamic_slice_in_dim(c.staged_logits_bv, slot, 1)
