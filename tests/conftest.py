@@ -39,6 +39,14 @@ import jax  # noqa: E402  (after the environment above, which JAX reads at impor
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def jax_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A persistent compilation cache for one module's subprocesses
+    (`tests.multihost.subprocess_env`): the processes a kill-and-restart test starts compile
+    once."""
+    return tmp_path_factory.mktemp("jax-cache")
+
+
 def _memory_mappings() -> tuple[int, int]:
     """(this process's memory mappings, the kernel's limit); (0, 1) where Linux's /proc is not."""
     try:

@@ -53,11 +53,6 @@ def assert_params_usable(run_dir: Path) -> None:
         assert np.isfinite(float(optax.global_norm(params))), step
 
 
-@pytest.fixture(scope="module")
-def jax_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One persistent compilation cache for this module's subprocesses: they compile once."""
-    return tmp_path_factory.mktemp("jax-cache")
-
 
 # ---------------------------------------------------------------------------------------------
 # The NaN guard keeps no poisoned weights.
@@ -228,7 +223,7 @@ def test_stale_lock_of_a_dead_process_is_taken_over_and_released(tmp_path):
     result = train(tiny_cfg(f"train.run_dir={tmp_path}", "train.steps=1"),
                    data_iterator=StepBatches(8, 64), printer=notes.append)
     assert int(result.state.step) == 1
-    assert any(f"took over the lock" in n and f"pid {dead} on host {HOST}" in n for n in notes)
+    assert any("took over the lock" in n and f"pid {dead} on host {HOST}" in n for n in notes)
     assert not path.exists()  # released on the way out
 
 

@@ -25,7 +25,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import fsspec
 import jax
@@ -59,11 +58,6 @@ def stores() -> dict[str, emulators.Server]:
         finally:
             os.environ.clear()
             os.environ.update(saved)
-
-
-@pytest.fixture(scope="module")
-def jax_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("jax-cache")
 
 
 def _params(result) -> list[np.ndarray]:
