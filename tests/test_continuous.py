@@ -113,6 +113,36 @@ def test_finished_rows_wait_for_one_boundary_pass_and_compute_the_same(params):
     assert continuous_jit._cache_size() == before
 
 
+def test_passes_count_the_weights_each_schedule_reads(params):
+    """``stats["passes"]``: how often each stage's weights were read after the first tokens.
+    Lockstep: per token step one prelude, the slowest row's core steps, one coda (and one per
+    KL check). Continuous rows that finish together (an endless wait, one prompt per row) read
+    what lockstep reads; without a wait a latent criterion runs the coda at every boundary
+    pass."""
+    options = dict(max_new_tokens=6, num_steps=8)
+    fixed = S.generate(params, CFG, PROMPTS, **options)
+    assert fixed.stats["passes"] == {"prelude": 5, "core": 40, "coda": 5}
+    kl = S.generate(params, CFG, PROMPTS, exit="kl:1e-2", **options)
+    slowest = kl.steps[:, 1:].max(0)
+    assert len(set(kl.steps[:, 1:].ravel())) > 1
+    assert kl.stats["passes"] == {"prelude": 5, "core": int(slowest.sum()),
+                                  "coda": 5 + int(slowest.sum())}
+    latent = dict(exit="latent-diff:0.5", **options)
+    ref = S.generate(params, CFG, PROMPTS, **latent)
+    assert len(set(ref.steps[:, 1:].ravel())) > 1
+    together = S.generate(params, CFG, PROMPTS, continuous_batching=True, batch_size=5,
+                          boundary_wait=10_000, **latent)
+    np.testing.assert_array_equal(together.tokens, ref.tokens)
+    assert together.stats["passes"] == ref.stats["passes"]
+    at_once = S.generate(params, CFG, PROMPTS, continuous_batching=True, batch_size=2,
+                         boundary_wait=0, **latent)
+    passes = at_once.stats["passes"]
+    assert passes["core"] == at_once.stats["iterations"]
+    assert passes["coda"] == at_once.stats["boundary_passes"]
+    # A pass whose rows all ended their sequences has no next token to run.
+    assert 0 < passes["prelude"] <= at_once.stats["boundary_passes"]
+
+
 @pytest.mark.parametrize("layers", [(1, 2, 1), (0, 1, 0)], ids=["stages", "core-only"])
 def test_token_shift_equals_lockstep(layers):
     """With ``model.token_shift`` each row's new token sees its own predecessors' bases, read

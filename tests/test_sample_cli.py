@@ -62,7 +62,7 @@ def test_cli_continuous_batching_prints_the_queue_in_order_and_its_schedule(ckpt
     assert [r["tokens"] for r in rows] == expected.rows()
     assert [r["steps"] for r in rows] == [s[:len(t)].tolist()
                                           for s, t in zip(expected.steps, expected.rows())]
-    assert f"{expected.stats['prefills']} prefills" in captured.err
+    assert f"prefills {expected.stats['prefills']})" in captured.err
     assert f"over {expected.stats['iterations']} iterations" in captured.err
 
 
@@ -203,6 +203,9 @@ def test_bench_alternates_rounds_and_compares_within_each(capsys, tmp_path):
         assert np.isclose(row["conversion"], expected)
     wait0 = [r for r in rows if r["variant"] == "exit-continuous@0"]
     assert all("boundary_passes" in r and "row_utilization" in r for r in wait0)
+    # Each schedule's weight reads: lockstep two batches of 2 token steps at fixed r.
+    assert rows[0]["passes"] == {"prelude": 4, "core": 16, "coda": 4}
+    assert all(0 < r["schedule"] <= r["ceiling"] + 1e-9 for r in rows if r["variant"] != "full")
     # Prefills timed once per schedule: lockstep's two batches, continuous's refills.
     prefill = {r["variant"]: r["prefill_seconds"] for r in rows}
     assert prefill["full"] == prefill["exit"] != prefill["exit-continuous@0"]
@@ -230,17 +233,21 @@ def test_conversion_ceiling_counts_the_check_and_the_boundary_pass():
     cfg = rdlm.model_preset("bench-28m")
     sizes = {k: sum(x.size for x in jax.tree.leaves(v))
              for k, v in rdlm.abstract_params(cfg).items()}
-    core, coda, head = sizes["core"], sizes["coda"], sizes["wte"]
-    boundary = sizes["prelude"] + coda + head
+    # The coda pass reads the final norm and the head (the tied embedding) with the coda.
+    core, coda = sizes["core"], sizes["coda"] + sizes["ln_f"] + sizes["wte"]
+    assert bench_sample.pass_weights(cfg) == {"prelude": sizes["prelude"], "core": core,
+                                              "coda": coda}
+    boundary = sizes["prelude"] + coda
     # Without exits there is nothing to convert and nothing lost: 1.
     assert np.isclose(bench_sample.conversion_ceiling(cfg, ExitConfig("latent-diff"), 32, 32), 1)
     # A latent criterion loses only the boundary pass, which every token pays anyway.
     expected = (32 * core + boundary) / (10 * core + boundary) / 3.2
     assert np.isclose(bench_sample.conversion_ceiling(cfg, ExitConfig("latent-diff"), 32, 10),
                       expected)
-    # KL checks the coda and head at every step (or every check_every-th).
+    # KL checks the coda and head at every step (or every check_every-th); the exiting
+    # check's coda is the token's.
     for every in (1, 4):
-        expected = ((32 * core + boundary) / (10 * (core + (coda + head) / every) + boundary)
+        expected = ((32 * core + boundary) / (10 * (core + coda / every) + sizes["prelude"])
                     / 3.2)
         assert np.isclose(bench_sample.conversion_ceiling(
             cfg, ExitConfig("kl", check_every=every), 32, 10), expected)
@@ -250,9 +257,31 @@ def test_conversion_ceiling_counts_the_check_and_the_boundary_pass():
     sizes = {k: sum(x.size for x in jax.tree.leaves(v))
              for k, v in rdlm.abstract_params(bare).items()}
     assert "prelude" not in sizes and "coda" not in sizes
-    expected = (32 * sizes["core"] + sizes["wte"]) / (10 * sizes["core"] + sizes["wte"]) / 3.2
+    head = sizes["wte"] + sizes["ln_f"]
+    expected = (32 * sizes["core"] + head) / (10 * sizes["core"] + head) / 3.2
     assert np.isclose(bench_sample.conversion_ceiling(bare, ExitConfig("latent-diff"), 32, 10),
                       expected)
+
+
+def test_schedule_conversion_counts_what_the_passes_read():
+    """A schedule whose passes are the no-waste ones (T token steps of B rows, each row 10
+    core steps) converts as the ceiling says; the same with idle rows (lockstep waiting for a
+    row that ran 20) or an extra boundary pass per token step converts less."""
+    from rdlm.generation import ExitConfig
+    cfg = rdlm.model_preset("bench-28m")
+    T, B = 31, 16
+    full = {"prelude": T, "core": 32 * T, "coda": T}
+    no_waste = {"prelude": T, "core": 10 * T, "coda": T}
+    convert = lambda passes: bench_sample.schedule_conversion(cfg, passes, B * T, full, B * T,
+                                                              32, 10.0)
+    assert np.isclose(convert(no_waste),
+                      bench_sample.conversion_ceiling(cfg, ExitConfig("latent-diff"), 32, 10))
+    idle = {**no_waste, "core": 20 * T}
+    extra = {"prelude": 2 * T, "core": 10 * T, "coda": 2 * T}
+    assert convert(idle) < convert(extra) < convert(no_waste)
+    w = bench_sample.pass_weights(cfg)
+    assert np.isclose(convert(idle), (32 * w["core"] + w["prelude"] + w["coda"]) /
+                      (20 * w["core"] + w["prelude"] + w["coda"]) / 3.2)
 
 
 def test_bench_takes_prompts_from_a_task_checkpoints_problems(tmp_path, capsys):

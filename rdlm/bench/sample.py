@@ -36,22 +36,48 @@ def weight_bytes_per_token(cfg: ModelConfig, mean_steps: float) -> float:
     return size(shapes) - core + mean_steps * core
 
 
+def pass_weights(cfg: ModelConfig) -> dict[str, int]:
+    """Parameters one pass of each stage of decoding reads, whatever its rows (the keys of
+    ``GenerateOutput.stats["passes"]``): the prelude (with the token shift; the embedding is
+    only gathered), one core step, and the coda with the final norm and the output head (the
+    tied embedding, or ``lm_head``). A model may have no prelude or coda layers (the demo's)."""
+    sizes = group_sizes(cfg)
+    coda = sizes.get("coda", 0) + sizes.get("ln_f", 0) + (sizes.get("lm_head") or sizes["wte"])
+    prelude = sum(n for group, n in sizes.items()
+                  if group not in ("core", "coda", "ln_f", "wte", "lm_head"))
+    return {"prelude": prelude, "core": sizes["core"], "coda": coda}
+
+
 def conversion_ceiling(cfg: ModelConfig, exit_cfg: ExitConfig, r: int, mean_steps: float
                        ) -> float:
     """The conversion ratio of a schedule that wastes no row-iteration, counting weight reads
     (or FLOPs: the same ratio): a token at fixed r costs r core steps and one boundary pass
     (prelude, coda, head); under adaptive exit ``mean_steps`` core steps, each with the
     criterion's check (the coda and the head for a distribution criterion, every
-    ``check_every`` steps), and the pass. What adaptive exit can convert, whatever the
-    scheduling or the hardware."""
-    sizes = group_sizes(cfg)
-    head = sizes.get("lm_head") or sizes["wte"]
-    coda = sizes.get("coda", 0)  # a model may have no prelude or coda layers (the demo's)
-    core, boundary = sizes["core"], sizes.get("prelude", 0) + coda + head
-    check = (coda + head) / exit_cfg.check_every if exit_cfg.needs_logits else 0.0
-    full = r * core + boundary
-    adaptive = mean_steps * (core + check) + boundary
+    ``check_every`` steps), and the pass, whose coda is the exiting check's under a
+    distribution criterion (the depth-continuous program keeps it). What adaptive exit can
+    convert, whatever the scheduling or the hardware."""
+    w = pass_weights(cfg)
+    full = r * w["core"] + w["prelude"] + w["coda"]
+    check = w["coda"] / exit_cfg.check_every if exit_cfg.needs_logits else 0.0
+    adaptive = (mean_steps * (w["core"] + check) + w["prelude"]
+                + (0.0 if exit_cfg.needs_logits else w["coda"]))
     return (full / adaptive) / (r / mean_steps)
+
+
+def schedule_conversion(cfg: ModelConfig, passes: dict[str, int], decoded: int,
+                        full_passes: dict[str, int], full_decoded: int, r: int,
+                        mean_steps: float) -> float:
+    """The conversion ratio the schedule as it ran would reach where decoding is bound by
+    weight reads (small batches on an accelerator): the weights its passes read per decoded
+    token (``stats["passes"]``, after the first tokens), against the fixed-r run's, over the
+    iterations it saved (``r / mean_steps``). Between the measured conversion of a host whose
+    costs are not weight reads (a CPU) and the `conversion_ceiling`: the share the schedule
+    loses to idle rows (lockstep) or to extra boundary passes and waits (depth-continuous).
+    KV-cache reads and per-pass overheads are left out."""
+    w = pass_weights(cfg)
+    cost = lambda p: sum(p[stage] * w[stage] for stage in w)
+    return ((cost(full_passes) / full_decoded) / (cost(passes) / decoded)) / (r / mean_steps)
 
 
 def memory_bandwidth(num_bytes: int = 256 * 2**20, repeats: int = 5) -> float:
@@ -187,6 +213,9 @@ def run_queue(params: Any, cfg: ModelConfig, prompts: list[list[int]], batch: in
     if len(outs) == 1:
         return outs[0]
     stats = {"core_steps": sum(o.stats["core_steps"] for o in outs)}
+    if all("passes" in o.stats for o in outs):
+        stats["passes"] = {stage: sum(o.stats["passes"][stage] for o in outs)
+                           for stage in outs[0].stats["passes"]}
     if all("row_utilization" in o.stats for o in outs):
         # Busy row-iterations over row-iterations, each batch's token loop as long as its
         # slowest row.
@@ -237,12 +266,14 @@ def timed_row(params: Any, cfg: ModelConfig, prompts: list[list[int]], batch: in
     row = {"batch": batch, "queue": len(prompts), "num_steps": r, "tokens_per_s": tokens_per_s,
            "seconds": seconds, "mean_iterations": out.mean_steps,
            "cache_bytes": out.cache_bytes}
-    if prefill_s is not None and new_tokens > 1:
-        decoded = np.arange(new_tokens)[None] < out.lengths[:, None]
-        decoded[:, 0] = False
-        row.update(prefill_seconds=prefill_s,
-                   decode_tokens_per_s=int(decoded.sum()) / max(seconds - prefill_s, 1e-9),
+    decoded = np.arange(new_tokens)[None] < out.lengths[:, None]
+    decoded[:, 0] = False  # the first tokens come from the prefill
+    if decoded.any():
+        row.update(decoded_tokens=int(decoded.sum()),
                    decode_mean_iterations=float(out.steps[decoded].mean()))
+    if prefill_s is not None and decoded.any():
+        row.update(prefill_seconds=prefill_s,
+                   decode_tokens_per_s=int(decoded.sum()) / max(seconds - prefill_s, 1e-9))
     line = (f"{batch:>6}{r:>5}{tokens_per_s:>11.1f}{out.mean_steps:>9.2f}"
             f"{out.cache_bytes / 2**20:>11.2f}")
     if batch == 1:
@@ -254,7 +285,7 @@ def timed_row(params: Any, cfg: ModelConfig, prompts: list[list[int]], batch: in
         line += f"{achieved / 1e9:>13.2f}{achieved / bandwidth:>10.0%}"
     else:
         line += f"{'':>13}{'':>10}"
-    for stat in ("acceptance_rate", "row_utilization", "boundary_passes", "prefills"):
+    for stat in ("acceptance_rate", "row_utilization", "boundary_passes", "prefills", "passes"):
         if stat in out.stats:
             row[stat] = out.stats[stat]
     return row, line
@@ -302,8 +333,9 @@ def add_conversion(rows: list[dict[str, Any]], cfg: ModelConfig, exit_cfg: ExitC
     """Each adaptive-exit row's conversion ratio, (tokens/s ÷ full tokens/s at the same batch,
     r and round) ÷ (r ÷ mean iterations): the share of the iterations it saves that reaches
     throughput (1: all of it), and its `conversion_ceiling` (at the decoded tokens' mean
-    iterations when timed). Sets ``row["conversion"]``, ``row["ceiling"]`` and returns one
-    printed line per row."""
+    iterations when timed), and the `schedule_conversion` of its passes over the weights. Sets
+    ``row["conversion"]``, ``row["ceiling"]``, ``row["schedule"]`` and returns one printed line
+    per row."""
     full = {(r["batch"], r["num_steps"], r.get("round", 0)): r for r in rows
             if r["variant"] == "full"}
     lines = []
@@ -322,10 +354,13 @@ def add_conversion(rows: list[dict[str, Any]], cfg: ModelConfig, exit_cfg: ExitC
             saving = row["num_steps"] / row["decode_mean_iterations"]
             row["decode_conversion"] = speedup / saving
             line += f"{speedup:>10.2f}x{saving:>10.2f}x{row['decode_conversion']:>12.2f}"
-        row["ceiling"] = conversion_ceiling(cfg, exit_cfg, row["num_steps"],
-                                            row.get("decode_mean_iterations",
-                                                    row["mean_iterations"]))
-        lines.append(line + f"{row['ceiling']:>9.2f}")
+        mean_steps = row.get("decode_mean_iterations", row["mean_iterations"])
+        row["ceiling"] = conversion_ceiling(cfg, exit_cfg, row["num_steps"], mean_steps)
+        if "passes" in row and "passes" in base and "decoded_tokens" in row:
+            row["schedule"] = schedule_conversion(cfg, row["passes"], row["decoded_tokens"],
+                                                  base["passes"], base["decoded_tokens"],
+                                                  row["num_steps"], mean_steps)
+        lines.append(line + f"{row.get('schedule', float('nan')):>10.2f}{row['ceiling']:>9.2f}")
     return lines
 
 
@@ -340,7 +375,7 @@ def median_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         entry = {"variant": variant, "batch": batch, "num_steps": r, "rounds": len(group),
                  "mean_iterations": group[0]["mean_iterations"]}
         for key in ("tokens_per_s", "decode_tokens_per_s", "conversion", "decode_conversion",
-                    "ceiling", "row_utilization", "boundary_passes", "prefills"):
+                    "schedule", "ceiling", "row_utilization", "boundary_passes", "prefills"):
             values = [row[key] for row in group if key in row]
             if values:
                 entry[key] = float(np.median(values))
@@ -412,21 +447,23 @@ def bench_cli(argv: Sequence[str]) -> int:
         print("\nconversion of the iterations saved into throughput, (tokens/s ÷ full tokens/s) ÷ "
               "(r ÷ mean iterations); whole call" + (", then decoding only (after the prefill)"
                                                    if prefill else "") +
-              "; the ceiling of a schedule that wastes no row-iteration (weight reads):")
+              "; counting weight reads, the schedule as it ran and the ceiling of one that wastes "
+              "no row-iteration:")
         head = f"{'speed-up':>11}{'r/mean it':>11}{'conversion':>12}"
         print(f"{'variant':<20}{'batch':>6}{'r':>5}" + head * (2 if prefill else 1) +
-              f"{'ceiling':>9}")
+              f"{'schedule':>10}{'ceiling':>9}")
         print("\n".join(conversion))
     summary = median_summary(results) if args.rounds > 1 else None
     if summary:
         print(f"\nmedian over {args.rounds} rounds:")
         print(f"{'variant':<20}{'batch':>6}{'r':>5}{'tokens/s':>11}{'decode tok/s':>14}"
-              f"{'conversion':>12}{'decoding':>10}{'ceiling':>9}")
+              f"{'conversion':>12}{'decoding':>10}{'schedule':>10}{'ceiling':>9}")
         for e in summary:
             print(f"{e['variant']:<20}{e['batch']:>6}{e['num_steps']:>5}"
                   f"{e['tokens_per_s']:>11.1f}{e.get('decode_tokens_per_s', float('nan')):>14.1f}"
                   f"{e.get('conversion', float('nan')):>12.2f}"
                   f"{e.get('decode_conversion', float('nan')):>10.2f}"
+                  f"{e.get('schedule', float('nan')):>10.2f}"
                   f"{e.get('ceiling', float('nan')):>9.2f}")
     if args.json:
         report = results_report("python -m rdlm bench sample " + " ".join(argv),

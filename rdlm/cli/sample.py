@@ -186,8 +186,8 @@ def print_rows(out: GenerateOutput, tokenizer: Tokenizer | None, prompts: Sequen
           + (f"; speculative acceptance {stats['acceptance_rate']:.2f}"
              if "acceptance_rate" in stats else "")
           + (f"; rows busy {stats['row_utilization']:.0%} over {stats['iterations']} "
-             f"iterations, {stats['boundary_passes']} boundary passes, {stats['prefills']} "
-             "prefills" if "prefills" in stats else ""), file=sys.stderr)
+             f"iterations (boundary passes {stats['boundary_passes']}, prefills "
+             f"{stats['prefills']})" if "prefills" in stats else ""), file=sys.stderr)
 
 
 def echoed_prompts(args: argparse.Namespace, tokenizer: Tokenizer | None, texts: Sequence[str]

@@ -40,7 +40,11 @@ class GenerateOutput:
     ``exit_values``: the exit criterion's value at the step each token stopped (adaptive exit
     only). ``logits`` [batch, max_new_tokens, vocab] with ``return_logits=True``. ``texts``: each
     row's completion decoded by the ``tokenizer`` of the call (special tokens skipped, cut before
-    the stop token); None without one.
+    the stop token); None without one. ``stats``: counts of the call (``core_steps``; with
+    adaptive exit ``row_utilization``; speculative acceptance; depth-continuous ``iterations``,
+    ``boundary_passes``, ``prefills``) and ``passes``, how often each group of weights
+    (prelude, core, coda with the head) was read after the first tokens, whatever the rows:
+    what decoding costs where weight reads bound it.
     """
 
     tokens: np.ndarray
@@ -50,7 +54,7 @@ class GenerateOutput:
     logits: np.ndarray | None
     cache_bytes: int
     num_slots: int
-    stats: dict[str, float]
+    stats: dict[str, Any]
     texts: list[str] | None = None
 
     def rows(self) -> list[list[int]]:
@@ -89,7 +93,9 @@ def _finish(raw: dict[str, jax.Array], plan: Plan) -> GenerateOutput:
         # slowest row (the decoded tokens only; the prefill never exits).
         longest = steps[:, 1:].max(0).sum()
         stats["row_utilization"] = float(steps[:, 1:].sum()) / max(plan.batch * longest, 1)
-    if plan.speculative is not None:
+    if plan.speculative is None:
+        stats["passes"] = _lockstep_passes(np.asarray(raw["steps"])[:, 1:num_generated], plan)
+    else:
         rounds = max(int(raw["rounds"]), 1)
         stats.update(accepted_drafts=int(raw["accepted_drafts"]), rounds=int(raw["rounds"]),
                      acceptance_rate=int(raw["accepted_drafts"]) /
@@ -100,6 +106,18 @@ def _finish(raw: dict[str, jax.Array], plan: Plan) -> GenerateOutput:
     return GenerateOutput(tokens=tokens, steps=steps, lengths=lengths, exit_values=exit_values,
                           logits=logits, cache_bytes=plan_cache_bytes(plan),
                           num_slots=plan.num_slots, stats=stats)
+
+
+def _lockstep_passes(steps_bn: np.ndarray, plan: Plan) -> dict[str, int]:
+    """Passes over each group of weights after the first token, of any number of rows: per
+    token step one prelude, as many core steps as its slowest row ran (``steps_bn`` [batch,
+    token steps]: a row that has stopped runs none under adaptive exit, every one at fixed r)
+    and one coda with the head, plus one at each check of a distribution criterion."""
+    longest_n = steps_bn.max(0) if steps_bn.size else np.zeros((0,), np.int64)
+    codas = len(longest_n)
+    if plan.exit is not None and plan.exit.needs_logits:
+        codas += int((longest_n // plan.exit.check_every).sum())
+    return {"prelude": len(longest_n), "core": int(longest_n.sum()), "coda": codas}
 
 
 def _place(params: Params, cfg: ModelConfig, prompt_bt: np.ndarray, pad_b: np.ndarray,
@@ -228,7 +246,9 @@ def _generate_continuous(params: Params, plan: Plan, rows: list[list[int]], num_
     iterations = int(raw["iterations"])
     stats = {"core_steps": float(steps.sum()), "iterations": iterations,
              "row_utilization": int(raw["busy"]) / max(iterations * plan.batch, 1),
-             "boundary_passes": int(raw["boundaries"]), "prefills": int(raw["prefills"])}
+             "boundary_passes": int(raw["boundaries"]), "prefills": int(raw["prefills"]),
+             "passes": {"prelude": int(raw["prelude_passes"]), "core": iterations,
+                        "coda": int(raw["coda_passes"])}}
     return GenerateOutput(tokens=tokens, steps=steps, lengths=lengths, exit_values=exit_values,
                           logits=logits, cache_bytes=plan_cache_bytes(plan),
                           num_slots=plan.num_slots, stats=stats)

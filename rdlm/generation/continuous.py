@@ -89,6 +89,8 @@ class RowCarry(NamedTuple):
     iterations: jax.Array  # core iterations of the loop
     busy: jax.Array  # row-iterations that ran a core step
     boundaries: jax.Array  # token-boundary passes run (coda, sampling) after the first tokens
+    prelude_passes: jax.Array  # passes over the prelude's weights (`_advance`), of any rows
+    coda_passes: jax.Array  # over the coda's and the head's: exit checks, and finishing rows
     staged: KVCache  # the prefills of the next prompts, ``batch`` of them, their positions only
     staged_logits_bv: jax.Array  # their last positions' logits and final states
     staged_state_b1d: jax.Array
@@ -183,7 +185,8 @@ def _start(params: Params, plan: Plan, queue: Queue, num_steps: jax.Array,
         value_b=jnp.full((b,), jnp.inf, jnp.float32), token_b=zeros_b, prompt_b=zeros_b,
         emitted_b=zeros_b, running_b=no_b, waiting_b=no_b, waited=jnp.int32(0), pending_b=no_b,
         next_prompt=jnp.int32(0), out=_outputs(plan), iterations=jnp.int32(0),
-        busy=jnp.int32(0), boundaries=jnp.int32(0), staged=staged,
+        busy=jnp.int32(0), boundaries=jnp.int32(0), prelude_passes=jnp.int32(0),
+        coda_passes=jnp.int32(0), staged=staged,
         staged_logits_bv=staged_logits_bv, staged_state_b1d=staged_state_b1d,
         stage_base=jnp.int32(0), prefills=jnp.int32(1))
 
@@ -290,7 +293,7 @@ def _advance(params: Params, plan: Plan, keys: Keys, c: RowCarry) -> RowCarry:
         state_b1d=_where_rows(rows_b, start_b1d, c.state_b1d),
         step_b=jnp.where(rows_b, 0, c.step_b), memory=memory,
         value_b=jnp.where(rows_b, jnp.inf, c.value_b), running_b=c.running_b | rows_b,
-        pending_b=c.pending_b & ~rows_b)
+        pending_b=c.pending_b & ~rows_b, prelude_passes=c.prelude_passes + 1)
 
 
 def _converged(plan: Plan, value_b: jax.Array, threshold: jax.Array) -> jax.Array:
@@ -315,6 +318,7 @@ def _iterate(params: Params, plan: Plan, num_steps: jax.Array, threshold: jax.Ar
         return coda_rows(params, cfg, c.cache.coda, state, ctx)
 
     coda_out, fresh_b, memory, value_b = None, jnp.zeros_like(active_b), c.memory, c.value_b
+    coda_passes = c.coda_passes
     done_b = active_b & (step_b >= num_steps)
     if exit_cfg is not None:
         check_b = active_b & (step_b % exit_cfg.check_every == 0)
@@ -333,6 +337,8 @@ def _iterate(params: Params, plan: Plan, num_steps: jax.Array, threshold: jax.Ar
             return c.value_b, memory, blank
 
         value, memory, coda_out = lax.cond(jnp.any(check_b), check, no_check, c.memory)
+        if exit_cfg.needs_logits:
+            coda_passes += jnp.any(check_b).astype(jnp.int32)
         value_b = jnp.where(check_b, value, c.value_b)
         converged_b = check_b & _converged(plan, value, threshold) & (step_b >= exit_cfg.min_steps)
         done_b = done_b | (active_b & converged_b)
@@ -341,7 +347,7 @@ def _iterate(params: Params, plan: Plan, num_steps: jax.Array, threshold: jax.Ar
     waiting_b = c.waiting_b | done_b
     c = c._replace(block=block, state_b1d=state_b1d, step_b=step_b, memory=memory,
                    value_b=value_b, running_b=c.running_b & ~done_b, waiting_b=waiting_b,
-                   iterations=c.iterations + 1,
+                   iterations=c.iterations + 1, coda_passes=coda_passes,
                    busy=c.busy + jnp.sum(active_b.astype(jnp.int32)))
 
     def finish(c: RowCarry) -> RowCarry:
@@ -359,9 +365,11 @@ def _iterate(params: Params, plan: Plan, num_steps: jax.Array, threshold: jax.Ar
 
         if coda_out is None:
             logits_bv, coda = late()
+            late_passes = jnp.int32(1)
         else:
             logits_bv, coda = lax.cond(jnp.any(late_b), late,
                                        lambda: (coda_out.logits_bv, cache.coda))
+            late_passes = jnp.any(late_b).astype(jnp.int32)
             coda = kvc.write_stage_rows(coda, coda_out.kvs, c.position_b, done_b & fresh_b)
             logits_bv = jnp.where(fresh_b[:, None], coda_out.logits_bv, logits_bv)
         cache = cache._replace(coda=coda)
@@ -369,7 +377,8 @@ def _iterate(params: Params, plan: Plan, num_steps: jax.Array, threshold: jax.Ar
                               plan.sampling)
         value_b = (c.value_b if exit_cfg is not None
                    else jnp.full_like(c.value_b, jnp.nan))
-        c = c._replace(cache=cache, waited=jnp.int32(0), boundaries=c.boundaries + 1)
+        c = c._replace(cache=cache, waited=jnp.int32(0), boundaries=c.boundaries + 1,
+                       coda_passes=c.coda_passes + late_passes)
         return _emit(plan, c, waiting_b, token_b, c.step_b, value_b, logits_bv)
 
     def wait(c: RowCarry) -> RowCarry:
@@ -396,7 +405,8 @@ def _generate_rows(params: Params, queue: Queue, num_steps: jax.Array, threshold
 
     c = lax.while_loop(more, body, _start(params, plan, queue, num_steps, keys))
     return {**c.out, "iterations": c.iterations, "busy": c.busy, "boundaries": c.boundaries,
-            "prefills": c.prefills}
+            "prefills": c.prefills, "prelude_passes": c.prelude_passes,
+            "coda_passes": c.coda_passes}
 
 
 continuous_jit = jax.jit(_generate_rows, static_argnames=("plan",))
