@@ -272,8 +272,11 @@ def timed_row(params: Any, cfg: ModelConfig, prompts: list[list[int]], batch: in
         row.update(decoded_tokens=int(decoded.sum()),
                    decode_mean_iterations=float(out.steps[decoded].mean()))
     if prefill_s is not None and decoded.any():
+        # NaN where the call took no longer than its prefills timed alone: the host's load
+        # moved between the two timings, and the difference measures nothing.
         row.update(prefill_seconds=prefill_s,
-                   decode_tokens_per_s=int(decoded.sum()) / max(seconds - prefill_s, 1e-9))
+                   decode_tokens_per_s=(int(decoded.sum()) / (seconds - prefill_s)
+                                        if seconds > prefill_s else float("nan")))
     line = (f"{batch:>6}{r:>5}{tokens_per_s:>11.1f}{out.mean_steps:>9.2f}"
             f"{out.cache_bytes / 2**20:>11.2f}")
     if batch == 1:
@@ -376,7 +379,7 @@ def median_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                  "mean_iterations": group[0]["mean_iterations"]}
         for key in ("tokens_per_s", "decode_tokens_per_s", "conversion", "decode_conversion",
                     "schedule", "ceiling", "row_utilization", "boundary_passes", "prefills"):
-            values = [row[key] for row in group if key in row]
+            values = [row[key] for row in group if key in row and not np.isnan(row[key])]
             if values:
                 entry[key] = float(np.median(values))
         summary.append(entry)
