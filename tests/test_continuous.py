@@ -87,25 +87,36 @@ def test_adaptive_exit_with_shared_cache_and_continuous_cot_equals_lockstep(para
     assert continuous_jit._cache_size() == before
 
 
-def test_finished_rows_wait_for_one_boundary_pass_and_compute_the_same(params):
+@pytest.mark.parametrize("exit", ["kl:1e-2", "latent-diff:0.5"])
+def test_rows_at_a_boundary_wait_for_one_pass_and_compute_the_same(params, exit):
     """Rows whose token is done wait (their state, steps and block buffer untouched by the
-    others' steps) until the wait is spent, then finish together: the same tokens, logits
-    and exit values as the lockstep engine whatever the wait, with fewer boundary passes."""
-    options = dict(exit="kl:1e-2", cache_budget=2, continuous_cot=True, max_new_tokens=6,
+    others' steps) until the wait is spent, then run their boundary work together: the same
+    tokens, logits and exit values as the lockstep engine whatever the wait, with fewer
+    passes. Under a latent criterion they wait for the coda and the prelude; under KL, whose
+    check has run the coda, they emit at once and wait for the prelude."""
+    options = dict(exit=exit, cache_budget=2, continuous_cot=True, max_new_tokens=6,
                    num_steps=8, return_logits=True)
     ref = S.generate(params, CFG, PROMPTS, **options)
+    assert len(set(ref.steps[:, 1:].ravel())) > 1
+    waits = (0, 1, 10_000)
     runs = {wait: S.generate(params, CFG, PROMPTS, continuous_batching=True, batch_size=3,
-                             boundary_wait=wait, **options) for wait in (0, 1, 10_000)}
+                             boundary_wait=wait, **options) for wait in waits}
     for out in runs.values():
         assert_same(ref, out)
         np.testing.assert_allclose(out.exit_values, ref.exit_values, rtol=1e-3, atol=1e-6)
-    passes = [runs[w].stats["boundary_passes"] for w in (0, 1, 10_000)]
-    busy = [runs[w].stats["row_utilization"] for w in (0, 1, 10_000)]
+    preludes = [runs[w].stats["passes"]["prelude"] for w in waits]
+    finishes = [runs[w].stats["boundary_passes"] for w in waits]
+    busy = [runs[w].stats["row_utilization"] for w in waits]
     tokens_after_first = int(ref.lengths.sum()) - len(PROMPTS)
-    # No wait: a pass at every iteration where some row finished, rows almost always busy.
-    # An endless wait: a pass only when no row is left iterating (lockstep, three rows).
-    assert passes[0] > passes[1] > passes[2] and passes[0] <= tokens_after_first
+    # No wait: a pass at almost every iteration where some row finished, rows almost always
+    # busy. An endless wait: a pass only when no row is left iterating (lockstep, three rows).
+    assert preludes[0] > preludes[1] > preludes[2] and preludes[0] <= tokens_after_first
     assert busy[0] > busy[2]
+    if exit.startswith("kl"):
+        # Tokens are emitted as they are done, whatever the wait; the preludes wait.
+        assert finishes[2] > preludes[2]
+    else:  # the coda waits with the prelude: one pass of both per token step
+        assert finishes[0] > finishes[1] > finishes[2] == preludes[2]
     # One compilation for every wait.
     before = continuous_jit._cache_size()
     S.generate(params, CFG, PROMPTS, continuous_batching=True, batch_size=3, boundary_wait=2,

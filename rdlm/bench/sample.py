@@ -21,8 +21,9 @@ from rdlm.data.render import completion_text, prompt_tokens
 from rdlm.data.tasks import example_at, make_task
 from rdlm.data.tokenizer import load_tokenizer
 from rdlm.generation import ExitConfig, GenerateOutput, SpeculativeConfig, generate
+from rdlm.generation.continuous import pass_weights
 from rdlm.generation.exits import as_exit_config
-from rdlm.model import abstract_params, count_params, group_sizes, init_params
+from rdlm.model import abstract_params, count_params, init_params
 from rdlm.runtime import checkpoint
 from rdlm.runtime.hostinfo import results_report
 
@@ -34,18 +35,6 @@ def weight_bytes_per_token(cfg: ModelConfig, mean_steps: float) -> float:
     size = lambda tree: sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
     core = size(shapes["core"])
     return size(shapes) - core + mean_steps * core
-
-
-def pass_weights(cfg: ModelConfig) -> dict[str, int]:
-    """Parameters one pass of each stage of decoding reads, whatever its rows (the keys of
-    ``GenerateOutput.stats["passes"]``): the prelude (with the token shift; the embedding is
-    only gathered), one core step, and the coda with the final norm and the output head (the
-    tied embedding, or ``lm_head``). A model may have no prelude or coda layers (the demo's)."""
-    sizes = group_sizes(cfg)
-    coda = sizes.get("coda", 0) + sizes.get("ln_f", 0) + (sizes.get("lm_head") or sizes["wte"])
-    prelude = sum(n for group, n in sizes.items()
-                  if group not in ("core", "coda", "ln_f", "wte", "lm_head"))
-    return {"prelude": prelude, "core": sizes["core"], "coda": coda}
 
 
 def conversion_ceiling(cfg: ModelConfig, exit_cfg: ExitConfig, r: int, mean_steps: float

@@ -183,8 +183,9 @@ def generate(params: Params, cfg: ModelConfig, prompt_tokens: Any, *, max_new_to
       the next prompt. Outputs come in prompt order; one compilation serves every r and exit
       threshold. ``prompt_len`` defaults to a power-of-two bucket of the longest prompt.
       ``boundary_wait``: row-iterations that rows whose token is done wait, in all, so that
-      their coda, sampling and next prelude run in one pass (None: `default_boundary_wait`,
-      about one pass's cost; 0: each row at once).
+      their coda, sampling and next prelude run in one pass (under a distribution criterion,
+      whose check ran the coda: their next prelude; None: `default_boundary_wait`, about one
+      pass's cost; 0: each row at once).
     """
     prompt_tokens = encode_texts(prompt_tokens, tokenizer, bos, cfg)
     if stop_tokens is None:

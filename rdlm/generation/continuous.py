@@ -24,10 +24,13 @@ finishes its sequence takes the next prompt, so every iteration advances every b
 - The token-boundary work (the coda of the finished tokens, the prelude of the next ones) reads
   the weights of three stages whether one row needs it or all of them; where decoding is bound
   by weight reads (small batches, on any hardware) running it at every iteration for the one
-  or two rows that just finished costs a good part of a core step each time. So finished rows wait, and
-  run it together once the row-iterations they have spent waiting reach ``boundary_wait`` (or
-  no row is left iterating): the rent-or-buy rule, waiting until the idle rows have cost about
-  what one boundary pass costs (`default_boundary_wait`). 0 finishes every row at once.
+  or two rows that just finished costs a good part of a core step each time. So rows at a
+  boundary wait, and run it together once the row-iterations they have spent waiting reach
+  ``boundary_wait`` (or no row is left iterating): the rent-or-buy rule, waiting until the idle
+  rows have cost about what one pass costs (`default_boundary_wait`). What waits is what is
+  left to run: the coda and the prelude, or under a distribution criterion (KL, entropy…), whose
+  check has just run the coda of every row, the prelude alone: those rows emit their tokens at
+  once and wait for their next token's prelude. 0 runs every row's boundary work at once.
 - ``num_steps``, the exit threshold and ``boundary_wait`` are data: one compilation serves every
   r, threshold and wait
   (with a fixed ``cache_budget``). The static shape is (rows, prompt bucket, new tokens, queue
@@ -82,7 +85,7 @@ class RowCarry(NamedTuple):
     emitted_b: jax.Array  # tokens emitted for it
     running_b: jax.Array  # in the core loop
     waiting_b: jax.Array  # its token is done (converged or at r), its boundary work not yet run
-    waited: jax.Array  # row-iterations spent waiting by the rows waiting now
+    waited: jax.Array  # row-iterations spent at a boundary by the rows waiting now (`_due`)
     pending_b: jax.Array  # emitted a token that has yet to enter the prelude
     next_prompt: jax.Array  # the queue's head
     out: dict[str, jax.Array]  # per prompt: tokens, steps, exit values, lengths (, logits)
@@ -235,22 +238,42 @@ def _refill(params: Params, plan: Plan, queue: Queue, num_steps: jax.Array, keys
     return lax.while_loop(wanted, one, c)
 
 
+def pass_weights(cfg: ModelConfig) -> dict[str, int]:
+    """Parameters one pass of each stage of decoding reads, whatever its rows (the keys of
+    ``GenerateOutput.stats["passes"]``): the prelude (with the token shift; the embedding is
+    only gathered), one core step, and the coda with the final norm and the output head (the
+    tied embedding, or ``lm_head``). A model may have no prelude or coda layers (the demo's)."""
+    sizes = group_sizes(cfg)
+    coda = sizes.get("coda", 0) + sizes.get("ln_f", 0) + (sizes.get("lm_head") or sizes["wte"])
+    prelude = sum(n for group, n in sizes.items()
+                  if group not in ("core", "coda", "ln_f", "wte", "lm_head"))
+    return {"prelude": prelude, "core": sizes["core"], "coda": coda}
+
+
+def _prelude_waits(exit_cfg: ExitConfig | None) -> bool:
+    """Whether rows at a token boundary wait for their prelude (finishing at once) rather than
+    for their coda: under a distribution criterion, whose check has just run the coda and the
+    head of every row, so that a row finishing at once reuses them, and one that waited for
+    its coda would run it again."""
+    return exit_cfg is not None and exit_cfg.needs_logits
+
+
 def default_boundary_wait(cfg: ModelConfig, batch: int, exit_cfg: ExitConfig | None) -> int:
-    """Row-iterations finished rows wait, in all, before their token-boundary work runs: about
-    what one boundary pass costs, counted in the row-iterations of core steps it would buy.
+    """Row-iterations rows at a token boundary wait, in all, before the rest of their boundary
+    work runs: about what one pass of it costs, counted in the row-iterations of core steps it
+    would buy.
 
     Where decoding is bound by weight reads, a core step of the batch costs the core's weights
     and serves ``batch`` rows, so a row-iteration costs core/batch; the boundary pass reads the
-    other weights (prelude, coda, head), whatever the number of rows it serves. Waiting until
-    the idle rows have cost as much as the pass (rent or buy) keeps the total within twice the
-    best schedule in hindsight. No wait for one row (nothing would share its pass) nor under a
-    distribution criterion (KL, entropy…): its check has just run the coda and the head of every
-    row, so a row finishing at once needs only the prelude, and one that waited would need the
-    coda again."""
-    if batch <= 1 or (exit_cfg is not None and exit_cfg.needs_logits):
+    weights of the prelude, and of the coda and head unless the exit check has just run them
+    (`_prelude_waits`), whatever the number of rows it serves. Waiting until the idle rows have
+    cost as much as the pass (rent or buy) keeps the total within twice the best schedule in
+    hindsight. No wait for one row: nothing would share its pass."""
+    if batch <= 1:
         return 0
-    sizes = group_sizes(cfg)
-    return round(batch * (sum(sizes.values()) - sizes["core"]) / sizes["core"])
+    w = pass_weights(cfg)
+    left = w["prelude"] if _prelude_waits(exit_cfg) else w["prelude"] + w["coda"]
+    return round(batch * left / w["core"])
 
 
 def few_rows(batch: int) -> int:
@@ -265,8 +288,7 @@ def few_rows(batch: int) -> int:
 
 def _advance(params: Params, plan: Plan, keys: Keys, c: RowCarry) -> RowCarry:
     """Every pending row runs its new token through the prelude and restarts the core at step
-    0, from s_0 or, under continuous CoT, from the previous token's final state. None waits:
-    a pending row is an idle row."""
+    0, from s_0 or, under continuous CoT, from the previous token's final state."""
     cfg = plan.cfg
     rows_b = c.pending_b
 
@@ -293,7 +315,8 @@ def _advance(params: Params, plan: Plan, keys: Keys, c: RowCarry) -> RowCarry:
         state_b1d=_where_rows(rows_b, start_b1d, c.state_b1d),
         step_b=jnp.where(rows_b, 0, c.step_b), memory=memory,
         value_b=jnp.where(rows_b, jnp.inf, c.value_b), running_b=c.running_b | rows_b,
-        pending_b=c.pending_b & ~rows_b, prelude_passes=c.prelude_passes + 1)
+        pending_b=c.pending_b & ~rows_b, prelude_passes=c.prelude_passes + 1,
+        waited=jnp.int32(0))
 
 
 def _converged(plan: Plan, value_b: jax.Array, threshold: jax.Array) -> jax.Array:
@@ -306,7 +329,7 @@ def _iterate(params: Params, plan: Plan, num_steps: jax.Array, threshold: jax.Ar
              boundary_wait: jax.Array, keys: Keys, c: RowCarry) -> RowCarry:
     """One core step of every running row; rows whose token is done stop and wait, and the
     waiting rows run the coda and emit once they have waited ``boundary_wait`` row-iterations
-    in all, or no row is left iterating."""
+    in all, or no row is left iterating (under `_prelude_waits`, at once: the check ran it)."""
     cfg, exit_cfg = plan.cfg, plan.exit
     active_b = c.running_b
     ctx = row_context(cfg, c.position_b, plan.cache_len)
@@ -377,15 +400,23 @@ def _iterate(params: Params, plan: Plan, num_steps: jax.Array, threshold: jax.Ar
                               plan.sampling)
         value_b = (c.value_b if exit_cfg is not None
                    else jnp.full_like(c.value_b, jnp.nan))
-        c = c._replace(cache=cache, waited=jnp.int32(0), boundaries=c.boundaries + 1,
+        # (Under `_prelude_waits` the rows waiting for their prelude keep their wait.)
+        waited = c.waited if _prelude_waits(exit_cfg) else jnp.int32(0)
+        c = c._replace(cache=cache, waited=waited, boundaries=c.boundaries + 1,
                        coda_passes=c.coda_passes + late_passes)
         return _emit(plan, c, waiting_b, token_b, c.step_b, value_b, logits_bv)
 
     def wait(c: RowCarry) -> RowCarry:
         return c._replace(waited=c.waited + jnp.sum(waiting_b.astype(jnp.int32)))
 
-    due = (c.waited >= boundary_wait) | ~jnp.any(c.running_b)
-    return lax.cond(jnp.any(waiting_b) & due, finish, wait, c)
+    if _prelude_waits(exit_cfg):  # the coda has run: emit at once, the prelude waits
+        return lax.cond(jnp.any(waiting_b), finish, lambda c: c, c)
+    return lax.cond(jnp.any(waiting_b) & _due(c, boundary_wait), finish, wait, c)
+
+
+def _due(c: RowCarry, boundary_wait: jax.Array) -> jax.Array:
+    """Whether the rows at a boundary have waited long enough, or no row is left iterating."""
+    return (c.waited >= boundary_wait) | ~jnp.any(c.running_b)
 
 
 def _generate_rows(params: Params, queue: Queue, num_steps: jax.Array, threshold: jax.Array,
@@ -397,10 +428,15 @@ def _generate_rows(params: Params, queue: Queue, num_steps: jax.Array, threshold
     def more(c: RowCarry) -> jax.Array:
         return jnp.any(~_idle(c)) | (jnp.any(_idle(c)) & (c.next_prompt < queue.count))
 
+    def pend(c: RowCarry) -> RowCarry:
+        return c._replace(waited=c.waited + jnp.sum(c.pending_b.astype(jnp.int32)))
+
     def body(c: RowCarry) -> RowCarry:
         c = _refill(params, plan, queue, num_steps, keys, c)
-        c = lax.cond(jnp.any(c.pending_b), lambda c: _advance(params, plan, keys, c),
-                     lambda c: c, c)
+        advance = jnp.any(c.pending_b)
+        if _prelude_waits(plan.exit):
+            advance &= _due(c, boundary_wait)
+        c = lax.cond(advance, lambda c: _advance(params, plan, keys, c), pend, c)
         return _iterate(params, plan, num_steps, threshold, boundary_wait, keys, c)
 
     c = lax.while_loop(more, body, _start(params, plan, queue, num_steps, keys))
