@@ -64,6 +64,20 @@ def test_cli_continuous_batching_prints_the_queue_in_order_and_its_schedule(ckpt
                                           for s, t in zip(expected.steps, expected.rows())]
     assert f"prefills {expected.stats['prefills']})" in captured.err
     assert f"over {expected.stats['iterations']} iterations" in captured.err
+    # --boundary-wait reaches the scheduler: each wait's schedule is generate's with it.
+    iterations = []
+    for wait in (0, 1000):
+        assert sample_cli(["--checkpoint", str(path), *args, "--exit", "kl", "--num-steps", "8",
+                           "--continuous-batching", "--batch-size", "2", "--boundary-wait",
+                           str(wait), "--json"]) == 0
+        waited = rdlm.generate(params, config.model, prompts, max_new_tokens=5, num_steps=8,
+                               exit="kl", continuous_batching=True, batch_size=2,
+                               boundary_wait=wait)
+        iterations.append(waited.stats["iterations"])
+        assert f"over {iterations[-1]} iterations" in capsys.readouterr().err
+    assert iterations[0] != iterations[1]
+    assert sample_cli(["--checkpoint", str(path), *args, "--boundary-wait", "3"]) == 2
+    assert "continuous_batching" in capsys.readouterr().err
 
 
 def test_cli_reports_bad_input(ckpt, capsys):

@@ -56,6 +56,9 @@ def _sample_parser() -> argparse.ArgumentParser:
                         "the next prompt (docs/sampling.md)")
     parser.add_argument("--batch-size", type=int,
                         help="rows decoded at once under --continuous-batching (default: all)")
+    parser.add_argument("--boundary-wait", type=int, metavar="ROW_ITERATIONS",
+                        help="under --continuous-batching, how long rows at a token boundary "
+                        "wait to share one pass (default: about that pass's cost; 0: none)")
     parser.add_argument("--temperature", type=float)
     parser.add_argument("--top-k", type=int)
     parser.add_argument("--top-p", type=float)
@@ -157,7 +160,8 @@ def _generate(args: argparse.Namespace, config: Config, params: Any, rows: list[
         top_k=_pick(args.top_k, defaults.top_k), top_p=_pick(args.top_p, defaults.top_p),
         min_p=_pick(args.min_p, defaults.min_p), stop_tokens=stop,
         key=jax.random.key(args.seed), init_scale=args.init_scale,
-        continuous_batching=args.continuous_batching, batch_size=args.batch_size)
+        continuous_batching=args.continuous_batching, batch_size=args.batch_size,
+        boundary_wait=args.boundary_wait)
 
 
 def print_rows(out: GenerateOutput, tokenizer: Tokenizer | None, prompts: Sequence[str],
