@@ -263,17 +263,19 @@ def default_boundary_wait(cfg: ModelConfig, batch: int, exit_cfg: ExitConfig | N
     work runs: about what one pass of it costs, counted in the row-iterations of core steps it
     would buy.
 
-    Where decoding is bound by weight reads, a core step of the batch costs the core's weights
-    and serves ``batch`` rows, so a row-iteration costs core/batch; the boundary pass reads the
-    weights of the prelude, and of the coda and head unless the exit check has just run them
-    (`_prelude_waits`), whatever the number of rows it serves. Waiting until the idle rows have
-    cost as much as the pass (rent or buy) keeps the total within twice the best schedule in
-    hindsight. No wait for one row: nothing would share its pass."""
+    Where decoding is bound by weight reads, an iteration costs the core's weights (and the
+    coda's and head's, which a distribution criterion's check reads every ``check_every``
+    steps) and serves ``batch`` rows, so a row-iteration costs a ``batch``-th of that; the
+    boundary pass reads the weights of the prelude, and of the coda and head unless the exit
+    check has just run them (`_prelude_waits`), whatever the number of rows it serves. Waiting
+    while the idle rows cost less than the pass (rent or buy) keeps the total within twice the
+    best schedule in hindsight. No wait for one row: nothing would share its pass."""
     if batch <= 1:
         return 0
     w = pass_weights(cfg)
+    check = w["coda"] / exit_cfg.check_every if _prelude_waits(exit_cfg) else 0.0
     left = w["prelude"] if _prelude_waits(exit_cfg) else w["prelude"] + w["coda"]
-    return round(batch * left / w["core"])
+    return round(batch * left / (w["core"] + check))
 
 
 def few_rows(batch: int) -> int:
@@ -411,12 +413,16 @@ def _iterate(params: Params, plan: Plan, num_steps: jax.Array, threshold: jax.Ar
 
     if _prelude_waits(exit_cfg):  # the coda has run: emit at once, the prelude waits
         return lax.cond(jnp.any(waiting_b), finish, lambda c: c, c)
-    return lax.cond(jnp.any(waiting_b) & _due(c, boundary_wait), finish, wait, c)
+    return lax.cond(jnp.any(waiting_b) & _due(c, waiting_b, boundary_wait), finish, wait, c)
 
 
-def _due(c: RowCarry, boundary_wait: jax.Array) -> jax.Array:
-    """Whether the rows at a boundary have waited long enough, or no row is left iterating."""
-    return (c.waited >= boundary_wait) | ~jnp.any(c.running_b)
+def _due(c: RowCarry, rows_b: jax.Array, boundary_wait: jax.Array) -> jax.Array:
+    """Whether the rows at a boundary, ``rows_b``, run their pass now: when waiting one more
+    iteration would take the row-iterations spent waiting past ``boundary_wait`` (rent or buy,
+    never overshooting: many rows can reach a boundary at the same iteration), or when no row
+    is left iterating."""
+    waited = c.waited + jnp.sum(rows_b.astype(jnp.int32))
+    return (waited > boundary_wait) | ~jnp.any(c.running_b)
 
 
 def _generate_rows(params: Params, queue: Queue, num_steps: jax.Array, threshold: jax.Array,
@@ -435,7 +441,7 @@ def _generate_rows(params: Params, queue: Queue, num_steps: jax.Array, threshold
         c = _refill(params, plan, queue, num_steps, keys, c)
         advance = jnp.any(c.pending_b)
         if _prelude_waits(plan.exit):
-            advance &= _due(c, boundary_wait)
+            advance &= _due(c, c.pending_b, boundary_wait)
         c = lax.cond(advance, lambda c: _advance(params, plan, keys, c), pend, c)
         return _iterate(params, plan, num_steps, threshold, boundary_wait, keys, c)
 
