@@ -318,7 +318,9 @@ def _advance(params: Params, plan: Plan, keys: Keys, c: RowCarry) -> RowCarry:
         step_b=jnp.where(rows_b, 0, c.step_b), memory=memory,
         value_b=jnp.where(rows_b, jnp.inf, c.value_b), running_b=c.running_b | rows_b,
         pending_b=c.pending_b & ~rows_b, prelude_passes=c.prelude_passes + 1,
-        waited=jnp.int32(0))
+        # The wait paid for this pass under `_prelude_waits`; otherwise it is the wait of
+        # rows still waiting for their coda, which a refill's pending rows leave alone.
+        waited=jnp.int32(0) if _prelude_waits(plan.exit) else c.waited)
 
 
 def _converged(plan: Plan, value_b: jax.Array, threshold: jax.Array) -> jax.Array:
