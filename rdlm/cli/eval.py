@@ -20,10 +20,11 @@ model trained on text, exact-match accuracy for one trained on a reasoning task.
     rdlm eval --checkpoint runs/text                       # loss vs r on the test split
     rdlm eval --checkpoint runs/demo --task chains --num-steps 1,2,4,8,16,32,64
 
-Answers are decoded greedily in batches: prompts are right-padded into one buffer and every new
-token is one full causal forward pass (answers are a few tokens, so a KV cache buys little here),
-with ``num_steps`` traced so that one compilation serves every r. The initial state is zero by
-default (``init_scale=0``), which makes the numbers deterministic.
+Answers are decoded greedily by the generation engine (`rdlm.generate`, with its KV cache), in
+batches of --batch-size prompts, or with --continuous-batching as one queue on that many rows;
+``num_steps`` is data and the cache has a slot per step of the largest r, so one compilation
+serves every r. The initial state is zero by default (``init_scale=0``), which makes the
+numbers deterministic.
 """
 
 

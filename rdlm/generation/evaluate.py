@@ -96,8 +96,8 @@ def evaluate_accuracy(params: Params, cfg: Config, task: Task | str | None = Non
     way. ``init_scale > 0`` draws random initial states from ``seed``. ``continuous_batching``:
     ``batch_size`` rows work through every problem in one call per r, a row taking the next
     problem as soon as its answer ends (`rdlm.generation.continuous`); worth it when answers
-    differ in length (chains of thought), not for short answers of one length, where the
-    batched prefill of the lockstep engine is cheaper than prefilling rows one at a time.
+    differ in length (chains of thought). On short answers of one length it decodes as fast
+    as lockstep batches and compiles longer (docs/data.md).
 
     Returns ``{"accuracy": {r: float}, "predictions": {r: [str]}, "answers": [str],
     "num_examples", "task", "split", "format", "seconds", "shortcuts"}`` (accuracies of answer
