@@ -348,7 +348,7 @@ def add_conversion(rows: list[dict[str, Any]], cfg: ModelConfig, exit_cfg: ExitC
             line += f"{speedup:>10.2f}x{saving:>10.2f}x{row['decode_conversion']:>12.2f}"
         mean_steps = row.get("decode_mean_iterations", row["mean_iterations"])
         row["ceiling"] = conversion_ceiling(cfg, exit_cfg, row["num_steps"], mean_steps)
-        if "passes" in row and "passes" in base and "decoded_tokens" in row:
+        if all("passes" in r and "decoded_tokens" in r for r in (row, base)):
             row["schedule"] = schedule_conversion(cfg, row["passes"], row["decoded_tokens"],
                                                   base["passes"], base["decoded_tokens"],
                                                   row["num_steps"], mean_steps)
