@@ -23,11 +23,15 @@ run() {  # run NAME COMMAND…: the command's output to the screen and to OUT_DI
 }
 
 # Depth-continuous batching against lockstep exit: a queue of 128 prompts on 16 and 64 rows,
-# each schedule's own prefills left out of the decoding rate, the variants alternating.
+# each schedule's own prefills left out of the decoding rate, the variants alternating; @0 is
+# continuous batching without the boundary wait. The "schedule" column is the conversion the
+# weight-read model predicts for each schedule as it ran (docs/performance.md "Counting the
+# schedule's weight reads"). At random init every row exits after about the same number of
+# steps, so this measures what the continuous program costs more than what it can gain.
 for criterion in latent-diff kl; do
   run "bench-sample-continuous-queue-$model-$criterion" \
     "$py" -m rdlm bench sample "$model" --exit "$criterion" \
-    --variants full,exit,exit-continuous --batches 16,64 --queue 128 --prompt-len 32 \
+    --variants full,exit,exit-continuous@0,exit-continuous --batches 16,64 --queue 128 --prompt-len 32 \
     --new-tokens 32 --steps 32 --decode-rate --rounds 2 \
     --json "$out/bench-sample-continuous-queue-$model-$criterion.json"
 done
