@@ -21,20 +21,19 @@ from rdlm.data.render import completion_text, prompt_tokens
 from rdlm.data.tasks import example_at, make_task
 from rdlm.data.tokenizer import load_tokenizer
 from rdlm.generation import ExitConfig, GenerateOutput, SpeculativeConfig, generate
-from rdlm.generation.continuous import pass_weights
 from rdlm.generation.exits import as_exit_config
+from rdlm.generation.plan import pass_weights
 from rdlm.model import abstract_params, count_params, init_params
 from rdlm.runtime import checkpoint
 from rdlm.runtime.hostinfo import results_report
 
 
 def weight_bytes_per_token(cfg: ModelConfig, mean_steps: float) -> float:
-    """Parameter bytes batch-1 decoding reads per token: every non-core weight once (the tied
-    embedding as the output head) and the core's weights once per recurrence step."""
-    shapes = abstract_params(cfg)
-    size = lambda tree: sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
-    core = size(shapes["core"])
-    return size(shapes) - core + mean_steps * core
+    """Parameter bytes batch-1 decoding reads per token: one pass of the prelude and one of the
+    coda with the head (`pass_weights`), and the core's weights once per recurrence step."""
+    itemsize = jax.tree.leaves(abstract_params(cfg))[0].dtype.itemsize  # one stored dtype
+    w = pass_weights(cfg)
+    return itemsize * (w["prelude"] + w["coda"] + mean_steps * w["core"])
 
 
 def conversion_ceiling(cfg: ModelConfig, exit_cfg: ExitConfig, r: int, mean_steps: float
@@ -257,14 +256,15 @@ def timed_row(params: Any, cfg: ModelConfig, prompts: list[list[int]], batch: in
            "cache_bytes": out.cache_bytes}
     decoded = np.arange(new_tokens)[None] < out.lengths[:, None]
     decoded[:, 0] = False  # the first tokens come from the prefill
-    if decoded.any():
-        row.update(decoded_tokens=int(decoded.sum()),
+    n_decoded = int(decoded.sum())
+    if n_decoded:
+        row.update(decoded_tokens=n_decoded,
                    decode_mean_iterations=float(out.steps[decoded].mean()))
-    if prefill_s is not None and decoded.any():
+    if prefill_s is not None and n_decoded:
         # NaN where the call took no longer than its prefills timed alone: the host's load
         # moved between the two timings, and the difference measures nothing.
         row.update(prefill_seconds=prefill_s,
-                   decode_tokens_per_s=(int(decoded.sum()) / (seconds - prefill_s)
+                   decode_tokens_per_s=(n_decoded / (seconds - prefill_s)
                                         if seconds > prefill_s else float("nan")))
     line = (f"{batch:>6}{r:>5}{tokens_per_s:>11.1f}{out.mean_steps:>9.2f}"
             f"{out.cache_bytes / 2**20:>11.2f}")

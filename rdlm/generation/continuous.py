@@ -51,13 +51,13 @@ from rdlm.generation import cache as kvc
 from rdlm.generation.cache import KVCache
 from rdlm.generation.engine import forward_block, token_input
 from rdlm.generation.exits import ExitConfig, ExitState, evaluate, init_exit_state
-from rdlm.generation.plan import PAD_ID, Plan
+from rdlm.generation.plan import PAD_ID, Plan, pass_weights
 from rdlm.generation.programs import _is_stop
 from rdlm.generation.rows import (CodaRows, choose_rows, coda_of_rows, coda_rows,
                                   core_step_rows, gathered_or_whole, prelude_rows, put_rows,
                                   row_context, row_keys, start_states)
 from rdlm.config import ModelConfig
-from rdlm.model import Params, group_sizes
+from rdlm.model import Params
 from rdlm.model.kernels import to_loop_layout
 
 
@@ -238,18 +238,6 @@ def _refill(params: Params, plan: Plan, queue: Queue, num_steps: jax.Array, keys
     return lax.while_loop(wanted, one, c)
 
 
-def pass_weights(cfg: ModelConfig) -> dict[str, int]:
-    """Parameters one pass of each stage of decoding reads, whatever its rows (the keys of
-    ``GenerateOutput.stats["passes"]``): the prelude (with the token shift; the embedding is
-    only gathered), one core step, and the coda with the final norm and the output head (the
-    tied embedding, or ``lm_head``). A model may have no prelude or coda layers (the demo's)."""
-    sizes = group_sizes(cfg)
-    coda = sizes.get("coda", 0) + sizes.get("ln_f", 0) + (sizes.get("lm_head") or sizes["wte"])
-    prelude = sum(n for group, n in sizes.items()
-                  if group not in ("core", "coda", "ln_f", "wte", "lm_head"))
-    return {"prelude": prelude, "core": sizes["core"], "coda": coda}
-
-
 def _prelude_waits(exit_cfg: ExitConfig | None) -> bool:
     """Whether rows at a token boundary wait for their prelude (finishing at once) rather than
     for their coda: under a distribution criterion, whose check has just run the coda and the
@@ -273,9 +261,9 @@ def default_boundary_wait(cfg: ModelConfig, batch: int, exit_cfg: ExitConfig | N
     if batch <= 1:
         return 0
     w = pass_weights(cfg)
-    check = w["coda"] / exit_cfg.check_every if _prelude_waits(exit_cfg) else 0.0
-    left = w["prelude"] if _prelude_waits(exit_cfg) else w["prelude"] + w["coda"]
-    return round(batch * left / (w["core"] + check))
+    if _prelude_waits(exit_cfg):  # the pass is the prelude; an iteration also runs the check
+        return round(batch * w["prelude"] / (w["core"] + w["coda"] / exit_cfg.check_every))
+    return round(batch * (w["prelude"] + w["coda"]) / w["core"])
 
 
 def few_rows(batch: int) -> int:

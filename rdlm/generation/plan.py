@@ -15,6 +15,7 @@ import numpy as np
 from rdlm.config import ModelConfig
 from rdlm.generation import cache as kvc
 from rdlm.generation.exits import ExitConfig, as_exit_config
+from rdlm.model import group_sizes
 
 PAD_ID = 0  # fills padding in the prompt buffer and the tokens after a row's stop token
 
@@ -267,6 +268,18 @@ def plan_cache_bytes(plan: Plan) -> int:
         size += kvc.cache_bytes(plan.cfg, plan.batch, plan.prompt_len, plan.num_slots,
                                 plan.track_latest)
     return size
+
+
+def pass_weights(cfg: ModelConfig) -> dict[str, int]:
+    """Parameters one pass of each stage of decoding reads, whatever its rows (the keys of
+    ``GenerateOutput.stats["passes"]``): the prelude (with the token shift; the embedding is
+    only gathered), one core step, and the coda with the final norm and the output head (the
+    tied embedding, or ``lm_head``). A model may have no prelude or coda layers (the demo's)."""
+    sizes = group_sizes(cfg)
+    coda = sizes.get("coda", 0) + sizes.get("ln_f", 0) + (sizes.get("lm_head") or sizes["wte"])
+    prelude = sum(n for group, n in sizes.items()
+                  if group not in ("core", "coda", "ln_f", "wte", "lm_head"))
+    return {"prelude": prelude, "core": sizes["core"], "coda": coda}
 
 
 def _power_of_two_at_least(n: int) -> int:
