@@ -26,8 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 from rdlm.runtime import checkpoint  # noqa: E402
 from rdlm.cli.startup import with_malloc_tunables  # noqa: E402
-from rdlm.config import Config, to_dict  # noqa: E402
-from rdlm.config_files import load_config  # noqa: E402
+from rdlm.config import Config  # noqa: E402
+from rdlm.config_files import load_config, to_dict  # noqa: E402
 from rdlm.runtime.checkpoint import finished_step  # noqa: E402
 from rdlm.runtime.hostinfo import machine  # noqa: E402
 from rdlm.train import read_metrics  # noqa: E402

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import types
 import typing
 from typing import Any, Mapping, Sequence
 
@@ -21,6 +20,12 @@ from rdlm.errors import ConfigError
 def _require(ok: bool, field: str, value: Any, valid: str) -> None:
     if not ok:
         raise ConfigError(f"{field}={value!r} is invalid: {valid}.")
+
+
+def did_you_mean(key: str, valid: Sequence[str] | Mapping[str, Any]) -> str:
+    """An error message's suffix naming the closest of ``valid`` to ``key`` (or nothing)."""
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 DTYPES = ("float32", "bfloat16")
@@ -181,102 +186,9 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
 def model_preset(name: str, **changes: Any) -> ModelConfig:
     """A named `ModelConfig` ("tiny", "huginn-3.5b", "bench-28m"), optionally with fields changed."""
     if name not in MODEL_PRESETS:
-        raise ConfigError(f"unknown model preset {name!r}{_did_you_mean(name, MODEL_PRESETS)}; "
+        raise ConfigError(f"unknown model preset {name!r}{did_you_mean(name, MODEL_PRESETS)}; "
                           f"presets: {sorted(MODEL_PRESETS)}.")
     return dataclasses.replace(MODEL_PRESETS[name], **changes)
-
-
-# ---------------------------------------------------------------------------------------------
-# Generic dict <-> dataclass conversion with helpful errors.
-
-
-def _did_you_mean(key: str, valid: Sequence[str] | Mapping[str, Any]) -> str:
-    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    """Convert a YAML/CLI value to the field's declared type, or raise ConfigError."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(value, args[0], where)
-    if origin in (tuple, Sequence) or annotation is tuple:
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}={value!r} is invalid: expected a list.")
-        args = typing.get_args(annotation)
-        item = args[0] if args else Any
-        return tuple(_coerce(v, item, where) for v in value)
-    if origin is dict or annotation is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{where}={value!r} is invalid: expected a mapping.")
-        return dict(value)
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}={value!r} is invalid: expected true or false.")
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"{where}={value!r} is invalid: expected an integer.")
-        return value
-    if annotation is float:
-        if isinstance(value, str):
-            # YAML 1.1 reads "3e-4" (no dot) as a string; accept it as the number it means.
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}={value!r} is invalid: expected a number.")
-        if not math.isfinite(value):  # YAML reads .inf and .nan as floats
-            raise ConfigError(f"{where}={value!r} is invalid: expected a finite number.")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}={value!r} is invalid: expected a string.")
-        return value
-    if dataclasses.is_dataclass(annotation):
-        return from_dict(annotation, value, where)
-    return value
-
-
-def from_dict(cls: type, data: Mapping[str, Any] | None, where: str = "") -> Any:
-    """Build dataclass `cls` from a mapping, rejecting unknown keys with a suggestion."""
-    data = dict(data or {})
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where or cls.__name__} must be a mapping, got {data!r}.")
-    base = None
-    if cls is ModelConfig and "preset" in data:
-        base = model_preset(data.pop("preset"))
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for key, value in data.items():
-        full = f"{where}.{key}" if where else key
-        if key not in fields:
-            raise ConfigError(f"unknown config key {full!r}{_did_you_mean(key, fields)}; "
-                              f"valid keys of {where or cls.__name__}: {sorted(fields)}.")
-        values[key] = _coerce(value, hints[key], full)
-    if base is not None:
-        return dataclasses.replace(base, **values)
-    return cls(**values)
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain nested dict (tuples as lists), suitable for YAML/JSON."""
-    def plain(v: Any) -> Any:
-        if isinstance(v, tuple):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return v
-    return {k: plain(v) for k, v in dataclasses.asdict(cfg).items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -535,7 +447,7 @@ def _check_exit(spec: str) -> None:
     """``criterion[:threshold]`` with a known criterion and a positive threshold."""
     name, _, raw = spec.partition(":")
     _require(name.strip() in EXIT_CRITERIA, "sample.exit", spec,
-             f"the criterion must be one of {EXIT_CRITERIA}{_did_you_mean(name, EXIT_CRITERIA)}")
+             f"the criterion must be one of {EXIT_CRITERIA}{did_you_mean(name, EXIT_CRITERIA)}")
     _require(not raw or _positive_number(raw), "sample.exit", spec,
              "the threshold after ':' must be a positive number, e.g. kl:1e-3")
 

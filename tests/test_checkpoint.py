@@ -97,7 +97,8 @@ def test_missing_and_corrupt_checkpoints_raise_clear_errors(saved, tmp_path):
 
 
 def test_old_configs_with_unknown_data_or_train_keys_still_load():
-    from rdlm.config import Config, ConfigError, to_dict
+    from rdlm.config import Config, ConfigError
+    from rdlm.config_files import to_dict
     saved = to_dict(Config())
     saved["data"]["renamed_option"] = 1
     with pytest.warns(UserWarning, match="renamed_option"):

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from rdlm.config import Config, to_dict
-from rdlm.config_files import load_config
+from rdlm.config import Config
+from rdlm.config_files import load_config, to_dict
 from rdlm.data.render import completion_text, prompt_tokens
 from rdlm.data.tasks import example_at, make_task
 from rdlm.data.tokenizer import load_tokenizer

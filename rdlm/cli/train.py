@@ -16,8 +16,8 @@ from typing import Any, Callable
 
 import yaml
 
-from rdlm.config import Config, ConfigError, to_dict
-from rdlm.config_files import load_config
+from rdlm.config import Config, ConfigError
+from rdlm.config_files import load_config, to_dict
 from rdlm.data.tasks import make_task
 from rdlm.errors import CheckpointError, TrainingDiverged
 from rdlm.runtime import lock as lock_lib

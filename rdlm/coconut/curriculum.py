@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rdlm.coconut.thoughts import Batch, Depth, coconut_loss, latent_ordinals
-from rdlm.config import Config, ConfigError, ModelConfig, from_dict
-from rdlm.config_files import config_data
+from rdlm.config import Config, ConfigError, ModelConfig
+from rdlm.config_files import config_data, from_dict
 from rdlm.data.render import prompt_tokens, render
 from rdlm.data.tasks import Example, example_at, make_task
 from rdlm.data.tokenizer import Tokenizer, load_tokenizer

@@ -38,7 +38,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from rdlm.config import Config, from_dict, to_dict
+from rdlm.config import Config
+from rdlm.config_files import from_dict, to_dict
 from rdlm.errors import CheckpointError, ConfigError
 from rdlm.runtime import integrity, storage
 from rdlm.runtime.storage import StoragePath, as_path

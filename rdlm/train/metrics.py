@@ -13,7 +13,8 @@ from tqdm import tqdm
 
 import yaml
 
-from rdlm.config import Config, to_dict
+from rdlm.config import Config
+from rdlm.config_files import to_dict
 from rdlm.data.tokenizer import BUILTIN_ALPHABETS, RUN_TOKENIZER, tokenizer_file
 from rdlm.errors import ConfigError
 from rdlm.runtime import storage
