@@ -20,7 +20,7 @@ import pytest
 import rdlm
 from rdlm.config import ModelConfig
 from rdlm.model import kernels as K
-from rdlm.model import model as M
+from rdlm.model import functional as F, model as M
 from rdlm.model import remat as R
 from rdlm.model import pallas_attention as P
 from rdlm.runtime import sharding
@@ -169,7 +169,7 @@ def test_every_remat_policy_gives_a_block_stack_the_gradients_of_none(name):
     ctx = rdlm.attention_context(CFG, 2, 16, segment_ids=_batch()["segment_ids"])
 
     def loss(p, x, plan):
-        blocks = M.bind(p, CFG).prelude
+        blocks = F.bind(p, CFG).prelude
         y_btd, _ = M.run_blocks(blocks, M.run_blocks(blocks, x, ctx, remat=plan)[0], ctx,
                                 remat=plan)
         return jnp.sum(jnp.sin(y_btd))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import rdlm
-from rdlm.model import attention as M_attention, kernels as M_kernels, model as M
+from rdlm.model import attention as M_attention, functional as F, kernels as M_kernels
 from tests import huginn_reference
 
 CFG = rdlm.model_preset("tiny")
@@ -326,8 +326,8 @@ def test_identity_adapter_init_adds_state_and_embedding():
     e = jax.random.normal(jax.random.key(2), (1, 5, d))
     ctx = M_attention.attention_context(cfg, 1, 5)
     summed = dict(p, core=dict(p["core"], adapter=jnp.concatenate([jnp.eye(d), jnp.zeros((d, d))])))
-    np.testing.assert_allclose(M.core_step(p, s, e, cfg, ctx),
-                               M.core_step(summed, s + e, jnp.zeros_like(e), cfg, ctx), atol=1e-5)
+    np.testing.assert_allclose(F.core_step(p, s, e, cfg, ctx),
+                               F.core_step(summed, s + e, jnp.zeros_like(e), cfg, ctx), atol=1e-5)
     with pytest.raises(rdlm.ConfigError, match="adapter_init"):
         rdlm.model_preset("tiny", adapter_init="zeros")
 

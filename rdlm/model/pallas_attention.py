@@ -34,7 +34,7 @@ HEAD_MESH_AXIS = "tensor"
 SPLASH_BLOCK = 512
 SPLASH_MIN_BLOCK = 128
 # Names under which the splash kernel's residuals can be saved by a remat policy
-# (`rdlm.model.model.REMAT_POLICIES`): with the output and q/k/v saved, the backward pass needs
+# (`rdlm.config.ModelConfig.REMAT_POLICIES`): with the output and q/k/v saved, the backward pass needs
 # the softmax statistics (logsumexp) too, or it reruns the forward kernel to get them.
 SPLASH_LSE_NAME = "attention_lse"
 
