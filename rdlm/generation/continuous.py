@@ -154,11 +154,11 @@ def _prefill(params: Params, plan: Plan, prompts_bt: jax.Array, lengths_b: jax.A
     state_btd = start_states(plan, row_keys(keys.state, prompt_b, jnp.zeros_like(prompt_b)),
                              length)
     # Padding follows each prompt, so causality alone keeps it out of the real positions.
+    last_b = lengths_b - 1
     out, cache = forward_block(params, plan, cache, token_input(params, cfg, prompts_bt),
                                jnp.zeros((b,), jnp.int32), 0, num_steps, state_btd,
-                               with_prefix=False)
-    rows_b, last_b = jnp.arange(b), lengths_b - 1
-    return cache, out.logits_btv[rows_b, last_b], out.state_btd[rows_b, last_b][:, None]
+                               with_prefix=False, logits_at_b=last_b)
+    return cache, out.logits_btv[:, 0], out.state_btd[jnp.arange(b), last_b][:, None]
 
 
 def _stage(params: Params, plan: Plan, queue: Queue, base: jax.Array, num_steps: jax.Array,

@@ -220,14 +220,19 @@ def run_core_step(params: Params, cfg: ModelConfig, num_slots: int, read: KVCach
 
 def run_coda(params: Params, cfg: ModelConfig, cache: KVCache, state_btd: jax.Array,
              ctx: AttentionContext, start: jax.Array | int, with_prefix: bool,
-             write: bool = True) -> tuple[jax.Array, jax.Array, KVCache]:
+             write: bool = True, logits_at_b: jax.Array | None = None
+             ) -> tuple[jax.Array, jax.Array, KVCache]:
     """(logits float32, last hidden state, cache): the coda of `RecurrentDepthLM.apply_coda`,
-    keeping the hidden state that a continuous thought feeds back."""
+    keeping the hidden state that a continuous thought feeds back. ``logits_at_b``: the one
+    block position of each row whose logits are wanted ([b, 1, V]; None: every position's)."""
     model = _model(params, cfg)
     x_btd, kvs = run_blocks(model.coda, model.coda_input(state_btd), ctx,
                             _stage_prefixes(cache.coda, with_prefix))
     hidden_btd, kvs = _after_reads(model.ln_f(x_btd), kvs)
-    logits_btv = model.head(hidden_btd)
+    if logits_at_b is None:
+        logits_btv = model.head(hidden_btd)
+    else:  # the head over a whole prompt would be its biggest array, for one position's use
+        logits_btv = model.head(jnp.take_along_axis(hidden_btd, logits_at_b[:, None, None], 1))
     if write:
         cache = cache._replace(coda=kvc.write_stage(cache.coda, kvs, start))
     return logits_btv, hidden_btd, cache
@@ -248,9 +253,11 @@ def block_buffer(plan: Plan, batch: int, length: int) -> KVCache:
 
 def forward_block(params: Params, plan: Plan, cache: KVCache, block: BlockInput,
                   pad_b: jax.Array, start: jax.Array | int, num_steps: jax.Array | int,
-                  state_btd: jax.Array, with_prefix: bool) -> tuple[BlockOutput, KVCache]:
+                  state_btd: jax.Array, with_prefix: bool, logits_at_b: jax.Array | None = None
+                  ) -> tuple[BlockOutput, KVCache]:
     """A block of positions at a fixed number of steps (prefill, plain decoding, draft, verify,
-    thoughts); returns its outputs and the cache with the block written."""
+    thoughts); returns its outputs and the cache with the block written. ``logits_at_b``: the
+    one position of each row whose logits are wanted (`run_coda`)."""
     cfg = plan.cfg
     b, length, _ = block.bases_btd.shape
     ctx = block_context(cfg, pad_b, start, length, plan.cache_len, with_prefix)
@@ -268,7 +275,7 @@ def forward_block(params: Params, plan: Plan, cache: KVCache, block: BlockInput,
     cache = kvc.merge_block(cache, write, start) if with_prefix else write
     cache = kvc.set_depth(cache, jnp.full((b, length), num_steps, jnp.int32), start)
     logits_btv, hidden_btd, cache = run_coda(params, cfg, cache, state_btd, ctx, start,
-                                             with_prefix)
+                                             with_prefix, logits_at_b=logits_at_b)
     return BlockOutput(logits_btv, hidden_btd, state_btd), cache
 
 
