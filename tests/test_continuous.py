@@ -14,6 +14,7 @@ import pytest
 import rdlm
 import rdlm.generation as S
 from rdlm.generation.continuous import continuous_jit
+from rdlm.model import kernels
 from tests.test_sample import perturbed_params
 
 CFG = rdlm.model_preset("tiny")
@@ -171,6 +172,26 @@ def test_token_shift_equals_lockstep(layers):
     no_shift = S.generate({**params, "token_shift": jnp.zeros_like(params["token_shift"])}, cfg,
                           PROMPTS, continuous_batching=True, batch_size=2, **options)
     assert not np.array_equal(no_shift.logits, out.logits)
+
+
+def test_the_tpu_row_writes_compute_what_the_scatter_does(monkeypatch):
+    """On TPU the cache writes of each row at its own position are a slice per row
+    (`rdlm.model.kernels.choose_row_writes`); forced here, they give the scatter's outputs with
+    every cache the engine writes: stages, core slots with sharing, latest entries, shift
+    bases."""
+    cfg = dataclasses.replace(CFG, token_shift=2)
+    params = perturbed_params(cfg)
+    options = dict(max_new_tokens=6, num_steps=6, exit="kl:1e-2", cache_budget=2,
+                   continuous_cot=True, return_logits=True, continuous_batching=True,
+                   batch_size=2, boundary_wait=3)
+    scatter = S.generate(params, cfg, PROMPTS, **options)
+    jax.clear_caches()  # trace again under the other choice
+    monkeypatch.setattr(kernels, "choose_row_writes", lambda platform: kernels.SLICES)
+    slices = S.generate(params, cfg, PROMPTS, **options)
+    jax.clear_caches()
+    assert len(np.unique(scatter.steps[:, 1:])) > 1  # rows at different depths
+    for name in ("tokens", "steps", "lengths", "logits"):
+        np.testing.assert_array_equal(getattr(slices, name), getattr(scatter, name))
 
 
 def test_options_it_cannot_combine_are_refused(params):

@@ -122,6 +122,31 @@ def test_dispatch_picks_the_kernel_for_backend_and_mask(platform, dtype, mask, l
                               per_shard=per_shard) == want
 
 
+def test_row_writes_are_slices_on_tpu_only():
+    assert K.choose_row_writes("tpu") == K.SLICES
+    assert K.choose_row_writes("gpu") == K.SCATTER
+    assert K.choose_row_writes("cpu") == K.SCATTER
+
+
+@pytest.mark.parametrize("lead", [(), (3,)])
+def test_both_row_writes_put_each_rows_entry_at_its_own_position(lead):
+    """Rows 0, 2 and 3 of five write at positions 6, 0 and 2; row 1 is left out (its position,
+    past the end, must not be clamped onto the last one)."""
+    b, h, t, e = 5, 2, 7, 4
+    buf = jax.random.normal(jax.random.key(0), (*lead, b, h, t, e))
+    new_xkh1e = jax.random.normal(jax.random.key(1), (*lead, 4, h, 1, e))
+    rows_k, position_k = jnp.array([3, 0, 1, 2]), jnp.array([2, 6, 7, 0])
+    write_k = jnp.array([True, True, False, True])
+    want = np.array(buf)
+    for i in (0, 1, 3):
+        want[(slice(None),) * len(lead) + (int(rows_k[i]), slice(None), int(position_k[i]))] = \
+            new_xkh1e[..., i, :, 0, :]
+    for how in (K.SCATTER, K.SLICES):
+        got = jax.jit(functools.partial(K.write_row_positions, how=how))(
+            buf, new_xkh1e, rows_k, position_k, write_k)
+        np.testing.assert_array_equal(got, want)
+
+
 def test_mask_kind_follows_the_attention_context():
     seg_bt = jnp.array([[1, 1, 2, 2]])
     plain = rdlm.attention_context(rdlm.ModelConfig(), 1, 4)

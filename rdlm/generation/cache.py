@@ -41,6 +41,7 @@ from jax import lax
 
 from rdlm.config import ModelConfig
 from rdlm.model import KV
+from rdlm.model.kernels import write_row_positions
 
 Stage = tuple[KV, ...]  # one (keys, values) pair per layer
 
@@ -201,9 +202,10 @@ def set_depth(cache: KVCache, depth_bt: jax.Array, start: jax.Array | int) -> KV
 
 # ---------------------------------------------------------------------------------------------
 # Per-row positions (depth-continuous batching, `rdlm.generation.continuous`): every row is at its
-# own position and recurrence step, so reads gather and writes scatter, one row at a time. A
-# write aimed past the end of an axis is dropped: that is how a row that must not write is left
-# out, without reading its old entry back.
+# own position and recurrence step, so reads gather and writes put one position per row
+# (`rdlm.model.kernels.write_row_positions`, whose form depends on the backend). A write aimed
+# past the end of an axis is dropped: that is how a row that must not write is left out, without
+# reading its old entry back.
 
 
 def row_index(position_b: jax.Array, write_b: jax.Array, length: int) -> jax.Array:
@@ -216,11 +218,8 @@ def write_rows(buf_bhte: jax.Array, new_bh1e: jax.Array, position_b: jax.Array,
                write_b: jax.Array, rows_b: jax.Array | None = None) -> jax.Array:
     """``buf[rows_b[i], :, position_b[i]] = new[i, :, 0]`` for the ``i`` in ``write_b``
     (``rows_b`` None: every row of ``buf`` in order)."""
-    _, _, t, _ = buf_bhte.shape
     rows_b = jnp.arange(new_bh1e.shape[0]) if rows_b is None else rows_b
-    where_b = row_index(position_b, write_b, t)
-    return buf_bhte.at[rows_b, :, where_b].set(new_bh1e[:, :, 0].astype(buf_bhte.dtype),
-                                               mode="drop")
+    return write_row_positions(buf_bhte, new_bh1e, rows_b, position_b, write_b)
 
 
 def write_stage_rows(stage: Stage, kvs: list[KV], position_b: jax.Array, write_b: jax.Array,
@@ -272,20 +271,18 @@ def merge_rows(cache: KVCache, block: KVCache, position_b: jax.Array, write_b: j
     """Copy each written row's one-position block buffer (every slot, and the latest entry) to
     its position, and record the steps it ran there."""
     b, t = cache.depth_bt.shape
-    where_b = row_index(position_b, write_b, t)
     rows_b = jnp.arange(b)
 
     def place(buf_sbhte: jax.Array, new_sbh1e: jax.Array) -> jax.Array:
-        # Advanced indices on axes 1 and 3 put the row axis first: [b, s, h, e].
-        return buf_sbhte.at[:, rows_b, :, where_b].set(
-            new_sbh1e[:, :, :, 0].swapaxes(0, 1).astype(buf_sbhte.dtype), mode="drop")
+        return write_row_positions(buf_sbhte, new_sbh1e, rows_b, position_b, write_b)
 
     core = jax.tree.map(place, cache.core, block.core)
     latest = cache.core_latest
     if latest is not None:
         latest = jax.tree.map(lambda buf, new: write_rows(buf, new, position_b, write_b),
                               latest, block.core_latest)
-    depth_bt = cache.depth_bt.at[rows_b, where_b].set(depth_b.astype(jnp.int32), mode="drop")
+    depth_bt = cache.depth_bt.at[rows_b, row_index(position_b, write_b, t)].set(
+        depth_b.astype(jnp.int32), mode="drop")
     return cache._replace(core=core, core_latest=latest, depth_bt=depth_bt)
 
 

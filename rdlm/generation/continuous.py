@@ -53,9 +53,9 @@ from rdlm.generation.engine import forward_block, token_input
 from rdlm.generation.exits import ExitConfig, ExitState, evaluate, init_exit_state
 from rdlm.generation.plan import PAD_ID, Plan, pass_weights
 from rdlm.generation.programs import _is_stop
-from rdlm.generation.rows import (CodaRows, choose_rows, coda_of_rows, coda_rows,
-                                  core_step_rows, gathered_or_whole, prelude_rows, put_rows,
-                                  row_context, row_keys, start_states)
+from rdlm.generation.rows import (CodaRows, PreludeRows, choose_rows, coda_of_rows, coda_rows,
+                                  core_step_rows, gathered_or_whole, prelude_rows,
+                                  row_context, row_keys, start_states, write_prelude_rows)
 from rdlm.config import ModelConfig
 from rdlm.model import Params
 from rdlm.model.kernels import to_loop_layout
@@ -282,26 +282,23 @@ def _advance(params: Params, plan: Plan, keys: Keys, c: RowCarry) -> RowCarry:
     cfg = plan.cfg
     rows_b = c.pending_b
 
-    def gathered(rows_k: jax.Array, valid_k: jax.Array) -> tuple:
-        embedded_k1d, *written = prelude_rows(params, cfg, c.cache.prelude,
-                                              c.cache.shift_bases_btd, c.token_b[rows_k],
-                                              c.position_b[rows_k], valid_k, rows_k)
-        return put_rows(c.embedded_b1d, rows_k, valid_k, embedded_k1d), *written
+    def gathered(rows_k: jax.Array) -> PreludeRows:
+        return prelude_rows(params, cfg, c.cache.prelude, c.cache.shift_bases_btd,
+                            c.token_b[rows_k], c.position_b[rows_k], rows_k)
 
-    def whole() -> tuple:
+    def whole() -> PreludeRows:
         return prelude_rows(params, cfg, c.cache.prelude, c.cache.shift_bases_btd, c.token_b,
-                            c.position_b, rows_b)
+                            c.position_b)
 
-    embedded_b1d, prelude, shift_btd = gathered_or_whole(rows_b, few_rows(plan.batch), gathered,
-                                                         whole)
-    cache = c.cache._replace(prelude=prelude, shift_bases_btd=shift_btd)
+    out = gathered_or_whole(rows_b, few_rows(plan.batch), gathered, whole)
+    cache = write_prelude_rows(c.cache, out, c.position_b, rows_b)
     start_b1d = (c.state_b1d if plan.continuous_cot else
                  start_states(plan, row_keys(keys.state, c.prompt_b, c.position_b), 1))
     memory = c.memory
     if memory is not None:
         memory = _where_rows(rows_b, init_exit_state(start_b1d[:, 0], cfg.vocab_size), memory)
     return c._replace(
-        cache=cache, embedded_b1d=_where_rows(rows_b, embedded_b1d, c.embedded_b1d),
+        cache=cache, embedded_b1d=_where_rows(rows_b, out.embedded_k1d, c.embedded_b1d),
         state_b1d=_where_rows(rows_b, start_b1d, c.state_b1d),
         step_b=jnp.where(rows_b, 0, c.step_b), memory=memory,
         value_b=jnp.where(rows_b, jnp.inf, c.value_b), running_b=c.running_b | rows_b,
@@ -374,20 +371,20 @@ def _iterate(params: Params, plan: Plan, num_steps: jax.Array, threshold: jax.Ar
         # rows that finished at an earlier iteration and waited) run it now, and only they.
         late_b = waiting_b & ~(done_b & fresh_b)
 
-        def late() -> tuple[jax.Array, kvc.Stage]:
+        def late() -> CodaRows:
             return coda_of_rows(params, cfg, cache.coda, c.state_b1d, c.position_b, late_b,
                                 few_rows(plan.batch))
 
         if coda_out is None:
-            logits_bv, coda = late()
+            out = late()
             late_passes = jnp.int32(1)
         else:
-            logits_bv, coda = lax.cond(jnp.any(late_b), late,
-                                       lambda: (coda_out.logits_bv, cache.coda))
+            out = lax.cond(jnp.any(late_b), late, lambda: coda_out)
             late_passes = jnp.any(late_b).astype(jnp.int32)
-            coda = kvc.write_stage_rows(coda, coda_out.kvs, c.position_b, done_b & fresh_b)
-            logits_bv = jnp.where(fresh_b[:, None], coda_out.logits_bv, logits_bv)
-        cache = cache._replace(coda=coda)
+            out = _where_rows(fresh_b, coda_out, out)
+        logits_bv = out.logits_bv
+        cache = cache._replace(coda=kvc.write_stage_rows(cache.coda, out.kvs, c.position_b,
+                                                         waiting_b))
         token_b = choose_rows(logits_bv, row_keys(keys.sample, c.prompt_b, c.emitted_b),
                               plan.sampling)
         value_b = (c.value_b if exit_cfg is not None

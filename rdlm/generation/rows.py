@@ -33,13 +33,18 @@ def row_context(cfg: ModelConfig, position_b: jax.Array, cache_len: int) -> Atte
     return AttentionContext(cos_b11f, sin_b11f, mask_bs[:, None, None, :])
 
 
+class PreludeRows(NamedTuple):
+    embedded_k1d: jax.Array  # e, the core's input
+    kvs: list[KV]  # the prelude's entries of each row's token, to write in the cache
+    bases_k1d: jax.Array  # what the token hands to its successors' token shift
+
+
 def prelude_rows(params: Params, cfg: ModelConfig, prelude: kvc.Stage,
                  shift_btd: jax.Array | None, token_k: jax.Array, position_k: jax.Array,
-                 write_k: jax.Array, rows_k: jax.Array | None = None
-                 ) -> tuple[jax.Array, kvc.Stage, jax.Array | None]:
+                 rows_k: jax.Array | None = None) -> PreludeRows:
     """The prelude of one token for each of the cache rows ``rows_k`` (None: every row, in
-    order): (e [k, 1, d], the cached prelude entries ``prelude`` and, with ``model.token_shift``,
-    the cached shift bases ``shift_btd``, with those of the tokens in ``write_k`` written)."""
+    order), over the cached prelude entries ``prelude`` and, with ``model.token_shift``, the
+    cached shift bases ``shift_btd``; the caller writes what it returns (`write_prelude_rows`)."""
     model = _model(params, cfg)
     ctx = row_context(cfg, position_k, prelude[0][0].shape[2] if prelude else 0)
     prefixes = prelude if rows_k is None else kvc.gather_stage(prelude, rows_k)
@@ -55,10 +60,20 @@ def prelude_rows(params: Params, cfg: ModelConfig, prelude: kvc.Stage,
         inputs_k1d = model.add_shift(bases_k1d, previous_jkd[:, :, None])
     embedded_k1d, kvs = run_blocks(model.prelude, inputs_k1d, ctx, list(prefixes))
     embedded_k1d, kvs, bases_k1d = _after_reads(embedded_k1d, kvs, bases_k1d)
+    return PreludeRows(embedded_k1d, list(kvs), bases_k1d)
+
+
+def write_prelude_rows(cache: KVCache, out: PreludeRows, position_b: jax.Array,
+                       write_b: jax.Array) -> KVCache:
+    """``cache`` with the prelude entries (and shift bases) of the rows in ``write_b`` written at
+    their positions; ``out`` holds every row's."""
+    shift_btd = cache.shift_bases_btd
     if shift_btd is not None:
-        shift_btd = kvc.write_rows(shift_btd[:, None], bases_k1d[:, None], position_k, write_k,
-                                   rows_k)[:, 0]
-    return embedded_k1d, kvc.write_stage_rows(prelude, kvs, position_k, write_k, rows_k), shift_btd
+        shift_btd = kvc.write_rows(shift_btd[:, None], out.bases_k1d[:, None], position_b,
+                                   write_b)[:, 0]
+    return cache._replace(prelude=kvc.write_stage_rows(cache.prelude, out.kvs, position_b,
+                                                       write_b),
+                          shift_bases_btd=shift_btd)
 
 
 def core_step_rows(params: Params, cfg: ModelConfig, num_slots: int, cache: KVCache,
@@ -94,16 +109,20 @@ def coda_rows(params: Params, cfg: ModelConfig, coda: kvc.Stage, state_k1d: jax.
 
 def gathered_or_whole(rows_b: jax.Array, chunk: int, gathered: Callable, whole: Callable
                       ) -> Any:
-    """Work on the rows in ``rows_b``: ``gathered(rows_k, valid_k)`` over ``chunk`` gathered
-    rows when they are no more (``valid_k``: which of the ``chunk`` are real), else ``whole()``
-    over the whole batch (a row outside ``rows_b`` computed and discarded). Both return the
-    same structure.
+    """Work on the rows in ``rows_b``: ``gathered(rows_k)`` over ``chunk`` gathered rows when
+    they are no more, else ``whole()`` over the whole batch (a row outside ``rows_b`` computed
+    and discarded). Both return the same structure, with a leading row axis; the result has
+    the batch's rows, meaningful in ``rows_b`` (zero elsewhere after a gathered pass).
 
     The token-boundary work (the coda of the rows that finished a token, the prelude of their
     next one) is needed by a few rows at nearly every iteration of a large batch. A pass over a
     few gathered rows costs less than one over the whole batch, though not in proportion: on a
     CPU a few-row matmul reads all of the weights too (docs/performance.md). When many rows
-    need it at once, one whole-batch pass is cheaper than several gathered ones."""
+    need it at once, one whole-batch pass is cheaper than several gathered ones.
+
+    The work reads the cache and writes nothing: the caller writes its results after, once.
+    Written inside the branches, the cache would be copied whole at every pass on TPU (XLA
+    keeps a buffer in place through one conditional that writes it, not through two nested)."""
     b = rows_b.shape[0]
     if chunk >= b:
         return whole()
@@ -111,7 +130,9 @@ def gathered_or_whole(rows_b: jax.Array, chunk: int, gathered: Callable, whole: 
 
     def few() -> Any:
         rows_k = jnp.nonzero(rows_b, size=chunk, fill_value=0)[0]
-        return gathered(rows_k, jnp.arange(chunk) < count)
+        valid_k = jnp.arange(chunk) < count
+        return jax.tree.map(lambda x_k: put_rows(jnp.zeros((b,) + x_k.shape[1:], x_k.dtype),
+                                                 rows_k, valid_k, x_k), gathered(rows_k))
 
     return lax.cond(count <= chunk, few, whole)
 
@@ -124,24 +145,18 @@ def put_rows(x_b: jax.Array, rows_k: jax.Array, valid_k: jax.Array, new_k: jax.A
 
 
 def coda_of_rows(params: Params, cfg: ModelConfig, coda: kvc.Stage, state_b1d: jax.Array,
-                 position_b: jax.Array, rows_b: jax.Array, chunk: int
-                 ) -> tuple[jax.Array, kvc.Stage]:
-    """The coda of the candidate states of the rows in ``rows_b`` (`gathered_or_whole`):
-    (logits [b, V], meaningful in those rows; the cached coda entries ``coda`` with theirs
-    written)."""
+                 position_b: jax.Array, rows_b: jax.Array, chunk: int) -> CodaRows:
+    """The coda of the candidate states of the rows in ``rows_b`` (`gathered_or_whole`): logits
+    [b, V] and the entries to write, meaningful in those rows."""
     cache_len = coda[0][0].shape[2] if coda else 0  # no coda layers: no attention
 
-    def gathered(rows_k: jax.Array, valid_k: jax.Array) -> tuple[jax.Array, kvc.Stage]:
+    def gathered(rows_k: jax.Array) -> CodaRows:
         position_k = position_b[rows_k]
-        out = coda_rows(params, cfg, coda, state_b1d[rows_k],
-                        row_context(cfg, position_k, cache_len), rows_k)
-        logits_bv = put_rows(jnp.zeros((rows_b.shape[0], cfg.vocab_size), jnp.float32),
-                             rows_k, valid_k, out.logits_bv)
-        return logits_bv, kvc.write_stage_rows(coda, out.kvs, position_k, valid_k, rows_k)
+        return coda_rows(params, cfg, coda, state_b1d[rows_k],
+                         row_context(cfg, position_k, cache_len), rows_k)
 
-    def whole() -> tuple[jax.Array, kvc.Stage]:
-        out = coda_rows(params, cfg, coda, state_b1d, row_context(cfg, position_b, cache_len))
-        return out.logits_bv, kvc.write_stage_rows(coda, out.kvs, position_b, rows_b)
+    def whole() -> CodaRows:
+        return coda_rows(params, cfg, coda, state_b1d, row_context(cfg, position_b, cache_len))
 
     return gathered_or_whole(rows_b, chunk, gathered, whole)
 

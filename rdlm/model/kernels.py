@@ -12,6 +12,8 @@ runs underneath depends on the backend and the shape:
   cuDNN attention takes padding lengths but not segment ids.
 - TPU: causal attention, plain or within packed segments, goes to the Pallas splash kernel.
 - Everywhere: other masks (branches) and attention over a KV cache use the XLA paths here.
+- Decoding with every row at its own position writes one cache position per row: a slice per
+  row on TPU, one scatter elsewhere (`write_row_positions`).
 
 `choose_attention` is the whole decision, a pure function of the target platform, dtype, mask
 kind and shape.
@@ -291,6 +293,56 @@ def attention(q_bthe: jax.Array, k_bthe: jax.Array, v_bthe: jax.Array,
                                                     repeat_kv(v_bthe, heads), segment_ids_bt,
                                                     mesh=mesh)
     return causal_attention(q_bthe, k_bthe, v_bthe, mask_b1ts)
+
+
+# Writing one cache position per row, each row at its own position (depth-continuous decoding).
+SCATTER, SLICES = "scatter", "slices"
+
+
+def choose_row_writes(platform: str) -> str:
+    """How `write_row_positions` writes on ``platform``: `SLICES` on TPU, `SCATTER` elsewhere.
+
+    XLA:TPU tiles an array's last two axes, a cache's positions × features. For a scatter of
+    single positions it lays the whole buffer out again with heads innermost, and back for the
+    attention that reads it: two copies of the cache per write, where the write itself is a few
+    entries per row (docs/performance.md). A `dynamic_update_slice` per row stays in place. On
+    GPU and CPU the scatter is one in-place kernel, where a loop over the rows would be one
+    launch (or more) per row."""
+    return SLICES if platform == "tpu" else SCATTER
+
+
+def write_row_positions(buf_xbhte: jax.Array, new_xkh1e: jax.Array, rows_k: jax.Array,
+                        position_k: jax.Array, write_k: jax.Array, how: str | None = None
+                        ) -> jax.Array:
+    """``buf[..., rows_k[i], :, position_k[i], :] = new[..., i, :, 0, :]`` for each ``i`` in
+    ``write_k``: a buffer ``[*lead, b, h, t, e]`` (the lead axes, such as the recurrence slot,
+    written whole) and one position of ``k`` rows in the same layout, ``[*lead, k, h, 1, e]``.
+    Rows outside ``write_k`` keep their entry; ``rows_k`` are distinct. ``how``: `SCATTER` or
+    `SLICES` (None: `choose_row_writes` for the platform JAX compiles for).
+
+    The entries keep the buffer's axis order, position axis included: XLA:TPU lays an array out
+    to make a reshape or transpose next to it free, so an entry squeezed or transposed on its
+    way in would make it lay out the whole buffer to match."""
+    lead = buf_xbhte.ndim - 4
+    length = buf_xbhte.shape[-2]
+    new_xkh1e = new_xkh1e.astype(buf_xbhte.dtype)
+    if (how or choose_row_writes(target_platform(None))) == SCATTER:
+        where_k = jnp.where(write_k, position_k, length)  # out of range: the write is dropped
+        index = (slice(None),) * lead + (rows_k, slice(None), where_k)
+        # Advanced indices on two axes apart put the indexed axis first: [k, *lead, h, e].
+        return buf_xbhte.at[index].set(jnp.moveaxis(new_xkh1e[..., 0, :], lead, 0), mode="drop")
+
+    # Only the rows that write, in a loop as long as they are many: nothing to read back.
+    k = rows_k.shape[0]
+    writing_k = jnp.nonzero(write_k, size=k, fill_value=0)[0]
+
+    def one(j: jax.Array, buf_xbhte: jax.Array) -> jax.Array:
+        i = writing_k[j]
+        piece = lax.dynamic_slice_in_dim(new_xkh1e, i, 1, axis=lead)  # [*lead, 1, h, 1, e]
+        start = (0,) * lead + (rows_k[i], 0, position_k[i], 0)
+        return lax.dynamic_update_slice(buf_xbhte, piece, start)
+
+    return lax.fori_loop(0, jnp.sum(write_k.astype(jnp.int32)), one, buf_xbhte)
 
 
 # Decoding-time weight layout. XLA's CPU dot computes the weights-first projections above as
