@@ -1,0 +1,117 @@
+"""Decoding programs compiled ahead of time for one TPU chip: memory, and copies of the cache.
+
+    JAX_PLATFORMS=cpu python benchmarks/aot_decode_memory.py [--topology v5p:2x2x1]
+        [--batch 16] [--prompt-len 1024] [--new-tokens 1024] [--budget 8] [--json FILE]
+
+Needs libtpu (``pip install "jax[tpu]==0.10.2"``, docs/training.md), not a TPU. Compiles the
+lockstep program and the depth-continuous one (KL exit, ``--batch`` rows, a queue of four
+prompts a row) of a 1,024-wide model in bfloat16 for the first chip of the topology, and
+reports what XLA's compile says: argument and temporary bytes, and every copy the program
+makes of a cache buffer (the whole of it, or a layout change). The
+model's kernels are chosen for the TPU, as on a TPU host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from rdlm.cli.aot import _machine, _toolchain
+from rdlm.config import ModelConfig
+from rdlm.generation.api import generate_jit
+from rdlm.generation.continuous import Queue, continuous_jit
+from rdlm.generation.plan import continuous_plan, make_plan
+from rdlm.model import abstract_params, kernels
+from rdlm.train.aot import topology_devices
+
+MODEL = ModelConfig(vocab_size=32_768, d_model=1_024, n_heads=8, mlp_dim=4_096, n_prelude=1,
+                    n_core=2, n_coda=1, max_seq_len=4_096, mean_recurrence=8, backprop_depth=4,
+                    dtype="bfloat16")
+
+
+def cache_copies(hlo: str, cache_len: int, head_dim: int) -> list[str]:
+    """The copies in compiled HLO text of a cache buffer (positions, then head features),
+    whole or gathered, outside fused kernels: a copy the program makes of the cache, or a
+    layout change of it. (A copy inside a fusion is the way that kernel reads its operand.)"""
+    found, fused = [], False
+    for line in hlo.splitlines():
+        if line and not line.startswith(" "):  # a computation's header
+            fused = line.startswith("%fused_computation")
+            continue
+        copy = re.search(r"= (\w+)\[([0-9,]+)\](\{[0-9,]+)[^ ]* copy\(", line)
+        if copy and not fused:
+            dims = copy.group(2).split(",")
+            if dims[-2:] == [str(cache_len), str(head_dim)]:
+                found.append(f"{copy.group(1)}[{copy.group(2)}]{copy.group(3)}}}")
+    return found
+
+
+def report(name: str, compiled: jax.stages.Compiled, cache_len: int, head_dim: int) -> dict:
+    memory = compiled.memory_analysis()
+    copies = cache_copies(compiled.as_text(), cache_len, head_dim)
+    row = {"program": name, "argument_bytes": memory.argument_size_in_bytes,
+           "temp_bytes": memory.temp_size_in_bytes, "cache_copies": len(copies),
+           "copied_shapes": sorted(set(copies))}
+    print(f"{name:<12} arguments {memory.argument_size_in_bytes / 2**30:6.2f} GiB  temporaries "
+          f"{memory.temp_size_in_bytes / 2**30:6.2f} GiB  cache-sized copies {len(copies)}"
+          + (f"  {sorted(set(copies))}" if copies else ""))
+    return row
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--topology", default="v5p:2x2x1")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--prompt-len", type=int, default=1_024)
+    parser.add_argument("--new-tokens", type=int, default=1_024)
+    parser.add_argument("--budget", type=int, default=8, help="recurrence slots kept per layer")
+    parser.add_argument("--json", help="write the report here")
+    args = parser.parse_args(argv)
+
+    # The kernel choices follow the platform the program is compiled for; on this CPU host
+    # JAX's default backend is the CPU, so say it as a TPU host would.
+    kernels.target_platform = lambda mesh: "tpu"
+    device = topology_devices(args.topology)[0]
+    place = jax.sharding.SingleDeviceSharding(device)
+
+    def spec(shape: tuple[int, ...], dtype: jnp.dtype) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=place)
+
+    cfg = dataclasses.replace(MODEL, max_seq_len=args.prompt_len + args.new_tokens)
+    params = jax.tree.map(lambda s: spec(s.shape, s.dtype), abstract_params(cfg))
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=place)
+    b, length = args.batch, args.prompt_len
+    rows = [[1] * length] * (4 * b)
+    plan = make_plan(cfg, rows, max_new_tokens=args.new_tokens, num_steps=32, exit="kl",
+                     cache_budget=args.budget, prompt_len=length)
+
+    results = []
+    lockstep = dataclasses.replace(plan, batch=b)
+    compiled = generate_jit.lower(params, spec((b, length), jnp.int32), spec((b,), jnp.int32),
+                                  spec((), jnp.int32), key, plan=lockstep).compile()
+    results.append(report("lockstep", compiled, plan.cache_len, cfg.head_dim))
+    rows_plan = continuous_plan(plan, len(rows), b)
+    queue = Queue(spec((rows_plan.queue, length), jnp.int32), spec((rows_plan.queue,), jnp.int32),
+                  spec((), jnp.int32))
+    compiled = continuous_jit.lower(params, queue, spec((), jnp.int32), spec((), jnp.float32),
+                                    spec((), jnp.int32), key, plan=rows_plan).compile()
+    results.append(report("continuous", compiled, plan.cache_len, cfg.head_dim))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"topology": args.topology, "device": device.device_kind,
+                       "compiled_on": _machine(), "toolchain": _toolchain(),
+                       "command": " ".join(["python", "benchmarks/aot_decode_memory.py", *argv]),
+                       "model": dataclasses.asdict(cfg), "batch": b, "prompt_len": length,
+                       "new_tokens": args.new_tokens, "cache_budget": args.budget,
+                       "cache_len": plan.cache_len, "programs": results}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
