@@ -1,14 +1,15 @@
 """Decoding programs compiled ahead of time for one TPU chip: memory, and copies of the cache.
 
     JAX_PLATFORMS=cpu python benchmarks/aot_decode_memory.py [--topology v5p:2x2x1]
-        [--batch 16] [--prompt-len 1024] [--new-tokens 1024] [--budget 8] [--json FILE]
+        [--preset huginn-3.5b] [--set n_heads=11 ...] [--batch 16] [--prompt-len 1024]
+        [--new-tokens 1024] [--budget 8] [--json FILE]
 
 Needs libtpu (``pip install "jax[tpu]==0.10.2"``, docs/training.md), not a TPU. Compiles the
 lockstep program and the depth-continuous one (KL exit, ``--batch`` rows, a queue of four
-prompts a row) of a 1,024-wide model in bfloat16 for the first chip of the topology, and
-reports what XLA's compile says: argument and temporary bytes, and every copy the program
-makes of a cache buffer (the whole of it, or a layout change). The
-model's kernels are chosen for the TPU, as on a TPU host.
+prompts a row) of a 1,024-wide model (or a preset's) in bfloat16 for the first chip of the
+topology, and reports what XLA's compile says: argument and temporary bytes, and every copy
+the program makes of a cache buffer (the whole of it, or a layout change). The model's
+kernels are chosen for the TPU, as on a TPU host.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ import dataclasses
 import json
 import re
 import sys
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 from rdlm.cli.aot import _machine, _toolchain
-from rdlm.config import ModelConfig
+from rdlm.config import ModelConfig, model_preset
 from rdlm.generation.api import generate_jit
 from rdlm.generation.continuous import Queue, continuous_jit
 from rdlm.generation.plan import continuous_plan, make_plan
@@ -64,9 +66,25 @@ def report(name: str, compiled: jax.stages.Compiled, cache_len: int, head_dim: i
     return row
 
 
+def compiled_report(name: str, lower: Callable[[], jax.stages.Lowered], cache_len: int,
+                    head_dim: int) -> dict:
+    """`report` of the program ``lower()`` gives, or XLA's refusal when it does not fit."""
+    try:
+        compiled = lower().compile()
+    except jax.errors.JaxRuntimeError as err:  # RESOURCE_EXHAUSTED: more than the HBM
+        message = str(err).splitlines()[0]
+        print(f"{name:<12} does not compile: {message}")
+        return {"program": name, "error": message}
+    return report(name, compiled, cache_len, head_dim)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--topology", default="v5p:2x2x1")
+    parser.add_argument("--preset", help="a model preset (rdlm.MODEL_PRESETS) instead of the "
+                        "1,024-wide model")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="change a field of the model config (integers), e.g. n_heads=11")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--prompt-len", type=int, default=1_024)
     parser.add_argument("--new-tokens", type=int, default=1_024)
@@ -83,7 +101,10 @@ def main(argv: list[str]) -> int:
     def spec(shape: tuple[int, ...], dtype: jnp.dtype) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(shape, dtype, sharding=place)
 
-    cfg = dataclasses.replace(MODEL, max_seq_len=args.prompt_len + args.new_tokens)
+    model = model_preset(args.preset, dtype="bfloat16") if args.preset else MODEL
+    model = dataclasses.replace(model, **{key: int(value) for key, value in
+                                          (item.split("=", 1) for item in args.set)})
+    cfg = dataclasses.replace(model, max_seq_len=args.prompt_len + args.new_tokens)
     params = jax.tree.map(lambda s: spec(s.shape, s.dtype), abstract_params(cfg))
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=place)
     b, length = args.batch, args.prompt_len
@@ -93,15 +114,15 @@ def main(argv: list[str]) -> int:
 
     results = []
     lockstep = dataclasses.replace(plan, batch=b)
-    compiled = generate_jit.lower(params, spec((b, length), jnp.int32), spec((b,), jnp.int32),
-                                  spec((), jnp.int32), key, plan=lockstep).compile()
-    results.append(report("lockstep", compiled, plan.cache_len, cfg.head_dim))
+    results.append(compiled_report("lockstep", lambda: generate_jit.lower(
+        params, spec((b, length), jnp.int32), spec((b,), jnp.int32), spec((), jnp.int32), key,
+        plan=lockstep), plan.cache_len, cfg.head_dim))
     rows_plan = continuous_plan(plan, len(rows), b)
     queue = Queue(spec((rows_plan.queue, length), jnp.int32), spec((rows_plan.queue,), jnp.int32),
                   spec((), jnp.int32))
-    compiled = continuous_jit.lower(params, queue, spec((), jnp.int32), spec((), jnp.float32),
-                                    spec((), jnp.int32), key, plan=rows_plan).compile()
-    results.append(report("continuous", compiled, plan.cache_len, cfg.head_dim))
+    results.append(compiled_report("continuous", lambda: continuous_jit.lower(
+        params, queue, spec((), jnp.int32), spec((), jnp.float32), spec((), jnp.int32), key,
+        plan=rows_plan), plan.cache_len, cfg.head_dim))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"topology": args.topology, "device": device.device_kind,
