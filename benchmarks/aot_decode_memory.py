@@ -8,8 +8,8 @@ Needs libtpu (``pip install "jax[tpu]==0.10.2"``, docs/training.md), not a TPU. 
 lockstep program and the depth-continuous one (KL exit, ``--batch`` rows, a queue of four
 prompts a row) of a 1,024-wide model (or a preset's) in bfloat16 for the first chip of the
 topology, and reports what XLA's compile says: argument and temporary bytes, and every copy
-the program makes of a cache buffer (the whole of it, or a layout change). The model's
-kernels are chosen for the TPU, as on a TPU host.
+the program makes of a cache buffer (the whole of it, or a layout change), once per call or in
+the decoding loop. The model's kernels are chosen for the TPU, as on a TPU host.
 """
 
 from __future__ import annotations
@@ -40,29 +40,34 @@ MODEL = ModelConfig(vocab_size=32_768, d_model=1_024, n_heads=8, mlp_dim=4_096, 
 def cache_copies(hlo: str, cache_len: int, head_dim: int) -> list[str]:
     """The copies in compiled HLO text of a cache buffer (positions, then head features),
     whole or gathered, outside fused kernels: a copy the program makes of the cache, or a
-    layout change of it. (A copy inside a fusion is the way that kernel reads its operand.)"""
-    found, fused = [], False
+    layout change of it; each with where it is, "entry" (once per call, around the prefill)
+    or "loop" (in the decoding loop or its branches). (A copy inside a fusion is the way that
+    kernel reads its operand.)"""
+    found, fused, entry = [], False, False
     for line in hlo.splitlines():
         if line and not line.startswith(" "):  # a computation's header
             fused = line.startswith("%fused_computation")
+            entry = line.startswith("ENTRY")
             continue
         copy = re.search(r"= (\w+)\[([0-9,]+)\](\{[0-9,]+)[^ ]* copy\(", line)
         if copy and not fused:
             dims = copy.group(2).split(",")
             if dims[-2:] == [str(cache_len), str(head_dim)]:
-                found.append(f"{copy.group(1)}[{copy.group(2)}]{copy.group(3)}}}")
+                found.append(f"{'entry' if entry else 'loop'}: "
+                             f"{copy.group(1)}[{copy.group(2)}]{copy.group(3)}}}")
     return found
 
 
 def report(name: str, compiled: jax.stages.Compiled, cache_len: int, head_dim: int) -> dict:
     memory = compiled.memory_analysis()
     copies = cache_copies(compiled.as_text(), cache_len, head_dim)
+    in_loop = sum(c.startswith("loop") for c in copies)
     row = {"program": name, "argument_bytes": memory.argument_size_in_bytes,
            "temp_bytes": memory.temp_size_in_bytes, "cache_copies": len(copies),
-           "copied_shapes": sorted(set(copies))}
+           "cache_copies_in_loop": in_loop, "copied_shapes": sorted(set(copies))}
     print(f"{name:<12} arguments {memory.argument_size_in_bytes / 2**30:6.2f} GiB  temporaries "
-          f"{memory.temp_size_in_bytes / 2**30:6.2f} GiB  cache-sized copies {len(copies)}"
-          + (f"  {sorted(set(copies))}" if copies else ""))
+          f"{memory.temp_size_in_bytes / 2**30:6.2f} GiB  cache copies {len(copies)} "
+          f"({in_loop} in the decoding loop)" + (f"  {sorted(set(copies))}" if copies else ""))
     return row
 
 
