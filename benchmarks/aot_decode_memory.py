@@ -45,7 +45,7 @@ def cache_copies(hlo: str, cache_len: int, head_dim: int) -> list[str]:
     kernel reads its operand.)"""
     found, fused, entry = [], False, False
     for line in hlo.splitlines():
-        if line and not line.startswith(" "):  # a computation's header
+        if line.startswith(("%", "ENTRY")):  # a computation's header
             fused = line.startswith("%fused_computation")
             entry = line.startswith("ENTRY")
             continue
