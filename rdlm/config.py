@@ -435,20 +435,16 @@ def check_num_steps(value: Any, where: str = "num_steps") -> int:
     return value
 
 
-def _positive_number(text: str) -> bool:
-    try:
-        value = float(text)
-    except ValueError:
-        return False
-    return math.isfinite(value) and value > 0
-
-
 def _check_exit(spec: str) -> None:
     """``criterion[:threshold]`` with a known criterion and a positive threshold."""
     name, _, raw = spec.partition(":")
     _require(name.strip() in EXIT_CRITERIA, "sample.exit", spec,
              f"the criterion must be one of {EXIT_CRITERIA}{did_you_mean(name, EXIT_CRITERIA)}")
-    _require(not raw or _positive_number(raw), "sample.exit", spec,
+    try:
+        threshold = float(raw or 1)
+    except ValueError:
+        threshold = math.nan
+    _require(math.isfinite(threshold) and threshold > 0, "sample.exit", spec,
              "the threshold after ':' must be a positive number, e.g. kl:1e-3")
 
 
