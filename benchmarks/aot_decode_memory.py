@@ -100,7 +100,11 @@ def main(argv: list[str]) -> int:
     # The kernel choices follow the platform the program is compiled for; on this CPU host
     # JAX's default backend is the CPU, so say it as a TPU host would.
     kernels.target_platform = lambda mesh: "tpu"
-    device = topology_devices(args.topology)[0]
+    try:
+        device = topology_devices(args.topology)[0]
+    except RuntimeError as err:  # no libtpu, or a topology it cannot describe
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     place = jax.sharding.SingleDeviceSharding(device)
 
     def spec(shape: tuple[int, ...], dtype: jnp.dtype) -> jax.ShapeDtypeStruct:
