@@ -24,12 +24,12 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from rdlm.cli.aot import _machine, _toolchain
 from rdlm.config import ModelConfig, model_preset
 from rdlm.generation.api import generate_jit
 from rdlm.generation.continuous import Queue, continuous_jit
 from rdlm.generation.plan import continuous_plan, make_plan
 from rdlm.model import abstract_params, kernels
+from rdlm.runtime.hostinfo import compiling_host, toolchain
 from rdlm.train.aot import topology_devices
 
 MODEL = ModelConfig(vocab_size=32_768, d_model=1_024, n_heads=8, mlp_dim=4_096, n_prelude=1,
@@ -135,7 +135,7 @@ def main(argv: list[str]) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"topology": args.topology, "device": device.device_kind,
-                       "compiled_on": _machine(), "toolchain": _toolchain(),
+                       "compiled_on": compiling_host(), "toolchain": toolchain(),
                        "command": " ".join(["python", "benchmarks/aot_decode_memory.py", *argv]),
                        "model": dataclasses.asdict(cfg), "batch": b, "prompt_len": length,
                        "new_tokens": args.new_tokens, "cache_budget": args.budget,

@@ -9,41 +9,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import platform
 import shlex
 import sys
-from importlib import metadata
 
 import jax
 
 from rdlm.config import ConfigError
 from rdlm.config_files import load_config
 from rdlm.runtime import sharding as shard_lib
+from rdlm.runtime.hostinfo import compiling_host, toolchain
 from rdlm.train.aot import (DoesNotFit, compile_train_step, over_budget_message,
                             topology_devices)
-
-
-def _machine() -> str:
-    """The compiling host, for the record: CPU model and cores."""
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f
-                          if line.startswith("model name")), model)
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores"
-
-
-def _toolchain() -> dict[str, str]:
-    versions = {"python": platform.python_version(), "jax": jax.__version__}
-    for dist in ("jaxlib", "libtpu"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return versions
 
 
 def cli(argv: list[str]) -> int:
@@ -76,7 +52,7 @@ def cli(argv: list[str]) -> int:
         with open(args.json, "w") as f:
             json.dump({**dataclasses.asdict(report), "peak_bytes": report.peak_bytes,
                        "fits": report.fits, "topology": args.topology,
-                       "machine": _machine(), "toolchain": _toolchain(),
+                       "machine": compiling_host(), "toolchain": toolchain(),
                        "command": "python -m rdlm aot " + shlex.join(argv)}, f, indent=2)
     if report.fits is False:
         mesh = shard_lib.make_mesh(cfg.mesh, devices=devices)

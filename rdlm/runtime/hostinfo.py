@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+from importlib import metadata
 from typing import Any
 
 import jax
@@ -32,6 +33,21 @@ def cpu_model() -> str:
     except OSError:
         return "unknown"
 
+
+def compiling_host() -> str:
+    """The host that compiled a program ahead of time, for the record: CPU model and cores."""
+    return f"{cpu_model()}, {os.cpu_count()} cores"
+
+
+def toolchain() -> dict[str, str]:
+    """Python, jax and the installed jaxlib and libtpu versions: what a compile depends on."""
+    versions = {"python": platform.python_version(), "jax": jax.__version__}
+    for dist in ("jaxlib", "libtpu"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
 
 
 # Device peak FLOP/s for MFU.
