@@ -2,7 +2,7 @@
 
     JAX_PLATFORMS=cpu python benchmarks/aot_decode_memory.py [--topology v5p:2x2x1]
         [--preset huginn-3.5b] [--set n_heads=11 ...] [--batch 16] [--prompt-len 1024]
-        [--new-tokens 1024] [--budget 8] [--json FILE]
+        [--new-tokens 1024] [--budget 8] [--stage-rows N] [--json FILE]
 
 Needs libtpu (``pip install "jax[tpu]==0.10.2"``, docs/training.md), not a TPU. Compiles the
 lockstep program and the depth-continuous one (KL exit, ``--batch`` rows, a queue of four
@@ -94,6 +94,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--prompt-len", type=int, default=1_024)
     parser.add_argument("--new-tokens", type=int, default=1_024)
     parser.add_argument("--budget", type=int, default=8, help="recurrence slots kept per layer")
+    parser.add_argument("--stage-rows", type=int, help="prompts the continuous program "
+                        "prefills together (default: rdlm's, default_stage_rows)")
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args(argv)
 
@@ -126,7 +128,7 @@ def main(argv: list[str]) -> int:
     results.append(compiled_report("lockstep", lambda: generate_jit.lower(
         params, spec((b, length), jnp.int32), spec((b,), jnp.int32), spec((), jnp.int32), key,
         plan=lockstep), plan.cache_len, cfg.head_dim))
-    rows_plan = continuous_plan(plan, len(rows), b)
+    rows_plan = continuous_plan(plan, len(rows), b, args.stage_rows)
     queue = Queue(spec((rows_plan.queue, length), jnp.int32), spec((rows_plan.queue,), jnp.int32),
                   spec((), jnp.int32))
     results.append(compiled_report("continuous", lambda: continuous_jit.lower(
@@ -139,7 +141,8 @@ def main(argv: list[str]) -> int:
                        "command": " ".join(["python", "benchmarks/aot_decode_memory.py", *argv]),
                        "model": dataclasses.asdict(cfg), "batch": b, "prompt_len": length,
                        "new_tokens": args.new_tokens, "cache_budget": args.budget,
-                       "cache_len": plan.cache_len, "programs": results}, f, indent=1)
+                       "cache_len": plan.cache_len, "stage_rows": rows_plan.stage_rows,
+                       "programs": results}, f, indent=1)
     return 0
 
 

@@ -13,7 +13,9 @@ import pytest
 
 import rdlm
 import rdlm.generation as S
+from rdlm.generation import cache as kvc
 from rdlm.generation.continuous import continuous_jit
+from rdlm.generation.plan import continuous_plan, default_stage_rows, make_plan
 from rdlm.model import kernels
 from tests.test_sample import perturbed_params
 
@@ -65,6 +67,30 @@ def test_staged_prefills_past_the_last_prompt_are_never_taken(params):
     out = S.generate(params, CFG, prompts, continuous_batching=True, batch_size=8, **kwargs)
     assert_same(ref, out)
     assert out.stats["prefills"] == 2
+
+
+def test_fewer_staged_rows_compute_the_same_with_a_smaller_staging_cache(params):
+    """9 prompts on 4 rows, staged 3 at a time (a stage that does not divide the rows): three
+    prefills, every prompt's output the lockstep engine's, a staging cache of 3 rows."""
+    prompts = (PROMPTS * 2)[:9]
+    kwargs = dict(max_new_tokens=5, num_steps=4, return_logits=True, stop_tokens=(36,))
+    ref = S.generate(params, CFG, prompts, **kwargs)
+    whole, three = (S.generate(params, CFG, prompts, continuous_batching=True, batch_size=4,
+                               stage_rows=stage, **kwargs) for stage in (4, 3))
+    assert_same(ref, three)
+    assert (whole.stats["prefills"], three.stats["prefills"]) == (3, 3)
+    staging_row = kvc.cache_bytes(CFG, 1, 16, 4, False)  # prompt bucket 16, a slot per step
+    assert whole.cache_bytes - three.cache_bytes == staging_row
+
+
+def test_long_prompts_stage_fewer_rows_by_default():
+    assert default_stage_rows(16, 8) == 16  # short prompts: a whole batch per prefill
+    assert default_stage_rows(16, 256) == 4
+    assert default_stage_rows(16, 2048) == 1
+    cfg = dataclasses.replace(CFG, max_seq_len=1024)
+    plan = continuous_plan(make_plan(cfg, [[1] * 300] * 5, max_new_tokens=4, num_steps=2,
+                                     prompt_len=512), 5, 4)
+    assert (plan.stage_rows, plan.queue) == (2, 8)
 
 
 def test_adaptive_exit_with_shared_cache_and_continuous_cot_equals_lockstep(params):
@@ -198,7 +224,7 @@ def test_options_it_cannot_combine_are_refused(params):
     with pytest.raises(ValueError, match="speculative decoding"):
         S.generate(params, CFG, PROMPTS, max_new_tokens=4, num_steps=4,
                    continuous_batching=True, speculative=True)
-    for option in (dict(batch_size=2), dict(boundary_wait=4)):
+    for option in (dict(batch_size=2), dict(boundary_wait=4), dict(stage_rows=2)):
         with pytest.raises(ValueError, match="options of continuous_batching=True"):
             S.generate(params, CFG, PROMPTS, max_new_tokens=4, num_steps=4, **option)
     with pytest.raises(ValueError, match="boundary_wait=-1 must be"):
@@ -207,6 +233,9 @@ def test_options_it_cannot_combine_are_refused(params):
     with pytest.raises(ValueError, match="batch_size=0"):
         S.generate(params, CFG, PROMPTS, max_new_tokens=4, num_steps=4,
                    continuous_batching=True, batch_size=0)
+    with pytest.raises(ValueError, match="stage_rows=0"):
+        S.generate(params, CFG, PROMPTS, max_new_tokens=4, num_steps=4,
+                   continuous_batching=True, stage_rows=0)
 
 
 def test_evaluation_with_continuous_batching_gives_the_same_predictions():

@@ -224,7 +224,7 @@ def run_queue(params: Any, cfg: ModelConfig, prompts: list[list[int]], batch: in
 
 def schedule(options: dict[str, Any]) -> str:
     """How a variant runs a queue's prefills: "lockstep" (batch after batch) or "continuous"
-    (``batch`` prompts staged at a time, each copied into a row as one falls idle)."""
+    (``stage_rows`` prompts staged at a time, each copied into a row as one falls idle)."""
     return "continuous" if options.get("continuous_batching") else "lockstep"
 
 

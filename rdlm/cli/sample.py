@@ -59,6 +59,10 @@ def _sample_parser() -> argparse.ArgumentParser:
     parser.add_argument("--boundary-wait", type=int, metavar="ROW_ITERATIONS",
                         help="under --continuous-batching, how long rows at a token boundary "
                         "wait to share one pass (default: about that pass's cost; 0: none)")
+    parser.add_argument("--stage-rows", type=int, metavar="ROWS",
+                        help="under --continuous-batching, prompts prefilled together ahead of "
+                        "the rows that take them (default: a batch of short prompts, fewer "
+                        "long ones); fewer make a smaller staging cache")
     parser.add_argument("--temperature", type=float)
     parser.add_argument("--top-k", type=int)
     parser.add_argument("--top-p", type=float)
@@ -161,7 +165,7 @@ def _generate(args: argparse.Namespace, config: Config, params: Any, rows: list[
         min_p=_pick(args.min_p, defaults.min_p), stop_tokens=stop,
         key=jax.random.key(args.seed), init_scale=args.init_scale,
         continuous_batching=args.continuous_batching, batch_size=args.batch_size,
-        boundary_wait=args.boundary_wait)
+        boundary_wait=args.boundary_wait, stage_rows=args.stage_rows)
 
 
 def print_rows(out: GenerateOutput, tokenizer: Tokenizer | None, prompts: Sequence[str],

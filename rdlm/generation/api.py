@@ -150,8 +150,8 @@ def generate(params: Params, cfg: ModelConfig, prompt_tokens: Any, *, max_new_to
              thoughts: ThoughtConfig | None = None, prompt_len: int | None = None,
              mesh: jax.sharding.Mesh | None = None, tokenizer: "Tokenizer | None" = None,
              bos: bool | None = None, continuous_batching: bool = False,
-             batch_size: int | None = None, boundary_wait: int | None = None
-             ) -> GenerateOutput:
+             batch_size: int | None = None, boundary_wait: int | None = None,
+             stage_rows: int | None = None) -> GenerateOutput:
     """Generate ``max_new_tokens`` tokens after each prompt with ``num_steps`` core iterations.
 
     - ``prompt_tokens``: a list of token-id lists (lengths may differ), or a padded array with
@@ -185,7 +185,9 @@ def generate(params: Params, cfg: ModelConfig, prompt_tokens: Any, *, max_new_to
       ``boundary_wait``: row-iterations that rows whose token is done wait, in all, so that
       their coda, sampling and next prelude run in one pass (under a distribution criterion,
       whose check ran the coda: their next prelude; None: `default_boundary_wait`, about one
-      pass's cost; 0: each row at once).
+      pass's cost; 0: each row at once). ``stage_rows``: prompts prefilled together, ahead of
+      the rows that take them (None: `rdlm.generation.plan.default_stage_rows`, a whole batch
+      for short prompts, fewer for long ones); fewer rows make a smaller staging cache.
     """
     prompt_tokens = encode_texts(prompt_tokens, tokenizer, bos, cfg)
     if stop_tokens is None:
@@ -198,9 +200,11 @@ def generate(params: Params, cfg: ModelConfig, prompt_tokens: Any, *, max_new_to
                          "(init_scale > 0) needs key=jax.random.key(...).")
     if continuous_batching and prompt_len is None:
         prompt_len = prompt_bucket(max(len(r) for r in rows), max_new_tokens, cfg.max_seq_len)
-    elif not continuous_batching and (batch_size is not None or boundary_wait is not None):
-        raise ValueError("batch_size and boundary_wait are options of continuous_batching=True; "
-                         "without it every prompt is one row of the batch, in lockstep.")
+    elif not continuous_batching and any(option is not None for option in
+                                         (batch_size, boundary_wait, stage_rows)):
+        raise ValueError("batch_size, boundary_wait and stage_rows are options of "
+                         "continuous_batching=True; without it every prompt is one row of the "
+                         "batch, in lockstep.")
     plan = make_plan(cfg, rows, max_new_tokens=max_new_tokens, num_steps=num_steps, exit=exit,
                      cache_budget=cache_budget, continuous_cot=continuous_cot,
                      speculative=speculative, sampling=sampling, stop_tokens=stop_tokens,
@@ -211,7 +215,7 @@ def generate(params: Params, cfg: ModelConfig, prompt_tokens: Any, *, max_new_to
         if mesh is not None:
             raise ValueError("continuous_batching runs on one device: leave mesh=None.")
         threshold = None if plan.exit is None else plan.exit.value
-        plan = continuous_plan(plan, len(rows), batch_size)
+        plan = continuous_plan(plan, len(rows), batch_size, stage_rows)
         if boundary_wait is None:
             boundary_wait = default_boundary_wait(cfg, plan.batch, plan.exit)
         elif not isinstance(boundary_wait, int) or boundary_wait < 0:

@@ -2,7 +2,8 @@
 
     queue of prompts ─▶ B rows ─▶ lax.while_loop, each iteration:
         refill   idle rows take the next prompts: a copy of the prompt's prefill, staged with
-                 the next ``batch`` prompts' (one prefill at the full r), and its first token
+                 the next ``stage_rows`` prompts' (one prefill at the full r), and its first
+                 token
         advance  rows with a new token run it through the prelude and restart the core
         iterate  every running row runs one core step; a row whose token converged (exit
                  criterion) or reached r stops and waits
@@ -94,9 +95,9 @@ class RowCarry(NamedTuple):
     boundaries: jax.Array  # token-boundary passes run (coda, sampling) after the first tokens
     prelude_passes: jax.Array  # passes over the prelude's weights (`_advance`), of any rows
     coda_passes: jax.Array  # over the coda's and the head's: exit checks, and finishing rows
-    staged: KVCache  # the prefills of the next prompts, ``batch`` of them, their positions only
-    staged_logits_bv: jax.Array  # their last positions' logits and final states
-    staged_state_b1d: jax.Array
+    staged: KVCache  # the prefills of the next ``stage_rows`` prompts, their positions only
+    staged_logits_sv: jax.Array  # their last positions' logits and final states
+    staged_state_s1d: jax.Array
     stage_base: jax.Array  # the queue index of the first staged prompt
     prefills: jax.Array  # batched prefills run
 
@@ -163,22 +164,22 @@ def _prefill(params: Params, plan: Plan, prompts_bt: jax.Array, lengths_b: jax.A
 
 def _stage(params: Params, plan: Plan, queue: Queue, base: jax.Array, num_steps: jax.Array,
            keys: Keys) -> tuple[KVCache, jax.Array, jax.Array]:
-    """`_prefill` of the ``batch`` prompts from queue index ``base`` together, for the rows
-    that will take them (past the real prompts, padding: computed, never taken)."""
-    b = plan.batch
-    return _prefill(params, plan, lax.dynamic_slice_in_dim(queue.prompts_qt, base, b),
-                    lax.dynamic_slice_in_dim(queue.lengths_q, base, b),
-                    base + jnp.arange(b, dtype=jnp.int32), num_steps, keys)
+    """`_prefill` of the ``stage_rows`` prompts from queue index ``base`` together, for the
+    rows that will take them (past the real prompts, padding: computed, never taken)."""
+    s = plan.stage_rows
+    return _prefill(params, plan, lax.dynamic_slice_in_dim(queue.prompts_qt, base, s),
+                    lax.dynamic_slice_in_dim(queue.lengths_q, base, s),
+                    base + jnp.arange(s, dtype=jnp.int32), num_steps, keys)
 
 
 def _start(params: Params, plan: Plan, queue: Queue, num_steps: jax.Array,
            keys: Keys) -> RowCarry:
-    """Every row idle over an empty cache, the first ``batch`` prompts staged: the first
+    """Every row idle over an empty cache, the first ``stage_rows`` prompts staged: the first
     refill hands them out."""
     cfg, b = plan.cfg, plan.batch
     zeros_b, no_b = jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool)
     state_b1d = jnp.zeros((b, 1, cfg.d_model), jnp.dtype(cfg.dtype))
-    staged, staged_logits_bv, staged_state_b1d = _stage(params, plan, queue, jnp.int32(0),
+    staged, staged_logits_sv, staged_state_s1d = _stage(params, plan, queue, jnp.int32(0),
                                                         num_steps, keys)
     return RowCarry(
         cache=kvc.init_cache(cfg, b, plan.cache_len, plan.num_slots, plan.track_latest),
@@ -190,7 +191,7 @@ def _start(params: Params, plan: Plan, queue: Queue, num_steps: jax.Array,
         next_prompt=jnp.int32(0), out=_outputs(plan), iterations=jnp.int32(0),
         busy=jnp.int32(0), boundaries=jnp.int32(0), prelude_passes=jnp.int32(0),
         coda_passes=jnp.int32(0), staged=staged,
-        staged_logits_bv=staged_logits_bv, staged_state_b1d=staged_state_b1d,
+        staged_logits_sv=staged_logits_sv, staged_state_s1d=staged_state_s1d,
         stage_base=jnp.int32(0), prefills=jnp.int32(1))
 
 
@@ -202,25 +203,26 @@ def _refill(params: Params, plan: Plan, queue: Queue, num_steps: jax.Array, keys
             c: RowCarry) -> RowCarry:
     """Idle rows take the next prompts, one at a time: each copies its prompt's staged prefill
     into its cache row and emits the first token. Once the staged prompts are all taken, the
-    next ``batch`` are prefilled together: a prefill runs the whole recurrence over the prompt,
-    and one of a single row costs nearly what one of all rows does where weight reads bound it
-    (and twice as much per row on a CPU), while rows fall idle one at a time."""
-    b = plan.batch
+    next ``stage_rows`` are prefilled together: a prefill runs the whole recurrence over the
+    prompt, and one of a single short prompt costs nearly what one of many does where weight
+    reads bound it (and twice as much per row on a CPU), while rows fall idle one at a time
+    (`rdlm.generation.plan.default_stage_rows`)."""
+    b, s = plan.batch, plan.stage_rows
 
     def wanted(c: RowCarry) -> jax.Array:
         return jnp.any(_idle(c)) & (c.next_prompt < queue.count)
 
     def restage(c: RowCarry) -> RowCarry:
-        staged, logits_bv, state_b1d = _stage(params, plan, queue, c.next_prompt, num_steps, keys)
-        return c._replace(staged=staged, staged_logits_bv=logits_bv, staged_state_b1d=state_b1d,
+        staged, logits_sv, state_s1d = _stage(params, plan, queue, c.next_prompt, num_steps, keys)
+        return c._replace(staged=staged, staged_logits_sv=logits_sv, staged_state_s1d=state_s1d,
                           stage_base=c.next_prompt, prefills=c.prefills + 1)
 
     def one(c: RowCarry) -> RowCarry:
         q = c.next_prompt
-        c = lax.cond(q - c.stage_base >= b, restage, lambda c: c, c)
+        c = lax.cond(q - c.stage_base >= s, restage, lambda c: c, c)
         row, slot = jnp.argmax(_idle(c)), q - c.stage_base
-        state_11d = lax.dynamic_slice_in_dim(c.staged_state_b1d, slot, 1)
-        logits_1v = lax.dynamic_slice_in_dim(c.staged_logits_bv, slot, 1)
+        state_11d = lax.dynamic_slice_in_dim(c.staged_state_s1d, slot, 1)
+        logits_1v = lax.dynamic_slice_in_dim(c.staged_logits_sv, slot, 1)
         here_b = jnp.arange(b) == row
         c = c._replace(
             cache=kvc.put_row(c.cache, c.staged, slot, row),

@@ -107,8 +107,10 @@ class Plan:
     thought_steps: int = 0
     thought_block: int = 0
     # Depth-continuous batching (`rdlm.generation.continuous`): prompt slots in the queue, which
-    # ``batch`` rows work through; 0 for the lockstep programs.
+    # ``batch`` rows work through; 0 for the lockstep programs. ``stage_rows``: prompts prefilled
+    # together, ahead of the rows that will take them (`default_stage_rows`).
     queue: int = 0
+    stage_rows: int = 0
 
     @property
     def prefill_len(self) -> int:
@@ -262,10 +264,10 @@ def thought_layout(rows: list[list[int]], thoughts: ThoughtConfig | None) -> dic
 def plan_cache_bytes(plan: Plan) -> int:
     """The cache size of a plan (memoised: building the shapes costs more host time than a short
     generation's other checks); a depth-continuous plan's includes the staging cache of the next
-    prompts' prefills, ``batch`` × the prompt length (`rdlm.generation.continuous`)."""
+    prompts' prefills, ``stage_rows`` × the prompt length (`rdlm.generation.continuous`)."""
     size = kvc.cache_bytes(plan.cfg, plan.batch, plan.cache_len, plan.num_slots, plan.track_latest)
     if plan.queue:
-        size += kvc.cache_bytes(plan.cfg, plan.batch, plan.prompt_len, plan.num_slots,
+        size += kvc.cache_bytes(plan.cfg, plan.stage_rows, plan.prompt_len, plan.num_slots,
                                 plan.track_latest)
     return size
 
@@ -286,10 +288,28 @@ def _power_of_two_at_least(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def continuous_plan(plan: Plan, num_prompts: int, batch_size: int | None) -> Plan:
+# Prompt positions in one prefill from which it does enough arithmetic per weight read to be
+# bound by compute on GPUs and TPUs (a few hundred flops per byte read), and on CPUs.
+STAGE_POSITIONS = 1024
+
+
+def default_stage_rows(batch: int, prompt_len: int) -> int:
+    """Prompts a depth-continuous program prefills together: enough for ``STAGE_POSITIONS``
+    positions, at most ``batch``. Short prompts stage a whole batch, since one prefill of a few
+    positions costs about what one of ``batch`` rows does (weight reads bound it); long prompts
+    stage fewer, since their prefill is bound by compute whatever the rows, and the staged
+    cache and the prefill's activations shrink with them (at 2,048-token prompts the staged
+    cache of a whole batch is half the main one)."""
+    return max(1, min(batch, -(-STAGE_POSITIONS // prompt_len)))
+
+
+def continuous_plan(plan: Plan, num_prompts: int, batch_size: int | None,
+                    stage_rows: int | None = None) -> Plan:
     """``plan`` (made for every prompt) as a depth-continuous program: ``batch_size`` rows
-    (default: one per prompt) and a queue padded to rows × a power of two, so that the
-    compilations stay few however many prompts come; the exit threshold becomes data."""
+    (default: one per prompt), ``stage_rows`` prompts prefilled together (default:
+    `default_stage_rows`), and a queue padded to rows × a power of two (and to whole stages),
+    so that the compilations stay few however many prompts come; the exit threshold becomes
+    data."""
     if plan.speculative is not None:
         raise ValueError("continuous_batching runs every row at its own position and step; "
                          "speculative decoding verifies a block of positions shared by the "
@@ -299,9 +319,12 @@ def continuous_plan(plan: Plan, num_prompts: int, batch_size: int | None) -> Pla
                          "(thoughts=...): their prefill runs position by position for the batch.")
     rows = num_prompts if batch_size is None else _positive_int("batch_size", batch_size)
     rows = min(rows, num_prompts)
+    stage = (default_stage_rows(rows, plan.prompt_len) if stage_rows is None
+             else min(_positive_int("stage_rows", stage_rows), rows))
     queue = rows * _power_of_two_at_least(-(-num_prompts // rows))
+    queue = -(-queue // stage) * stage  # every stage a whole slice of the queue
     exit_cfg = None if plan.exit is None else dataclasses.replace(plan.exit, threshold=None)
-    return dataclasses.replace(plan, batch=rows, queue=queue, exit=exit_cfg)
+    return dataclasses.replace(plan, batch=rows, queue=queue, stage_rows=stage, exit=exit_cfg)
 
 
 def prompt_bucket(longest: int, max_new_tokens: int, max_seq_len: int) -> int:
