@@ -14,6 +14,7 @@ import pytest
 import rdlm
 import rdlm.generation as S
 from rdlm.generation import cache as kvc
+from rdlm.generation import rows
 from rdlm.generation.continuous import continuous_jit
 from rdlm.generation.plan import continuous_plan, default_stage_rows, make_plan
 from rdlm.model import kernels
@@ -200,9 +201,10 @@ def test_token_shift_equals_lockstep(layers):
     assert not np.array_equal(no_shift.logits, out.logits)
 
 
-def test_the_tpu_row_writes_compute_what_the_scatter_does(monkeypatch):
+def test_the_tpu_cache_writes_and_reads_compute_what_the_cpu_ones_do(monkeypatch):
     """On TPU the cache writes of each row at its own position are a slice per row
-    (`rdlm.model.kernels.choose_row_writes`); forced here, they give the scatter's outputs with
+    (`rdlm.model.kernels.choose_row_writes`), and the whole-batch passes read the cache held to
+    its layout (`kernels.read_in_place`); forced here, they give the scatter's outputs with
     every cache the engine writes: stages, core slots with sharing, latest entries, shift
     bases."""
     cfg = dataclasses.replace(CFG, token_shift=2)
@@ -213,6 +215,7 @@ def test_the_tpu_row_writes_compute_what_the_scatter_does(monkeypatch):
     scatter = S.generate(params, cfg, PROMPTS, **options)
     jax.clear_caches()  # trace again under the other choice
     monkeypatch.setattr(kernels, "choose_row_writes", lambda platform: kernels.SLICES)
+    monkeypatch.setattr(rows, "read_in_place", lambda buf: kernels.read_in_place(buf, "tpu"))
     slices = S.generate(params, cfg, PROMPTS, **options)
     jax.clear_caches()
     assert len(np.unique(scatter.steps[:, 1:])) > 1  # rows at different depths

@@ -21,6 +21,7 @@ from rdlm.generation.cache import KVCache
 from rdlm.generation.engine import _after_reads, _model, choose_tokens
 from rdlm.generation.plan import Plan, SamplingConfig
 from rdlm.model import AttentionContext, KV, Params, initial_state, rope_angles, run_blocks
+from rdlm.model.kernels import read_in_place
 
 
 def row_context(cfg: ModelConfig, position_b: jax.Array, cache_len: int) -> AttentionContext:
@@ -31,6 +32,12 @@ def row_context(cfg: ModelConfig, position_b: jax.Array, cache_len: int) -> Atte
     prefix_bs = jnp.arange(cache_len)[None] < position_b[:, None]
     mask_bs = jnp.concatenate([prefix_bs, jnp.ones((b, 1), bool)], axis=-1)
     return AttentionContext(cos_b11f, sin_b11f, mask_bs[:, None, None, :])
+
+
+def _read_whole(stage: kvc.Stage) -> kvc.Stage:
+    """A stage's cache as a pass over every row reads it: in place (`kernels.read_in_place`;
+    these passes run inside conditionals)."""
+    return jax.tree.map(read_in_place, stage)
 
 
 class PreludeRows(NamedTuple):
@@ -47,7 +54,7 @@ def prelude_rows(params: Params, cfg: ModelConfig, prelude: kvc.Stage,
     cached shift bases ``shift_btd``; the caller writes what it returns (`write_prelude_rows`)."""
     model = _model(params, cfg)
     ctx = row_context(cfg, position_k, prelude[0][0].shape[2] if prelude else 0)
-    prefixes = prelude if rows_k is None else kvc.gather_stage(prelude, rows_k)
+    prefixes = _read_whole(prelude) if rows_k is None else kvc.gather_stage(prelude, rows_k)
     bases_k1d = model.token_bases(token_k[:, None])
     inputs_k1d = bases_k1d
     if shift_btd is not None:
@@ -100,7 +107,7 @@ def coda_rows(params: Params, cfg: ModelConfig, coda: kvc.Stage, state_k1d: jax.
     """The coda of the candidate states of the cache rows ``rows_k`` (None: every row, in
     order) over the cached coda entries ``coda``: logits, and the entries it would write."""
     model = _model(params, cfg)
-    prefixes = coda if rows_k is None else kvc.gather_stage(coda, rows_k)
+    prefixes = _read_whole(coda) if rows_k is None else kvc.gather_stage(coda, rows_k)
     x_k1d, kvs = run_blocks(model.coda, model.coda_input(state_k1d), ctx, list(prefixes))
     hidden_k1d, kvs = _after_reads(model.ln_f(x_k1d), kvs)
     logits_k1v = model.head(hidden_k1d)

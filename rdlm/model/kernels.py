@@ -13,7 +13,8 @@ runs underneath depends on the backend and the shape:
 - TPU: causal attention, plain or within packed segments, goes to the Pallas splash kernel.
 - Everywhere: other masks (branches) and attention over a KV cache use the XLA paths here.
 - Decoding with every row at its own position writes one cache position per row: a slice per
-  row on TPU, one scatter elsewhere (`write_row_positions`).
+  row on TPU, one scatter elsewhere (`write_row_positions`); on TPU the cache a conditional
+  branch reads is held to its stored layout (`read_in_place`).
 
 `choose_attention` is the whole decision, a pure function of the target platform, dtype, mask
 kind and shape.
@@ -31,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.experimental.layout import Layout, with_layout_constraint
 
 from rdlm.model import pallas_attention
 from rdlm.model.attention import KV
@@ -343,6 +345,20 @@ def write_row_positions(buf_xbhte: jax.Array, new_xkh1e: jax.Array, rows_k: jax.
         return lax.dynamic_update_slice(buf_xbhte, piece, start)
 
     return lax.fori_loop(0, jnp.sum(write_k.astype(jnp.int32)), one, buf_xbhte)
+
+
+def read_in_place(buf: jax.Array, platform: str | None = None) -> jax.Array:
+    """``buf``, a cache buffer that a conditional branch reads whole, held to the layout it is
+    stored in (row-major) on TPU; unchanged elsewhere.
+
+    Inside a conditional, XLA:TPU lays out an attention's operands as the attention prefers,
+    whatever the layout of the buffer passed in, and copies the whole buffer to match. With
+    heads of 96 features (Huginn-0125's) it prefers the positions innermost, so each
+    whole-batch token-boundary pass copied every prelude and coda buffer it read
+    (docs/performance.md). The attention reads the stored layout as it does outside branches."""
+    if (platform or target_platform(None)) != "tpu":
+        return buf
+    return with_layout_constraint(buf, Layout(major_to_minor=tuple(range(buf.ndim))))
 
 
 # Decoding-time weight layout. XLA's CPU dot computes the weights-first projections above as
