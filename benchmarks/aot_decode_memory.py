@@ -2,7 +2,7 @@
 
     JAX_PLATFORMS=cpu python benchmarks/aot_decode_memory.py [--topology v5p:2x2x1]
         [--preset huginn-3.5b] [--set n_heads=11 ...] [--batch 16] [--prompt-len 1024]
-        [--new-tokens 1024] [--budget 8] [--stage-rows N] [--json FILE]
+        [--new-tokens 1024] [--budget 8] [--stage-rows N] [--param-dtype bfloat16] [--json FILE]
 
 Needs libtpu (``pip install "jax[tpu]==0.10.2"``, docs/training.md), not a TPU. Compiles the
 lockstep program and the depth-continuous one (KL exit, ``--batch`` rows, a queue of four
@@ -96,6 +96,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--budget", type=int, default=8, help="recurrence slots kept per layer")
     parser.add_argument("--stage-rows", type=int, help="prompts the continuous program "
                         "prefills together (default: rdlm's, default_stage_rows)")
+    parser.add_argument("--param-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the parameters' dtype (float32: as rdlm initialises and trains "
+                        "them; bfloat16: as `rdlm convert --param-dtype bfloat16` stores them)")
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args(argv)
 
@@ -116,7 +119,8 @@ def main(argv: list[str]) -> int:
     model = dataclasses.replace(model, **{key: int(value) for key, value in
                                           (item.split("=", 1) for item in args.set)})
     cfg = dataclasses.replace(model, max_seq_len=args.prompt_len + args.new_tokens)
-    params = jax.tree.map(lambda s: spec(s.shape, s.dtype), abstract_params(cfg))
+    params = jax.tree.map(lambda s: spec(s.shape, jnp.dtype(args.param_dtype)),
+                          abstract_params(cfg))
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=place)
     b, length = args.batch, args.prompt_len
     rows = [[1] * length] * (4 * b)
@@ -142,6 +146,7 @@ def main(argv: list[str]) -> int:
                        "model": dataclasses.asdict(cfg), "batch": b, "prompt_len": length,
                        "new_tokens": args.new_tokens, "cache_budget": args.budget,
                        "cache_len": plan.cache_len, "stage_rows": rows_plan.stage_rows,
+                       "param_dtype": args.param_dtype,
                        "programs": results}, f, indent=1)
     return 0
 
