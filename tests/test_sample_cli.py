@@ -76,8 +76,15 @@ def test_cli_continuous_batching_prints_the_queue_in_order_and_its_schedule(ckpt
         iterations.append(waited.stats["iterations"])
         assert f"over {iterations[-1]} iterations" in capsys.readouterr().err
     assert iterations[0] != iterations[1]
-    assert sample_cli(["--checkpoint", str(path), *args, "--boundary-wait", "3"]) == 2
-    assert "continuous_batching" in capsys.readouterr().err
+    # --stage-rows reaches the plan: one prompt staged at a time, a prefill per prompt.
+    assert sample_cli(["--checkpoint", str(path), *args, "--exit", "kl", "--continuous-batching",
+                       "--batch-size", "2", "--stage-rows", "1", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert [json.loads(line)["tokens"] for line in captured.out.splitlines()] == expected.rows()
+    assert f"prefills {len(prompts)})" in captured.err
+    for option in (["--boundary-wait", "3"], ["--stage-rows", "1"]):
+        assert sample_cli(["--checkpoint", str(path), *args, *option]) == 2
+        assert "continuous_batching" in capsys.readouterr().err
 
 
 def test_cli_reports_bad_input(ckpt, capsys):
