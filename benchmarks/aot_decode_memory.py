@@ -98,7 +98,7 @@ def main(argv: list[str]) -> int:
                         "prefills together (default: rdlm's, default_stage_rows)")
     parser.add_argument("--param-dtype", choices=("float32", "bfloat16"), default="float32",
                         help="the parameters' dtype (float32: as rdlm initialises and trains "
-                        "them; bfloat16: as `rdlm convert --param-dtype bfloat16` stores them)")
+                        "them; bfloat16: as `rdlm sample --param-dtype bfloat16` loads them)")
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args(argv)
 

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -34,6 +35,22 @@ def test_params_round_trip_exactly(saved):
     assert 0 in params2["core"]["blocks"]
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_params_load_as_bfloat16_whatever_the_checkpoint_stores(saved, tmp_path):
+    """float32 params saved, bfloat16 loaded (and a bfloat16 checkpoint, as `rdlm convert
+    --param-dtype bfloat16` writes, loads as float32 unless asked)."""
+    cfg, params, path = saved
+    _, half = checkpoint.load_params(path, dtype="bfloat16")
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(half)):
+        assert b.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(a.astype(jnp.bfloat16)), np.asarray(b))
+    checkpoint.save_params(tmp_path / "half", cfg, half)
+    for dtype in ("float32", "bfloat16"):
+        _, loaded = checkpoint.load_params(tmp_path / "half", dtype=dtype)
+        assert {str(x.dtype) for x in jax.tree.leaves(loaded)} == {dtype}
+    with pytest.raises(ValueError, match="float32, bfloat16"):
+        checkpoint.load_params(path, dtype="float16")
 
 
 def test_load_from_a_relative_path(saved, monkeypatch):

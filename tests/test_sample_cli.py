@@ -44,6 +44,14 @@ def test_cli_prints_what_generate_returns(ckpt, capsys):
                              num_steps=3, cache_budget=2)
     assert [r["tokens"] for r in rows] == expected.rows()
     assert [r["steps"] for r in rows] == [[3] * 5, [3] * 5]
+    # --param-dtype bfloat16 loads the parameters as bfloat16: generate's tokens with them.
+    assert sample_cli(["--checkpoint", str(path), "--tokens", "1,2,3", "--tokens", "9,8",
+                       "--cache-budget", "2", "--param-dtype", "bfloat16", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    half = jax.tree.map(lambda x: x.astype(jax.numpy.bfloat16), params)
+    expected = rdlm.generate(half, config.model, [[1, 2, 3], [9, 8]], max_new_tokens=5,
+                             num_steps=3, cache_budget=2)
+    assert [r["tokens"] for r in rows] == expected.rows()
 
 
 def test_cli_continuous_batching_prints_the_queue_in_order_and_its_schedule(ckpt, capsys):

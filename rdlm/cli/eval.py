@@ -11,7 +11,7 @@ from rdlm.config import Config, check_num_steps
 from rdlm.errors import ConfigError
 from rdlm.generation.evaluate import evaluate_accuracy, format_table, read_problems
 from rdlm.runtime import storage
-from rdlm.runtime.checkpoint import load_params, say_on_stderr
+from rdlm.runtime.checkpoint import PARAM_DTYPES, load_params, say_on_stderr
 from rdlm.train.eval import TOKEN_SOURCES, held_out_loss, loss_table, plot_loss_vs_r
 
 DESCRIPTION = """A checkpoint at several numbers of steps r: held-out loss and perplexity for a
@@ -68,6 +68,8 @@ def cli(argv: Sequence[str]) -> int:
     parser.add_argument("--init-scale", type=float, default=0.0,
                         help="0 = zero initial state (deterministic); 1 = Huginn's random state")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--param-dtype", choices=PARAM_DTYPES, default="float32",
+                        help="load the parameters as this dtype (bfloat16: half the memory)")
     parser.add_argument("--json", help="write the full result (with predictions) here")
     parser.add_argument("--markdown", help="write the table here")
     args = parser.parse_args(list(argv))
@@ -76,7 +78,7 @@ def cli(argv: Sequence[str]) -> int:
                             ("--plot", args.plot)):  # files or bucket URLs
         if output:
             storage.check_access(output, setting)  # before the evaluation: one clear error
-    cfg, params = load_params(args.checkpoint, report=say_on_stderr)
+    cfg, params = load_params(args.checkpoint, report=say_on_stderr, dtype=args.param_dtype)
     if cfg.data.source in TOKEN_SOURCES:
         return _text_eval(args, cfg, params, steps)
     changes = {k: v for k, v in (("task", args.task), ("difficulty", args.difficulty),

@@ -17,6 +17,7 @@ from rdlm.data.tokenizer import Tokenizer, load_tokenizer, run_tokenizer
 from rdlm.errors import ConfigError
 from rdlm.generation import ExitConfig, GenerateOutput, generate
 from rdlm.runtime import checkpoint
+from rdlm.runtime.checkpoint import PARAM_DTYPES
 
 
 def _sample_parser() -> argparse.ArgumentParser:
@@ -72,6 +73,8 @@ def _sample_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--init-scale", type=float, default=0.0,
                         help="0: zero initial state (deterministic); 1: random as in training")
+    parser.add_argument("--param-dtype", choices=PARAM_DTYPES, default="float32",
+                        help="load the parameters as this dtype (bfloat16: half the memory)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per row")
     return parser
 
@@ -220,7 +223,8 @@ def cli(argv: Sequence[str]) -> int:
     texts = prompt_texts(args)
     rows = prompt_rows(args, tokenizer, texts)
     stop = args.stop if args.stop is not None else (tokenizer.stop_ids if tokenizer else ())
-    config, params = checkpoint.load_params(args.checkpoint, report=checkpoint.say_on_stderr)
+    config, params = checkpoint.load_params(args.checkpoint, report=checkpoint.say_on_stderr,
+                                            dtype=args.param_dtype)
     out = _generate(args, config, params, rows, stop)
     print_rows(out, tokenizer, echoed_prompts(args, tokenizer, texts), args.json)
     return 0

@@ -34,6 +34,7 @@ import warnings
 from typing import Any, Callable, Iterable, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -192,19 +193,28 @@ def _restore_item(ckpt: StoragePath, name: str, abstract_tree: Any) -> Any:
     return restored[name]
 
 
-def load_params(path: str | StoragePath, *, shardings: Any | None = None, report: Report | None = None
-                ) -> tuple[Config, Any]:
+PARAM_DTYPES = ("float32", "bfloat16")
+
+
+def load_params(path: str | StoragePath, *, shardings: Any | None = None, report: Report | None = None,
+                dtype: str = "float32") -> tuple[Config, Any]:
     """(config, params) from a params-only checkpoint, a training checkpoint, or a run directory
     (its newest intact step). ``shardings``: a pytree of `jax.sharding.Sharding` mirroring the
     params (e.g. `rdlm.runtime.sharding.param_shardings`) or one sharding for all; the arrays are read
     straight into it. The tree structure is exactly `rdlm.abstract_params(config.model)`'s.
     ``report`` (e.g. `say_on_stderr`) gets one line per damaged step passed over and one naming
-    the checkpoint loaded.
+    the checkpoint loaded. ``dtype``: the arrays' dtype whatever the checkpoint stores, float32
+    (rdlm's parameters, what training takes) or bfloat16 (half the memory, for generation and
+    evaluation; a model computing in bfloat16 rounds its matmul weights to it anyway).
     """
     from rdlm.model import abstract_params
+    if dtype not in PARAM_DTYPES:
+        raise ValueError(f"dtype={dtype!r}: parameters load as one of {', '.join(PARAM_DTYPES)}.")
     ckpt = resolve(path, report=report)
     cfg = load_config(ckpt)
-    target = _abstract_with_shardings(abstract_params(cfg.model), shardings)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype)),
+                            abstract_params(cfg.model))
+    target = _abstract_with_shardings(abstract, shardings)
     params = _restore_item(ckpt, PARAMS, target)
     if report is not None:
         report(loaded_line(ckpt))
