@@ -74,6 +74,7 @@ class EvalOptions:
     continuous_batching: bool = False
     batch_size: int = DEFAULT_BATCH_SIZE
     dtype: str | None = None  # compute dtype; None: the checkpoint's own
+    param_dtype: str = "float32"  # the parameters' dtype (bfloat16: half the memory)
     max_length: int | None = None  # None: model.max_seq_len
     tokenizer: str | None = None  # None: the one kept with the checkpoint (`run_tokenizer`)
     add_bos: bool = True  # put the beginning-of-text token in front of every context
@@ -134,8 +135,10 @@ def parse_options(model_args: dict[str, Any]) -> EvalOptions:
         except ValueError as err:
             raise ConfigError(f"model_args exit={options.exit!r}: {err} Use criterion[:threshold], "
                               "e.g. exit=kl:1e-3, as `rdlm sample --exit`.") from None
-    if options.dtype not in (None, "float32", "bfloat16"):
-        raise ConfigError(f"model_args dtype={options.dtype!r} must be float32 or bfloat16.")
+    for key in ("dtype", "param_dtype"):
+        if getattr(options, key) not in (None, "float32", "bfloat16"):
+            raise ConfigError(f"model_args {key}={getattr(options, key)!r} must be float32 or "
+                              "bfloat16.")
     return options
 
 
@@ -170,20 +173,22 @@ def model_tokenizer(path: Path, tokenizer: str | None, trained_with: str | Path)
                           "tokenizer=chars or ascii a built-in one)") from None
 
 
-def load_model(checkpoint: str, dtype: str | None, tokenizer: str | None
-               ) -> tuple[ModelConfig, Params, Tokenizer]:
-    """(model config with the compute dtype, float32 params, tokenizer) of ``checkpoint``."""
+def load_model(checkpoint: str, dtype: str | None, tokenizer: str | None,
+               param_dtype: str = "float32") -> tuple[ModelConfig, Params, Tokenizer]:
+    """(model config with the compute dtype, params in ``param_dtype``, tokenizer) of
+    ``checkpoint``."""
     path = Path(checkpoint).expanduser()
     if not path.exists():
         raise ConfigError(f"model_args checkpoint={checkpoint!r} does not exist: give an rdlm run "
                           "directory, one of its checkpoint steps, or a Huginn-layout directory.")
     if is_huginn_dir(path):
         from rdlm.interop import load_huginn
-        cfg, params = load_huginn(path, compute_dtype=dtype or _huginn_dtype(path))
+        cfg, params = load_huginn(path, dtype=param_dtype,
+                                  compute_dtype=dtype or _huginn_dtype(path))
         tok = model_tokenizer(path, tokenizer, trained_with=path)
     else:
         from rdlm.runtime import checkpoint as ckpt
-        config, params = ckpt.load_params(path, report=ckpt.say_on_stderr)
+        config, params = ckpt.load_params(path, report=ckpt.say_on_stderr, dtype=param_dtype)
         cfg = config.model if dtype is None else dataclasses.replace(config.model, dtype=dtype)
         tok = model_tokenizer(path, tokenizer, trained_with=config.data.tokenizer)
     if tok.vocab_size > cfg.vocab_size:
@@ -246,7 +251,7 @@ class RDLM(TemplateLM):
         super().__init__()
         self.options = parse_options({"checkpoint": checkpoint, **model_args})
         cfg, params, tok = load_model(self.options.checkpoint, self.options.dtype,
-                                      self.options.tokenizer)
+                                      self.options.tokenizer, self.options.param_dtype)
         self.cfg, self.tokenizer = cfg, tok
         self.num_steps = self.options.num_steps or cfg.mean_recurrence
         self.max_length = self.options.max_length or cfg.max_seq_len

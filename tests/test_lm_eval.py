@@ -257,6 +257,7 @@ def test_chat_template_needs_the_chat_tokens(model):
     ({"exit": "kll"}, "unknown exit criterion 'kll' \\(did you mean 'kl'\\?\\)"),
     ({"num_steps": "many"}, "num_steps='many' must be an integer"),
     ({"dtype": "float16"}, "dtype='float16' must be float32 or bfloat16"),
+    ({"param_dtype": "float16"}, "param_dtype='float16' must be float32 or bfloat16"),
     ({"max_length": 1000}, "max_length=1000 exceeds the model's max_seq_len=64"),
 ])
 def test_bad_model_args_are_named(tiny_run, args, match):
@@ -342,6 +343,10 @@ def test_huginn_layout_directory_gives_the_same_numbers(model, tiny_run, tmp_pat
                 for i, pair in enumerate([("2+3=", " 5"), ("a b c d", " e")])]
     np.testing.assert_allclose([s for s, _ in hf.loglikelihood(requests)],
                                [s for s, _ in model.loglikelihood(requests)], rtol=1e-6, atol=1e-5)
+    # param_dtype=bfloat16 loads either kind of checkpoint's parameters in bfloat16.
+    for checkpoint in (tmp_path / "hf", tiny_run[0]):
+        half = RDLM(checkpoint=str(checkpoint), tokenizer="chars", param_dtype="bfloat16")
+        assert {str(x.dtype) for x in jax.tree.leaves(half.params)} == {"bfloat16"}
 
 
 def test_continuous_batching_generates_what_lockstep_batches_do(tiny_run):
