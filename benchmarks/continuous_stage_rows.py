@@ -1,10 +1,11 @@
 """Depth-continuous batching with long prompts: what the size of a staged prefill costs.
 
     python benchmarks/continuous_stage_rows.py [--preset bench-28m] [--batch 16] [--queue 64]
-        [--prompt-len 128] [--new-tokens 64] [--steps 8] [--stages 16,8,2] [--rounds 2]
+        [--prompt-len N] [--new-tokens N] [--steps 8] [--stages 16,8,2] [--rounds 2]
         [--json FILE]
 
-A queue of random prompts (between 0.8 and 1 times ``--prompt-len`` ids) goes through
+A queue of random prompts (between 0.8 and 1 times ``--prompt-len`` ids; by default half the
+model's context, and a quarter of it in new tokens: 128 and 64 for bench-28m) goes through
 ``--batch`` depth-continuous rows under KL exit, once per ``stage_rows`` in ``--stages`` and
 round, the stages alternating in order between rounds (a shared host's drift moves them
 alike). Each call is timed whole, prefills included; the median of the rounds is printed with
@@ -33,8 +34,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--preset", default="bench-28m")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--queue", type=int, default=64)
-    parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, help="default: half the context")
+    parser.add_argument("--new-tokens", type=int, help="default: a quarter of the context")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--stages", default="16,8,2")
     parser.add_argument("--rounds", type=int, default=2)
@@ -42,6 +43,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     cfg = rdlm.model_preset(args.preset)
+    args.prompt_len = args.prompt_len or cfg.max_seq_len // 2
+    args.new_tokens = args.new_tokens or cfg.max_seq_len // 4
     params = rdlm.init_params(cfg, jax.random.key(0))
     rng = np.random.default_rng(0)
     lengths = rng.integers(int(0.8 * args.prompt_len), args.prompt_len + 1, size=args.queue)

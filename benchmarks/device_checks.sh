@@ -36,6 +36,11 @@ for criterion in latent-diff kl; do
     --json "$out/bench-sample-continuous-queue-$model-$criterion.json"
 done
 
+# Long prompts under depth-continuous batching: the time of one queue when its prefills stage
+# 16, 8 (the default at 128-token prompts) or 1 prompt at a time (docs/sampling.md).
+run "continuous-stage-rows-$model" "$py" benchmarks/continuous_stage_rows.py --preset "$model" \
+  --stages 16,8,1 --json "$out/continuous-stage-rows-$model.json"
+
 # Decoding tokens/s at r = 32, batch 1 and 64, against the measured memory bandwidth.
 run "bench-sample-$model" "$py" -m rdlm bench sample "$model" --variants full,exit,shared \
   --batches 1,64 --steps 32 --new-tokens 32 --prompt-len 32 --json "$out/bench-sample-$model.json"
