@@ -267,10 +267,6 @@ class RDLM(TemplateLM):
         self.params = (params if self.mesh.size == 1 else
                        jax.device_put(params, sharding.param_shardings(cfg, self.mesh)))
         self.constrain = sharding.state_constraint(self.mesh)
-        if self.options.continuous_batching and self.mesh.size > 1:
-            raise ConfigError(f"model_args continuous_batching=true runs generation on one "
-                              f"device, and this process sees {self.mesh.size}: make one visible "
-                              "(e.g. CUDA_VISIBLE_DEVICES=0) or leave continuous_batching off.")
         self.generation_stats = {"tokens": 0, "core_steps": 0}
         self._sampled_batches = 0  # folded into the key of each sampled batch
 
@@ -454,11 +450,12 @@ class RDLM(TemplateLM):
         if settings["temperature"] > 0:
             self._sampled_batches += 1
             key = jax.random.fold_in(jax.random.key(self.options.seed), self._sampled_batches)
-        if self.options.continuous_batching:  # a queue over batch_size rows, one device
-            layout = dict(continuous_batching=True, batch_size=self.batch_size)
+        mesh = None if self.mesh.size == 1 else self.mesh
+        if self.options.continuous_batching:  # batch_size rows, each device its share of them
+            layout = dict(continuous_batching=True, batch_size=self.batch_size, mesh=mesh)
         else:  # one padded batch, split over the mesh
             layout = dict(prompt_len=bucket_length(max(map(len, rows)), self.max_length - max_new),
-                          mesh=None if self.mesh.size == 1 else self.mesh)
+                          mesh=mesh)
         return generate(self.params, self.cfg, rows, max_new_tokens=max_new,
                         num_steps=self.num_steps, exit=self.exit,
                         cache_budget=self.options.cache_budget,

@@ -292,8 +292,10 @@ def test_one_token_stop_strings_become_stop_tokens():
 
 
 def test_data_parallel_over_two_devices_gives_the_same_numbers(model, tiny_run):
-    """With two (host) devices the batch is split over the "data" axis; same results."""
+    """With two (host) devices the batch is split over the "data" axis, and under
+    continuous_batching each device takes its share of the requests; same results."""
     pairs = [("2+3=", " 5"), ("a b c d", " e"), ("is 7 odd?", " yes")]
+    contexts = ["abc", "2+3=", "hello there", "x", "a b c d e"]
     code = (
         "import json, os\n"
         f"os.environ['XLA_FLAGS'] = '{xla_flags(2)}'\n"
@@ -301,8 +303,12 @@ def test_data_parallel_over_two_devices_gives_the_same_numbers(model, tiny_run):
         "from rdlm.lm_eval import RDLM\n"
         f"lm = RDLM(checkpoint={str(tiny_run[0])!r}, num_steps={R}, batch_size=3)\n"
         f"reqs = [Instance('loglikelihood', {{}}, p, i) for i, p in enumerate({pairs!r})]\n"
+        f"rows = RDLM(checkpoint={str(tiny_run[0])!r}, num_steps=6, exit='latent-diff:0.5',\n"
+        "            batch_size=2, continuous_batching='true')\n"
+        "gens = [Instance('generate_until', {}, (c, {'until': ['zz'], 'max_gen_toks': 5}), i)\n"
+        f"        for i, c in enumerate({contexts!r})]\n"
         "print(json.dumps({'devices': lm.mesh.size, 'batch': lm.batch_size,\n"
-        "                  'out': lm.loglikelihood(reqs)}))\n")
+        "                  'out': lm.loglikelihood(reqs), 'gen': rows.generate_until(gens)}))\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -312,6 +318,10 @@ def test_data_parallel_over_two_devices_gives_the_same_numbers(model, tiny_run):
     np.testing.assert_allclose([o[0] for o in result["out"]], [w[0] for w in want], rtol=1e-5,
                                atol=1e-4)
     assert [o[1] for o in result["out"]] == [w[1] for w in want]
+    lockstep = RDLM(checkpoint=str(tiny_run[0]), num_steps=6, exit="latent-diff:0.5", batch_size=2)
+    assert result["gen"] == lockstep.generate_until(
+        [Instance("generate_until", {}, (c, {"until": ["zz"], "max_gen_toks": 5}), i)
+         for i, c in enumerate(contexts)])
 
 
 def test_without_lm_eval_the_import_says_how_to_install_it(monkeypatch):

@@ -1,4 +1,5 @@
-"""Sharded generation on 8 fake CPU devices gives exactly the single-device tokens.
+"""Sharded generation on 8 fake CPU devices gives exactly the single-device tokens, lockstep
+(the batch and the params sharded) and depth-continuous (each device its share of the queue).
 
 Runs in a subprocess: the device count is fixed when JAX starts.
 """
@@ -34,6 +35,20 @@ SCRIPT = textwrap.dedent("""
         out = rdlm.generate(params, cfg, prompts, max_new_tokens=6, num_steps=4, mesh=mesh, **opts)
         np.testing.assert_array_equal(out.tokens, single.tokens)
         np.testing.assert_array_equal(out.steps, single.steps)
+    # Depth-continuous batching on the same mesh: 9 prompts over 8 devices of one row each
+    # (shares 2, 2, 2, 2, 1 and three empty), against 2 rows on one device, greedy under KL
+    # exit and sampled from random initial states (each prompt's numbers follow its index).
+    prompts9 = (prompts * 3)[:9]
+    for opts in (dict(exit="kl", cache_budget=2),
+                 dict(temperature=0.8, init_scale=1.0, key=jax.random.key(7))):
+        common = dict(max_new_tokens=6, num_steps=4, continuous_batching=True, **opts)
+        single = rdlm.generate(params, cfg, prompts9, batch_size=2, **common)
+        out = rdlm.generate(params, cfg, prompts9, batch_size=8, mesh=mesh, **common)
+        for name in ("tokens", "steps", "lengths"):
+            np.testing.assert_array_equal(getattr(out, name), getattr(single, name))
+        # One row per device stages one prompt at a time: 2 prefills on each of the four
+        # devices with two prompts, 1 on the others (an empty queue stages its padding).
+        assert out.stats["prefills"] == 4 * 2 + 4
     print("SHARDED-OK", jax.device_count())
 """)
 

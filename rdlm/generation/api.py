@@ -17,7 +17,8 @@ import numpy as np
 
 from rdlm.config import ModelConfig
 from rdlm.generation.exits import ExitConfig
-from rdlm.generation.continuous import Queue, continuous_jit, default_boundary_wait
+from rdlm.generation.continuous import (Queue, continuous_jit, continuous_on_devices_jit,
+                                        default_boundary_wait)
 from rdlm.generation.plan import (PAD_ID, Plan, SamplingConfig, SpeculativeConfig, ThoughtConfig,
                                   continuous_plan, left_pad, make_plan, plan_cache_bytes,
                                   prompt_bucket, prompt_rows)
@@ -176,7 +177,9 @@ def generate(params: Params, cfg: ModelConfig, prompt_tokens: Any, *, max_new_to
       the previous position's last hidden state (`ThoughtConfig`), computed once into the cache.
     - ``prompt_len``: left-pad every prompt to this length (default: the longest); fix it to
       compile once for batches whose longest prompts differ.
-    - ``mesh``: shard params with `rdlm.runtime.sharding.param_shardings` and the batch over "data".
+    - ``mesh``: shard params with `rdlm.runtime.sharding.param_shardings` and the batch over "data";
+      under ``continuous_batching``, every device of the mesh holds the whole model and works
+      through its own consecutive share of the prompts on ``batch_size`` ÷ devices rows.
     - ``continuous_batching``: depth-continuous batching (`rdlm.generation.continuous`): each of
       ``batch_size`` rows (default: one per prompt) runs its own token at its own iteration, a row
       whose token exits goes on to its next token at once, and a row whose sequence is done takes
@@ -212,16 +215,21 @@ def generate(params: Params, cfg: ModelConfig, prompt_tokens: Any, *, max_new_to
                      prompt_len=prompt_len)
     key = _default_key() if key is None else key
     if continuous_batching:
-        if mesh is not None:
-            raise ValueError("continuous_batching runs on one device: leave mesh=None.")
         threshold = None if plan.exit is None else plan.exit.value
-        plan = continuous_plan(plan, len(rows), batch_size, stage_rows)
+        shares = device_shares(len(rows), 1 if mesh is None else mesh.devices.size)
+        if batch_size is not None and mesh is not None:
+            if batch_size % len(shares):
+                raise ValueError(f"batch_size={batch_size} rows must divide among the mesh's "
+                                 f"{len(shares)} devices under continuous_batching.")
+            batch_size //= len(shares)
+        plan = continuous_plan(plan, len(shares[0]), batch_size, stage_rows)
         if boundary_wait is None:
             boundary_wait = default_boundary_wait(cfg, plan.batch, plan.exit)
         elif not isinstance(boundary_wait, int) or boundary_wait < 0:
             raise ValueError(f"boundary_wait={boundary_wait!r} must be a whole number of "
                              "row-iterations, 0 or more.")
-        out = _generate_continuous(params, plan, rows, num_steps, threshold, boundary_wait, key)
+        out = _generate_continuous(params, plan, rows, shares, num_steps, threshold,
+                                   boundary_wait, key, mesh)
         return with_texts(out, tokenizer, plan.stop_tokens)
     prompt_bt, pad_b = left_pad(rows, plan.prompt_len)
     params, prompt_bt, pad_b = _place(params, cfg, prompt_bt, pad_b, mesh)
@@ -229,33 +237,60 @@ def generate(params: Params, cfg: ModelConfig, prompt_tokens: Any, *, max_new_to
     return with_texts(_finish(raw, plan), tokenizer, plan.stop_tokens)
 
 
-def _generate_continuous(params: Params, plan: Plan, rows: list[list[int]], num_steps: int,
-                         threshold: float | None, boundary_wait: int, key: jax.Array
-                         ) -> GenerateOutput:
-    """The depth-continuous program over the queue of prompts, outputs in prompt order."""
+def device_shares(num_prompts: int, devices: int) -> list[range]:
+    """The prompts each device works through under continuous batching: consecutive runs, as
+    even as they come (a device may get none when prompts are fewer than devices)."""
+    per = -(-num_prompts // devices)
+    return [range(min(d * per, num_prompts), min((d + 1) * per, num_prompts))
+            for d in range(devices)]
+
+
+def _queue(plan: Plan, rows: list[list[int]], share: range) -> Queue:
+    """One device's queue: its share of the prompts, right-padded to the plan's queue."""
     queue_qt = np.full((plan.queue, plan.prompt_len), PAD_ID, np.int32)
     lengths_q = np.ones((plan.queue,), np.int32)  # padding slots: staged at most, never taken
-    for i, row in enumerate(rows):
-        queue_qt[i, :len(row)] = row
-        lengths_q[i] = len(row)
-    queue = Queue(queue_qt, lengths_q, np.int32(len(rows)))
-    raw = jax.device_get(continuous_jit(params, queue, np.int32(num_steps),
-                                        np.float32(0.0 if threshold is None else threshold),
-                                        np.int32(boundary_wait), key, plan=plan))
-    n, n_new = len(rows), plan.max_new_tokens
-    lengths = np.asarray(raw["lengths"])[:n].astype(np.int64)
-    tokens = np.asarray(raw["tokens"])[:n, :n_new]
-    steps = np.asarray(raw["steps"])[:n, :n_new]
-    exit_values = np.asarray(raw["exit_values"])[:n, :n_new] if plan.exit is not None else None
-    logits = np.asarray(raw["logits"])[:n, :n_new] if plan.return_logits else None
-    iterations = int(raw["iterations"])
-    stats = {"core_steps": float(steps.sum()), "iterations": iterations,
-             "row_utilization": int(raw["busy"]) / max(iterations * plan.batch, 1),
-             "boundary_passes": int(raw["boundaries"]), "prefills": int(raw["prefills"]),
-             "passes": {"prelude": int(raw["prelude_passes"]), "core": iterations,
-                        "coda": int(raw["coda_passes"])}}
+    for i, index in enumerate(share):
+        queue_qt[i, :len(rows[index])] = rows[index]
+        lengths_q[i] = len(rows[index])
+    return Queue(queue_qt, lengths_q, np.int32(len(share)), np.int32(share.start))
+
+
+def _generate_continuous(params: Params, plan: Plan, rows: list[list[int]],
+                         shares: list[range], num_steps: int, threshold: float | None,
+                         boundary_wait: int, key: jax.Array, mesh: jax.sharding.Mesh | None
+                         ) -> GenerateOutput:
+    """The depth-continuous program over each device's share of the prompts (one device
+    without a mesh), outputs in prompt order. Stats: ``iterations`` of the longest device,
+    passes and row-iterations summed over devices."""
+    scalars = (np.int32(num_steps), np.float32(0.0 if threshold is None else threshold),
+               np.int32(boundary_wait), key)
+    queues = [_queue(plan, rows, share) for share in shares]
+    if mesh is None:
+        raw = jax.tree.map(lambda x: np.asarray(x)[None], jax.device_get(
+            continuous_jit(params, queues[0], *scalars, plan=plan)))
+    else:
+        stacked = jax.tree.map(lambda *xs: np.stack(xs), *queues)
+        raw = jax.device_get(continuous_on_devices_jit(params, stacked, *scalars, plan=plan,
+                                                       mesh=mesh))
+
+    def joined(name: str) -> np.ndarray:  # every device's real prompts, in prompt order
+        return np.concatenate([np.asarray(raw[name])[d, :len(share)]
+                               for d, share in enumerate(shares)])
+
+    n_new = plan.max_new_tokens
+    lengths = joined("lengths").astype(np.int64)
+    tokens, steps = joined("tokens")[:, :n_new], joined("steps")[:, :n_new]
+    exit_values = joined("exit_values")[:, :n_new] if plan.exit is not None else None
+    logits = joined("logits")[:, :n_new] if plan.return_logits else None
+    total = {name: int(np.sum(raw[name])) for name in
+             ("iterations", "busy", "boundaries", "prefills", "prelude_passes", "coda_passes")}
+    stats = {"core_steps": float(steps.sum()), "iterations": int(np.max(raw["iterations"])),
+             "row_utilization": total["busy"] / max(total["iterations"] * plan.batch, 1),
+             "boundary_passes": total["boundaries"], "prefills": total["prefills"],
+             "passes": {"prelude": total["prelude_passes"], "core": total["iterations"],
+                        "coda": total["coda_passes"]}}
     return GenerateOutput(tokens=tokens, steps=steps, lengths=lengths, exit_values=exit_values,
-                          logits=logits, cache_bytes=plan_cache_bytes(plan),
+                          logits=logits, cache_bytes=plan_cache_bytes(plan) * len(shares),
                           num_slots=plan.num_slots, stats=stats)
 
 

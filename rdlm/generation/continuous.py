@@ -63,11 +63,14 @@ from rdlm.model.kernels import to_loop_layout
 
 
 class Queue(NamedTuple):
-    """The prompts, right-padded: [queue, prompt_len] ids, each length, and how many are real."""
+    """The prompts, right-padded: [queue, prompt_len] ids, each length, and how many are real;
+    ``first``: the first one's index among the call's prompts (a device's share of them starts
+    there), from which the prompts' random numbers derive."""
 
     prompts_qt: jax.Array
     lengths_q: jax.Array
     count: jax.Array
+    first: Any = 0
 
 
 class RowCarry(NamedTuple):
@@ -105,6 +108,7 @@ class RowCarry(NamedTuple):
 class Keys(NamedTuple):
     sample: jax.Array
     state: jax.Array
+    first: Any  # `Queue.first`: a prompt's random numbers follow its index among all prompts
 
 
 def _where_rows(rows_b: jax.Array, new: Any, old: Any) -> Any:
@@ -152,7 +156,8 @@ def _prefill(params: Params, plan: Plan, prompts_bt: jax.Array, lengths_b: jax.A
     cfg = plan.cfg
     b, length = prompts_bt.shape
     cache = kvc.init_cache(cfg, b, length, plan.num_slots, plan.track_latest)
-    state_btd = start_states(plan, row_keys(keys.state, prompt_b, jnp.zeros_like(prompt_b)),
+    state_btd = start_states(plan, row_keys(keys.state, keys.first + prompt_b,
+                                            jnp.zeros_like(prompt_b)),
                              length)
     # Padding follows each prompt, so causality alone keeps it out of the real positions.
     last_b = lengths_b - 1
@@ -231,8 +236,8 @@ def _refill(params: Params, plan: Plan, queue: Queue, num_steps: jax.Array, keys
             prompt_b=jnp.where(here_b, q, c.prompt_b), emitted_b=jnp.where(here_b, 0, c.emitted_b),
             position_b=jnp.where(here_b, queue.lengths_q[q] - 1, c.position_b),
             next_prompt=q + 1)
-        token_1 = choose_rows(logits_1v, row_keys(keys.sample, q[None], jnp.zeros((1,), jnp.int32)),
-                              plan.sampling)
+        token_1 = choose_rows(logits_1v, row_keys(keys.sample, keys.first + q[None],
+                                                  jnp.zeros((1,), jnp.int32)), plan.sampling)
         return _emit(plan, c, here_b, jnp.broadcast_to(token_1, (b,)),
                      jnp.full((b,), num_steps, jnp.int32), jnp.full((b,), jnp.nan, jnp.float32),
                      jnp.broadcast_to(logits_1v, (b, logits_1v.shape[-1])))
@@ -295,7 +300,8 @@ def _advance(params: Params, plan: Plan, keys: Keys, c: RowCarry) -> RowCarry:
     out = gathered_or_whole(rows_b, few_rows(plan.batch), gathered, whole)
     cache = write_prelude_rows(c.cache, out, c.position_b, rows_b)
     start_b1d = (c.state_b1d if plan.continuous_cot else
-                 start_states(plan, row_keys(keys.state, c.prompt_b, c.position_b), 1))
+                 start_states(plan, row_keys(keys.state, keys.first + c.prompt_b, c.position_b),
+                              1))
     memory = c.memory
     if memory is not None:
         memory = _where_rows(rows_b, init_exit_state(start_b1d[:, 0], cfg.vocab_size), memory)
@@ -387,8 +393,8 @@ def _iterate(params: Params, plan: Plan, num_steps: jax.Array, threshold: jax.Ar
         logits_bv = out.logits_bv
         cache = cache._replace(coda=kvc.write_stage_rows(cache.coda, out.kvs, c.position_b,
                                                          waiting_b))
-        token_b = choose_rows(logits_bv, row_keys(keys.sample, c.prompt_b, c.emitted_b),
-                              plan.sampling)
+        token_b = choose_rows(logits_bv, row_keys(keys.sample, keys.first + c.prompt_b,
+                                                  c.emitted_b), plan.sampling)
         value_b = (c.value_b if exit_cfg is not None
                    else jnp.full_like(c.value_b, jnp.nan))
         # (Under `_prelude_waits` the rows waiting for their prelude keep their wait.)
@@ -418,7 +424,7 @@ def _generate_rows(params: Params, queue: Queue, num_steps: jax.Array, threshold
                    boundary_wait: jax.Array, key: jax.Array, plan: Plan
                    ) -> dict[str, jax.Array]:
     params = to_loop_layout(params)
-    keys = Keys(*jax.random.split(key))
+    keys = Keys(*jax.random.split(key), queue.first)
 
     def more(c: RowCarry) -> jax.Array:
         return jnp.any(~_idle(c)) | (jnp.any(_idle(c)) & (c.next_prompt < queue.count))
@@ -441,3 +447,24 @@ def _generate_rows(params: Params, queue: Queue, num_steps: jax.Array, threshold
 
 
 continuous_jit = jax.jit(_generate_rows, static_argnames=("plan",))
+
+
+def _generate_on_devices(params: Params, queues: Queue, num_steps: jax.Array,
+                         threshold: jax.Array, boundary_wait: jax.Array, key: jax.Array,
+                         plan: Plan, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+    """`_generate_rows` on every device of ``mesh`` at once, each over its own queue: the
+    leading axis of ``queues`` and of every output is the device. The model is replicated: a
+    device's rows need every weight at every iteration, and no device waits for another."""
+    flat = jax.sharding.Mesh(mesh.devices.reshape(-1), ("devices",))
+    shard, whole = jax.sharding.PartitionSpec("devices"), jax.sharding.PartitionSpec()
+
+    def one(params: Params, queue: Queue, *scalars: jax.Array) -> dict[str, jax.Array]:
+        out = _generate_rows(params, jax.tree.map(lambda x: x[0], queue), *scalars, plan=plan)
+        return jax.tree.map(lambda x: x[None], out)
+
+    return jax.shard_map(one, mesh=flat, in_specs=(whole, shard, whole, whole, whole, whole),
+                         out_specs=shard, check_vma=False)(params, queues, num_steps, threshold,
+                                                           boundary_wait, key)
+
+
+continuous_on_devices_jit = jax.jit(_generate_on_devices, static_argnames=("plan", "mesh"))
