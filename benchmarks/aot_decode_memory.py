@@ -2,20 +2,25 @@
 
     JAX_PLATFORMS=cpu python benchmarks/aot_decode_memory.py [--topology v5p:2x2x1]
         [--preset huginn-3.5b] [--set n_heads=11 ...] [--batch 16] [--prompt-len 1024]
-        [--new-tokens 1024] [--budget 8] [--stage-rows N] [--param-dtype bfloat16] [--json FILE]
+        [--new-tokens 1024] [--budget 8] [--stage-rows N] [--param-dtype bfloat16]
+        [--chips N] [--json FILE]
 
 Needs libtpu (``pip install "jax[tpu]==0.10.2"``, docs/training.md), not a TPU. Compiles the
 lockstep program and the depth-continuous one (KL exit, ``--batch`` rows, a queue of four
 prompts a row) of a 1,024-wide model (or a preset's) in bfloat16 for the first chip of the
 topology, and reports what XLA's compile says: argument and temporary bytes, and every copy
 the program makes of a cache buffer (the whole of it, or a layout change), once per call or in
-the decoding loop. The model's kernels are chosen for the TPU, as on a TPU host.
+the decoding loop. The model's kernels are chosen for the TPU, as on a TPU host. With
+``--chips N`` it also compiles depth-continuous decoding over the topology's first N chips,
+``--batch`` rows on each (every chip its own share of the queue), and reports one chip's
+memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import re
 import sys
@@ -23,10 +28,11 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rdlm.config import ModelConfig, model_preset
 from rdlm.generation.api import generate_jit
-from rdlm.generation.continuous import Queue, continuous_jit
+from rdlm.generation.continuous import Queue, continuous_jit, continuous_on_devices_jit
 from rdlm.generation.plan import continuous_plan, make_plan
 from rdlm.model import abstract_params, kernels
 from rdlm.runtime.hostinfo import compiling_host, toolchain
@@ -99,6 +105,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--param-dtype", choices=("float32", "bfloat16"), default="float32",
                         help="the parameters' dtype (float32: as rdlm initialises and trains "
                         "them; bfloat16: as `rdlm sample --param-dtype bfloat16` loads them)")
+    parser.add_argument("--chips", type=int, default=1, help="also compile the continuous "
+                        "program over this many chips, --batch rows on each")
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args(argv)
 
@@ -106,7 +114,8 @@ def main(argv: list[str]) -> int:
     # JAX's default backend is the CPU, so say it as a TPU host would.
     kernels.target_platform = lambda mesh: "tpu"
     try:
-        device = topology_devices(args.topology)[0]
+        devices = topology_devices(args.topology)
+        device = devices[0]
     except RuntimeError as err:  # no libtpu, or a topology it cannot describe
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -138,6 +147,26 @@ def main(argv: list[str]) -> int:
     results.append(compiled_report("continuous", lambda: continuous_jit.lower(
         params, queue, spec((), jnp.int32), spec((), jnp.float32), spec((), jnp.int32), key,
         plan=rows_plan), plan.cache_len, cfg.head_dim))
+    if args.chips > 1:
+        mesh = jax.sharding.Mesh(np.array(devices[:args.chips]), ("data",))
+        over = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+        everywhere = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        n = args.chips
+
+        def on(shape: tuple[int, ...], dtype: jnp.dtype, sharding: jax.sharding.Sharding
+               ) -> jax.ShapeDtypeStruct:
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+        queues = Queue(on((n, rows_plan.queue, length), jnp.int32, over),
+                       on((n, rows_plan.queue), jnp.int32, over), on((n,), jnp.int32, over),
+                       on((n,), jnp.int32, over))
+        replicated = jax.tree.map(lambda s: on(s.shape, s.dtype, everywhere), params)
+        scalar = functools.partial(on, (), sharding=everywhere)
+        results.append(compiled_report(f"continuous on {n} chips", lambda: (
+            continuous_on_devices_jit.lower(
+                replicated, queues, scalar(jnp.int32), scalar(jnp.float32), scalar(jnp.int32),
+                on((), key.dtype, everywhere), plan=rows_plan, mesh=mesh)),
+            plan.cache_len, cfg.head_dim))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"topology": args.topology, "device": device.device_kind,
