@@ -38,6 +38,8 @@ finishes its sequence takes the next prompt, so every iteration advances every b
   length), the queue padded to rows × a power of two.
 - Random initial states and sampling keys derive from (prompt, position) and (prompt, token
   index), so a prompt draws the same numbers whatever row and iteration it runs in.
+- Over a mesh (`continuous_on_devices_jit`) every device runs this program on its own share of
+  the queue, the model replicated; a prompt's index is its index among all the prompts.
 """
 
 from __future__ import annotations
