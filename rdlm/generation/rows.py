@@ -34,10 +34,12 @@ def row_context(cfg: ModelConfig, position_b: jax.Array, cache_len: int) -> Atte
     return AttentionContext(cos_b11f, sin_b11f, mask_bs[:, None, None, :])
 
 
-def _read_whole(stage: kvc.Stage) -> kvc.Stage:
-    """A stage's cache as a pass over every row reads it: in place (`kernels.read_in_place`;
-    these passes run inside conditionals)."""
-    return jax.tree.map(read_in_place, stage)
+def _prefixes(stage: kvc.Stage, rows_k: jax.Array | None) -> kvc.Stage:
+    """A stage's cache as a pass over the rows ``rows_k`` reads it: gathered, or for every row
+    (None) in place (`kernels.read_in_place`; these passes run inside conditionals)."""
+    if rows_k is None:
+        return jax.tree.map(read_in_place, stage)
+    return kvc.gather_stage(stage, rows_k)
 
 
 class PreludeRows(NamedTuple):
@@ -54,7 +56,7 @@ def prelude_rows(params: Params, cfg: ModelConfig, prelude: kvc.Stage,
     cached shift bases ``shift_btd``; the caller writes what it returns (`write_prelude_rows`)."""
     model = _model(params, cfg)
     ctx = row_context(cfg, position_k, prelude[0][0].shape[2] if prelude else 0)
-    prefixes = _read_whole(prelude) if rows_k is None else kvc.gather_stage(prelude, rows_k)
+    prefixes = _prefixes(prelude, rows_k)
     bases_k1d = model.token_bases(token_k[:, None])
     inputs_k1d = bases_k1d
     if shift_btd is not None:
@@ -107,7 +109,7 @@ def coda_rows(params: Params, cfg: ModelConfig, coda: kvc.Stage, state_k1d: jax.
     """The coda of the candidate states of the cache rows ``rows_k`` (None: every row, in
     order) over the cached coda entries ``coda``: logits, and the entries it would write."""
     model = _model(params, cfg)
-    prefixes = _read_whole(coda) if rows_k is None else kvc.gather_stage(coda, rows_k)
+    prefixes = _prefixes(coda, rows_k)
     x_k1d, kvs = run_blocks(model.coda, model.coda_input(state_k1d), ctx, list(prefixes))
     hidden_k1d, kvs = _after_reads(model.ln_f(x_k1d), kvs)
     logits_k1v = model.head(hidden_k1d)
