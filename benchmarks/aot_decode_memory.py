@@ -35,6 +35,7 @@ from rdlm.generation.api import generate_jit
 from rdlm.generation.continuous import Queue, continuous_jit, continuous_on_devices_jit
 from rdlm.generation.plan import continuous_plan, make_plan
 from rdlm.model import abstract_params, kernels
+from rdlm.runtime.checkpoint import PARAM_DTYPES
 from rdlm.runtime.hostinfo import compiling_host, toolchain
 from rdlm.train.aot import topology_devices
 
@@ -102,7 +103,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--budget", type=int, default=8, help="recurrence slots kept per layer")
     parser.add_argument("--stage-rows", type=int, help="prompts the continuous program "
                         "prefills together (default: rdlm's, default_stage_rows)")
-    parser.add_argument("--param-dtype", choices=("float32", "bfloat16"), default="float32",
+    parser.add_argument("--param-dtype", choices=PARAM_DTYPES, default="float32",
                         help="the parameters' dtype (float32: as rdlm initialises and trains "
                         "them; bfloat16: as `rdlm sample --param-dtype bfloat16` loads them)")
     parser.add_argument("--chips", type=int, default=1, help="also compile the continuous "
