@@ -3,7 +3,7 @@
     JAX_PLATFORMS=cpu python benchmarks/aot_decode_memory.py [--topology v5p:2x2x1]
         [--preset huginn-3.5b] [--set n_heads=11 ...] [--batch 16] [--prompt-len 1024]
         [--new-tokens 1024] [--budget 8] [--stage-rows N] [--param-dtype bfloat16]
-        [--chips N] [--json FILE]
+        [--chips N [--tensor T]] [--json FILE]
 
 Needs libtpu (``pip install "jax[tpu]==0.10.2"``, docs/training.md), not a TPU. Compiles the
 lockstep program and the depth-continuous one (KL exit, ``--batch`` rows, a queue of four
@@ -11,8 +11,9 @@ prompts a row) of a 1,024-wide model (or a preset's) in bfloat16 for the first c
 topology, and reports what XLA's compile says: argument and temporary bytes, and every copy
 the program makes of a cache buffer (the whole of it, or a layout change), once per call or in
 the decoding loop. The model's kernels are chosen for the TPU, as on a TPU host. With
-``--chips N`` it also compiles depth-continuous decoding over the topology's first N chips,
-``--batch`` rows on each (every chip its own share of the queue), and reports one chip's
+``--chips N`` it also compiles depth-continuous decoding over the topology's first N chips in
+groups of ``--tensor`` chips (default 1), ``--batch`` rows in each group (every group its own
+share of the queue, its chips splitting the weights, tensor-parallel), and reports one chip's
 memory.
 """
 
@@ -28,13 +29,15 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+import yaml
 
-from rdlm.config import ModelConfig, model_preset
+from rdlm.config import MeshConfig, ModelConfig, model_preset
+from rdlm.config_files import from_dict, to_dict
 from rdlm.generation.api import generate_jit
-from rdlm.generation.continuous import Queue, continuous_jit, continuous_on_devices_jit
+from rdlm.generation.continuous import Queue, continuous_jit, continuous_on_groups_jit
 from rdlm.generation.plan import continuous_plan, make_plan
 from rdlm.model import abstract_params, kernels
+from rdlm.runtime import sharding
 from rdlm.runtime.checkpoint import PARAM_DTYPES
 from rdlm.runtime.hostinfo import compiling_host, toolchain
 from rdlm.train.aot import topology_devices
@@ -96,7 +99,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--preset", help="a model preset (rdlm.MODEL_PRESETS) instead of the "
                         "1,024-wide model")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="change a field of the model config (integers), e.g. n_heads=11")
+                        help="change a field of the model config, e.g. n_heads=11 or "
+                        "block=llama")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--prompt-len", type=int, default=1_024)
     parser.add_argument("--new-tokens", type=int, default=1_024)
@@ -107,7 +111,9 @@ def main(argv: list[str]) -> int:
                         help="the parameters' dtype (float32: as rdlm initialises and trains "
                         "them; bfloat16: as `rdlm sample --param-dtype bfloat16` loads them)")
     parser.add_argument("--chips", type=int, default=1, help="also compile the continuous "
-                        "program over this many chips, --batch rows on each")
+                        "program over this many chips, --batch rows in each group of --tensor")
+    parser.add_argument("--tensor", type=int, default=1, help="with --chips: chips that split "
+                        "the weights of one group of rows (tensor parallelism)")
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args(argv)
 
@@ -126,8 +132,9 @@ def main(argv: list[str]) -> int:
         return jax.ShapeDtypeStruct(shape, dtype, sharding=place)
 
     model = model_preset(args.preset, dtype="bfloat16") if args.preset else MODEL
-    model = dataclasses.replace(model, **{key: int(value) for key, value in
-                                          (item.split("=", 1) for item in args.set)})
+    changes = {key: yaml.safe_load(value) for key, value in
+               (item.split("=", 1) for item in args.set)}
+    model = from_dict(ModelConfig, {**to_dict(model), **changes}, "model")
     cfg = dataclasses.replace(model, max_seq_len=args.prompt_len + args.new_tokens)
     params = jax.tree.map(lambda s: spec(s.shape, jnp.dtype(args.param_dtype)),
                           abstract_params(cfg))
@@ -149,10 +156,11 @@ def main(argv: list[str]) -> int:
         params, queue, spec((), jnp.int32), spec((), jnp.float32), spec((), jnp.int32), key,
         plan=rows_plan), plan.cache_len, cfg.head_dim))
     if args.chips > 1:
-        mesh = jax.sharding.Mesh(np.array(devices[:args.chips]), ("data",))
-        over = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+        mesh = sharding.make_mesh(MeshConfig(data=-1, tensor=args.tensor),
+                                  devices=devices[:args.chips])
+        over = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.data_axes()))
         everywhere = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        n = args.chips
+        n = sharding.data_parallel_size(mesh)
 
         def on(shape: tuple[int, ...], dtype: jnp.dtype, sharding: jax.sharding.Sharding
                ) -> jax.ShapeDtypeStruct:
@@ -161,11 +169,14 @@ def main(argv: list[str]) -> int:
         queues = Queue(on((n, rows_plan.queue, length), jnp.int32, over),
                        on((n, rows_plan.queue), jnp.int32, over), on((n,), jnp.int32, over),
                        on((n,), jnp.int32, over))
-        replicated = jax.tree.map(lambda s: on(s.shape, s.dtype, everywhere), params)
+        split = jax.tree.map(lambda s, place: on(s.shape, s.dtype, place), params,
+                             sharding.param_shardings(cfg, mesh, sharding.GROUP_RULES))
         scalar = functools.partial(on, (), sharding=everywhere)
-        results.append(compiled_report(f"continuous on {n} chips", lambda: (
-            continuous_on_devices_jit.lower(
-                replicated, queues, scalar(jnp.int32), scalar(jnp.float32), scalar(jnp.int32),
+        name = f"continuous on {args.chips} chips" + (f", groups of {args.tensor}"
+                                                       if args.tensor > 1 else "")
+        results.append(compiled_report(name, lambda: (
+            continuous_on_groups_jit.lower(
+                split, queues, scalar(jnp.int32), scalar(jnp.float32), scalar(jnp.int32),
                 on((), key.dtype, everywhere), plan=rows_plan, mesh=mesh)),
             plan.cache_len, cfg.head_dim))
     if args.json:
@@ -176,7 +187,8 @@ def main(argv: list[str]) -> int:
                        "model": dataclasses.asdict(cfg), "batch": b, "prompt_len": length,
                        "new_tokens": args.new_tokens, "cache_budget": args.budget,
                        "cache_len": plan.cache_len, "stage_rows": rows_plan.stage_rows,
-                       "param_dtype": args.param_dtype,
+                       "param_dtype": args.param_dtype, "chips": args.chips,
+                       "tensor": args.tensor,
                        "programs": results}, f, indent=1)
     return 0
 

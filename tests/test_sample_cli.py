@@ -105,6 +105,13 @@ def test_cli_reports_bad_input(ckpt, capsys):
     assert sample_cli(["--checkpoint", str(path), "--prompt", "hi", "--tokenizer",
                        str(path / "absent.json")]) == 2
     assert "--tokenizer PATH" in capsys.readouterr().err
+    # A mesh that asks for more devices than there are, or names an unknown axis.
+    assert sample_cli(["--checkpoint", str(path), "--tokens", "1,2", "--mesh", "tensor=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "(3 devices) must divide the device count" in err
+    with pytest.raises(SystemExit):
+        sample_cli(["--checkpoint", str(path), "--tokens", "1,2", "--mesh", "model=2"])
+    assert "'model' is not one of data, fsdp, tensor" in capsys.readouterr().err
 
 
 def test_a_tokenizer_without_a_beginning_of_text_token(ckpt, tmp_path, capsys):

@@ -1,5 +1,6 @@
 """Sharded generation on 8 fake CPU devices gives exactly the single-device tokens, lockstep
-(the batch and the params sharded) and depth-continuous (each device its share of the queue).
+(the batch and the params sharded) and depth-continuous (each data-parallel group its share of
+the queue, the group's weights split over its "tensor" devices).
 
 Runs in a subprocess: the device count is fixed when JAX starts.
 """
@@ -19,6 +20,9 @@ SCRIPT = textwrap.dedent("""
     import rdlm
     from rdlm.runtime import sharding
     from rdlm.config import MeshConfig
+    from rdlm.generation import api
+    from rdlm.generation.continuous import continuous_on_groups_jit
+    from rdlm.generation.plan import continuous_plan, make_plan
 
     cfg = rdlm.model_preset("tiny")
     params = rdlm.init_params(cfg, jax.random.key(0))
@@ -35,20 +39,65 @@ SCRIPT = textwrap.dedent("""
         out = rdlm.generate(params, cfg, prompts, max_new_tokens=6, num_steps=4, mesh=mesh, **opts)
         np.testing.assert_array_equal(out.tokens, single.tokens)
         np.testing.assert_array_equal(out.steps, single.steps)
-    # Depth-continuous batching on the same mesh: 9 prompts over 8 devices of one row each
-    # (shares 2, 2, 2, 2, 1 and three empty), against 2 rows on one device, greedy under KL
-    # exit and sampled from random initial states (each prompt's numbers follow its index).
+    # Depth-continuous batching, 9 prompts against 2 rows on one device, greedy under KL exit
+    # and sampled from random initial states (each prompt's numbers follow its index):
+    # - on the same mesh, 4 data-parallel groups (data × fsdp) of 2 rows, each group's weights
+    #   split over its 2 "tensor" devices: shares 3, 3, 3 and one empty;
+    # - over 8 groups of one device, one row each: shares 2, 2, 2, 2, 1 and three empty.
     prompts9 = (prompts * 3)[:9]
+    flat = sharding.make_mesh(MeshConfig(data=-1))
     for opts in (dict(exit="kl", cache_budget=2),
                  dict(temperature=0.8, init_scale=1.0, key=jax.random.key(7))):
         common = dict(max_new_tokens=6, num_steps=4, continuous_batching=True, **opts)
         single = rdlm.generate(params, cfg, prompts9, batch_size=2, **common)
-        out = rdlm.generate(params, cfg, prompts9, batch_size=8, mesh=mesh, **common)
-        for name in ("tokens", "steps", "lengths"):
-            np.testing.assert_array_equal(getattr(out, name), getattr(single, name))
-        # One row per device stages one prompt at a time: 2 prefills on each of the four
-        # devices with two prompts, 1 on the others (an empty queue stages its padding).
-        assert out.stats["prefills"] == 4 * 2 + 4
+        for on, prefills in ((mesh, 3 * 2 + 1), (flat, 4 * 2 + 4)):
+            out = rdlm.generate(params, cfg, prompts9, batch_size=8, mesh=on, **common)
+            for name in ("tokens", "steps", "lengths"):
+                np.testing.assert_array_equal(getattr(out, name), getattr(single, name))
+            # A group stages as many prompts as it has rows (an empty queue stages its padding).
+            assert out.stats["prefills"] == prefills, out.stats
+    # A Pallas kernel may run as it is inside a group of one device, not where XLA partitions
+    # the group's program over "tensor" (nor in a program over all 8 devices).
+    from rdlm.model import kernels
+    seen = {}
+    def probe(name, x):
+        seen[name] = kernels.runs_per_device()
+        return x
+    for name, on, manual in (("groups of 2", mesh, {"data", "fsdp"}),
+                             ("groups of 1", flat, {"data", "fsdp", "tensor"})):
+        spec = jax.sharding.PartitionSpec(tuple(sorted(manual)))
+        jax.jit(jax.shard_map(lambda x, name=name: probe(name, x), mesh=on, in_specs=spec,
+                              out_specs=spec, axis_names=manual, check_vma=False))(np.zeros(8))
+    jax.jit(lambda x: probe("all devices", x))(np.zeros(8))
+    assert seen == {"groups of 2": False, "groups of 1": True, "all devices": False}, seen
+    # Within a group the weights stay split: each tensor device holds half the heads and MLP
+    # units, and the program sums their partial products across the group.
+    plan = continuous_plan(make_plan(cfg, prompts9, max_new_tokens=6, num_steps=4, exit="kl",
+                                     prompt_len=8), 3, 2, None)
+    queues = [api._queue(plan, prompts9, share) for share in api.group_shares(9, 4)]
+    split = jax.device_put(params, sharding.param_shardings(cfg, mesh, sharding.GROUP_RULES))
+    compiled = continuous_on_groups_jit.lower(
+        split, jax.tree.map(lambda *xs: np.stack(xs), *queues), np.int32(4), np.float32(1e-3),
+        np.int32(0), jax.random.key(0), plan=plan, mesh=mesh).compile()
+    whole = sum(x.nbytes for x in jax.tree.leaves(params))
+    assert compiled.memory_analysis().argument_size_in_bytes < 0.75 * whole
+    assert "all-reduce(" in compiled.as_text()
+    # From the command line: `rdlm sample --mesh data=2,tensor=4 --continuous-batching`.
+    import contextlib, io, json, tempfile
+    from rdlm.cli import main
+    from rdlm.runtime import checkpoint
+    config = rdlm.load_config("configs/tiny.yaml")
+    ckpt = tempfile.mkdtemp() + "/params"
+    checkpoint.save_params(ckpt, config, params)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["sample", "--checkpoint", ckpt, "--mesh", "data=2,tensor=4", "--json",
+                     "--continuous-batching", "--batch-size", "4", "--num-steps", "4",
+                     "--max-new-tokens", "6", "--exit", "kl", "--cache-budget", "2",
+                     *(f"--tokens={','.join(map(str, p))}" for p in prompts9)]) == 0
+    single = rdlm.generate(params, cfg, prompts9, max_new_tokens=6, num_steps=4, exit="kl",
+                           cache_budget=2, continuous_batching=True, batch_size=2)
+    assert [json.loads(line)["tokens"] for line in printed.getvalue().splitlines()] == single.rows()
     print("SHARDED-OK", jax.device_count())
 """)
 

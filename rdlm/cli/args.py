@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from rdlm.config import MeshConfig
 from rdlm.generation import SpeculativeConfig
 
 
@@ -21,3 +22,20 @@ def speculative_arg(text: str) -> SpeculativeConfig:
         return SpeculativeConfig(num_draft=int(k), draft_steps=int(steps) if steps else 4)
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"--speculative {text!r}: {err}")
+
+
+def mesh_arg(text: str) -> MeshConfig:
+    """``data=D,fsdp=F,tensor=T`` (any of them; -1 takes the devices the others leave) as a
+    `MeshConfig`, e.g. ``tensor=4`` or ``data=2,tensor=4``."""
+    sizes = {}
+    for item in filter(None, text.replace(" ", "").split(",")):
+        name, _, value = item.partition("=")
+        if name not in ("data", "fsdp", "tensor") or name in sizes:
+            raise argparse.ArgumentTypeError(f"{text!r}: {name!r} is not one of data, fsdp, "
+                                             "tensor (each once), as in data=2,tensor=4")
+        try:
+            sizes[name] = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: {name}={value!r} is not a whole number")
+    sizes.setdefault("data", -1 if -1 not in sizes.values() else 1)
+    return MeshConfig(**sizes)

@@ -11,12 +11,12 @@ from typing import Any, Sequence
 
 import jax
 
-from rdlm.cli.args import int_list, speculative_arg
+from rdlm.cli.args import int_list, mesh_arg, speculative_arg
 from rdlm.config import Config, check_num_steps
 from rdlm.data.tokenizer import Tokenizer, load_tokenizer, run_tokenizer
 from rdlm.errors import ConfigError
 from rdlm.generation import ExitConfig, GenerateOutput, generate
-from rdlm.runtime import checkpoint
+from rdlm.runtime import checkpoint, sharding
 from rdlm.runtime.checkpoint import PARAM_DTYPES
 
 
@@ -73,6 +73,10 @@ def _sample_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--init-scale", type=float, default=0.0,
                         help="0: zero initial state (deterministic); 1: random as in training")
+    parser.add_argument("--mesh", type=mesh_arg, metavar="data=D,tensor=T",
+                        help="decode over every device: the batch split over data (and fsdp), "
+                        "the weights over tensor; -1 takes the devices the others leave, e.g. "
+                        "tensor=4 or data=2,tensor=4 (default: one device)")
     parser.add_argument("--param-dtype", choices=PARAM_DTYPES, default="float32",
                         help="load the parameters as this dtype (bfloat16: half the memory)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per row")
@@ -151,7 +155,7 @@ def _max_new_tokens(args: argparse.Namespace, config: Config, rows: list[list[in
 
 
 def _generate(args: argparse.Namespace, config: Config, params: Any, rows: list[list[int]],
-              stop: Sequence[int]) -> GenerateOutput:
+              stop: Sequence[int], mesh: jax.sharding.Mesh | None = None) -> GenerateOutput:
     defaults = config.sample
     exit_spec = _pick(args.exit, defaults.exit)
     exit_cfg = (None if exit_spec is None else
@@ -168,7 +172,8 @@ def _generate(args: argparse.Namespace, config: Config, params: Any, rows: list[
         min_p=_pick(args.min_p, defaults.min_p), stop_tokens=stop,
         key=jax.random.key(args.seed), init_scale=args.init_scale,
         continuous_batching=args.continuous_batching, batch_size=args.batch_size,
-        boundary_wait=args.boundary_wait, stage_rows=args.stage_rows)
+        boundary_wait=args.boundary_wait, stage_rows=args.stage_rows,
+        mesh=mesh)
 
 
 def print_rows(out: GenerateOutput, tokenizer: Tokenizer | None, prompts: Sequence[str],
@@ -218,6 +223,7 @@ def cli(argv: Sequence[str]) -> int:
         raise ConfigError("give --prompt TEXT, --prompt-file FILE (or -) or --tokens 1,2,3.")
     if args.num_steps is not None:
         check_num_steps(args.num_steps, "--num-steps")
+    mesh = None if args.mesh is None else sharding.make_mesh(args.mesh)  # before the loading
     config = checkpoint.load_config(args.checkpoint)
     tokenizer = load_sample_tokenizer(args, config)
     texts = prompt_texts(args)
@@ -225,6 +231,6 @@ def cli(argv: Sequence[str]) -> int:
     stop = args.stop if args.stop is not None else (tokenizer.stop_ids if tokenizer else ())
     config, params = checkpoint.load_params(args.checkpoint, report=checkpoint.say_on_stderr,
                                             dtype=args.param_dtype)
-    out = _generate(args, config, params, rows, stop)
+    out = _generate(args, config, params, rows, stop, mesh)
     print_rows(out, tokenizer, echoed_prompts(args, tokenizer, texts), args.json)
     return 0

@@ -17,7 +17,7 @@ import numpy as np
 
 from rdlm.config import ModelConfig
 from rdlm.generation.exits import ExitConfig
-from rdlm.generation.continuous import (Queue, continuous_jit, continuous_on_devices_jit,
+from rdlm.generation.continuous import (Queue, continuous_jit, continuous_on_groups_jit,
                                         default_boundary_wait)
 from rdlm.generation.plan import (PAD_ID, Plan, SamplingConfig, SpeculativeConfig, ThoughtConfig,
                                   continuous_plan, left_pad, make_plan, plan_cache_bytes,
@@ -178,8 +178,9 @@ def generate(params: Params, cfg: ModelConfig, prompt_tokens: Any, *, max_new_to
     - ``prompt_len``: left-pad every prompt to this length (default: the longest); fix it to
       compile once for batches whose longest prompts differ.
     - ``mesh``: shard params with `rdlm.runtime.sharding.param_shardings` and the batch over "data";
-      under ``continuous_batching``, every device of the mesh holds the whole model and works
-      through its own consecutive share of the prompts on ``batch_size`` ÷ devices rows.
+      under ``continuous_batching``, each data-parallel group ("data" × "fsdp") works through
+      its own consecutive share of the prompts on ``batch_size`` ÷ groups rows, the weights
+      split over the group's "tensor" devices (whole on each when "tensor" is 1).
     - ``continuous_batching``: depth-continuous batching (`rdlm.generation.continuous`): each of
       ``batch_size`` rows (default: one per prompt) runs its own token at its own iteration, a row
       whose token exits goes on to its next token at once, and a row whose sequence is done takes
@@ -216,11 +217,12 @@ def generate(params: Params, cfg: ModelConfig, prompt_tokens: Any, *, max_new_to
     key = _default_key() if key is None else key
     if continuous_batching:
         threshold = None if plan.exit is None else plan.exit.value
-        shares = device_shares(len(rows), 1 if mesh is None else mesh.devices.size)
+        shares = group_shares(len(rows), 1 if mesh is None else sharding.data_parallel_size(mesh))
         if batch_size is not None and mesh is not None:
             if batch_size % len(shares):
                 raise ValueError(f"batch_size={batch_size} rows must divide among the mesh's "
-                                 f"{len(shares)} devices under continuous_batching.")
+                                 f"{len(shares)} data-parallel groups (data × fsdp) under "
+                                 "continuous_batching.")
             batch_size //= len(shares)
         plan = continuous_plan(plan, len(shares[0]), batch_size, stage_rows)
         if boundary_wait is None:
@@ -237,16 +239,16 @@ def generate(params: Params, cfg: ModelConfig, prompt_tokens: Any, *, max_new_to
     return with_texts(_finish(raw, plan), tokenizer, plan.stop_tokens)
 
 
-def device_shares(num_prompts: int, devices: int) -> list[range]:
-    """The prompts each device works through under continuous batching: consecutive runs, as
-    even as they come (a device may get none when prompts are fewer than devices)."""
-    per = -(-num_prompts // devices)
-    return [range(min(d * per, num_prompts), min((d + 1) * per, num_prompts))
-            for d in range(devices)]
+def group_shares(num_prompts: int, groups: int) -> list[range]:
+    """The prompts each data-parallel group works through under continuous batching:
+    consecutive runs, as even as they come (a group may get none when prompts are fewer)."""
+    per = -(-num_prompts // groups)
+    return [range(min(g * per, num_prompts), min((g + 1) * per, num_prompts))
+            for g in range(groups)]
 
 
 def _queue(plan: Plan, rows: list[list[int]], share: range) -> Queue:
-    """One device's queue: its share of the prompts, right-padded to the plan's queue."""
+    """One group's queue: its share of the prompts, right-padded to the plan's queue."""
     queue_qt = np.full((plan.queue, plan.prompt_len), PAD_ID, np.int32)
     lengths_q = np.ones((plan.queue,), np.int32)  # padding slots: staged at most, never taken
     for i, index in enumerate(share):
@@ -259,9 +261,10 @@ def _generate_continuous(params: Params, plan: Plan, rows: list[list[int]],
                          shares: list[range], num_steps: int, threshold: float | None,
                          boundary_wait: int, key: jax.Array, mesh: jax.sharding.Mesh | None
                          ) -> GenerateOutput:
-    """The depth-continuous program over each device's share of the prompts (one device
-    without a mesh), outputs in prompt order. Stats: ``iterations`` of the longest device,
-    passes and row-iterations summed over devices."""
+    """The depth-continuous program over each data-parallel group's share of the prompts (one
+    device without a mesh; within a group the weights split over "tensor"), outputs in prompt
+    order. Stats: ``iterations`` of the longest group, passes and row-iterations summed over
+    groups."""
     scalars = (np.int32(num_steps), np.float32(0.0 if threshold is None else threshold),
                np.int32(boundary_wait), key)
     queues = [_queue(plan, rows, share) for share in shares]
@@ -269,13 +272,15 @@ def _generate_continuous(params: Params, plan: Plan, rows: list[list[int]],
         raw = jax.tree.map(lambda x: np.asarray(x)[None], jax.device_get(
             continuous_jit(params, queues[0], *scalars, plan=plan)))
     else:
+        params = jax.device_put(params, sharding.param_shardings(plan.cfg, mesh,
+                                                                 sharding.GROUP_RULES))
         stacked = jax.tree.map(lambda *xs: np.stack(xs), *queues)
-        raw = jax.device_get(continuous_on_devices_jit(params, stacked, *scalars, plan=plan,
-                                                       mesh=mesh))
+        raw = jax.device_get(continuous_on_groups_jit(params, stacked, *scalars, plan=plan,
+                                                      mesh=mesh))
 
-    def joined(name: str) -> np.ndarray:  # every device's real prompts, in prompt order
-        return np.concatenate([np.asarray(raw[name])[d, :len(share)]
-                               for d, share in enumerate(shares)])
+    def joined(name: str) -> np.ndarray:  # every group's real prompts, in prompt order
+        return np.concatenate([np.asarray(raw[name])[g, :len(share)]
+                               for g, share in enumerate(shares)])
 
     n_new = plan.max_new_tokens
     lengths = joined("lengths").astype(np.int64)

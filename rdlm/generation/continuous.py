@@ -38,8 +38,9 @@ finishes its sequence takes the next prompt, so every iteration advances every b
   length), the queue padded to rows × a power of two.
 - Random initial states and sampling keys derive from (prompt, position) and (prompt, token
   index), so a prompt draws the same numbers whatever row and iteration it runs in.
-- Over a mesh (`continuous_on_devices_jit`) every device runs this program on its own share of
-  the queue, the model replicated; a prompt's index is its index among all the prompts.
+- Over a mesh (`continuous_on_groups_jit`) every data-parallel group of devices runs this
+  program on its own share of the queue, the model split over the group's "tensor" devices
+  (replicated when that axis is 1); a prompt's index is its index among all the prompts.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ from rdlm.generation.rows import (CodaRows, PreludeRows, choose_rows, coda_of_ro
 from rdlm.config import ModelConfig
 from rdlm.model import Params
 from rdlm.model.kernels import to_loop_layout
+from rdlm.runtime import sharding
 
 
 class Queue(NamedTuple):
@@ -451,22 +453,24 @@ def _generate_rows(params: Params, queue: Queue, num_steps: jax.Array, threshold
 continuous_jit = jax.jit(_generate_rows, static_argnames=("plan",))
 
 
-def _generate_on_devices(params: Params, queues: Queue, num_steps: jax.Array,
-                         threshold: jax.Array, boundary_wait: jax.Array, key: jax.Array,
-                         plan: Plan, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-    """`_generate_rows` on every device of ``mesh`` at once, each over its own queue: the
-    leading axis of ``queues`` and of every output is the device. The model is replicated: a
-    device's rows need every weight at every iteration, and no device waits for another."""
-    flat = jax.sharding.Mesh(mesh.devices.reshape(-1), ("devices",))
-    shard, whole = jax.sharding.PartitionSpec("devices"), jax.sharding.PartitionSpec()
+def _generate_on_groups(params: Params, queues: Queue, num_steps: jax.Array,
+                        threshold: jax.Array, boundary_wait: jax.Array, key: jax.Array,
+                        plan: Plan, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+    """`_generate_rows` in every data-parallel group of ``mesh`` at once (one coordinate of its
+    "data" and "fsdp" axes), each over its own queue: the leading axis of ``queues`` and of every
+    output is the group. No group waits for another. Within a group the model is split as
+    ``params`` are placed (over "tensor": `sharding.GROUP_RULES`) and XLA partitions the loop
+    over those devices, which run it together."""
+    groups = sharding.data_axes()
+    shard, whole = jax.sharding.PartitionSpec(groups), jax.sharding.PartitionSpec()
 
     def one(params: Params, queue: Queue, *scalars: jax.Array) -> dict[str, jax.Array]:
         out = _generate_rows(params, jax.tree.map(lambda x: x[0], queue), *scalars, plan=plan)
         return jax.tree.map(lambda x: x[None], out)
 
-    return jax.shard_map(one, mesh=flat, in_specs=(whole, shard, whole, whole, whole, whole),
-                         out_specs=shard, check_vma=False)(params, queues, num_steps, threshold,
-                                                           boundary_wait, key)
+    return jax.shard_map(one, mesh=mesh, in_specs=(whole, shard, whole, whole, whole, whole),
+                         out_specs=shard, axis_names=set(groups), check_vma=False)(
+        params, queues, num_steps, threshold, boundary_wait, key)
 
 
-continuous_on_devices_jit = jax.jit(_generate_on_devices, static_argnames=("plan", "mesh"))
+continuous_on_groups_jit = jax.jit(_generate_on_groups, static_argnames=("plan", "mesh"))

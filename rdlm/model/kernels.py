@@ -257,6 +257,19 @@ def target_platform(mesh: jax.sharding.Mesh | None) -> str:
     return jax.default_backend()
 
 
+def runs_per_device() -> bool:
+    """Whether the program being traced runs whole on each device it runs on: on a single
+    device, or inside a `shard_map` manual over every mesh axis with more than one device (the
+    depth-continuous groups of one device each). A Pallas kernel can run there as it is; where
+    XLA partitions the program (an automatic axis, such as "tensor" inside a group of several
+    devices), it cannot."""
+    context = jax.sharding.get_abstract_mesh()
+    if not context.empty:
+        return all(size == 1 or kind == jax.sharding.AxisType.Manual
+                   for size, kind in zip(context.shape.values(), context.axis_types))
+    return jax.device_count() == 1
+
+
 def mask_kind(mask_b1ts: jax.Array | None, segment_ids_bt: jax.Array | None) -> str:
     """`CAUSAL` without a mask, `SEGMENTS` when the mask is exactly "same segment" (the ids are
     given), `MASKED` for any other mask."""
@@ -279,7 +292,7 @@ def attention(q_bthe: jax.Array, k_bthe: jax.Array, v_bthe: jax.Array,
     kind = choose_attention(target_platform(mesh), q_bthe.dtype,
                             mask_kind(mask_b1ts, segment_ids_bt), q_bthe.shape[1],
                             with_cache=kv_prefix is not None,
-                            per_shard=mesh is not None or jax.device_count() == 1)
+                            per_shard=mesh is not None or runs_per_device())
     if kind == CACHE:
         return attend_with_prefix(q_bthe, k_bthe, v_bthe, kv_prefix, mask_b1ts)
     if kind == CUDNN:

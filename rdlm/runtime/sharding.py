@@ -53,6 +53,11 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
 # Mesh axes that hold parameter shards for memory (not compute) and may move to another dimension.
 _MOVABLE_AXES = ("fsdp",)
 
+# The weights of a decoding loop that every data-parallel group runs on its own (depth-continuous
+# batching): split over "tensor" only. Gathering FSDP shards would read every weight across the
+# group at every iteration, so within a group the weights are whole except for tensor parallelism.
+GROUP_RULES: dict[str, str | tuple[str, ...] | None] = {**DEFAULT_RULES, "embed": None}
+
 
 def resolve_mesh_shape(mesh_cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
     """Sizes of (data, fsdp, tensor) for ``num_devices``; -1 takes what the other axes leave."""
@@ -183,10 +188,15 @@ def batch_sharding(mesh: Mesh, rules: LogicalRules | None = None) -> NamedShardi
     return NamedSharding(mesh, batch_spec(mesh, rules))
 
 
+def data_axes(rules: LogicalRules | None = None) -> tuple[str, ...]:
+    """The mesh axes the batch is split over (each of their coordinates is one data-parallel
+    group of devices)."""
+    return _mesh_axes_of((DEFAULT_RULES if rules is None else rules)["batch"])
+
+
 def data_parallel_size(mesh: Mesh, rules: LogicalRules | None = None) -> int:
     """How many ways the batch is split; the global batch must be a multiple of it."""
-    rules = DEFAULT_RULES if rules is None else rules
-    return math.prod(mesh.shape[a] for a in _mesh_axes_of(rules["batch"]))
+    return math.prod(mesh.shape[a] for a in data_axes(rules))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
