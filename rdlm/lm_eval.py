@@ -75,6 +75,9 @@ class EvalOptions:
     batch_size: int = DEFAULT_BATCH_SIZE
     dtype: str | None = None  # compute dtype; None: the checkpoint's own
     param_dtype: str = "float32"  # the parameters' dtype (bfloat16: half the memory)
+    # Local devices that split the weights (tensor parallelism: heads, MLP units, vocabulary);
+    # the devices' count divided by it split the batch.
+    tensor: int = 1
     max_length: int | None = None  # None: model.max_seq_len
     tokenizer: str | None = None  # None: the one kept with the checkpoint (`run_tokenizer`)
     add_bos: bool = True  # put the beginning-of-text token in front of every context
@@ -82,9 +85,9 @@ class EvalOptions:
 
 
 _FIELD_TYPES = {"num_steps": int, "cache_budget": int, "batch_size": int, "max_length": int,
-                "seed": int, "continuous_cot": bool, "continuous_batching": bool,
-                "add_bos": bool}
-_POSITIVE = ("num_steps", "cache_budget", "batch_size", "max_length")
+                "seed": int, "tensor": int, "continuous_cot": bool,
+                "continuous_batching": bool, "add_bos": bool}
+_POSITIVE = ("num_steps", "cache_budget", "batch_size", "max_length", "tensor")
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -259,9 +262,11 @@ class RDLM(TemplateLM):
             raise ConfigError(f"model_args max_length={self.max_length} exceeds the model's "
                               f"max_seq_len={cfg.max_seq_len}: lower max_length.")
         self.exit = None if self.options.exit is None else ExitConfig.parse(self.options.exit)
-        # Every local device: params replicated, the batch split over "data". On one device the
-        # arrays stay as loaded, so the programs are exactly those of a direct call.
-        self.mesh = sharding.make_mesh(MeshConfig(data=-1), devices=jax.local_devices())
+        # Every local device: the weights split over "tensor" (replicated when it is 1), the
+        # batch over "data". On one device the arrays stay as loaded, so the programs are exactly
+        # those of a direct call.
+        self.mesh = sharding.make_mesh(MeshConfig(data=-1, tensor=self.options.tensor),
+                                       devices=jax.local_devices())
         dp = sharding.data_parallel_size(self.mesh)
         self.batch_size = -(-self.options.batch_size // dp) * dp
         self.params = (params if self.mesh.size == 1 else

@@ -259,6 +259,8 @@ def test_chat_template_needs_the_chat_tokens(model):
     ({"dtype": "float16"}, "dtype='float16' must be float32 or bfloat16"),
     ({"param_dtype": "float16"}, "param_dtype='float16' must be float32 or bfloat16"),
     ({"max_length": 1000}, "max_length=1000 exceeds the model's max_seq_len=64"),
+    ({"tensor": "0"}, "tensor=0 must be >= 1"),
+    ({"tensor": 2}, "the fixed axes \\(2 devices\\) must divide the device count"),
 ])
 def test_bad_model_args_are_named(tiny_run, args, match):
     with pytest.raises(ConfigError, match=match):
@@ -293,7 +295,8 @@ def test_one_token_stop_strings_become_stop_tokens():
 
 def test_data_parallel_over_two_devices_gives_the_same_numbers(model, tiny_run):
     """With two (host) devices the batch is split over the "data" axis, and under
-    continuous_batching each device takes its share of the requests; same results."""
+    continuous_batching each device takes its share of the requests; with tensor=2 both split
+    the weights of one batch (or of one queue's rows); same results."""
     pairs = [("2+3=", " 5"), ("a b c d", " e"), ("is 7 odd?", " yes")]
     contexts = ["abc", "2+3=", "hello there", "x", "a b c d e"]
     code = (
@@ -307,8 +310,14 @@ def test_data_parallel_over_two_devices_gives_the_same_numbers(model, tiny_run):
         "            batch_size=2, continuous_batching='true')\n"
         "gens = [Instance('generate_until', {}, (c, {'until': ['zz'], 'max_gen_toks': 5}), i)\n"
         f"        for i, c in enumerate({contexts!r})]\n"
+        f"tp = RDLM(checkpoint={str(tiny_run[0])!r}, num_steps={R}, batch_size=3, tensor=2)\n"
+        f"tp_rows = RDLM(checkpoint={str(tiny_run[0])!r}, num_steps=6, exit='latent-diff:0.5',\n"
+        "               batch_size=2, continuous_batching='true', tensor=2)\n"
         "print(json.dumps({'devices': lm.mesh.size, 'batch': lm.batch_size,\n"
-        "                  'out': lm.loglikelihood(reqs), 'gen': rows.generate_until(gens)}))\n")
+        "                  'out': lm.loglikelihood(reqs), 'gen': rows.generate_until(gens),\n"
+        "                  'tp_shape': dict(tp.mesh.shape), 'tp_batch': tp.batch_size,\n"
+        "                  'tp_out': tp.loglikelihood(reqs),\n"
+        "                  'tp_gen': tp_rows.generate_until(gens)}))\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -319,9 +328,16 @@ def test_data_parallel_over_two_devices_gives_the_same_numbers(model, tiny_run):
                                atol=1e-4)
     assert [o[1] for o in result["out"]] == [w[1] for w in want]
     lockstep = RDLM(checkpoint=str(tiny_run[0]), num_steps=6, exit="latent-diff:0.5", batch_size=2)
-    assert result["gen"] == lockstep.generate_until(
+    gen = lockstep.generate_until(
         [Instance("generate_until", {}, (c, {"until": ["zz"], "max_gen_toks": 5}), i)
          for i, c in enumerate(contexts)])
+    assert result["gen"] == gen
+    # tensor=2: one data-parallel group of both devices, the batch as asked.
+    assert (result["tp_shape"], result["tp_batch"]) == ({"data": 1, "fsdp": 1, "tensor": 2}, 3)
+    np.testing.assert_allclose([o[0] for o in result["tp_out"]], [w[0] for w in want],
+                               rtol=1e-5, atol=1e-4)
+    assert [o[1] for o in result["tp_out"]] == [w[1] for w in want]
+    assert result["tp_gen"] == gen
 
 
 def test_without_lm_eval_the_import_says_how_to_install_it(monkeypatch):
