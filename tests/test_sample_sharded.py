@@ -63,9 +63,9 @@ SCRIPT = textwrap.dedent("""
     def probe(name, x):
         seen[name] = kernels.runs_per_device()
         return x
-    for name, on, manual in (("groups of 2", mesh, {"data", "fsdp"}),
-                             ("groups of 1", flat, {"data", "fsdp", "tensor"})):
-        spec = jax.sharding.PartitionSpec(tuple(sorted(manual)))
+    for name, on in (("groups of 2", mesh), ("groups of 1", flat)):
+        manual = sharding.group_axes(on)  # as the depth-continuous program takes them
+        spec = jax.sharding.PartitionSpec(sharding.data_axes())
         jax.jit(jax.shard_map(lambda x, name=name: probe(name, x), mesh=on, in_specs=spec,
                               out_specs=spec, axis_names=manual, check_vma=False))(np.zeros(8))
     jax.jit(lambda x: probe("all devices", x))(np.zeros(8))

@@ -469,7 +469,8 @@ def _generate_on_groups(params: Params, queues: Queue, num_steps: jax.Array,
         return jax.tree.map(lambda x: x[None], out)
 
     return jax.shard_map(one, mesh=mesh, in_specs=(whole, shard, whole, whole, whole, whole),
-                         out_specs=shard, axis_names=set(groups), check_vma=False)(
+                         out_specs=shard, axis_names=sharding.group_axes(mesh),
+                         check_vma=False)(
         params, queues, num_steps, threshold, boundary_wait, key)
 
 

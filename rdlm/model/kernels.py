@@ -259,15 +259,15 @@ def target_platform(mesh: jax.sharding.Mesh | None) -> str:
 
 def runs_per_device() -> bool:
     """Whether the program being traced runs whole on each device it runs on: on a single
-    device, or inside a `shard_map` manual over every mesh axis with more than one device (the
-    depth-continuous groups of one device each). A Pallas kernel can run there as it is; where
-    XLA partitions the program (an automatic axis, such as "tensor" inside a group of several
-    devices), it cannot."""
+    device, or inside a `shard_map` manual over every axis of its mesh (the depth-continuous
+    groups of one device each). A Pallas kernel can run there as it is; where XLA partitions
+    the program, it cannot, and XLA:TPU refuses one under any automatic axis of a multi-device
+    mesh, even an axis of one device."""
     context = jax.sharding.get_abstract_mesh()
-    if not context.empty:
-        return all(size == 1 or kind == jax.sharding.AxisType.Manual
-                   for size, kind in zip(context.shape.values(), context.axis_types))
-    return jax.device_count() == 1
+    if context.empty:
+        return jax.device_count() == 1
+    return context.size == 1 or all(kind == jax.sharding.AxisType.Manual
+                                    for kind in context.axis_types)
 
 
 def mask_kind(mask_b1ts: jax.Array | None, segment_ids_bt: jax.Array | None) -> str:

@@ -194,6 +194,14 @@ def data_axes(rules: LogicalRules | None = None) -> tuple[str, ...]:
     return _mesh_axes_of((DEFAULT_RULES if rules is None else rules)["batch"])
 
 
+def group_axes(mesh: Mesh, rules: LogicalRules | None = None) -> frozenset[str]:
+    """The axes a program run by each data-parallel group on its own (`jax.shard_map`'s
+    ``axis_names``) takes by hand: the data axes, and every axis of one device. XLA then
+    partitions a group's program only over the axes that split its weights ("tensor", when it
+    has several devices), and a group of one device runs it as one device would."""
+    return frozenset(data_axes(rules)) | {a for a, size in mesh.shape.items() if size == 1}
+
+
 def data_parallel_size(mesh: Mesh, rules: LogicalRules | None = None) -> int:
     """How many ways the batch is split; the global batch must be a multiple of it."""
     return math.prod(mesh.shape[a] for a in data_axes(rules))
