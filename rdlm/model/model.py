@@ -43,7 +43,7 @@ def _truncated_normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float) -> jax
 
 
 def _param(value: jax.Array, *axes: str | None) -> nnx.Param:
-    """A parameter tagged with logical axis names; `rdlm.sharding` maps them to mesh axes."""
+    """A parameter tagged with logical axis names; `rdlm.runtime.sharding` maps them to mesh axes."""
     assert len(axes) == value.ndim, (axes, value.shape)
     return nnx.Param(value, axes=tuple(axes))
 
