@@ -98,6 +98,16 @@ SCRIPT = textwrap.dedent("""
     single = rdlm.generate(params, cfg, prompts9, max_new_tokens=6, num_steps=4, exit="kl",
                            cache_budget=2, continuous_batching=True, batch_size=2)
     assert [json.loads(line)["tokens"] for line in printed.getvalue().splitlines()] == single.rows()
+    # `rdlm eval --mesh`: task accuracy over the groups gives the single device's answers.
+    from rdlm.generation.evaluate import evaluate_accuracy
+    result = tempfile.mkdtemp() + "/eval.json"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["eval", "--checkpoint", ckpt, "--num-examples", "6", "--num-steps", "2",
+                     "--continuous-batching", "--batch-size", "4", "--mesh", "data=2,tensor=4",
+                     "--json", result]) == 0
+    alone = evaluate_accuracy(params, config, num_steps_list=[2], num_examples=6, batch_size=2,
+                              continuous_batching=True)
+    assert json.load(open(result))["predictions"]["2"] == alone["predictions"][2]
     print("SHARDED-OK", jax.device_count())
 """)
 

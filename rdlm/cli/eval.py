@@ -7,10 +7,13 @@ import dataclasses
 import json
 from typing import Sequence
 
+import jax
+
+from rdlm.cli.args import mesh_arg
 from rdlm.config import Config, check_num_steps
 from rdlm.errors import ConfigError
 from rdlm.generation.evaluate import evaluate_accuracy, format_table, read_problems
-from rdlm.runtime import storage
+from rdlm.runtime import sharding, storage
 from rdlm.runtime.checkpoint import PARAM_DTYPES, load_params, say_on_stderr
 from rdlm.train.eval import TOKEN_SOURCES, held_out_loss, loss_table, plot_loss_vs_r
 
@@ -70,6 +73,9 @@ def cli(argv: Sequence[str]) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--param-dtype", choices=PARAM_DTYPES, default="float32",
                         help="load the parameters as this dtype (bfloat16: half the memory)")
+    parser.add_argument("--mesh", type=mesh_arg, metavar="data=D,tensor=T",
+                        help="over every device, as `rdlm sample --mesh` (default: one device "
+                        "for task accuracy, the run's training mesh for the loss)")
     parser.add_argument("--json", help="write the full result (with predictions) here")
     parser.add_argument("--markdown", help="write the table here")
     args = parser.parse_args(list(argv))
@@ -78,9 +84,10 @@ def cli(argv: Sequence[str]) -> int:
                             ("--plot", args.plot)):  # files or bucket URLs
         if output:
             storage.check_access(output, setting)  # before the evaluation: one clear error
+    mesh = None if args.mesh is None else sharding.make_mesh(args.mesh)
     cfg, params = load_params(args.checkpoint, report=say_on_stderr, dtype=args.param_dtype)
     if cfg.data.source in TOKEN_SOURCES:
-        return _text_eval(args, cfg, params, steps)
+        return _text_eval(args, cfg, params, steps, mesh)
     changes = {k: v for k, v in (("task", args.task), ("difficulty", args.difficulty),
                                  ("format", args.format)) if v is not None}
     if args.task_args is not None:
@@ -93,7 +100,8 @@ def cli(argv: Sequence[str]) -> int:
                                examples=examples,
                                num_examples=args.num_examples, split=args.split,
                                batch_size=args.batch_size, init_scale=args.init_scale,
-                               seed=args.seed, continuous_batching=args.continuous_batching)
+                               seed=args.seed, continuous_batching=args.continuous_batching,
+                               mesh=mesh)
     table = format_table(result)
     print(table)
     print(f"({result['seconds']:.1f} s)")
@@ -110,7 +118,8 @@ def cli(argv: Sequence[str]) -> int:
     return 0
 
 
-def _text_eval(args: argparse.Namespace, cfg: Config, params: object, steps: list[int]) -> int:
+def _text_eval(args: argparse.Namespace, cfg: Config, params: object, steps: list[int],
+               mesh: jax.sharding.Mesh | None) -> int:
     """Held-out loss and perplexity vs r of a model trained on token data."""
     if args.task or args.problems:
         raise ConfigError(f"{args.checkpoint!r} is a text model (data.source="
@@ -119,7 +128,8 @@ def _text_eval(args: argparse.Namespace, cfg: Config, params: object, steps: lis
     if args.num_batches < 1:
         raise ConfigError(f"--num-batches={args.num_batches} must be >= 1.")
     result = held_out_loss(params, cfg, num_steps_list=steps, split=args.split,
-                           num_batches=args.num_batches, allow_train_data=args.allow_train_data)
+                           num_batches=args.num_batches, allow_train_data=args.allow_train_data,
+                           mesh=mesh)
     table = loss_table(result)
     print(f"{result['split']} split, {result['tokens']:,} tokens\n{table}")
     if args.markdown:

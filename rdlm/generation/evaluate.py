@@ -39,19 +39,21 @@ def greedy_answers(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[
                    num_steps: int, max_new_tokens: int, eos_id: int | None,
                    prompt_len: int | None = None, cache_budget: int | None = None,
                    init_scale: float = 0.0, key: jax.Array | None = None,
-                   batch_size: int | None = None) -> list[list[int]]:
+                   batch_size: int | None = None, mesh: jax.sharding.Mesh | None = None
+                   ) -> list[list[int]]:
     """Each prompt's greedy continuation up to (not including) ``eos_id`` (None: never stops),
     from the generation engine (`rdlm.generate`). Fixing ``prompt_len`` and a ``cache_budget``
     >= every r compiles once for every batch and r (``num_steps`` is data in the program).
 
     ``batch_size``: decode every prompt with depth-continuous batching on that many rows (a row
     whose answer ends takes the next prompt; `rdlm.generation.continuous`) instead of one batch
-    of all of them."""
+    of all of them. ``mesh``: over its devices, as `rdlm.generate` takes it."""
     out = generate(params, cfg, [list(p) for p in prompts], max_new_tokens=max_new_tokens,
                    num_steps=num_steps, cache_budget=cache_budget,
                    stop_tokens=() if eos_id is None else (eos_id,),
                    prompt_len=prompt_len, init_scale=init_scale, key=key,
-                   continuous_batching=batch_size is not None, batch_size=batch_size)
+                   continuous_batching=batch_size is not None, batch_size=batch_size,
+                   mesh=mesh)
     return [row[:-1] if eos_id is not None and row and row[-1] == eos_id else row
             for row in out.rows()]
 
@@ -87,7 +89,8 @@ def evaluate_accuracy(params: Params, cfg: Config, task: Task | str | None = Non
                       batch_size: int = 64, max_new_tokens: int | None = None,
                       init_scale: float = 0.0, seed: int = 0,
                       tokenizer: Tokenizer | None = None,
-                      continuous_batching: bool = False) -> dict[str, Any]:
+                      continuous_batching: bool = False,
+                      mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
     """Exact-match accuracy for each r in ``num_steps_list``.
 
     ``task``: a `Task`, a task name (difficulty and knobs from ``cfg.data``), or None for
@@ -97,7 +100,9 @@ def evaluate_accuracy(params: Params, cfg: Config, task: Task | str | None = Non
     ``batch_size`` rows work through every problem in one call per r, a row taking the next
     problem as soon as its answer ends (`rdlm.generation.continuous`); worth it when answers
     differ in length (chains of thought). On short answers of one length it decodes as fast
-    as lockstep batches and compiles longer (docs/data.md).
+    as lockstep batches and compiles longer (docs/data.md). ``mesh``: decode over its devices
+    (`rdlm.generate`'s ``mesh``: the batch, or the queue's groups, over "data", the weights
+    over "tensor").
 
     Returns ``{"accuracy": {r: float}, "predictions": {r: [str]}, "answers": [str],
     "num_examples", "task", "split", "format", "seconds", "shortcuts"}`` (accuracies of answer
@@ -137,7 +142,7 @@ def evaluate_accuracy(params: Params, cfg: Config, task: Task | str | None = Non
     for r, answers in decode(params, cfg.model, prompts, rs=list(predictions),
                              batch_size=batch_size, max_new_tokens=max_new_tokens,
                              eos_id=tok.eos_id, prompt_len=prompt_len, cache_budget=budget,
-                             init_scale=init_scale, key=key):
+                             init_scale=init_scale, key=key, mesh=mesh):
         predictions[r] += [parse_answer(tok.decode(a)) for a in answers]
     answers = [e.answer for e in examples]
     accuracy = {r: float(np.mean([p == a for p, a in zip(preds, answers)]))
