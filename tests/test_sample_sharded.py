@@ -56,6 +56,11 @@ SCRIPT = textwrap.dedent("""
                 np.testing.assert_array_equal(getattr(out, name), getattr(single, name))
             # A group stages as many prompts as it has rows (an empty queue stages its padding).
             assert out.stats["prefills"] == prefills, out.stats
+    try:  # rows that do not divide among the groups are refused, naming the groups
+        rdlm.generate(params, cfg, prompts9, batch_size=6, mesh=mesh, **common)
+        raise AssertionError("6 rows over 4 groups were accepted")
+    except ValueError as err:
+        assert "must divide among the mesh's 4 data-parallel groups" in str(err), err
     # A Pallas kernel may run as it is inside a group of one device, not where XLA partitions
     # the group's program over "tensor" (nor in a program over all 8 devices).
     from rdlm.model import kernels
