@@ -1,7 +1,8 @@
 """Helpers of the sharded and multi-process training tests, on fake CPU devices: a data
 iterator with known batches, the run settings they share, and the worker that trains a run in a
 process of its own (tests/test_storage.py: two JAX processes × 4 devices with gloo collectives
-train into a bucket, one process × 8 devices resumes; the other tests reuse the pieces).
+train into a bucket and generate over both hosts' devices, one process × 8 devices resumes; the
+other tests reuse the pieces).
 
 The device count is fixed when JAX starts, so the sharded runs are subprocesses of this file
 (``python -m tests.multihost worker …``); several runs share one worker process.
@@ -96,6 +97,28 @@ def params_to_numpy(params) -> dict[str, np.ndarray]:
 # Worker (runs in a subprocess).
 
 
+def check_generation_over_hosts(cfg, params) -> None:
+    """`rdlm.generate` over the run's mesh, which spans every process (lockstep, the batch split;
+    depth-continuous, a group of 2 rows per data × fsdp coordinate, the weights split over
+    tensor), gives every process the tokens one device gives."""
+    import jax
+    import rdlm
+    from jax.experimental import multihost_utils
+    from rdlm.runtime.sharding import make_mesh
+    mesh = make_mesh(cfg.mesh)
+    local = jax.device_get(multihost_utils.process_allgather(params, tiled=True))
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [3, 3], [2, 5, 7], [9], [1, 1, 1], [8, 6]]
+    common = dict(max_new_tokens=4, num_steps=3, exit="kl")
+    for layout in ({}, {"continuous_batching": True}):
+        over = rdlm.generate(params, cfg.model, prompts, mesh=mesh, **common, **layout,
+                             **({"batch_size": 8} if layout else {}))
+        alone = rdlm.generate(local, cfg.model, prompts, **common, **layout,
+                              **({"batch_size": 2} if layout else {}))
+        np.testing.assert_array_equal(over.tokens, alone.tokens)
+        np.testing.assert_array_equal(over.steps, alone.steps)
+    print("GENERATION-OVER-HOSTS-OK", flush=True)
+
+
 def worker(argv: list[str]) -> None:
     """worker RUN_DIR STEPS MESH OUT.npz [PROCESS_ID NUM_PROCESSES PORT]
 
@@ -125,6 +148,8 @@ def worker(argv: list[str]) -> None:
                             jax.process_count())
     result = train(cfg, data_iterator=data_iter)
     arrays = params_to_numpy(result.state.params)
+    if num_processes > 1:
+        check_generation_over_hosts(cfg, result.state.params)
     if jax.process_index() == 0:
         losses = {f"loss/{h['step']}": np.float32(h["loss"]) for h in result.history}
         np.savez(out, **arrays, **losses)

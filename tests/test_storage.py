@@ -122,8 +122,9 @@ def test_sigkilled_training_resumes_from_the_bucket_to_the_same_bits(stores, tmp
 
 
 def test_two_hosts_without_a_shared_disk_train_into_the_bucket(stores, tmp_path):
-    """2 processes × 4 devices, each in its own private directory, checkpoint into the bucket;
-    one process with 8 devices resumes from it to the numbers of an uninterrupted run."""
+    """2 processes × 4 devices, each in its own private directory, checkpoint into the bucket
+    (and generate over both hosts' devices); one process with 8 devices resumes from it to the
+    numbers of an uninterrupted run."""
     run = f"{stores['gs'].root}/two-hosts"
     port = _free_port()
     homes = [tmp_path / f"host{i}" for i in range(2)]
@@ -139,6 +140,8 @@ def test_two_hosts_without_a_shared_disk_train_into_the_bucket(stores, tmp_path)
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-4000:]
     assert '"processes": 2' in outputs[0]
+    # Generation over the two hosts' mesh gives each of them one device's tokens.
+    assert all("GENERATION-OVER-HOSTS-OK" in out for out in outputs)
     assert checkpoint.list_checkpoints(run) == [3]
     ckpt = storage.as_path(f"{run}/checkpoints/3")
     # Each process wrote its own data-iterator state into the bucket, not onto its disk.

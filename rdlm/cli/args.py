@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+import jax
+
 from rdlm.config import MeshConfig
 from rdlm.generation import SpeculativeConfig
+from rdlm.runtime import sharding
+from rdlm.runtime.distributed import maybe_initialize_distributed
 
 
 def int_list(text: str) -> list[int]:
@@ -39,3 +43,13 @@ def mesh_arg(text: str) -> MeshConfig:
             raise argparse.ArgumentTypeError(f"{text!r}: {name}={value!r} is not a whole number")
     sizes.setdefault("data", -1 if -1 not in sizes.values() else 1)
     return MeshConfig(**sizes)
+
+
+def cli_mesh(mesh_cfg: MeshConfig | None) -> jax.sharding.Mesh | None:
+    """The mesh ``--mesh`` asks for (None without it: one device), over every process of a
+    multi-host cluster that JAX detects (a TPU pod, SLURM), which this process joins first;
+    each host runs the same command, as in training."""
+    if mesh_cfg is None:
+        return None
+    maybe_initialize_distributed(mesh_cfg)
+    return sharding.make_mesh(mesh_cfg)

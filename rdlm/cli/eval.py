@@ -9,11 +9,11 @@ from typing import Sequence
 
 import jax
 
-from rdlm.cli.args import mesh_arg
+from rdlm.cli.args import cli_mesh, mesh_arg
 from rdlm.config import Config, check_num_steps
 from rdlm.errors import ConfigError
 from rdlm.generation.evaluate import evaluate_accuracy, format_table, read_problems
-from rdlm.runtime import sharding, storage
+from rdlm.runtime import storage
 from rdlm.runtime.checkpoint import PARAM_DTYPES, load_params, say_on_stderr
 from rdlm.train.eval import TOKEN_SOURCES, held_out_loss, loss_table, plot_loss_vs_r
 
@@ -84,7 +84,7 @@ def cli(argv: Sequence[str]) -> int:
                             ("--plot", args.plot)):  # files or bucket URLs
         if output:
             storage.check_access(output, setting)  # before the evaluation: one clear error
-    mesh = None if args.mesh is None else sharding.make_mesh(args.mesh)
+    mesh = cli_mesh(args.mesh)
     cfg, params = load_params(args.checkpoint, report=say_on_stderr, dtype=args.param_dtype)
     if cfg.data.source in TOKEN_SOURCES:
         return _text_eval(args, cfg, params, steps, mesh)
@@ -102,6 +102,8 @@ def cli(argv: Sequence[str]) -> int:
                                batch_size=args.batch_size, init_scale=args.init_scale,
                                seed=args.seed, continuous_batching=args.continuous_batching,
                                mesh=mesh)
+    if jax.process_index() != 0:  # every host of a multi-host mesh has the result: one reports
+        return 0
     table = format_table(result)
     print(table)
     print(f"({result['seconds']:.1f} s)")
@@ -130,6 +132,8 @@ def _text_eval(args: argparse.Namespace, cfg: Config, params: object, steps: lis
     result = held_out_loss(params, cfg, num_steps_list=steps, split=args.split,
                            num_batches=args.num_batches, allow_train_data=args.allow_train_data,
                            mesh=mesh)
+    if jax.process_index() != 0:
+        return 0
     table = loss_table(result)
     print(f"{result['split']} split, {result['tokens']:,} tokens\n{table}")
     if args.markdown:

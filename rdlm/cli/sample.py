@@ -11,12 +11,12 @@ from typing import Any, Sequence
 
 import jax
 
-from rdlm.cli.args import int_list, mesh_arg, speculative_arg
+from rdlm.cli.args import cli_mesh, int_list, mesh_arg, speculative_arg
 from rdlm.config import Config, check_num_steps
 from rdlm.data.tokenizer import Tokenizer, load_tokenizer, run_tokenizer
 from rdlm.errors import ConfigError
 from rdlm.generation import ExitConfig, GenerateOutput, generate
-from rdlm.runtime import checkpoint, sharding
+from rdlm.runtime import checkpoint
 from rdlm.runtime.checkpoint import PARAM_DTYPES
 
 
@@ -223,7 +223,7 @@ def cli(argv: Sequence[str]) -> int:
         raise ConfigError("give --prompt TEXT, --prompt-file FILE (or -) or --tokens 1,2,3.")
     if args.num_steps is not None:
         check_num_steps(args.num_steps, "--num-steps")
-    mesh = None if args.mesh is None else sharding.make_mesh(args.mesh)  # before the loading
+    mesh = cli_mesh(args.mesh)  # before the loading
     config = checkpoint.load_config(args.checkpoint)
     tokenizer = load_sample_tokenizer(args, config)
     texts = prompt_texts(args)
@@ -232,5 +232,6 @@ def cli(argv: Sequence[str]) -> int:
     config, params = checkpoint.load_params(args.checkpoint, report=checkpoint.say_on_stderr,
                                             dtype=args.param_dtype)
     out = _generate(args, config, params, rows, stop, mesh)
-    print_rows(out, tokenizer, echoed_prompts(args, tokenizer, texts), args.json)
+    if jax.process_index() == 0:  # every host of a multi-host mesh has every row
+        print_rows(out, tokenizer, echoed_prompts(args, tokenizer, texts), args.json)
     return 0

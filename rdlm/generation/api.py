@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from rdlm.config import ModelConfig
 from rdlm.generation.exits import ExitConfig
@@ -69,9 +70,20 @@ class GenerateOutput:
         return float(self.steps[mask].mean()) if mask.any() else 0.0
 
 
+def _to_host(tree: Any) -> Any:
+    """A program's outputs as NumPy, in one transfer. An output that spans devices of other
+    processes (a mesh over several hosts) is gathered first: every process gave all the
+    prompts, and every process gets all the results."""
+    def whole(x: Any) -> Any:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return multihost_utils.process_allgather(x, tiled=True)
+        return x
+    return jax.device_get(jax.tree.map(whole, tree))
+
+
 def _finish(raw: dict[str, jax.Array], plan: Plan) -> GenerateOutput:
     """Trim to max_new_tokens, cut each row after its stop token, move to NumPy."""
-    raw = jax.device_get(raw)  # one transfer for every output
+    raw = _to_host(raw)
     n_new = plan.max_new_tokens
     num_generated = int(raw["num_generated"])
     tokens = np.asarray(raw["tokens"])[:, :n_new].copy()
@@ -180,7 +192,9 @@ def generate(params: Params, cfg: ModelConfig, prompt_tokens: Any, *, max_new_to
     - ``mesh``: shard params with `rdlm.runtime.sharding.param_shardings` and the batch over "data";
       under ``continuous_batching``, each data-parallel group ("data" × "fsdp") works through
       its own consecutive share of the prompts on ``batch_size`` ÷ groups rows, the weights
-      split over the group's "tensor" devices (whole on each when "tensor" is 1).
+      split over the group's "tensor" devices (whole on each when "tensor" is 1). A mesh may
+      span several processes (hosts): each calls `generate` with the same prompts, and each
+      gets every row.
     - ``continuous_batching``: depth-continuous batching (`rdlm.generation.continuous`): each of
       ``batch_size`` rows (default: one per prompt) runs its own token at its own iteration, a row
       whose token exits goes on to its next token at once, and a row whose sequence is done takes
@@ -275,8 +289,8 @@ def _generate_continuous(params: Params, plan: Plan, rows: list[list[int]],
         params = jax.device_put(params, sharding.param_shardings(plan.cfg, mesh,
                                                                  sharding.GROUP_RULES))
         stacked = jax.tree.map(lambda *xs: np.stack(xs), *queues)
-        raw = jax.device_get(continuous_on_groups_jit(params, stacked, *scalars, plan=plan,
-                                                      mesh=mesh))
+        raw = _to_host(continuous_on_groups_jit(params, stacked, *scalars, plan=plan,
+                                                mesh=mesh))
 
     def joined(name: str) -> np.ndarray:  # every group's real prompts, in prompt order
         return np.concatenate([np.asarray(raw[name])[g, :len(share)]
