@@ -10,11 +10,11 @@ lockstep program and the depth-continuous one (KL exit, ``--batch`` rows, a queu
 prompts a row) of a 1,024-wide model (or a preset's) in bfloat16 for the first chip of the
 topology, and reports what XLA's compile says: argument and temporary bytes, and every copy
 the program makes of a cache buffer (the whole of it, or a layout change), once per call or in
-the decoding loop. The model's kernels are chosen for the TPU, as on a TPU host. With
-``--chips N`` it also compiles depth-continuous decoding over the topology's first N chips in
-groups of ``--tensor`` chips (default 1), ``--batch`` rows in each group (every group its own
-share of the queue, its chips splitting the weights, tensor-parallel), and reports one chip's
-memory.
+the decoding loop, and the Pallas kernels in it (the prefill's splash attention). The
+model's kernels are chosen for the TPU, as on a TPU host. With ``--chips N`` it also compiles
+depth-continuous decoding over the topology's first N chips in groups of ``--tensor`` chips
+(default 1), ``--batch`` rows in each group (every group its own share of the queue, its chips
+splitting the weights, tensor-parallel), and reports one chip's memory.
 """
 
 from __future__ import annotations
@@ -70,14 +70,18 @@ def cache_copies(hlo: str, cache_len: int, head_dim: int) -> list[str]:
 
 def report(name: str, compiled: jax.stages.Compiled, cache_len: int, head_dim: int) -> dict:
     memory = compiled.memory_analysis()
-    copies = cache_copies(compiled.as_text(), cache_len, head_dim)
+    hlo = compiled.as_text()
+    copies = cache_copies(hlo, cache_len, head_dim)
     in_loop = sum(c.startswith("loop") for c in copies)
+    pallas = hlo.count('custom_call_target="tpu_custom_call"')  # the prefill's splash kernels
     row = {"program": name, "argument_bytes": memory.argument_size_in_bytes,
            "temp_bytes": memory.temp_size_in_bytes, "cache_copies": len(copies),
-           "cache_copies_in_loop": in_loop, "copied_shapes": sorted(set(copies))}
+           "cache_copies_in_loop": in_loop, "copied_shapes": sorted(set(copies)),
+           "pallas_kernels": pallas}
     print(f"{name:<12} arguments {memory.argument_size_in_bytes / 2**30:6.2f} GiB  temporaries "
           f"{memory.temp_size_in_bytes / 2**30:6.2f} GiB  cache copies {len(copies)} "
-          f"({in_loop} in the decoding loop)" + (f"  {sorted(set(copies))}" if copies else ""))
+          f"({in_loop} in the decoding loop)  Pallas kernels {pallas}"
+          + (f"  {sorted(set(copies))}" if copies else ""))
     return row
 
 
