@@ -10,7 +10,9 @@ runs underneath depends on the backend and the shape:
 - GPU: plain causal attention in 16-bit floats goes to cuDNN's fused kernel; causal attention
   within packed segments to a Pallas flash kernel (`rdlm.model.pallas_attention`), since JAX's
   cuDNN attention takes padding lengths but not segment ids.
-- TPU: causal attention, plain or within packed segments, goes to the Pallas splash kernel.
+- TPU: causal attention, plain or within packed segments, goes to the Pallas splash kernel,
+  where the program runs whole on each device or is split by a mesh passed in
+  (`runs_per_device`); XLA cannot partition a kernel inside a program it partitions itself.
 - Everywhere: other masks (branches) and attention over a KV cache use the XLA paths here.
 - Decoding with every row at its own position writes one cache position per row: a slice per
   row on TPU, one scatter elsewhere (`write_row_positions`); on TPU the cache a conditional
