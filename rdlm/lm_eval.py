@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import typing
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -84,9 +85,14 @@ class EvalOptions:
     seed: int = 0  # key of sampled generation (do_sample=true)
 
 
-_FIELD_TYPES = {"num_steps": int, "cache_budget": int, "batch_size": int, "max_length": int,
-                "seed": int, "tensor": int, "continuous_cot": bool,
-                "continuous_batching": bool, "add_bos": bool}
+def _field_kind(hint: Any) -> type:
+    """int or bool for an int or bool field (optional or not), str for the rest."""
+    return next((kind for kind in (bool, int) if hint is kind or kind in typing.get_args(hint)),
+                str)
+
+
+_FIELD_TYPES = {name: _field_kind(hint)
+                for name, hint in typing.get_type_hints(EvalOptions).items()}
 _POSITIVE = ("num_steps", "cache_budget", "batch_size", "max_length", "tensor")
 
 
