@@ -100,7 +100,7 @@ def params_to_numpy(params) -> dict[str, np.ndarray]:
 def check_generation_over_hosts(cfg, params) -> None:
     """`rdlm.generate` over the run's mesh, which spans every process (lockstep, the batch split;
     depth-continuous, a group of 2 rows per data × fsdp coordinate, the weights split over
-    tensor), gives every process the tokens one device gives."""
+    tensor), gives every process the tokens one device gives; so does task accuracy over it."""
     import jax
     import rdlm
     from jax.experimental import multihost_utils
@@ -116,6 +116,12 @@ def check_generation_over_hosts(cfg, params) -> None:
                               **({"batch_size": 2} if layout else {}))
         np.testing.assert_array_equal(over.tokens, alone.tokens)
         np.testing.assert_array_equal(over.steps, alone.steps)
+    # Task accuracy (`rdlm eval --mesh`) decodes the same answers over the hosts.
+    from rdlm.generation.evaluate import evaluate_accuracy
+    task = dict(num_steps_list=[2], num_examples=8, continuous_batching=True)
+    over = evaluate_accuracy(params, cfg, batch_size=8, mesh=mesh, **task)
+    alone = evaluate_accuracy(local, cfg, batch_size=2, **task)
+    assert over["predictions"] == alone["predictions"], (over["predictions"], alone["predictions"])
     print("GENERATION-OVER-HOSTS-OK", flush=True)
 
 
