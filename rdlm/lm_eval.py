@@ -76,7 +76,7 @@ class EvalOptions:
     batch_size: int = DEFAULT_BATCH_SIZE
     dtype: str | None = None  # compute dtype; None: the checkpoint's own
     param_dtype: str = "float32"  # the parameters' dtype (bfloat16: half the memory)
-    # Local devices that split the weights (tensor parallelism: heads, MLP units, vocabulary);
+    # Devices that split the weights (tensor parallelism: heads, MLP units, vocabulary);
     # the devices' count divided by it split the batch.
     tensor: int = 1
     max_length: int | None = None  # None: model.max_seq_len
@@ -268,11 +268,12 @@ class RDLM(TemplateLM):
             raise ConfigError(f"model_args max_length={self.max_length} exceeds the model's "
                               f"max_seq_len={cfg.max_seq_len}: lower max_length.")
         self.exit = None if self.options.exit is None else ExitConfig.parse(self.options.exit)
-        # Every local device: the weights split over "tensor" (replicated when it is 1), the
-        # batch over "data". On one device the arrays stay as loaded, so the programs are exactly
-        # those of a direct call.
-        self.mesh = sharding.make_mesh(MeshConfig(data=-1, tensor=self.options.tensor),
-                                       devices=jax.local_devices())
+        # Every device: the weights split over "tensor" (replicated when it is 1), the batch
+        # over "data". Over several hosts (jax.distributed initialised, as `rdlm lm-eval` does
+        # on a cluster it detects) every process runs the same evaluation and gets every
+        # result. On one device the arrays stay as loaded, so the programs are exactly those of
+        # a direct call.
+        self.mesh = sharding.make_mesh(MeshConfig(data=-1, tensor=self.options.tensor))
         dp = sharding.data_parallel_size(self.mesh)
         self.batch_size = -(-self.options.batch_size // dp) * dp
         self.params = (params if self.mesh.size == 1 else
@@ -375,7 +376,7 @@ class RDLM(TemplateLM):
                                ("tokens", "targets", "score_mask")),
                 np.int32(self.num_steps), cfg=self.cfg, constrain=self.constrain)))
         results: list[tuple[float, bool] | None] = [None] * len(rows)
-        for indices, (logp_b, greedy_b) in jax.device_get(pending):
+        for indices, (logp_b, greedy_b) in sharding.to_host(pending):
             for j, i in enumerate(indices):
                 results[i] = (float(logp_b[j]), bool(greedy_b[j]))
         return results  # type: ignore[return-value]

@@ -30,7 +30,7 @@ from rdlm.config import Config, ConfigError, model_preset  # noqa: E402
 from rdlm.data.tokenizer import HFTokenizer, load_tokenizer  # noqa: E402
 from rdlm.generation.scoring import bucket_length, score_batch  # noqa: E402
 from rdlm.lm_eval import RDLM, stop_token_ids  # noqa: E402
-from tests.multihost import xla_flags  # noqa: E402
+from tests.multihost import _free_port, xla_flags  # noqa: E402
 from rdlm.runtime.checkpoint import load_params, save_params  # noqa: E402
 from tests.test_interop_tokenizer import SPECIALS, train_bpe  # noqa: E402
 
@@ -338,6 +338,48 @@ def test_data_parallel_over_two_devices_gives_the_same_numbers(model, tiny_run):
                                rtol=1e-5, atol=1e-4)
     assert [o[1] for o in result["tp_out"]] == [w[1] for w in want]
     assert result["tp_gen"] == gen
+
+
+def test_two_hosts_score_and_generate_what_one_device_does(model, tiny_run):
+    """Two processes of 2 devices each (gloo), one mesh over the 4: each process scores every
+    request and generates every continuation, equal to one device's."""
+    pairs = [("2+3=", " 5"), ("a b c d", " e"), ("is 7 odd?", " yes")]
+    contexts = ["abc", "2+3=", "hello there", "x", "a b c d e"]
+    port = _free_port()
+    code = (
+        "import json, sys\n"
+        "from rdlm.config import MeshConfig\n"
+        "from rdlm.runtime.distributed import maybe_initialize_distributed\n"
+        f"maybe_initialize_distributed(MeshConfig(coordinator_address='127.0.0.1:{port}',\n"
+        "                                         num_processes=2, process_id=int(sys.argv[1])))\n"
+        "from lm_eval.api.instance import Instance\n"
+        "from rdlm.lm_eval import RDLM\n"
+        f"lm = RDLM(checkpoint={str(tiny_run[0])!r}, num_steps={R}, batch_size=4)\n"
+        f"reqs = [Instance('loglikelihood', {{}}, p, i) for i, p in enumerate({pairs!r})]\n"
+        f"rows = RDLM(checkpoint={str(tiny_run[0])!r}, num_steps=6, exit='latent-diff:0.5',\n"
+        "            batch_size=4, continuous_batching='true')\n"
+        "gens = [Instance('generate_until', {}, (c, {'until': ['zz'], 'max_gen_toks': 5}), i)\n"
+        f"        for i, c in enumerate({contexts!r})]\n"
+        "print(json.dumps({'devices': lm.mesh.size, 'out': lm.loglikelihood(reqs),\n"
+        "                  'gen': rows.generate_until(gens)}))\n")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(2)}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(i)], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    want = model.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)])
+    lockstep = RDLM(checkpoint=str(tiny_run[0]), num_steps=6, exit="latent-diff:0.5", batch_size=2)
+    gen = lockstep.generate_until(
+        [Instance("generate_until", {}, (c, {"until": ["zz"], "max_gen_toks": 5}), i)
+         for i, c in enumerate(contexts)])
+    for result in results:
+        assert result["devices"] == 4
+        np.testing.assert_allclose([o[0] for o in result["out"]], [w[0] for w in want],
+                                   rtol=1e-5, atol=1e-4)
+        assert [o[1] for o in result["out"]] == [w[1] for w in want]
+        assert result["gen"] == gen
 
 
 def test_without_lm_eval_the_import_says_how_to_install_it(monkeypatch):

@@ -13,7 +13,9 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
+from rdlm.config import MeshConfig
 from rdlm.errors import CheckpointError
+from rdlm.runtime.distributed import maybe_initialize_distributed
 
 SUBCOMMANDS = ("run", "ls", "validate")
 
@@ -37,6 +39,9 @@ def cli(argv: Sequence[str]) -> int:
     except ImportError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    # On a cluster JAX detects (a TPU pod, SLURM) each host runs this same command: the
+    # processes join, and the model's mesh spans every host's devices.
+    maybe_initialize_distributed(MeshConfig())
     previous = sys.argv
     sys.argv = ["lm-eval", *with_model(argv)]  # lm-eval's parser reads sys.argv itself
     try:

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
 from rdlm.config import ModelConfig
 from rdlm.generation.exits import ExitConfig
@@ -70,20 +69,9 @@ class GenerateOutput:
         return float(self.steps[mask].mean()) if mask.any() else 0.0
 
 
-def _to_host(tree: Any) -> Any:
-    """A program's outputs as NumPy, in one transfer. An output that spans devices of other
-    processes (a mesh over several hosts) is gathered first: every process gave all the
-    prompts, and every process gets all the results."""
-    def whole(x: Any) -> Any:
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            return multihost_utils.process_allgather(x, tiled=True)
-        return x
-    return jax.device_get(jax.tree.map(whole, tree))
-
-
 def _finish(raw: dict[str, jax.Array], plan: Plan) -> GenerateOutput:
     """Trim to max_new_tokens, cut each row after its stop token, move to NumPy."""
-    raw = _to_host(raw)
+    raw = sharding.to_host(raw)
     n_new = plan.max_new_tokens
     num_generated = int(raw["num_generated"])
     tokens = np.asarray(raw["tokens"])[:, :n_new].copy()
@@ -289,8 +277,8 @@ def _generate_continuous(params: Params, plan: Plan, rows: list[list[int]],
         params = jax.device_put(params, sharding.param_shardings(plan.cfg, mesh,
                                                                  sharding.GROUP_RULES))
         stacked = jax.tree.map(lambda *xs: np.stack(xs), *queues)
-        raw = _to_host(continuous_on_groups_jit(params, stacked, *scalars, plan=plan,
-                                                mesh=mesh))
+        raw = sharding.to_host(continuous_on_groups_jit(params, stacked, *scalars, plan=plan,
+                                                        mesh=mesh))
 
     def joined(name: str) -> np.ndarray:  # every group's real prompts, in prompt order
         return np.concatenate([np.asarray(raw[name])[g, :len(share)]

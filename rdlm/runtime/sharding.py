@@ -207,6 +207,18 @@ def data_parallel_size(mesh: Mesh, rules: LogicalRules | None = None) -> int:
     return math.prod(mesh.shape[a] for a in data_axes(rules))
 
 
+def to_host(tree: Any) -> Any:
+    """A program's outputs as NumPy, in one transfer. An output that spans devices of other
+    processes (a mesh over several hosts, each process running the same program on the same
+    inputs) is gathered first, so that every process gets all of it."""
+    def whole(x: Any) -> Any:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            from jax.experimental import multihost_utils
+            return multihost_utils.process_allgather(x, tiled=True)
+        return x
+    return jax.device_get(jax.tree.map(whole, tree))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
