@@ -125,6 +125,29 @@ def check_generation_over_hosts(cfg, params) -> None:
     print("GENERATION-OVER-HOSTS-OK", flush=True)
 
 
+def text_config(cfg, directory: Path):
+    """``cfg`` reading a token stream written into ``directory`` (the same on every host): 16
+    windows of the run's batch shape in each of its train and test splits."""
+    import dataclasses
+    directory.mkdir(exist_ok=True)
+    stream = np.random.default_rng(5).integers(0, 16, 16 * (cfg.train.seq_len + 1))
+    for split in ("train", "test"):
+        np.save(directory / f"{split}-00000.npy", stream.astype(np.int32))
+    return dataclasses.replace(cfg, data=dataclasses.replace(
+        cfg.data, source="memmap", paths=(f"{directory}/{{split}}-*.npy",)))
+
+
+def held_out_loss_over_hosts(cfg, params) -> None:
+    """`rdlm eval`'s held-out loss over the run's mesh, which spans every process: each reads
+    its rows of each batch. Printed for the test to compare with one device's."""
+    import jax
+    from rdlm.runtime.sharding import make_mesh
+    from rdlm.train.eval import held_out_loss
+    result = held_out_loss(params, text_config(cfg, Path.cwd() / "text"), num_steps_list=[1, 3],
+                           num_batches=2, mesh=make_mesh(cfg.mesh))
+    print("HELD-OUT-LOSS " + json.dumps({"process": jax.process_index(), **result}), flush=True)
+
+
 def worker(argv: list[str]) -> None:
     """worker RUN_DIR STEPS MESH OUT.npz [PROCESS_ID NUM_PROCESSES PORT]
 
@@ -156,6 +179,7 @@ def worker(argv: list[str]) -> None:
     arrays = params_to_numpy(result.state.params)
     if num_processes > 1:
         check_generation_over_hosts(cfg, result.state.params)
+        held_out_loss_over_hosts(cfg, result.state.params)
     if jax.process_index() == 0:
         losses = {f"loss/{h['step']}": np.float32(h["loss"]) for h in result.history}
         np.savez(out, **arrays, **losses)

@@ -35,12 +35,14 @@ import rdlm
 
 from rdlm.bench import emulators
 from rdlm.cli import main
-from rdlm.runtime import checkpoint, storage
+from rdlm.runtime import checkpoint, sharding, storage
 from rdlm.runtime import lock as lock_lib
 from tests.multihost import (BASE_OVERRIDES, REPO, StepBatches, _assert_same_params,
-                                        _free_port, _run, params_to_numpy, subprocess_env)
+                                        _free_port, _run, params_to_numpy, subprocess_env,
+                                        text_config)
 from tests.test_faults_train import TINY, quiet, tiny_cfg
 from rdlm.train import read_metrics, train
+from rdlm.train.eval import held_out_loss
 
 
 @pytest.fixture(scope="session")
@@ -123,8 +125,8 @@ def test_sigkilled_training_resumes_from_the_bucket_to_the_same_bits(stores, tmp
 
 def test_two_hosts_without_a_shared_disk_train_into_the_bucket(stores, tmp_path):
     """2 processes × 4 devices, each in its own private directory, checkpoint into the bucket
-    (and generate over both hosts' devices); one process with 8 devices resumes from it to the
-    numbers of an uninterrupted run."""
+    (and generate and measure the held-out loss over both hosts' devices); one process with 8
+    devices resumes from it to the numbers of an uninterrupted run."""
     run = f"{stores['gs'].root}/two-hosts"
     port = _free_port()
     homes = [tmp_path / f"host{i}" for i in range(2)]
@@ -147,8 +149,8 @@ def test_two_hosts_without_a_shared_disk_train_into_the_bucket(stores, tmp_path)
     # Each process wrote its own data-iterator state into the bucket, not onto its disk.
     assert sorted(p.name for p in (ckpt / "data_iter").iterdir() if p.suffix == ".json") == [
         "process_0-of-2.json", "process_1-of-2.json"]
-    for home in homes:
-        assert {p.name for p in home.iterdir()} <= {"multi3.npz"}, list(home.iterdir())
+    for home in homes:  # the text is the loss check's own data (below)
+        assert {p.name for p in home.iterdir()} <= {"multi3.npz", "text"}, list(home.iterdir())
 
     out = _run([f"{run},{tmp_path / 'straight8'}", "6,6", "2x2x2",
                 f"{tmp_path / 'resumed.npz'},{tmp_path / 'straight8.npz'}"], subprocess_env(8))
@@ -162,6 +164,16 @@ def test_two_hosts_without_a_shared_disk_train_into_the_bucket(stores, tmp_path)
     cfg3, params3 = checkpoint.load_params(f"{run}/checkpoints/3")
     assert cfg3.mesh.fsdp == 2 and jax.tree.structure(params3) == jax.tree.structure(
         rdlm.abstract_params(cfg3.model))
+    # The held-out loss over both hosts, each reading its rows, is one device's on all rows.
+    losses = [json.loads(line.split(" ", 1)[1]) for out in outputs for line in out.splitlines()
+              if line.startswith("HELD-OUT-LOSS ")]
+    assert [r["process"] for r in losses] == [0, 1] and losses[0]["loss"] == losses[1]["loss"]
+    one = sharding.make_mesh(rdlm.MeshConfig(data=1), devices=jax.devices()[:1])
+    alone = held_out_loss(params3, text_config(cfg3, homes[0] / "text"), num_steps_list=[1, 3],
+                          num_batches=2, mesh=one)
+    assert losses[0]["tokens"] == alone["tokens"] > 0, (losses[0], alone)
+    np.testing.assert_allclose([losses[0]["loss"][str(r)] for r in (1, 3)],
+                               [alone["loss"][r] for r in (1, 3)], rtol=2e-5)
     # 1 device, same config and data: equal to the 8-device run up to reduction order.
     cfg = rdlm.load_config(REPO / "configs/tiny.yaml", [
         *BASE_OVERRIDES, f"train.run_dir={tmp_path / 'one'}", "train.steps=6",

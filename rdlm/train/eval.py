@@ -90,6 +90,12 @@ def check_held_out(cfg: Config, split: str, allow_train_data: bool = False) -> l
     return files
 
 
+def _every_process(count: int) -> np.ndarray:
+    """``count`` of every process, in process order."""
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(np.int64(count)))
+
+
 def held_out_loss(params: Any, cfg: Config, *, num_steps_list: Sequence[int] = LOSS_STEPS,
                   split: str = "test", num_batches: int = 8, allow_train_data: bool = False,
                   mesh: Mesh | None = None) -> dict[str, Any]:
@@ -105,9 +111,16 @@ def held_out_loss(params: Any, cfg: Config, *, num_steps_list: Sequence[int] = L
     check_held_out(cfg, split, allow_train_data)
     mesh = mesh or make_mesh(cfg.mesh)
     params = jax.device_put(params, param_shardings(cfg.model, mesh))  # as training laid them out
-    batches = make_eval_batches(cfg, num_batches=num_batches, split=split, repeat=False)
+    # Over several hosts each process reads its rows of every batch, as in training.
+    batches = make_eval_batches(cfg, num_batches=num_batches, split=split, repeat=False,
+                                process_index=jax.process_index(),
+                                process_count=jax.process_count())
+    hosts = jax.process_count() > 1
+    if hosts:  # every process runs as many batches: one collective each
+        batches = batches[:int(_every_process(len(batches)).min())]
     tokens = int(sum(np.asarray(b.get("loss_mask", np.ones_like(b["targets"]))).sum()
                      for b in batches))
+    tokens = int(_every_process(tokens).sum()) if hosts else tokens
     loss = mean_losses(make_eval_fn(cfg, mesh), params, batches, cfg, mesh, num_steps_list)
     return {"split": split, "tokens": tokens, "num_batches": num_batches,
             "loss": loss, "perplexity": {r: math.exp(min(v, 700.0)) for r, v in loss.items()}}
