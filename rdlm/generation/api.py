@@ -270,8 +270,8 @@ def _generate_continuous(params: Params, plan: Plan, rows: list[list[int]],
     scalars = (np.int32(num_steps), np.float32(0.0 if threshold is None else threshold),
                np.int32(boundary_wait), key)
     queues = [_queue(plan, rows, share) for share in shares]
-    if mesh is None:
-        raw = jax.tree.map(lambda x: np.asarray(x)[None], jax.device_get(
+    if mesh is None:  # one group, without the group axis
+        raw = jax.tree.map(lambda x: x[None], sharding.to_host(
             continuous_jit(params, queues[0], *scalars, plan=plan)))
     else:
         params = jax.device_put(params, sharding.param_shardings(plan.cfg, mesh,

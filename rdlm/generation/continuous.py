@@ -68,7 +68,7 @@ from rdlm.runtime import sharding
 
 class Queue(NamedTuple):
     """The prompts, right-padded: [queue, prompt_len] ids, each length, and how many are real;
-    ``first``: the first one's index among the call's prompts (a device's share of them starts
+    ``first``: the first one's index among the call's prompts (a group's share of them starts
     there), from which the prompts' random numbers derive."""
 
     prompts_qt: jax.Array
