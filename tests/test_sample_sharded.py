@@ -39,6 +39,30 @@ SCRIPT = textwrap.dedent("""
         out = rdlm.generate(params, cfg, prompts, max_new_tokens=6, num_steps=4, mesh=mesh, **opts)
         np.testing.assert_array_equal(out.tokens, single.tokens)
         np.testing.assert_array_equal(out.steps, single.steps)
+    # Lockstep over the mesh runs the prompt's fused attention kernel per shard (rows over
+    # data × fsdp, heads over tensor): traced for a TPU, splash in Pallas' interpreter on each
+    # shard of a 128-position prefill gives the blocked kernel's tokens and logits.
+    import dataclasses, functools
+    from rdlm.model import kernels, pallas_attention
+    long_cfg = dataclasses.replace(cfg, max_seq_len=256)
+    long = dict(max_new_tokens=3, num_steps=3, prompt_len=128, return_logits=True)
+    single = rdlm.generate(params, long_cfg, prompts, **long)
+    chosen = []
+    def spy(*args, **kwargs):
+        chosen.append(choose(*args, **kwargs))
+        return chosen[-1]
+    choose, platform, splash = (kernels.choose_attention, kernels.target_platform,
+                                pallas_attention.splash_attention)
+    kernels.choose_attention, kernels.target_platform = spy, lambda mesh: "tpu"
+    pallas_attention.splash_attention = functools.partial(splash, interpret=True)
+    try:
+        out = rdlm.generate(params, long_cfg, prompts, mesh=mesh, **long)
+    finally:
+        kernels.choose_attention, kernels.target_platform = choose, platform
+        pallas_attention.splash_attention = splash
+    assert set(chosen) == {kernels.SPLASH, kernels.CACHE}, chosen
+    np.testing.assert_array_equal(out.tokens, single.tokens)
+    np.testing.assert_allclose(out.logits, single.logits, rtol=0, atol=1e-4)
     # Depth-continuous batching, 9 prompts against 2 rows on one device, greedy under KL exit
     # and sampled from random initial states (each prompt's numbers follow its index):
     # - on the same mesh, 4 data-parallel groups (data × fsdp) of 2 rows, each group's weights

@@ -237,6 +237,7 @@ def generate(params: Params, cfg: ModelConfig, prompt_tokens: Any, *, max_new_to
         return with_texts(out, tokenizer, plan.stop_tokens)
     prompt_bt, pad_b = left_pad(rows, plan.prompt_len)
     params, prompt_bt, pad_b = _place(params, cfg, prompt_bt, pad_b, mesh)
+    plan = dataclasses.replace(plan, mesh=mesh)
     raw = generate_jit(params, prompt_bt, pad_b, np.int32(num_steps), key, plan=plan)
     return with_texts(_finish(raw, plan), tokenizer, plan.stop_tokens)
 
