@@ -70,6 +70,13 @@ SCRIPT = textwrap.dedent("""
     # - over 8 groups of one device, one row each: shares 2, 2, 2, 2, 1 and three empty.
     prompts9 = (prompts * 3)[:9]
     flat = sharding.make_mesh(MeshConfig(data=-1))
+    # `generate` hands the group program weights placed by GROUP_RULES (split over "tensor"
+    # only, whatever "fsdp" is): the program's own arguments, recorded on their way in.
+    placed, run_groups = [], api.continuous_on_groups_jit
+    def record(params, *args, **kwargs):
+        placed.append([x.sharding.spec for x in jax.tree.leaves(params)])
+        return run_groups(params, *args, **kwargs)
+    api.continuous_on_groups_jit = record
     for opts in (dict(exit="kl", cache_budget=2),
                  dict(temperature=0.8, init_scale=1.0, key=jax.random.key(7))):
         common = dict(max_new_tokens=6, num_steps=4, continuous_batching=True, **opts)
@@ -80,6 +87,12 @@ SCRIPT = textwrap.dedent("""
                 np.testing.assert_array_equal(getattr(out, name), getattr(single, name))
             # A group stages as many prompts as it has rows (an empty queue stages its padding).
             assert out.stats["prefills"] == prefills, out.stats
+    api.continuous_on_groups_jit = run_groups
+    for on, specs in zip((mesh, flat, mesh, flat), placed):
+        want = sharding.param_shardings(cfg, on, sharding.GROUP_RULES)
+        assert specs == [x.spec for x in jax.tree.leaves(want)], specs
+    assert any("fsdp" in str(x.spec) for x in jax.tree.leaves(sharding.param_shardings(cfg, mesh)))
+    assert not any("fsdp" in str(spec) for spec in placed[0]) and len(placed) == 4
     try:  # rows that do not divide among the groups are refused, naming the groups
         rdlm.generate(params, cfg, prompts9, batch_size=6, mesh=mesh, **common)
         raise AssertionError("6 rows over 4 groups were accepted")
