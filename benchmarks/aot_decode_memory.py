@@ -12,9 +12,11 @@ topology, and reports what XLA's compile says: argument and temporary bytes, and
 the program makes of a cache buffer (the whole of it, or a layout change), once per call or in
 the decoding loop, and the Pallas kernels in it (the prefill's splash attention). The
 model's kernels are chosen for the TPU, as on a TPU host. With ``--chips N`` it also compiles
-depth-continuous decoding over the topology's first N chips in groups of ``--tensor`` chips
-(default 1), ``--batch`` rows in each group (every group its own share of the queue, its chips
-splitting the weights, tensor-parallel), and reports one chip's memory.
+both over the topology's first N chips in groups of ``--tensor`` chips (default 1) that split
+the weights (tensor-parallel), ``--batch`` rows in each group, and reports one chip's memory:
+lockstep as ``generate(mesh=)`` runs it (the rows over the groups, the weights placed by the
+training rules, the prefill's kernel per shard), depth-continuous with every group its own
+share of the queue.
 """
 
 from __future__ import annotations
@@ -114,8 +116,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--param-dtype", choices=PARAM_DTYPES, default="float32",
                         help="the parameters' dtype (float32: as rdlm initialises and trains "
                         "them; bfloat16: as `rdlm sample --param-dtype bfloat16` loads them)")
-    parser.add_argument("--chips", type=int, default=1, help="also compile the continuous "
-                        "program over this many chips, --batch rows in each group of --tensor")
+    parser.add_argument("--chips", type=int, default=1, help="also compile both programs "
+                        "over this many chips, --batch rows in each group of --tensor")
     parser.add_argument("--tensor", type=int, default=1, help="with --chips: chips that split "
                         "the weights of one group of rows (tensor parallelism)")
     parser.add_argument("--json", help="write the report here")
@@ -176,9 +178,18 @@ def main(argv: list[str]) -> int:
         split = jax.tree.map(lambda s, place: on(s.shape, s.dtype, place), params,
                              sharding.param_shardings(cfg, mesh, sharding.GROUP_RULES))
         scalar = functools.partial(on, (), sharding=everywhere)
-        name = f"continuous on {args.chips} chips" + (f", groups of {args.tensor}"
-                                                       if args.tensor > 1 else "")
-        results.append(compiled_report(name, lambda: (
+        where = f" on {args.chips} chips" + (f", groups of {args.tensor}"
+                                             if args.tensor > 1 else "")
+        rows_over = on((n * b, length), jnp.int32, jax.sharding.NamedSharding(
+            mesh, sharding.batch_spec(mesh)))
+        pad_over = on((n * b,), jnp.int32, over)
+        placed = jax.tree.map(lambda s, place: on(s.shape, s.dtype, place), params,
+                              sharding.param_shardings(cfg, mesh))
+        results.append(compiled_report("lockstep" + where, lambda: generate_jit.lower(
+            placed, rows_over, pad_over, scalar(jnp.int32), on((), key.dtype, everywhere),
+            plan=dataclasses.replace(plan, batch=n * b, mesh=mesh)),
+            plan.cache_len, cfg.head_dim))
+        results.append(compiled_report("continuous" + where, lambda: (
             continuous_on_groups_jit.lower(
                 split, queues, scalar(jnp.int32), scalar(jnp.float32), scalar(jnp.int32),
                 on((), key.dtype, everywhere), plan=rows_plan, mesh=mesh)),
