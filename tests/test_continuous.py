@@ -202,11 +202,11 @@ def test_token_shift_equals_lockstep(layers):
 
 
 def test_the_tpu_cache_writes_and_reads_compute_what_the_cpu_ones_do(monkeypatch):
-    """On TPU the cache writes of each row at its own position are a slice per row
-    (`rdlm.model.kernels.choose_row_writes`), and the whole-batch passes read the cache held to
-    its layout (`kernels.read_in_place`); forced here, they give the scatter's outputs with
-    every cache the engine writes: stages, core slots with sharing, latest entries, shift
-    bases."""
+    """On TPU the cache writes of each row at its own position, and the reads of each row's
+    own slot or of a few rows, are a slice per row (`rdlm.model.kernels.choose_row_access`),
+    and the whole-batch passes read the cache held to its layout (`kernels.read_in_place`);
+    forced here, they give the scatter's and the gather's outputs with every cache the engine
+    writes and reads: stages, core slots with sharing, latest entries, shift bases."""
     cfg = dataclasses.replace(CFG, token_shift=2)
     params = perturbed_params(cfg)
     options = dict(max_new_tokens=6, num_steps=6, exit="kl:1e-2", cache_budget=2,
@@ -214,7 +214,7 @@ def test_the_tpu_cache_writes_and_reads_compute_what_the_cpu_ones_do(monkeypatch
                    batch_size=2, boundary_wait=3)
     scatter = S.generate(params, cfg, PROMPTS, **options)
     jax.clear_caches()  # trace again under the other choice
-    monkeypatch.setattr(kernels, "choose_row_writes", lambda platform: kernels.SLICES)
+    monkeypatch.setattr(kernels, "choose_row_access", lambda platform: kernels.SLICES)
     monkeypatch.setattr(rows, "read_in_place", lambda buf: kernels.read_in_place(buf, "tpu"))
     slices = S.generate(params, cfg, PROMPTS, **options)
     jax.clear_caches()

@@ -122,10 +122,10 @@ def test_dispatch_picks_the_kernel_for_backend_and_mask(platform, dtype, mask, l
                               per_shard=per_shard) == want
 
 
-def test_row_writes_are_slices_on_tpu_only():
-    assert K.choose_row_writes("tpu") == K.SLICES
-    assert K.choose_row_writes("gpu") == K.SCATTER
-    assert K.choose_row_writes("cpu") == K.SCATTER
+def test_row_writes_and_reads_are_slices_on_tpu_only():
+    assert K.choose_row_access("tpu") == K.SLICES
+    assert K.choose_row_access("gpu") == K.INDEXED
+    assert K.choose_row_access("cpu") == K.INDEXED
 
 
 @pytest.mark.parametrize("lead", [(), (3,)])
@@ -141,10 +141,23 @@ def test_both_row_writes_put_each_rows_entry_at_its_own_position(lead):
     for i in (0, 1, 3):
         want[(slice(None),) * len(lead) + (int(rows_k[i]), slice(None), int(position_k[i]))] = \
             new_xkh1e[..., i, :, 0, :]
-    for how in (K.SCATTER, K.SLICES):
+    for how in (K.INDEXED, K.SLICES):
         got = jax.jit(functools.partial(K.write_row_positions, how=how))(
             buf, new_xkh1e, rows_k, position_k, write_k)
         np.testing.assert_array_equal(got, want)
+
+
+def test_both_row_reads_take_each_rows_own_entries():
+    """Each of four rows reads its own recurrence slot of a core layer [s, b, h, t, e]; three
+    rows (one twice) of a stage [b, h, t, e]: both ways give NumPy's indexing."""
+    core = jax.random.normal(jax.random.key(0), (3, 4, 2, 5, 8))
+    stage = core[0]
+    slot_b, rows_k = jnp.array([2, 0, 1, 2]), jnp.array([3, 1, 3])
+    for how in (K.INDEXED, K.SLICES):
+        read = jax.jit(functools.partial(K.read_row_entries, how=how))
+        got = read(core, (slot_b, jnp.arange(4)))
+        np.testing.assert_array_equal(got, np.stack([core[s, b] for b, s in enumerate([2, 0, 1, 2])]))
+        np.testing.assert_array_equal(read(stage, (rows_k,)), np.asarray(stage)[[3, 1, 3]])
 
 
 def test_mask_kind_follows_the_attention_context():

@@ -41,7 +41,7 @@ from jax import lax
 
 from rdlm.config import ModelConfig
 from rdlm.model import KV
-from rdlm.model.kernels import write_row_positions
+from rdlm.model.kernels import read_row_entries, write_row_positions
 
 Stage = tuple[KV, ...]  # one (keys, values) pair per layer
 
@@ -232,7 +232,7 @@ def write_stage_rows(stage: Stage, kvs: list[KV], position_b: jax.Array, write_b
 
 def gather_stage(stage: Stage, rows_k: jax.Array) -> Stage:
     """The cache rows ``rows_k`` of every prelude (or coda) layer."""
-    return jax.tree.map(lambda buf_bhte: buf_bhte[rows_k], stage)
+    return jax.tree.map(lambda buf_bhte: read_row_entries(buf_bhte, (rows_k,)), stage)
 
 
 def read_core_rows(cache: KVCache, layer: int, step_b: jax.Array, num_slots: int) -> KV:
@@ -241,7 +241,8 @@ def read_core_rows(cache: KVCache, layer: int, step_b: jax.Array, num_slots: int
     elsewhere."""
     b = step_b.shape[0]
     slot_b = slot_of_step(step_b, num_slots)
-    kv = tuple(buf_sbhte[slot_b, jnp.arange(b)] for buf_sbhte in cache.core[layer])
+    kv = tuple(read_row_entries(buf_sbhte, (slot_b, jnp.arange(b)))
+               for buf_sbhte in cache.core[layer])
     if cache.core_latest is None:
         return kv
     ran_past_b1t1 = (cache.depth_bt > step_b[:, None])[:, None, :, None]

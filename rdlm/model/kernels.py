@@ -14,9 +14,10 @@ runs underneath depends on the backend and the shape:
   where the program runs whole on each device or is split by a mesh passed in
   (`runs_per_device`); XLA cannot partition a kernel inside a program it partitions itself.
 - Everywhere: other masks (branches) and attention over a KV cache use the XLA paths here.
-- Decoding with every row at its own position writes one cache position per row: a slice per
-  row on TPU, one scatter elsewhere (`write_row_positions`); on TPU the cache a conditional
-  branch reads is held to its stored layout (`read_in_place`).
+- Decoding with every row at its own position writes one cache position per row and reads
+  each row's own recurrence slot (or a few rows of a stage): a slice per row on TPU, one
+  scatter or gather elsewhere (`write_row_positions`, `read_row_entries`); on TPU the cache
+  a conditional branch reads is held to its stored layout (`read_in_place`).
 
 `choose_attention` is the whole decision, a pure function of the target platform, dtype, mask
 kind and shape.
@@ -312,20 +313,40 @@ def attention(q_bthe: jax.Array, k_bthe: jax.Array, v_bthe: jax.Array,
     return causal_attention(q_bthe, k_bthe, v_bthe, mask_b1ts)
 
 
-# Writing one cache position per row, each row at its own position (depth-continuous decoding).
-SCATTER, SLICES = "scatter", "slices"
+# Writing one cache position per row, each row at its own position, and reading each row's own
+# entries (depth-continuous decoding): one scatter or gather, or a slice per row.
+INDEXED, SLICES = "indexed", "slices"
 
 
-def choose_row_writes(platform: str) -> str:
-    """How `write_row_positions` writes on ``platform``: `SLICES` on TPU, `SCATTER` elsewhere.
+def choose_row_access(platform: str) -> str:
+    """How `write_row_positions` and `read_row_entries` go on ``platform``: `SLICES` on TPU,
+    `INDEXED` (one scatter or gather) elsewhere.
 
     XLA:TPU tiles an array's last two axes, a cache's positions × features. For a scatter of
     single positions it lays the whole buffer out again with heads innermost, and back for the
     attention that reads it: two copies of the cache per write, where the write itself is a few
-    entries per row (docs/performance.md). A `dynamic_update_slice` per row stays in place. On
-    GPU and CPU the scatter is one in-place kernel, where a loop over the rows would be one
-    launch (or more) per row."""
-    return SLICES if platform == "tpu" else SCATTER
+    entries per row. A gather of whole rows (each row's recurrence slot, a few rows of a stage)
+    it lowers as slices over every axis it does not index, so it reads the whole buffer: every
+    slot of a core layer to take one a row. A `dynamic_slice` or `dynamic_update_slice` per row
+    touches the rows' entries only (docs/performance.md). On GPU and CPU the scatter and the
+    gather are one kernel each, where a loop over the rows would be one launch (or more) per
+    row."""
+    return SLICES if platform == "tpu" else INDEXED
+
+
+def read_row_entries(buf: jax.Array, index_k: tuple[jax.Array, ...], how: str | None = None
+                     ) -> jax.Array:
+    """``buf[index_k]``: for each ``i``, the sub-array of ``buf`` at ``(index_k[0][i],
+    index_k[1][i], …)`` of its leading axes, stacked ``[k, *rest]``: a row's own recurrence
+    slot of a core layer, or a few rows of a stage's cache. ``how``: `INDEXED` or `SLICES`
+    (None: `choose_row_access` for the platform JAX compiles for)."""
+    if (how or choose_row_access(target_platform(None))) == INDEXED:
+        return buf[index_k]
+    lead, rest = len(index_k), buf.shape[len(index_k):]
+    return jnp.concatenate([
+        lax.dynamic_slice(buf, tuple(ix[i] for ix in index_k) + (0,) * len(rest),
+                          (1,) * lead + rest).reshape((1, *rest))
+        for i in range(index_k[0].shape[0])])
 
 
 def write_row_positions(buf_xbhte: jax.Array, new_xkh1e: jax.Array, rows_k: jax.Array,
@@ -334,8 +355,8 @@ def write_row_positions(buf_xbhte: jax.Array, new_xkh1e: jax.Array, rows_k: jax.
     """``buf[..., rows_k[i], :, position_k[i], :] = new[..., i, :, 0, :]`` for each ``i`` in
     ``write_k``: a buffer ``[*lead, b, h, t, e]`` (the lead axes, such as the recurrence slot,
     written whole) and one position of ``k`` rows in the same layout, ``[*lead, k, h, 1, e]``.
-    Rows outside ``write_k`` keep their entry; ``rows_k`` are distinct. ``how``: `SCATTER` or
-    `SLICES` (None: `choose_row_writes` for the platform JAX compiles for).
+    Rows outside ``write_k`` keep their entry; ``rows_k`` are distinct. ``how``: `INDEXED` or
+    `SLICES` (None: `choose_row_access` for the platform JAX compiles for).
 
     The entries keep the buffer's axis order, position axis included: XLA:TPU lays an array out
     to make a reshape or transpose next to it free, so an entry squeezed or transposed on its
@@ -343,7 +364,7 @@ def write_row_positions(buf_xbhte: jax.Array, new_xkh1e: jax.Array, rows_k: jax.
     lead = buf_xbhte.ndim - 4
     length = buf_xbhte.shape[-2]
     new_xkh1e = new_xkh1e.astype(buf_xbhte.dtype)
-    if (how or choose_row_writes(target_platform(None))) == SCATTER:
+    if (how or choose_row_access(target_platform(None))) == INDEXED:
         where_k = jnp.where(write_k, position_k, length)  # out of range: the write is dropped
         index = (slice(None),) * lead + (rows_k, slice(None), where_k)
         # Advanced indices on two axes apart put the indexed axis first: [k, *lead, h, e].
