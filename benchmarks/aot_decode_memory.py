@@ -99,8 +99,8 @@ def compiled_report(name: str, lower: Callable[[], jax.stages.Lowered], cache_le
     return report(name, compiled, cache_len, head_dim)
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that say what is compiled, and for which chip (shared with aot_decode_costs)."""
     parser.add_argument("--topology", default="v5p:2x2x1")
     parser.add_argument("--preset", help="a model preset (rdlm.MODEL_PRESETS) instead of the "
                         "1,024-wide model")
@@ -111,11 +111,24 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--prompt-len", type=int, default=1_024)
     parser.add_argument("--new-tokens", type=int, default=1_024)
     parser.add_argument("--budget", type=int, default=8, help="recurrence slots kept per layer")
-    parser.add_argument("--stage-rows", type=int, help="prompts the continuous program "
-                        "prefills together (default: rdlm's, default_stage_rows)")
     parser.add_argument("--param-dtype", choices=PARAM_DTYPES, default="float32",
                         help="the parameters' dtype (float32: as rdlm initialises and trains "
                         "them; bfloat16: as `rdlm sample --param-dtype bfloat16` loads them)")
+
+
+def model_from_args(args: argparse.Namespace) -> ModelConfig:
+    """The 1,024-wide model or ``--preset``'s, in bfloat16, with the ``--set`` changes."""
+    model = model_preset(args.preset, dtype="bfloat16") if args.preset else MODEL
+    changes = {key: yaml.safe_load(value) for key, value in
+               (item.split("=", 1) for item in args.set)}
+    return from_dict(ModelConfig, {**to_dict(model), **changes}, "model")
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    model_arguments(parser)
+    parser.add_argument("--stage-rows", type=int, help="prompts the continuous program "
+                        "prefills together (default: rdlm's, default_stage_rows)")
     parser.add_argument("--chips", type=int, default=1, help="also compile both programs "
                         "over this many chips, --batch rows in each group of --tensor")
     parser.add_argument("--tensor", type=int, default=1, help="with --chips: chips that split "
@@ -137,11 +150,8 @@ def main(argv: list[str]) -> int:
     def spec(shape: tuple[int, ...], dtype: jnp.dtype) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(shape, dtype, sharding=place)
 
-    model = model_preset(args.preset, dtype="bfloat16") if args.preset else MODEL
-    changes = {key: yaml.safe_load(value) for key, value in
-               (item.split("=", 1) for item in args.set)}
-    model = from_dict(ModelConfig, {**to_dict(model), **changes}, "model")
-    cfg = dataclasses.replace(model, max_seq_len=args.prompt_len + args.new_tokens)
+    cfg = dataclasses.replace(model_from_args(args),
+                              max_seq_len=args.prompt_len + args.new_tokens)
     params = jax.tree.map(lambda s: spec(s.shape, jnp.dtype(args.param_dtype)),
                           abstract_params(cfg))
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=place)

@@ -1,0 +1,217 @@
+"""What each decoding pass costs on a TPU chip by XLA's cost model: lockstep against depth-continuous.
+
+    JAX_PLATFORMS=cpu python benchmarks/aot_decode_costs.py [--topology v5p:2x2x1]
+        [--preset huginn-3.5b] [--set KEY=VALUE ...] [--batch 16] [--prompt-len 1024]
+        [--new-tokens 1024] [--budget 8] [--param-dtype bfloat16] [--exit kl]
+        [--schedule results/bench-sample-schedule-demo-q1024-cpu.json] [--json FILE]
+
+Needs libtpu, not a TPU (docs/training.md). Each pass of decoding is compiled on its own for
+one chip of the topology, with the weights in the decoding loop's layout and a cache of
+``--prompt-len`` + ``--new-tokens`` positions, and XLA's cost model for that chip says what it
+reads and writes and how long it takes at the chip's peak rates (``optimal_seconds``: a
+roofline, which leaves out per-op overheads):
+
+- lockstep (`rdlm.generation.engine`; every row at the same position and step): a core step, the
+  exit check (the coda and the head on every row's candidate state), a token's prelude;
+- depth-continuous (`rdlm.generation.rows`; every row at its own position and step): the same
+  three over every row, and the token-boundary passes over the few gathered rows
+  (`continuous.few_rows`) that need them.
+
+The weight-read model of docs/performance.md counts a pass at its weights whatever its rows;
+this prices the KV cache reads, the per-row gathers and masks too. With ``--schedule`` (a
+`rdlm bench sample` JSON, whose variants report their passes) it prices each variant's passes
+and prints the conversion ratio its variants at ``--batch`` rows would reach at these prices:
+depth-continuous prelude passes at their gathered price and at their whole-batch price (the
+two bounds), coda passes beyond one check an iteration at the gathered price. The other
+bookkeeping of either loop (merging a token's entries, recording it) is not priced. The
+schedule is the one that model ran; priced at another model's passes it is a what-if.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from aot_decode_memory import model_from_args, model_arguments
+from rdlm.generation import cache as kvc, rows as row_engine
+from rdlm.generation.continuous import few_rows
+from rdlm.generation.engine import block_context, run_coda, run_core_step, run_prelude, token_input
+from rdlm.generation.exits import as_exit_config, evaluate, init_exit_state
+from rdlm.generation.rows import coda_rows, core_step_rows, prelude_rows, row_context
+from rdlm.model import abstract_params, kernels
+from rdlm.runtime.hostinfo import compiling_host, toolchain
+from rdlm.train.aot import topology_devices
+
+
+def passes(cfg, batch: int, cache_len: int, num_slots: int, exit_spec: str
+           ) -> dict[str, tuple[Callable, tuple]]:
+    """Each pass as (function, abstract arguments): params, cache, then per-row arrays."""
+    exit_cfg = as_exit_config(exit_spec)
+    b, k, d = batch, few_rows(batch), cfg.d_model
+    dtype = jnp.dtype(cfg.dtype)
+    cache = kvc.cache_shapes(cfg, b, cache_len, num_slots, exit_cfg is not None)
+    block = kvc.cache_shapes(cfg, b, 1, num_slots, exit_cfg is not None)
+    rows_b1d = jax.ShapeDtypeStruct((b, 1, d), dtype)
+    rows_k1d = jax.ShapeDtypeStruct((k, 1, d), dtype)
+    ints = lambda n: jax.ShapeDtypeStruct((n,), jnp.int32)  # noqa: E731
+    flags = jax.ShapeDtypeStruct((b,), jnp.bool_)
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+
+    def lock_core(params, cache, block, state, embedded, pad, pos, step, active):
+        ctx = block_context(cfg, pad, pos, 1, cache_len, True)
+        return run_core_step(params, cfg, num_slots, cache, block, state, embedded, ctx, step, 0,
+                             active)
+
+    def lock_check(params, cache, state, pad, pos):
+        ctx = block_context(cfg, pad, pos, 1, cache_len, True)
+        logits_b1v = run_coda(params, cfg, cache, state, ctx, pos, True, write=False)[0]
+        return evaluate(exit_cfg, init_exit_state(state[:, 0], cfg.vocab_size), state[:, 0],
+                        logits_b1v[:, 0])
+
+    def lock_prelude(params, cache, tokens, pad, pos):
+        ctx = block_context(cfg, pad, pos, 1, cache_len, True)
+        return run_prelude(params, cfg, cache, token_input(params, cfg, tokens[:, None]), ctx,
+                           pos, True, pad)
+
+    def rows_core(params, cache, block, state, embedded, position, step, active):
+        return core_step_rows(params, cfg, num_slots, cache, block, state, embedded,
+                              row_context(cfg, position, cache_len), step, active)
+
+    def rows_check(params, cache, state, position):
+        out = coda_rows(params, cfg, cache.coda, state, row_context(cfg, position, cache_len))
+        return evaluate(exit_cfg, init_exit_state(state[:, 0], cfg.vocab_size), state[:, 0],
+                        out.logits_bv), out.kvs
+
+    def rows_coda(params, cache, state, position, rows):
+        return coda_rows(params, cfg, cache.coda, state, row_context(cfg, position, cache_len),
+                         rows)
+
+    def rows_prelude(params, cache, tokens, position, rows):
+        return prelude_rows(params, cfg, cache.prelude, cache.shift_bases_btd, tokens, position,
+                            rows)
+
+    return {
+        "lockstep core step": (lock_core, (cache, block, rows_b1d, rows_b1d, ints(b), scalar,
+                                           scalar, flags)),
+        "lockstep check (coda + head)": (lock_check, (cache, rows_b1d, ints(b), scalar)),
+        "lockstep prelude": (lock_prelude, (cache, ints(b), ints(b), scalar)),
+        "continuous core step": (rows_core, (cache, block, rows_b1d, rows_b1d, ints(b), ints(b),
+                                             flags)),
+        "continuous check (coda + head)": (rows_check, (cache, rows_b1d, ints(b))),
+        f"continuous coda, {k} gathered rows": (rows_coda, (cache, rows_k1d, ints(k), ints(k))),
+        "continuous prelude, every row": (lambda p, c, t, x: rows_prelude(p, c, t, x, None),
+                                          (cache, ints(b), ints(b))),
+        f"continuous prelude, {k} gathered rows": (rows_prelude, (cache, ints(k), ints(k),
+                                                                  ints(k))),
+    }
+
+
+def price(name: str, fn: Callable, params, args: tuple, device) -> dict:
+    """XLA's cost analysis of ``fn`` compiled for ``device``."""
+    place = jax.sharding.SingleDeviceSharding(device)
+    on = lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=place)  # noqa: E731
+    # The cache is donated: a pass that writes it does so in place, as inside the programs.
+    compiled = jax.jit(fn, donate_argnums=1).lower(jax.tree.map(on, params),
+                                                   *jax.tree.map(on, args)).compile()
+    cost = compiled.cost_analysis()
+    row = {"pass": name, "optimal_us": cost["optimal_seconds"] * 1e6,
+           "bytes_accessed": int(cost["bytes accessed"]), "flops": int(cost["flops"])}
+    print(f"{name:<40} {row['optimal_us']:9.1f} µs  {row['bytes_accessed'] / 2**20:9.1f} MiB  "
+          f"{row['flops'] / 1e9:8.2f} GFLOP")
+    return row
+
+
+def priced_conversions(schedule: dict, prices: dict[str, float], batch: int) -> list[dict]:
+    """Each adaptive variant of a `bench sample` run at ``batch`` rows priced by ``prices`` (µs
+    a pass, at that batch): its decoding time per token against the fixed-r run's, over the
+    iterations it saved."""
+    k = few_rows(batch)
+    lock = {"core": prices["lockstep core step"], "coda": prices["lockstep check (coda + head)"],
+            "prelude": prices["lockstep prelude"]}
+    cont = {"core": prices["continuous core step"],
+            "check": prices["continuous check (coda + head)"],
+            "coda": prices[f"continuous coda, {k} gathered rows"],
+            "prelude_all": prices["continuous prelude, every row"],
+            "prelude_few": prices[f"continuous prelude, {k} gathered rows"]}
+    first = [row for row in schedule["rows"] if row.get("round", 0) == 0]
+    out = []
+    for full in (row for row in first if row["variant"] == "full" and row["batch"] == batch):
+        per_token_full = sum(full["passes"][s] * lock[s] for s in lock) / full["decoded_tokens"]
+        for row in first:
+            if row["batch"] != full["batch"] or row["variant"] == "full":
+                continue
+            p, r = row["passes"], row["num_steps"]
+            saved = r / row["decode_mean_iterations"]
+            if row["variant"].startswith("exit-continuous"):
+                # Coda passes: the checks (at most one an iteration) at every row's price, the
+                # rest (late codas of rows that reached r or waited) at the gathered price.
+                checks = min(p["coda"], p["core"])
+                base = p["core"] * cont["core"] + checks * cont["check"] + \
+                    (p["coda"] - checks) * cont["coda"]
+                bounds = [base + p["prelude"] * cont[f"prelude_{w}"] for w in ("few", "all")]
+            else:
+                bounds = [sum(p[s] * lock[s] for s in lock)] * 2
+            conv = [per_token_full / (t / row["decoded_tokens"]) / saved for t in bounds]
+            out.append({"batch": row["batch"], "variant": row["variant"],
+                        "measured_decode_conversion": row.get("decode_conversion"),
+                        "weight_read_schedule": row.get("schedule"),
+                        "priced_conversion": conv[0] if conv[0] == conv[1] else conv})
+            print(f"batch {row['batch']:>3} {row['variant']:<22} priced conversion "
+                  + (f"{conv[0]:.2f}" if conv[0] == conv[1] else f"{conv[1]:.2f}–{conv[0]:.2f}")
+                  + f"  (weight reads {row.get('schedule', float('nan')):.2f})")
+    return out
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    model_arguments(parser)
+    parser.add_argument("--exit", default="kl", help="the exit criterion the check evaluates")
+    parser.add_argument("--schedule", help="a `rdlm bench sample --json` file to price")
+    parser.add_argument("--json", help="write the report here")
+    args = parser.parse_args(argv)
+    kernels.target_platform = lambda mesh: "tpu"  # as a TPU host chooses (see aot_decode_memory)
+    # The whole-batch passes hold the cache to its layout, which keeps it in place inside the
+    # conditionals the programs run them in; compiled on their own, outside one, the hold
+    # itself costs a copy of the cache, so it is left out here.
+    row_engine.read_in_place = lambda buf: buf
+    try:
+        device = topology_devices(args.topology)[0]
+    except RuntimeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    cfg = model_from_args(args)
+    cfg = dataclasses.replace(cfg, max_seq_len=args.prompt_len + args.new_tokens)
+    cache_len = args.prompt_len + args.new_tokens - 1
+    params = jax.eval_shape(kernels.to_loop_layout, jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(args.param_dtype)),
+        abstract_params(cfg)))
+    rows = [price(name, fn, params, inputs, device) for name, (fn, inputs) in
+            passes(cfg, args.batch, cache_len, args.budget, args.exit).items()]
+    prices = {row["pass"]: row["optimal_us"] for row in rows}
+    ratio = prices["continuous core step"] / prices["lockstep core step"]
+    print(f"a continuous core step costs {ratio:.3f} of a lockstep one")
+    priced = None
+    if args.schedule:
+        with open(args.schedule) as f:
+            priced = priced_conversions(json.load(f), prices, args.batch)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"topology": args.topology, "device": device.device_kind,
+                       "compiled_on": compiling_host(), "toolchain": toolchain(),
+                       "command": " ".join(["python", "benchmarks/aot_decode_costs.py", *argv]),
+                       "model": dataclasses.asdict(cfg), "batch": args.batch,
+                       "cache_len": cache_len, "cache_budget": args.budget, "exit": args.exit,
+                       "param_dtype": args.param_dtype, "passes": rows,
+                       "continuous_over_lockstep_core_step": ratio,
+                       "schedule": args.schedule, "priced": priced}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
