@@ -219,8 +219,11 @@ def test_the_tpu_cache_writes_and_reads_compute_what_the_cpu_ones_do(monkeypatch
     slices = S.generate(params, cfg, PROMPTS, **options)
     jax.clear_caches()
     assert len(np.unique(scatter.steps[:, 1:])) > 1  # rows at different depths
-    for name in ("tokens", "steps", "lengths", "logits"):
+    for name in ("tokens", "steps", "lengths"):
         np.testing.assert_array_equal(getattr(slices, name), getattr(scatter, name))
+    # The core attends row by row there: one row's dots are the same sums, which XLA:CPU may
+    # add in another order (measured within 7e-7).
+    np.testing.assert_allclose(slices.logits, scatter.logits, rtol=0, atol=1e-5)
 
 
 def test_options_it_cannot_combine_are_refused(params):

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from rdlm.config import ModelConfig
-from rdlm.model import KV
+from rdlm.model import KV, RowSlots
 from rdlm.model.kernels import read_row_entries, write_row_positions
 
 Stage = tuple[KV, ...]  # one (keys, values) pair per layer
@@ -235,19 +235,15 @@ def gather_stage(stage: Stage, rows_k: jax.Array) -> Stage:
     return jax.tree.map(lambda buf_bhte: read_row_entries(buf_bhte, (rows_k,)), stage)
 
 
-def read_core_rows(cache: KVCache, layer: int, step_b: jax.Array, num_slots: int) -> KV:
+def read_core_rows(cache: KVCache, layer: int, step_b: jax.Array, num_slots: int) -> RowSlots:
     """`read_core` with each row at its own recurrence step: row b reads slot
     ``step_b[b] mod num_slots`` where a position ran past that step, its latest entry
-    elsewhere."""
-    b = step_b.shape[0]
+    elsewhere; as a `RowSlots` prefix, which the attention reads in place."""
     slot_b = slot_of_step(step_b, num_slots)
-    kv = tuple(read_row_entries(buf_sbhte, (slot_b, jnp.arange(b)))
-               for buf_sbhte in cache.core[layer])
     if cache.core_latest is None:
-        return kv
+        return RowSlots(cache.core[layer], slot_b)
     ran_past_b1t1 = (cache.depth_bt > step_b[:, None])[:, None, :, None]
-    return tuple(jnp.where(ran_past_b1t1, slot_bhte, latest_bhte)
-                 for slot_bhte, latest_bhte in zip(kv, cache.core_latest[layer]))
+    return RowSlots(cache.core[layer], slot_b, cache.core_latest[layer], ran_past_b1t1)
 
 
 def write_core_rows(block: KVCache, layer: int, step_b: jax.Array, num_slots: int, kv: KV,

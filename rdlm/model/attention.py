@@ -7,6 +7,7 @@ prefix); the kernels that compute attention itself live in `rdlm.model.kernels`.
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,19 @@ from rdlm.config import ModelConfig
 # (keys, values), each [batch, heads, length, head_dim]: the KV cache's layout
 # (`rdlm.generation.cache`), in which the attention dots over a cache need no transposed copy of it.
 KV = tuple[jax.Array, jax.Array]
+
+
+class RowSlots(NamedTuple):
+    """Cached keys and values that each row reads from its own recurrence slot (depth-continuous
+    decoding, every row at its own step): row b's entries are ``slots[slot_b[b], b]`` where
+    ``use_slot_b1t1``, its ``fallback`` entries (the latest of each position) elsewhere. A
+    prefix in this form lets the attention read each row's slot where it lies
+    (`rdlm.model.kernels.attend_with_prefix`)."""
+
+    slots: KV  # [s, b, h, t, e] each
+    slot_b: jax.Array
+    fallback: KV | None = None  # [b, h, t, e] each; None: the slot everywhere
+    use_slot_b1t1: jax.Array | None = None
 
 
 @jax.tree_util.register_dataclass
