@@ -16,8 +16,10 @@ runs underneath depends on the backend and the shape:
 - Everywhere: other masks (branches) and attention over a KV cache use the XLA paths here.
 - Decoding with every row at its own position writes one cache position per row and reads
   each row's own recurrence slot (or a few rows of a stage): a slice per row on TPU, one
-  scatter or gather elsewhere (`write_row_positions`, `read_row_entries`); on TPU the cache
-  a conditional branch reads is held to its stored layout (`read_in_place`).
+  scatter or gather elsewhere (`write_row_positions`, `read_row_entries`), and on TPU the
+  core attends row by row over each row's own slot (`attend_with_prefix` of a `RowSlots`
+  prefix); on TPU the cache a conditional branch reads is held to its stored layout
+  (`read_in_place`).
 
 `choose_attention` is the whole decision, a pure function of the target platform, dtype, mask
 kind and shape.
