@@ -24,7 +24,9 @@ and prints the conversion ratio its variants at ``--batch`` rows would reach at 
 depth-continuous prelude passes at their gathered price and at their whole-batch price (the
 two bounds), coda passes beyond one check an iteration at the gathered price. The other
 bookkeeping of either loop (merging a token's entries, recording it) is not priced. The
-schedule is the one that model ran; priced at another model's passes it is a what-if.
+schedule is the one that model ran; priced at another model's passes it is a what-if, truer
+when the schedule waited at token boundaries as this shape would: the script prints the
+``boundary_wait`` rdlm chooses here, for ``bench sample --variants exit-continuous@W``.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import jax.numpy as jnp
 
 from aot_decode_memory import model_from_args, model_arguments
 from rdlm.generation import cache as kvc, rows as row_engine
-from rdlm.generation.continuous import few_rows
+from rdlm.generation.continuous import default_boundary_wait, few_rows
 from rdlm.generation.engine import block_context, run_coda, run_core_step, run_prelude, token_input
 from rdlm.generation.exits import as_exit_config, evaluate, init_exit_state
 from rdlm.generation.rows import coda_rows, core_step_rows, prelude_rows, row_context
@@ -196,6 +198,10 @@ def main(argv: list[str]) -> int:
     prices = {row["pass"]: row["optimal_us"] for row in rows}
     ratio = prices["continuous core step"] / prices["lockstep core step"]
     print(f"a continuous core step costs {ratio:.3f} of a lockstep one")
+    # A schedule run on another model waited by that model's weights; this is the wait rdlm
+    # would choose here (`bench sample --variants exit-continuous@W` runs a schedule with it).
+    wait = default_boundary_wait(cfg, args.batch, as_exit_config(args.exit))
+    print(f"rdlm's default boundary_wait at this shape and batch: {wait}")
     priced = None
     if args.schedule:
         with open(args.schedule) as f:
@@ -209,6 +215,7 @@ def main(argv: list[str]) -> int:
                        "cache_len": cache_len, "cache_budget": args.budget, "exit": args.exit,
                        "param_dtype": args.param_dtype, "passes": rows,
                        "continuous_over_lockstep_core_step": ratio,
+                       "default_boundary_wait": wait,
                        "schedule": args.schedule, "priced": priced}, f, indent=1)
     return 0
 
