@@ -21,8 +21,8 @@ The weight-read model of docs/performance.md counts a pass at its weights whatev
 this prices the KV cache reads, the per-row gathers and masks too. With ``--schedule`` (a
 `rdlm bench sample` JSON, whose variants report their passes) it prices each variant's passes
 and prints the conversion ratio its variants at ``--batch`` rows would reach at these prices:
-depth-continuous prelude passes at their gathered price and at their whole-batch price (the
-two bounds), coda passes beyond one check an iteration at the gathered price. The other
+depth-continuous prelude passes, and coda passes beyond one check an iteration, at their
+gathered price and at their whole-batch price (the two bounds). The other
 bookkeeping of either loop (merging a token's entries, recording it) is not priced. The
 schedule is the one that model ran; priced at another model's passes it is a what-if, truer
 when the schedule waited at token boundaries as this shape would: the script prints the
@@ -129,16 +129,19 @@ def price(name: str, fn: Callable, params, args: tuple, device) -> dict:
     return row
 
 
-def priced_conversions(schedule: dict, prices: dict[str, float], batch: int) -> list[dict]:
+def priced_conversions(schedule: dict, prices: dict[str, float], batch: int,
+                       needs_logits: bool) -> list[dict]:
     """Each adaptive variant of a `bench sample` run at ``batch`` rows priced by ``prices`` (µs
     a pass, at that batch): its decoding time per token against the fixed-r run's, over the
-    iterations it saved."""
+    iterations it saved. ``needs_logits``: whether the run's exit criterion checks with the
+    coda (then its coda passes are mostly checks)."""
     k = few_rows(batch)
     lock = {"core": prices["lockstep core step"], "coda": prices["lockstep check (coda + head)"],
             "prelude": prices["lockstep prelude"]}
     cont = {"core": prices["continuous core step"],
             "check": prices["continuous check (coda + head)"],
-            "coda": prices[f"continuous coda, {k} gathered rows"],
+            "coda_all": prices["continuous check (coda + head)"],
+            "coda_few": prices[f"continuous coda, {k} gathered rows"],
             "prelude_all": prices["continuous prelude, every row"],
             "prelude_few": prices[f"continuous prelude, {k} gathered rows"]}
     first = [row for row in schedule["rows"] if row.get("round", 0) == 0]
@@ -151,12 +154,13 @@ def priced_conversions(schedule: dict, prices: dict[str, float], batch: int) -> 
             p, r = row["passes"], row["num_steps"]
             saved = r / row["decode_mean_iterations"]
             if row["variant"].startswith("exit-continuous"):
-                # Coda passes: the checks (at most one an iteration) at every row's price, the
-                # rest (late codas of rows that reached r or waited) at the gathered price.
-                checks = min(p["coda"], p["core"])
-                base = p["core"] * cont["core"] + checks * cont["check"] + \
-                    (p["coda"] - checks) * cont["coda"]
-                bounds = [base + p["prelude"] * cont[f"prelude_{w}"] for w in ("few", "all")]
+                # Coda passes: the checks (at most one an iteration) at every row's price; the
+                # rest (codas of rows that reached r or waited) and the preludes at the
+                # gathered price (one bound) or every row's (the other).
+                checks = min(p["coda"], p["core"]) if needs_logits else 0
+                bounds = [p["core"] * cont["core"] + checks * cont["check"]
+                          + (p["coda"] - checks) * cont[f"coda_{w}"]
+                          + p["prelude"] * cont[f"prelude_{w}"] for w in ("few", "all")]
             else:
                 bounds = [sum(p[s] * lock[s] for s in lock)] * 2
             conv = [per_token_full / (t / row["decoded_tokens"]) / saved for t in bounds]
@@ -173,7 +177,8 @@ def priced_conversions(schedule: dict, prices: dict[str, float], batch: int) -> 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     model_arguments(parser)
-    parser.add_argument("--exit", default="kl", help="the exit criterion the check evaluates")
+    parser.add_argument("--exit", default="kl", help="the exit criterion the check evaluates "
+                        "(with --schedule: the schedule's)")
     parser.add_argument("--schedule", help="a `rdlm bench sample --json` file to price")
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args(argv)
@@ -205,7 +210,8 @@ def main(argv: list[str]) -> int:
     priced = None
     if args.schedule:
         with open(args.schedule) as f:
-            priced = priced_conversions(json.load(f), prices, args.batch)
+            priced = priced_conversions(json.load(f), prices, args.batch,
+                                        as_exit_config(args.exit).needs_logits)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"topology": args.topology, "device": device.device_kind,
