@@ -12,7 +12,8 @@ reads and writes and how long it takes at the chip's peak rates (``optimal_secon
 roofline, which leaves out per-op overheads):
 
 - lockstep (`rdlm.generation.engine`; every row at the same position and step): a core step, the
-  exit check (the coda and the head on every row's candidate state), a token's prelude;
+  coda and the head (a token's, or a distribution criterion's check on every row's candidate
+  state), a token's prelude;
 - depth-continuous (`rdlm.generation.rows`; every row at its own position and step): the same
   three over every row, and the token-boundary passes over the few gathered rows
   (`continuous.few_rows`) that need them.
@@ -44,7 +45,7 @@ from aot_decode_memory import model_from_args, model_arguments
 from rdlm.generation import cache as kvc, rows as row_engine
 from rdlm.generation.continuous import default_boundary_wait, few_rows
 from rdlm.generation.engine import block_context, run_coda, run_core_step, run_prelude, token_input
-from rdlm.generation.exits import as_exit_config, evaluate, init_exit_state
+from rdlm.generation.exits import as_exit_config
 from rdlm.generation.rows import coda_rows, core_step_rows, prelude_rows, row_context
 from rdlm.model import abstract_params, kernels
 from rdlm.runtime.hostinfo import compiling_host, toolchain
@@ -53,7 +54,9 @@ from rdlm.train.aot import topology_devices
 
 def passes(cfg, batch: int, cache_len: int, num_slots: int, exit_spec: str
            ) -> dict[str, tuple[Callable, tuple]]:
-    """Each pass as (function, abstract arguments): params, cache, then per-row arrays."""
+    """Each pass as (function, abstract arguments): params, cache, then per-row arrays. Each
+    returns what the programs keep of it (the logits of a coda pass: the token's, or a
+    distribution criterion's check, whose own arithmetic is left out), so that XLA keeps it."""
     exit_cfg = as_exit_config(exit_spec)
     b, k, d = batch, few_rows(batch), cfg.d_model
     dtype = jnp.dtype(cfg.dtype)
@@ -70,11 +73,9 @@ def passes(cfg, batch: int, cache_len: int, num_slots: int, exit_spec: str
         return run_core_step(params, cfg, num_slots, cache, block, state, embedded, ctx, step, 0,
                              active)
 
-    def lock_check(params, cache, state, pad, pos):
+    def lock_coda(params, cache, state, pad, pos):
         ctx = block_context(cfg, pad, pos, 1, cache_len, True)
-        logits_b1v = run_coda(params, cfg, cache, state, ctx, pos, True, write=False)[0]
-        return evaluate(exit_cfg, init_exit_state(state[:, 0], cfg.vocab_size), state[:, 0],
-                        logits_b1v[:, 0])
+        return run_coda(params, cfg, cache, state, ctx, pos, True, write=False)[0]
 
     def lock_prelude(params, cache, tokens, pad, pos):
         ctx = block_context(cfg, pad, pos, 1, cache_len, True)
@@ -84,11 +85,6 @@ def passes(cfg, batch: int, cache_len: int, num_slots: int, exit_spec: str
     def rows_core(params, cache, block, state, embedded, position, step, active):
         return core_step_rows(params, cfg, num_slots, cache, block, state, embedded,
                               row_context(cfg, position, cache_len), step, active)
-
-    def rows_check(params, cache, state, position):
-        out = coda_rows(params, cfg, cache.coda, state, row_context(cfg, position, cache_len))
-        return evaluate(exit_cfg, init_exit_state(state[:, 0], cfg.vocab_size), state[:, 0],
-                        out.logits_bv), out.kvs
 
     def rows_coda(params, cache, state, position, rows):
         return coda_rows(params, cfg, cache.coda, state, row_context(cfg, position, cache_len),
@@ -101,12 +97,14 @@ def passes(cfg, batch: int, cache_len: int, num_slots: int, exit_spec: str
     return {
         "lockstep core step": (lock_core, (cache, block, rows_b1d, rows_b1d, ints(b), scalar,
                                            scalar, flags)),
-        "lockstep check (coda + head)": (lock_check, (cache, rows_b1d, ints(b), scalar)),
+        "lockstep coda + head": (lock_coda, (cache, rows_b1d, ints(b), scalar)),
         "lockstep prelude": (lock_prelude, (cache, ints(b), ints(b), scalar)),
         "continuous core step": (rows_core, (cache, block, rows_b1d, rows_b1d, ints(b), ints(b),
                                              flags)),
-        "continuous check (coda + head)": (rows_check, (cache, rows_b1d, ints(b))),
-        f"continuous coda, {k} gathered rows": (rows_coda, (cache, rows_k1d, ints(k), ints(k))),
+        "continuous coda + head, every row": (lambda p, c, x, i: rows_coda(p, c, x, i, None),
+                                              (cache, rows_b1d, ints(b))),
+        f"continuous coda + head, {k} gathered rows": (rows_coda, (cache, rows_k1d, ints(k),
+                                                                   ints(k))),
         "continuous prelude, every row": (lambda p, c, t, x: rows_prelude(p, c, t, x, None),
                                           (cache, ints(b), ints(b))),
         f"continuous prelude, {k} gathered rows": (rows_prelude, (cache, ints(k), ints(k),
@@ -136,12 +134,12 @@ def priced_conversions(schedule: dict, prices: dict[str, float], batch: int,
     iterations it saved. ``needs_logits``: whether the run's exit criterion checks with the
     coda (then its coda passes are mostly checks)."""
     k = few_rows(batch)
-    lock = {"core": prices["lockstep core step"], "coda": prices["lockstep check (coda + head)"],
+    lock = {"core": prices["lockstep core step"], "coda": prices["lockstep coda + head"],
             "prelude": prices["lockstep prelude"]}
     cont = {"core": prices["continuous core step"],
-            "check": prices["continuous check (coda + head)"],
-            "coda_all": prices["continuous check (coda + head)"],
-            "coda_few": prices[f"continuous coda, {k} gathered rows"],
+            "check": prices["continuous coda + head, every row"],
+            "coda_all": prices["continuous coda + head, every row"],
+            "coda_few": prices[f"continuous coda + head, {k} gathered rows"],
             "prelude_all": prices["continuous prelude, every row"],
             "prelude_few": prices[f"continuous prelude, {k} gathered rows"]}
     first = [row for row in schedule["rows"] if row.get("round", 0) == 0]
@@ -177,8 +175,9 @@ def priced_conversions(schedule: dict, prices: dict[str, float], batch: int,
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     model_arguments(parser)
-    parser.add_argument("--exit", default="kl", help="the exit criterion the check evaluates "
-                        "(with --schedule: the schedule's)")
+    parser.add_argument("--exit", default="kl", help="the exit criterion (the schedule's, with "
+                        "--schedule): whether the cache keeps latest entries, and whether "
+                        "each check runs the coda")
     parser.add_argument("--schedule", help="a `rdlm bench sample --json` file to price")
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args(argv)

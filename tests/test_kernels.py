@@ -161,29 +161,34 @@ def test_both_row_reads_take_each_rows_own_entries():
 
 
 @pytest.mark.parametrize("latest", [False, True])
-def test_attention_over_each_rows_own_slot_reads_what_the_rows_hold(monkeypatch, latest):
-    """A `RowSlots` prefix (each row at its own recurrence slot, its latest entries where a
-    position stopped earlier) attends as the prefix built by NumPy indexing does: gathered
-    (GPU, CPU) and row by row over slices (TPU, forced here)."""
+def test_attention_over_each_rows_own_entries_reads_what_the_rows_hold(monkeypatch, latest):
+    """`RowEntries` prefixes (each row at its own recurrence slot of a core layer, its latest
+    entries where a position stopped earlier; a few rows of a stage, one twice) attend as the
+    prefix built by NumPy indexing does: gathered (GPU, CPU) and row by row over slices (TPU,
+    forced here)."""
     s, b, h, t, e = 3, 4, 2, 6, 8
     keys = jax.random.split(jax.random.key(0), 8)
     slots = tuple(jax.random.normal(k, (s, b, h, t, e)) for k in keys[:2])
     fallback = tuple(jax.random.normal(k, (b, h, t, e)) for k in keys[2:4])
     q, k, v = (jax.random.normal(key, (b, 1, h, e)) for key in keys[4:7])
-    slot_b = jnp.array([2, 0, 1, 2])
     use_b1t1 = jax.random.bernoulli(keys[7], 0.5, (b, 1, t, 1))
     mask_b1ts = jnp.arange(t + 1)[None, None, None] <= jnp.array([5, 2, 6, 3])[:, None, None, None]
-    prefix = K.RowSlots(slots, slot_b, fallback if latest else None, use_b1t1 if latest else None)
+    core = K.RowEntries(slots, (jnp.array([2, 0, 1, 2]), jnp.arange(b)),
+                        fallback if latest else None, use_b1t1 if latest else None)
     held = tuple(np.stack([np.asarray(x)[slot, row] for row, slot in enumerate([2, 0, 1, 2])])
                  for x in slots)
     if latest:
         held = tuple(np.where(use_b1t1, x, f) for x, f in zip(held, fallback))
-    want = K.attend_with_prefix(q, k, v, held, mask_b1ts)
-    gathered = jax.jit(K.attend_with_prefix)(q, k, v, prefix, mask_b1ts)
-    monkeypatch.setattr(K, "choose_row_access", lambda platform: K.SLICES)
-    by_row = jax.jit(K.attend_with_prefix)(q, k, v, prefix, mask_b1ts)
-    np.testing.assert_allclose(gathered, want, rtol=0, atol=1e-6)
-    np.testing.assert_allclose(by_row, want, rtol=0, atol=1e-6)
+    stage = K.RowEntries(fallback, (jnp.array([3, 1, 3, 0]),))
+    stage_held = tuple(np.asarray(x)[[3, 1, 3, 0]] for x in fallback)
+    for prefix, want_prefix in ((core, held), (stage, stage_held)):
+        want = K.attend_with_prefix(q, k, v, want_prefix, mask_b1ts)
+        gathered = jax.jit(K.attend_with_prefix)(q, k, v, prefix, mask_b1ts)
+        with monkeypatch.context() as patch:
+            patch.setattr(K, "choose_row_access", lambda platform: K.SLICES)
+            by_row = jax.jit(K.attend_with_prefix)(q, k, v, prefix, mask_b1ts)
+        np.testing.assert_allclose(gathered, want, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(by_row, want, rtol=0, atol=1e-6)
 
 
 def test_mask_kind_follows_the_attention_context():

@@ -40,8 +40,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from rdlm.config import ModelConfig
-from rdlm.model import KV, RowSlots
-from rdlm.model.kernels import read_row_entries, write_row_positions
+from rdlm.model import KV, RowEntries
+from rdlm.model.kernels import write_row_positions
 
 Stage = tuple[KV, ...]  # one (keys, values) pair per layer
 
@@ -230,20 +230,22 @@ def write_stage_rows(stage: Stage, kvs: list[KV], position_b: jax.Array, write_b
                  for layer_kv, new_kv in zip(stage, kvs))
 
 
-def gather_stage(stage: Stage, rows_k: jax.Array) -> Stage:
-    """The cache rows ``rows_k`` of every prelude (or coda) layer."""
-    return jax.tree.map(lambda buf_bhte: read_row_entries(buf_bhte, (rows_k,)), stage)
+def gather_stage(stage: Stage, rows_k: jax.Array) -> tuple[RowEntries, ...]:
+    """The cache rows ``rows_k`` of every prelude (or coda) layer, as `RowEntries` prefixes,
+    which the attention reads in place."""
+    return tuple(RowEntries(kv, (rows_k,)) for kv in stage)
 
 
-def read_core_rows(cache: KVCache, layer: int, step_b: jax.Array, num_slots: int) -> RowSlots:
+def read_core_rows(cache: KVCache, layer: int, step_b: jax.Array, num_slots: int
+                   ) -> RowEntries:
     """`read_core` with each row at its own recurrence step: row b reads slot
     ``step_b[b] mod num_slots`` where a position ran past that step, its latest entry
-    elsewhere; as a `RowSlots` prefix, which the attention reads in place."""
-    slot_b = slot_of_step(step_b, num_slots)
+    elsewhere; as a `RowEntries` prefix, which the attention reads in place."""
+    index = (slot_of_step(step_b, num_slots), jnp.arange(step_b.shape[0]))
     if cache.core_latest is None:
-        return RowSlots(cache.core[layer], slot_b)
+        return RowEntries(cache.core[layer], index)
     ran_past_b1t1 = (cache.depth_bt > step_b[:, None])[:, None, :, None]
-    return RowSlots(cache.core[layer], slot_b, cache.core_latest[layer], ran_past_b1t1)
+    return RowEntries(cache.core[layer], index, cache.core_latest[layer], ran_past_b1t1)
 
 
 def write_core_rows(block: KVCache, layer: int, step_b: jax.Array, num_slots: int, kv: KV,

@@ -34,9 +34,10 @@ def row_context(cfg: ModelConfig, position_b: jax.Array, cache_len: int) -> Atte
     return AttentionContext(cos_b11f, sin_b11f, mask_bs[:, None, None, :])
 
 
-def _prefixes(stage: kvc.Stage, rows_k: jax.Array | None) -> kvc.Stage:
-    """A stage's cache as a pass over the rows ``rows_k`` reads it: gathered, or for every row
-    (None) in place (`kernels.read_in_place`; these passes run inside conditionals)."""
+def _prefixes(stage: kvc.Stage, rows_k: jax.Array | None) -> tuple:
+    """A stage's cache as a pass over the rows ``rows_k`` reads it: those rows' entries
+    (`kvc.gather_stage`), or for every row (None) in place (`kernels.read_in_place`; these
+    passes run inside conditionals)."""
     if rows_k is None:
         return jax.tree.map(read_in_place, stage)
     return kvc.gather_stage(stage, rows_k)

@@ -20,17 +20,18 @@ from rdlm.config import ModelConfig
 KV = tuple[jax.Array, jax.Array]
 
 
-class RowSlots(NamedTuple):
-    """Cached keys and values that each row reads from its own recurrence slot (depth-continuous
-    decoding, every row at its own step): row b's entries are ``slots[slot_b[b], b]`` where
-    ``use_slot_b1t1``, its ``fallback`` entries (the latest of each position) elsewhere. A
-    prefix in this form lets the attention read each row's slot where it lies
-    (`rdlm.model.kernels.attend_with_prefix`)."""
+class RowEntries(NamedTuple):
+    """Cached keys and values that each query row reads from its own place in a larger buffer
+    (depth-continuous decoding): row i's entries are ``buffers[index[0][i], index[1][i], …]``
+    (its own recurrence slot of a core layer: ``(slot_b, arange(b))``; one of a few gathered
+    rows of a stage: ``(rows_k,)``) where ``use_b1t1``, its ``fallback`` entries (the latest of
+    each position) elsewhere. A prefix in this form lets the attention read each row's entries
+    where they lie (`rdlm.model.kernels.attend_with_prefix`)."""
 
-    slots: KV  # [s, b, h, t, e] each
-    slot_b: jax.Array
-    fallback: KV | None = None  # [b, h, t, e] each; None: the slot everywhere
-    use_slot_b1t1: jax.Array | None = None
+    buffers: KV  # [*lead, h, t, e] each, the lead axes indexed by ``index``
+    index: tuple[jax.Array, ...]  # one [rows] array per lead axis
+    fallback: KV | None = None  # [rows, h, t, e] each; None: the buffers everywhere
+    use_b1t1: jax.Array | None = None
 
 
 @jax.tree_util.register_dataclass

@@ -17,8 +17,8 @@ runs underneath depends on the backend and the shape:
 - Decoding with every row at its own position writes one cache position per row and reads
   each row's own recurrence slot (or a few rows of a stage): a slice per row on TPU, one
   scatter or gather elsewhere (`write_row_positions`, `read_row_entries`), and on TPU the
-  core attends row by row over each row's own slot (`attend_with_prefix` of a `RowSlots`
-  prefix); on TPU the cache a conditional branch reads is held to its stored layout
+  attention over a few rows' or each row's own entries goes row by row (`attend_with_prefix`
+  of a `RowEntries` prefix); on TPU the cache a conditional branch reads is held to its stored layout
   (`read_in_place`).
 
 `choose_attention` is the whole decision, a pure function of the target platform, dtype, mask
@@ -40,7 +40,7 @@ from jax import lax
 from jax.experimental.layout import Layout, with_layout_constraint
 
 from rdlm.model import pallas_attention
-from rdlm.model.attention import KV, RowSlots
+from rdlm.model.attention import KV, RowEntries
 
 @jax.custom_vjp
 def dense(x: jax.Array, w_dk: jax.Array) -> jax.Array:
@@ -188,20 +188,20 @@ def repeat_kv(x_bthe: jax.Array, heads: int) -> jax.Array:
 
 
 def attend_with_prefix(q_bthe: jax.Array, k_bthe: jax.Array, v_bthe: jax.Array,
-                       prefix: KV | RowSlots, mask_b1ts: jax.Array | None) -> jax.Array:
+                       prefix: KV | RowEntries, mask_b1ts: jax.Array | None) -> jax.Array:
     """Attention of a block of queries over cached keys/values and the block's own (decoding).
 
-    ``prefix`` is ``[b, h, s, e]`` (the cache layout), or each row's own recurrence slot
-    (`RowSlots`); ``mask_b1ts`` covers the s cached and the t new keys (None: every cached key
+    ``prefix`` is ``[b, h, s, e]`` (the cache layout), or each row's own entries of a larger
+    buffer (`RowEntries`); ``mask_b1ts`` covers the s cached and the t new keys (None: every cached key
     visible, causal within the block). The same computation as `jax.nn.dot_product_attention`
     over the concatenated keys (float32 scores and softmax), but the cache is never
     concatenated or transposed: both copied the whole cache in every layer and step, which was
     half of batch-16 decoding time on CPU.
     """
-    if isinstance(prefix, RowSlots):
+    if isinstance(prefix, RowEntries):
         if choose_row_access(target_platform(None)) == SLICES:
             return _attend_row_by_row(q_bthe, k_bthe, v_bthe, prefix, mask_b1ts)
-        prefix = row_slot_entries(prefix)
+        prefix = row_entries(prefix)
     dtype = q_bthe.dtype
     keys_bkse, values_bkse = (x.astype(dtype) for x in prefix)
     s, t = keys_bkse.shape[2], q_bthe.shape[1]
@@ -221,29 +221,28 @@ def attend_with_prefix(q_bthe: jax.Array, k_bthe: jax.Array, v_bthe: jax.Array,
 
 
 
-def row_slot_entries(prefix: RowSlots, how: str | None = None, row: int | None = None) -> KV:
-    """Each row's own entries of a `RowSlots` prefix, ``[b, h, s, e]`` each; ``row``: that
+def row_entries(prefix: RowEntries, how: str | None = None, row: int | None = None) -> KV:
+    """Each row's own entries of a `RowEntries` prefix, ``[rows, h, s, e]`` each; ``row``: that
     row's alone, ``[1, h, s, e]``. ``how``: as `read_row_entries`."""
-    if row is None:
-        rows_k, pick = jnp.arange(prefix.slot_b.shape[0]), slice(None)
-    else:
-        rows_k, pick = np.array([row]), slice(row, row + 1)
-    kv = tuple(read_row_entries(buf, (prefix.slot_b[pick], rows_k), how) for buf in prefix.slots)
+    pick = slice(None) if row is None else slice(row, row + 1)
+    index = tuple(ix[pick] for ix in prefix.index)
+    kv = tuple(read_row_entries(buf, index, how) for buf in prefix.buffers)
     if prefix.fallback is None:
         return kv
-    return tuple(jnp.where(prefix.use_slot_b1t1[pick], x, fallback[pick])
+    return tuple(jnp.where(prefix.use_b1t1[pick], x, fallback[pick])
                  for x, fallback in zip(kv, prefix.fallback))
 
 
 def _attend_row_by_row(q_bthe: jax.Array, k_bthe: jax.Array, v_bthe: jax.Array,
-                       prefix: RowSlots, mask_b1ts: jax.Array | None) -> jax.Array:
-    """`attend_with_prefix` one row at a time, each over its own slot sliced where it lies (on
-    TPU). Stacking every row's slot into one array first writes and reads a slot's worth of
-    cache again at every layer: 1.6 times a lockstep core step's traffic at Huginn-0125's shape,
-    against about one row by row (XLA's cost model, docs/performance.md)."""
+                       prefix: RowEntries, mask_b1ts: jax.Array | None) -> jax.Array:
+    """`attend_with_prefix` one row at a time, each over its own entries sliced where they lie
+    (on TPU). Stacking every row's entries into one array first writes and reads them again at
+    every layer: for each row's own recurrence slot, 1.6 times a lockstep core step's traffic
+    at Huginn-0125's shape, against about one row by row (XLA's cost model,
+    docs/performance.md)."""
     return jnp.concatenate([
         attend_with_prefix(q_bthe[row:row + 1], k_bthe[row:row + 1], v_bthe[row:row + 1],
-                           row_slot_entries(prefix, SLICES, row),
+                           row_entries(prefix, SLICES, row),
                            None if mask_b1ts is None else mask_b1ts[row:row + 1])
         for row in range(q_bthe.shape[0])])
 
