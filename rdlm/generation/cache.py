@@ -230,7 +230,7 @@ def write_stage_rows(stage: Stage, kvs: list[KV], position_b: jax.Array, write_b
                  for layer_kv, new_kv in zip(stage, kvs))
 
 
-def gather_stage(stage: Stage, rows_k: jax.Array) -> tuple[RowEntries, ...]:
+def read_stage_rows(stage: Stage, rows_k: jax.Array) -> tuple[RowEntries, ...]:
     """The cache rows ``rows_k`` of every prelude (or coda) layer, as `RowEntries` prefixes,
     which the attention reads in place."""
     return tuple(RowEntries(kv, (rows_k,)) for kv in stage)

@@ -36,11 +36,11 @@ def row_context(cfg: ModelConfig, position_b: jax.Array, cache_len: int) -> Atte
 
 def _prefixes(stage: kvc.Stage, rows_k: jax.Array | None) -> tuple:
     """A stage's cache as a pass over the rows ``rows_k`` reads it: those rows' entries
-    (`kvc.gather_stage`), or for every row (None) in place (`kernels.read_in_place`; these
+    (`kvc.read_stage_rows`), or for every row (None) in place (`kernels.read_in_place`; these
     passes run inside conditionals)."""
     if rows_k is None:
         return jax.tree.map(read_in_place, stage)
-    return kvc.gather_stage(stage, rows_k)
+    return kvc.read_stage_rows(stage, rows_k)
 
 
 class PreludeRows(NamedTuple):
