@@ -40,6 +40,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.layout import Format, Layout
 
 from aot_decode_memory import model_from_args, model_arguments
 from rdlm.generation import cache as kvc, rows as row_engine
@@ -116,9 +117,15 @@ def price(name: str, fn: Callable, params, args: tuple, device) -> dict:
     """XLA's cost analysis of ``fn`` compiled for ``device``."""
     place = jax.sharding.SingleDeviceSharding(device)
     on = lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=place)  # noqa: E731
+    # The depth-continuous program holds its cache row-major: its row-entries kernel reads it
+    # so, as do its whole-batch passes (`kernels.read_in_place`). Compiled alone, a pass would
+    # let XLA choose the cache's layout, and pay a copy into the kernel's.
+    row_major = lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=Format(  # noqa: E731
+        Layout(tuple(range(len(s.shape)))), place))
+    cache = jax.tree.map(row_major if name.startswith("continuous") else on, args[0])
     # The cache is donated: a pass that writes it does so in place, as inside the programs.
-    compiled = jax.jit(fn, donate_argnums=1).lower(jax.tree.map(on, params),
-                                                   *jax.tree.map(on, args)).compile()
+    compiled = jax.jit(fn, donate_argnums=1).lower(jax.tree.map(on, params), cache,
+                                                   *jax.tree.map(on, args[1:])).compile()
     cost = compiled.cost_analysis()
     row = {"pass": name, "optimal_us": cost["optimal_seconds"] * 1e6,
            "bytes_accessed": int(cost["bytes accessed"]), "flops": int(cost["flops"])}
@@ -179,9 +186,15 @@ def main(argv: list[str]) -> int:
                         "--schedule): whether the cache keeps latest entries, and whether "
                         "each check runs the coda")
     parser.add_argument("--schedule", help="a `rdlm bench sample --json` file to price")
+    parser.add_argument("--row-attention", choices=(kernels.ROWS_KERNEL, kernels.SLICES),
+                        help="how the depth-continuous passes attend over each row's own "
+                        "entries (default: as rdlm chooses for one chip, "
+                        "kernels.choose_row_attention)")
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args(argv)
     kernels.target_platform = lambda mesh: "tpu"  # as a TPU host chooses (see aot_decode_memory)
+    if args.row_attention:
+        kernels.choose_row_attention = lambda platform, per_shard: args.row_attention
     # The whole-batch passes hold the cache to its layout, which keeps it in place inside the
     # conditionals the programs run them in; compiled on their own, outside one, the hold
     # itself costs a copy of the cache, so it is left out here.
@@ -219,6 +232,7 @@ def main(argv: list[str]) -> int:
                        "model": dataclasses.asdict(cfg), "batch": args.batch,
                        "cache_len": cache_len, "cache_budget": args.budget, "exit": args.exit,
                        "param_dtype": args.param_dtype, "passes": rows,
+                       "row_attention": kernels.choose_row_attention("tpu", True),
                        "continuous_over_lockstep_core_step": ratio,
                        "default_boundary_wait": wait,
                        "schedule": args.schedule, "priced": priced}, f, indent=1)

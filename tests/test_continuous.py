@@ -5,6 +5,7 @@ decisions (tiny config, zero initial state)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,7 @@ from rdlm.generation import cache as kvc
 from rdlm.generation import rows
 from rdlm.generation.continuous import continuous_jit
 from rdlm.generation.plan import continuous_plan, default_stage_rows, make_plan
-from rdlm.model import kernels
+from rdlm.model import kernels, pallas_attention
 from tests.test_sample import perturbed_params
 
 CFG = rdlm.model_preset("tiny")
@@ -216,14 +217,18 @@ def test_the_tpu_cache_writes_and_reads_compute_what_the_cpu_ones_do(monkeypatch
     jax.clear_caches()  # trace again under the other choice
     monkeypatch.setattr(kernels, "choose_row_access", lambda platform: kernels.SLICES)
     monkeypatch.setattr(rows, "read_in_place", lambda buf: kernels.read_in_place(buf, "tpu"))
-    slices = S.generate(params, cfg, PROMPTS, **options)
-    jax.clear_caches()
+    monkeypatch.setattr(pallas_attention, "row_entries_attention", functools.partial(
+        pallas_attention.row_entries_attention, interpret=True))
     assert len(np.unique(scatter.steps[:, 1:])) > 1  # rows at different depths
-    for name in ("tokens", "steps", "lengths"):
-        np.testing.assert_array_equal(getattr(slices, name), getattr(scatter, name))
-    # The core attends row by row there: one row's dots are the same sums, which XLA:CPU may
-    # add in another order (measured within 7e-7).
-    np.testing.assert_allclose(slices.logits, scatter.logits, rtol=0, atol=1e-5)
+    for how in (kernels.SLICES, kernels.ROWS_KERNEL):  # row by row, or in the Pallas kernel
+        monkeypatch.setattr(kernels, "choose_row_attention", lambda platform, per_shard: how)
+        tpu = S.generate(params, cfg, PROMPTS, **options)
+        jax.clear_caches()
+        for name in ("tokens", "steps", "lengths"):
+            np.testing.assert_array_equal(getattr(tpu, name), getattr(scatter, name))
+        # One row's dots are the same sums, which XLA:CPU or the kernel's online softmax may
+        # add in another order (measured within 7e-7).
+        np.testing.assert_allclose(tpu.logits, scatter.logits, rtol=0, atol=1e-5, err_msg=how)
 
 
 def test_options_it_cannot_combine_are_refused(params):

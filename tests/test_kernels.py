@@ -126,6 +126,12 @@ def test_row_writes_and_reads_are_slices_on_tpu_only():
     assert K.choose_row_access("tpu") == K.SLICES
     assert K.choose_row_access("gpu") == K.INDEXED
     assert K.choose_row_access("cpu") == K.INDEXED
+    # Attention over each row's own entries: the Pallas kernel where a TPU program runs whole
+    # on each device, row by row where XLA partitions it, one gather elsewhere.
+    assert K.choose_row_attention("tpu", per_shard=True) == K.ROWS_KERNEL
+    assert K.choose_row_attention("tpu", per_shard=False) == K.SLICES
+    assert K.choose_row_attention("gpu", per_shard=True) == K.INDEXED
+    assert K.choose_row_attention("cpu", per_shard=True) == K.INDEXED
 
 
 @pytest.mark.parametrize("lead", [(), (3,)])
@@ -160,19 +166,24 @@ def test_both_row_reads_take_each_rows_own_entries():
         np.testing.assert_array_equal(read(stage, (rows_k,)), np.asarray(stage)[[3, 1, 3]])
 
 
-@pytest.mark.parametrize("latest", [False, True])
-def test_attention_over_each_rows_own_entries_reads_what_the_rows_hold(monkeypatch, latest):
+@pytest.mark.parametrize("latest,kv_heads,t", [(False, 2, 6), (True, 2, 6), (True, 1, 300)])
+def test_attention_over_each_rows_own_entries_reads_what_the_rows_hold(monkeypatch, latest,
+                                                                       kv_heads, t):
     """`RowEntries` prefixes (each row at its own recurrence slot of a core layer, its latest
     entries where a position stopped earlier; a few rows of a stage, one twice) attend as the
-    prefix built by NumPy indexing does: gathered (GPU, CPU) and row by row over slices (TPU,
-    forced here)."""
-    s, b, h, t, e = 3, 4, 2, 6, 8
+    prefix built by NumPy indexing does: gathered (GPU, CPU), and on TPU (forced here) row by
+    row over slices and in the row-entries Pallas kernel (in its interpreter), with grouped
+    query heads and, at 300 positions in tiles of 128, a partial last tile."""
+    s, b, h, e = 3, 4, 2, 8
     keys = jax.random.split(jax.random.key(0), 8)
-    slots = tuple(jax.random.normal(k, (s, b, h, t, e)) for k in keys[:2])
-    fallback = tuple(jax.random.normal(k, (b, h, t, e)) for k in keys[2:4])
-    q, k, v = (jax.random.normal(key, (b, 1, h, e)) for key in keys[4:7])
+    slots = tuple(jax.random.normal(k, (s, b, kv_heads, t, e)) for k in keys[:2])
+    fallback = tuple(jax.random.normal(k, (b, kv_heads, t, e)) for k in keys[2:4])
+    q = jax.random.normal(keys[4], (b, 1, h, e))
+    k, v = (jax.random.normal(key, (b, 1, kv_heads, e)) for key in keys[5:7])
     use_b1t1 = jax.random.bernoulli(keys[7], 0.5, (b, 1, t, 1))
-    mask_b1ts = jnp.arange(t + 1)[None, None, None] <= jnp.array([5, 2, 6, 3])[:, None, None, None]
+    seen_b = jnp.array([5, 2, 6, 3]) * (t // 6)  # the last cached key each row sees
+    mask_b1ts = jnp.arange(t + 1)[None, None, None] <= seen_b[:, None, None, None]
+    mask_b1ts = mask_b1ts.at[..., t].set(True)  # and its own
     core = K.RowEntries(slots, (jnp.array([2, 0, 1, 2]), jnp.arange(b)),
                         fallback if latest else None, use_b1t1 if latest else None)
     held = tuple(np.stack([np.asarray(x)[slot, row] for row, slot in enumerate([2, 0, 1, 2])])
@@ -184,11 +195,22 @@ def test_attention_over_each_rows_own_entries_reads_what_the_rows_hold(monkeypat
     for prefix, want_prefix in ((core, held), (stage, stage_held)):
         want = K.attend_with_prefix(q, k, v, want_prefix, mask_b1ts)
         gathered = jax.jit(K.attend_with_prefix)(q, k, v, prefix, mask_b1ts)
-        with monkeypatch.context() as patch:
-            patch.setattr(K, "choose_row_access", lambda platform: K.SLICES)
-            by_row = jax.jit(K.attend_with_prefix)(q, k, v, prefix, mask_b1ts)
+        got = {}
+        for how in (K.SLICES, K.ROWS_KERNEL):
+            with monkeypatch.context() as patch:
+                patch.setattr(K, "choose_row_attention", lambda platform, per_shard: how)
+                patch.setattr(K, "choose_row_access", lambda platform: K.SLICES)
+                patch.setattr(P, "ROWS_BLOCK", 128)
+                patch.setattr(P, "row_entries_attention",
+                              functools.partial(P.row_entries_attention, interpret=True))
+                for mask in (mask_b1ts, None):
+                    # A new function each time: jit would reuse its trace of another choice.
+                    attend = jax.jit(lambda *args: K.attend_with_prefix(*args))
+                    got[how, mask is None] = attend(q, k, v, prefix, mask)
         np.testing.assert_allclose(gathered, want, rtol=0, atol=1e-6)
-        np.testing.assert_allclose(by_row, want, rtol=0, atol=1e-6)
+        for (how, unmasked), out in got.items():
+            expected = K.attend_with_prefix(q, k, v, want_prefix, None) if unmasked else want
+            np.testing.assert_allclose(out, expected, rtol=0, atol=1e-6, err_msg=how)
 
 
 def test_mask_kind_follows_the_attention_context():

@@ -16,10 +16,12 @@ runs underneath depends on the backend and the shape:
 - Everywhere: other masks (branches) and attention over a KV cache use the XLA paths here.
 - Decoding with every row at its own position writes one cache position per row and reads
   each row's own recurrence slot (or a few rows of a stage): a slice per row on TPU, one
-  scatter or gather elsewhere (`write_row_positions`, `read_row_entries`), and on TPU the
-  attention over a few rows' or each row's own entries goes row by row (`attend_with_prefix`
-  of a `RowEntries` prefix); on TPU the cache a conditional branch reads is held to its stored layout
-  (`read_in_place`).
+  scatter or gather elsewhere (`write_row_positions`, `read_row_entries`). On TPU the
+  attention over a few rows' or each row's own entries (`attend_with_prefix` of a `RowEntries`
+  prefix) is a Pallas kernel that reads them by index where they lie
+  (`pallas_attention.row_entries_attention`), or row by row where XLA partitions the program
+  (`choose_row_attention`); on TPU the cache a conditional branch reads is held to its stored
+  layout (`read_in_place`).
 
 `choose_attention` is the whole decision, a pure function of the target platform, dtype, mask
 kind and shape.
@@ -199,7 +201,10 @@ def attend_with_prefix(q_bthe: jax.Array, k_bthe: jax.Array, v_bthe: jax.Array,
     half of batch-16 decoding time on CPU.
     """
     if isinstance(prefix, RowEntries):
-        if choose_row_access(target_platform(None)) == SLICES:
+        how = choose_row_attention(target_platform(None), runs_per_device())
+        if how == ROWS_KERNEL:
+            return _attend_rows_kernel(q_bthe, k_bthe, v_bthe, prefix, mask_b1ts)
+        if how == SLICES:
             return _attend_row_by_row(q_bthe, k_bthe, v_bthe, prefix, mask_b1ts)
         prefix = row_entries(prefix)
     dtype = q_bthe.dtype
@@ -231,6 +236,26 @@ def row_entries(prefix: RowEntries, how: str | None = None, row: int | None = No
         return kv
     return tuple(jnp.where(prefix.use_b1t1[pick], x, fallback[pick])
                  for x, fallback in zip(kv, prefix.fallback))
+
+
+def _attend_rows_kernel(q_bthe: jax.Array, k_bthe: jax.Array, v_bthe: jax.Array,
+                        prefix: RowEntries, mask_b1ts: jax.Array | None) -> jax.Array:
+    """`attend_with_prefix` of a `RowEntries` prefix in the Pallas kernel that reads each row's
+    entries where they lie (`pallas_attention.row_entries_attention`): the model's layout and
+    masks turned into the kernel's, each KV head with its group's query rows."""
+    b, t, h, e = q_bthe.shape
+    kh, s = k_bthe.shape[2], prefix.buffers[0].shape[-2]
+    g = h // kh
+    if mask_b1ts is None:
+        mask_b1ts = (jnp.arange(s + t)[None, :] <= jnp.arange(t)[:, None] + s)[None, None]
+    visible_bgts = jnp.broadcast_to(mask_b1ts, (b, g, t, s + t)).astype(jnp.int32)
+    visible_brs = visible_bgts.reshape(b, g * t, s + t)
+    use_b1s = None if prefix.fallback is None else prefix.use_b1t1[..., 0].astype(jnp.int32)
+    out_bkre = pallas_attention.row_entries_attention(
+        grouped_queries(q_bthe, kh).reshape(b, kh, g * t, e), prefix.buffers, prefix.index,
+        visible_brs[..., :s], k_bthe.transpose(0, 2, 1, 3), v_bthe.transpose(0, 2, 1, 3),
+        visible_brs[..., s:], prefix.fallback, use_b1s, masked_logit=MASKED_LOGIT)
+    return ungrouped(out_bkre.reshape(b, kh, g, t, e))
 
 
 def _attend_row_by_row(q_bthe: jax.Array, k_bthe: jax.Array, v_bthe: jax.Array,
@@ -365,6 +390,27 @@ def choose_row_access(platform: str) -> str:
     gather are one kernel each, where a loop over the rows would be one launch (or more) per
     row."""
     return SLICES if platform == "tpu" else INDEXED
+
+
+# How attention over each row's own entries (a `RowEntries` prefix) goes: besides `INDEXED`
+# (gathered into one array first) and `SLICES` (row by row), the Pallas kernel that reads them
+# where they lie.
+ROWS_KERNEL = "rows_kernel"
+
+
+def choose_row_attention(platform: str, per_shard: bool) -> str:
+    """How `attend_with_prefix` attends over a `RowEntries` prefix on ``platform``: on TPU the
+    Pallas kernel (`pallas_attention.row_entries_attention`) where the program runs whole on
+    each device (``per_shard``, `runs_per_device`), else row by row over slices; elsewhere the
+    rows' entries gathered once (`choose_row_access`).
+
+    On TPU XLA can only read each row's entries where they lie one row at a time: a
+    `dynamic_slice` and an attention per row, unrolled, whose count of small ops and compile
+    time grow with the rows. The kernel reads them by index in one launch per layer."""
+    access = choose_row_access(platform)
+    if access == SLICES and per_shard:
+        return ROWS_KERNEL
+    return access
 
 
 def read_row_entries(buf: jax.Array, index_k: tuple[jax.Array, ...], how: str | None = None

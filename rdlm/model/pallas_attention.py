@@ -1,11 +1,13 @@
-"""Fused causal attention kernels written in Pallas: splash attention on TPUs, a flash kernel on
-GPUs. Both take packed-segment ids, never a [b, t, s] mask.
+"""Attention kernels written in Pallas. Fused causal attention: splash attention on TPUs, a flash
+kernel on GPUs; both take packed-segment ids, never a [b, t, s] mask. Decoding with every row at
+its own position (TPU): attention over each row's own entries of a cache buffer, read by index
+(`row_entries_attention`).
 
-`rdlm.model.kernels.attention` decides when they run (`kernels.choose_attention`); this module
-only adapts them to the model's layout (``[batch, length, heads, head_dim]``, the softmax scale
-1/sqrt(head_dim), float32 statistics) and runs them per shard of a device mesh. ``interpret=True``
-runs either kernel in Pallas' interpreter on any backend: that is how the CPU test suite checks
-their values and gradients.
+`rdlm.model.kernels` decides when they run (`kernels.choose_attention`,
+`kernels.choose_row_attention`); this module adapts the fused kernels to the model's layout
+(``[batch, length, heads, head_dim]``, the softmax scale 1/sqrt(head_dim), float32 statistics)
+and runs them per shard of a device mesh. ``interpret=True`` runs any of the kernels in Pallas'
+interpreter on any backend: that is how the CPU test suite checks their values and gradients.
 
 Measured choices (block sizes, compile time, memory) are in docs/performance.md.
 """
@@ -18,6 +20,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 from jax.sharding import Mesh, PartitionSpec
 
 # Mesh axes that split the batch, and the one that splits heads: the activation rules of
@@ -162,3 +165,160 @@ def gpu_flash_attention(q_bthe: jax.Array, k_bthe: jax.Array, v_bthe: jax.Array,
     return _per_shard(lambda q, k, v, s: local(q, k, v, s), q_bthe, k_bthe, v_bthe,
                       segment_ids_bt, mesh)
 
+
+
+# The row-entries decode kernel's tile along the cached positions: as splash's, a multiple of the
+# 128-lane width; a cache of up to this many positions is one tile, a longer one is tiled with a
+# partial last tile, masked in the kernel.
+ROWS_BLOCK = 512
+
+
+def _rows_kernel(*refs, lead: int, with_fallback: bool, scale: float, length: int,
+                 masked_logit: float):
+    """One query row's one KV head over one tile of its own cached entries (grid: rows, heads,
+    tiles), with an online softmax held in VMEM; the block's own keys join at the last tile."""
+    refs = list(refs)[lead:]  # the prefetched indices are used by the index maps only
+    q_ref, k_ref, v_ref = refs[:3]
+    refs = refs[3:]
+    if with_fallback:
+        kf_ref, vf_ref, use_ref = refs[:3]
+        refs = refs[3:]
+    visible_ref, own_k_ref, own_v_ref, own_visible_ref, out_ref, m_ref, l_ref, acc_ref = refs
+    tile = pl.program_id(2)
+    block = k_ref.shape[0]
+
+    @pl.when(tile == 0)
+    def _start():
+        m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
+        l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+    q_re = q_ref[...]
+
+    def scores(keys_ue: jax.Array) -> jax.Array:
+        return jax.lax.dot_general(q_re, keys_ue, (((1,), (1,)), ((), ())),
+                                   preferred_element_type=jnp.float32) * scale
+
+    def accumulate(logits_ru: jax.Array, values: Callable[[jax.Array], jax.Array]) -> None:
+        m_prev = m_ref[...]
+        m_next = jnp.maximum(m_prev, jnp.max(logits_ru, axis=1, keepdims=True))
+        p_ru = jnp.exp(logits_ru - m_next[:, :1])
+        alpha = jnp.exp(m_prev - m_next)
+        l_ref[...] = alpha * l_ref[...] + jnp.sum(p_ru, axis=1, keepdims=True)
+        m_ref[...] = m_next
+        acc_ref[...] = alpha[:, :1] * acc_ref[...] + values(p_ru)
+
+    def weighted(p_ru: jax.Array, v_ue: jax.Array) -> jax.Array:
+        return jax.lax.dot_general(p_ru.astype(v_ue.dtype), v_ue, (((1,), (0,)), ((), ())),
+                                   preferred_element_type=jnp.float32)
+
+    # A partial last tile holds whatever lies past the cache: mask it, and zero its values
+    # (a zero weight times a NaN would still be NaN).
+    in_range_u1 = (jax.lax.broadcasted_iota(jnp.int32, (block, 1), 0)
+                   < length - tile * block)
+    in_range_1u = (jax.lax.broadcasted_iota(jnp.int32, (1, block), 1)
+                   < length - tile * block)
+    k_ue = jnp.where(in_range_u1, k_ref[...], 0).astype(q_re.dtype)
+    v_ue = jnp.where(in_range_u1, v_ref[...], 0).astype(q_re.dtype)
+    logits_ru = scores(k_ue)
+    if with_fallback:
+        use_1u = use_ref[...] != 0
+        kf_ue = jnp.where(in_range_u1, kf_ref[...], 0).astype(q_re.dtype)
+        vf_ue = jnp.where(in_range_u1, vf_ref[...], 0).astype(q_re.dtype)
+        logits_ru = jnp.where(use_1u, logits_ru, scores(kf_ue))
+    visible_ru = jnp.logical_and(visible_ref[...] != 0, in_range_1u)
+    logits_ru = jnp.where(visible_ru, logits_ru, masked_logit)
+    if with_fallback:
+        accumulate(logits_ru, lambda p: weighted(jnp.where(use_1u, p, 0.0), v_ue)
+                   + weighted(jnp.where(use_1u, 0.0, p), vf_ue))
+    else:
+        accumulate(logits_ru, lambda p: weighted(p, v_ue))
+
+    @pl.when(tile == pl.num_programs(2) - 1)
+    def _finish():
+        own_k = own_k_ref[...].astype(q_re.dtype)
+        own_logits = jnp.where(own_visible_ref[...] != 0, scores(own_k), masked_logit)
+        accumulate(own_logits, lambda p: weighted(p, own_v_ref[...].astype(q_re.dtype)))
+        out_ref[...] = (acc_ref[...] / l_ref[...][:, :1]).astype(out_ref.dtype)
+
+
+def row_entries_attention(q_bkre: jax.Array, buffers: tuple[jax.Array, jax.Array],
+                          index: tuple[jax.Array, ...], visible_brs: jax.Array,
+                          own_k_bkue: jax.Array, own_v_bkue: jax.Array,
+                          own_visible_bru: jax.Array,
+                          fallback: tuple[jax.Array, jax.Array] | None = None,
+                          use_b1s: jax.Array | None = None, *, masked_logit: float,
+                          interpret: bool = False) -> jax.Array:
+    """Decoding attention in which each row reads its own entries of a larger cache buffer
+    where they lie (TPU): row i's keys and values are ``buffers[index[0][i], index[1][i], …]``,
+    ``[kh, s, e]``, or ``fallback[i]`` at the positions where ``use_b1s`` is 0, then the block's
+    own ``[kh, t, e]``. ``q_bkre``: each KV head's r = g·t query rows (the g heads of its
+    group, each at t positions); ``visible_brs`` and ``own_visible_bru``: which cached and which
+    own keys each query row sees (int32, nonzero: visible); every query row sees at least one of
+    its own keys. Scores and softmax in float32; the same function as
+    `kernels.attend_with_prefix`.
+
+    The indices are prefetched to the TPU's scalar memory and pick each tile's block in its
+    index map, so the kernel reads each row's entries straight from the buffer: nothing is
+    gathered or stacked first, and the whole batch is one kernel per layer, at any number of
+    rows (docs/performance.md weighs it against attending row by row in XLA).
+    """
+    import jax.experimental.pallas.tpu as pltpu
+    b, kh, r, e = q_bkre.shape
+    lead, length = len(index), buffers[0].shape[-2]
+    block = length if length <= ROWS_BLOCK else ROWS_BLOCK
+    with_fallback = fallback is not None
+    squeezed = pl.squeezed
+
+    def slot_map(i, h, j, *ix):
+        return tuple(x[i] for x in ix) + (h, j, 0)
+
+    def row_map(i, h, j, *ix):
+        return (i, h, j, 0)
+
+    def mask_map(i, h, j, *ix):
+        return (i, 0, j)
+
+    def whole_map(i, h, j, *ix):
+        return (i, h, 0, 0)
+
+    def own_mask_map(i, h, j, *ix):
+        return (i, 0, 0)
+
+    slot_spec = pl.BlockSpec((squeezed,) * (lead + 1) + (block, e), slot_map)
+    in_specs = [pl.BlockSpec((squeezed, squeezed, r, e), whole_map), slot_spec, slot_spec]
+    operands = [q_bkre, *buffers]
+    if with_fallback:
+        row_spec = pl.BlockSpec((squeezed, squeezed, block, e), row_map)
+        in_specs += [row_spec, row_spec, pl.BlockSpec((squeezed, 1, block), mask_map)]
+        operands += [*fallback, use_b1s]
+    t = own_k_bkue.shape[2]
+    in_specs += [pl.BlockSpec((squeezed, r, block), mask_map),
+                 pl.BlockSpec((squeezed, squeezed, t, e), whole_map),
+                 pl.BlockSpec((squeezed, squeezed, t, e), whole_map),
+                 pl.BlockSpec((squeezed, r, t), own_mask_map)]
+    operands += [visible_brs, own_k_bkue, own_v_bkue, own_visible_bru]
+    kernel = functools.partial(_rows_kernel, lead=lead, with_fallback=with_fallback,
+                               scale=1.0 / math.sqrt(e), length=length,
+                               masked_logit=masked_logit)
+    # What the kernel moves: each row's entries (twice with a fallback), its queries, masks
+    # and output; the compiler cannot see inside the kernel, so XLA's cost model takes this.
+    # HBM holds the entries in tiles of 128 features, padded: Huginn-0125's 96 take 128.
+    itemsize, lanes = buffers[0].dtype.itemsize, pl.cdiv(e, 128) * 128
+    entries = b * kh * length * lanes * itemsize * 2 * (2 if with_fallback else 1)
+    cost = pl.CostEstimate(
+        flops=4 * b * kh * r * (length + t) * e * (2 if with_fallback else 1),
+        transcendentals=b * kh * r * (length + t),
+        bytes_accessed=entries + 2 * q_bkre.size * q_bkre.dtype.itemsize
+        + 4 * (visible_brs.size + (use_b1s.size if with_fallback else 0)))
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=lead, grid=(b, kh, pl.cdiv(length, block)), in_specs=in_specs,
+        out_specs=pl.BlockSpec((squeezed, squeezed, r, e), whole_map),
+        scratch_shapes=[pltpu.VMEM((r, 128), jnp.float32), pltpu.VMEM((r, 128), jnp.float32),
+                        pltpu.VMEM((r, e), jnp.float32)])
+    return pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct(q_bkre.shape, q_bkre.dtype), grid_spec=grid_spec,
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "arbitrary")),
+        cost_estimate=cost, interpret=interpret,
+    )(*(ix.astype(jnp.int32) for ix in index), *operands)
