@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from jax.experimental.layout import Format, Layout
 
 from aot_decode_memory import model_from_args, model_arguments
-from rdlm.generation import cache as kvc, rows as row_engine
+from rdlm.generation import cache as kvc
 from rdlm.generation.continuous import default_boundary_wait, few_rows
 from rdlm.generation.engine import block_context, run_coda, run_core_step, run_prelude, token_input
 from rdlm.generation.exits import as_exit_config
@@ -117,17 +117,28 @@ def price(name: str, fn: Callable, params, args: tuple, device) -> dict:
     """XLA's cost analysis of ``fn`` compiled for ``device``."""
     place = jax.sharding.SingleDeviceSharding(device)
     on = lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=place)  # noqa: E731
-    # Both programs hold their cache row-major, in and out of each pass (aot_decode_memory's
-    # programs, compiled whole, at Huginn-0125's shape); compiled alone, a pass would choose
-    # the layouts that suit it best, which the program does not give it: with heads of 96
-    # features, ones that do not pad them to 128, or a copy between two layouts.
-    row_major = lambda s: Format(Layout(tuple(range(len(s.shape)))), place)  # noqa: E731
-    cache = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=row_major(s)),
-                         args[0])
+    # Both programs hold their cache in one layout in and out of each pass,
+    # `kernels.cache_layout` (aot_decode_memory's programs, compiled whole); compiled alone, a
+    # pass would choose the layouts that suit it best, which its program does not give it, or
+    # pay a copy between two. A one-position cache (the core step's block) has no layout to
+    # choose; the other arrays of the cache (depths) are row-major, as a donated input's
+    # layout must be where it is returned.
+    def stored(s: jax.ShapeDtypeStruct) -> Format:
+        if 1 in s.shape:
+            return Format(None, place)
+        if len(s.shape) < 4:
+            return Format(Layout(tuple(range(len(s.shape)))), place)
+        return Format(Layout(kernels.cache_layout(s.shape)), place)
+
+    def pinned(tree):  # the caches in ``tree`` in their stored layouts, the rest XLA's choice
+        return jax.tree.map(lambda x: jax.tree.map(stored, x) if isinstance(x, kvc.KVCache)
+                            else Format(None, place), tree,
+                            is_leaf=lambda x: isinstance(x, kvc.KVCache))
+
+    cache = jax.tree.map(lambda s, f: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=f),
+                         args[0], pinned(args[0]))
     args = (cache, *jax.tree.map(on, args[1:]))
-    out = jax.eval_shape(fn, params, *args)
-    # Every 4-D or larger output is a cache buffer (the rest: states, logits, per-row arrays).
-    outs = jax.tree.map(lambda s: row_major(s) if s.ndim >= 4 else place, out)
+    outs = pinned(jax.eval_shape(fn, params, *args))
     # The cache is donated: a pass that writes it does so in place, as inside the programs.
     compiled = jax.jit(fn, donate_argnums=1, out_shardings=outs).lower(
         jax.tree.map(on, params), *args).compile()
@@ -198,12 +209,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args(argv)
     kernels.target_platform = lambda mesh: "tpu"  # as a TPU host chooses (see aot_decode_memory)
+    # Each pass's cache is pinned to its stored layout where it comes in and goes out (`price`);
+    # the holds inside, which keep it there through the programs' loops, would only trip
+    # JAX's check that a donated buffer comes back in the layout it came in.
+    kernels.hold_cache_layout = kvc.hold_cache_layout = lambda buf: buf
     if args.row_attention:
         kernels.choose_row_attention = lambda platform, per_shard: args.row_attention
-    # The whole-batch passes hold the cache to its layout, which keeps it in place inside the
-    # conditionals the programs run them in; compiled on their own, outside one, the hold
-    # itself costs a copy of the cache, so it is left out here.
-    row_engine.read_in_place = lambda buf: buf
     try:
         device = topology_devices(args.topology)[0]
     except RuntimeError as err:

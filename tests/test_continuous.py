@@ -15,7 +15,6 @@ import pytest
 import rdlm
 import rdlm.generation as S
 from rdlm.generation import cache as kvc
-from rdlm.generation import rows
 from rdlm.generation.continuous import continuous_jit
 from rdlm.generation.plan import continuous_plan, default_stage_rows, make_plan
 from rdlm.model import kernels, pallas_attention
@@ -204,31 +203,39 @@ def test_token_shift_equals_lockstep(layers):
 
 def test_the_tpu_cache_writes_and_reads_compute_what_the_cpu_ones_do(monkeypatch):
     """On TPU the cache writes of each row at its own position, and the reads of each row's
-    own slot or of a few rows, are a slice per row (`rdlm.model.kernels.choose_row_access`),
-    and the whole-batch passes read the cache held to its layout (`kernels.read_in_place`);
-    forced here, they give the scatter's and the gather's outputs with every cache the engine
-    writes and reads: stages, core slots with sharing, latest entries, shift bases."""
+    own slot or of a few rows, are a slice per row (`rdlm.model.kernels.choose_row_access`);
+    the attention reads each row's entries row by row or in the row-entries kernel
+    (`kernels.choose_row_attention`), lockstep's too; and the cache is held to its stored
+    layout at every write (`kernels.hold_cache_layout`: positions innermost, with heads of 8
+    features). Forced here, they give the CPU's outputs, depth-continuous and lockstep, with
+    every cache the engine writes and reads: stages, core slots with sharing, latest entries,
+    shift bases."""
     cfg = dataclasses.replace(CFG, token_shift=2)
     params = perturbed_params(cfg)
-    options = dict(max_new_tokens=6, num_steps=6, exit="kl:1e-2", cache_budget=2,
-                   continuous_cot=True, return_logits=True, continuous_batching=True,
-                   batch_size=2, boundary_wait=3)
+    lockstep = dict(max_new_tokens=6, num_steps=6, exit="kl:1e-2", cache_budget=2,
+                    continuous_cot=True, return_logits=True)
+    options = dict(lockstep, continuous_batching=True, batch_size=2, boundary_wait=3)
     scatter = S.generate(params, cfg, PROMPTS, **options)
+    lockstep_cpu = S.generate(params, cfg, PROMPTS, **lockstep)
     jax.clear_caches()  # trace again under the other choice
     monkeypatch.setattr(kernels, "choose_row_access", lambda platform: kernels.SLICES)
-    monkeypatch.setattr(rows, "read_in_place", lambda buf: kernels.read_in_place(buf, "tpu"))
+    hold = kernels.hold_cache_layout  # the TPU's layouts: the features of 8 are not innermost
+    for module in (kernels, kvc):
+        monkeypatch.setattr(module, "hold_cache_layout", lambda buf: hold(buf, "tpu"))
     monkeypatch.setattr(pallas_attention, "row_entries_attention", functools.partial(
         pallas_attention.row_entries_attention, interpret=True))
     assert len(np.unique(scatter.steps[:, 1:])) > 1  # rows at different depths
     for how in (kernels.SLICES, kernels.ROWS_KERNEL):  # row by row, or in the Pallas kernel
         monkeypatch.setattr(kernels, "choose_row_attention", lambda platform, per_shard: how)
         tpu = S.generate(params, cfg, PROMPTS, **options)
+        lockstep_tpu = S.generate(params, cfg, PROMPTS, **lockstep)
         jax.clear_caches()
-        for name in ("tokens", "steps", "lengths"):
-            np.testing.assert_array_equal(getattr(tpu, name), getattr(scatter, name))
-        # One row's dots are the same sums, which XLA:CPU or the kernel's online softmax may
-        # add in another order (measured within 7e-7).
-        np.testing.assert_allclose(tpu.logits, scatter.logits, rtol=0, atol=1e-5, err_msg=how)
+        for got, want in ((tpu, scatter), (lockstep_tpu, lockstep_cpu)):
+            for name in ("tokens", "steps", "lengths"):
+                np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
+            # One row's dots are the same sums, which XLA:CPU or the kernel's online softmax
+            # may add in another order (measured within 7e-7).
+            np.testing.assert_allclose(got.logits, want.logits, rtol=0, atol=1e-5, err_msg=how)
 
 
 def test_options_it_cannot_combine_are_refused(params):

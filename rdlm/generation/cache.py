@@ -41,7 +41,7 @@ from jax import lax
 
 from rdlm.config import ModelConfig
 from rdlm.model import KV, RowEntries
-from rdlm.model.kernels import write_row_positions
+from rdlm.model.kernels import hold_cache_layout, slot_prefix, stage_prefix, write_row_positions
 
 Stage = tuple[KV, ...]  # one (keys, values) pair per layer
 
@@ -106,23 +106,21 @@ def write_kv(buf_xbhte: jax.Array, new_bhte: jax.Array, start: jax.Array | int,
         old_xbhte = lax.dynamic_slice(buf_xbhte, index, new_xbhte.shape)
         keep_b = active_b.reshape((1,) * len(lead) + (-1, 1, 1, 1))
         new_xbhte = jnp.where(keep_b, new_xbhte, old_xbhte)
-    return lax.dynamic_update_slice(buf_xbhte, new_xbhte, index)
+    return hold_cache_layout(lax.dynamic_update_slice(buf_xbhte, new_xbhte, index))
 
 
-def read_core(cache: KVCache, layer: int, step: jax.Array, num_slots: int) -> KV:
-    """Keys/values core ``layer`` attends to at recurrence ``step``, for every cached position.
+def read_core(cache: KVCache, layer: int, step: jax.Array, num_slots: int) -> KV | RowEntries:
+    """Keys/values core ``layer`` attends to at recurrence ``step``, for every cached position,
+    as the attention reads them (`kernels.slot_prefix`).
 
     Slot ``step mod b`` for positions that ran more than ``step`` steps; a position that stopped
     earlier (adaptive exit) is read at its latest entry.
     """
     slot = slot_of_step(step, num_slots)
-    kv = tuple(lax.dynamic_index_in_dim(buf_sbhte, slot, keepdims=False)
-               for buf_sbhte in cache.core[layer])
     if cache.core_latest is None:
-        return kv
+        return slot_prefix(cache.core[layer], slot, None, None)
     ran_past_b1t1 = (cache.depth_bt > step)[:, None, :, None]
-    return tuple(jnp.where(ran_past_b1t1, slot_bhte, latest_bhte)
-                 for slot_bhte, latest_bhte in zip(kv, cache.core_latest[layer]))
+    return slot_prefix(cache.core[layer], slot, cache.core_latest[layer], ran_past_b1t1)
 
 
 def _replace_layer(stage: Stage, layer: int, kv: KV) -> Stage:
@@ -152,7 +150,7 @@ def merge_block(cache: KVCache, block: KVCache, start: jax.Array | int) -> KVCac
     """Copy a block buffer's core entries (every slot, and the latest entries) to ``start …``."""
     def place(buf: jax.Array, new: jax.Array) -> jax.Array:
         index = (0,) * (buf.ndim - 2) + (start, 0)
-        return lax.dynamic_update_slice(buf, new, index)
+        return hold_cache_layout(lax.dynamic_update_slice(buf, new, index))
 
     core = jax.tree.map(place, cache.core, block.core)
     latest = cache.core_latest
@@ -230,6 +228,12 @@ def write_stage_rows(stage: Stage, kvs: list[KV], position_b: jax.Array, write_b
                  for layer_kv, new_kv in zip(stage, kvs))
 
 
+def read_stage(stage: Stage) -> tuple[KV | RowEntries, ...]:
+    """Every prelude (or coda) layer's keys/values for every row, as the attention reads them
+    where they lie (`kernels.stage_prefix`)."""
+    return tuple(stage_prefix(kv) for kv in stage)
+
+
 def read_stage_rows(stage: Stage, rows_k: jax.Array) -> tuple[RowEntries, ...]:
     """The cache rows ``rows_k`` of every prelude (or coda) layer, as `RowEntries` prefixes,
     which the attention reads in place."""
@@ -285,6 +289,8 @@ def merge_rows(cache: KVCache, block: KVCache, position_b: jax.Array, write_b: j
     return cache._replace(core=core, core_latest=latest, depth_bt=depth_bt)
 
 
+# The fields of a cache that hold keys and values, ``[..., t, e]``.
+KV_FIELDS = ("prelude", "core", "coda", "core_latest")
 # The batch axis of each field of a cache: the core's arrays lead with the slot.
 _BATCH_AXIS = KVCache(prelude=0, core=1, coda=0, core_latest=0, depth_bt=0, shift_bases_btd=0)
 
@@ -293,13 +299,15 @@ def put_row(cache: KVCache, rows: KVCache, src: jax.Array, row: jax.Array) -> KV
     """``cache`` with row ``row`` from position 0 set to row ``src`` of ``rows``, a cache of as
     many or fewer positions (a prompt's prefill); the row's later positions keep what they
     held, which no query reads before writing it (a row reads the positions below its own)."""
-    def put(buf: jax.Array, new: jax.Array, axis: int) -> jax.Array:
+    def put(buf: jax.Array, new: jax.Array, axis: int, kv: bool) -> jax.Array:
         piece = lax.dynamic_slice_in_dim(new, src, 1, axis).astype(buf.dtype)
         start = [jnp.int32(0)] * buf.ndim
         start[axis] = row
-        return lax.dynamic_update_slice(buf, piece, start)
+        out = lax.dynamic_update_slice(buf, piece, start)
+        return hold_cache_layout(out) if kv else out
 
     fields = [None if old is None else
-              jax.tree.map(lambda buf, new, a=axis: put(buf, new, a), old, new)
-              for axis, old, new in zip(_BATCH_AXIS, cache, rows)]
+              jax.tree.map(lambda buf, new, a=axis, kv=name in KV_FIELDS: put(buf, new, a, kv),
+                           old, new)
+              for name, axis, old, new in zip(KVCache._fields, _BATCH_AXIS, cache, rows)]
     return KVCache(*fields)

@@ -19,7 +19,8 @@ from rdlm.generation import cache as kvc
 from rdlm.generation.cache import KVCache
 from rdlm.generation.exits import evaluate, init_exit_state
 from rdlm.generation.plan import Plan, SamplingConfig, ThoughtConfig
-from rdlm.model import AttentionContext, KV, Params, bind, initial_state, rope_angles, run_blocks
+from rdlm.model import (AttentionContext, KV, Params, RowEntries, bind, initial_state, rope_angles,
+                        run_blocks)
 from rdlm.model.kernels import from_loop_layout
 
 
@@ -153,8 +154,8 @@ def thought_input(params: Params, cfg: ModelConfig, thoughts: ThoughtConfig,
     return BlockInput(bases_btd, token.shift_bases_btd, ~is_thought_bt)
 
 
-def _stage_prefixes(stage: kvc.Stage, with_prefix: bool) -> list[KV] | None:
-    return list(stage) if with_prefix else None
+def _stage_prefixes(stage: kvc.Stage, with_prefix: bool) -> list[KV | RowEntries] | None:
+    return list(kvc.read_stage(stage)) if with_prefix else None
 
 
 def prelude_inputs(model: Any, cache: KVCache, block: BlockInput, start: jax.Array | int,

@@ -21,7 +21,6 @@ from rdlm.generation.cache import KVCache
 from rdlm.generation.engine import _after_reads, _model, choose_tokens
 from rdlm.generation.plan import Plan, SamplingConfig
 from rdlm.model import AttentionContext, KV, Params, initial_state, rope_angles, run_blocks
-from rdlm.model.kernels import read_in_place
 
 
 def row_context(cfg: ModelConfig, position_b: jax.Array, cache_len: int) -> AttentionContext:
@@ -36,10 +35,10 @@ def row_context(cfg: ModelConfig, position_b: jax.Array, cache_len: int) -> Atte
 
 def _prefixes(stage: kvc.Stage, rows_k: jax.Array | None) -> tuple:
     """A stage's cache as a pass over the rows ``rows_k`` reads it: those rows' entries
-    (`kvc.read_stage_rows`), or for every row (None) in place (`kernels.read_in_place`; these
+    (`kvc.read_stage_rows`), or for every row (None) where they lie (`kvc.read_stage`; these
     passes run inside conditionals)."""
     if rows_k is None:
-        return jax.tree.map(read_in_place, stage)
+        return kvc.read_stage(stage)
     return kvc.read_stage_rows(stage, rows_k)
 
 

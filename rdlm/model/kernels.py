@@ -20,8 +20,10 @@ runs underneath depends on the backend and the shape:
   attention over a few rows' or each row's own entries (`attend_with_prefix` of a `RowEntries`
   prefix) is a Pallas kernel that reads them by index where they lie
   (`pallas_attention.row_entries_attention`), or row by row where XLA partitions the program
-  (`choose_row_attention`); on TPU the cache a conditional branch reads is held to its stored
-  layout (`read_in_place`).
+  (`choose_row_attention`); lockstep decoding reads its core slot and its stages through the
+  same kernel there (`slot_prefix`, `stage_prefix`). On TPU the cache is stored with whichever
+  of positions and features pads less innermost (`cache_layout`), and held so at every write
+  (`hold_cache_layout`).
 
 `choose_attention` is the whole decision, a pure function of the target platform, dtype, mask
 kind and shape.
@@ -238,6 +240,32 @@ def row_entries(prefix: RowEntries, how: str | None = None, row: int | None = No
                  for x, fallback in zip(kv, prefix.fallback))
 
 
+def stage_prefix(kv: KV) -> KV | RowEntries:
+    """What every row attends to of a prelude or coda layer's cache, ``[b, h, t, e]`` each: on
+    TPU, where the program runs whole on each device, a `RowEntries` prefix that the
+    row-entries kernel reads where it lies; where XLA partitions the program, the buffers held
+    to their stored layout (`hold_cache_layout`); elsewhere the buffers."""
+    if choose_row_attention(target_platform(None), runs_per_device()) == ROWS_KERNEL:
+        return RowEntries(kv, (jnp.arange(kv[0].shape[0]),))
+    return tuple(hold_cache_layout(x) for x in kv)
+
+
+def slot_prefix(slots: KV, slot: jax.Array, latest: KV | None, use_b1t1: jax.Array | None
+                ) -> KV | RowEntries:
+    """What every row of a lockstep core step attends to: recurrence slot ``slot`` of
+    ``slots`` (``[s, b, h, t, e]`` each) where ``use_b1t1``, the ``latest`` entries elsewhere
+    (None: the slot everywhere). On TPU, where the program runs whole on each device, a
+    `RowEntries` prefix that the row-entries kernel reads where it lies, in the layout the
+    cache is stored in (`cache_layout`); elsewhere the slot itself, merged."""
+    if choose_row_attention(target_platform(None), runs_per_device()) == ROWS_KERNEL:
+        b = slots[0].shape[1]
+        return RowEntries(slots, (jnp.full((b,), slot), jnp.arange(b)), latest, use_b1t1)
+    kv = tuple(lax.dynamic_index_in_dim(buf_sbhte, slot, keepdims=False) for buf_sbhte in slots)
+    if latest is None:
+        return kv
+    return tuple(jnp.where(use_b1t1, x, fallback) for x, fallback in zip(kv, latest))
+
+
 def _attend_rows_kernel(q_bthe: jax.Array, k_bthe: jax.Array, v_bthe: jax.Array,
                         prefix: RowEntries, mask_b1ts: jax.Array | None) -> jax.Array:
     """`attend_with_prefix` of a `RowEntries` prefix in the Pallas kernel that reads each row's
@@ -254,7 +282,8 @@ def _attend_rows_kernel(q_bthe: jax.Array, k_bthe: jax.Array, v_bthe: jax.Array,
     out_bkre = pallas_attention.row_entries_attention(
         grouped_queries(q_bthe, kh).reshape(b, kh, g * t, e), prefix.buffers, prefix.index,
         visible_brs[..., :s], k_bthe.transpose(0, 2, 1, 3), v_bthe.transpose(0, 2, 1, 3),
-        visible_brs[..., s:], prefix.fallback, use_b1s, masked_logit=MASKED_LOGIT)
+        visible_brs[..., s:], prefix.fallback, use_b1s, masked_logit=MASKED_LOGIT,
+        positions_minor=positions_innermost(prefix.buffers[0].shape))
     return ungrouped(out_bkre.reshape(b, kh, g, t, e))
 
 
@@ -457,23 +486,47 @@ def write_row_positions(buf_xbhte: jax.Array, new_xkh1e: jax.Array, rows_k: jax.
         i = writing_k[j]
         piece = lax.dynamic_slice_in_dim(new_xkh1e, i, 1, axis=lead)  # [*lead, 1, h, 1, e]
         start = (0,) * lead + (rows_k[i], 0, position_k[i], 0)
-        return lax.dynamic_update_slice(buf_xbhte, piece, start)
+        return hold_cache_layout(lax.dynamic_update_slice(buf_xbhte, piece, start))
 
     return lax.fori_loop(0, jnp.sum(write_k.astype(jnp.int32)), one, buf_xbhte)
 
 
-def read_in_place(buf: jax.Array, platform: str | None = None) -> jax.Array:
-    """``buf``, a cache buffer that a conditional branch reads whole, held to the layout it is
-    stored in (row-major) on TPU; unchanged elsewhere.
+def positions_innermost(shape: tuple[int, ...]) -> bool:
+    """Whether a KV-cache buffer ``[..., t, e]`` is stored on TPU with its positions innermost:
+    when that pads it less than its features innermost.
 
-    Inside a conditional, XLA:TPU lays out an attention's operands as the attention prefers,
-    whatever the layout of the buffer passed in, and copies the whole buffer to match. With
-    heads of 96 features (Huginn-0125's) it prefers the positions innermost, so each
-    whole-batch token-boundary pass copied every prelude and coda buffer it read
-    (docs/performance.md). The attention reads the stored layout as it does outside branches."""
+    XLA:TPU tiles the two innermost axes by 8 × 128, padding the innermost to a multiple of
+    128. With the features innermost, each of Huginn-0125's 96 takes 128, a third more cache
+    to hold and to read at every step; with the positions innermost, only the last partial
+    tile of positions is padded (docs/performance.md). A buffer of one or a few positions
+    keeps its features innermost."""
+    t, e = shape[-2:]
+    lanes = lambda x: -(-x // 128) * 128  # noqa: E731
+    return lanes(t) * e < lanes(e) * t
+
+
+def cache_layout(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The axis order, major to minor, in which a KV-cache buffer ``[..., t, e]`` is stored on
+    TPU (`positions_innermost`)."""
+    n = len(shape)
+    if positions_innermost(shape):
+        return tuple(range(n - 2)) + (n - 1, n - 2)
+    return tuple(range(n))
+
+
+def hold_cache_layout(buf: jax.Array, platform: str | None = None) -> jax.Array:
+    """``buf``, a KV-cache buffer, held to the layout it is stored in on TPU (`cache_layout`);
+    unchanged elsewhere. Every write of a cache buffer, and every read of one whole inside a
+    conditional, holds it so.
+
+    XLA:TPU chooses the layout of a loop's carried cache from the operations inside it, and of
+    an attention's operands inside a conditional as the attention prefers, whatever the layout
+    passed in; where two choices differ it copies the whole buffer between them, in every
+    iteration (docs/performance.md). Held at each write, the cache stays in one layout through
+    every loop; held at each read, the attention reads it as it lies."""
     if (platform or target_platform(None)) != "tpu":
         return buf
-    return with_layout_constraint(buf, Layout(major_to_minor=tuple(range(buf.ndim))))
+    return with_layout_constraint(buf, Layout(major_to_minor=cache_layout(buf.shape)))
 
 
 # Decoding-time weight layout. XLA's CPU dot computes the weights-first projections above as

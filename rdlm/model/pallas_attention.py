@@ -173,10 +173,11 @@ def gpu_flash_attention(q_bthe: jax.Array, k_bthe: jax.Array, v_bthe: jax.Array,
 ROWS_BLOCK = 512
 
 
-def _rows_kernel(*refs, lead: int, with_fallback: bool, scale: float, length: int,
-                 masked_logit: float):
+def _rows_kernel(*refs, lead: int, with_fallback: bool, positions_minor: bool, scale: float,
+                 length: int, masked_logit: float):
     """One query row's one KV head over one tile of its own cached entries (grid: rows, heads,
-    tiles), with an online softmax held in VMEM; the block's own keys join at the last tile."""
+    tiles), with an online softmax held in VMEM; the block's own keys join at the last tile.
+    ``positions_minor``: the cached tiles come as ``[e, u]``, not ``[u, e]``."""
     refs = list(refs)[lead:]  # the prefetched indices are used by the index maps only
     q_ref, k_ref, v_ref = refs[:3]
     refs = refs[3:]
@@ -185,7 +186,7 @@ def _rows_kernel(*refs, lead: int, with_fallback: bool, scale: float, length: in
         refs = refs[3:]
     visible_ref, own_k_ref, own_v_ref, own_visible_ref, out_ref, m_ref, l_ref, acc_ref = refs
     tile = pl.program_id(2)
-    block = k_ref.shape[0]
+    block = k_ref.shape[1] if positions_minor else k_ref.shape[0]
 
     @pl.when(tile == 0)
     def _start():
@@ -194,10 +195,15 @@ def _rows_kernel(*refs, lead: int, with_fallback: bool, scale: float, length: in
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
     q_re = q_ref[...]
+    dot = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
 
-    def scores(keys_ue: jax.Array) -> jax.Array:
-        return jax.lax.dot_general(q_re, keys_ue, (((1,), (1,)), ((), ())),
-                                   preferred_element_type=jnp.float32) * scale
+    def scores(keys: jax.Array, cached: bool = True) -> jax.Array:  # [r, u]
+        contract = 0 if cached and positions_minor else 1
+        return dot(q_re, keys, (((1,), (contract,)), ((), ()))) * scale
+
+    def weighted(p_ru: jax.Array, values: jax.Array, cached: bool = True) -> jax.Array:
+        contract = 1 if cached and positions_minor else 0
+        return dot(p_ru.astype(values.dtype), values, (((1,), (contract,)), ((), ())))
 
     def accumulate(logits_ru: jax.Array, values: Callable[[jax.Array], jax.Array]) -> None:
         m_prev = m_ref[...]
@@ -208,38 +214,48 @@ def _rows_kernel(*refs, lead: int, with_fallback: bool, scale: float, length: in
         m_ref[...] = m_next
         acc_ref[...] = alpha[:, :1] * acc_ref[...] + values(p_ru)
 
-    def weighted(p_ru: jax.Array, v_ue: jax.Array) -> jax.Array:
-        return jax.lax.dot_general(p_ru.astype(v_ue.dtype), v_ue, (((1,), (0,)), ((), ())),
-                                   preferred_element_type=jnp.float32)
-
-    # A partial last tile holds whatever lies past the cache: mask it, and zero its values
+    # A partial last tile holds whatever lies past the cache: mask it, and zero its entries
     # (a zero weight times a NaN would still be NaN).
-    in_range_u1 = (jax.lax.broadcasted_iota(jnp.int32, (block, 1), 0)
-                   < length - tile * block)
-    in_range_1u = (jax.lax.broadcasted_iota(jnp.int32, (1, block), 1)
-                   < length - tile * block)
-    k_ue = jnp.where(in_range_u1, k_ref[...], 0).astype(q_re.dtype)
-    v_ue = jnp.where(in_range_u1, v_ref[...], 0).astype(q_re.dtype)
-    logits_ru = scores(k_ue)
+    def in_range(axis: int) -> jax.Array:
+        shape = (1, block) if axis == 1 else (block, 1)
+        return jax.lax.broadcasted_iota(jnp.int32, shape, axis) < length - tile * block
+
+    in_range_1u = in_range(1)
+    entries_in_range = in_range_1u if positions_minor else in_range(0)
+
+    def read(ref) -> jax.Array:
+        return jnp.where(entries_in_range, ref[...], 0).astype(q_re.dtype)
+
+    k, v = read(k_ref), read(v_ref)
+    logits_ru = scores(k)
     if with_fallback:
         use_1u = use_ref[...] != 0
-        kf_ue = jnp.where(in_range_u1, kf_ref[...], 0).astype(q_re.dtype)
-        vf_ue = jnp.where(in_range_u1, vf_ref[...], 0).astype(q_re.dtype)
-        logits_ru = jnp.where(use_1u, logits_ru, scores(kf_ue))
+        kf, vf = read(kf_ref), read(vf_ref)
+        logits_ru = jnp.where(use_1u, logits_ru, scores(kf))
     visible_ru = jnp.logical_and(visible_ref[...] != 0, in_range_1u)
     logits_ru = jnp.where(visible_ru, logits_ru, masked_logit)
     if with_fallback:
-        accumulate(logits_ru, lambda p: weighted(jnp.where(use_1u, p, 0.0), v_ue)
-                   + weighted(jnp.where(use_1u, 0.0, p), vf_ue))
+        accumulate(logits_ru, lambda p: weighted(jnp.where(use_1u, p, 0.0), v)
+                   + weighted(jnp.where(use_1u, 0.0, p), vf))
     else:
-        accumulate(logits_ru, lambda p: weighted(p, v_ue))
+        accumulate(logits_ru, lambda p: weighted(p, v))
 
     @pl.when(tile == pl.num_programs(2) - 1)
     def _finish():
-        own_k = own_k_ref[...].astype(q_re.dtype)
-        own_logits = jnp.where(own_visible_ref[...] != 0, scores(own_k), masked_logit)
-        accumulate(own_logits, lambda p: weighted(p, own_v_ref[...].astype(q_re.dtype)))
+        own_logits = jnp.where(own_visible_ref[...] != 0,
+                               scores(own_k_ref[...].astype(q_re.dtype), cached=False),
+                               masked_logit)
+        accumulate(own_logits, lambda p: weighted(p, own_v_ref[...].astype(q_re.dtype),
+                                                  cached=False))
         out_ref[...] = (acc_ref[...] / l_ref[...][:, :1]).astype(out_ref.dtype)
+
+
+def _swap_last(index_map: Callable) -> Callable:
+    """``index_map`` for the same blocks of a view with its two innermost axes swapped."""
+    def swapped(*grid_and_indices):
+        *outer, tile, zero = index_map(*grid_and_indices)
+        return (*outer, zero, tile)
+    return swapped
 
 
 def row_entries_attention(q_bkre: jax.Array, buffers: tuple[jax.Array, jax.Array],
@@ -248,7 +264,7 @@ def row_entries_attention(q_bkre: jax.Array, buffers: tuple[jax.Array, jax.Array
                           own_visible_bru: jax.Array,
                           fallback: tuple[jax.Array, jax.Array] | None = None,
                           use_b1s: jax.Array | None = None, *, masked_logit: float,
-                          interpret: bool = False) -> jax.Array:
+                          positions_minor: bool = False, interpret: bool = False) -> jax.Array:
     """Decoding attention in which each row reads its own entries of a larger cache buffer
     where they lie (TPU): row i's keys and values are ``buffers[index[0][i], index[1][i], …]``,
     ``[kh, s, e]``, or ``fallback[i]`` at the positions where ``use_b1s`` is 0, then the block's
@@ -256,7 +272,8 @@ def row_entries_attention(q_bkre: jax.Array, buffers: tuple[jax.Array, jax.Array
     group, each at t positions); ``visible_brs`` and ``own_visible_bru``: which cached and which
     own keys each query row sees (int32, nonzero: visible); every query row sees at least one of
     its own keys. Scores and softmax in float32; the same function as
-    `kernels.attend_with_prefix`.
+    `kernels.attend_with_prefix`. ``positions_minor``: the cache buffers are stored with their
+    positions innermost (`kernels.cache_layout`), and the kernel reads their tiles so.
 
     The indices are prefetched to the TPU's scalar memory and pick each tile's block in its
     index map, so the kernel reads each row's entries straight from the buffer: nothing is
@@ -285,11 +302,18 @@ def row_entries_attention(q_bkre: jax.Array, buffers: tuple[jax.Array, jax.Array
     def own_mask_map(i, h, j, *ix):
         return (i, 0, 0)
 
-    slot_spec = pl.BlockSpec((squeezed,) * (lead + 1) + (block, e), slot_map)
+    tile = (block, e)
+    if positions_minor:  # [.., e, s] views: free, in the layout the buffers are stored in
+        tile = (e, block)
+        buffers = tuple(jnp.swapaxes(x, -1, -2) for x in buffers)
+        fallback = fallback and tuple(jnp.swapaxes(x, -1, -2) for x in fallback)
+        slot_map = _swap_last(slot_map)
+        row_map = _swap_last(row_map)
+    slot_spec = pl.BlockSpec((squeezed,) * (lead + 1) + tile, slot_map)
     in_specs = [pl.BlockSpec((squeezed, squeezed, r, e), whole_map), slot_spec, slot_spec]
     operands = [q_bkre, *buffers]
     if with_fallback:
-        row_spec = pl.BlockSpec((squeezed, squeezed, block, e), row_map)
+        row_spec = pl.BlockSpec((squeezed, squeezed) + tile, row_map)
         in_specs += [row_spec, row_spec, pl.BlockSpec((squeezed, 1, block), mask_map)]
         operands += [*fallback, use_b1s]
     t = own_k_bkue.shape[2]
@@ -299,13 +323,16 @@ def row_entries_attention(q_bkre: jax.Array, buffers: tuple[jax.Array, jax.Array
                  pl.BlockSpec((squeezed, r, t), own_mask_map)]
     operands += [visible_brs, own_k_bkue, own_v_bkue, own_visible_bru]
     kernel = functools.partial(_rows_kernel, lead=lead, with_fallback=with_fallback,
-                               scale=1.0 / math.sqrt(e), length=length,
-                               masked_logit=masked_logit)
+                               positions_minor=positions_minor, scale=1.0 / math.sqrt(e),
+                               length=length, masked_logit=masked_logit)
     # What the kernel moves: each row's entries (twice with a fallback), its queries, masks
     # and output; the compiler cannot see inside the kernel, so XLA's cost model takes this.
-    # HBM holds the entries in tiles of 128 features, padded: Huginn-0125's 96 take 128.
-    itemsize, lanes = buffers[0].dtype.itemsize, pl.cdiv(e, 128) * 128
-    entries = b * kh * length * lanes * itemsize * 2 * (2 if with_fallback else 1)
+    # HBM holds the entries in tiles of 128 along the innermost axis, padded: with features
+    # innermost, Huginn-0125's 96 take 128.
+    itemsize = buffers[0].dtype.itemsize
+    per_row = (pl.cdiv(length, 128) * 128 * e if positions_minor
+               else length * pl.cdiv(e, 128) * 128)
+    entries = b * kh * per_row * itemsize * 2 * (2 if with_fallback else 1)
     cost = pl.CostEstimate(
         flops=4 * b * kh * r * (length + t) * e * (2 if with_fallback else 1),
         transcendentals=b * kh * r * (length + t),
@@ -320,5 +347,5 @@ def row_entries_attention(q_bkre: jax.Array, buffers: tuple[jax.Array, jax.Array
         kernel, out_shape=jax.ShapeDtypeStruct(q_bkre.shape, q_bkre.dtype), grid_spec=grid_spec,
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")),
-        cost_estimate=cost, interpret=interpret,
+        cost_estimate=cost, interpret=interpret, name="row_entries_attention",
     )(*(ix.astype(jnp.int32) for ix in index), *operands)
