@@ -21,8 +21,8 @@ runs underneath depends on the backend and the shape:
   prefix) is a Pallas kernel that reads them by index where they lie
   (`pallas_attention.row_entries_attention`), or row by row where XLA partitions the program
   (`choose_row_attention`); lockstep decoding reads its core slot and its stages through the
-  same kernel there (`slot_prefix`, `stage_prefix`). On TPU the cache is stored with whichever
-  of positions and features pads less innermost (`cache_layout`), and held so at every write
+  same kernel there (`slot_prefix`, `stage_prefix`), and the cache is stored with whichever
+  of positions and features pads less innermost (`cache_layout`), held so at every write
   (`hold_cache_layout`).
 
 `choose_attention` is the whole decision, a pure function of the target platform, dtype, mask
@@ -243,11 +243,10 @@ def row_entries(prefix: RowEntries, how: str | None = None, row: int | None = No
 def stage_prefix(kv: KV) -> KV | RowEntries:
     """What every row attends to of a prelude or coda layer's cache, ``[b, h, t, e]`` each: on
     TPU, where the program runs whole on each device, a `RowEntries` prefix that the
-    row-entries kernel reads where it lies; where XLA partitions the program, the buffers held
-    to their stored layout (`hold_cache_layout`); elsewhere the buffers."""
+    row-entries kernel reads where it lies; elsewhere the buffers."""
     if choose_row_attention(target_platform(None), runs_per_device()) == ROWS_KERNEL:
         return RowEntries(kv, (jnp.arange(kv[0].shape[0]),))
-    return tuple(hold_cache_layout(x) for x in kv)
+    return kv
 
 
 def slot_prefix(slots: KV, slot: jax.Array, latest: KV | None, use_b1t1: jax.Array | None
@@ -515,16 +514,17 @@ def cache_layout(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def hold_cache_layout(buf: jax.Array, platform: str | None = None) -> jax.Array:
-    """``buf``, a KV-cache buffer, held to the layout it is stored in on TPU (`cache_layout`);
-    unchanged elsewhere. Every write of a cache buffer, and every read of one whole inside a
-    conditional, holds it so.
+    """``buf``, a KV-cache buffer just written, held to the layout it is stored in
+    (`cache_layout`) where the row-entries kernel reads it: on TPU, in a program that runs whole
+    on each device (`choose_row_attention`). Elsewhere unchanged: where XLA partitions the
+    program it reads the cache with its own attention, and chooses the layout that suits it.
 
-    XLA:TPU chooses the layout of a loop's carried cache from the operations inside it, and of
-    an attention's operands inside a conditional as the attention prefers, whatever the layout
-    passed in; where two choices differ it copies the whole buffer between them, in every
-    iteration (docs/performance.md). Held at each write, the cache stays in one layout through
-    every loop; held at each read, the attention reads it as it lies."""
-    if (platform or target_platform(None)) != "tpu":
+    XLA:TPU chooses the layout of a loop's carried cache from the operations inside it; where
+    two choices differ it copies the whole buffer between them, in every iteration
+    (docs/performance.md). Held at each write, the cache stays in one layout through every
+    loop, the one the kernel reads."""
+    platform = platform or target_platform(None)
+    if choose_row_attention(platform, runs_per_device()) != ROWS_KERNEL:
         return buf
     return with_layout_constraint(buf, Layout(major_to_minor=cache_layout(buf.shape)))
 
