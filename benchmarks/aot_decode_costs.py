@@ -3,11 +3,13 @@
     JAX_PLATFORMS=cpu python benchmarks/aot_decode_costs.py [--topology v5p:2x2x1]
         [--preset huginn-3.5b] [--set KEY=VALUE ...] [--batch 16] [--prompt-len 1024]
         [--new-tokens 1024] [--budget 8] [--param-dtype bfloat16] [--exit kl]
-        [--schedule results/bench-sample-schedule-demo-q1024-cpu.json] [--json FILE]
+        [--schedule results/bench-sample-schedule-demo-q1024-cpu.json]
+        [--row-attention rows_kernel|slices] [--json FILE]
 
 Needs libtpu, not a TPU (docs/training.md). Each pass of decoding is compiled on its own for
 one chip of the topology, with the weights in the decoding loop's layout and a cache of
-``--prompt-len`` + ``--new-tokens`` positions, and XLA's cost model for that chip says what it
+``--prompt-len`` + ``--new-tokens`` positions in the layout the programs store it in
+(`kernels.cache_layout`), and XLA's cost model for that chip says what it
 reads and writes and how long it takes at the chip's peak rates (``optimal_seconds``: a
 roofline, which leaves out per-op overheads):
 
@@ -17,6 +19,10 @@ roofline, which leaves out per-op overheads):
 - depth-continuous (`rdlm.generation.rows`; every row at its own position and step): the same
   three over every row, and the token-boundary passes over the few gathered rows
   (`continuous.few_rows`) that need them.
+
+XLA cannot see inside a Pallas kernel: the row-entries decode kernel's bytes and FLOPs are
+what it declares (`pallas_attention.row_entries_attention`); ``--row-attention slices`` prices
+XLA's own attention instead.
 
 The weight-read model of docs/performance.md counts a pass at its weights whatever its rows;
 this prices the KV cache reads, the per-row gathers and masks too. With ``--schedule`` (a

@@ -122,6 +122,14 @@ def test_dispatch_picks_the_kernel_for_backend_and_mask(platform, dtype, mask, l
                               per_shard=per_shard) == want
 
 
+def test_the_cache_is_stored_with_the_axis_that_pads_less_innermost():
+    assert K.cache_layout((8, 16, 55, 2047, 96)) == (0, 1, 2, 4, 3)  # 96 features pad to 128
+    assert K.cache_layout((16, 55, 2047, 96)) == (0, 1, 3, 2)
+    assert K.cache_layout((16, 55, 1, 96)) == (0, 1, 2, 3)  # one position
+    assert K.cache_layout((4, 2, 56, 64)) == (0, 1, 2, 3)  # fewer positions than a tile
+    assert K.cache_layout((16, 8, 4096, 128)) == (0, 1, 2, 3)  # nothing to pad
+
+
 def test_row_writes_and_reads_are_slices_on_tpu_only():
     assert K.choose_row_access("tpu") == K.SLICES
     assert K.choose_row_access("gpu") == K.INDEXED
@@ -454,8 +462,17 @@ def test_padded_prefill_lowers_to_splash_for_a_tpu():
         layouts = jax.export.DisabledSafetyCheck.custom_call("LayoutConstraint")
         exported = jax.export.export(program, platforms=["tpu"], disabled_checks=[layouts])(
             params, prompt_bt, pad_b, np.int32(GEN_STEPS), jax.random.key(0))
-    kernels = set(re.findall(r'kernel_name = "([^"]+)"', exported.mlir_module()))
+    module = exported.mlir_module()
+    kernels = set(re.findall(r'kernel_name = "([^"]+)"', module))
     assert kernels == {"splash_mha_fwd_segmented_no_residuals", "row_entries_attention"}
+    # Each cache write held to the stored layout: with heads of 24 features, the positions
+    # innermost, except in one-position buffers (XLA lists the axes minor to major).
+    held = [(tuple(int(n) for n in shape.split("x")), tuple(int(a) for a in axes.split(", ")))
+            for axes, shape in re.findall(r'@LayoutConstraint.*?result_layouts = '
+                                          r'\[dense<\[([0-9, ]+)\]>.*?: \(tensor<([0-9x]+)x', module)]
+    assert {shape[-2] for shape, _ in held} == {1, GEN_LEN + 1}
+    assert all(axes == K.cache_layout(shape)[::-1] for shape, axes in held)
+    assert K.positions_innermost((GEN_LEN + 1, GEN_CFG.head_dim))
     assert {(kind, chosen) for kind, _, cache, chosen in calls if not cache} == {
         (K.SEGMENTS, K.SPLASH)}
     assert {(kind, chosen) for kind, _, cache, chosen in calls if cache} == {(K.MASKED, K.CACHE)}

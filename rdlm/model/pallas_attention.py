@@ -197,12 +197,19 @@ def _rows_kernel(*refs, lead: int, with_fallback: bool, positions_minor: bool, s
     q_re = q_ref[...]
     dot = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
 
+    # The block's own few keys (``cached=False``) are taken in float32: Mosaic lowers a 16-bit
+    # product with so few keys or queries as a broadcast it cannot verify.
     def scores(keys: jax.Array, cached: bool = True) -> jax.Array:  # [r, u]
-        contract = 0 if cached and positions_minor else 1
+        if not cached:
+            return dot(q_re.astype(jnp.float32), keys.astype(jnp.float32),
+                       (((1,), (1,)), ((), ()))) * scale
+        contract = 0 if positions_minor else 1
         return dot(q_re, keys, (((1,), (contract,)), ((), ()))) * scale
 
     def weighted(p_ru: jax.Array, values: jax.Array, cached: bool = True) -> jax.Array:
-        contract = 1 if cached and positions_minor else 0
+        if not cached:
+            return dot(p_ru, values.astype(jnp.float32), (((1,), (0,)), ((), ())))
+        contract = 1 if positions_minor else 0
         return dot(p_ru.astype(values.dtype), values, (((1,), (contract,)), ((), ())))
 
     def accumulate(logits_ru: jax.Array, values: Callable[[jax.Array], jax.Array]) -> None:
@@ -243,10 +250,8 @@ def _rows_kernel(*refs, lead: int, with_fallback: bool, positions_minor: bool, s
     @pl.when(tile == pl.num_programs(2) - 1)
     def _finish():
         own_logits = jnp.where(own_visible_ref[...] != 0,
-                               scores(own_k_ref[...].astype(q_re.dtype), cached=False),
-                               masked_logit)
-        accumulate(own_logits, lambda p: weighted(p, own_v_ref[...].astype(q_re.dtype),
-                                                  cached=False))
+                               scores(own_k_ref[...], cached=False), masked_logit)
+        accumulate(own_logits, lambda p: weighted(p, own_v_ref[...], cached=False))
         out_ref[...] = (acc_ref[...] / l_ref[...][:, :1]).astype(out_ref.dtype)
 
 
