@@ -228,10 +228,10 @@ def write_stage_rows(stage: Stage, kvs: list[KV], position_b: jax.Array, write_b
                  for layer_kv, new_kv in zip(stage, kvs))
 
 
-def read_stage(stage: Stage) -> tuple[KV | RowEntries, ...]:
+def read_stage(stage: Stage, in_branch: bool = False) -> tuple[KV | RowEntries, ...]:
     """Every prelude (or coda) layer's keys/values for every row, as the attention reads them
-    where they lie (`kernels.stage_prefix`)."""
-    return tuple(stage_prefix(kv) for kv in stage)
+    where they lie (`kernels.stage_prefix`; ``in_branch``: inside a conditional)."""
+    return tuple(stage_prefix(kv, in_branch) for kv in stage)
 
 
 def read_stage_rows(stage: Stage, rows_k: jax.Array) -> tuple[RowEntries, ...]:

@@ -38,7 +38,7 @@ def _prefixes(stage: kvc.Stage, rows_k: jax.Array | None) -> tuple:
     (`kvc.read_stage_rows`), or for every row (None) where they lie (`kvc.read_stage`; these
     passes run inside conditionals)."""
     if rows_k is None:
-        return kvc.read_stage(stage)
+        return kvc.read_stage(stage, in_branch=True)
     return kvc.read_stage_rows(stage, rows_k)
 
 

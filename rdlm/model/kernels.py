@@ -240,12 +240,22 @@ def row_entries(prefix: RowEntries, how: str | None = None, row: int | None = No
                  for x, fallback in zip(kv, prefix.fallback))
 
 
-def stage_prefix(kv: KV) -> KV | RowEntries:
+def stage_prefix(kv: KV, in_branch: bool = False) -> KV | RowEntries:
     """What every row attends to of a prelude or coda layer's cache, ``[b, h, t, e]`` each: on
     TPU, where the program runs whole on each device, a `RowEntries` prefix that the
-    row-entries kernel reads where it lies; elsewhere the buffers."""
-    if choose_row_attention(target_platform(None), runs_per_device()) == ROWS_KERNEL:
+    row-entries kernel reads where it lies; elsewhere the buffers.
+
+    ``in_branch``: read inside a conditional (the depth-continuous whole-batch passes). There
+    XLA:TPU lays an attention's operands out as the attention prefers, whatever the layout of
+    the buffer passed in, and copies the whole buffer to match; so where the kernel does not
+    run, the buffers are held row-major, as XLA stores them in a program it partitions
+    (docs/performance.md). Outside conditionals (lockstep) a hold would only add copies."""
+    how = choose_row_attention(target_platform(None), runs_per_device())
+    if how == ROWS_KERNEL:
         return RowEntries(kv, (jnp.arange(kv[0].shape[0]),))
+    if how == SLICES and in_branch:
+        return tuple(with_layout_constraint(x, Layout(major_to_minor=tuple(range(x.ndim))))
+                     for x in kv)
     return kv
 
 
