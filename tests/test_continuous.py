@@ -207,16 +207,18 @@ def test_the_tpu_cache_writes_and_reads_compute_what_the_cpu_ones_do(monkeypatch
     the attention reads each row's entries row by row or in the row-entries kernel
     (`kernels.choose_row_attention`), lockstep's too; and the cache is held to its stored
     layout at every write (`kernels.hold_cache_layout`: positions innermost, with heads of 8
-    features). Forced here, they give the CPU's outputs, depth-continuous and lockstep, with
-    every cache the engine writes and reads: stages, core slots with sharing, latest entries,
-    shift bases."""
+    features). Forced here, they give the CPU's outputs, depth-continuous, lockstep and
+    speculative, with every cache the engine writes and reads: stages, core slots with
+    sharing, latest entries, shift bases."""
     cfg = dataclasses.replace(CFG, token_shift=2)
     params = perturbed_params(cfg)
     lockstep = dict(max_new_tokens=6, num_steps=6, exit="kl:1e-2", cache_budget=2,
                     continuous_cot=True, return_logits=True)
     options = dict(lockstep, continuous_batching=True, batch_size=2, boundary_wait=3)
+    speculative = dict(max_new_tokens=6, num_steps=6, speculative=True, return_logits=True)
     scatter = S.generate(params, cfg, PROMPTS, **options)
     lockstep_cpu = S.generate(params, cfg, PROMPTS, **lockstep)
+    speculative_cpu = S.generate(params, cfg, PROMPTS, **speculative)
     jax.clear_caches()  # trace again under the other choice
     monkeypatch.setattr(kernels, "choose_row_access", lambda platform: kernels.SLICES)
     hold = kernels.hold_cache_layout  # the TPU's layouts: the features of 8 are not innermost
@@ -227,10 +229,12 @@ def test_the_tpu_cache_writes_and_reads_compute_what_the_cpu_ones_do(monkeypatch
     assert len(np.unique(scatter.steps[:, 1:])) > 1  # rows at different depths
     for how in (kernels.SLICES, kernels.ROWS_KERNEL):  # row by row, or in the Pallas kernel
         monkeypatch.setattr(kernels, "choose_row_attention", lambda platform, per_shard: how)
-        tpu = S.generate(params, cfg, PROMPTS, **options)
-        lockstep_tpu = S.generate(params, cfg, PROMPTS, **lockstep)
+        runs = [(S.generate(params, cfg, PROMPTS, **options), scatter),
+                (S.generate(params, cfg, PROMPTS, **lockstep), lockstep_cpu)]
+        if how == kernels.ROWS_KERNEL:  # verifying drafts: several queries a row in the kernel
+            runs.append((S.generate(params, cfg, PROMPTS, **speculative), speculative_cpu))
         jax.clear_caches()
-        for got, want in ((tpu, scatter), (lockstep_tpu, lockstep_cpu)):
+        for got, want in runs:
             for name in ("tokens", "steps", "lengths"):
                 np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
             # One row's dots are the same sums, which XLA:CPU or the kernel's online softmax
