@@ -299,7 +299,8 @@ def _attend_rows_kernel(q_bthe: jax.Array, k_bthe: jax.Array, v_bthe: jax.Array,
 def _attend_row_by_row(q_bthe: jax.Array, k_bthe: jax.Array, v_bthe: jax.Array,
                        prefix: RowEntries, mask_b1ts: jax.Array | None) -> jax.Array:
     """`attend_with_prefix` one row at a time, each over its own entries sliced where they lie
-    (on TPU). Stacking every row's entries into one array first writes and reads them again at
+    (on TPU where the row-entries kernel cannot run: `choose_row_attention`). Stacking every
+    row's entries into one array first writes and reads them again at
     every layer: for each row's own recurrence slot, 1.6 times a lockstep core step's traffic
     at Huginn-0125's shape, against about one row by row (XLA's cost model,
     docs/performance.md)."""
