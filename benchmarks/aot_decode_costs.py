@@ -9,7 +9,7 @@
 Needs libtpu, not a TPU (docs/training.md). Each pass of decoding is compiled on its own for
 one chip of the topology, with the weights in the decoding loop's layout and a cache of
 ``--prompt-len`` + ``--new-tokens`` positions in the layout the programs store it in
-(`kernels.cache_layout`), and XLA's cost model for that chip says what it
+(`row_cache.cache_layout`), and XLA's cost model for that chip says what it
 reads and writes and how long it takes at the chip's peak rates (``optimal_seconds``: a
 roofline, which leaves out per-op overheads):
 
@@ -54,7 +54,7 @@ from rdlm.generation.continuous import default_boundary_wait, few_rows
 from rdlm.generation.engine import block_context, run_coda, run_core_step, run_prelude, token_input
 from rdlm.generation.exits import as_exit_config
 from rdlm.generation.rows import coda_rows, core_step_rows, prelude_rows, row_context
-from rdlm.model import abstract_params, kernels
+from rdlm.model import abstract_params, backend, kernels, row_cache
 from rdlm.runtime.hostinfo import compiling_host, toolchain
 from rdlm.train.aot import topology_devices
 
@@ -124,7 +124,7 @@ def price(name: str, fn: Callable, params, args: tuple, device) -> dict:
     place = jax.sharding.SingleDeviceSharding(device)
     on = lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=place)  # noqa: E731
     # Both programs hold their cache in one layout in and out of each pass,
-    # `kernels.cache_layout` (aot_decode_memory's programs, compiled whole); compiled alone, a
+    # `row_cache.cache_layout` (aot_decode_memory's programs, compiled whole); compiled alone, a
     # pass would choose the layouts that suit it best, which its program does not give it, or
     # pay a copy between two. A one-position cache (the core step's block) has no layout to
     # choose; the other arrays of the cache (depths) are row-major, as a donated input's
@@ -134,7 +134,7 @@ def price(name: str, fn: Callable, params, args: tuple, device) -> dict:
             return Format(None, place)
         if len(s.shape) < 4:
             return Format(Layout(tuple(range(len(s.shape)))), place)
-        return Format(Layout(kernels.cache_layout(s.shape)), place)
+        return Format(Layout(row_cache.cache_layout(s.shape)), place)
 
     def pinned(tree):  # the caches in ``tree`` in their stored layouts, the rest XLA's choice
         return jax.tree.map(lambda x: jax.tree.map(stored, x) if isinstance(x, kvc.KVCache)
@@ -208,19 +208,19 @@ def main(argv: list[str]) -> int:
                         "--schedule): whether the cache keeps latest entries, and whether "
                         "each check runs the coda")
     parser.add_argument("--schedule", help="a `rdlm bench sample --json` file to price")
-    parser.add_argument("--row-attention", choices=(kernels.ROWS_KERNEL, kernels.SLICES),
+    parser.add_argument("--row-attention", choices=(row_cache.ROWS_KERNEL, row_cache.SLICES),
                         help="how the depth-continuous passes attend over each row's own "
                         "entries (default: as rdlm chooses for one chip, "
-                        "kernels.choose_row_attention)")
+                        "row_cache.choose_row_attention)")
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args(argv)
-    kernels.target_platform = lambda mesh: "tpu"  # as a TPU host chooses (see aot_decode_memory)
+    backend.target_platform = lambda mesh: "tpu"  # as a TPU host chooses (see aot_decode_memory)
     # Each pass's cache is pinned to its stored layout where it comes in and goes out (`price`);
     # the holds inside, which keep it there through the programs' loops, would only trip
     # JAX's check that a donated buffer comes back in the layout it came in.
-    kernels.hold_cache_layout = kvc.hold_cache_layout = lambda buf: buf
+    row_cache.hold_cache_layout = kvc.hold_cache_layout = lambda buf: buf
     if args.row_attention:
-        kernels.choose_row_attention = lambda platform, per_shard: args.row_attention
+        row_cache.choose_row_attention = lambda platform, per_shard: args.row_attention
     try:
         device = topology_devices(args.topology)[0]
     except RuntimeError as err:
@@ -254,7 +254,7 @@ def main(argv: list[str]) -> int:
                        "model": dataclasses.asdict(cfg), "batch": args.batch,
                        "cache_len": cache_len, "cache_budget": args.budget, "exit": args.exit,
                        "param_dtype": args.param_dtype, "passes": rows,
-                       "row_attention": kernels.choose_row_attention("tpu", True),
+                       "row_attention": row_cache.choose_row_attention("tpu", True),
                        "continuous_over_lockstep_core_step": ratio,
                        "default_boundary_wait": wait,
                        "schedule": args.schedule, "priced": priced}, f, indent=1)

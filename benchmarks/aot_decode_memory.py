@@ -38,7 +38,7 @@ from rdlm.config_files import from_dict, to_dict
 from rdlm.generation.api import generate_jit
 from rdlm.generation.continuous import Queue, continuous_jit, continuous_on_groups_jit
 from rdlm.generation.plan import continuous_plan, make_plan
-from rdlm.model import abstract_params, kernels
+from rdlm.model import abstract_params, backend
 from rdlm.runtime import sharding
 from rdlm.runtime.checkpoint import PARAM_DTYPES
 from rdlm.runtime.hostinfo import compiling_host, toolchain
@@ -138,7 +138,7 @@ def main(argv: list[str]) -> int:
 
     # The kernel choices follow the platform the program is compiled for; on this CPU host
     # JAX's default backend is the CPU, so say it as a TPU host would.
-    kernels.target_platform = lambda mesh: "tpu"
+    backend.target_platform = lambda mesh: "tpu"
     try:
         devices = topology_devices(args.topology)
         device = devices[0]
@@ -196,15 +196,15 @@ def main(argv: list[str]) -> int:
         placed = jax.tree.map(lambda s, place: on(s.shape, s.dtype, place), params,
                               sharding.param_shardings(cfg, mesh))
         # XLA partitions the lockstep program over the chips, where no Pallas kernel runs as
-        # it is: a host with that many chips says so (`kernels.runs_per_device`), this one
+        # it is: a host with that many chips says so (`backend.runs_per_device`), this one
         # CPU device would not.
-        per_device = kernels.runs_per_device
-        kernels.runs_per_device = lambda: False
+        per_device = backend.runs_per_device
+        backend.runs_per_device = lambda: False
         results.append(compiled_report("lockstep" + where, lambda: generate_jit.lower(
             placed, rows_over, pad_over, scalar(jnp.int32), on((), key.dtype, everywhere),
             plan=dataclasses.replace(plan, batch=n * b, mesh=mesh)),
             plan.cache_len, cfg.head_dim))
-        kernels.runs_per_device = per_device
+        backend.runs_per_device = per_device
         results.append(compiled_report("continuous" + where, lambda: (
             continuous_on_groups_jit.lower(
                 split, queues, scalar(jnp.int32), scalar(jnp.float32), scalar(jnp.int32),

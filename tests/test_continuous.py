@@ -17,7 +17,7 @@ import rdlm.generation as S
 from rdlm.generation import cache as kvc
 from rdlm.generation.continuous import continuous_jit
 from rdlm.generation.plan import continuous_plan, default_stage_rows, make_plan
-from rdlm.model import kernels, pallas_attention
+from rdlm.model import pallas_attention, row_cache
 from tests.test_sample import perturbed_params
 
 CFG = rdlm.model_preset("tiny")
@@ -203,10 +203,10 @@ def test_token_shift_equals_lockstep(layers):
 
 def test_the_tpu_cache_writes_and_reads_compute_what_the_cpu_ones_do(monkeypatch):
     """On TPU the cache writes of each row at its own position, and the reads of each row's
-    own slot or of a few rows, are a slice per row (`rdlm.model.kernels.choose_row_access`);
+    own slot or of a few rows, are a slice per row (`rdlm.model.row_cache.choose_row_access`);
     the attention reads each row's entries row by row or in the row-entries kernel
-    (`kernels.choose_row_attention`), lockstep's too; and the cache is held to its stored
-    layout at every write (`kernels.hold_cache_layout`: positions innermost, with heads of 8
+    (`row_cache.choose_row_attention`), lockstep's too; and the cache is held to its stored
+    layout at every write (`row_cache.hold_cache_layout`: positions innermost, with heads of 8
     features). Forced here, they give the CPU's outputs, depth-continuous, lockstep and
     speculative, with every cache the engine writes and reads: stages, core slots with
     sharing, latest entries, shift bases."""
@@ -220,18 +220,18 @@ def test_the_tpu_cache_writes_and_reads_compute_what_the_cpu_ones_do(monkeypatch
     lockstep_cpu = S.generate(params, cfg, PROMPTS, **lockstep)
     speculative_cpu = S.generate(params, cfg, PROMPTS, **speculative)
     jax.clear_caches()  # trace again under the other choice
-    monkeypatch.setattr(kernels, "choose_row_access", lambda platform: kernels.SLICES)
-    hold = kernels.hold_cache_layout  # the TPU's layouts: the features of 8 are not innermost
-    for module in (kernels, kvc):
+    monkeypatch.setattr(row_cache, "choose_row_access", lambda platform: row_cache.SLICES)
+    hold = row_cache.hold_cache_layout  # the TPU's layouts: the features of 8 are not innermost
+    for module in (row_cache, kvc):
         monkeypatch.setattr(module, "hold_cache_layout", lambda buf: hold(buf, "tpu"))
     monkeypatch.setattr(pallas_attention, "row_entries_attention", functools.partial(
         pallas_attention.row_entries_attention, interpret=True))
     assert len(np.unique(scatter.steps[:, 1:])) > 1  # rows at different depths
-    for how in (kernels.SLICES, kernels.ROWS_KERNEL):  # row by row, or in the Pallas kernel
-        monkeypatch.setattr(kernels, "choose_row_attention", lambda platform, per_shard: how)
+    for how in (row_cache.SLICES, row_cache.ROWS_KERNEL):  # row by row, or in the Pallas kernel
+        monkeypatch.setattr(row_cache, "choose_row_attention", lambda platform, per_shard: how)
         runs = [(S.generate(params, cfg, PROMPTS, **options), scatter),
                 (S.generate(params, cfg, PROMPTS, **lockstep), lockstep_cpu)]
-        if how == kernels.ROWS_KERNEL:  # verifying drafts: several queries a row in the kernel
+        if how == row_cache.ROWS_KERNEL:  # verifying drafts: several queries a row in the kernel
             runs.append((S.generate(params, cfg, PROMPTS, **speculative), speculative_cpu))
         jax.clear_caches()
         for got, want in runs:

@@ -23,6 +23,7 @@ from rdlm.model import kernels as K
 from rdlm.model import functional as F, model as M
 from rdlm.model import remat as R
 from rdlm.model import pallas_attention as P
+from rdlm.model import backend, row_cache as RC
 from rdlm.runtime import sharding
 
 # The residuals a backward pass keeps (JAX's own tool behind print_saved_residuals).
@@ -123,23 +124,23 @@ def test_dispatch_picks_the_kernel_for_backend_and_mask(platform, dtype, mask, l
 
 
 def test_the_cache_is_stored_with_the_axis_that_pads_less_innermost():
-    assert K.cache_layout((8, 16, 55, 2047, 96)) == (0, 1, 2, 4, 3)  # 96 features pad to 128
-    assert K.cache_layout((16, 55, 2047, 96)) == (0, 1, 3, 2)
-    assert K.cache_layout((16, 55, 1, 96)) == (0, 1, 2, 3)  # one position
-    assert K.cache_layout((4, 2, 56, 64)) == (0, 1, 2, 3)  # fewer positions than a tile
-    assert K.cache_layout((16, 8, 4096, 128)) == (0, 1, 2, 3)  # nothing to pad
+    assert RC.cache_layout((8, 16, 55, 2047, 96)) == (0, 1, 2, 4, 3)  # 96 features pad to 128
+    assert RC.cache_layout((16, 55, 2047, 96)) == (0, 1, 3, 2)
+    assert RC.cache_layout((16, 55, 1, 96)) == (0, 1, 2, 3)  # one position
+    assert RC.cache_layout((4, 2, 56, 64)) == (0, 1, 2, 3)  # fewer positions than a tile
+    assert RC.cache_layout((16, 8, 4096, 128)) == (0, 1, 2, 3)  # nothing to pad
 
 
 def test_row_writes_and_reads_are_slices_on_tpu_only():
-    assert K.choose_row_access("tpu") == K.SLICES
-    assert K.choose_row_access("gpu") == K.INDEXED
-    assert K.choose_row_access("cpu") == K.INDEXED
+    assert RC.choose_row_access("tpu") == RC.SLICES
+    assert RC.choose_row_access("gpu") == RC.INDEXED
+    assert RC.choose_row_access("cpu") == RC.INDEXED
     # Attention over each row's own entries: the Pallas kernel where a TPU program runs whole
     # on each device, row by row where XLA partitions it, one gather elsewhere.
-    assert K.choose_row_attention("tpu", per_shard=True) == K.ROWS_KERNEL
-    assert K.choose_row_attention("tpu", per_shard=False) == K.SLICES
-    assert K.choose_row_attention("gpu", per_shard=True) == K.INDEXED
-    assert K.choose_row_attention("cpu", per_shard=True) == K.INDEXED
+    assert RC.choose_row_attention("tpu", per_shard=True) == RC.ROWS_KERNEL
+    assert RC.choose_row_attention("tpu", per_shard=False) == RC.SLICES
+    assert RC.choose_row_attention("gpu", per_shard=True) == RC.INDEXED
+    assert RC.choose_row_attention("cpu", per_shard=True) == RC.INDEXED
 
 
 @pytest.mark.parametrize("lead", [(), (3,)])
@@ -155,8 +156,8 @@ def test_both_row_writes_put_each_rows_entry_at_its_own_position(lead):
     for i in (0, 1, 3):
         want[(slice(None),) * len(lead) + (int(rows_k[i]), slice(None), int(position_k[i]))] = \
             new_xkh1e[..., i, :, 0, :]
-    for how in (K.INDEXED, K.SLICES):
-        got = jax.jit(functools.partial(K.write_row_positions, how=how))(
+    for how in (RC.INDEXED, RC.SLICES):
+        got = jax.jit(functools.partial(RC.write_row_positions, how=how))(
             buf, new_xkh1e, rows_k, position_k, write_k)
         np.testing.assert_array_equal(got, want)
 
@@ -167,8 +168,8 @@ def test_both_row_reads_take_each_rows_own_entries():
     core = jax.random.normal(jax.random.key(0), (3, 4, 2, 5, 8))
     stage = core[0]
     slot_b, rows_k = jnp.array([2, 0, 1, 2]), jnp.array([3, 1, 3])
-    for how in (K.INDEXED, K.SLICES):
-        read = jax.jit(functools.partial(K.read_row_entries, how=how))
+    for how in (RC.INDEXED, RC.SLICES):
+        read = jax.jit(functools.partial(RC.read_row_entries, how=how))
         got = read(core, (slot_b, jnp.arange(4)))
         np.testing.assert_array_equal(got, np.stack([core[s, b] for b, s in enumerate([2, 0, 1, 2])]))
         np.testing.assert_array_equal(read(stage, (rows_k,)), np.asarray(stage)[[3, 1, 3]])
@@ -204,10 +205,10 @@ def test_attention_over_each_rows_own_entries_reads_what_the_rows_hold(monkeypat
         want = K.attend_with_prefix(q, k, v, want_prefix, mask_b1ts)
         gathered = jax.jit(K.attend_with_prefix)(q, k, v, prefix, mask_b1ts)
         got = {}
-        for how in (K.SLICES, K.ROWS_KERNEL):
+        for how in (RC.SLICES, RC.ROWS_KERNEL):
             with monkeypatch.context() as patch:
-                patch.setattr(K, "choose_row_attention", lambda platform, per_shard: how)
-                patch.setattr(K, "choose_row_access", lambda platform: K.SLICES)
+                patch.setattr(RC, "choose_row_attention", lambda platform, per_shard: how)
+                patch.setattr(RC, "choose_row_access", lambda platform: RC.SLICES)
                 patch.setattr(P, "ROWS_BLOCK", 128)
                 patch.setattr(P, "row_entries_attention",
                               functools.partial(P.row_entries_attention, interpret=True))
@@ -230,7 +231,7 @@ def test_mask_kind_follows_the_attention_context():
     assert K.mask_kind(plain.mask_b1ts, plain.segment_ids_bt) == K.CAUSAL
     assert K.mask_kind(packed.mask_b1ts, packed.segment_ids_bt) == K.SEGMENTS
     assert K.mask_kind(branched.mask_b1ts, branched.segment_ids_bt) == K.MASKED
-    assert K.target_platform(None) == jax.default_backend()
+    assert backend.target_platform(None) == jax.default_backend()
 
 
 def test_kernel_mesh_axes_follow_the_sharding_rules():
@@ -427,7 +428,7 @@ def test_padded_prefill_on_the_fused_kernels_matches_the_blocked_kernel(monkeypa
     run, args = _prefill(params, cfg)
     want_logits, want_cache = jax.jit(run)(*args)
 
-    monkeypatch.setattr(K, "target_platform", lambda mesh: platform)
+    monkeypatch.setattr(backend, "target_platform", lambda mesh: platform)
     monkeypatch.setattr(P, "splash_attention",
                         functools.partial(P.splash_attention, interpret=True))
     monkeypatch.setattr(P, "gpu_flash_attention",
@@ -457,7 +458,7 @@ def test_padded_prefill_lowers_to_splash_for_a_tpu():
     prompt_bt, pad_b = left_pad(GEN_ROWS, GEN_LEN)
     program = jax.jit(functools.partial(programs._generate_program, plan=plan))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(K, "target_platform", lambda mesh: "tpu")
+        patch.setattr(backend, "target_platform", lambda mesh: "tpu")
         calls = _spy_attention(patch)
         layouts = jax.export.DisabledSafetyCheck.custom_call("LayoutConstraint")
         exported = jax.export.export(program, platforms=["tpu"], disabled_checks=[layouts])(
@@ -471,8 +472,8 @@ def test_padded_prefill_lowers_to_splash_for_a_tpu():
             for axes, shape in re.findall(r'@LayoutConstraint.*?result_layouts = '
                                           r'\[dense<\[([0-9, ]+)\]>.*?: \(tensor<([0-9x]+)x', module)]
     assert {shape[-2] for shape, _ in held} == {1, GEN_LEN + 1}
-    assert all(axes == K.cache_layout(shape)[::-1] for shape, axes in held)
-    assert K.positions_innermost((GEN_LEN + 1, GEN_CFG.head_dim))
+    assert all(axes == RC.cache_layout(shape)[::-1] for shape, axes in held)
+    assert RC.positions_innermost((GEN_LEN + 1, GEN_CFG.head_dim))
     assert {(kind, chosen) for kind, _, cache, chosen in calls if not cache} == {
         (K.SEGMENTS, K.SPLASH)}
     assert {(kind, chosen) for kind, _, cache, chosen in calls if cache} == {(K.MASKED, K.CACHE)}

@@ -43,7 +43,7 @@ SCRIPT = textwrap.dedent("""
     # data × fsdp, heads over tensor): traced for a TPU, splash in Pallas' interpreter on each
     # shard of a 128-position prefill gives the blocked kernel's tokens and logits.
     import dataclasses, functools
-    from rdlm.model import kernels, pallas_attention
+    from rdlm.model import backend, kernels, pallas_attention
     long_cfg = dataclasses.replace(cfg, max_seq_len=256)
     long = dict(max_new_tokens=3, num_steps=3, prompt_len=128, return_logits=True)
     single = rdlm.generate(params, long_cfg, prompts, **long)
@@ -51,14 +51,14 @@ SCRIPT = textwrap.dedent("""
     def spy(*args, **kwargs):
         chosen.append(choose(*args, **kwargs))
         return chosen[-1]
-    choose, platform, splash = (kernels.choose_attention, kernels.target_platform,
+    choose, platform, splash = (kernels.choose_attention, backend.target_platform,
                                 pallas_attention.splash_attention)
-    kernels.choose_attention, kernels.target_platform = spy, lambda mesh: "tpu"
+    kernels.choose_attention, backend.target_platform = spy, lambda mesh: "tpu"
     pallas_attention.splash_attention = functools.partial(splash, interpret=True)
     try:
         out = rdlm.generate(params, long_cfg, prompts, mesh=mesh, **long)
     finally:
-        kernels.choose_attention, kernels.target_platform = choose, platform
+        kernels.choose_attention, backend.target_platform = choose, platform
         pallas_attention.splash_attention = splash
     assert set(chosen) == {kernels.SPLASH, kernels.CACHE}, chosen
     np.testing.assert_array_equal(out.tokens, single.tokens)
@@ -100,10 +100,10 @@ SCRIPT = textwrap.dedent("""
         assert "must divide among the mesh's 4 data-parallel groups" in str(err), err
     # A Pallas kernel may run as it is inside a group of one device, not where XLA partitions
     # the group's program over "tensor" (nor in a program over all 8 devices).
-    from rdlm.model import kernels
+    from rdlm.model import backend
     seen = {}
     def probe(name, x):
-        seen[name] = kernels.runs_per_device()
+        seen[name] = backend.runs_per_device()
         return x
     for name, on in (("groups of 2", mesh), ("groups of 1", flat)):
         manual = sharding.group_axes(on)  # as the depth-continuous program takes them

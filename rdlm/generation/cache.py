@@ -41,7 +41,8 @@ from jax import lax
 
 from rdlm.config import ModelConfig
 from rdlm.model import KV, RowEntries
-from rdlm.model.kernels import hold_cache_layout, slot_prefix, stage_prefix, write_row_positions
+from rdlm.model.row_cache import (hold_cache_layout, slot_prefix, stage_prefix,
+                                  write_row_positions)
 
 Stage = tuple[KV, ...]  # one (keys, values) pair per layer
 
@@ -111,7 +112,7 @@ def write_kv(buf_xbhte: jax.Array, new_bhte: jax.Array, start: jax.Array | int,
 
 def read_core(cache: KVCache, layer: int, step: jax.Array, num_slots: int) -> KV | RowEntries:
     """Keys/values core ``layer`` attends to at recurrence ``step``, for every cached position,
-    as the attention reads them (`kernels.slot_prefix`).
+    as the attention reads them (`row_cache.slot_prefix`).
 
     Slot ``step mod b`` for positions that ran more than ``step`` steps; a position that stopped
     earlier (adaptive exit) is read at its latest entry.
@@ -201,7 +202,7 @@ def set_depth(cache: KVCache, depth_bt: jax.Array, start: jax.Array | int) -> KV
 # ---------------------------------------------------------------------------------------------
 # Per-row positions (depth-continuous batching, `rdlm.generation.continuous`): every row is at its
 # own position and recurrence step, so reads gather and writes put one position per row
-# (`rdlm.model.kernels.write_row_positions`, whose form depends on the backend). A write aimed
+# (`rdlm.model.row_cache.write_row_positions`, whose form depends on the backend). A write aimed
 # past the end of an axis is dropped: that is how a row that must not write is left out, without
 # reading its old entry back.
 
@@ -230,7 +231,7 @@ def write_stage_rows(stage: Stage, kvs: list[KV], position_b: jax.Array, write_b
 
 def read_stage(stage: Stage, in_branch: bool = False) -> tuple[KV | RowEntries, ...]:
     """Every prelude (or coda) layer's keys/values for every row, as the attention reads them
-    where they lie (`kernels.stage_prefix`; ``in_branch``: inside a conditional)."""
+    where they lie (`row_cache.stage_prefix`; ``in_branch``: inside a conditional)."""
     return tuple(stage_prefix(kv, in_branch) for kv in stage)
 
 

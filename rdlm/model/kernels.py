@@ -12,18 +12,14 @@ runs underneath depends on the backend and the shape:
   cuDNN attention takes padding lengths but not segment ids.
 - TPU: causal attention, plain or within packed segments, goes to the Pallas splash kernel,
   where the program runs whole on each device or is split by a mesh passed in
-  (`runs_per_device`); XLA cannot partition a kernel inside a program it partitions itself.
+  (`backend.runs_per_device`); XLA cannot partition a kernel inside a program it partitions
+  itself.
 - Everywhere: other masks (branches) and attention over a KV cache use the XLA paths here.
-- Decoding with every row at its own position writes one cache position per row and reads
-  each row's own recurrence slot (or a few rows of a stage): a slice per row on TPU, one
-  scatter or gather elsewhere (`write_row_positions`, `read_row_entries`). On TPU the
-  attention over a few rows' or each row's own entries (`attend_with_prefix` of a `RowEntries`
-  prefix) is a Pallas kernel that reads them by index where they lie
-  (`pallas_attention.row_entries_attention`), or row by row where XLA partitions the program
-  (`choose_row_attention`); lockstep decoding reads its core slot and its stages through the
-  same kernel there (`slot_prefix`, `stage_prefix`), and the cache is stored with whichever
-  of positions and features pads less innermost (`cache_layout`), held so at every write
-  (`hold_cache_layout`).
+- Decoding with every row at its own position: attention over each row's own cache entries
+  (`attend_with_prefix` of a `RowEntries` prefix) is, on TPU, a Pallas kernel that reads them
+  by index where they lie (`pallas_attention.row_entries_attention`), or row by row where XLA
+  partitions the program; how those entries are laid out, written and read is
+  `rdlm.model.row_cache`.
 
 `choose_attention` is the whole decision, a pure function of the target platform, dtype, mask
 kind and shape.
@@ -41,9 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.experimental.layout import Layout, with_layout_constraint
 
-from rdlm.model import pallas_attention
+from rdlm.model import backend, pallas_attention, row_cache
 from rdlm.model.attention import KV, RowEntries
 
 @jax.custom_vjp
@@ -203,12 +198,13 @@ def attend_with_prefix(q_bthe: jax.Array, k_bthe: jax.Array, v_bthe: jax.Array,
     half of batch-16 decoding time on CPU.
     """
     if isinstance(prefix, RowEntries):
-        how = choose_row_attention(target_platform(None), runs_per_device())
-        if how == ROWS_KERNEL:
+        how = row_cache.choose_row_attention(backend.target_platform(None),
+                                             backend.runs_per_device())
+        if how == row_cache.ROWS_KERNEL:
             return _attend_rows_kernel(q_bthe, k_bthe, v_bthe, prefix, mask_b1ts)
-        if how == SLICES:
+        if how == row_cache.SLICES:
             return _attend_row_by_row(q_bthe, k_bthe, v_bthe, prefix, mask_b1ts)
-        prefix = row_entries(prefix)
+        prefix = row_cache.row_entries(prefix)
     dtype = q_bthe.dtype
     keys_bkse, values_bkse = (x.astype(dtype) for x in prefix)
     s, t = keys_bkse.shape[2], q_bthe.shape[1]
@@ -228,53 +224,6 @@ def attend_with_prefix(q_bthe: jax.Array, k_bthe: jax.Array, v_bthe: jax.Array,
 
 
 
-def row_entries(prefix: RowEntries, how: str | None = None, row: int | None = None) -> KV:
-    """Each row's own entries of a `RowEntries` prefix, ``[rows, h, s, e]`` each; ``row``: that
-    row's alone, ``[1, h, s, e]``. ``how``: as `read_row_entries`."""
-    pick = slice(None) if row is None else slice(row, row + 1)
-    index = tuple(ix[pick] for ix in prefix.index)
-    kv = tuple(read_row_entries(buf, index, how) for buf in prefix.buffers)
-    if prefix.fallback is None:
-        return kv
-    return tuple(jnp.where(prefix.use_b1t1[pick], x, fallback[pick])
-                 for x, fallback in zip(kv, prefix.fallback))
-
-
-def stage_prefix(kv: KV, in_branch: bool = False) -> KV | RowEntries:
-    """What every row attends to of a prelude or coda layer's cache, ``[b, h, t, e]`` each: on
-    TPU, where the program runs whole on each device, a `RowEntries` prefix that the
-    row-entries kernel reads where it lies; elsewhere the buffers.
-
-    ``in_branch``: read inside a conditional (the depth-continuous whole-batch passes). There
-    XLA:TPU lays an attention's operands out as the attention prefers, whatever the layout of
-    the buffer passed in, and copies the whole buffer to match; so where the kernel does not
-    run, the buffers are held row-major, as XLA stores them in a program it partitions
-    (docs/performance.md). Outside conditionals (lockstep) a hold would only add copies."""
-    how = choose_row_attention(target_platform(None), runs_per_device())
-    if how == ROWS_KERNEL:
-        return RowEntries(kv, (jnp.arange(kv[0].shape[0]),))
-    if how == SLICES and in_branch:
-        return tuple(with_layout_constraint(x, Layout(major_to_minor=tuple(range(x.ndim))))
-                     for x in kv)
-    return kv
-
-
-def slot_prefix(slots: KV, slot: jax.Array, latest: KV | None, use_b1t1: jax.Array | None
-                ) -> KV | RowEntries:
-    """What every row of a lockstep core step attends to: recurrence slot ``slot`` of
-    ``slots`` (``[s, b, h, t, e]`` each) where ``use_b1t1``, the ``latest`` entries elsewhere
-    (None: the slot everywhere). On TPU, where the program runs whole on each device, a
-    `RowEntries` prefix that the row-entries kernel reads where it lies, in the layout the
-    cache is stored in (`cache_layout`); elsewhere the slot itself, merged."""
-    if choose_row_attention(target_platform(None), runs_per_device()) == ROWS_KERNEL:
-        b = slots[0].shape[1]
-        return RowEntries(slots, (jnp.full((b,), slot), jnp.arange(b)), latest, use_b1t1)
-    kv = tuple(lax.dynamic_index_in_dim(buf_sbhte, slot, keepdims=False) for buf_sbhte in slots)
-    if latest is None:
-        return kv
-    return tuple(jnp.where(use_b1t1, x, fallback) for x, fallback in zip(kv, latest))
-
-
 def _attend_rows_kernel(q_bthe: jax.Array, k_bthe: jax.Array, v_bthe: jax.Array,
                         prefix: RowEntries, mask_b1ts: jax.Array | None) -> jax.Array:
     """`attend_with_prefix` of a `RowEntries` prefix in the Pallas kernel that reads each row's
@@ -292,7 +241,7 @@ def _attend_rows_kernel(q_bthe: jax.Array, k_bthe: jax.Array, v_bthe: jax.Array,
         grouped_queries(q_bthe, kh).reshape(b, kh, g * t, e), prefix.buffers, prefix.index,
         visible_brs[..., :s], k_bthe.transpose(0, 2, 1, 3), v_bthe.transpose(0, 2, 1, 3),
         visible_brs[..., s:], prefix.fallback, use_b1s, masked_logit=MASKED_LOGIT,
-        positions_minor=positions_innermost(prefix.buffers[0].shape))
+        positions_minor=row_cache.positions_innermost(prefix.buffers[0].shape))
     return ungrouped(out_bkre.reshape(b, kh, g, t, e))
 
 
@@ -306,7 +255,7 @@ def _attend_row_by_row(q_bthe: jax.Array, k_bthe: jax.Array, v_bthe: jax.Array,
     docs/performance.md)."""
     return jnp.concatenate([
         attend_with_prefix(q_bthe[row:row + 1], k_bthe[row:row + 1], v_bthe[row:row + 1],
-                           row_entries(prefix, SLICES, row),
+                           row_cache.row_entries(prefix, row_cache.SLICES, row),
                            None if mask_b1ts is None else mask_b1ts[row:row + 1])
         for row in range(q_bthe.shape[0])])
 
@@ -349,27 +298,6 @@ def choose_attention(platform: str, dtype: Any, mask_kind: str, length: int,
     return BLOCKED
 
 
-def target_platform(mesh: jax.sharding.Mesh | None) -> str:
-    """The platform the program is compiled for: the mesh's devices when there is a mesh (a TPU
-    topology compiled ahead of time from a CPU host), else JAX's default backend."""
-    if mesh is not None:
-        return mesh.devices.flat[0].platform
-    return jax.default_backend()
-
-
-def runs_per_device() -> bool:
-    """Whether the program being traced runs whole on each device it runs on: on a single
-    device, or inside a `shard_map` manual over every axis of its mesh (the depth-continuous
-    groups of one device each). A Pallas kernel can run there as it is; where XLA partitions
-    the program, it cannot, and XLA:TPU refuses one under any automatic axis of a multi-device
-    mesh, even an axis of one device."""
-    context = jax.sharding.get_abstract_mesh()
-    if context.empty:
-        return jax.device_count() == 1
-    return context.size == 1 or all(kind == jax.sharding.AxisType.Manual
-                                    for kind in context.axis_types)
-
-
 def mask_kind(mask_b1ts: jax.Array | None, segment_ids_bt: jax.Array | None) -> str:
     """`CAUSAL` without a mask, `SEGMENTS` when the mask is exactly "same segment" (the ids are
     given), `MASKED` for any other mask."""
@@ -389,10 +317,10 @@ def attention(q_bthe: jax.Array, k_bthe: jax.Array, v_bthe: jax.Array,
     fused kernels take the ids instead of the mask). With a prefix, ``mask_b1ts`` covers the
     cached and the new keys. ``mesh``: the device mesh the batch is sharded over, if any.
     """
-    kind = choose_attention(target_platform(mesh), q_bthe.dtype,
+    kind = choose_attention(backend.target_platform(mesh), q_bthe.dtype,
                             mask_kind(mask_b1ts, segment_ids_bt), q_bthe.shape[1],
                             with_cache=kv_prefix is not None,
-                            per_shard=mesh is not None or runs_per_device())
+                            per_shard=mesh is not None or backend.runs_per_device())
     if kind == CACHE:
         return attend_with_prefix(q_bthe, k_bthe, v_bthe, kv_prefix, mask_b1ts)
     if kind == CUDNN:
@@ -408,136 +336,6 @@ def attention(q_bthe: jax.Array, k_bthe: jax.Array, v_bthe: jax.Array,
                                                     repeat_kv(v_bthe, heads), segment_ids_bt,
                                                     mesh=mesh)
     return causal_attention(q_bthe, k_bthe, v_bthe, mask_b1ts)
-
-
-# Writing one cache position per row, each row at its own position, and reading each row's own
-# entries (depth-continuous decoding): one scatter or gather, or a slice per row.
-INDEXED, SLICES = "indexed", "slices"
-
-
-def choose_row_access(platform: str) -> str:
-    """How `write_row_positions` and `read_row_entries` go on ``platform``: `SLICES` on TPU,
-    `INDEXED` (one scatter or gather) elsewhere.
-
-    XLA:TPU tiles an array's last two axes, a cache's positions × features. For a scatter of
-    single positions it lays the whole buffer out again with heads innermost, and back for the
-    attention that reads it: two copies of the cache per write, where the write itself is a few
-    entries per row. A gather of whole rows (each row's recurrence slot, a few rows of a stage)
-    it lowers as slices over every axis it does not index, so it reads the whole buffer: every
-    slot of a core layer to take one a row. A `dynamic_slice` or `dynamic_update_slice` per row
-    touches the rows' entries only (docs/performance.md). On GPU and CPU the scatter and the
-    gather are one kernel each, where a loop over the rows would be one launch (or more) per
-    row."""
-    return SLICES if platform == "tpu" else INDEXED
-
-
-# How attention over each row's own entries (a `RowEntries` prefix) goes: besides `INDEXED`
-# (gathered into one array first) and `SLICES` (row by row), the Pallas kernel that reads them
-# where they lie.
-ROWS_KERNEL = "rows_kernel"
-
-
-def choose_row_attention(platform: str, per_shard: bool) -> str:
-    """How `attend_with_prefix` attends over a `RowEntries` prefix on ``platform``: on TPU the
-    Pallas kernel (`pallas_attention.row_entries_attention`) where the program runs whole on
-    each device (``per_shard``, `runs_per_device`), else row by row over slices; elsewhere the
-    rows' entries gathered once (`choose_row_access`).
-
-    On TPU XLA can only read each row's entries where they lie one row at a time: a
-    `dynamic_slice` and an attention per row, unrolled, whose count of small ops and compile
-    time grow with the rows. The kernel reads them by index in one launch per layer."""
-    access = choose_row_access(platform)
-    if access == SLICES and per_shard:
-        return ROWS_KERNEL
-    return access
-
-
-def read_row_entries(buf: jax.Array, index_k: tuple[jax.Array, ...], how: str | None = None
-                     ) -> jax.Array:
-    """``buf[index_k]``: for each ``i``, the sub-array of ``buf`` at ``(index_k[0][i],
-    index_k[1][i], …)`` of its leading axes, stacked ``[k, *rest]``: a row's own recurrence
-    slot of a core layer, or a few rows of a stage's cache. ``how``: `INDEXED` or `SLICES`
-    (None: `choose_row_access` for the platform JAX compiles for)."""
-    if (how or choose_row_access(target_platform(None))) == INDEXED:
-        return buf[index_k]
-    lead, rest = len(index_k), buf.shape[len(index_k):]
-    return jnp.concatenate([
-        lax.dynamic_slice(buf, tuple(ix[i] for ix in index_k) + (0,) * len(rest),
-                          (1,) * lead + rest).reshape((1, *rest))
-        for i in range(index_k[0].shape[0])])
-
-
-def write_row_positions(buf_xbhte: jax.Array, new_xkh1e: jax.Array, rows_k: jax.Array,
-                        position_k: jax.Array, write_k: jax.Array, how: str | None = None
-                        ) -> jax.Array:
-    """``buf[..., rows_k[i], :, position_k[i], :] = new[..., i, :, 0, :]`` for each ``i`` in
-    ``write_k``: a buffer ``[*lead, b, h, t, e]`` (the lead axes, such as the recurrence slot,
-    written whole) and one position of ``k`` rows in the same layout, ``[*lead, k, h, 1, e]``.
-    Rows outside ``write_k`` keep their entry; ``rows_k`` are distinct. ``how``: `INDEXED` or
-    `SLICES` (None: `choose_row_access` for the platform JAX compiles for).
-
-    The entries keep the buffer's axis order, position axis included: XLA:TPU lays an array out
-    to make a reshape or transpose next to it free, so an entry squeezed or transposed on its
-    way in would make it lay out the whole buffer to match."""
-    lead = buf_xbhte.ndim - 4
-    length = buf_xbhte.shape[-2]
-    new_xkh1e = new_xkh1e.astype(buf_xbhte.dtype)
-    if (how or choose_row_access(target_platform(None))) == INDEXED:
-        where_k = jnp.where(write_k, position_k, length)  # out of range: the write is dropped
-        index = (slice(None),) * lead + (rows_k, slice(None), where_k)
-        # Advanced indices on two axes apart put the indexed axis first: [k, *lead, h, e].
-        return buf_xbhte.at[index].set(jnp.moveaxis(new_xkh1e[..., 0, :], lead, 0), mode="drop")
-
-    # Only the rows that write, in a loop as long as they are many: nothing to read back.
-    k = rows_k.shape[0]
-    writing_k = jnp.nonzero(write_k, size=k, fill_value=0)[0]
-
-    def one(j: jax.Array, buf_xbhte: jax.Array) -> jax.Array:
-        i = writing_k[j]
-        piece = lax.dynamic_slice_in_dim(new_xkh1e, i, 1, axis=lead)  # [*lead, 1, h, 1, e]
-        start = (0,) * lead + (rows_k[i], 0, position_k[i], 0)
-        return hold_cache_layout(lax.dynamic_update_slice(buf_xbhte, piece, start))
-
-    return lax.fori_loop(0, jnp.sum(write_k.astype(jnp.int32)), one, buf_xbhte)
-
-
-def positions_innermost(shape: tuple[int, ...]) -> bool:
-    """Whether a KV-cache buffer ``[..., t, e]`` is stored on TPU with its positions innermost:
-    when that pads it less than its features innermost.
-
-    XLA:TPU tiles the two innermost axes by 8 × 128, padding the innermost to a multiple of
-    128. With the features innermost, each of Huginn-0125's 96 takes 128, a third more cache
-    to hold and to read at every step; with the positions innermost, only the last partial
-    tile of positions is padded (docs/performance.md). A buffer of one or a few positions
-    keeps its features innermost."""
-    t, e = shape[-2:]
-    lanes = lambda x: -(-x // 128) * 128  # noqa: E731
-    return lanes(t) * e < lanes(e) * t
-
-
-def cache_layout(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The axis order, major to minor, in which a KV-cache buffer ``[..., t, e]`` is stored on
-    TPU (`positions_innermost`)."""
-    n = len(shape)
-    if positions_innermost(shape):
-        return tuple(range(n - 2)) + (n - 1, n - 2)
-    return tuple(range(n))
-
-
-def hold_cache_layout(buf: jax.Array, platform: str | None = None) -> jax.Array:
-    """``buf``, a KV-cache buffer just written, held to the layout it is stored in
-    (`cache_layout`) where the row-entries kernel reads it: on TPU, in a program that runs whole
-    on each device (`choose_row_attention`). Elsewhere unchanged: where XLA partitions the
-    program it reads the cache with its own attention, and chooses the layout that suits it.
-
-    XLA:TPU chooses the layout of a loop's carried cache from the operations inside it; where
-    two choices differ it copies the whole buffer between them, in every iteration
-    (docs/performance.md). Held at each write, the cache stays in one layout through every
-    loop, the one the kernel reads."""
-    platform = platform or target_platform(None)
-    if choose_row_attention(platform, runs_per_device()) != ROWS_KERNEL:
-        return buf
-    return with_layout_constraint(buf, Layout(major_to_minor=cache_layout(buf.shape)))
 
 
 # Decoding-time weight layout. XLA's CPU dot computes the weights-first projections above as

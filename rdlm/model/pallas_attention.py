@@ -4,7 +4,7 @@ its own position (TPU): attention over each row's own entries of a cache buffer,
 (`row_entries_attention`).
 
 `rdlm.model.kernels` decides when they run (`kernels.choose_attention`,
-`kernels.choose_row_attention`); this module adapts the fused kernels to the model's layout
+`row_cache.choose_row_attention`); this module adapts the fused kernels to the model's layout
 (``[batch, length, heads, head_dim]``, the softmax scale 1/sqrt(head_dim), float32 statistics)
 and runs them per shard of a device mesh. ``interpret=True`` runs any of the kernels in Pallas'
 interpreter on any backend: that is how the CPU test suite checks their values and gradients.
@@ -278,7 +278,7 @@ def row_entries_attention(q_bkre: jax.Array, buffers: tuple[jax.Array, jax.Array
     own keys each query row sees (int32, nonzero: visible); every query row sees at least one of
     its own keys. Scores and softmax in float32; the same function as
     `kernels.attend_with_prefix`. ``positions_minor``: the cache buffers are stored with their
-    positions innermost (`kernels.cache_layout`), and the kernel reads their tiles so.
+    positions innermost (`row_cache.cache_layout`), and the kernel reads their tiles so.
 
     The indices are prefetched to the TPU's scalar memory and pick each tile's block in its
     index map, so the kernel reads each row's entries straight from the buffer: nothing is
