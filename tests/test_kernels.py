@@ -468,9 +468,10 @@ def test_padded_prefill_lowers_to_splash_for_a_tpu():
     assert kernels == {"splash_mha_fwd_segmented_no_residuals", "row_entries_attention"}
     # Each cache write held to the stored layout: with heads of 24 features, the positions
     # innermost, except in one-position buffers (XLA lists the axes minor to major).
+    constraint = (r'@LayoutConstraint.*?result_layouts = \[dense<\[([0-9, ]+)\]>'
+                  r'.*?: \(tensor<([0-9x]+)x')
     held = [(tuple(int(n) for n in shape.split("x")), tuple(int(a) for a in axes.split(", ")))
-            for axes, shape in re.findall(r'@LayoutConstraint.*?result_layouts = '
-                                          r'\[dense<\[([0-9, ]+)\]>.*?: \(tensor<([0-9x]+)x', module)]
+            for axes, shape in re.findall(constraint, module)]
     assert {shape[-2] for shape, _ in held} == {1, GEN_LEN + 1}
     assert all(axes == RC.cache_layout(shape)[::-1] for shape, axes in held)
     assert RC.positions_innermost((GEN_LEN + 1, GEN_CFG.head_dim))

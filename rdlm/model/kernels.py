@@ -191,8 +191,8 @@ def attend_with_prefix(q_bthe: jax.Array, k_bthe: jax.Array, v_bthe: jax.Array,
     """Attention of a block of queries over cached keys/values and the block's own (decoding).
 
     ``prefix`` is ``[b, h, s, e]`` (the cache layout), or each row's own entries of a larger
-    buffer (`RowEntries`); ``mask_b1ts`` covers the s cached and the t new keys (None: every cached key
-    visible, causal within the block). The same computation as `jax.nn.dot_product_attention`
+    buffer (`RowEntries`); ``mask_b1ts`` covers the s cached and the t new keys (None: every
+    cached key visible, causal within the block). The same computation as `jax.nn.dot_product_attention`
     over the concatenated keys (float32 scores and softmax), but the cache is never
     concatenated or transposed: both copied the whole cache in every layer and step, which was
     half of batch-16 decoding time on CPU.

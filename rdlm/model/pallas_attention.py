@@ -311,7 +311,8 @@ def row_entries_attention(q_bkre: jax.Array, buffers: tuple[jax.Array, jax.Array
     if positions_minor:  # [.., e, s] views: free, in the layout the buffers are stored in
         tile = (e, block)
         buffers = tuple(jnp.swapaxes(x, -1, -2) for x in buffers)
-        fallback = fallback and tuple(jnp.swapaxes(x, -1, -2) for x in fallback)
+        if fallback is not None:
+            fallback = tuple(jnp.swapaxes(x, -1, -2) for x in fallback)
         slot_map = _swap_last(slot_map)
         row_map = _swap_last(row_map)
     slot_spec = pl.BlockSpec((squeezed,) * (lead + 1) + tile, slot_map)

@@ -53,10 +53,10 @@ ROWS_KERNEL = "rows_kernel"
 
 
 def choose_row_attention(platform: str, per_shard: bool) -> str:
-    """How `attend_with_prefix` attends over a `RowEntries` prefix on ``platform``: on TPU the
-    Pallas kernel (`pallas_attention.row_entries_attention`) where the program runs whole on
-    each device (``per_shard``, `backend.runs_per_device`), else row by row over slices; elsewhere the
-    rows' entries gathered once (`choose_row_access`).
+    """How `kernels.attend_with_prefix` attends over a `RowEntries` prefix on ``platform``: on
+    TPU the Pallas kernel (`pallas_attention.row_entries_attention`) where the program runs
+    whole on each device (``per_shard``, `backend.runs_per_device`), else row by row over
+    slices; elsewhere the rows' entries gathered once (`choose_row_access`).
 
     On TPU XLA can only read each row's entries where they lie one row at a time: a
     `dynamic_slice` and an attention per row, unrolled, whose count of small ops and compile
