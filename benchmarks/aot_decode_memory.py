@@ -195,16 +195,10 @@ def main(argv: list[str]) -> int:
         pad_over = on((n * b,), jnp.int32, over)
         placed = jax.tree.map(lambda s, place: on(s.shape, s.dtype, place), params,
                               sharding.param_shardings(cfg, mesh))
-        # XLA partitions the lockstep program over the chips, where no Pallas kernel runs as
-        # it is: a host with that many chips says so (`backend.runs_per_device`), this one
-        # CPU device would not.
-        per_device = backend.runs_per_device
-        backend.runs_per_device = lambda: False
         results.append(compiled_report("lockstep" + where, lambda: generate_jit.lower(
             placed, rows_over, pad_over, scalar(jnp.int32), on((), key.dtype, everywhere),
             plan=dataclasses.replace(plan, batch=n * b, mesh=mesh)),
             plan.cache_len, cfg.head_dim))
-        backend.runs_per_device = per_device
         results.append(compiled_report("continuous" + where, lambda: (
             continuous_on_groups_jit.lower(
                 split, queues, scalar(jnp.int32), scalar(jnp.float32), scalar(jnp.int32),

@@ -39,30 +39,63 @@ SCRIPT = textwrap.dedent("""
         out = rdlm.generate(params, cfg, prompts, max_new_tokens=6, num_steps=4, mesh=mesh, **opts)
         np.testing.assert_array_equal(out.tokens, single.tokens)
         np.testing.assert_array_equal(out.steps, single.steps)
-    # Lockstep over the mesh runs the prompt's fused attention kernel per shard (rows over
-    # data × fsdp, heads over tensor): traced for a TPU, splash in Pallas' interpreter on each
-    # shard of a 128-position prefill gives the blocked kernel's tokens and logits.
+    # Over the mesh the Pallas kernels run per shard of it (rows over data × fsdp, heads over
+    # tensor): traced for a TPU and run in Pallas' interpreter, splash over a 128-position
+    # prefill and the row-entries kernel over every decoding step's cache, lockstep and inside
+    # the depth-continuous groups of 2 "tensor" devices, give the single device's tokens and
+    # logits.
     import dataclasses, functools
-    from rdlm.model import backend, kernels, pallas_attention
+    from rdlm.model import backend, kernels, pallas_attention, row_cache
     long_cfg = dataclasses.replace(cfg, max_seq_len=256)
     long = dict(max_new_tokens=3, num_steps=3, prompt_len=128, return_logits=True)
-    single = rdlm.generate(params, long_cfg, prompts, **long)
-    chosen = []
+    prompts8 = prompts + [p[::-1] + [17] for p in prompts]  # two rows on each shard
+    single = rdlm.generate(params, long_cfg, prompts8, **long)
+    single_rows = rdlm.generate(params, long_cfg, prompts8, continuous_batching=True,
+                                batch_size=2, exit="kl", **long)
+    chosen, shards = [], []
     def spy(*args, **kwargs):
         chosen.append(choose(*args, **kwargs))
         return chosen[-1]
-    choose, platform, splash = (kernels.choose_attention, backend.target_platform,
-                                pallas_attention.splash_attention)
-    kernels.choose_attention, backend.target_platform = spy, lambda mesh: "tpu"
-    pallas_attention.splash_attention = functools.partial(splash, interpret=True)
+    def spy_rows(*args, **kwargs):
+        chosen.append(choose_rows(*args, **kwargs))
+        return chosen[-1]
+    def per_shard(mesh, q, *args, **kwargs):
+        shards.append(("whole", *q.shape[:2]))
+        return rows_per_shard(mesh, q, *args, **kwargs)
+    def interpreted(q, *args, **kwargs):
+        shards.append(("shard", *q.shape[:2]))
+        return rows_kernel(q, *args, interpret=True, **kwargs)
+    patched = [(kernels, "choose_attention", spy), (row_cache, "choose_row_attention", spy_rows),
+               (backend, "target_platform", lambda mesh: "tpu"),
+               (pallas_attention, "splash_attention", functools.partial(
+                   pallas_attention.splash_attention, interpret=True)),
+               (pallas_attention, "row_entries_attention", interpreted),
+               (pallas_attention, "row_entries_attention_per_shard", per_shard)]
+    choose, choose_rows = kernels.choose_attention, row_cache.choose_row_attention
+    rows_kernel = pallas_attention.row_entries_attention
+    rows_per_shard = pallas_attention.row_entries_attention_per_shard
+    saved = [(module, name, getattr(module, name)) for module, name, _ in patched]
+    for module, name, value in patched:
+        setattr(module, name, value)
+    jax.clear_caches()
     try:
-        out = rdlm.generate(params, long_cfg, prompts, mesh=mesh, **long)
+        out = rdlm.generate(params, long_cfg, prompts8, mesh=mesh, **long)
+        lockstep_shards, shards = shards, []
+        out_rows = rdlm.generate(params, long_cfg, prompts8, mesh=mesh, continuous_batching=True,
+                                 batch_size=8, exit="kl", **long)
     finally:
-        kernels.choose_attention, backend.target_platform = choose, platform
-        pallas_attention.splash_attention = splash
-    assert set(chosen) == {kernels.SPLASH, kernels.CACHE}, chosen
-    np.testing.assert_array_equal(out.tokens, single.tokens)
-    np.testing.assert_allclose(out.logits, single.logits, rtol=0, atol=1e-4)
+        for module, name, value in saved:
+            setattr(module, name, value)
+        jax.clear_caches()
+    assert set(chosen) == {kernels.SPLASH, kernels.CACHE, row_cache.ROWS_KERNEL}, chosen
+    # (rows, KV heads): lockstep's 8 rows run on shards of 2 rows and half the heads; a
+    # group's 2 rows (or the one of a gathered pass) on half the heads.
+    assert set(lockstep_shards) == {("whole", 8, 4), ("shard", 2, 2)}, lockstep_shards
+    assert set(shards) == {("whole", 2, 4), ("shard", 2, 2), ("whole", 1, 4),
+                           ("shard", 1, 2)}, shards
+    for got, want in ((out, single), (out_rows, single_rows)):
+        np.testing.assert_array_equal(got.tokens, want.tokens)
+        np.testing.assert_allclose(got.logits, want.logits, rtol=0, atol=1e-4)
     # Depth-continuous batching, 9 prompts against 2 rows on one device, greedy under KL exit
     # and sampled from random initial states (each prompt's numbers follow its index):
     # - on the same mesh, 4 data-parallel groups (data × fsdp) of 2 rows, each group's weights

@@ -111,9 +111,10 @@ class Plan:
     # together, ahead of the rows that will take them (`default_stage_rows`).
     queue: int = 0
     stage_rows: int = 0
-    # Lockstep generation over a device mesh (`generate(mesh=)`): the prompt's fused attention
-    # kernels run per shard of it, as training's do. None on one device, and in the
-    # depth-continuous groups, whose program runs whole per device where it can take them.
+    # Lockstep generation over a device mesh (`generate(mesh=)`): the program names it as its
+    # context, and the prompt's fused attention and the decode kernel run per shard of it, as
+    # training's do. None on one device, and in the depth-continuous groups, whose
+    # `shard_map` names theirs.
     mesh: jax.sharding.Mesh | None = None
 
     @property

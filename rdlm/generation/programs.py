@@ -25,6 +25,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import jax
@@ -291,10 +292,14 @@ def _generate_speculative(params: Params, plan: Plan, prompt_bt: jax.Array, pad_
 
 def _generate_program(params: Params, prompt_bt: jax.Array, pad_b: jax.Array,
                       num_steps: jax.Array, key: jax.Array, plan: Plan) -> dict[str, jax.Array]:
-    params = to_loop_layout(params)
-    if plan.speculative is not None:
-        return _generate_speculative(params, plan, prompt_bt, pad_b, num_steps, key)
-    return _generate_plain(params, plan, prompt_bt, pad_b, num_steps, key)
+    # Over a mesh the program names it, so that the decode kernels run per shard of it
+    # (`backend.shard_mesh`).
+    with (contextlib.nullcontext() if plan.mesh is None else
+          jax.sharding.use_abstract_mesh(plan.mesh.abstract_mesh)):
+        params = to_loop_layout(params)
+        if plan.speculative is not None:
+            return _generate_speculative(params, plan, prompt_bt, pad_b, num_steps, key)
+        return _generate_plain(params, plan, prompt_bt, pad_b, num_steps, key)
 
 
 generate_jit = jax.jit(_generate_program, static_argnames=("plan",))

@@ -11,14 +11,15 @@ runs underneath depends on the backend and the shape:
   within packed segments to a Pallas flash kernel (`rdlm.model.pallas_attention`), since JAX's
   cuDNN attention takes padding lengths but not segment ids.
 - TPU: causal attention, plain or within packed segments, goes to the Pallas splash kernel,
-  where the program runs whole on each device or is split by a mesh passed in
-  (`backend.runs_per_device`); XLA cannot partition a kernel inside a program it partitions
-  itself.
+  where the program runs whole on each device or is split by a mesh passed in or named as its
+  context (`backend.runs_per_device`, `backend.shard_mesh`); XLA cannot partition a kernel
+  inside a program it partitions itself.
 - Everywhere: other masks (branches) and attention over a KV cache use the XLA paths here.
 - Decoding with every row at its own position: attention over each row's own cache entries
   (`attend_with_prefix` of a `RowEntries` prefix) is, on TPU, a Pallas kernel that reads them
-  by index where they lie (`pallas_attention.row_entries_attention`), or row by row where XLA
-  partitions the program; how those entries are laid out, written and read is
+  by index where they lie (`pallas_attention.row_entries_attention`, per shard of the mesh a
+  partitioned program names: `backend.shard_mesh`), or row by row where XLA partitions a
+  program that names none; how those entries are laid out, written and read is
   `rdlm.model.row_cache`.
 
 `choose_attention` is the whole decision, a pure function of the target platform, dtype, mask
@@ -199,7 +200,7 @@ def attend_with_prefix(q_bthe: jax.Array, k_bthe: jax.Array, v_bthe: jax.Array,
     """
     if isinstance(prefix, RowEntries):
         how = row_cache.choose_row_attention(backend.target_platform(None),
-                                             backend.runs_per_device())
+                                             backend.pallas_runs())
         if how == row_cache.ROWS_KERNEL:
             return _attend_rows_kernel(q_bthe, k_bthe, v_bthe, prefix, mask_b1ts)
         if how == row_cache.SLICES:
@@ -237,7 +238,10 @@ def _attend_rows_kernel(q_bthe: jax.Array, k_bthe: jax.Array, v_bthe: jax.Array,
     visible_bgts = jnp.broadcast_to(mask_b1ts, (b, g, t, s + t)).astype(jnp.int32)
     visible_brs = visible_bgts.reshape(b, g * t, s + t)
     use_b1s = None if prefix.fallback is None else prefix.use_b1t1[..., 0].astype(jnp.int32)
-    out_bkre = pallas_attention.row_entries_attention(
+    mesh = backend.shard_mesh()
+    attend = (pallas_attention.row_entries_attention if mesh is None else
+              functools.partial(pallas_attention.row_entries_attention_per_shard, mesh))
+    out_bkre = attend(
         grouped_queries(q_bthe, kh).reshape(b, kh, g * t, e), prefix.buffers, prefix.index,
         visible_brs[..., :s], k_bthe.transpose(0, 2, 1, 3), v_bthe.transpose(0, 2, 1, 3),
         visible_brs[..., s:], prefix.fallback, use_b1s, masked_logit=MASKED_LOGIT,
@@ -315,9 +319,12 @@ def attention(q_bthe: jax.Array, k_bthe: jax.Array, v_bthe: jax.Array,
     Without a prefix the attention is causal and ``mask_b1ts`` (None: plain causal) may only
     remove keys; ``segment_ids_bt`` says that the mask is exactly causal within equal ids (the
     fused kernels take the ids instead of the mask). With a prefix, ``mask_b1ts`` covers the
-    cached and the new keys. ``mesh``: the device mesh the batch is sharded over, if any.
+    cached and the new keys. ``mesh``: the device mesh the batch is sharded over, if any
+    (None: the mesh the program names, `backend.shard_mesh`).
     """
-    kind = choose_attention(backend.target_platform(mesh), q_bthe.dtype,
+    platform = backend.target_platform(mesh)
+    mesh = mesh if mesh is not None else backend.shard_mesh()
+    kind = choose_attention(platform, q_bthe.dtype,
                             mask_kind(mask_b1ts, segment_ids_bt), q_bthe.shape[1],
                             with_cache=kv_prefix is not None,
                             per_shard=mesh is not None or backend.runs_per_device())

@@ -108,34 +108,41 @@ def _gpu_flash_local(q_bthe: jax.Array, k_bthe: jax.Array, v_bthe: jax.Array,
                              causal=True, block_sizes=sizes, interpret=interpret)
 
 
-def _mesh_specs(mesh: Mesh, batch: int, heads: int) -> tuple[PartitionSpec, PartitionSpec]:
-    """Partition specs of [b, t, h, e] and [b, t] for the kernels' shard_map: the batch over the
-    data-parallel axes that divide it, heads over the tensor axis when it divides them."""
-    batch_axes, rows = [], batch
+def _shard_axes(mesh: Mesh | jax.sharding.AbstractMesh, batch: int, heads: int
+                ) -> tuple[tuple[str, ...] | None, str | None, frozenset[str]]:
+    """How the kernels' `shard_map` splits its operands over ``mesh``: (the axes of the rows,
+    the axis of the heads, every axis it takes). The rows go over the data-parallel axes that
+    divide them, the heads over the tensor axis where it divides them; only over the axes XLA
+    partitions, since an enclosing `shard_map` (a depth-continuous group) has taken the others
+    by hand."""
+    auto = {axis: size for axis, size, kind in
+            zip(mesh.axis_names, mesh.axis_sizes, mesh.axis_types)
+            if kind != jax.sharding.AxisType.Manual}
+    rows_axes, rows = [], batch
     for axis in BATCH_MESH_AXES:
-        size = mesh.shape.get(axis, 1)
-        if axis in mesh.shape and rows % size == 0:
-            batch_axes.append(axis)
-            rows //= size
-    head_axis = (HEAD_MESH_AXIS if HEAD_MESH_AXIS in mesh.shape
-                 and heads % mesh.shape[HEAD_MESH_AXIS] == 0 else None)
-    batch_spec = tuple(batch_axes) if batch_axes else None
-    return PartitionSpec(batch_spec, None, head_axis, None), PartitionSpec(batch_spec, None)
+        if auto.get(axis, 1) > 1 and rows % auto[axis] == 0:
+            rows_axes.append(axis)
+            rows //= auto[axis]
+    head_axis = (HEAD_MESH_AXIS if auto.get(HEAD_MESH_AXIS, 1) > 1
+                 and heads % auto[HEAD_MESH_AXIS] == 0 else None)
+    return tuple(rows_axes) or None, head_axis, frozenset(auto)
 
 
 def _per_shard(local: Callable, q_bthe: jax.Array, k_bthe: jax.Array, v_bthe: jax.Array,
-               segment_ids_bt: jax.Array | None, mesh: Mesh | None) -> jax.Array:
+               segment_ids_bt: jax.Array | None, mesh: Mesh | jax.sharding.AbstractMesh | None
+               ) -> jax.Array:
     """``local`` on each shard of ``mesh`` (or on the whole arrays without one)."""
     if mesh is None or mesh.size == 1:
         return local(q_bthe, k_bthe, v_bthe, segment_ids_bt)
-    qkv_spec, seg_spec = _mesh_specs(mesh, q_bthe.shape[0], q_bthe.shape[2])
+    rows_axes, head_axis, axes = _shard_axes(mesh, q_bthe.shape[0], q_bthe.shape[2])
+    qkv_spec, seg_spec = PartitionSpec(rows_axes, None, head_axis), PartitionSpec(rows_axes)
+    run = functools.partial(jax.shard_map, mesh=mesh, out_specs=qkv_spec, axis_names=axes,
+                            check_vma=False)
     if segment_ids_bt is None:
-        return jax.shard_map(lambda q, k, v: local(q, k, v, None), mesh=mesh,
-                             in_specs=(qkv_spec,) * 3, out_specs=qkv_spec,
-                             check_vma=False)(q_bthe, k_bthe, v_bthe)
-    return jax.shard_map(local, mesh=mesh, in_specs=(qkv_spec,) * 3 + (seg_spec,),
-                         out_specs=qkv_spec, check_vma=False)(q_bthe, k_bthe, v_bthe,
-                                                              segment_ids_bt)
+        return run(lambda q, k, v: local(q, k, v, None), in_specs=(qkv_spec,) * 3)(
+            q_bthe, k_bthe, v_bthe)
+    return run(local, in_specs=(qkv_spec,) * 3 + (seg_spec,))(q_bthe, k_bthe, v_bthe,
+                                                               segment_ids_bt)
 
 
 def splash_attention(q_bthe: jax.Array, k_bthe: jax.Array, v_bthe: jax.Array,
@@ -355,3 +362,41 @@ def row_entries_attention(q_bkre: jax.Array, buffers: tuple[jax.Array, jax.Array
             dimension_semantics=("parallel", "parallel", "arbitrary")),
         cost_estimate=cost, interpret=interpret, name="row_entries_attention",
     )(*(ix.astype(jnp.int32) for ix in index), *operands)
+
+
+def row_entries_attention_per_shard(mesh: jax.sharding.AbstractMesh, q_bkre: jax.Array,
+                                    buffers: tuple[jax.Array, jax.Array],
+                                    index: tuple[jax.Array, ...], visible_brs: jax.Array,
+                                    own_k_bkue: jax.Array, own_v_bkue: jax.Array,
+                                    own_visible_bru: jax.Array,
+                                    fallback: tuple[jax.Array, jax.Array] | None = None,
+                                    use_b1s: jax.Array | None = None, **kwargs) -> jax.Array:
+    """`row_entries_attention` on each shard of the automatic axes of ``mesh`` (the mesh XLA
+    partitions the program over): the rows over the data-parallel axes that divide them, the
+    KV heads over the tensor axis where it divides them, whole elsewhere.
+
+    Where the rows are split, each reads its own row of the buffers (``index[-1]`` is every
+    row's own: lockstep decoding), and on its shard that row is the local one."""
+    rows_axes, head_axis, axes = _shard_axes(mesh, *q_bkre.shape[:2])
+    lead = len(index)
+    per_head = PartitionSpec(rows_axes, head_axis)
+    per_row = PartitionSpec(rows_axes)
+    entries = PartitionSpec(*(None,) * (lead - 1), rows_axes, head_axis)
+    with_fallback = fallback is not None
+
+    def local(q, keys, values, ix, visible, own_k, own_v, own_visible, *rest):
+        if rows_axes is not None:  # each row's own row of this shard's buffers
+            ix = (*ix[:-1], jnp.arange(q.shape[0]))
+        kf, vf, use = rest if with_fallback else (None, None, None)
+        return row_entries_attention(q, (keys, values), ix, visible, own_k, own_v,
+                                     own_visible, None if kf is None else (kf, vf), use,
+                                     **kwargs)
+
+    in_specs = [per_head, entries, entries, (per_row,) * lead, per_row, per_head, per_head,
+                per_row]
+    operands = [q_bkre, *buffers, index, visible_brs, own_k_bkue, own_v_bkue, own_visible_bru]
+    if with_fallback:
+        in_specs += [per_head, per_head, per_row]
+        operands += [*fallback, use_b1s]
+    return jax.shard_map(local, mesh=mesh, in_specs=tuple(in_specs), out_specs=per_head,
+                         axis_names=axes, check_vma=False)(*operands)

@@ -142,15 +142,16 @@ def cache_layout(shape: tuple[int, ...]) -> tuple[int, ...]:
 def hold_cache_layout(buf: jax.Array, platform: str | None = None) -> jax.Array:
     """``buf``, a KV-cache buffer just written, held to the layout it is stored in
     (`cache_layout`) where the row-entries kernel reads it: on TPU, in a program that runs whole
-    on each device (`choose_row_attention`). Elsewhere unchanged: where XLA partitions the
-    program it reads the cache with its own attention, and chooses the layout that suits it.
+    on each device or names the mesh it is partitioned over (`choose_row_attention`). Elsewhere
+    unchanged: where XLA partitions a program without the kernel it reads the cache with its
+    own attention, and chooses the layout that suits it.
 
     XLA:TPU chooses the layout of a loop's carried cache from the operations inside it; where
     two choices differ it copies the whole buffer between them, in every iteration
     (docs/performance.md). Held at each write, the cache stays in one layout through every
     loop, the one the kernel reads."""
     platform = platform or backend.target_platform(None)
-    if choose_row_attention(platform, backend.runs_per_device()) != ROWS_KERNEL:
+    if choose_row_attention(platform, backend.pallas_runs()) != ROWS_KERNEL:
         return buf
     return with_layout_constraint(buf, Layout(major_to_minor=cache_layout(buf.shape)))
 
@@ -177,7 +178,7 @@ def stage_prefix(kv: KV, in_branch: bool = False) -> KV | RowEntries:
     the buffer passed in, and copies the whole buffer to match; so where the kernel does not
     run, the buffers are held row-major, as XLA stores them in a program it partitions
     (docs/performance.md). Outside conditionals (lockstep) a hold would only add copies."""
-    how = choose_row_attention(backend.target_platform(None), backend.runs_per_device())
+    how = choose_row_attention(backend.target_platform(None), backend.pallas_runs())
     if how == ROWS_KERNEL:
         return RowEntries(kv, (jnp.arange(kv[0].shape[0]),))
     if how == SLICES and in_branch:
@@ -194,7 +195,7 @@ def slot_prefix(slots: KV, slot: jax.Array, latest: KV | None, use_b1t1: jax.Arr
     `RowEntries` prefix that the row-entries kernel reads where it lies, in the layout the
     cache is stored in (`cache_layout`); elsewhere the slot itself, merged."""
     if choose_row_attention(backend.target_platform(None),
-                            backend.runs_per_device()) == ROWS_KERNEL:
+                            backend.pallas_runs()) == ROWS_KERNEL:
         b = slots[0].shape[1]
         return RowEntries(slots, (jnp.full((b,), slot), jnp.arange(b)), latest, use_b1t1)
     kv = tuple(lax.dynamic_index_in_dim(buf_sbhte, slot, keepdims=False) for buf_sbhte in slots)
