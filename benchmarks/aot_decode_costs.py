@@ -21,7 +21,7 @@ roofline, which leaves out per-op overheads):
   (`continuous.few_rows`) that need them.
 
 XLA cannot see inside a Pallas kernel: the row-entries decode kernel's bytes and FLOPs are
-what it declares (`pallas_attention.row_entries_attention`); ``--row-attention slices`` prices
+what it declares (`pallas_decode.row_entries_attention`); ``--row-attention slices`` prices
 XLA's own attention instead.
 
 The weight-read model of docs/performance.md counts a pass at its weights whatever its rows;
@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.layout import Format, Layout
 
-from aot_decode_memory import model_from_args, model_arguments
+from aot_decode_memory import choose_row_attention, model_from_args, model_arguments
 from rdlm.generation import cache as kvc
 from rdlm.generation.continuous import default_boundary_wait, few_rows
 from rdlm.generation.engine import block_context, run_coda, run_core_step, run_prelude, token_input
@@ -208,10 +208,6 @@ def main(argv: list[str]) -> int:
                         "--schedule): whether the cache keeps latest entries, and whether "
                         "each check runs the coda")
     parser.add_argument("--schedule", help="a `rdlm bench sample --json` file to price")
-    parser.add_argument("--row-attention", choices=(row_cache.ROWS_KERNEL, row_cache.SLICES),
-                        help="how the depth-continuous passes attend over each row's own "
-                        "entries (default: as rdlm chooses for one chip, "
-                        "row_cache.choose_row_attention)")
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args(argv)
     backend.target_platform = lambda mesh: "tpu"  # as a TPU host chooses (see aot_decode_memory)
@@ -219,8 +215,7 @@ def main(argv: list[str]) -> int:
     # the holds inside, which keep it there through the programs' loops, would only trip
     # JAX's check that a donated buffer comes back in the layout it came in.
     row_cache.hold_cache_layout = kvc.hold_cache_layout = lambda buf: buf
-    if args.row_attention:
-        row_cache.choose_row_attention = lambda platform, per_shard: args.row_attention
+    choose_row_attention(args)
     try:
         device = topology_devices(args.topology)[0]
     except RuntimeError as err:

@@ -3,20 +3,21 @@
     JAX_PLATFORMS=cpu python benchmarks/aot_decode_memory.py [--topology v5p:2x2x1]
         [--preset huginn-3.5b] [--set n_heads=11 ...] [--batch 16] [--prompt-len 1024]
         [--new-tokens 1024] [--budget 8] [--stage-rows N] [--param-dtype bfloat16]
-        [--chips N [--tensor T]] [--json FILE]
+        [--chips N [--tensor T]] [--row-attention rows_kernel|slices] [--json FILE]
 
 Needs libtpu (``pip install "jax[tpu]==0.10.2"``, docs/training.md), not a TPU. Compiles the
 lockstep program and the depth-continuous one (KL exit, ``--batch`` rows, a queue of four
 prompts a row) of a 1,024-wide model (or a preset's) in bfloat16 for the first chip of the
 topology, and reports what XLA's compile says: argument and temporary bytes, and every copy
 the program makes of a cache buffer (the whole of it, or a layout change), once per call or in
-the decoding loop, and the Pallas kernels in it (the prefill's splash attention). The
+the decoding loop, the Pallas kernels in it (splash for the prefill, the row-entries kernel
+for decoding), and how long the trace and compile took on this host. The
 model's kernels are chosen for the TPU, as on a TPU host. With ``--chips N`` it also compiles
 both over the topology's first N chips in groups of ``--tensor`` chips (default 1) that split
 the weights (tensor-parallel), ``--batch`` rows in each group, and reports one chip's memory:
 lockstep as ``generate(mesh=)`` runs it (the rows over the groups, the weights placed by the
-training rules, the prefill's kernel per shard), depth-continuous with every group its own
-share of the queue.
+training rules, the kernels per shard), depth-continuous with every group its own share of
+the queue.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import functools
 import json
 import re
 import sys
+import time
 from typing import Callable
 
 import jax
@@ -38,7 +40,7 @@ from rdlm.config_files import from_dict, to_dict
 from rdlm.generation.api import generate_jit
 from rdlm.generation.continuous import Queue, continuous_jit, continuous_on_groups_jit
 from rdlm.generation.plan import continuous_plan, make_plan
-from rdlm.model import abstract_params, backend
+from rdlm.model import abstract_params, backend, row_cache
 from rdlm.runtime import sharding
 from rdlm.runtime.checkpoint import PARAM_DTYPES
 from rdlm.runtime.hostinfo import compiling_host, toolchain
@@ -89,14 +91,18 @@ def report(name: str, compiled: jax.stages.Compiled, cache_len: int, head_dim: i
 
 def compiled_report(name: str, lower: Callable[[], jax.stages.Lowered], cache_len: int,
                     head_dim: int) -> dict:
-    """`report` of the program ``lower()`` gives, or XLA's refusal when it does not fit."""
+    """`report` of the program ``lower()`` gives, with the seconds its trace, lowering and
+    compile took on this host, or XLA's refusal when it does not fit."""
+    start = time.perf_counter()
     try:
         compiled = lower().compile()
     except jax.errors.JaxRuntimeError as err:  # RESOURCE_EXHAUSTED: more than the HBM
         message = str(err).splitlines()[0]
         print(f"{name:<12} does not compile: {message}")
         return {"program": name, "error": message}
-    return report(name, compiled, cache_len, head_dim)
+    seconds = time.perf_counter() - start
+    print(f"{name:<12} compiled in {seconds:.1f} s")
+    return {**report(name, compiled, cache_len, head_dim), "compile_seconds": round(seconds, 1)}
 
 
 def model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -114,6 +120,15 @@ def model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--param-dtype", choices=PARAM_DTYPES, default="float32",
                         help="the parameters' dtype (float32: as rdlm initialises and trains "
                         "them; bfloat16: as `rdlm sample --param-dtype bfloat16` loads them)")
+    parser.add_argument("--row-attention", choices=(row_cache.ROWS_KERNEL, row_cache.SLICES),
+                        help="how decoding attends over each row's own entries (default: as "
+                        "rdlm chooses, row_cache.choose_row_attention)")
+
+
+def choose_row_attention(args: argparse.Namespace) -> None:
+    """``--row-attention``, where given, in place of rdlm's choice."""
+    if args.row_attention:
+        row_cache.choose_row_attention = lambda platform, per_shard: args.row_attention
 
 
 def model_from_args(args: argparse.Namespace) -> ModelConfig:
@@ -139,6 +154,7 @@ def main(argv: list[str]) -> int:
     # The kernel choices follow the platform the program is compiled for; on this CPU host
     # JAX's default backend is the CPU, so say it as a TPU host would.
     backend.target_platform = lambda mesh: "tpu"
+    choose_row_attention(args)
     try:
         devices = topology_devices(args.topology)
         device = devices[0]
@@ -213,6 +229,7 @@ def main(argv: list[str]) -> int:
                        "new_tokens": args.new_tokens, "cache_budget": args.budget,
                        "cache_len": plan.cache_len, "stage_rows": rows_plan.stage_rows,
                        "param_dtype": args.param_dtype, "chips": args.chips,
+                       "row_attention": args.row_attention or "as rdlm chooses",
                        "tensor": args.tensor,
                        "programs": results}, f, indent=1)
     return 0

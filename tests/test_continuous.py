@@ -17,7 +17,7 @@ import rdlm.generation as S
 from rdlm.generation import cache as kvc
 from rdlm.generation.continuous import continuous_jit
 from rdlm.generation.plan import continuous_plan, default_stage_rows, make_plan
-from rdlm.model import pallas_attention, row_cache
+from rdlm.model import backend, pallas_decode, row_cache
 from tests.test_sample import perturbed_params
 
 CFG = rdlm.model_preset("tiny")
@@ -220,12 +220,10 @@ def test_the_tpu_cache_writes_and_reads_compute_what_the_cpu_ones_do(monkeypatch
     lockstep_cpu = S.generate(params, cfg, PROMPTS, **lockstep)
     speculative_cpu = S.generate(params, cfg, PROMPTS, **speculative)
     jax.clear_caches()  # trace again under the other choice
+    monkeypatch.setattr(backend, "target_platform", lambda mesh: "tpu")
     monkeypatch.setattr(row_cache, "choose_row_access", lambda platform: row_cache.SLICES)
-    hold = row_cache.hold_cache_layout  # the TPU's layouts: the features of 8 are not innermost
-    for module in (row_cache, kvc):
-        monkeypatch.setattr(module, "hold_cache_layout", lambda buf: hold(buf, "tpu"))
-    monkeypatch.setattr(pallas_attention, "row_entries_attention", functools.partial(
-        pallas_attention.row_entries_attention, interpret=True))
+    monkeypatch.setattr(pallas_decode, "row_entries_attention", functools.partial(
+        pallas_decode.row_entries_attention, interpret=True))
     assert len(np.unique(scatter.steps[:, 1:])) > 1  # rows at different depths
     for how in (row_cache.SLICES, row_cache.ROWS_KERNEL):  # row by row, or in the Pallas kernel
         monkeypatch.setattr(row_cache, "choose_row_attention", lambda platform, per_shard: how)
@@ -240,6 +238,36 @@ def test_the_tpu_cache_writes_and_reads_compute_what_the_cpu_ones_do(monkeypatch
             # One row's dots are the same sums, which XLA:CPU or the kernel's online softmax
             # may add in another order (measured within 7e-7).
             np.testing.assert_allclose(got.logits, want.logits, rtol=0, atol=1e-5, err_msg=how)
+
+
+def test_the_gpu_rows_kernel_computes_what_the_cpu_does(monkeypatch):
+    """On GPU depth-continuous decoding attends over each row's own entries in the Triton
+    row-entries kernel (`rdlm.model.pallas_decode.gpu_row_entries_attention`), where the CPU
+    gathers them. Forced here, in Pallas' interpreter, it gives the CPU's tokens, steps and
+    lengths, with cache sharing, latest entries and continuous thoughts."""
+    cfg = dataclasses.replace(CFG, token_shift=2)
+    params = perturbed_params(cfg)
+    options = dict(max_new_tokens=6, num_steps=6, exit="kl:1e-2", cache_budget=2,
+                   continuous_cot=True, return_logits=True, continuous_batching=True,
+                   batch_size=2, boundary_wait=3)
+    gathered = S.generate(params, cfg, PROMPTS, **options)
+    jax.clear_caches()
+    calls = []
+
+    def interpreted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return kernel(*args, interpret=True, **kwargs)
+
+    kernel = pallas_decode.gpu_row_entries_attention
+    monkeypatch.setattr(backend, "target_platform", lambda mesh: "gpu")
+    monkeypatch.setattr(pallas_decode, "gpu_row_entries_attention", interpreted)
+    got = S.generate(params, cfg, PROMPTS, **options)
+    jax.clear_caches()
+    assert calls  # the kernel ran
+    assert len(np.unique(gathered.steps[:, 1:])) > 1  # rows at different depths
+    for name in ("tokens", "steps", "lengths"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(gathered, name))
+    np.testing.assert_allclose(got.logits, gathered.logits, rtol=0, atol=1e-5)
 
 
 def test_options_it_cannot_combine_are_refused(params):

@@ -23,6 +23,7 @@ from rdlm.model import kernels as K
 from rdlm.model import functional as F, model as M
 from rdlm.model import remat as R
 from rdlm.model import pallas_attention as P
+from rdlm.model import pallas_decode as PD
 from rdlm.model import backend, row_cache as RC
 from rdlm.runtime import sharding
 
@@ -135,11 +136,13 @@ def test_row_writes_and_reads_are_slices_on_tpu_only():
     assert RC.choose_row_access("tpu") == RC.SLICES
     assert RC.choose_row_access("gpu") == RC.INDEXED
     assert RC.choose_row_access("cpu") == RC.INDEXED
-    # Attention over each row's own entries: the Pallas kernel where a TPU program runs whole
-    # on each device, row by row where XLA partitions it, one gather elsewhere.
+    # Attention over each row's own entries: the platform's Pallas kernel where one can run
+    # (whole on each device, or per shard of a mesh the program names); where XLA partitions a
+    # program that names none, row by row on TPU and one gather on GPU; one gather on CPU.
     assert RC.choose_row_attention("tpu", per_shard=True) == RC.ROWS_KERNEL
     assert RC.choose_row_attention("tpu", per_shard=False) == RC.SLICES
-    assert RC.choose_row_attention("gpu", per_shard=True) == RC.INDEXED
+    assert RC.choose_row_attention("gpu", per_shard=True) == RC.ROWS_KERNEL
+    assert RC.choose_row_attention("gpu", per_shard=False) == RC.INDEXED
     assert RC.choose_row_attention("cpu", per_shard=True) == RC.INDEXED
 
 
@@ -180,9 +183,10 @@ def test_attention_over_each_rows_own_entries_reads_what_the_rows_hold(monkeypat
                                                                        kv_heads, t):
     """`RowEntries` prefixes (each row at its own recurrence slot of a core layer, its latest
     entries where a position stopped earlier; a few rows of a stage, one twice) attend as the
-    prefix built by NumPy indexing does: gathered (GPU, CPU), and on TPU (forced here) row by
-    row over slices and in the row-entries Pallas kernel (in its interpreter), with grouped
-    query heads and, at 300 positions in tiles of 128, a partial last tile."""
+    prefix built by NumPy indexing does: gathered (CPU), on TPU (forced here) row by row over
+    slices and in the row-entries Pallas kernel, and on GPU (forced) in the Triton one (both
+    in Pallas' interpreter), with grouped query heads and, at 300 positions in tiles of 128
+    (TPU) or 64 (GPU), a partial last tile."""
     s, b, h, e = 3, 4, 2, 8
     keys = jax.random.split(jax.random.key(0), 8)
     slots = tuple(jax.random.normal(k, (s, b, kv_heads, t, e)) for k in keys[:2])
@@ -205,21 +209,24 @@ def test_attention_over_each_rows_own_entries_reads_what_the_rows_hold(monkeypat
         want = K.attend_with_prefix(q, k, v, want_prefix, mask_b1ts)
         gathered = jax.jit(K.attend_with_prefix)(q, k, v, prefix, mask_b1ts)
         got = {}
-        for how in (RC.SLICES, RC.ROWS_KERNEL):
+        for how, platform in ((RC.SLICES, "tpu"), (RC.ROWS_KERNEL, "tpu"),
+                              (RC.ROWS_KERNEL, "gpu")):
             with monkeypatch.context() as patch:
+                patch.setattr(backend, "target_platform", lambda mesh: platform)
                 patch.setattr(RC, "choose_row_attention", lambda platform, per_shard: how)
                 patch.setattr(RC, "choose_row_access", lambda platform: RC.SLICES)
-                patch.setattr(P, "ROWS_BLOCK", 128)
-                patch.setattr(P, "row_entries_attention",
-                              functools.partial(P.row_entries_attention, interpret=True))
+                patch.setattr(PD, "ROWS_BLOCK", 128)
+                for name in ("row_entries_attention", "gpu_row_entries_attention"):
+                    patch.setattr(PD, name, functools.partial(getattr(PD, name), interpret=True))
                 for mask in (mask_b1ts, None):
                     # A new function each time: jit would reuse its trace of another choice.
                     attend = jax.jit(lambda *args: K.attend_with_prefix(*args))
-                    got[how, mask is None] = attend(q, k, v, prefix, mask)
+                    got[how, platform, mask is None] = attend(q, k, v, prefix, mask)
         np.testing.assert_allclose(gathered, want, rtol=0, atol=1e-6)
-        for (how, unmasked), out in got.items():
+        for (how, platform, unmasked), out in got.items():
             expected = K.attend_with_prefix(q, k, v, want_prefix, None) if unmasked else want
-            np.testing.assert_allclose(out, expected, rtol=0, atol=1e-6, err_msg=how)
+            np.testing.assert_allclose(out, expected, rtol=0, atol=1e-6,
+                                       err_msg=f"{how} on {platform}")
 
 
 def test_mask_kind_follows_the_attention_context():
@@ -478,3 +485,28 @@ def test_padded_prefill_lowers_to_splash_for_a_tpu():
     assert {(kind, chosen) for kind, _, cache, chosen in calls if not cache} == {
         (K.SEGMENTS, K.SPLASH)}
     assert {(kind, chosen) for kind, _, cache, chosen in calls if cache} == {(K.MASKED, K.CACHE)}
+
+
+def test_depth_continuous_decoding_lowers_to_the_triton_rows_kernel_for_a_gpu():
+    """The depth-continuous program exported for GPU from the CPU (`jax.export`, no CUDA):
+    attention over each row's own cache entries is the Triton row-entries kernel, and the
+    cache is held to no TPU layout."""
+    from rdlm.generation import api
+    from rdlm.generation.continuous import _generate_rows
+    from rdlm.generation.plan import continuous_plan
+    params = rdlm.init_params(GEN_CFG, jax.random.key(0))
+    rows = [row[:40] for row in GEN_ROWS]
+    plan = continuous_plan(make_plan(GEN_CFG, rows, max_new_tokens=4, num_steps=GEN_STEPS,
+                                     exit="kl", cache_budget=2), len(rows), 2)
+    queue = api._queue(plan, rows, range(len(rows)))
+    program = jax.jit(functools.partial(_generate_rows, plan=plan))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(backend, "target_platform", lambda mesh: "gpu")
+        triton = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+        exported = jax.export.export(program, platforms=["cuda"], disabled_checks=[triton])(
+            params, queue, np.int32(GEN_STEPS), np.float32(1e-3), np.int32(0),
+            jax.random.key(0))
+    module = exported.mlir_module()
+    assert set(re.findall(r'name = "(gpu_row_entries_attention)"', module)) == {
+        "gpu_row_entries_attention"}
+    assert "LayoutConstraint" not in module

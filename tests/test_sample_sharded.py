@@ -45,7 +45,7 @@ SCRIPT = textwrap.dedent("""
     # the depth-continuous groups of 2 "tensor" devices, give the single device's tokens and
     # logits.
     import dataclasses, functools
-    from rdlm.model import backend, kernels, pallas_attention, row_cache
+    from rdlm.model import backend, kernels, pallas_attention, pallas_decode, row_cache
     long_cfg = dataclasses.replace(cfg, max_seq_len=256)
     long = dict(max_new_tokens=3, num_steps=3, prompt_len=128, return_logits=True)
     prompts8 = prompts + [p[::-1] + [17] for p in prompts]  # two rows on each shard
@@ -59,9 +59,9 @@ SCRIPT = textwrap.dedent("""
     def spy_rows(*args, **kwargs):
         chosen.append(choose_rows(*args, **kwargs))
         return chosen[-1]
-    def per_shard(mesh, q, *args, **kwargs):
+    def per_shard(mesh, kernel, q, *args, **kwargs):
         shards.append(("whole", *q.shape[:2]))
-        return rows_per_shard(mesh, q, *args, **kwargs)
+        return rows_per_shard(mesh, kernel, q, *args, **kwargs)
     def interpreted(q, *args, **kwargs):
         shards.append(("shard", *q.shape[:2]))
         return rows_kernel(q, *args, interpret=True, **kwargs)
@@ -69,11 +69,11 @@ SCRIPT = textwrap.dedent("""
                (backend, "target_platform", lambda mesh: "tpu"),
                (pallas_attention, "splash_attention", functools.partial(
                    pallas_attention.splash_attention, interpret=True)),
-               (pallas_attention, "row_entries_attention", interpreted),
-               (pallas_attention, "row_entries_attention_per_shard", per_shard)]
+               (pallas_decode, "row_entries_attention", interpreted),
+               (pallas_decode, "row_entries_attention_per_shard", per_shard)]
     choose, choose_rows = kernels.choose_attention, row_cache.choose_row_attention
-    rows_kernel = pallas_attention.row_entries_attention
-    rows_per_shard = pallas_attention.row_entries_attention_per_shard
+    rows_kernel = pallas_decode.row_entries_attention
+    rows_per_shard = pallas_decode.row_entries_attention_per_shard
     saved = [(module, name, getattr(module, name)) for module, name, _ in patched]
     for module, name, value in patched:
         setattr(module, name, value)

@@ -17,7 +17,7 @@ runs underneath depends on the backend and the shape:
 - Everywhere: other masks (branches) and attention over a KV cache use the XLA paths here.
 - Decoding with every row at its own position: attention over each row's own cache entries
   (`attend_with_prefix` of a `RowEntries` prefix) is, on TPU, a Pallas kernel that reads them
-  by index where they lie (`pallas_attention.row_entries_attention`, per shard of the mesh a
+  by index where they lie (`pallas_decode.row_entries_attention`, per shard of the mesh a
   partitioned program names: `backend.shard_mesh`), or row by row where XLA partitions a
   program that names none; how those entries are laid out, written and read is
   `rdlm.model.row_cache`.
@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from rdlm.model import backend, pallas_attention, row_cache
+from rdlm.model import backend, pallas_attention, pallas_decode, row_cache
 from rdlm.model.attention import KV, RowEntries
 
 @jax.custom_vjp
@@ -228,8 +228,10 @@ def attend_with_prefix(q_bthe: jax.Array, k_bthe: jax.Array, v_bthe: jax.Array,
 def _attend_rows_kernel(q_bthe: jax.Array, k_bthe: jax.Array, v_bthe: jax.Array,
                         prefix: RowEntries, mask_b1ts: jax.Array | None) -> jax.Array:
     """`attend_with_prefix` of a `RowEntries` prefix in the Pallas kernel that reads each row's
-    entries where they lie (`pallas_attention.row_entries_attention`): the model's layout and
-    masks turned into the kernel's, each KV head with its group's query rows."""
+    entries where they lie (`pallas_decode.row_entries_attention` on TPU,
+    `pallas_decode.gpu_row_entries_attention` on GPU), per shard of the mesh the program names
+    (`backend.shard_mesh`): the model's layout and masks turned into the kernel's, each KV head
+    with its group's query rows."""
     b, t, h, e = q_bthe.shape
     kh, s = k_bthe.shape[2], prefix.buffers[0].shape[-2]
     g = h // kh
@@ -238,14 +240,17 @@ def _attend_rows_kernel(q_bthe: jax.Array, k_bthe: jax.Array, v_bthe: jax.Array,
     visible_bgts = jnp.broadcast_to(mask_b1ts, (b, g, t, s + t)).astype(jnp.int32)
     visible_brs = visible_bgts.reshape(b, g * t, s + t)
     use_b1s = None if prefix.fallback is None else prefix.use_b1t1[..., 0].astype(jnp.int32)
+    on_tpu = backend.target_platform(None) == "tpu"
+    attend = (pallas_decode.row_entries_attention if on_tpu else
+              pallas_decode.gpu_row_entries_attention)
     mesh = backend.shard_mesh()
-    attend = (pallas_attention.row_entries_attention if mesh is None else
-              functools.partial(pallas_attention.row_entries_attention_per_shard, mesh))
+    if mesh is not None:
+        attend = functools.partial(pallas_decode.row_entries_attention_per_shard, mesh, attend)
     out_bkre = attend(
         grouped_queries(q_bthe, kh).reshape(b, kh, g * t, e), prefix.buffers, prefix.index,
         visible_brs[..., :s], k_bthe.transpose(0, 2, 1, 3), v_bthe.transpose(0, 2, 1, 3),
         visible_brs[..., s:], prefix.fallback, use_b1s, masked_logit=MASKED_LOGIT,
-        positions_minor=row_cache.positions_innermost(prefix.buffers[0].shape))
+        positions_minor=on_tpu and row_cache.positions_innermost(prefix.buffers[0].shape))
     return ungrouped(out_bkre.reshape(b, kh, g, t, e))
 
 

@@ -47,24 +47,35 @@ def choose_row_access(platform: str) -> str:
 
 
 # How attention over each row's own entries (a `RowEntries` prefix) goes: besides `INDEXED`
-# (gathered into one array first) and `SLICES` (row by row), the Pallas kernel that reads them
-# where they lie.
+# (gathered into one array first) and `SLICES` (row by row), a Pallas kernel that reads them
+# where they lie (`rdlm.model.pallas_decode`: Mosaic on TPU, Triton on GPU).
 ROWS_KERNEL = "rows_kernel"
 
 
 def choose_row_attention(platform: str, per_shard: bool) -> str:
     """How `kernels.attend_with_prefix` attends over a `RowEntries` prefix on ``platform``: on
-    TPU the Pallas kernel (`pallas_attention.row_entries_attention`) where the program runs
-    whole on each device (``per_shard``, `backend.runs_per_device`), else row by row over
-    slices; elsewhere the rows' entries gathered once (`choose_row_access`).
+    TPU and GPU the platform's row-entries kernel where a Pallas kernel can run (``per_shard``,
+    `backend.pallas_runs`: whole on each device, or per shard of the mesh the program names);
+    else row by row over slices on TPU, the rows' entries gathered once elsewhere
+    (`choose_row_access`).
 
     On TPU XLA can only read each row's entries where they lie one row at a time: a
     `dynamic_slice` and an attention per row, unrolled, whose count of small ops and compile
-    time grow with the rows. The kernel reads them by index in one launch per layer."""
-    access = choose_row_access(platform)
-    if access == SLICES and per_shard:
+    time grow with the rows. On GPU it gathers them: each row's slot of every core layer
+    written to a new array and read again, at every step. The kernels read them by index in
+    one launch per layer."""
+    if platform in ("tpu", "gpu") and per_shard:
         return ROWS_KERNEL
-    return access
+    return choose_row_access(platform)
+
+
+def _tpu_kernel_reads(platform: str | None = None) -> bool:
+    """Whether the TPU's row-entries kernel reads the cache in the program being traced (on
+    ``platform``; None: the one JAX compiles for): there the cache is held to its stored layout,
+    and lockstep reads its slot and stages through the kernel too."""
+    platform = platform or backend.target_platform(None)
+    return (platform == "tpu"
+            and choose_row_attention(platform, backend.pallas_runs()) == ROWS_KERNEL)
 
 
 def read_row_entries(buf: jax.Array, index_k: tuple[jax.Array, ...], how: str | None = None
@@ -150,8 +161,7 @@ def hold_cache_layout(buf: jax.Array, platform: str | None = None) -> jax.Array:
     two choices differ it copies the whole buffer between them, in every iteration
     (docs/performance.md). Held at each write, the cache stays in one layout through every
     loop, the one the kernel reads."""
-    platform = platform or backend.target_platform(None)
-    if choose_row_attention(platform, backend.pallas_runs()) != ROWS_KERNEL:
+    if not _tpu_kernel_reads(platform):
         return buf
     return with_layout_constraint(buf, Layout(major_to_minor=cache_layout(buf.shape)))
 
@@ -178,10 +188,10 @@ def stage_prefix(kv: KV, in_branch: bool = False) -> KV | RowEntries:
     the buffer passed in, and copies the whole buffer to match; so where the kernel does not
     run, the buffers are held row-major, as XLA stores them in a program it partitions
     (docs/performance.md). Outside conditionals (lockstep) a hold would only add copies."""
-    how = choose_row_attention(backend.target_platform(None), backend.pallas_runs())
-    if how == ROWS_KERNEL:
+    if _tpu_kernel_reads():
         return RowEntries(kv, (jnp.arange(kv[0].shape[0]),))
-    if how == SLICES and in_branch:
+    if in_branch and choose_row_attention(backend.target_platform(None),
+                                          backend.pallas_runs()) == SLICES:
         return tuple(with_layout_constraint(x, Layout(major_to_minor=tuple(range(x.ndim))))
                      for x in kv)
     return kv
@@ -194,8 +204,7 @@ def slot_prefix(slots: KV, slot: jax.Array, latest: KV | None, use_b1t1: jax.Arr
     (None: the slot everywhere). On TPU, where the program runs whole on each device, a
     `RowEntries` prefix that the row-entries kernel reads where it lies, in the layout the
     cache is stored in (`cache_layout`); elsewhere the slot itself, merged."""
-    if choose_row_attention(backend.target_platform(None),
-                            backend.pallas_runs()) == ROWS_KERNEL:
+    if _tpu_kernel_reads():
         b = slots[0].shape[1]
         return RowEntries(slots, (jnp.full((b,), slot), jnp.arange(b)), latest, use_b1t1)
     kv = tuple(lax.dynamic_index_in_dim(buf_sbhte, slot, keepdims=False) for buf_sbhte in slots)
