@@ -36,6 +36,14 @@ for criterion in latent-diff kl; do
     --json "$out/bench-sample-continuous-queue-$model-$criterion.json"
 done
 
+# Attention over each row's own recurrence slot, one layer at Huginn-0125's heads: the
+# platform's row-entries kernel against the gather it replaces (docs/performance.md "On GPU: a
+# Triton kernel for the rows' own entries").
+for rows in 16 64; do
+  run "row-attention-b$rows" "$py" benchmarks/row_attention.py --rows "$rows" \
+    --json "$out/row-attention-b$rows.json"
+done
+
 # Long prompts under depth-continuous batching: the time of one queue when its prefills stage
 # 16, 8 (the default at 128-token prompts) or 1 prompt at a time (docs/sampling.md).
 run "continuous-stage-rows-$model" "$py" benchmarks/continuous_stage_rows.py --preset "$model" \
