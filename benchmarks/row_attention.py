@@ -40,7 +40,10 @@ def inputs(args: argparse.Namespace) -> tuple:
     dtype = jnp.dtype(args.dtype)
     keys = jax.random.split(jax.random.key(0), 8)
     normal = lambda key, shape: jax.random.normal(key, shape, dtype)  # noqa: E731
-    slots = (normal(keys[0], (s, b, h, t, e)), normal(keys[1], (s, b, h, t, e)))
+    # Each slot a different multiple of one draw: random numbers for every slot at once would
+    # take several times the slots' memory on the way.
+    scale_s = (1.0 + jnp.arange(s, dtype=dtype) / s).reshape(s, 1, 1, 1, 1)
+    slots = tuple(normal(key, (b, h, t, e))[None] * scale_s for key in keys[:2])
     latest = (normal(keys[2], (b, h, t, e)), normal(keys[3], (b, h, t, e)))
     use_b1t1 = jax.random.bernoulli(keys[4], 0.8, (b, 1, t, 1))
     slot_b = jax.random.randint(keys[5], (b,), 0, s)
