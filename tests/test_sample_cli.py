@@ -206,6 +206,7 @@ def test_bench_runs_on_a_preset(capsys, tmp_path):
     report = json.loads(out.read_text())
     rows = report["rows"]
     assert report["command"].startswith("python -m rdlm bench sample tiny")
+    assert report["row_attention"] == "indexed"  # the CPU gathers each row's own entries
     assert [r["num_steps"] for r in rows] == [1, 2]
     printed = capsys.readouterr().out
     assert "bfloat16" in printed and "tokens/s" in printed

@@ -23,7 +23,7 @@ from rdlm.data.tokenizer import load_tokenizer
 from rdlm.generation import ExitConfig, GenerateOutput, SpeculativeConfig, generate
 from rdlm.generation.exits import as_exit_config
 from rdlm.generation.plan import pass_weights
-from rdlm.model import abstract_params, count_params, init_params
+from rdlm.model import abstract_params, backend, count_params, init_params, row_cache
 from rdlm.runtime import checkpoint
 from rdlm.runtime.hostinfo import results_report
 
@@ -464,7 +464,11 @@ def bench_cli(argv: Sequence[str]) -> int:
                                 prompts=prompt_source,
                                 # A shared host's load moves tokens/s by tens of percent.
                                 load_average=os.getloadavg(),
-                                bandwidth_bytes_per_s=bandwidth, rows=results,
+                                bandwidth_bytes_per_s=bandwidth,
+                                # How depth-continuous rows read their own cache entries here.
+                                row_attention=row_cache.choose_row_attention(
+                                    backend.target_platform(None), backend.runs_per_device()),
+                                rows=results,
                                 **({"median": summary} if summary else {}))
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
