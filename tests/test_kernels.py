@@ -407,8 +407,8 @@ def test_padded_prefill_asks_for_segment_attention_and_keeps_its_numbers(monkeyp
 
     engine_context = G.block_context
 
-    def dense_context(cfg, pad_b, start, length, cache_len, with_prefix, mesh=None):
-        ctx = engine_context(cfg, pad_b, start, length, cache_len, with_prefix, mesh)
+    def dense_context(cfg, pad_b, start, length, cache_len, with_prefix):
+        ctx = engine_context(cfg, pad_b, start, length, cache_len, with_prefix)
         return dataclasses.replace(ctx, segment_ids_bt=None,
                                    mask_b1ts=_dense_block_mask(pad_b, start, length)[:, None])
 

@@ -78,15 +78,15 @@ def block_segments(pad_b: jax.Array, index_t: jax.Array) -> jax.Array:
 
 
 def block_context(cfg: ModelConfig, pad_b: jax.Array, start: jax.Array | int, length: int,
-                  cache_len: int, with_prefix: bool,
-                  mesh: jax.sharding.Mesh | None = None) -> AttentionContext:
+                  cache_len: int, with_prefix: bool) -> AttentionContext:
     """Mask and RoPE for queries at cache positions ``start … start+length-1``.
 
     Keys are the cache (positions < start, not padding) followed by the block itself, causal
     within `block_segments`. Without a prefix (a prompt's prefill) the context carries the
     segment ids too, so that `rdlm.model.kernels.attention` can pick splash attention on TPU or
     the Pallas flash kernel on GPU; the blocked CPU kernel reads the same mask as before.
-    ``mesh``: the mesh the rows are sharded over, on which those kernels run per shard.
+    Over a mesh those kernels run per shard of the mesh the program names
+    (`rdlm.model.backend.shard_mesh`).
     """
     b = pad_b.shape[0]
     index_t = start + jnp.arange(length)
@@ -96,7 +96,7 @@ def block_context(cfg: ModelConfig, pad_b: jax.Array, start: jax.Array | int, le
     causal_tt = jnp.tril(jnp.ones((length, length), bool))
     block_btt = causal_tt[None] & (segment_bt[:, :, None] == segment_bt[:, None, :])
     if not with_prefix:
-        return AttentionContext(cos_bt1f, sin_bt1f, block_btt[:, None], segment_bt, mesh)
+        return AttentionContext(cos_bt1f, sin_bt1f, block_btt[:, None], segment_bt)
     # Over a cache the mask covers cached keys too, which no segment ids express: no ids, so
     # attention stays on `attend_with_prefix`.
     index_s = jnp.arange(cache_len)
@@ -263,7 +263,7 @@ def forward_block(params: Params, plan: Plan, cache: KVCache, block: BlockInput,
     one position of each row whose logits are wanted (`run_coda`)."""
     cfg = plan.cfg
     b, length, _ = block.bases_btd.shape
-    ctx = block_context(cfg, pad_b, start, length, plan.cache_len, with_prefix, plan.mesh)
+    ctx = block_context(cfg, pad_b, start, length, plan.cache_len, with_prefix)
     embedded_btd, cache = run_prelude(params, cfg, cache, block, ctx, start, with_prefix, pad_b)
     # A prompt with nothing before it reads no cache, so it can write the cache directly.
     read, write, write_start = ((cache, block_buffer(plan, b, length), 0) if with_prefix

@@ -112,8 +112,8 @@ class Plan:
     queue: int = 0
     stage_rows: int = 0
     # Lockstep generation over a device mesh (`generate(mesh=)`): the program names it as its
-    # context, and the prompt's fused attention and the decode kernel run per shard of it, as
-    # training's do. None on one device, and in the depth-continuous groups, whose
+    # context (`backend.shard_mesh`), and the prompt's fused attention and the decode kernel
+    # run per shard of it. None on one device, and in the depth-continuous groups, whose
     # `shard_map` names theirs.
     mesh: jax.sharding.Mesh | None = None
 

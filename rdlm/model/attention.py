@@ -50,7 +50,8 @@ class AttentionContext:
     # as dead code when nothing else reads it.
     segment_ids_bt: jax.Array | None = None
     # The device mesh the batch is sharded over, if any: the Pallas kernels run per shard
-    # (`shard_map`), since XLA cannot partition a custom kernel by itself.
+    # (`shard_map`), since XLA cannot partition a custom kernel by itself. (A decoding program
+    # names its mesh as its context instead: `rdlm.model.backend.shard_mesh`.)
     mesh: jax.sharding.Mesh | None = dataclasses.field(default=None,
                                                       metadata={"static": True})
 
