@@ -107,7 +107,7 @@ def _gpu_flash_local(q_bthe: jax.Array, k_bthe: jax.Array, v_bthe: jax.Array,
 
 
 def shard_axes(mesh: Mesh | jax.sharding.AbstractMesh, batch: int, heads: int
-                ) -> tuple[tuple[str, ...] | None, str | None, frozenset[str]]:
+               ) -> tuple[tuple[str, ...] | None, str | None, frozenset[str]]:
     """How the kernels' `shard_map` splits its operands over ``mesh``: (the axes of the rows,
     the axis of the heads, every axis it takes). The rows go over the data-parallel axes that
     divide them, the heads over the tensor axis where it divides them; only over the axes XLA
