@@ -8,9 +8,10 @@ Depth-continuous decoding reads, at every core step, each row's own recurrence s
 layer's cache (`RowEntries`, with the latest entries where a position stopped earlier). The
 ways (`rdlm.model.row_cache`): the platform's Pallas kernel, which reads them where they lie
 (TPU, GPU); the entries gathered into one array first (GPU, CPU); row by row over slices
-(TPU). Each is compiled alone and timed over ``--repeats`` calls; the report gives
-microseconds per call, the rows' entries read per second, and how far each output is from
-the first way's. Defaults: Huginn-0125's heads at 16 rows of 2,048 positions.
+(TPU); and, for reference, lockstep's read of one slot for every row as rdlm computes it here.
+Each is compiled alone and timed over ``--repeats`` calls; the report gives microseconds per
+call, the entries read per second, and how far each per-row way's output is from the first's.
+Defaults: Huginn-0125's heads at 16 rows of 2,048 positions.
 """
 
 from __future__ import annotations
@@ -55,15 +56,24 @@ def inputs(args: argparse.Namespace) -> tuple:
     return q_b1he, own, slots, (slot_b, jnp.arange(b)), latest, use_b1t1, mask_b1ts
 
 
+CHOOSE = row_cache.choose_row_attention
+# Lockstep's read, for reference: every row at one slot, as rdlm reads it on this platform
+# (`row_cache.slot_prefix`: the slot merged with the latest entries and XLA's attention, or on
+# TPU the kernel).
+LOCKSTEP = "lockstep"
+
+
 def time_way(how: str, args: argparse.Namespace, arrays: tuple) -> tuple[float, np.ndarray]:
     """Seconds per call of the attention computed ``how``, and its output."""
     q_b1he, (k, v), slots, index, latest, use_b1t1, mask_b1ts = arrays
-    row_cache.choose_row_attention = lambda platform, per_shard: how
+    row_cache.choose_row_attention = (CHOOSE if how == LOCKSTEP else
+                                      lambda platform, per_shard: how)
 
     @jax.jit
     def step(q_b1he, k, v, slots, index, latest, use_b1t1, mask_b1ts):
-        return kernels.attend_with_prefix(q_b1he, k, v, RowEntries(slots, index, latest, use_b1t1),
-                                          mask_b1ts)
+        prefix = (row_cache.slot_prefix(slots, index[0][0], latest, use_b1t1) if how == LOCKSTEP
+                  else RowEntries(slots, index, latest, use_b1t1))
+        return kernels.attend_with_prefix(q_b1he, k, v, prefix, mask_b1ts)
 
     call = lambda: step(q_b1he, k, v, slots, index, latest, use_b1t1, mask_b1ts)  # noqa: E731
     out = jax.block_until_ready(call())  # compile
@@ -91,15 +101,17 @@ def main(argv: list[str]) -> int:
     entries = 2 * 2 * args.rows * args.heads * args.positions * args.head_dim \
         * jnp.dtype(args.dtype).itemsize
     results, first = [], None
-    for how in WAYS.get(platform, (row_cache.INDEXED,)):
+    for how in (*WAYS.get(platform, (row_cache.INDEXED,)), LOCKSTEP):
         seconds, out = time_way(how, args, arrays)
         first = out if first is None else first
+        # Lockstep reads other entries (one slot for every row): its output is not comparable.
+        difference = None if how == LOCKSTEP else float(np.abs(out - first).max())
         row = {"way": how, "microseconds": round(seconds * 1e6, 1),
                "entries_gb_per_s": round(entries / seconds / 1e9, 1),
-               "max_abs_difference": float(np.abs(out - first).max())}
+               "max_abs_difference": difference}
         results.append(row)
         print(f"{how:<12} {row['microseconds']:>10.1f} µs  {row['entries_gb_per_s']:>8.1f} GB/s of "
-              f"entries  |Δ| {row['max_abs_difference']:.2e}")
+              f"entries" + ("" if difference is None else f"  |Δ| {difference:.2e}"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results_report(
