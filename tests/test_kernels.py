@@ -132,6 +132,25 @@ def test_the_cache_is_stored_with_the_axis_that_pads_less_innermost():
     assert RC.cache_layout((16, 8, 4096, 128)) == (0, 1, 2, 3)  # nothing to pad
 
 
+def test_a_kernel_runs_per_shard_of_the_mesh_a_program_names():
+    """`backend.shard_mesh`: the mesh a traced program names, where XLA partitions it (some
+    axis automatic); none where every axis is taken by hand (a group of one device) or no mesh
+    is named. A Pallas kernel can run in all three (`backend.pallas_runs`)."""
+    from jax.sharding import AbstractMesh, AxisType
+    auto = AbstractMesh((2, 2), ("data", "tensor"))
+    group = AbstractMesh((2, 2), ("data", "tensor"), axis_types=(AxisType.Manual, AxisType.Auto))
+    manual = AbstractMesh((2, 2), ("data", "tensor"), axis_types=(AxisType.Manual,) * 2)
+    for mesh, named in ((auto, True), (group, True), (manual, False)):
+        with jax.sharding.use_abstract_mesh(mesh):
+            assert (backend.shard_mesh() is mesh) == named
+            assert backend.runs_per_device() != named and backend.pallas_runs()
+    # Of a group's mesh the kernels take only the axis XLA partitions.
+    assert P.shard_axes(group, batch=4, heads=6) == (None, "tensor", frozenset({"tensor"}))
+    assert P.shard_axes(auto, batch=4, heads=5) == (("data",), None,
+                                                   frozenset({"data", "tensor"}))
+    assert backend.shard_mesh() is None  # one CPU device, no mesh named
+
+
 def test_row_writes_and_reads_are_slices_on_tpu_only():
     assert RC.choose_row_access("tpu") == RC.SLICES
     assert RC.choose_row_access("gpu") == RC.INDEXED
