@@ -4,7 +4,7 @@
         [--preset huginn-3.5b] [--set KEY=VALUE ...] [--batch 16] [--prompt-len 1024]
         [--new-tokens 1024] [--budget 8] [--param-dtype bfloat16] [--exit kl]
         [--schedule results/bench-sample-schedule-demo-q1024-cpu.json]
-        [--row-attention rows_kernel|slices] [--json FILE]
+        [--row-attention rows_kernel|slices] [--chips N] [--json FILE]
 
 Needs libtpu, not a TPU (docs/training.md). Each pass of decoding is compiled on its own for
 one chip of the topology, with the weights in the decoding loop's layout and a cache of
@@ -19,6 +19,10 @@ roofline, which leaves out per-op overheads):
 - depth-continuous (`rdlm.generation.rows`; every row at its own position and step): the same
   three over every row, and the token-boundary passes over the few gathered rows
   (`continuous.few_rows`) that need them.
+
+With ``--chips N`` the lockstep passes are also priced over N chips of the topology, the rows
+split over them as ``generate(mesh=)`` splits them (``--batch`` on each, the kernels per shard):
+one chip's share.
 
 XLA cannot see inside a Pallas kernel: the row-entries decode kernel's bytes and FLOPs are
 what it declares (`pallas_decode.row_entries_attention`); ``--row-attention slices`` prices
@@ -39,6 +43,7 @@ when the schedule waited at token boundaries as this shape would: the script pri
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -49,12 +54,14 @@ import jax.numpy as jnp
 from jax.experimental.layout import Format, Layout
 
 from aot_decode_memory import choose_row_attention, model_from_args, model_arguments
+from rdlm.config import MeshConfig
 from rdlm.generation import cache as kvc
 from rdlm.generation.continuous import default_boundary_wait, few_rows
 from rdlm.generation.engine import block_context, run_coda, run_core_step, run_prelude, token_input
 from rdlm.generation.exits import as_exit_config
 from rdlm.generation.rows import coda_rows, core_step_rows, prelude_rows, row_context
 from rdlm.model import abstract_params, backend, kernels, row_cache
+from rdlm.runtime import sharding
 from rdlm.runtime.hostinfo import compiling_host, toolchain
 from rdlm.train.aot import topology_devices
 
@@ -119,10 +126,20 @@ def passes(cfg, batch: int, cache_len: int, num_slots: int, exit_spec: str
     }
 
 
-def price(name: str, fn: Callable, params, args: tuple, device) -> dict:
-    """XLA's cost analysis of ``fn`` compiled for ``device``."""
-    place = jax.sharding.SingleDeviceSharding(device)
-    on = lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=place)  # noqa: E731
+def price(name: str, fn: Callable, params, args: tuple, device,
+          mesh: jax.sharding.Mesh | None = None) -> dict:
+    """XLA's cost analysis of ``fn`` compiled for ``device``, or over ``mesh`` with the rows
+    split over its "data" axis as lockstep generation splits them (the program naming the mesh,
+    so that the kernels run per shard: `backend.shard_mesh`); then the price is one chip's."""
+    def place_of(s) -> jax.sharding.Sharding:
+        if mesh is None:
+            return jax.sharding.SingleDeviceSharding(device)
+        # The rows' axis: a cache buffer's fourth from last ([*slot, b, h, t, e]), else the first.
+        axis = len(s.shape) - 4 if len(s.shape) >= 4 else 0
+        spec = (None,) * axis + ("data",) if len(s.shape) else ()
+        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+
+    on = lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=place_of(s))  # noqa: E731
     # Both programs hold their cache in one layout in and out of each pass,
     # `row_cache.cache_layout` (aot_decode_memory's programs, compiled whole); compiled alone, a
     # pass would choose the layouts that suit it best, which its program does not give it, or
@@ -131,23 +148,28 @@ def price(name: str, fn: Callable, params, args: tuple, device) -> dict:
     # layout must be where it is returned.
     def stored(s: jax.ShapeDtypeStruct) -> Format:
         if 1 in s.shape:
-            return Format(None, place)
+            return Format(None, place_of(s))
         if len(s.shape) < 4:
-            return Format(Layout(tuple(range(len(s.shape)))), place)
-        return Format(Layout(row_cache.cache_layout(s.shape)), place)
+            return Format(Layout(tuple(range(len(s.shape)))), place_of(s))
+        return Format(Layout(row_cache.cache_layout(s.shape)), place_of(s))
 
     def pinned(tree):  # the caches in ``tree`` in their stored layouts, the rest XLA's choice
         return jax.tree.map(lambda x: jax.tree.map(stored, x) if isinstance(x, kvc.KVCache)
-                            else Format(None, place), tree,
+                            else jax.tree.map(lambda s: Format(None, place_of(s)), x), tree,
                             is_leaf=lambda x: isinstance(x, kvc.KVCache))
 
     cache = jax.tree.map(lambda s, f: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=f),
                          args[0], pinned(args[0]))
     args = (cache, *jax.tree.map(on, args[1:]))
-    outs = pinned(jax.eval_shape(fn, params, *args))
-    # The cache is donated: a pass that writes it does so in place, as inside the programs.
-    compiled = jax.jit(fn, donate_argnums=1, out_shardings=outs).lower(
-        jax.tree.map(on, params), *args).compile()
+    whole = (lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=(  # noqa: E731
+        jax.sharding.SingleDeviceSharding(device) if mesh is None
+        else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))))
+    with (contextlib.nullcontext() if mesh is None else
+          jax.sharding.use_abstract_mesh(mesh.abstract_mesh)):
+        outs = pinned(jax.eval_shape(fn, params, *args))
+        # The cache is donated: a pass that writes it does so in place, as inside the programs.
+        compiled = jax.jit(fn, donate_argnums=1, out_shardings=outs).lower(
+            jax.tree.map(whole, params), *args).compile()
     cost = compiled.cost_analysis()
     row = {"pass": name, "optimal_us": cost["optimal_seconds"] * 1e6,
            "bytes_accessed": int(cost["bytes accessed"]), "flops": int(cost["flops"])}
@@ -208,6 +230,8 @@ def main(argv: list[str]) -> int:
                         "--schedule): whether the cache keeps latest entries, and whether "
                         "each check runs the coda")
     parser.add_argument("--schedule", help="a `rdlm bench sample --json` file to price")
+    parser.add_argument("--chips", type=int, default=1, help="also price the lockstep passes "
+                        "over this many chips, --batch rows on each (one chip's price)")
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args(argv)
     backend.target_platform = lambda mesh: "tpu"  # as a TPU host chooses (see aot_decode_memory)
@@ -215,9 +239,15 @@ def main(argv: list[str]) -> int:
     # the holds inside, which keep it there through the programs' loops, would only trip
     # JAX's check that a donated buffer comes back in the layout it came in.
     row_cache.hold_cache_layout = kvc.hold_cache_layout = lambda buf: buf
+    # So is the row-major hold of a whole-batch pass inside the depth-continuous loop's
+    # conditionals where the kernel does not run: priced alone, outside any conditional, it
+    # would only convert the pinned cache.
+    stage_prefix = row_cache.stage_prefix
+    kvc.stage_prefix = lambda kv, in_branch=False: stage_prefix(kv)
     choose_row_attention(args)
     try:
-        device = topology_devices(args.topology)[0]
+        devices = topology_devices(args.topology)
+        device = devices[0]
     except RuntimeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -229,6 +259,13 @@ def main(argv: list[str]) -> int:
         abstract_params(cfg)))
     rows = [price(name, fn, params, inputs, device) for name, (fn, inputs) in
             passes(cfg, args.batch, cache_len, args.budget, args.exit).items()]
+    if args.chips > 1:  # lockstep as `generate(mesh=)` runs it: the rows over "data"
+        mesh = sharding.make_mesh(MeshConfig(data=-1), devices=devices[:args.chips])
+        rows += [price(f"{name}, {args.batch} rows on each of {args.chips} chips", fn, params,
+                       inputs, device, mesh)
+                 for name, (fn, inputs) in passes(cfg, args.chips * args.batch, cache_len,
+                                                  args.budget, args.exit).items()
+                 if name.startswith("lockstep")]
     prices = {row["pass"]: row["optimal_us"] for row in rows}
     ratio = prices["continuous core step"] / prices["lockstep core step"]
     print(f"a continuous core step costs {ratio:.3f} of a lockstep one")
@@ -248,7 +285,7 @@ def main(argv: list[str]) -> int:
                        "command": " ".join(["python", "benchmarks/aot_decode_costs.py", *argv]),
                        "model": dataclasses.asdict(cfg), "batch": args.batch,
                        "cache_len": cache_len, "cache_budget": args.budget, "exit": args.exit,
-                       "param_dtype": args.param_dtype, "passes": rows,
+                       "param_dtype": args.param_dtype, "chips": args.chips, "passes": rows,
                        "row_attention": row_cache.choose_row_attention("tpu", True),
                        "continuous_over_lockstep_core_step": ratio,
                        "default_boundary_wait": wait,
