@@ -96,6 +96,28 @@ SCRIPT = textwrap.dedent("""
     for got, want in ((out, single), (out_rows, single_rows)):
         np.testing.assert_array_equal(got.tokens, want.tokens)
         np.testing.assert_allclose(got.logits, want.logits, rtol=0, atol=1e-4)
+    # Traced for a GPU, the groups run the Triton row-entries kernel per shard of "tensor".
+    gpu_kernel, shards = pallas_decode.gpu_row_entries_attention, []
+    def gpu_interpreted(q, *args, **kwargs):
+        shards.append(("shard", *q.shape[:2]))
+        return gpu_kernel(q, *args, interpret=True, **kwargs)
+    patched = [(backend, "target_platform", lambda mesh: "gpu"),
+               (pallas_decode, "gpu_row_entries_attention", gpu_interpreted),
+               (pallas_decode, "row_entries_attention_per_shard", per_shard)]
+    saved = [(module, name, getattr(module, name)) for module, name, _ in patched]
+    for module, name, value in patched:
+        setattr(module, name, value)
+    jax.clear_caches()
+    try:
+        out_rows = rdlm.generate(params, long_cfg, prompts8, mesh=mesh, continuous_batching=True,
+                                 batch_size=8, exit="kl", **long)
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+        jax.clear_caches()
+    assert ("shard", 2, 2) in shards and ("whole", 2, 4) in shards, shards
+    np.testing.assert_array_equal(out_rows.tokens, single_rows.tokens)
+    np.testing.assert_allclose(out_rows.logits, single_rows.logits, rtol=0, atol=1e-4)
     # Depth-continuous batching, 9 prompts against 2 rows on one device, greedy under KL exit
     # and sampled from random initial states (each prompt's numbers follow its index):
     # - on the same mesh, 4 data-parallel groups (data × fsdp) of 2 rows, each group's weights
