@@ -44,7 +44,7 @@ SCRIPT = textwrap.dedent("""
     # prefill and the row-entries kernel over every decoding step's cache, lockstep and inside
     # the depth-continuous groups of 2 "tensor" devices, give the single device's tokens and
     # logits.
-    import dataclasses, functools
+    import contextlib, dataclasses, functools
     from rdlm.model import backend, kernels, pallas_attention, pallas_decode, row_cache
     long_cfg = dataclasses.replace(cfg, max_seq_len=256)
     long = dict(max_new_tokens=3, num_steps=3, prompt_len=128, return_logits=True)
@@ -52,6 +52,18 @@ SCRIPT = textwrap.dedent("""
     single = rdlm.generate(params, long_cfg, prompts8, **long)
     single_rows = rdlm.generate(params, long_cfg, prompts8, continuous_batching=True,
                                 batch_size=2, exit="kl", **long)
+    @contextlib.contextmanager
+    def patched(*changes):  # (module, name, value) each, for the block, traced afresh
+        saved = [(module, name, getattr(module, name)) for module, name, _ in changes]
+        for module, name, value in changes:
+            setattr(module, name, value)
+        jax.clear_caches()
+        try:
+            yield
+        finally:
+            for module, name, value in saved:
+                setattr(module, name, value)
+            jax.clear_caches()
     chosen, shards = [], []
     def spy(*args, **kwargs):
         chosen.append(choose(*args, **kwargs))
@@ -65,28 +77,19 @@ SCRIPT = textwrap.dedent("""
     def interpreted(q, *args, **kwargs):
         shards.append(("shard", *q.shape[:2]))
         return rows_kernel(q, *args, interpret=True, **kwargs)
-    patched = [(kernels, "choose_attention", spy), (row_cache, "choose_row_attention", spy_rows),
-               (backend, "target_platform", lambda mesh: "tpu"),
-               (pallas_attention, "splash_attention", functools.partial(
-                   pallas_attention.splash_attention, interpret=True)),
-               (pallas_decode, "row_entries_attention", interpreted),
-               (pallas_decode, "row_entries_attention_per_shard", per_shard)]
     choose, choose_rows = kernels.choose_attention, row_cache.choose_row_attention
     rows_kernel = pallas_decode.row_entries_attention
     rows_per_shard = pallas_decode.row_entries_attention_per_shard
-    saved = [(module, name, getattr(module, name)) for module, name, _ in patched]
-    for module, name, value in patched:
-        setattr(module, name, value)
-    jax.clear_caches()
-    try:
+    with patched((kernels, "choose_attention", spy), (row_cache, "choose_row_attention", spy_rows),
+                 (backend, "target_platform", lambda mesh: "tpu"),
+                 (pallas_attention, "splash_attention", functools.partial(
+                     pallas_attention.splash_attention, interpret=True)),
+                 (pallas_decode, "row_entries_attention", interpreted),
+                 (pallas_decode, "row_entries_attention_per_shard", per_shard)):
         out = rdlm.generate(params, long_cfg, prompts8, mesh=mesh, **long)
         lockstep_shards, shards = shards, []
         out_rows = rdlm.generate(params, long_cfg, prompts8, mesh=mesh, continuous_batching=True,
                                  batch_size=8, exit="kl", **long)
-    finally:
-        for module, name, value in saved:
-            setattr(module, name, value)
-        jax.clear_caches()
     assert set(chosen) == {kernels.SPLASH, kernels.CACHE, row_cache.ROWS_KERNEL}, chosen
     # (rows, KV heads): lockstep's 8 rows run on shards of 2 rows and half the heads; a
     # group's 2 rows (or the one of a gathered pass) on half the heads.
@@ -101,20 +104,11 @@ SCRIPT = textwrap.dedent("""
     def gpu_interpreted(q, *args, **kwargs):
         shards.append(("shard", *q.shape[:2]))
         return gpu_kernel(q, *args, interpret=True, **kwargs)
-    patched = [(backend, "target_platform", lambda mesh: "gpu"),
-               (pallas_decode, "gpu_row_entries_attention", gpu_interpreted),
-               (pallas_decode, "row_entries_attention_per_shard", per_shard)]
-    saved = [(module, name, getattr(module, name)) for module, name, _ in patched]
-    for module, name, value in patched:
-        setattr(module, name, value)
-    jax.clear_caches()
-    try:
+    with patched((backend, "target_platform", lambda mesh: "gpu"),
+                 (pallas_decode, "gpu_row_entries_attention", gpu_interpreted),
+                 (pallas_decode, "row_entries_attention_per_shard", per_shard)):
         out_rows = rdlm.generate(params, long_cfg, prompts8, mesh=mesh, continuous_batching=True,
                                  batch_size=8, exit="kl", **long)
-    finally:
-        for module, name, value in saved:
-            setattr(module, name, value)
-        jax.clear_caches()
     assert ("shard", 2, 2) in shards and ("whole", 2, 4) in shards, shards
     np.testing.assert_array_equal(out_rows.tokens, single_rows.tokens)
     np.testing.assert_allclose(out_rows.logits, single_rows.logits, rtol=0, atol=1e-4)

@@ -4,10 +4,10 @@ how each row's entries are written and read.
 - Writing one cache position per row, and reading each row's own recurrence slot (or a few rows
   of a stage): a slice per row on TPU, one scatter or gather elsewhere (`write_row_positions`,
   `read_row_entries`).
-- Attending over each row's own entries (a `RowEntries` prefix): on TPU a Pallas kernel reads
-  them by index where they lie (`choose_row_attention`; the attention itself is
-  `rdlm.model.kernels.attend_with_prefix`); lockstep decoding hands its core slot and its
-  stages to the same kernel there (`slot_prefix`, `stage_prefix`).
+- Attending over each row's own entries (a `RowEntries` prefix): on TPU and GPU a Pallas kernel
+  reads them by index where they lie (`choose_row_attention`; the attention itself is
+  `rdlm.model.kernels.attend_with_prefix`); on TPU lockstep decoding hands its core slot and
+  its stages to the same kernel (`slot_prefix`, `stage_prefix`).
 - On TPU the cache is stored with whichever of positions and features pads less innermost
   (`cache_layout`), held so at every write (`hold_cache_layout`).
 
@@ -179,9 +179,9 @@ def row_entries(prefix: RowEntries, how: str | None = None, row: int | None = No
 
 
 def stage_prefix(kv: KV, in_branch: bool = False) -> KV | RowEntries:
-    """What every row attends to of a prelude or coda layer's cache, ``[b, h, t, e]`` each: on
-    TPU, where the program runs whole on each device, a `RowEntries` prefix that the
-    row-entries kernel reads where it lies; elsewhere the buffers.
+    """What every row attends to of a prelude or coda layer's cache, ``[b, h, t, e]`` each:
+    where the TPU's row-entries kernel reads the cache (`_tpu_kernel_reads`), a `RowEntries`
+    prefix that it reads where it lies; elsewhere the buffers.
 
     ``in_branch``: read inside a conditional (the depth-continuous whole-batch passes). There
     XLA:TPU lays an attention's operands out as the attention prefers, whatever the layout of
@@ -201,9 +201,9 @@ def slot_prefix(slots: KV, slot: jax.Array, latest: KV | None, use_b1t1: jax.Arr
                 ) -> KV | RowEntries:
     """What every row of a lockstep core step attends to: recurrence slot ``slot`` of
     ``slots`` (``[s, b, h, t, e]`` each) where ``use_b1t1``, the ``latest`` entries elsewhere
-    (None: the slot everywhere). On TPU, where the program runs whole on each device, a
-    `RowEntries` prefix that the row-entries kernel reads where it lies, in the layout the
-    cache is stored in (`cache_layout`); elsewhere the slot itself, merged."""
+    (None: the slot everywhere). Where the TPU's row-entries kernel reads the cache
+    (`_tpu_kernel_reads`), a `RowEntries` prefix that it reads where it lies, in the layout
+    the cache is stored in (`cache_layout`); elsewhere the slot itself, merged."""
     if _tpu_kernel_reads():
         b = slots[0].shape[1]
         return RowEntries(slots, (jnp.full((b,), slot), jnp.arange(b)), latest, use_b1t1)
