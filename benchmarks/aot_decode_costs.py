@@ -234,7 +234,7 @@ def main(argv: list[str]) -> int:
                         "over this many chips, --batch rows on each (one chip's price)")
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args(argv)
-    backend.target_platform = lambda mesh: "tpu"  # as a TPU host chooses (see aot_decode_memory)
+    backend.target_platform = lambda: "tpu"  # as a TPU host chooses (see aot_decode_memory)
     # Each pass's cache is pinned to its stored layout where it comes in and goes out (`price`);
     # the holds inside, which keep it there through the programs' loops, would only trip
     # JAX's check that a donated buffer comes back in the layout it came in.

@@ -153,7 +153,7 @@ def main(argv: list[str]) -> int:
 
     # The kernel choices follow the platform the program is compiled for; on this CPU host
     # JAX's default backend is the CPU, so say it as a TPU host would.
-    backend.target_platform = lambda mesh: "tpu"
+    backend.target_platform = lambda: "tpu"
     choose_row_attention(args)
     try:
         devices = topology_devices(args.topology)

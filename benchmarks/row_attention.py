@@ -95,7 +95,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args(argv)
-    platform = backend.target_platform(None)
+    platform = backend.target_platform()
     arrays = inputs(args)
     # What the attention reads of the cache: each row's slot, and its latest entries.
     entries = 2 * 2 * args.rows * args.heads * args.positions * args.head_dim \

@@ -220,7 +220,7 @@ def test_the_tpu_cache_writes_and_reads_compute_what_the_cpu_ones_do(monkeypatch
     lockstep_cpu = S.generate(params, cfg, PROMPTS, **lockstep)
     speculative_cpu = S.generate(params, cfg, PROMPTS, **speculative)
     jax.clear_caches()  # trace again under the other choice
-    monkeypatch.setattr(backend, "target_platform", lambda mesh: "tpu")
+    monkeypatch.setattr(backend, "target_platform", lambda: "tpu")
     monkeypatch.setattr(row_cache, "choose_row_access", lambda platform: row_cache.SLICES)
     monkeypatch.setattr(pallas_decode, "row_entries_attention", functools.partial(
         pallas_decode.row_entries_attention, interpret=True))
@@ -259,7 +259,7 @@ def test_the_gpu_rows_kernel_computes_what_the_cpu_does(monkeypatch):
         return kernel(*args, interpret=True, **kwargs)
 
     kernel = pallas_decode.gpu_row_entries_attention
-    monkeypatch.setattr(backend, "target_platform", lambda mesh: "gpu")
+    monkeypatch.setattr(backend, "target_platform", lambda: "gpu")
     monkeypatch.setattr(pallas_decode, "gpu_row_entries_attention", interpreted)
     got = S.generate(params, cfg, PROMPTS, **options)
     jax.clear_caches()

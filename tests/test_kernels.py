@@ -231,7 +231,7 @@ def test_attention_over_each_rows_own_entries_reads_what_the_rows_hold(monkeypat
         for how, platform in ((RC.SLICES, "tpu"), (RC.ROWS_KERNEL, "tpu"),
                               (RC.ROWS_KERNEL, "gpu")):
             with monkeypatch.context() as patch:
-                patch.setattr(backend, "target_platform", lambda mesh: platform)
+                patch.setattr(backend, "target_platform", lambda: platform)
                 patch.setattr(RC, "choose_row_attention", lambda platform, per_shard: how)
                 patch.setattr(RC, "choose_row_access", lambda platform: RC.SLICES)
                 patch.setattr(PD, "ROWS_BLOCK", 128)
@@ -257,7 +257,7 @@ def test_mask_kind_follows_the_attention_context():
     assert K.mask_kind(plain.mask_b1ts, plain.segment_ids_bt) == K.CAUSAL
     assert K.mask_kind(packed.mask_b1ts, packed.segment_ids_bt) == K.SEGMENTS
     assert K.mask_kind(branched.mask_b1ts, branched.segment_ids_bt) == K.MASKED
-    assert backend.target_platform(None) == jax.default_backend()
+    assert backend.target_platform() == jax.default_backend()
 
 
 def test_kernel_mesh_axes_follow_the_sharding_rules():
@@ -454,7 +454,7 @@ def test_padded_prefill_on_the_fused_kernels_matches_the_blocked_kernel(monkeypa
     run, args = _prefill(params, cfg)
     want_logits, want_cache = jax.jit(run)(*args)
 
-    monkeypatch.setattr(backend, "target_platform", lambda mesh: platform)
+    monkeypatch.setattr(backend, "target_platform", lambda: platform)
     monkeypatch.setattr(P, "splash_attention",
                         functools.partial(P.splash_attention, interpret=True))
     monkeypatch.setattr(P, "gpu_flash_attention",
@@ -484,7 +484,7 @@ def test_padded_prefill_lowers_to_splash_for_a_tpu():
     prompt_bt, pad_b = left_pad(GEN_ROWS, GEN_LEN)
     program = jax.jit(functools.partial(programs._generate_program, plan=plan))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(backend, "target_platform", lambda mesh: "tpu")
+        patch.setattr(backend, "target_platform", lambda: "tpu")
         calls = _spy_attention(patch)
         layouts = jax.export.DisabledSafetyCheck.custom_call("LayoutConstraint")
         exported = jax.export.export(program, platforms=["tpu"], disabled_checks=[layouts])(
@@ -520,7 +520,7 @@ def test_depth_continuous_decoding_lowers_to_the_triton_rows_kernel_for_a_gpu():
     queue = api._queue(plan, rows, range(len(rows)))
     program = jax.jit(functools.partial(_generate_rows, plan=plan))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(backend, "target_platform", lambda mesh: "gpu")
+        patch.setattr(backend, "target_platform", lambda: "gpu")
         triton = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
         exported = jax.export.export(program, platforms=["cuda"], disabled_checks=[triton])(
             params, queue, np.int32(GEN_STEPS), np.float32(1e-3), np.int32(0),

@@ -81,7 +81,7 @@ SCRIPT = textwrap.dedent("""
     rows_kernel = pallas_decode.row_entries_attention
     rows_per_shard = pallas_decode.row_entries_attention_per_shard
     with patched((kernels, "choose_attention", spy), (row_cache, "choose_row_attention", spy_rows),
-                 (backend, "target_platform", lambda mesh: "tpu"),
+                 (backend, "target_platform", lambda: "tpu"),
                  (pallas_attention, "splash_attention", functools.partial(
                      pallas_attention.splash_attention, interpret=True)),
                  (pallas_decode, "row_entries_attention", interpreted),
@@ -104,7 +104,7 @@ SCRIPT = textwrap.dedent("""
     def gpu_interpreted(q, *args, **kwargs):
         shards.append(("shard", *q.shape[:2]))
         return gpu_kernel(q, *args, interpret=True, **kwargs)
-    with patched((backend, "target_platform", lambda mesh: "gpu"),
+    with patched((backend, "target_platform", lambda: "gpu"),
                  (pallas_decode, "gpu_row_entries_attention", gpu_interpreted),
                  (pallas_decode, "row_entries_attention_per_shard", per_shard)):
         out_rows = rdlm.generate(params, long_cfg, prompts8, mesh=mesh, continuous_batching=True,

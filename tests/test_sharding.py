@@ -113,11 +113,9 @@ def test_state_constraint_is_nothing_on_one_device():
     assert spec(sharding.STATE_AXES, (2, 16, 32), data=2, fsdp=4) == P("data", None, "fsdp")
 
 
-# `rdlm train`'s step on 8 devices pins the latent state to [batch, length, act_embed]: the
-# compiled step's recurrence loops carry the state split by the batch only (XLA left alone splits
-# it along d_model over "fsdp", as the weights are), and the numbers are the one-device step's.
-_CONSTRAINED_STEP = """
-import re
+# `rdlm train`'s step over a mesh (each script below starts with it): its compiled program, the
+# params after one step and the loss.
+_STEP = """
 import jax, numpy as np
 import rdlm
 from rdlm.config import MeshConfig
@@ -127,15 +125,7 @@ from rdlm.train.state import init_state, state_shardings
 from rdlm.train.step import global_batch, make_train_step
 
 
-B, T = 8, 16
-cfg = rdlm.load_config("configs/tiny.yaml", [f"train.batch_size={B}", f"train.seq_len={T}",
-                                             "model.remat=true"])
-rng = np.random.default_rng(0)
-rows = {k: rng.integers(0, cfg.model.vocab_size, (B, T), dtype=np.int32)
-        for k in ("inputs", "targets")}
-
-
-def run(mesh_cfg, devices):
+def run(cfg, rows, mesh_cfg, devices):
     mesh = sharding.make_mesh(mesh_cfg, devices=devices)
     tx = make_optimizer(cfg.train)
     state = init_state(cfg, tx, state_shardings(cfg, tx, mesh))
@@ -144,6 +134,20 @@ def run(mesh_cfg, devices):
     hlo = step.lower(state, batch).compile().as_text()
     state, metrics = step(state, batch)
     return hlo, jax.device_get(state.params), float(metrics["loss"])
+"""
+
+# `rdlm train`'s step on 8 devices pins the latent state to [batch, length, act_embed]: the
+# compiled step's recurrence loops carry the state split by the batch only (XLA left alone splits
+# it along d_model over "fsdp", as the weights are), and the numbers are the one-device step's.
+_CONSTRAINED_STEP = """
+import re
+
+B, T = 8, 16
+cfg = rdlm.load_config("configs/tiny.yaml", [f"train.batch_size={B}", f"train.seq_len={T}",
+                                             "model.remat=true"])
+rng = np.random.default_rng(0)
+rows = {k: rng.integers(0, cfg.model.vocab_size, (B, T), dtype=np.int32)
+        for k in ("inputs", "targets")}
 
 
 def carried_states(hlo):
@@ -155,11 +159,11 @@ def carried_states(hlo):
     return carried
 
 
-_, single_params, single_loss = run(MeshConfig(), jax.devices()[:1])
+_, single_params, single_loss = run(cfg, rows, MeshConfig(), jax.devices()[:1])
 d = cfg.model.d_model
 for shape in ((2, 4, 1), (1, 8, 1), (2, 2, 2)):
     mesh_cfg = MeshConfig(**dict(zip(("data", "fsdp", "tensor"), shape)))
-    hlo, params, loss = run(mesh_cfg, jax.devices())
+    hlo, params, loss = run(cfg, rows, mesh_cfg, jax.devices())
     rows_per_device = B // (shape[0] * shape[1])
     # The state [s; e] may be carried concatenated (2d wide), as XLA's CPU pipeline does
     # without its fusion emitters: split by the batch, whole along d_model either way.
@@ -173,15 +177,59 @@ print("CONSTRAINED-OK")
 """
 
 
-def test_train_step_keeps_the_state_sharded_by_batch_and_the_numbers():
+def _on_8_devices(script: str) -> str:
+    """``script``'s stdout, run in a process of 8 CPU devices (fixed when JAX starts)."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(8))
-    result = subprocess.run([sys.executable, "-c", _CONSTRAINED_STEP], env=env,
-                            capture_output=True, text=True, timeout=600,
-                            cwd=Path(__file__).resolve().parents[1])
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                            text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-5000:]
-    assert "CONSTRAINED-OK" in result.stdout
+    return result.stdout
+
+
+def test_train_step_keeps_the_state_sharded_by_batch_and_the_numbers():
+    assert "CONSTRAINED-OK" in _on_8_devices(_STEP + _CONSTRAINED_STEP)
+
+
+# The same step traced for a TPU on 8 devices: the forward pass names its state constraint's
+# mesh as the program's context, so splash attention runs per shard of it (rows over data ×
+# fsdp, heads over tensor; Pallas' interpreter here), and the loss and the updated params are
+# the one-device step's, whose attention is XLA's.
+_KERNELS_PER_SHARD = """
+from rdlm.model import backend, kernels, pallas_attention
+
+B, T = 8, 128
+cfg = rdlm.load_config("configs/tiny.yaml", [f"train.batch_size={B}", f"train.seq_len={T}",
+                                             f"model.max_seq_len={T}"])
+rng = np.random.default_rng(0)
+rows = {k: rng.integers(0, cfg.model.vocab_size, (B, T), dtype=np.int32)
+        for k in ("inputs", "targets")}
+rows["segment_ids"] = 1 + (np.arange(T)[None] >= rng.integers(1, T, (B, 1))).astype(np.int32)
+_, single_params, single_loss = run(cfg, rows, MeshConfig(), jax.devices()[:1])
+chosen, shards = [], []
+choose, splash_local = kernels.choose_attention, pallas_attention._splash_local
+def spy(*args, **kwargs):
+    chosen.append(choose(*args, **kwargs))
+    return chosen[-1]
+def local(q, *args, **kwargs):
+    shards.append(q.shape[:3])
+    return splash_local(q, *args, **{**kwargs, "interpret": True})
+kernels.choose_attention, backend.target_platform = spy, lambda: "tpu"
+pallas_attention._splash_local = local
+_, params, loss = run(cfg, rows, MeshConfig(data=2, fsdp=2, tensor=2), jax.devices())
+assert set(chosen) == {kernels.SPLASH}, chosen
+heads = cfg.model.n_heads
+assert set(shards) == {(B // 4, T, heads // 2)}, shards  # one shard's rows, positions, heads
+np.testing.assert_allclose(loss, single_loss, rtol=1e-5)
+for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(single_params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+print("PER-SHARD-OK")
+"""
+
+
+def test_train_step_runs_the_tpu_kernels_per_shard_of_its_mesh():
+    assert "PER-SHARD-OK" in _on_8_devices(_STEP + _KERNELS_PER_SHARD)

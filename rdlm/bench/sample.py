@@ -467,7 +467,7 @@ def bench_cli(argv: Sequence[str]) -> int:
                                 bandwidth_bytes_per_s=bandwidth,
                                 # How depth-continuous rows read their own cache entries here.
                                 row_attention=row_cache.choose_row_attention(
-                                    backend.target_platform(None), backend.pallas_runs()),
+                                    backend.target_platform(), backend.pallas_runs()),
                                 rows=results,
                                 **({"median": summary} if summary else {}))
         with open(args.json, "w") as f:

@@ -25,7 +25,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import NamedTuple
 
 import jax
@@ -37,7 +36,7 @@ from rdlm.generation.cache import KVCache
 from rdlm.generation.engine import (choose_tokens, decode_adaptive, forward_block, start_state,
                                      thought_input, token_input)
 from rdlm.generation.plan import PAD_ID, Plan
-from rdlm.model import Params
+from rdlm.model import Params, backend
 from rdlm.model.kernels import to_loop_layout
 
 
@@ -294,8 +293,7 @@ def _generate_program(params: Params, prompt_bt: jax.Array, pad_b: jax.Array,
                       num_steps: jax.Array, key: jax.Array, plan: Plan) -> dict[str, jax.Array]:
     # Over a mesh the program names it, so that the decode kernels run per shard of it
     # (`backend.shard_mesh`).
-    with (contextlib.nullcontext() if plan.mesh is None else
-          jax.sharding.use_abstract_mesh(plan.mesh.abstract_mesh)):
+    with backend.names_mesh(plan.mesh):
         params = to_loop_layout(params)
         if plan.speculative is not None:
             return _generate_speculative(params, plan, prompt_bt, pad_b, num_steps, key)

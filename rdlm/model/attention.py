@@ -37,8 +37,7 @@ class RowEntries(NamedTuple):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class AttentionContext:
-    """What every attention layer of one forward pass shares (a pytree: the arrays are its
-    leaves, ``mesh`` is static)."""
+    """What every attention layer of one forward pass shares (a pytree of arrays)."""
 
     rope_cos_bt1f: jax.Array  # f = head_dim / 2 rotation frequencies
     rope_sin_bt1f: jax.Array
@@ -49,11 +48,6 @@ class AttentionContext:
     # (`rdlm.model.kernels`) then take these ids instead of the [b, t, s] mask, which XLA drops
     # as dead code when nothing else reads it.
     segment_ids_bt: jax.Array | None = None
-    # The device mesh the batch is sharded over, if any: the Pallas kernels run per shard
-    # (`shard_map`), since XLA cannot partition a custom kernel by itself. (A decoding program
-    # names its mesh as its context instead: `rdlm.model.backend.shard_mesh`.)
-    mesh: jax.sharding.Mesh | None = dataclasses.field(default=None,
-                                                      metadata={"static": True})
 
 
 def segment_positions(segment_ids_bt: jax.Array) -> jax.Array:
@@ -94,8 +88,7 @@ def rope_angles(positions_bt: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, j
 def attention_context(cfg: ModelConfig, batch: int, length: int, *,
                       segment_ids: jax.Array | None = None,
                       positions: jax.Array | None = None,
-                      branch_ids: jax.Array | None = None,
-                      mesh: jax.sharding.Mesh | None = None) -> AttentionContext:
+                      branch_ids: jax.Array | None = None) -> AttentionContext:
     """Causal mask (within a segment when packed) and RoPE angles for a [batch, length] input.
 
     Segment ids mark packed documents (and id 0 conventionally marks padding): a token attends only
@@ -106,8 +99,6 @@ def attention_context(cfg: ModelConfig, batch: int, length: int, *,
     of branch k > 0 sees the trunk and its own branch only. A token's position is the number of
     tokens it sees before it, so every branch computes exactly what it would alone after the trunk
     (several questions about one context, each isolated from the others' answers).
-
-    ``mesh``: the mesh the batch is sharded over (for the kernels' `shard_map`), if any.
     """
     causal_tt = jnp.tril(jnp.ones((length, length), bool))
     if segment_ids is None and branch_ids is None:
@@ -126,7 +117,7 @@ def attention_context(cfg: ModelConfig, batch: int, length: int, *,
     positions = default_positions if positions is None else positions
     cos, sin = rope_angles(positions, cfg)
     kernel_segments_bt = segment_ids if branch_ids is None else None
-    return AttentionContext(cos, sin, mask_b1ts, kernel_segments_bt, mesh)
+    return AttentionContext(cos, sin, mask_b1ts, kernel_segments_bt)
 
 
 def previous_positions(batch: int, length: int, num: int, mask_b1ts: jax.Array | None

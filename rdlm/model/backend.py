@@ -4,19 +4,38 @@ and `rdlm.model.row_cache` asks first.
 
 Each is read through this module (``backend.target_platform``), so that a script compiling for
 a TPU from a CPU host can answer them as that host would.
+
+A program over several devices names its mesh as its context while it is traced
+(`names_mesh`): generation its plan's mesh, the model's forward pass the mesh its state
+constraint shards the batch over. That one name says where the kernels run and for which
+platform.
 """
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import jax
 
 
-def target_platform(mesh: jax.sharding.Mesh | None) -> str:
-    """The platform the program is compiled for: the mesh's devices when there is a mesh (a TPU
-    topology compiled ahead of time from a CPU host), else JAX's default backend."""
-    if mesh is not None:
-        return mesh.devices.flat[0].platform
-    return jax.default_backend()
+def target_platform() -> str:
+    """The platform the program being traced is compiled for: the devices of the mesh it names
+    (a TPU topology compiled ahead of time from a CPU host names TPU devices), else JAX's
+    default backend."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    return jax.default_backend() if device is None else device.platform
+
+
+@contextlib.contextmanager
+def names_mesh(mesh: jax.sharding.Mesh | None) -> Iterator[None]:
+    """Name ``mesh`` as the context of the program traced inside, unless there is no mesh or
+    the program names one already (a forward pass inside a generation program)."""
+    if mesh is None or not jax.sharding.get_abstract_mesh().empty:
+        yield
+        return
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        yield
 
 
 def runs_per_device() -> bool:

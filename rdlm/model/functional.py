@@ -18,7 +18,7 @@ import optax
 from flax import nnx
 
 from rdlm.config import ModelConfig
-from rdlm.model import recurrence
+from rdlm.model import backend, recurrence
 from rdlm.model.attention import AttentionContext, attention_context
 from rdlm.model.remat import RematPlan, remat_plan
 from rdlm.model.model import Params, RecurrentDepthLM
@@ -144,26 +144,29 @@ def _run(params: Params, tokens_bt: jax.Array, cfg: ModelConfig, recur: Any, *,
     ``remat``: the prelude's and coda's share of the training's `RematPlan`.
     """
     _check_tokens(tokens_bt, cfg)
-    model = bind(params, cfg)
-    b, t = tokens_bt.shape
-    # The state constraint knows the mesh the batch is sharded over: the attention kernels
-    # that XLA cannot partition run per shard of it.
-    ctx = attention_context(cfg, b, t, segment_ids=segment_ids, positions=positions,
-                            branch_ids=branch_ids, mesh=getattr(constrain, "mesh", None))
-    embedded_btd, _ = model.apply_prelude(tokens_bt, ctx, remat=remat)
-    if init_state is None:
-        state_btd = initial_state(cfg, embedded_btd.shape, key=key, init_scale=init_scale)
-    else:
-        if init_state.shape != embedded_btd.shape:
-            raise ValueError(f"init_state has shape {tuple(init_state.shape)}, expected "
-                             f"{tuple(embedded_btd.shape)} ([batch, length, d_model]).")
-        state_btd = init_state.astype(embedded_btd.dtype)
-    if constrain is not None:
-        embedded_btd, state_btd = constrain(embedded_btd), constrain(state_btd)
-    state_btd, aux = recur(_step_fn(cfg, constrain), (params["core"], embedded_btd, ctx), state_btd)
-    logits_btv, _ = model.apply_coda(state_btd, ctx, remat=remat)
-    aux["state"] = state_btd
-    return logits_btv, aux
+    # The state constraint knows the mesh the batch is sharded over. Named as the program's
+    # context, it is the mesh the attention kernels that XLA cannot partition run per shard of,
+    # as in generation (`rdlm.model.backend`).
+    with backend.names_mesh(getattr(constrain, "mesh", None)):
+        model = bind(params, cfg)
+        b, t = tokens_bt.shape
+        ctx = attention_context(cfg, b, t, segment_ids=segment_ids, positions=positions,
+                                branch_ids=branch_ids)
+        embedded_btd, _ = model.apply_prelude(tokens_bt, ctx, remat=remat)
+        if init_state is None:
+            state_btd = initial_state(cfg, embedded_btd.shape, key=key, init_scale=init_scale)
+        else:
+            if init_state.shape != embedded_btd.shape:
+                raise ValueError(f"init_state has shape {tuple(init_state.shape)}, expected "
+                                 f"{tuple(embedded_btd.shape)} ([batch, length, d_model]).")
+            state_btd = init_state.astype(embedded_btd.dtype)
+        if constrain is not None:
+            embedded_btd, state_btd = constrain(embedded_btd), constrain(state_btd)
+        state_btd, aux = recur(_step_fn(cfg, constrain), (params["core"], embedded_btd, ctx),
+                               state_btd)
+        logits_btv, _ = model.apply_coda(state_btd, ctx, remat=remat)
+        aux["state"] = state_btd
+        return logits_btv, aux
 
 
 def forward(params: Params, tokens_bt: jax.Array, cfg: ModelConfig, *,

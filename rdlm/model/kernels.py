@@ -199,7 +199,7 @@ def attend_with_prefix(q_bthe: jax.Array, k_bthe: jax.Array, v_bthe: jax.Array,
     half of batch-16 decoding time on CPU.
     """
     if isinstance(prefix, RowEntries):
-        how = row_cache.choose_row_attention(backend.target_platform(None),
+        how = row_cache.choose_row_attention(backend.target_platform(),
                                              backend.pallas_runs())
         if how == row_cache.ROWS_KERNEL:
             return _attend_rows_kernel(q_bthe, k_bthe, v_bthe, prefix, mask_b1ts)
@@ -240,7 +240,7 @@ def _attend_rows_kernel(q_bthe: jax.Array, k_bthe: jax.Array, v_bthe: jax.Array,
     visible_bgts = jnp.broadcast_to(mask_b1ts, (b, g, t, s + t)).astype(jnp.int32)
     visible_brs = visible_bgts.reshape(b, g * t, s + t)
     use_b1s = None if prefix.fallback is None else prefix.use_b1t1[..., 0].astype(jnp.int32)
-    on_tpu = backend.target_platform(None) == "tpu"
+    on_tpu = backend.target_platform() == "tpu"
     attend = (pallas_decode.row_entries_attention if on_tpu else
               pallas_decode.gpu_row_entries_attention)
     mesh = backend.shard_mesh()
@@ -317,22 +317,19 @@ def mask_kind(mask_b1ts: jax.Array | None, segment_ids_bt: jax.Array | None) -> 
 
 def attention(q_bthe: jax.Array, k_bthe: jax.Array, v_bthe: jax.Array,
               mask_b1ts: jax.Array | None, kv_prefix: KV | None = None, *,
-              segment_ids_bt: jax.Array | None = None,
-              mesh: jax.sharding.Mesh | None = None) -> jax.Array:
+              segment_ids_bt: jax.Array | None = None) -> jax.Array:
     """Attention of a block of queries over its own keys, after ``kv_prefix`` (a cache) if given.
 
     Without a prefix the attention is causal and ``mask_b1ts`` (None: plain causal) may only
     remove keys; ``segment_ids_bt`` says that the mask is exactly causal within equal ids (the
     fused kernels take the ids instead of the mask). With a prefix, ``mask_b1ts`` covers the
-    cached and the new keys. ``mesh``: the device mesh the batch is sharded over, if any
-    (None: the mesh the program names, `backend.shard_mesh`).
+    cached and the new keys. Over a mesh the fused kernels run per shard of the mesh the
+    program names (`backend.shard_mesh`).
     """
-    platform = backend.target_platform(mesh)
-    mesh = mesh if mesh is not None else backend.shard_mesh()
-    kind = choose_attention(platform, q_bthe.dtype,
+    mesh = backend.shard_mesh()
+    kind = choose_attention(backend.target_platform(), q_bthe.dtype,
                             mask_kind(mask_b1ts, segment_ids_bt), q_bthe.shape[1],
-                            with_cache=kv_prefix is not None,
-                            per_shard=mesh is not None or backend.runs_per_device())
+                            with_cache=kv_prefix is not None, per_shard=backend.pallas_runs())
     if kind == CACHE:
         return attend_with_prefix(q_bthe, k_bthe, v_bthe, kv_prefix, mask_b1ts)
     if kind == CUDNN:

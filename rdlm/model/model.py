@@ -98,7 +98,7 @@ class Attention(nnx.Module):
         k_bthe = checkpoint_name(apply_rope(k_bthe, ctx.rope_cos_bt1f, ctx.rope_sin_bt1f), "key")
         v_bthe = checkpoint_name(v_bthe, "value")
         out_bthe = attention(q_bthe, k_bthe, v_bthe, ctx.mask_b1ts, kv_prefix,
-                             segment_ids_bt=ctx.segment_ids_bt, mesh=ctx.mesh)
+                             segment_ids_bt=ctx.segment_ids_bt)
         out_bthe = checkpoint_name(out_bthe, "attention_out")
         out_btd = checkpoint_name(project(out_bthe.reshape(b, t, d), self.proj[...]), "out_proj")
         return out_btd, (k_bthe.transpose(0, 2, 1, 3), v_bthe.transpose(0, 2, 1, 3))
@@ -157,7 +157,7 @@ class LlamaAttention(nnx.Module):
                                  "key")
         v_bthe = checkpoint_name(v_bthe, "value")
         out_bthe = attention(q_bthe, k_bthe, v_bthe, ctx.mask_b1ts, kv_prefix,
-                             segment_ids_bt=ctx.segment_ids_bt, mesh=ctx.mesh)
+                             segment_ids_bt=ctx.segment_ids_bt)
         out_bthe = checkpoint_name(out_bthe, "attention_out")
         out_btd = project(out_bthe.reshape(b, t, d), self.proj[...])
         if self.proj_bias is not None:

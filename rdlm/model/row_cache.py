@@ -73,7 +73,7 @@ def _tpu_kernel_reads(platform: str | None = None) -> bool:
     """Whether the TPU's row-entries kernel reads the cache in the program being traced (on
     ``platform``; None: the one JAX compiles for): there the cache is held to its stored layout,
     and lockstep reads its slot and stages through the kernel too."""
-    platform = platform or backend.target_platform(None)
+    platform = platform or backend.target_platform()
     return (platform == "tpu"
             and choose_row_attention(platform, backend.pallas_runs()) == ROWS_KERNEL)
 
@@ -84,7 +84,7 @@ def read_row_entries(buf: jax.Array, index_k: tuple[jax.Array, ...], how: str | 
     index_k[1][i], …)`` of its leading axes, stacked ``[k, *rest]``: a row's own recurrence
     slot of a core layer, or a few rows of a stage's cache. ``how``: `INDEXED` or `SLICES`
     (None: `choose_row_access` for the platform JAX compiles for)."""
-    if (how or choose_row_access(backend.target_platform(None))) == INDEXED:
+    if (how or choose_row_access(backend.target_platform())) == INDEXED:
         return buf[index_k]
     lead, rest = len(index_k), buf.shape[len(index_k):]
     return jnp.concatenate([
@@ -108,7 +108,7 @@ def write_row_positions(buf_xbhte: jax.Array, new_xkh1e: jax.Array, rows_k: jax.
     lead = buf_xbhte.ndim - 4
     length = buf_xbhte.shape[-2]
     new_xkh1e = new_xkh1e.astype(buf_xbhte.dtype)
-    if (how or choose_row_access(backend.target_platform(None))) == INDEXED:
+    if (how or choose_row_access(backend.target_platform())) == INDEXED:
         where_k = jnp.where(write_k, position_k, length)  # out of range: the write is dropped
         index = (slice(None),) * lead + (rows_k, slice(None), where_k)
         # Advanced indices on two axes apart put the indexed axis first: [k, *lead, h, e].
@@ -190,7 +190,7 @@ def stage_prefix(kv: KV, in_branch: bool = False) -> KV | RowEntries:
     (docs/performance.md). Outside conditionals (lockstep) a hold would only add copies."""
     if _tpu_kernel_reads():
         return RowEntries(kv, (jnp.arange(kv[0].shape[0]),))
-    if in_branch and choose_row_attention(backend.target_platform(None),
+    if in_branch and choose_row_attention(backend.target_platform(),
                                           backend.pallas_runs()) == SLICES:
         return tuple(with_layout_constraint(x, Layout(major_to_minor=tuple(range(x.ndim))))
                      for x in kv)
