@@ -125,11 +125,12 @@ from rdlm.train.state import init_state, state_shardings
 from rdlm.train.step import global_batch, make_train_step
 
 
-def run(cfg, rows, mesh_cfg, devices):
+def run(cfg, rows, mesh_cfg, devices, loss_fn=None):
     mesh = sharding.make_mesh(mesh_cfg, devices=devices)
     tx = make_optimizer(cfg.train)
     state = init_state(cfg, tx, state_shardings(cfg, tx, mesh))
-    step = make_train_step(cfg, mesh, batch_keys=tuple(rows))  # what `rdlm train` runs
+    step = make_train_step(cfg, mesh, batch_keys=tuple(rows),  # what `rdlm train` runs
+                           loss_fn=loss_fn)
     batch = global_batch(rows, cfg, mesh)
     hlo = step.lower(state, batch).compile().as_text()
     state, metrics = step(state, batch)
@@ -195,12 +196,14 @@ def test_train_step_keeps_the_state_sharded_by_batch_and_the_numbers():
     assert "CONSTRAINED-OK" in _on_8_devices(_STEP + _CONSTRAINED_STEP)
 
 
-# The same step traced for a TPU on 8 devices: the forward pass names its state constraint's
-# mesh as the program's context, so splash attention runs per shard of it (rows over data ×
-# fsdp, heads over tensor; Pallas' interpreter here), and the loss and the updated params are
-# the one-device step's, whose attention is XLA's.
+# The same step traced for a TPU on 8 devices: the step names its mesh as the program's
+# context, so splash attention runs per shard of it (rows over data × fsdp, heads over tensor;
+# Pallas' interpreter here), with the LM objective and with one whose forward pass has no state
+# constraint (as Coconut's has none), and the loss and the updated params are the one-device
+# step's, whose attention is XLA's.
 _KERNELS_PER_SHARD = """
 from rdlm.model import backend, kernels, pallas_attention
+from rdlm.train.step import DepthPolicy, LMObjective
 
 B, T = 8, 128
 cfg = rdlm.load_config("configs/tiny.yaml", [f"train.batch_size={B}", f"train.seq_len={T}",
@@ -220,13 +223,17 @@ def local(q, *args, **kwargs):
     return splash_local(q, *args, **{**kwargs, "interpret": True})
 kernels.choose_attention, backend.target_platform = spy, lambda: "tpu"
 pallas_attention._splash_local = local
-_, params, loss = run(cfg, rows, MeshConfig(data=2, fsdp=2, tensor=2), jax.devices())
-assert set(chosen) == {kernels.SPLASH}, chosen
-heads = cfg.model.n_heads
-assert set(shards) == {(B // 4, T, heads // 2)}, shards  # one shard's rows, positions, heads
-np.testing.assert_allclose(loss, single_loss, rtol=1e-5)
-for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(single_params)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+unconstrained = LMObjective(cfg.model, cfg.train.init_scale, DepthPolicy.of(cfg), None)
+for loss_fn in (None, unconstrained):
+    chosen.clear(), shards.clear()
+    _, params, loss = run(cfg, rows, MeshConfig(data=2, fsdp=2, tensor=2), jax.devices(),
+                          loss_fn)
+    assert set(chosen) == {kernels.SPLASH}, chosen
+    heads = cfg.model.n_heads
+    assert set(shards) == {(B // 4, T, heads // 2)}, shards  # a shard's rows, positions, heads
+    np.testing.assert_allclose(loss, single_loss, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(single_params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 print("PER-SHARD-OK")
 """
 

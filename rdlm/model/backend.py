@@ -6,9 +6,9 @@ Each is read through this module (``backend.target_platform``), so that a script
 a TPU from a CPU host can answer them as that host would.
 
 A program over several devices names its mesh as its context while it is traced
-(`names_mesh`): generation its plan's mesh, the model's forward pass the mesh its state
-constraint shards the batch over. That one name says where the kernels run and for which
-platform.
+(`names_mesh`): the training step its mesh, generation its plan's, the model's forward pass
+the mesh its state constraint shards the batch over. That one name says where the kernels run
+and for which platform.
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ def target_platform() -> str:
 
 @contextlib.contextmanager
 def names_mesh(mesh: jax.sharding.Mesh | None) -> Iterator[None]:
-    """Name ``mesh`` as the context of the program traced inside, unless there is no mesh or
-    the program names one already (a forward pass inside a generation program)."""
-    if mesh is None or not jax.sharding.get_abstract_mesh().empty:
+    """Name ``mesh`` as the context of the program traced inside, unless there is no mesh, it
+    has one device (the program stays exactly the unsharded one), or the program names one
+    already (a forward pass inside a training step or a generation program)."""
+    if mesh is None or mesh.size == 1 or not jax.sharding.get_abstract_mesh().empty:
         yield
         return
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):

@@ -24,7 +24,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from rdlm.config import Config, ConfigError, DataConfig, MeshConfig, SampleConfig, TrainConfig
-from rdlm.model import lm_loss
+from rdlm.model import backend, lm_loss
 from rdlm.model.recurrence import sample_depth
 from rdlm.runtime import sharding as shard_lib
 from rdlm.train.optim import apply_updates, make_optimizer, make_schedule, stop_frozen
@@ -300,7 +300,13 @@ def _make_train_step(cfg: Config, mesh: Mesh, fixed_depth: bool, batch_keys: tup
     in_shardings: tuple[Any, ...] = (shardings, batch_shardings(mesh, batch_keys))
     if fixed_depth:
         in_shardings += (rep,)
-    fn = lambda state, batch, *depth: train_step(state, batch, cfg, tx, loss_fn, *depth)
+
+    def fn(state: TrainState, batch: Batch, *depth: jax.Array) -> tuple[TrainState, dict]:
+        # Named as the program's context, the mesh is where the attention kernels that XLA
+        # cannot partition run per shard, whatever the objective (`rdlm.model.backend`).
+        with backend.names_mesh(mesh):
+            return train_step(state, batch, cfg, tx, loss_fn, *depth)
+
     return jax.jit(fn, in_shardings=in_shardings, out_shardings=(shardings, rep),
                    donate_argnums=(0,))
 
