@@ -200,7 +200,7 @@ def test_train_step_keeps_the_state_sharded_by_batch_and_the_numbers():
 # context, so splash attention runs per shard of it (rows over data × fsdp, heads over tensor;
 # Pallas' interpreter here), with the LM objective and with one whose forward pass has no state
 # constraint (as Coconut's has none), and the loss and the updated params are the one-device
-# step's, whose attention is XLA's.
+# step's, whose attention is XLA's. On a mesh of one device the kernel runs whole.
 _KERNELS_PER_SHARD = """
 from rdlm.model import backend, kernels, pallas_attention
 from rdlm.train.step import DepthPolicy, LMObjective
@@ -234,6 +234,12 @@ for loss_fn in (None, unconstrained):
     np.testing.assert_allclose(loss, single_loss, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(single_params)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+# A mesh of one of the 8 devices: the program runs whole on it, so the kernel does too.
+chosen.clear(), shards.clear()
+jax.clear_caches()  # its step was traced above, for the reference
+_, params, loss = run(cfg, rows, MeshConfig(), jax.devices()[:1])
+assert set(chosen) == {kernels.SPLASH} and set(shards) == {(B, T, heads)}, (chosen, shards)
+np.testing.assert_allclose(loss, single_loss, rtol=1e-5)
 print("PER-SHARD-OK")
 """
 

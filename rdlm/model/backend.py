@@ -29,10 +29,11 @@ def target_platform() -> str:
 
 @contextlib.contextmanager
 def names_mesh(mesh: jax.sharding.Mesh | None) -> Iterator[None]:
-    """Name ``mesh`` as the context of the program traced inside, unless there is no mesh, it
-    has one device (the program stays exactly the unsharded one), or the program names one
-    already (a forward pass inside a training step or a generation program)."""
-    if mesh is None or mesh.size == 1 or not jax.sharding.get_abstract_mesh().empty:
+    """Name ``mesh`` as the context of the program traced inside, unless there is no mesh or
+    the program names one already (a forward pass inside a training step or a generation
+    program). A mesh of one device says the program runs whole on it (`runs_per_device`), on
+    a host of several devices too."""
+    if mesh is None or not jax.sharding.get_abstract_mesh().empty:
         yield
         return
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
