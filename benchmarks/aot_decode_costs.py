@@ -43,7 +43,6 @@ when the schedule waited at token boundaries as this shape would: the script pri
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import sys
@@ -164,8 +163,7 @@ def price(name: str, fn: Callable, params, args: tuple, device,
     whole = (lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=(  # noqa: E731
         jax.sharding.SingleDeviceSharding(device) if mesh is None
         else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))))
-    with (contextlib.nullcontext() if mesh is None else
-          jax.sharding.use_abstract_mesh(mesh.abstract_mesh)):
+    with backend.names_mesh(mesh):
         outs = pinned(jax.eval_shape(fn, params, *args))
         # The cache is donated: a pass that writes it does so in place, as inside the programs.
         compiled = jax.jit(fn, donate_argnums=1, out_shardings=outs).lower(
